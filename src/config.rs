@@ -1,0 +1,254 @@
+//! Daemon configuration: a versioned TOML file whose every key is optional.
+//! Owns parsing and validation only; it never touches the filesystem beyond
+//! reading the file it is given.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The only configuration version this daemon reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Configuration format version; must be 1.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// Where writable layers live.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Snapshotter behaviour visible to containerd.
+    #[serde(default)]
+    pub snapshotter: SnapshotterConfig,
+}
+
+/// Which storage holds snapshot directories.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendChoice {
+    /// Native btrfs when the root is on btrfs, otherwise the loop-mounted pool.
+    Auto,
+    /// Require the root to be on btrfs.
+    Btrfs,
+    /// Always use a btrfs pool file under the root, loop-mounted.
+    Pool,
+    /// Plain directories; seamless commit then copies while frozen.
+    Directory,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// auto, btrfs, pool or directory.
+    #[serde(default = "default_backend")]
+    pub backend: BackendChoice,
+    /// Size of the pool image: "auto" (half of the free space where the root
+    /// lives, at least 1 GiB) or a size such as "20GiB".
+    #[serde(default = "default_pool_size")]
+    pub pool_size: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotterConfig {
+    /// Report each snapshot's upper directory in the label
+    /// `containerd.io/snapshot/overlay.upperdir`.
+    #[serde(default)]
+    pub upperdir_label: bool,
+}
+
+fn default_version() -> u32 {
+    CONFIG_VERSION
+}
+
+fn default_backend() -> BackendChoice {
+    BackendChoice::Auto
+}
+
+fn default_pool_size() -> String {
+    "auto".to_string()
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: default_backend(),
+            pool_size: default_pool_size(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            version: default_version(),
+            storage: StorageConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
+        }
+    }
+}
+
+/// The pool size, resolved from its text form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    Auto,
+    Bytes(u64),
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Returns the first reason this configuration cannot be used.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != CONFIG_VERSION {
+            return Err(ConfigError::Invalid {
+                key: "version",
+                reason: format!(
+                    "version {} is not supported, expected {CONFIG_VERSION}",
+                    self.version
+                ),
+            });
+        }
+        self.pool_size()?;
+        Ok(())
+    }
+
+    pub fn pool_size(&self) -> Result<PoolSize, ConfigError> {
+        if self.storage.pool_size == "auto" {
+            return Ok(PoolSize::Auto);
+        }
+        let bytes = parse_size(&self.storage.pool_size).map_err(|reason| ConfigError::Invalid {
+            key: "storage.pool_size",
+            reason,
+        })?;
+        if bytes < MIN_POOL_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "storage.pool_size",
+                reason: format!("{bytes} bytes is below the minimum of 256MiB"),
+            });
+        }
+        Ok(PoolSize::Bytes(bytes))
+    }
+}
+
+/// mkfs.btrfs refuses much smaller devices, and a tiny pool fills at once.
+pub const MIN_POOL_BYTES: u64 = 256 << 20;
+
+/// Parses sizes such as `512MiB`, `20GiB`, `1G`, `4096` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "{text:?} is not a size: expected a number followed by B, KiB, MiB, GiB or TiB"
+        ));
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: the number is too large"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KB" | "KiB" => 10,
+        "M" | "MB" | "MiB" => 20,
+        "G" | "GB" | "GiB" => 30,
+        "T" | "TB" | "TiB" => 40,
+        other => {
+            return Err(format!(
+                "{text:?} is not a size: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::parse("", "test").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.storage.backend, BackendChoice::Auto);
+        assert_eq!(config.pool_size().unwrap(), PoolSize::Auto);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let config = Config::parse(
+            "version = 1\n[storage]\nbackend = \"pool\"\npool_size = \"2GiB\"\n[snapshotter]\nupperdir_label = true\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(config.storage.backend, BackendChoice::Pool);
+        assert_eq!(config.pool_size().unwrap(), PoolSize::Bytes(2 << 30));
+        assert!(config.snapshotter.upperdir_label);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let err = Config::parse("[storage]\nbakend = \"pool\"\n", "cfg.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("bakend"), "{text}");
+        assert!(text.contains("cfg.toml"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_key_and_reason() {
+        let err = Config::parse("version = 2\n", "t").unwrap_err();
+        assert!(err.to_string().contains("config key version"), "{err}");
+        let err = Config::parse("[storage]\npool_size = \"12 parsecs\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("storage.pool_size"), "{err}");
+        let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("minimum"), "{err}");
+        assert!(Config::parse("[storage]\nbackend = \"zfs\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("1ZiB").is_err());
+        assert!(parse_size("20000000TiB").is_err());
+    }
+}

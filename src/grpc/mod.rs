@@ -1,0 +1,7 @@
+//! gRPC surfaces of the daemon. Handlers only unwrap the request, delegate to
+//! the domain on the blocking pool, and wrap the answer.
+
+pub mod control;
+pub mod convert;
+pub mod snapshots;
+pub mod status;

@@ -1,0 +1,25 @@
+//! seamless-snapshotter: a containerd proxy snapshotter on overlayfs whose
+//! writable layers live on btrfs, so that a running container can be committed
+//! with a pause of milliseconds.
+//!
+//! Layers, bottom up: `sys` (the only syscalls), `storage` (snapshot
+//! directories), `store` (metadata), `snapshotter` (containerd's rules),
+//! `grpc` (wire adapters), `server` (socket and serving).
+
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod grpc;
+pub mod model;
+pub mod server;
+pub mod snapshotter;
+pub mod storage;
+pub mod store;
+pub mod sys;
+pub mod telemetry;
+
+/// Generated code of proto/seamless/v1/control.proto.
+pub mod proto {
+    #![allow(clippy::derive_partial_eq_without_eq, missing_docs)]
+    tonic::include_proto!("seamless.v1");
+}

@@ -1,0 +1,659 @@
+//! containerd's snapshotter semantics on overlayfs: what Prepare, View,
+//! Mounts, Commit, Remove, Stat, Update, Usage, List and Cleanup do, matching
+//! containerd's built-in overlayfs snapshotter. Validates every request before
+//! it reaches the store. Blocking: callers on an async runtime use
+//! `spawn_blocking`. Knows nothing of gRPC.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::error::{Classify, ErrorKind};
+use crate::filter::{Fields, FilterError, FilterSet};
+use crate::model::{Info, Kind, Labels, Mount, Usage};
+use crate::storage::{DirKind, Storage, StorageError, StorageKind};
+use crate::store::{LabelUpdate, Record, Store, StoreError};
+use crate::sys::SystemOps;
+
+/// containerd's cap on one label, key and value together.
+pub const MAX_LABEL_BYTES: usize = 4096;
+/// Set by containerd's unpacker: the chain id a prepared layer will be committed as.
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// Reported on Stat, Update and List when `upperdir_label` is configured.
+pub const LABEL_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
+const METADATA_FILE: &str = "metadata.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("invalid {what} {key:?}: {reason}")]
+    InvalidKey {
+        what: &'static str,
+        key: String,
+        reason: &'static str,
+    },
+    #[error("invalid label {key:?}: {reason}")]
+    InvalidLabel { key: String, reason: String },
+    #[error("target snapshot {target} already exists")]
+    TargetExists { target: String },
+    #[error("snapshot {key} is committed: mounts exist only for active and view snapshots")]
+    NoMounts { key: String },
+    #[error("usage of {path}: {source}")]
+    Usage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl Classify for SnapshotError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SnapshotError::InvalidKey { .. }
+            | SnapshotError::InvalidLabel { .. }
+            | SnapshotError::Filter(_) => ErrorKind::InvalidArgument,
+            SnapshotError::TargetExists { .. } => ErrorKind::AlreadyExists,
+            SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
+            SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
+            SnapshotError::Store(e) => e.kind(),
+            SnapshotError::Storage(e) => e.kind(),
+        }
+    }
+}
+
+/// Overlay options that depend on the kernel and the namespace we run in.
+#[derive(Debug, Clone, Copy)]
+pub struct OverlayFeatures {
+    pub index_off: bool,
+    pub userxattr: bool,
+}
+
+impl OverlayFeatures {
+    pub fn detect() -> Self {
+        OverlayFeatures {
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: running_in_user_namespace(),
+        }
+    }
+}
+
+/// True unless uid 0 maps to the host's full id range.
+fn running_in_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let fields: Vec<&str> = map.split_whitespace().collect();
+            fields != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+#[derive(Debug)]
+pub struct Snapshotter {
+    store: Store,
+    storage: Storage,
+    overlay: OverlayFeatures,
+    upperdir_label: bool,
+}
+
+fn validate_key(what: &'static str, key: &str) -> Result<(), SnapshotError> {
+    let reason = if key.is_empty() {
+        Some("must not be empty")
+    } else if key.starts_with('/') {
+        Some("must not start with '/'")
+    } else if key.contains('\0') {
+        Some("must not contain NUL")
+    } else if key.split('/').any(|part| part == "..") {
+        Some("must not contain a '..' path element")
+    } else if key.len() > 4096 {
+        Some("is longer than 4096 bytes")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(SnapshotError::InvalidKey {
+            what,
+            key: key.chars().take(256).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn validate_labels(labels: &Labels) -> Result<(), SnapshotError> {
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err(SnapshotError::InvalidLabel {
+                key: k.clone(),
+                reason: "label key must not be empty".into(),
+            });
+        }
+        if k.len() + v.len() > MAX_LABEL_BYTES {
+            return Err(SnapshotError::InvalidLabel {
+                key: k.chars().take(256).collect(),
+                reason: format!(
+                    "label key and value are {} bytes, more than the maximum of {MAX_LABEL_BYTES}",
+                    k.len() + v.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Disk usage of a tree as containerd counts it: allocated blocks and inodes,
+/// hard links once.
+pub fn disk_usage(root: &Path) -> Result<Usage, SnapshotError> {
+    let err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SnapshotError::Usage { path, source }
+    };
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(err(&path))?;
+        if seen.insert((meta.dev(), meta.ino())) {
+            usage.inodes += 1;
+            usage.size += meta.blocks() as i64 * 512;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(err(&path))? {
+                stack.push(entry.map_err(err(&path))?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+struct InfoFields<'a>(&'a Info);
+
+impl Fields for InfoFields<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        let info = self.0;
+        match path.first()?.as_str() {
+            "kind" => Some(info.kind.as_str().to_string()),
+            "name" => Some(info.name.clone()),
+            "parent" => Some(info.parent.clone()),
+            "labels" if !info.labels.is_empty() => info.labels.get(&path[1..].join(".")).cloned(),
+            _ => None,
+        }
+    }
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter under `root` and recovers: directories that no
+    /// metadata references (a crash mid-Prepare or mid-Remove) are deleted.
+    pub fn open(
+        root: &Path,
+        config: &Config,
+        sys: Arc<dyn SystemOps>,
+    ) -> Result<Snapshotter, SnapshotError> {
+        let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys)?;
+        let store = Store::open(&root.join(METADATA_FILE))?;
+        let snapshotter = Snapshotter {
+            store,
+            storage,
+            overlay: OverlayFeatures::detect(),
+            upperdir_label: config.snapshotter.upperdir_label,
+        };
+        let removed = snapshotter.cleanup()?;
+        info!(
+            storage = snapshotter.storage.kind().as_str(),
+            snapshots_dir = %snapshotter.storage.snapshots_dir().display(),
+            removed_orphans = removed,
+            "snapshotter ready"
+        );
+        if snapshotter.storage.kind() == StorageKind::Directory {
+            warn!("storage is plain directories: seamless commit will copy the writable layer while the container is frozen");
+        }
+        Ok(snapshotter)
+    }
+
+    pub fn storage_kind(&self) -> StorageKind {
+        self.storage.kind()
+    }
+
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        validate_key("key", key)?;
+        if !parent.is_empty() {
+            validate_key("parent", parent)?;
+        }
+        validate_labels(&labels)?;
+        if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
+            self.refuse_existing_target(target, parent)?;
+        }
+        let dir_kind = if kind == Kind::Active {
+            DirKind::Active
+        } else {
+            DirKind::View
+        };
+        let created = self
+            .store
+            .create(key, parent, kind, labels, |id, parent_ids| {
+                let owner = match parent_ids.first() {
+                    Some(pid) => {
+                        let upper = self.storage.upper_dir(*pid);
+                        let meta =
+                            std::fs::metadata(&upper).map_err(|source| SnapshotError::Usage {
+                                path: upper.display().to_string(),
+                                source,
+                            })?;
+                        Some((meta.uid(), meta.gid()))
+                    }
+                    None => None,
+                };
+                self.storage.create_snapshot_dir(id, dir_kind, owner)?;
+                Ok::<(), SnapshotError>(())
+            })?;
+        Ok(self.mounts_of(created.record.kind, created.record.id, &created.parent_ids))
+    }
+
+    /// containerd's unpacker labels a layer with the chain id it will be
+    /// committed as; when that layer exists already (committed under any
+    /// namespace's name, with the same parent) containerd reuses it on
+    /// AlreadyExists instead of unpacking again.
+    fn refuse_existing_target(&self, target: &str, parent: &str) -> Result<(), SnapshotError> {
+        let exists = self.store.list()?.into_iter().any(|(name, r)| {
+            r.kind == Kind::Committed
+                && r.parent == parent
+                && (name == target
+                    || r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target))
+        });
+        if exists {
+            return Err(SnapshotError::TargetExists {
+                target: target.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let (record, parent_ids) = self.store.get_with_parents(key)?;
+        if record.kind == Kind::Committed {
+            return Err(SnapshotError::NoMounts {
+                key: key.to_string(),
+            });
+        }
+        Ok(self.mounts_of(record.kind, record.id, &parent_ids))
+    }
+
+    fn mounts_of(&self, kind: Kind, id: u64, parent_ids: &[u64]) -> Vec<Mount> {
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        let bind = |source: String, mode: &str| Mount {
+            fs_type: "bind".into(),
+            source,
+            options: vec![mode.into(), "rbind".into()],
+        };
+        if parent_ids.is_empty() {
+            let mode = if kind == Kind::View { "ro" } else { "rw" };
+            return vec![bind(path(self.storage.upper_dir(id)), mode)];
+        }
+        if kind == Kind::View && parent_ids.len() == 1 {
+            return vec![bind(path(self.storage.upper_dir(parent_ids[0])), "ro")];
+        }
+        let mut options = Vec::new();
+        if self.overlay.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.overlay.userxattr {
+            options.push("userxattr".to_string());
+        }
+        if kind == Kind::Active {
+            options.push(format!("workdir={}", path(self.storage.work_dir(id))));
+            options.push(format!("upperdir={}", path(self.storage.upper_dir(id))));
+        }
+        // Every layer lives under one directory, so containerd can shorten an
+        // option string longer than a page to relative paths (128+ layers).
+        let lowers: Vec<String> = parent_ids
+            .iter()
+            .map(|p| path(self.storage.upper_dir(*p)))
+            .collect();
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        vec![Mount {
+            fs_type: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<(), SnapshotError> {
+        validate_key("name", name)?;
+        validate_key("key", key)?;
+        validate_labels(&labels)?;
+        let active = self.store.get(key)?;
+        if active.kind != Kind::Active {
+            return Err(StoreError::NotActive {
+                key: key.to_string(),
+            }
+            .into());
+        }
+        let usage = disk_usage(&self.storage.upper_dir(active.id))?;
+        self.store.commit_active(key, name, labels, usage)?;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        validate_key("key", key)?;
+        let record = self.store.remove(key)?;
+        // The metadata is gone; a directory that fails to go now is an
+        // orphan that Cleanup or the next start removes.
+        if let Err(e) = self.storage.remove_snapshot_dir(record.id) {
+            warn!(key, id = record.id, error = %e, "snapshot directory left for cleanup");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info, SnapshotError> {
+        validate_key("key", key)?;
+        let record = self.store.get(key)?;
+        Ok(self.info_of(key, &record))
+    }
+
+    fn info_of(&self, name: &str, record: &Record) -> Info {
+        let mut info = record.info(name);
+        if self.upperdir_label {
+            info.labels.insert(
+                LABEL_UPPERDIR.into(),
+                self.storage.upper_dir(record.id).display().to_string(),
+            );
+        }
+        info
+    }
+
+    /// Changes labels; `fieldpaths` empty replaces them all.
+    pub fn update(
+        &self,
+        name: &str,
+        labels: Labels,
+        fieldpaths: Vec<String>,
+    ) -> Result<Info, SnapshotError> {
+        validate_key("key", name)?;
+        validate_labels(&labels)?;
+        let update = if fieldpaths.is_empty() {
+            LabelUpdate::ReplaceAll(labels)
+        } else {
+            LabelUpdate::Paths {
+                paths: fieldpaths,
+                labels,
+            }
+        };
+        let record = self.store.update_labels(name, update)?;
+        Ok(self.info_of(name, &record))
+    }
+
+    /// Active snapshots are measured now; committed ones report what was
+    /// measured at commit.
+    pub fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
+        validate_key("key", key)?;
+        let record = self.store.get(key)?;
+        if record.kind == Kind::Active {
+            return disk_usage(&self.storage.upper_dir(record.id));
+        }
+        Ok(record.usage)
+    }
+
+    /// Every snapshot matching any of `filters` (containerd's syntax).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>, SnapshotError> {
+        let filter = FilterSet::parse_all(filters)?;
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .map(|(name, record)| self.info_of(&name, &record))
+            .filter(|info| filter.matches(&InfoFields(info)))
+            .collect())
+    }
+
+    /// Removes directories that no snapshot references; returns how many.
+    pub fn cleanup(&self) -> Result<usize, SnapshotError> {
+        let removed = self.store.with_referenced_ids(|ids| {
+            let mut removed = 0;
+            for orphan in self.storage.unreferenced_dirs(ids)? {
+                match self.storage.remove_orphan(&orphan) {
+                    Ok(()) => removed += 1,
+                    Err(e) => warn!(path = %orphan.display(), error = %e, "cannot remove orphaned snapshot directory"),
+                }
+            }
+            Ok::<usize, StorageError>(removed)
+        })??;
+        if removed > 0 {
+            info!(removed, "removed orphaned snapshot directories");
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendChoice;
+    use crate::sys::RecordingSystem;
+
+    fn open(upperdir_label: bool) -> (tempfile::TempDir, Snapshotter) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.storage.backend = BackendChoice::Directory;
+        config.snapshotter.upperdir_label = upperdir_label;
+        let s = Snapshotter::open(tmp.path(), &config, Arc::new(RecordingSystem::plain())).unwrap();
+        (tmp, s)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn upper(s: &Snapshotter, key: &str) -> String {
+        s.storage
+            .upper_dir(s.store.get(key).unwrap().id)
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn mounts_follow_containerd_overlayfs() {
+        let (_t, s) = open(false);
+        let m = s.prepare("a", "", Labels::new()).unwrap();
+        assert_eq!(m[0].fs_type, "bind");
+        assert_eq!(m[0].options, vec!["rw", "rbind"]);
+        let a_upper = upper(&s, "a");
+        s.commit("A", "a", Labels::new()).unwrap();
+        let v = s.view("v1", "A", Labels::new()).unwrap();
+        assert_eq!(v[0].fs_type, "bind");
+        assert_eq!(v[0].source, a_upper);
+        assert_eq!(v[0].options, vec!["ro", "rbind"]);
+        let m = s.prepare("b", "A", Labels::new()).unwrap();
+        let b_upper = upper(&s, "b");
+        assert_eq!(m[0].fs_type, "overlay");
+        let opts = &m[0].options;
+        assert!(opts.contains(&format!("upperdir={b_upper}")), "{opts:?}");
+        assert!(
+            opts.iter()
+                .any(|o| o.starts_with("workdir=") && o.ends_with("/work")),
+            "{opts:?}"
+        );
+        assert_eq!(opts.last().unwrap(), &format!("lowerdir={a_upper}"));
+        assert_eq!(s.mounts("b").unwrap(), m);
+        s.commit("B", "b", Labels::new()).unwrap();
+        let v = s.view("v2", "B", Labels::new()).unwrap();
+        assert!(!v[0].options.iter().any(|o| o.starts_with("upperdir")));
+        assert_eq!(
+            v[0].options.last().unwrap(),
+            &format!("lowerdir={}:{a_upper}", upper(&s, "B"))
+        );
+        assert_eq!(
+            s.mounts("A").unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn bad_input_gets_clear_kinds() {
+        let (_t, s) = open(false);
+        for key in ["", "/abs", "a/../b", "..", "nul\0"] {
+            let e = s.prepare(key, "", Labels::new()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{key:?}: {e}");
+        }
+        let big = "x".repeat(MAX_LABEL_BYTES);
+        let e = s.prepare("k", "", labels(&[("key", &big)])).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("maximum of 4096"), "{e}");
+        assert_eq!(
+            s.prepare("k", "missing", Labels::new()).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        s.prepare("k", "", Labels::new()).unwrap();
+        assert_eq!(
+            s.prepare("k", "", Labels::new()).unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            s.prepare("c", "k", Labels::new()).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        s.view("v", "", Labels::new()).unwrap();
+        assert_eq!(
+            s.commit("V", "v", Labels::new()).unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
+        s.commit("K", "k", Labels::new()).unwrap();
+        s.prepare("child", "K", Labels::new()).unwrap();
+        assert_eq!(
+            s.remove("K").unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
+        assert_eq!(
+            s.list(&["name=K".into()]).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(s.stat("nope").unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn snapshot_ref_of_existing_layer_answers_already_exists() {
+        let (_t, s) = open(false);
+        let ref_label = labels(&[(LABEL_SNAPSHOT_REF, "sha256:chain1")]);
+        s.prepare("ns1/1/extract-1 sha256:chain1", "", ref_label.clone())
+            .unwrap();
+        s.commit(
+            "ns1/2/sha256:chain1",
+            "ns1/1/extract-1 sha256:chain1",
+            ref_label.clone(),
+        )
+        .unwrap();
+        let e = s
+            .prepare("ns2/3/extract-2 sha256:chain1", "", ref_label.clone())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        // containerd then looks the layer up with this exact filter.
+        let found = s
+            .list(&[r#"labels."containerd.io/snapshot.ref"==sha256:chain1,parent=="""#.into()])
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "ns1/2/sha256:chain1");
+        // Another parent is another layer: prepared normally.
+        s.prepare(
+            "ns2/4/extract-3 sha256:chain1",
+            "ns1/2/sha256:chain1",
+            ref_label,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn usage_counts_active_and_keeps_committed() {
+        let (_t, s) = open(true);
+        s.prepare("a", "", Labels::new()).unwrap();
+        let up = upper(&s, "a");
+        std::fs::write(format!("{up}/f"), vec![7u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(format!("{up}/f"), format!("{up}/g")).unwrap();
+        let u = s.usage("a").unwrap();
+        assert_eq!(u.inodes, 2, "root dir and one file, hard link once");
+        assert!(u.size >= 64 * 1024, "{u:?}");
+        s.commit("A", "a", Labels::new()).unwrap();
+        assert_eq!(s.usage("A").unwrap(), u);
+        let info = s.stat("A").unwrap();
+        assert_eq!(info.labels.get(LABEL_UPPERDIR), Some(&up));
+        assert_eq!(info.kind, Kind::Committed);
+    }
+
+    #[test]
+    fn list_filters_and_update() {
+        let (_t, s) = open(false);
+        s.prepare("a", "", labels(&[("x", "1")])).unwrap();
+        s.commit("A", "a", labels(&[("x", "1")])).unwrap();
+        s.prepare("b", "A", labels(&[("x", "2")])).unwrap();
+        let names = |f: &[&str]| -> Vec<String> {
+            let f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            s.list(&f).unwrap().into_iter().map(|i| i.name).collect()
+        };
+        assert_eq!(names(&[]), vec!["A", "b"]);
+        assert_eq!(names(&["kind==active"]), vec!["b"]);
+        assert_eq!(names(&["parent==A"]), vec!["b"]);
+        assert_eq!(names(&["labels.x==1", "kind==active"]), vec!["A", "b"]);
+        let info = s
+            .update("b", labels(&[("y", "3")]), vec!["labels.y".into()])
+            .unwrap();
+        assert_eq!(info.labels, labels(&[("x", "2"), ("y", "3")]));
+        assert!(info.updated > info.created);
+    }
+
+    #[test]
+    fn restart_removes_orphans_and_keeps_snapshots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.storage.backend = BackendChoice::Directory;
+        let sys: Arc<dyn SystemOps> = Arc::new(RecordingSystem::plain());
+        let kept = {
+            let s = Snapshotter::open(tmp.path(), &config, sys.clone()).unwrap();
+            s.prepare("a", "", Labels::new()).unwrap();
+            let up = upper(&s, "a");
+            std::fs::write(format!("{up}/data"), b"kept").unwrap();
+            s.commit("A", "a", Labels::new()).unwrap();
+            // As if a Prepare crashed after making its directory.
+            std::fs::create_dir_all(s.storage.snapshots_dir().join("99/fs")).unwrap();
+            up
+        };
+        let s = Snapshotter::open(tmp.path(), &config, sys).unwrap();
+        assert!(!s.storage.snapshots_dir().join("99").exists());
+        assert_eq!(std::fs::read(format!("{kept}/data")).unwrap(), b"kept");
+        assert_eq!(s.stat("A").unwrap().kind, Kind::Committed);
+    }
+}

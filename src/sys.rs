@@ -1,0 +1,379 @@
+//! The only module that issues mount(2), ioctl(2) and other privileged
+//! syscalls. Everything above it goes through [`SystemOps`], so storage logic is
+//! unit-tested with [`RecordingSystem`] and privileged tests use [`RealSystem`].
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::error::{Classify, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{op} {path}: {errno}")]
+    Errno {
+        op: &'static str,
+        path: String,
+        errno: nix::errno::Errno,
+    },
+    #[error("{command} failed: {output}")]
+    Command { command: String, output: String },
+    #[error("name {name:?} cannot be a btrfs subvolume name")]
+    BadName { name: String },
+}
+
+impl Classify for SysError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
+    }
+}
+
+impl SysError {
+    /// True when the path was not a btrfs subvolume (so a plain removal is due).
+    pub fn is_not_subvolume(&self) -> bool {
+        matches!(
+            self,
+            SysError::Errno {
+                errno: nix::errno::Errno::ENOTTY
+                    | nix::errno::Errno::EINVAL
+                    | nix::errno::Errno::EPERM
+                    | nix::errno::Errno::EXDEV,
+                ..
+            }
+        )
+    }
+}
+
+/// Filesystem types the storage layer distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Btrfs,
+    Other(i64),
+}
+
+pub trait SystemOps: Send + Sync + std::fmt::Debug {
+    fn fs_type(&self, path: &Path) -> Result<FsType, SysError>;
+    /// Free bytes available to root on the filesystem holding `path`.
+    fn free_bytes(&self, path: &Path) -> Result<u64, SysError>;
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError>;
+    fn create_subvolume(&self, path: &Path) -> Result<(), SysError>;
+    fn delete_subvolume(&self, path: &Path) -> Result<(), SysError>;
+    /// Formats `image` (a regular file) as btrfs.
+    fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError>;
+    /// Attaches `image` to a free loop device (detached automatically on the
+    /// last unmount) and mounts it as btrfs at `target`.
+    fn mount_btrfs_image(&self, image: &Path, target: &Path) -> Result<(), SysError>;
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SysError {
+    let path = path.display().to_string();
+    move |source| SysError::Io { op, path, source }
+}
+
+fn errno_err(op: &'static str, path: &Path) -> impl FnOnce(nix::errno::Errno) -> SysError {
+    let path = path.display().to_string();
+    move |errno| SysError::Errno { op, path, errno }
+}
+
+/// The kernel.
+#[derive(Debug, Default)]
+pub struct RealSystem;
+
+const BTRFS_IOCTL_MAGIC: u8 = 0x94;
+const BTRFS_PATH_NAME_MAX: usize = 4087;
+
+/// `struct btrfs_ioctl_vol_args` from linux/btrfs.h.
+#[repr(C)]
+struct BtrfsVolArgs {
+    fd: i64,
+    name: [u8; BTRFS_PATH_NAME_MAX + 1],
+}
+
+nix::ioctl_write_ptr!(btrfs_subvol_create, BTRFS_IOCTL_MAGIC, 14, BtrfsVolArgs);
+nix::ioctl_write_ptr!(btrfs_snap_destroy, BTRFS_IOCTL_MAGIC, 15, BtrfsVolArgs);
+
+/// Loop device ioctls from linux/loop.h.
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` from linux/loop.h.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// Splits `path` into its parent directory (opened) and a subvolume name.
+fn open_parent(path: &Path) -> Result<(File, BtrfsVolArgs), SysError> {
+    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    if name.is_empty() || name.len() > BTRFS_PATH_NAME_MAX || name.contains(&0) {
+        return Err(SysError::BadName {
+            name: path.display().to_string(),
+        });
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let dir = File::open(parent).map_err(io_err("open", parent))?;
+    let mut args = BtrfsVolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    };
+    args.name[..name.len()].copy_from_slice(name);
+    Ok((dir, args))
+}
+
+impl SystemOps for RealSystem {
+    fn fs_type(&self, path: &Path) -> Result<FsType, SysError> {
+        let st = nix::sys::statfs::statfs(path).map_err(errno_err("statfs", path))?;
+        if st.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC {
+            Ok(FsType::Btrfs)
+        } else {
+            Ok(FsType::Other(st.filesystem_type().0 as i64))
+        }
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64, SysError> {
+        let st = nix::sys::statvfs::statvfs(path).map_err(errno_err("statvfs", path))?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", path)(e)),
+        };
+        let parent = path.join("..");
+        let parent_meta = std::fs::symlink_metadata(&parent).map_err(io_err("stat", &parent))?;
+        Ok(meta.dev() != parent_meta.dev() || meta.ino() == parent_meta.ino())
+    }
+
+    fn create_subvolume(&self, path: &Path) -> Result<(), SysError> {
+        let (dir, args) = open_parent(path)?;
+        // SAFETY: `args` is a fully initialised btrfs_ioctl_vol_args with a
+        // NUL-terminated name, and `dir` is an open directory descriptor.
+        unsafe { btrfs_subvol_create(dir.as_raw_fd(), &args) }
+            .map_err(errno_err("create btrfs subvolume", path))?;
+        Ok(())
+    }
+
+    fn delete_subvolume(&self, path: &Path) -> Result<(), SysError> {
+        let (dir, args) = open_parent(path)?;
+        // SAFETY: as in create_subvolume; the kernel only reads `args`.
+        unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }
+            .map_err(errno_err("delete btrfs subvolume", path))?;
+        Ok(())
+    }
+
+    fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {
+        let output = Command::new("mkfs.btrfs")
+            .args(["-q", "-f", "-L", label, "-m", "single", "-d", "single"])
+            .arg(image)
+            .output()
+            .map_err(io_err("run mkfs.btrfs for", image))?;
+        if !output.status.success() {
+            return Err(SysError::Command {
+                command: format!("mkfs.btrfs {}", image.display()),
+                output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn mount_btrfs_image(&self, image: &Path, target: &Path) -> Result<(), SysError> {
+        // The loop fd stays open until the mount holds the device: with
+        // autoclear the device is released on its last close.
+        let (device, _loop_file) = attach_loop(image)?;
+        nix::mount::mount(
+            Some(device.as_path()),
+            target,
+            Some("btrfs"),
+            nix::mount::MsFlags::MS_NOATIME,
+            None::<&str>,
+        )
+        .map_err(errno_err("mount btrfs pool at", target))?;
+        Ok(())
+    }
+}
+
+/// Binds `image` to a free loop device with autoclear set, so the device is
+/// released when its last user (mount or open fd) goes away.
+fn attach_loop(image: &Path) -> Result<(PathBuf, File), SysError> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(io_err("open", image))?;
+    let control_path = Path::new("/dev/loop-control");
+    let control = File::open(control_path).map_err(io_err("open", control_path))?;
+    // Another process may take the free device between GET_FREE and SET_FD.
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if number < 0 {
+            return Err(errno_err("find a free loop device for", image)(
+                nix::errno::Errno::last(),
+            ));
+        }
+        let device = PathBuf::from(format!("/dev/loop{number}"));
+        let loop_file = match OpenOptions::new().read(true).write(true).open(&device) {
+            Ok(f) => f,
+            Err(e) => return Err(io_err("open", &device)(e)),
+        };
+        // SAFETY: LOOP_SET_FD takes the backing file descriptor by value.
+        let rc = unsafe { libc::ioctl(loop_file.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
+        if rc < 0 {
+            let errno = nix::errno::Errno::last();
+            if errno == nix::errno::Errno::EBUSY {
+                continue;
+            }
+            return Err(errno_err("attach loop device", &device)(errno));
+        }
+        let mut info = LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_AUTOCLEAR,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        };
+        let name = image.as_os_str().as_bytes();
+        let len = name.len().min(63);
+        info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        // SAFETY: `info` is a fully initialised loop_info64 the kernel reads.
+        let rc = unsafe {
+            libc::ioctl(
+                loop_file.as_raw_fd(),
+                LOOP_SET_STATUS64,
+                &info as *const LoopInfo64,
+            )
+        };
+        if rc < 0 {
+            let errno = nix::errno::Errno::last();
+            // SAFETY: LOOP_CLR_FD (0x4C01) takes no argument; undoes SET_FD.
+            unsafe { libc::ioctl(loop_file.as_raw_fd(), 0x4C01) };
+            return Err(errno_err("configure loop device", &device)(errno));
+        }
+        return Ok((device, loop_file));
+    }
+    Err(errno_err("find a free loop device for", image)(
+        nix::errno::Errno::EBUSY,
+    ))
+}
+
+/// Records every call and acts on a plain directory tree, so storage logic can
+/// be tested without root: subvolumes become directories.
+#[derive(Debug, Default)]
+pub struct RecordingSystem {
+    pub calls: Mutex<Vec<String>>,
+    pub btrfs: bool,
+    pub free: u64,
+}
+
+impl RecordingSystem {
+    pub fn btrfs() -> Self {
+        RecordingSystem {
+            btrfs: true,
+            free: 10 << 30,
+            ..Default::default()
+        }
+    }
+
+    pub fn plain() -> Self {
+        RecordingSystem {
+            btrfs: false,
+            free: 10 << 30,
+            ..Default::default()
+        }
+    }
+
+    fn record(&self, call: String) {
+        self.calls.lock().expect("calls lock poisoned").push(call);
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("calls lock poisoned").clone()
+    }
+}
+
+impl SystemOps for RecordingSystem {
+    fn fs_type(&self, path: &Path) -> Result<FsType, SysError> {
+        let in_pool = self.calls().iter().any(|c| {
+            c.strip_prefix("mount ")
+                .and_then(|rest| rest.split(' ').nth(1))
+                .is_some_and(|target| path.starts_with(target))
+        });
+        Ok(if self.btrfs || in_pool {
+            FsType::Btrfs
+        } else {
+            FsType::Other(0xEF53)
+        })
+    }
+
+    fn free_bytes(&self, _path: &Path) -> Result<u64, SysError> {
+        Ok(self.free)
+    }
+
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        let mounted = self
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("mount ") && c.ends_with(&format!(" {}", path.display())));
+        Ok(mounted)
+    }
+
+    fn create_subvolume(&self, path: &Path) -> Result<(), SysError> {
+        self.record(format!("subvolume create {}", path.display()));
+        std::fs::create_dir(path).map_err(io_err("mkdir", path))
+    }
+
+    fn delete_subvolume(&self, path: &Path) -> Result<(), SysError> {
+        self.record(format!("subvolume delete {}", path.display()));
+        std::fs::remove_dir_all(path).map_err(io_err("remove", path))
+    }
+
+    fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {
+        let size = std::fs::metadata(image)
+            .map_err(io_err("stat", image))?
+            .len();
+        self.record(format!(
+            "mkfs.btrfs -L {label} {} ({size} bytes)",
+            image.display()
+        ));
+        Ok(())
+    }
+
+    fn mount_btrfs_image(&self, image: &Path, target: &Path) -> Result<(), SysError> {
+        self.record(format!("mount {} {}", image.display(), target.display()));
+        Ok(())
+    }
+}
