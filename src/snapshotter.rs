@@ -215,7 +215,7 @@ impl Snapshotter {
             "snapshotter ready"
         );
         if snapshotter.storage.kind() == StorageKind::Directory {
-            warn!("storage is plain directories: seamless commit will copy the writable layer while the container is frozen");
+            warn!("storage is plain directories: a writable layer cannot be snapshotted in O(1) here; use a btrfs root or the pool for seamless commit");
         }
         Ok(snapshotter)
     }

@@ -1,0 +1,503 @@
+//! The daemon served in-process on a temporary socket and driven through
+//! containerd's snapshots API with a real gRPC client; plus the real binary
+//! killed with SIGKILL while it works.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_snapshots::api::snapshots::v1 as api;
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use seamless_snapshotter::config::{BackendChoice, Config};
+use seamless_snapshotter::proto::control_client::ControlClient;
+use seamless_snapshotter::proto::VersionRequest;
+use seamless_snapshotter::server;
+use seamless_snapshotter::snapshotter::Snapshotter;
+use seamless_snapshotter::sys::RealSystem;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+fn directory_config() -> Config {
+    let mut config = Config::default();
+    config.storage.backend = BackendChoice::Directory;
+    config
+}
+
+struct Daemon {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), server::ServerError>>,
+}
+
+impl Daemon {
+    async fn start(root: &Path, socket: &Path) -> Daemon {
+        let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem))
+            .expect("open snapshotter");
+        let listener = server::bind_socket(socket).expect("bind socket");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            listener,
+            Arc::new(snapshotter),
+            root.to_path_buf(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Daemon {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().expect("stopped once").send(());
+        self.task
+            .await
+            .expect("server task")
+            .expect("server ran cleanly");
+    }
+}
+
+async fn channel(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            UnixStream::connect(socket.clone())
+        }))
+        .await
+        .expect("connect")
+}
+
+async fn client(socket: &Path) -> SnapshotsClient<Channel> {
+    SnapshotsClient::new(channel(socket).await)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<containerd_snapshots::api::types::Mount>, tonic::Status> {
+    c.prepare(api::PrepareSnapshotRequest {
+        snapshotter: "seamless".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn commit(
+    c: &mut SnapshotsClient<Channel>,
+    name: &str,
+    key: &str,
+) -> Result<(), tonic::Status> {
+    c.commit(api::CommitSnapshotRequest {
+        snapshotter: "seamless".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: labels(&[("committed", "yes")]),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list(
+    c: &mut SnapshotsClient<Channel>,
+    filters: &[&str],
+) -> Result<Vec<api::Info>, tonic::Status> {
+    let mut stream = c
+        .list(api::ListSnapshotsRequest {
+            snapshotter: "seamless".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        assert!(batch.info.len() <= 100, "batches hold at most 100 infos");
+        all.extend(batch.info);
+    }
+    Ok(all)
+}
+
+#[tokio::test]
+async fn lifecycle_through_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start(&tmp.path().join("root"), &socket).await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode");
+    let mut c = client(&socket).await;
+
+    let mounts = prepare(&mut c, "ns/1/base", "").await.unwrap();
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].r#type, "bind");
+    assert!(Path::new(&mounts[0].source).is_absolute());
+    std::fs::write(Path::new(&mounts[0].source).join("hello"), b"world").unwrap();
+    let usage = c
+        .usage(api::UsageRequest {
+            snapshotter: String::new(),
+            key: "ns/1/base".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(usage.inodes, 2);
+    assert!(usage.size >= 5);
+    commit(&mut c, "ns/2/layer1", "ns/1/base").await.unwrap();
+    let info = c
+        .stat(api::StatSnapshotRequest {
+            snapshotter: String::new(),
+            key: "ns/2/layer1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(info.kind, api::Kind::Committed as i32);
+    assert_eq!(
+        info.labels.get("committed").map(String::as_str),
+        Some("yes")
+    );
+    assert!(info.created_at.is_some());
+
+    let mounts = prepare(&mut c, "ns/3/ctr", "ns/2/layer1").await.unwrap();
+    assert_eq!(mounts[0].r#type, "overlay");
+    let m = c
+        .mounts(api::MountsRequest {
+            snapshotter: String::new(),
+            key: "ns/3/ctr".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(m, mounts);
+
+    let updated = c
+        .update(api::UpdateSnapshotRequest {
+            snapshotter: String::new(),
+            info: Some(api::Info {
+                name: "ns/3/ctr".into(),
+                labels: labels(&[("a", "1"), ("b", "2")]),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels.a".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(updated.labels, labels(&[("a", "1")]));
+
+    for i in 0..250 {
+        c.view(api::ViewSnapshotRequest {
+            snapshotter: String::new(),
+            key: format!("ns/v/{i}"),
+            parent: "ns/2/layer1".into(),
+            labels: labels(&[("view", "yes")]),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(list(&mut c, &[]).await.unwrap().len(), 252);
+    assert_eq!(
+        list(&mut c, &["labels.view==yes"]).await.unwrap().len(),
+        250
+    );
+    let active = list(&mut c, &["kind==active", "name==ns/2/layer1"])
+        .await
+        .unwrap();
+    let mut names: Vec<_> = active.into_iter().map(|i| i.name).collect();
+    names.sort();
+    assert_eq!(names, vec!["ns/2/layer1", "ns/3/ctr"]);
+
+    for i in 0..250 {
+        c.remove(api::RemoveSnapshotRequest {
+            snapshotter: String::new(),
+            key: format!("ns/v/{i}"),
+        })
+        .await
+        .unwrap();
+    }
+    c.cleanup(api::CleanupRequest {
+        snapshotter: String::new(),
+    })
+    .await
+    .unwrap();
+    let version = ControlClient::new(channel(&socket).await)
+        .version(VersionRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(version.storage, "directory");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start(&tmp.path().join("root"), &socket).await;
+    let mut c = client(&socket).await;
+    for key in ["", "/etc/passwd", "ns/1/../../x"] {
+        let e = prepare(&mut c, key, "").await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key:?}: {e:?}");
+    }
+    assert_eq!(
+        prepare(&mut c, "k", "no-such-parent")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    prepare(&mut c, "k", "").await.unwrap();
+    let e = prepare(&mut c, "k", "").await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().contains("k"), "names the key: {e:?}");
+    assert_eq!(
+        prepare(&mut c, "child", "k").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    commit(&mut c, "K", "k").await.unwrap();
+    assert_eq!(
+        commit(&mut c, "K2", "K").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        commit(&mut c, "K3", "missing").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    prepare(&mut c, "child", "K").await.unwrap();
+    let e = c
+        .remove(api::RemoveSnapshotRequest {
+            snapshotter: String::new(),
+            key: "K".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .prepare(api::PrepareSnapshotRequest {
+            snapshotter: String::new(),
+            key: "big".into(),
+            parent: String::new(),
+            labels: labels(&[("k", &"v".repeat(4096))]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = list(&mut c, &["name=K"]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("column"), "{e:?}");
+    let e = c
+        .update(api::UpdateSnapshotRequest {
+            snapshotter: String::new(),
+            info: None,
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .update(api::UpdateSnapshotRequest {
+            snapshotter: String::new(),
+            info: Some(api::Info {
+                name: "K".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["parent".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_survive_restart_and_live_socket_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start(&root, &socket).await;
+    let mut c = client(&socket).await;
+    let mounts = prepare(&mut c, "a", "").await.unwrap();
+    std::fs::write(Path::new(&mounts[0].source).join("f"), b"kept").unwrap();
+    commit(&mut c, "A", "a").await.unwrap();
+    prepare(&mut c, "b", "A").await.unwrap();
+    let err = server::bind_socket(&socket).unwrap_err();
+    assert!(matches!(err, server::ServerError::InUse { .. }), "{err}");
+    daemon.stop().await;
+
+    // The socket file stays behind after an unclean stop; it is replaced.
+    assert!(socket.exists());
+    let daemon = Daemon::start(&root, &socket).await;
+    let mut c = client(&socket).await;
+    let names: Vec<String> = list(&mut c, &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, vec!["A", "b"]);
+    let view = c
+        .view(api::ViewSnapshotRequest {
+            snapshotter: String::new(),
+            key: "v".into(),
+            parent: "A".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        std::fs::read(Path::new(&view[0].source).join("f")).unwrap(),
+        b"kept"
+    );
+    daemon.stop().await;
+
+    std::fs::write(tmp.path().join("plain"), b"x").unwrap();
+    let err = server::bind_socket(&tmp.path().join("plain")).unwrap_err();
+    assert!(
+        matches!(err, server::ServerError::NotASocket { .. }),
+        "{err}"
+    );
+}
+
+/// Kills the real daemon with SIGKILL at many points of a stream of Prepare,
+/// Commit and Remove calls. After each restart every acknowledged snapshot is
+/// there with its data, and no directory is left that metadata does not name.
+#[tokio::test]
+async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let socket = tmp.path().join("s.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "[storage]\nbackend = \"directory\"\n").unwrap();
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut next = 0u32;
+    for round in 0..8u64 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+            .arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("warn")
+            .spawn()
+            .expect("start daemon");
+        let mut c = None;
+        for _ in 0..200 {
+            if let Ok(conn) = tokio::time::timeout(Duration::from_millis(200), async {
+                let socket = socket.clone();
+                Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        UnixStream::connect(socket.clone())
+                    }))
+                    .await
+            })
+            .await
+            {
+                if let Ok(ch) = conn {
+                    c = Some(SnapshotsClient::new(ch));
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let mut c = c.expect("daemon came up");
+
+        // Everything acknowledged before is still there, with its data.
+        let names: std::collections::BTreeSet<String> = list(&mut c, &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        for name in &acknowledged {
+            assert!(
+                names.contains(name),
+                "round {round}: acknowledged {name} lost; have {names:?}"
+            );
+            let view = c
+                .view(api::ViewSnapshotRequest {
+                    snapshotter: String::new(),
+                    key: format!("check-{round}-{name}"),
+                    parent: name.clone(),
+                    labels: HashMap::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .mounts;
+            let data = std::fs::read(Path::new(&view[0].source).join("data")).unwrap();
+            assert_eq!(data, name.as_bytes());
+            c.remove(api::RemoveSnapshotRequest {
+                snapshotter: String::new(),
+                key: format!("check-{round}-{name}"),
+            })
+            .await
+            .unwrap();
+        }
+        // No orphan directories survive the restart's recovery.
+        let meta_count = names.len();
+        let dirs = std::fs::read_dir(root.join("snapshots")).unwrap().count();
+        assert_eq!(
+            dirs, meta_count,
+            "round {round}: directories without metadata"
+        );
+
+        // Work, and kill at a point that moves each round.
+        let killer = {
+            let pid = child.id() as i32;
+            let delay = Duration::from_millis(15 + round * 11);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            })
+        };
+        loop {
+            next += 1;
+            let key = format!("active-{next}");
+            let name = format!("layer-{next}");
+            let Ok(mounts) = prepare(&mut c, &key, "").await else {
+                break;
+            };
+            std::fs::write(Path::new(&mounts[0].source).join("data"), name.as_bytes()).unwrap();
+            if commit(&mut c, &name, &key).await.is_err() {
+                break;
+            }
+            acknowledged.push(name);
+        }
+        killer.await.unwrap();
+        child.wait().unwrap();
+    }
+    assert!(
+        acknowledged.len() > 8,
+        "the daemon did some work between kills"
+    );
+}
