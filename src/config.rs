@@ -12,10 +12,7 @@ pub const CONFIG_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("config key {key}: {reason}")]
@@ -135,10 +132,7 @@ impl Config {
         if self.version != CONFIG_VERSION {
             return Err(ConfigError::Invalid {
                 key: "version",
-                reason: format!(
-                    "version {} is not supported, expected {CONFIG_VERSION}",
-                    self.version
-                ),
+                reason: format!("version {} is not supported, expected {CONFIG_VERSION}", self.version),
             });
         }
         self.pool_size()?;
@@ -169,9 +163,7 @@ pub const MIN_POOL_BYTES: u64 = 256 << 20;
 /// Parses sizes such as `512MiB`, `20GiB`, `1G`, `4096` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
         return Err(format!(

@@ -127,9 +127,7 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     all.push(self.selector()?);
                 }
-                Some(c) => {
-                    return Err(self.error(format!("unexpected {c:?}, expected ',' or the end")))
-                }
+                Some(c) => return Err(self.error(format!("unexpected {c:?}, expected ',' or the end"))),
             }
         }
     }
@@ -144,11 +142,7 @@ impl<'a> Parser<'a> {
                 })
             }
             Some('=' | '!' | '~') => self.operator()?,
-            Some(c) => {
-                return Err(self.error(format!(
-                    "unexpected {c:?}, expected an operator (==, != or ~=)"
-                )))
-            }
+            Some(c) => return Err(self.error(format!("unexpected {c:?}, expected an operator (==, != or ~=)"))),
         };
         let regex = op_text == "~=";
         let value = self.value(regex)?;
@@ -156,9 +150,8 @@ impl<'a> Parser<'a> {
             "==" => Operator::Equal(value),
             "!=" => Operator::NotEqual(value),
             _ => {
-                let re = Regex::new(&value).map_err(|e| {
-                    self.error(format!("invalid regular expression {value:?}: {e}"))
-                })?;
+                let re =
+                    Regex::new(&value).map_err(|e| self.error(format!("invalid regular expression {value:?}: {e}")))?;
                 Operator::Matches(re)
             }
         };
@@ -195,11 +188,7 @@ impl<'a> Parser<'a> {
 
     fn operator(&mut self) -> Result<String, FilterError> {
         let start = self.pos;
-        while self
-            .chars
-            .get(self.pos)
-            .is_some_and(|c| matches!(c, '=' | '!' | '~'))
-        {
+        while self.chars.get(self.pos).is_some_and(|c| matches!(c, '=' | '!' | '~')) {
             self.pos += 1;
         }
         let op: String = self.chars[start..self.pos].iter().collect();
@@ -313,9 +302,7 @@ mod tests {
         fn field(&self, path: &[String]) -> Option<String> {
             match path.first().map(String::as_str) {
                 Some("name") => Some(self.name.to_string()),
-                Some("labels") if !self.labels.is_empty() => {
-                    self.labels.get(&path[1..].join(".")).cloned()
-                }
+                Some("labels") if !self.labels.is_empty() => self.labels.get(&path[1..].join(".")).cloned(),
                 _ => None,
             }
         }
@@ -324,10 +311,7 @@ mod tests {
     fn obj(name: &'static str, labels: &[(&str, &str)]) -> Obj {
         Obj {
             name,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
@@ -348,10 +332,7 @@ mod tests {
             &[("containerd.io/snapshot.ref", "sha256:cd"), ("x", "1")],
         );
         assert!(matches(&["name==ns/1/sha256:ab"], &o));
-        assert!(matches(
-            &[r#"labels."containerd.io/snapshot.ref"==sha256:cd"#],
-            &o
-        ));
+        assert!(matches(&[r#"labels."containerd.io/snapshot.ref"==sha256:cd"#], &o));
         assert!(matches(&[r#"labels."containerd.io/snapshot.ref""#], &o));
         assert!(!matches(&["labels.missing"], &o));
         assert!(matches(&["labels.missing!=1"], &o));

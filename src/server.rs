@@ -19,10 +19,7 @@ use crate::snapshotter::Snapshotter;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("socket {path}: {source}")]
-    Socket {
-        path: String,
-        source: std::io::Error,
-    },
+    Socket { path: String, source: std::io::Error },
     #[error("socket {path} is in use by a running server; stop it first")]
     InUse { path: String },
     #[error("{path} exists and is not a socket; refusing to replace it")]
@@ -72,9 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(SnapshotsService::new(
-            snapshotter.clone(),
-        )))
+        .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter.clone())))
         .add_service(ControlServer::new(ControlService::new(snapshotter, root)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;

@@ -42,10 +42,7 @@ pub enum SnapshotError {
     #[error("snapshot {key} is committed: mounts exist only for active and view snapshots")]
     NoMounts { key: String },
     #[error("usage of {path}: {source}")]
-    Usage {
-        path: String,
-        source: std::io::Error,
-    },
+    Usage { path: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -59,9 +56,9 @@ pub enum SnapshotError {
 impl Classify for SnapshotError {
     fn kind(&self) -> ErrorKind {
         match self {
-            SnapshotError::InvalidKey { .. }
-            | SnapshotError::InvalidLabel { .. }
-            | SnapshotError::Filter(_) => ErrorKind::InvalidArgument,
+            SnapshotError::InvalidKey { .. } | SnapshotError::InvalidLabel { .. } | SnapshotError::Filter(_) => {
+                ErrorKind::InvalidArgument
+            }
             SnapshotError::TargetExists { .. } => ErrorKind::AlreadyExists,
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
@@ -194,11 +191,7 @@ impl Fields for InfoFields<'_> {
 impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
     /// metadata references (a crash mid-Prepare or mid-Remove) are deleted.
-    pub fn open(
-        root: &Path,
-        config: &Config,
-        sys: Arc<dyn SystemOps>,
-    ) -> Result<Snapshotter, SnapshotError> {
+    pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys)?;
         let store = Store::open(&root.join(METADATA_FILE))?;
         let snapshotter = Snapshotter {
@@ -224,31 +217,15 @@ impl Snapshotter {
         self.storage.kind()
     }
 
-    pub fn prepare(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    pub fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
         self.create(Kind::Active, key, parent, labels)
     }
 
-    pub fn view(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    pub fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
         self.create(Kind::View, key, parent, labels)
     }
 
-    fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: &str,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
         validate_key("key", key)?;
         if !parent.is_empty() {
             validate_key("parent", parent)?;
@@ -262,24 +239,21 @@ impl Snapshotter {
         } else {
             DirKind::View
         };
-        let created = self
-            .store
-            .create(key, parent, kind, labels, |id, parent_ids| {
-                let owner = match parent_ids.first() {
-                    Some(pid) => {
-                        let upper = self.storage.upper_dir(*pid);
-                        let meta =
-                            std::fs::metadata(&upper).map_err(|source| SnapshotError::Usage {
-                                path: upper.display().to_string(),
-                                source,
-                            })?;
-                        Some((meta.uid(), meta.gid()))
-                    }
-                    None => None,
-                };
-                self.storage.create_snapshot_dir(id, dir_kind, owner)?;
-                Ok::<(), SnapshotError>(())
-            })?;
+        let created = self.store.create(key, parent, kind, labels, |id, parent_ids| {
+            let owner = match parent_ids.first() {
+                Some(pid) => {
+                    let upper = self.storage.upper_dir(*pid);
+                    let meta = std::fs::metadata(&upper).map_err(|source| SnapshotError::Usage {
+                        path: upper.display().to_string(),
+                        source,
+                    })?;
+                    Some((meta.uid(), meta.gid()))
+                }
+                None => None,
+            };
+            self.storage.create_snapshot_dir(id, dir_kind, owner)?;
+            Ok::<(), SnapshotError>(())
+        })?;
         Ok(self.mounts_of(created.record.kind, created.record.id, &created.parent_ids))
     }
 
@@ -291,8 +265,7 @@ impl Snapshotter {
         let exists = self.store.list()?.into_iter().any(|(name, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
-                && (name == target
-                    || r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target))
+                && (name == target || r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target))
         });
         if exists {
             return Err(SnapshotError::TargetExists {
@@ -305,9 +278,7 @@ impl Snapshotter {
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         let (record, parent_ids) = self.store.get_with_parents(key)?;
         if record.kind == Kind::Committed {
-            return Err(SnapshotError::NoMounts {
-                key: key.to_string(),
-            });
+            return Err(SnapshotError::NoMounts { key: key.to_string() });
         }
         Ok(self.mounts_of(record.kind, record.id, &parent_ids))
     }
@@ -339,10 +310,7 @@ impl Snapshotter {
         }
         // Every layer lives under one directory, so containerd can shorten an
         // option string longer than a page to relative paths (128+ layers).
-        let lowers: Vec<String> = parent_ids
-            .iter()
-            .map(|p| path(self.storage.upper_dir(*p)))
-            .collect();
+        let lowers: Vec<String> = parent_ids.iter().map(|p| path(self.storage.upper_dir(*p))).collect();
         options.push(format!("lowerdir={}", lowers.join(":")));
         vec![Mount {
             fs_type: "overlay".into(),
@@ -357,10 +325,7 @@ impl Snapshotter {
         validate_labels(&labels)?;
         let active = self.store.get(key)?;
         if active.kind != Kind::Active {
-            return Err(StoreError::NotActive {
-                key: key.to_string(),
-            }
-            .into());
+            return Err(StoreError::NotActive { key: key.to_string() }.into());
         }
         let usage = disk_usage(&self.storage.upper_dir(active.id))?;
         self.store.commit_active(key, name, labels, usage)?;
@@ -396,12 +361,7 @@ impl Snapshotter {
     }
 
     /// Changes labels; `fieldpaths` empty replaces them all.
-    pub fn update(
-        &self,
-        name: &str,
-        labels: Labels,
-        fieldpaths: Vec<String>,
-    ) -> Result<Info, SnapshotError> {
+    pub fn update(&self, name: &str, labels: Labels, fieldpaths: Vec<String>) -> Result<Info, SnapshotError> {
         validate_key("key", name)?;
         validate_labels(&labels)?;
         let update = if fieldpaths.is_empty() {
@@ -474,17 +434,11 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn upper(s: &Snapshotter, key: &str) -> String {
-        s.storage
-            .upper_dir(s.store.get(key).unwrap().id)
-            .display()
-            .to_string()
+        s.storage.upper_dir(s.store.get(key).unwrap().id).display().to_string()
     }
 
     #[test]
@@ -505,8 +459,7 @@ mod tests {
         let opts = &m[0].options;
         assert!(opts.contains(&format!("upperdir={b_upper}")), "{opts:?}");
         assert!(
-            opts.iter()
-                .any(|o| o.starts_with("workdir=") && o.ends_with("/work")),
+            opts.iter().any(|o| o.starts_with("workdir=") && o.ends_with("/work")),
             "{opts:?}"
         );
         assert_eq!(opts.last().unwrap(), &format!("lowerdir={a_upper}"));
@@ -518,10 +471,7 @@ mod tests {
             v[0].options.last().unwrap(),
             &format!("lowerdir={}:{a_upper}", upper(&s, "B"))
         );
-        assert_eq!(
-            s.mounts("A").unwrap_err().kind(),
-            ErrorKind::FailedPrecondition
-        );
+        assert_eq!(s.mounts("A").unwrap_err().kind(), ErrorKind::FailedPrecondition);
     }
 
     #[test]
@@ -555,10 +505,7 @@ mod tests {
         );
         s.commit("K", "k", Labels::new()).unwrap();
         s.prepare("child", "K", Labels::new()).unwrap();
-        assert_eq!(
-            s.remove("K").unwrap_err().kind(),
-            ErrorKind::FailedPrecondition
-        );
+        assert_eq!(s.remove("K").unwrap_err().kind(), ErrorKind::FailedPrecondition);
         assert_eq!(
             s.list(&["name=K".into()]).unwrap_err().kind(),
             ErrorKind::InvalidArgument
@@ -589,12 +536,8 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name, "ns1/2/sha256:chain1");
         // Another parent is another layer: prepared normally.
-        s.prepare(
-            "ns2/4/extract-3 sha256:chain1",
-            "ns1/2/sha256:chain1",
-            ref_label,
-        )
-        .unwrap();
+        s.prepare("ns2/4/extract-3 sha256:chain1", "ns1/2/sha256:chain1", ref_label)
+            .unwrap();
     }
 
     #[test]
@@ -628,9 +571,7 @@ mod tests {
         assert_eq!(names(&["kind==active"]), vec!["b"]);
         assert_eq!(names(&["parent==A"]), vec!["b"]);
         assert_eq!(names(&["labels.x==1", "kind==active"]), vec!["A", "b"]);
-        let info = s
-            .update("b", labels(&[("y", "3")]), vec!["labels.y".into()])
-            .unwrap();
+        let info = s.update("b", labels(&[("y", "3")]), vec!["labels.y".into()]).unwrap();
         assert_eq!(info.labels, labels(&[("x", "2"), ("y", "3")]));
         assert!(info.updated > info.created);
     }

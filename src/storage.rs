@@ -128,11 +128,7 @@ impl Storage {
         };
         let snapshots = base.join(SNAPSHOTS);
         ensure_dir(&snapshots, 0o700)?;
-        Ok(Storage {
-            kind,
-            snapshots,
-            sys,
-        })
+        Ok(Storage { kind, snapshots, sys })
     }
 
     pub fn kind(&self) -> StorageKind {
@@ -158,12 +154,7 @@ impl Storage {
 
     /// Creates the directory of snapshot `id`; `owner` is given to `fs` so a
     /// child layer starts with its parent's root ownership, as containerd does.
-    pub fn create_snapshot_dir(
-        &self,
-        id: u64,
-        kind: DirKind,
-        owner: Option<(u32, u32)>,
-    ) -> Result<(), StorageError> {
+    pub fn create_snapshot_dir(&self, id: u64, kind: DirKind, owner: Option<(u32, u32)>) -> Result<(), StorageError> {
         let dir = self.snapshot_dir(id);
         if fs::symlink_metadata(&dir).is_ok() {
             // Left by a crashed transaction that never referenced it.
@@ -188,8 +179,7 @@ impl Storage {
                     .map_err(io_err("create directory", &work))?;
             }
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::lchown(&upper, Some(uid), Some(gid))
-                    .map_err(io_err("chown", &upper))?;
+                std::os::unix::fs::lchown(&upper, Some(uid), Some(gid)).map_err(io_err("chown", &upper))?;
             }
             Ok(())
         })();
@@ -221,14 +211,9 @@ impl Storage {
 
     /// Entries under the snapshots directory that are not a snapshot id in
     /// `referenced`: leftovers of crashes or removals, safe to delete.
-    pub fn unreferenced_dirs(
-        &self,
-        referenced: &BTreeSet<u64>,
-    ) -> Result<Vec<PathBuf>, StorageError> {
+    pub fn unreferenced_dirs(&self, referenced: &BTreeSet<u64>) -> Result<Vec<PathBuf>, StorageError> {
         let mut orphans = Vec::new();
-        for entry in
-            fs::read_dir(&self.snapshots).map_err(io_err("read directory", &self.snapshots))?
-        {
+        for entry in fs::read_dir(&self.snapshots).map_err(io_err("read directory", &self.snapshots))? {
             let entry = entry.map_err(io_err("read directory", &self.snapshots))?;
             let name = entry.file_name();
             let known = name
@@ -276,8 +261,7 @@ fn open_pool(root: &Path, size: PoolSize, sys: &dyn SystemOps) -> Result<PathBuf
             .truncate(true)
             .open(&partial)
             .map_err(io_err("create", &partial))?;
-        fs::set_permissions(&partial, fs::Permissions::from_mode(0o600))
-            .map_err(io_err("chmod", &partial))?;
+        fs::set_permissions(&partial, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", &partial))?;
         file.set_len(bytes).map_err(io_err("size", &partial))?;
         drop(file);
         sys.mkfs_btrfs(&partial, "seamless-pool")?;
@@ -298,18 +282,12 @@ mod tests {
     fn btrfs_root_gives_subvolume_per_active_snapshot() {
         let tmp = tempfile::tempdir().unwrap();
         let sys = Arc::new(RecordingSystem::btrfs());
-        let storage =
-            Storage::open(tmp.path(), BackendChoice::Auto, PoolSize::Auto, sys.clone()).unwrap();
+        let storage = Storage::open(tmp.path(), BackendChoice::Auto, PoolSize::Auto, sys.clone()).unwrap();
         assert_eq!(storage.kind(), StorageKind::Btrfs);
-        storage
-            .create_snapshot_dir(1, DirKind::Active, None)
-            .unwrap();
+        storage.create_snapshot_dir(1, DirKind::Active, None).unwrap();
         storage.create_snapshot_dir(2, DirKind::View, None).unwrap();
         let dir1 = tmp.path().join("snapshots/1");
-        assert_eq!(
-            sys.calls(),
-            vec![format!("subvolume create {}", dir1.display())]
-        );
+        assert_eq!(sys.calls(), vec![format!("subvolume create {}", dir1.display())]);
         assert!(storage.upper_dir(1).is_dir() && storage.work_dir(1).is_dir());
         assert!(storage.upper_dir(2).is_dir() && !storage.work_dir(2).exists());
         storage.remove_snapshot_dir(1).unwrap();
@@ -324,17 +302,13 @@ mod tests {
     fn plain_root_provisions_and_mounts_a_pool_once() {
         let tmp = tempfile::tempdir().unwrap();
         let sys = Arc::new(RecordingSystem::plain());
-        let storage =
-            Storage::open(tmp.path(), BackendChoice::Auto, PoolSize::Auto, sys.clone()).unwrap();
+        let storage = Storage::open(tmp.path(), BackendChoice::Auto, PoolSize::Auto, sys.clone()).unwrap();
         assert_eq!(storage.kind(), StorageKind::BtrfsPool);
         let image = tmp.path().join("pool.img");
         let mount = tmp.path().join("pool");
         // Half of the fake's 10 GiB free space.
         assert_eq!(fs::metadata(&image).unwrap().len(), 5 << 30);
-        assert_eq!(
-            fs::metadata(&image).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&image).unwrap().permissions().mode() & 0o777, 0o600);
         let calls = sys.calls();
         assert_eq!(
             calls,
@@ -349,13 +323,7 @@ mod tests {
         );
         assert_eq!(storage.snapshots_dir(), mount.join("snapshots"));
         // Already mounted: reused, not formatted again.
-        let again = Storage::open(
-            tmp.path(),
-            BackendChoice::Pool,
-            PoolSize::Bytes(1 << 30),
-            sys.clone(),
-        )
-        .unwrap();
+        let again = Storage::open(tmp.path(), BackendChoice::Pool, PoolSize::Bytes(1 << 30), sys.clone()).unwrap();
         assert_eq!(again.kind(), StorageKind::BtrfsPool);
         assert_eq!(sys.calls().len(), 2);
     }
@@ -380,20 +348,10 @@ mod tests {
     fn directory_backend_and_orphans() {
         let tmp = tempfile::tempdir().unwrap();
         let sys = Arc::new(RecordingSystem::btrfs());
-        let storage = Storage::open(
-            tmp.path(),
-            BackendChoice::Directory,
-            PoolSize::Auto,
-            sys.clone(),
-        )
-        .unwrap();
+        let storage = Storage::open(tmp.path(), BackendChoice::Directory, PoolSize::Auto, sys.clone()).unwrap();
         assert_eq!(storage.kind(), StorageKind::Directory);
-        storage
-            .create_snapshot_dir(7, DirKind::Active, None)
-            .unwrap();
-        storage
-            .create_snapshot_dir(8, DirKind::Active, None)
-            .unwrap();
+        storage.create_snapshot_dir(7, DirKind::Active, None).unwrap();
+        storage.create_snapshot_dir(8, DirKind::Active, None).unwrap();
         fs::create_dir(storage.snapshots_dir().join("new-123")).unwrap();
         assert!(sys.calls().is_empty(), "directory backend made subvolumes");
         let referenced: BTreeSet<u64> = [7].into_iter().collect();
@@ -401,20 +359,13 @@ mod tests {
         orphans.sort();
         assert_eq!(
             orphans,
-            vec![
-                storage.snapshot_dir(8),
-                storage.snapshots_dir().join("new-123")
-            ]
+            vec![storage.snapshot_dir(8), storage.snapshots_dir().join("new-123")]
         );
         for o in &orphans {
             storage.remove_orphan(o).unwrap();
         }
         assert!(storage.snapshot_dir(7).exists() && !storage.snapshot_dir(8).exists());
-        let mode = fs::metadata(storage.snapshots_dir())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = fs::metadata(storage.snapshots_dir()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
     }
 }

@@ -53,15 +53,9 @@ impl Classify for StoreError {
         match self {
             StoreError::NotFound { .. } | StoreError::ParentNotFound { .. } => ErrorKind::NotFound,
             StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            StoreError::ParentNotCommitted { .. } | StoreError::ImmutableField { .. } => {
-                ErrorKind::InvalidArgument
-            }
-            StoreError::NotActive { .. } | StoreError::HasChildren { .. } => {
-                ErrorKind::FailedPrecondition
-            }
-            StoreError::Schema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => {
-                ErrorKind::Internal
-            }
+            StoreError::ParentNotCommitted { .. } | StoreError::ImmutableField { .. } => ErrorKind::InvalidArgument,
+            StoreError::NotActive { .. } | StoreError::HasChildren { .. } => ErrorKind::FailedPrecondition,
+            StoreError::Schema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -133,10 +127,7 @@ fn encode(record: &Record) -> Vec<u8> {
     serde_json::to_vec(record).expect("record serialises")
 }
 
-fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(
-    table: &T,
-    key: &str,
-) -> Result<Option<Record>, StoreError> {
+fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(table: &T, key: &str) -> Result<Option<Record>, StoreError> {
     match table.get(key).map_err(db_err)? {
         Some(v) => Ok(Some(decode(key, v.value())?)),
         None => Ok(None),
@@ -149,9 +140,7 @@ fn parent_ids_in<T: ReadableTable<&'static str, &'static [u8]>>(
 ) -> Result<Vec<u64>, StoreError> {
     let mut ids = Vec::new();
     while !parent.is_empty() {
-        let record = get_in(table, &parent)?.ok_or(StoreError::ParentNotFound {
-            parent: parent.clone(),
-        })?;
+        let record = get_in(table, &parent)?.ok_or(StoreError::ParentNotFound { parent: parent.clone() })?;
         ids.push(record.id);
         parent = record.parent;
     }
@@ -187,18 +176,14 @@ impl Store {
     pub fn get(&self, key: &str) -> Result<Record, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        get_in(&table, key)?.ok_or(StoreError::NotFound {
-            key: key.to_string(),
-        })
+        get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })
     }
 
     /// The record of `key` and the ids of its parents, nearest first.
     pub fn get_with_parents(&self, key: &str) -> Result<(Record, Vec<u64>), StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        let record = get_in(&table, key)?.ok_or(StoreError::NotFound {
-            key: key.to_string(),
-        })?;
+        let record = get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })?;
         let ids = parent_ids_in(&table, record.parent.clone())?;
         Ok((record, ids))
     }
@@ -217,10 +202,7 @@ impl Store {
         let created = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
             if get_in(&table, key)?.is_some() {
-                return Err(StoreError::AlreadyExists {
-                    key: key.to_string(),
-                }
-                .into());
+                return Err(StoreError::AlreadyExists { key: key.to_string() }.into());
             }
             if !parent.is_empty() {
                 let p = get_in(&table, parent)?.ok_or(StoreError::ParentNotFound {
@@ -235,11 +217,7 @@ impl Store {
             }
             let parent_ids = parent_ids_in(&table, parent.to_string())?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            let id = meta
-                .get(NEXT_ID)
-                .map_err(db_err)?
-                .map(|v| v.value())
-                .unwrap_or(1);
+            let id = meta.get(NEXT_ID).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
             meta.insert(NEXT_ID, id + 1).map_err(db_err)?;
             make_dir(id, &parent_ids)?;
             let now = SystemTime::now();
@@ -252,14 +230,10 @@ impl Store {
                 updated: now,
                 usage: Usage::default(),
             };
-            table
-                .insert(key, encode(&record).as_slice())
-                .map_err(db_err)?;
+            table.insert(key, encode(&record).as_slice()).map_err(db_err)?;
             if !parent.is_empty() {
                 let mut children = txn.open_table(CHILDREN).map_err(db_err)?;
-                children
-                    .insert(child_key(parent, key).as_str(), ())
-                    .map_err(db_err)?;
+                children.insert(child_key(parent, key).as_str(), ()).map_err(db_err)?;
             }
             Created { record, parent_ids }
         };
@@ -268,28 +242,16 @@ impl Store {
     }
 
     /// Turns active snapshot `key` into committed snapshot `name`.
-    pub fn commit_active(
-        &self,
-        key: &str,
-        name: &str,
-        labels: Labels,
-        usage: Usage,
-    ) -> Result<Record, StoreError> {
+    pub fn commit_active(&self, key: &str, name: &str, labels: Labels, usage: Usage) -> Result<Record, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let committed = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
             if get_in(&table, name)?.is_some() {
-                return Err(StoreError::AlreadyExists {
-                    key: name.to_string(),
-                });
+                return Err(StoreError::AlreadyExists { key: name.to_string() });
             }
-            let active = get_in(&table, key)?.ok_or(StoreError::NotFound {
-                key: key.to_string(),
-            })?;
+            let active = get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })?;
             if active.kind != Kind::Active {
-                return Err(StoreError::NotActive {
-                    key: key.to_string(),
-                });
+                return Err(StoreError::NotActive { key: key.to_string() });
             }
             let now = SystemTime::now();
             let committed = Record {
@@ -301,9 +263,7 @@ impl Store {
                 ..active
             };
             table.remove(key).map_err(db_err)?;
-            table
-                .insert(name, encode(&committed).as_slice())
-                .map_err(db_err)?;
+            table.insert(name, encode(&committed).as_slice()).map_err(db_err)?;
             if !committed.parent.is_empty() {
                 let mut children = txn.open_table(CHILDREN).map_err(db_err)?;
                 children
@@ -324,9 +284,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         let removed = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            let record = get_in(&table, key)?.ok_or(StoreError::NotFound {
-                key: key.to_string(),
-            })?;
+            let record = get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })?;
             let mut children = txn.open_table(CHILDREN).map_err(db_err)?;
             let prefix = child_key(key, "");
             let has_child = children
@@ -337,9 +295,7 @@ impl Store {
                 .map_err(db_err)?
                 .is_some_and(|(k, _)| k.value().starts_with(&prefix));
             if has_child {
-                return Err(StoreError::HasChildren {
-                    key: key.to_string(),
-                });
+                return Err(StoreError::HasChildren { key: key.to_string() });
             }
             table.remove(key).map_err(db_err)?;
             if !record.parent.is_empty() {
@@ -358,9 +314,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         let updated = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            let mut record = get_in(&table, key)?.ok_or(StoreError::NotFound {
-                key: key.to_string(),
-            })?;
+            let mut record = get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })?;
             match update {
                 LabelUpdate::ReplaceAll(labels) => record.labels = labels,
                 LabelUpdate::Paths { paths, labels } => {
@@ -382,9 +336,7 @@ impl Store {
                 }
             }
             record.updated = SystemTime::now();
-            table
-                .insert(key, encode(&record).as_slice())
-                .map_err(db_err)?;
+            table.insert(key, encode(&record).as_slice()).map_err(db_err)?;
             record
         };
         txn.commit().map_err(db_err)?;
@@ -407,10 +359,7 @@ impl Store {
 
     /// Runs `f` with the ids every record references, while holding the write
     /// lock, so no snapshot can be created while `f` removes directories.
-    pub fn with_referenced_ids<R>(
-        &self,
-        f: impl FnOnce(&BTreeSet<u64>) -> R,
-    ) -> Result<R, StoreError> {
+    pub fn with_referenced_ids<R>(&self, f: impl FnOnce(&BTreeSet<u64>) -> R) -> Result<R, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let ids = {
             let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
@@ -438,9 +387,7 @@ mod tests {
     }
 
     fn create(store: &Store, key: &str, parent: &str, kind: Kind) -> Result<Created, StoreError> {
-        store.create(key, parent, kind, Labels::new(), |_, _| {
-            Ok::<(), StoreError>(())
-        })
+        store.create(key, parent, kind, Labels::new(), |_, _| Ok::<(), StoreError>(()))
     }
 
     #[test]
@@ -448,20 +395,11 @@ mod tests {
         let (_t, s) = store();
         let a = create(&s, "a", "", Kind::Active).unwrap();
         assert_eq!(a.record.id, 1);
-        s.commit_active(
-            "a",
-            "A",
-            Labels::new(),
-            Usage {
-                size: 4096,
-                inodes: 1,
-            },
-        )
-        .unwrap();
+        s.commit_active("a", "A", Labels::new(), Usage { size: 4096, inodes: 1 })
+            .unwrap();
         let b = create(&s, "b", "A", Kind::Active).unwrap();
         assert_eq!(b.parent_ids, vec![1]);
-        s.commit_active("b", "B", Labels::new(), Usage::default())
-            .unwrap();
+        s.commit_active("b", "B", Labels::new(), Usage::default()).unwrap();
         let v = create(&s, "v", "B", Kind::View).unwrap();
         assert_eq!(v.parent_ids, vec![2, 1]);
         assert!(matches!(s.remove("A"), Err(StoreError::HasChildren { .. })));
@@ -494,17 +432,13 @@ mod tests {
             ErrorKind::InvalidArgument
         );
         create(&s, "v", "", Kind::View).unwrap();
-        let e = s
-            .commit_active("v", "V", Labels::new(), Usage::default())
-            .unwrap_err();
+        let e = s.commit_active("v", "V", Labels::new(), Usage::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
         let e = s
             .commit_active("missing", "M", Labels::new(), Usage::default())
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
-        let e = s
-            .commit_active("a", "v", Labels::new(), Usage::default())
-            .unwrap_err();
+        let e = s.commit_active("a", "v", Labels::new(), Usage::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         assert_eq!(s.remove("zzz").unwrap_err().kind(), ErrorKind::NotFound);
     }
@@ -524,20 +458,10 @@ mod tests {
     #[test]
     fn label_updates_follow_containerd() {
         let (_t, s) = store();
-        let labels: Labels = [
-            ("a".to_string(), "1".to_string()),
-            ("b".to_string(), "2".to_string()),
-        ]
-        .into();
-        s.create("k", "", Kind::Active, labels, |_, _| {
-            Ok::<(), StoreError>(())
-        })
-        .unwrap();
-        let new: Labels = [
-            ("b".to_string(), "3".to_string()),
-            ("c".to_string(), "4".to_string()),
-        ]
-        .into();
+        let labels: Labels = [("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())].into();
+        s.create("k", "", Kind::Active, labels, |_, _| Ok::<(), StoreError>(()))
+            .unwrap();
+        let new: Labels = [("b".to_string(), "3".to_string()), ("c".to_string(), "4".to_string())].into();
         let r = s
             .update_labels(
                 "k",
@@ -548,9 +472,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(r.labels, [("b".to_string(), "3".to_string())].into());
-        let r = s
-            .update_labels("k", LabelUpdate::ReplaceAll(new.clone()))
-            .unwrap();
+        let r = s.update_labels("k", LabelUpdate::ReplaceAll(new.clone())).unwrap();
         assert_eq!(r.labels, new);
         let e = s
             .update_labels(
@@ -576,10 +498,7 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         let r = s.get("A").unwrap();
-        assert_eq!(
-            (r.kind, r.usage),
-            (Kind::Committed, Usage { size: 1, inodes: 2 })
-        );
+        assert_eq!((r.kind, r.usage), (Kind::Committed, Usage { size: 1, inodes: 2 }));
         let ids = s.with_referenced_ids(|ids| ids.clone()).unwrap();
         assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec![1]);
     }

@@ -174,16 +174,14 @@ impl SystemOps for RealSystem {
         let (dir, args) = open_parent(path)?;
         // SAFETY: `args` is a fully initialised btrfs_ioctl_vol_args with a
         // NUL-terminated name, and `dir` is an open directory descriptor.
-        unsafe { btrfs_subvol_create(dir.as_raw_fd(), &args) }
-            .map_err(errno_err("create btrfs subvolume", path))?;
+        unsafe { btrfs_subvol_create(dir.as_raw_fd(), &args) }.map_err(errno_err("create btrfs subvolume", path))?;
         Ok(())
     }
 
     fn delete_subvolume(&self, path: &Path) -> Result<(), SysError> {
         let (dir, args) = open_parent(path)?;
         // SAFETY: as in create_subvolume; the kernel only reads `args`.
-        unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }
-            .map_err(errno_err("delete btrfs subvolume", path))?;
+        unsafe { btrfs_snap_destroy(dir.as_raw_fd(), &args) }.map_err(errno_err("delete btrfs subvolume", path))?;
         Ok(())
     }
 
@@ -270,13 +268,7 @@ fn attach_loop(image: &Path) -> Result<(PathBuf, File), SysError> {
         let len = name.len().min(63);
         info.lo_file_name[..len].copy_from_slice(&name[..len]);
         // SAFETY: `info` is a fully initialised loop_info64 the kernel reads.
-        let rc = unsafe {
-            libc::ioctl(
-                loop_file.as_raw_fd(),
-                LOOP_SET_STATUS64,
-                &info as *const LoopInfo64,
-            )
-        };
+        let rc = unsafe { libc::ioctl(loop_file.as_raw_fd(), LOOP_SET_STATUS64, &info as *const LoopInfo64) };
         if rc < 0 {
             let errno = nix::errno::Errno::last();
             // SAFETY: LOOP_CLR_FD (0x4C01) takes no argument; undoes SET_FD.
@@ -362,13 +354,8 @@ impl SystemOps for RecordingSystem {
     }
 
     fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {
-        let size = std::fs::metadata(image)
-            .map_err(io_err("stat", image))?
-            .len();
-        self.record(format!(
-            "mkfs.btrfs -L {label} {} ({size} bytes)",
-            image.display()
-        ));
+        let size = std::fs::metadata(image).map_err(io_err("stat", image))?.len();
+        self.record(format!("mkfs.btrfs -L {label} {} ({size} bytes)", image.display()));
         Ok(())
     }
 

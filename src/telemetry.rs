@@ -8,13 +8,11 @@ use tracing_subscriber::EnvFilter;
 /// overrides it for finer control.
 pub fn init(level: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => {
-            EnvFilter::try_new(spec).map_err(|e| format!("RUST_LOG: {e}"))?
-        }
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec).map_err(|e| format!("RUST_LOG: {e}"))?,
         _ => {
-            let level: tracing::Level = level.parse().map_err(|_| {
-                format!("log level {level:?} is not one of trace, debug, info, warn, error")
-            })?;
+            let level: tracing::Level = level
+                .parse()
+                .map_err(|_| format!("log level {level:?} is not one of trace, debug, info, warn, error"))?;
             EnvFilter::new(format!(
                 "warn,seamless_snapshotter={level},containerd_seamless_grpc={level}"
             ))

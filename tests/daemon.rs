@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,7 @@ struct Daemon {
 
 impl Daemon {
     async fn start(root: &Path, socket: &Path) -> Daemon {
-        let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem))
-            .expect("open snapshotter");
+        let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem)).expect("open snapshotter");
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server::run(
@@ -45,18 +44,12 @@ impl Daemon {
                 let _ = stopped.await;
             },
         ));
-        Daemon {
-            stop: Some(stop),
-            task,
-        }
+        Daemon { stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
         let _ = self.stop.take().expect("stopped once").send(());
-        self.task
-            .await
-            .expect("server task")
-            .expect("server ran cleanly");
+        self.task.await.expect("server task").expect("server ran cleanly");
     }
 }
 
@@ -64,9 +57,7 @@ async fn channel(socket: &Path) -> Channel {
     let socket = socket.to_path_buf();
     Endpoint::try_from("http://[::]:50051")
         .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            UnixStream::connect(socket.clone())
-        }))
+        .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(socket.clone())))
         .await
         .expect("connect")
 }
@@ -76,10 +67,7 @@ async fn client(socket: &Path) -> SnapshotsClient<Channel> {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 async fn prepare(
@@ -97,11 +85,7 @@ async fn prepare(
     .map(|r| r.into_inner().mounts)
 }
 
-async fn commit(
-    c: &mut SnapshotsClient<Channel>,
-    name: &str,
-    key: &str,
-) -> Result<(), tonic::Status> {
+async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) -> Result<(), tonic::Status> {
     c.commit(api::CommitSnapshotRequest {
         snapshotter: "seamless".into(),
         name: name.into(),
@@ -112,10 +96,7 @@ async fn commit(
     .map(|_| ())
 }
 
-async fn list(
-    c: &mut SnapshotsClient<Channel>,
-    filters: &[&str],
-) -> Result<Vec<api::Info>, tonic::Status> {
+async fn list(c: &mut SnapshotsClient<Channel>, filters: &[&str]) -> Result<Vec<api::Info>, tonic::Status> {
     let mut stream = c
         .list(api::ListSnapshotsRequest {
             snapshotter: "seamless".into(),
@@ -167,10 +148,7 @@ async fn lifecycle_through_the_api() {
         .info
         .unwrap();
     assert_eq!(info.kind, api::Kind::Committed as i32);
-    assert_eq!(
-        info.labels.get("committed").map(String::as_str),
-        Some("yes")
-    );
+    assert_eq!(info.labels.get("committed").map(String::as_str), Some("yes"));
     assert!(info.created_at.is_some());
 
     let mounts = prepare(&mut c, "ns/3/ctr", "ns/2/layer1").await.unwrap();
@@ -216,13 +194,8 @@ async fn lifecycle_through_the_api() {
         .unwrap();
     }
     assert_eq!(list(&mut c, &[]).await.unwrap().len(), 252);
-    assert_eq!(
-        list(&mut c, &["labels.view==yes"]).await.unwrap().len(),
-        250
-    );
-    let active = list(&mut c, &["kind==active", "name==ns/2/layer1"])
-        .await
-        .unwrap();
+    assert_eq!(list(&mut c, &["labels.view==yes"]).await.unwrap().len(), 250);
+    let active = list(&mut c, &["kind==active", "name==ns/2/layer1"]).await.unwrap();
     let mut names: Vec<_> = active.into_iter().map(|i| i.name).collect();
     names.sort();
     assert_eq!(names, vec!["ns/2/layer1", "ns/3/ctr"]);
@@ -260,10 +233,7 @@ async fn bad_requests_get_the_right_codes() {
         assert_eq!(e.code(), Code::InvalidArgument, "{key:?}: {e:?}");
     }
     assert_eq!(
-        prepare(&mut c, "k", "no-such-parent")
-            .await
-            .unwrap_err()
-            .code(),
+        prepare(&mut c, "k", "no-such-parent").await.unwrap_err().code(),
         Code::NotFound
     );
     prepare(&mut c, "k", "").await.unwrap();
@@ -350,12 +320,7 @@ async fn snapshots_survive_restart_and_live_socket_is_refused() {
     assert!(socket.exists());
     let daemon = Daemon::start(&root, &socket).await;
     let mut c = client(&socket).await;
-    let names: Vec<String> = list(&mut c, &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let names: Vec<String> = list(&mut c, &[]).await.unwrap().into_iter().map(|i| i.name).collect();
     assert_eq!(names, vec!["A", "b"]);
     let view = c
         .view(api::ViewSnapshotRequest {
@@ -368,18 +333,12 @@ async fn snapshots_survive_restart_and_live_socket_is_refused() {
         .unwrap()
         .into_inner()
         .mounts;
-    assert_eq!(
-        std::fs::read(Path::new(&view[0].source).join("f")).unwrap(),
-        b"kept"
-    );
+    assert_eq!(std::fs::read(Path::new(&view[0].source).join("f")).unwrap(), b"kept");
     daemon.stop().await;
 
     std::fs::write(tmp.path().join("plain"), b"x").unwrap();
     let err = server::bind_socket(&tmp.path().join("plain")).unwrap_err();
-    assert!(
-        matches!(err, server::ServerError::NotASocket { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, server::ServerError::NotASocket { .. }), "{err}");
 }
 
 /// Kills the real daemon with SIGKILL at many points of a stream of Prepare,
@@ -408,33 +367,25 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
             .expect("start daemon");
         let mut c = None;
         for _ in 0..200 {
-            if let Ok(conn) = tokio::time::timeout(Duration::from_millis(200), async {
+            if let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_millis(200), async {
                 let socket = socket.clone();
                 Endpoint::try_from("http://[::]:50051")
                     .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        UnixStream::connect(socket.clone())
-                    }))
+                    .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(socket.clone())))
                     .await
             })
             .await
             {
-                if let Ok(ch) = conn {
-                    c = Some(SnapshotsClient::new(ch));
-                    break;
-                }
+                c = Some(SnapshotsClient::new(ch));
+                break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let mut c = c.expect("daemon came up");
 
         // Everything acknowledged before is still there, with its data.
-        let names: std::collections::BTreeSet<String> = list(&mut c, &[])
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names: std::collections::BTreeSet<String> =
+            list(&mut c, &[]).await.unwrap().into_iter().map(|i| i.name).collect();
         for name in &acknowledged {
             assert!(
                 names.contains(name),
@@ -463,10 +414,7 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
         // No orphan directories survive the restart's recovery.
         let meta_count = names.len();
         let dirs = std::fs::read_dir(root.join("snapshots")).unwrap().count();
-        assert_eq!(
-            dirs, meta_count,
-            "round {round}: directories without metadata"
-        );
+        assert_eq!(dirs, meta_count, "round {round}: directories without metadata");
 
         // Work, and kill at a point that moves each round.
         let killer = {
@@ -474,10 +422,7 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
             let delay = Duration::from_millis(15 + round * 11);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             })
         };
         loop {
@@ -496,8 +441,5 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
         killer.await.unwrap();
         child.wait().unwrap();
     }
-    assert!(
-        acknowledged.len() > 8,
-        "the daemon did some work between kills"
-    );
+    assert!(acknowledged.len() > 8, "the daemon did some work between kills");
 }

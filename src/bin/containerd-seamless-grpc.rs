@@ -25,10 +25,7 @@ struct Args {
     #[arg(long, default_value = "/var/lib/containerd-seamless")]
     root: PathBuf,
     /// Unix socket to serve on (created 0660).
-    #[arg(
-        long,
-        default_value = "/run/containerd-seamless/containerd-seamless-grpc.sock"
-    )]
+    #[arg(long, default_value = "/run/containerd-seamless/containerd-seamless-grpc.sock")]
     address: PathBuf,
     /// containerd's socket, used to resolve containers for seamless commit.
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
@@ -70,11 +67,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let root = args.root.clone();
-    let snapshotter = tokio::task::spawn_blocking(move || {
-        Snapshotter::open(&root, &config, Arc::new(RealSystem))
-    })
-    .await?
-    .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
+        .await?
+        .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
     let snapshotter = Arc::new(snapshotter);
     let listener = server::bind_socket(&args.address)?;
     info!(

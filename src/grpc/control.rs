@@ -23,10 +23,7 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn version(
-        &self,
-        _request: Request<VersionRequest>,
-    ) -> Result<Response<VersionResponse>, Status> {
+    async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
         Ok(Response::new(VersionResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             storage: self.snapshotter.storage_kind().as_str().to_string(),

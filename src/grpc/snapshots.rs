@@ -27,10 +27,7 @@ impl SnapshotsService {
     }
 
     /// Runs `f` on the blocking pool and maps its error.
-    async fn blocking<T, E>(
-        &self,
-        f: impl FnOnce(&Snapshotter) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, Status>
+    async fn blocking<T, E>(&self, f: impl FnOnce(&Snapshotter) -> Result<T, E> + Send + 'static) -> Result<T, Status>
     where
         T: Send + 'static,
         E: crate::error::Classify + std::fmt::Display + Send + 'static,
@@ -54,9 +51,7 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        let mounts = self
-            .blocking(move |s| s.prepare(&r.key, &r.parent, labels))
-            .await?;
+        let mounts = self.blocking(move |s| s.prepare(&r.key, &r.parent, labels)).await?;
         Ok(Response::new(api::PrepareSnapshotResponse {
             mounts: mounts_to_wire(mounts),
         }))
@@ -69,19 +64,14 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        let mounts = self
-            .blocking(move |s| s.view(&r.key, &r.parent, labels))
-            .await?;
+        let mounts = self.blocking(move |s| s.view(&r.key, &r.parent, labels)).await?;
         Ok(Response::new(api::ViewSnapshotResponse {
             mounts: mounts_to_wire(mounts),
         }))
     }
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
-    async fn mounts(
-        &self,
-        request: Request<api::MountsRequest>,
-    ) -> Result<Response<api::MountsResponse>, Status> {
+    async fn mounts(&self, request: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
         let key = request.into_inner().key;
         let mounts = self.blocking(move |s| s.mounts(&key)).await?;
         Ok(Response::new(api::MountsResponse {
@@ -90,22 +80,15 @@ impl Snapshots for SnapshotsService {
     }
 
     #[instrument(skip_all, fields(key = %request.get_ref().key, name = %request.get_ref().name))]
-    async fn commit(
-        &self,
-        request: Request<api::CommitSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn commit(&self, request: Request<api::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        self.blocking(move |s| s.commit(&r.name, &r.key, labels))
-            .await?;
+        self.blocking(move |s| s.commit(&r.name, &r.key, labels)).await?;
         Ok(Response::new(()))
     }
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
-    async fn remove(
-        &self,
-        request: Request<api::RemoveSnapshotRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn remove(&self, request: Request<api::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let key = request.into_inner().key;
         self.blocking(move |s| s.remove(&key)).await?;
         Ok(Response::new(()))
@@ -135,9 +118,7 @@ impl Snapshots for SnapshotsService {
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let labels = labels_from_wire(info.labels);
         let name = info.name;
-        let info = self
-            .blocking(move |s| s.update(&name, labels, paths))
-            .await?;
+        let info = self.blocking(move |s| s.update(&name, labels, paths)).await?;
         Ok(Response::new(api::UpdateSnapshotResponse {
             info: Some(info_to_wire(info)),
         }))
@@ -146,10 +127,7 @@ impl Snapshots for SnapshotsService {
     type ListStream = ListStream;
 
     #[instrument(skip_all, fields(filters = ?request.get_ref().filters))]
-    async fn list(
-        &self,
-        request: Request<api::ListSnapshotsRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(&self, request: Request<api::ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
         let filters = request.into_inner().filters;
         let infos = self.blocking(move |s| s.list(&filters)).await?;
         let mut batches: Vec<Result<api::ListSnapshotsResponse, Status>> = Vec::new();
@@ -163,10 +141,7 @@ impl Snapshots for SnapshotsService {
     }
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
-    async fn usage(
-        &self,
-        request: Request<api::UsageRequest>,
-    ) -> Result<Response<api::UsageResponse>, Status> {
+    async fn usage(&self, request: Request<api::UsageRequest>) -> Result<Response<api::UsageResponse>, Status> {
         let key = request.into_inner().key;
         let usage = self.blocking(move |s| s.usage(&key)).await?;
         Ok(Response::new(api::UsageResponse {
@@ -176,10 +151,7 @@ impl Snapshots for SnapshotsService {
     }
 
     #[instrument(skip_all)]
-    async fn cleanup(
-        &self,
-        _request: Request<api::CleanupRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn cleanup(&self, _request: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
         self.blocking(|s| s.cleanup()).await?;
         Ok(Response::new(()))
     }
