@@ -234,6 +234,12 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        assert_eq!(Config::parse(text, "packaging/config.toml").unwrap(), Config::default());
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
