@@ -73,6 +73,11 @@ impl Classify for SnapshotError {
 pub struct OverlayFeatures {
     pub index_off: bool,
     pub userxattr: bool,
+    /// Renaming a directory that came from a lower layer needs redirects;
+    /// without them rename(2) answers EXDEV. containerd applies layers into
+    /// the upper directory and diffs by walking mounted views, so redirects
+    /// never leak into images it builds.
+    pub redirect_dir: bool,
 }
 
 impl OverlayFeatures {
@@ -80,6 +85,7 @@ impl OverlayFeatures {
         OverlayFeatures {
             index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
             userxattr: running_in_user_namespace(),
+            redirect_dir: Path::new("/sys/module/overlay/parameters/redirect_dir").exists(),
         }
     }
 }
@@ -95,6 +101,18 @@ fn running_in_user_namespace() -> bool {
     }
 }
 
+/// How a request's keys are formed, which decides what a valid key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStyle {
+    /// No namespace on the request: containerd 1.6 prefixes every key as
+    /// `<ns>/<n>/<name>`, so a `/`-rooted key is malformed.
+    Prefixed,
+    /// The request names its namespace (gRPC header `containerd-namespace`):
+    /// keys are opaque names and may be path-like, as containerd's own
+    /// conformance suite sends them.
+    Namespaced,
+}
+
 #[derive(Debug)]
 pub struct Snapshotter {
     store: Store,
@@ -103,11 +121,11 @@ pub struct Snapshotter {
     upperdir_label: bool,
 }
 
-fn validate_key(what: &'static str, key: &str) -> Result<(), SnapshotError> {
+fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
     let reason = if key.is_empty() {
         Some("must not be empty")
-    } else if key.starts_with('/') {
-        Some("must not start with '/'")
+    } else if style == KeyStyle::Prefixed && key.starts_with('/') {
+        Some("must not start with '/' (containerd sends <namespace>/<n>/<name>)")
     } else if key.contains('\0') {
         Some("must not contain NUL")
     } else if key.split('/').any(|part| part == "..") {
@@ -217,18 +235,31 @@ impl Snapshotter {
         self.storage.kind()
     }
 
-    pub fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
-        self.create(Kind::Active, key, parent, labels)
+    pub fn prepare(
+        &self,
+        style: KeyStyle,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(style, Kind::Active, key, parent, labels)
     }
 
-    pub fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
-        self.create(Kind::View, key, parent, labels)
+    pub fn view(&self, style: KeyStyle, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(style, Kind::View, key, parent, labels)
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>, SnapshotError> {
-        validate_key("key", key)?;
+    fn create(
+        &self,
+        style: KeyStyle,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        validate_key(style, "key", key)?;
         if !parent.is_empty() {
-            validate_key("parent", parent)?;
+            validate_key(style, "parent", parent)?;
         }
         validate_labels(&labels)?;
         if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
@@ -275,7 +306,8 @@ impl Snapshotter {
         Ok(())
     }
 
-    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+    pub fn mounts(&self, style: KeyStyle, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        validate_key(style, "key", key)?;
         let (record, parent_ids) = self.store.get_with_parents(key)?;
         if record.kind == Kind::Committed {
             return Err(SnapshotError::NoMounts { key: key.to_string() });
@@ -304,6 +336,9 @@ impl Snapshotter {
         if self.overlay.userxattr {
             options.push("userxattr".to_string());
         }
+        if self.overlay.redirect_dir {
+            options.push("redirect_dir=on".to_string());
+        }
         if kind == Kind::Active {
             options.push(format!("workdir={}", path(self.storage.work_dir(id))));
             options.push(format!("upperdir={}", path(self.storage.upper_dir(id))));
@@ -319,9 +354,9 @@ impl Snapshotter {
         }]
     }
 
-    pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<(), SnapshotError> {
-        validate_key("name", name)?;
-        validate_key("key", key)?;
+    pub fn commit(&self, style: KeyStyle, name: &str, key: &str, labels: Labels) -> Result<(), SnapshotError> {
+        validate_key(style, "name", name)?;
+        validate_key(style, "key", key)?;
         validate_labels(&labels)?;
         let active = self.store.get(key)?;
         if active.kind != Kind::Active {
@@ -332,8 +367,8 @@ impl Snapshotter {
         Ok(())
     }
 
-    pub fn remove(&self, key: &str) -> Result<(), SnapshotError> {
-        validate_key("key", key)?;
+    pub fn remove(&self, style: KeyStyle, key: &str) -> Result<(), SnapshotError> {
+        validate_key(style, "key", key)?;
         let record = self.store.remove(key)?;
         // The metadata is gone; a directory that fails to go now is an
         // orphan that Cleanup or the next start removes.
@@ -343,8 +378,8 @@ impl Snapshotter {
         Ok(())
     }
 
-    pub fn stat(&self, key: &str) -> Result<Info, SnapshotError> {
-        validate_key("key", key)?;
+    pub fn stat(&self, style: KeyStyle, key: &str) -> Result<Info, SnapshotError> {
+        validate_key(style, "key", key)?;
         let record = self.store.get(key)?;
         Ok(self.info_of(key, &record))
     }
@@ -361,8 +396,14 @@ impl Snapshotter {
     }
 
     /// Changes labels; `fieldpaths` empty replaces them all.
-    pub fn update(&self, name: &str, labels: Labels, fieldpaths: Vec<String>) -> Result<Info, SnapshotError> {
-        validate_key("key", name)?;
+    pub fn update(
+        &self,
+        style: KeyStyle,
+        name: &str,
+        labels: Labels,
+        fieldpaths: Vec<String>,
+    ) -> Result<Info, SnapshotError> {
+        validate_key(style, "key", name)?;
         validate_labels(&labels)?;
         let update = if fieldpaths.is_empty() {
             LabelUpdate::ReplaceAll(labels)
@@ -378,8 +419,8 @@ impl Snapshotter {
 
     /// Active snapshots are measured now; committed ones report what was
     /// measured at commit.
-    pub fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
-        validate_key("key", key)?;
+    pub fn usage(&self, style: KeyStyle, key: &str) -> Result<Usage, SnapshotError> {
+        validate_key(style, "key", key)?;
         let record = self.store.get(key)?;
         if record.kind == Kind::Active {
             return disk_usage(&self.storage.upper_dir(record.id));
@@ -444,16 +485,16 @@ mod tests {
     #[test]
     fn mounts_follow_containerd_overlayfs() {
         let (_t, s) = open(false);
-        let m = s.prepare("a", "", Labels::new()).unwrap();
+        let m = s.prepare(KeyStyle::Prefixed, "a", "", Labels::new()).unwrap();
         assert_eq!(m[0].fs_type, "bind");
         assert_eq!(m[0].options, vec!["rw", "rbind"]);
         let a_upper = upper(&s, "a");
-        s.commit("A", "a", Labels::new()).unwrap();
-        let v = s.view("v1", "A", Labels::new()).unwrap();
+        s.commit(KeyStyle::Prefixed, "A", "a", Labels::new()).unwrap();
+        let v = s.view(KeyStyle::Prefixed, "v1", "A", Labels::new()).unwrap();
         assert_eq!(v[0].fs_type, "bind");
         assert_eq!(v[0].source, a_upper);
         assert_eq!(v[0].options, vec!["ro", "rbind"]);
-        let m = s.prepare("b", "A", Labels::new()).unwrap();
+        let m = s.prepare(KeyStyle::Prefixed, "b", "A", Labels::new()).unwrap();
         let b_upper = upper(&s, "b");
         assert_eq!(m[0].fs_type, "overlay");
         let opts = &m[0].options;
@@ -463,70 +504,107 @@ mod tests {
             "{opts:?}"
         );
         assert_eq!(opts.last().unwrap(), &format!("lowerdir={a_upper}"));
-        assert_eq!(s.mounts("b").unwrap(), m);
-        s.commit("B", "b", Labels::new()).unwrap();
-        let v = s.view("v2", "B", Labels::new()).unwrap();
+        assert_eq!(s.mounts(KeyStyle::Prefixed, "b").unwrap(), m);
+        s.commit(KeyStyle::Prefixed, "B", "b", Labels::new()).unwrap();
+        let v = s.view(KeyStyle::Prefixed, "v2", "B", Labels::new()).unwrap();
         assert!(!v[0].options.iter().any(|o| o.starts_with("upperdir")));
         assert_eq!(
             v[0].options.last().unwrap(),
             &format!("lowerdir={}:{a_upper}", upper(&s, "B"))
         );
-        assert_eq!(s.mounts("A").unwrap_err().kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            s.mounts(KeyStyle::Prefixed, "A").unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
     }
 
     #[test]
     fn bad_input_gets_clear_kinds() {
         let (_t, s) = open(false);
         for key in ["", "/abs", "a/../b", "..", "nul\0"] {
-            let e = s.prepare(key, "", Labels::new()).unwrap_err();
+            let e = s.prepare(KeyStyle::Prefixed, key, "", Labels::new()).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{key:?}: {e}");
         }
         let big = "x".repeat(MAX_LABEL_BYTES);
-        let e = s.prepare("k", "", labels(&[("key", &big)])).unwrap_err();
+        // A client that names its namespace may use path-like keys.
+        s.prepare(KeyStyle::Namespaced, "/work/preparing", "", Labels::new())
+            .unwrap();
+        let e = s
+            .prepare(KeyStyle::Namespaced, "/work/../x", "", Labels::new())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let e = s
+            .prepare(KeyStyle::Prefixed, "k", "", labels(&[("key", &big)]))
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert!(e.to_string().contains("maximum of 4096"), "{e}");
         assert_eq!(
-            s.prepare("k", "missing", Labels::new()).unwrap_err().kind(),
+            s.prepare(KeyStyle::Prefixed, "k", "missing", Labels::new())
+                .unwrap_err()
+                .kind(),
             ErrorKind::NotFound
         );
-        s.prepare("k", "", Labels::new()).unwrap();
+        s.prepare(KeyStyle::Prefixed, "k", "", Labels::new()).unwrap();
         assert_eq!(
-            s.prepare("k", "", Labels::new()).unwrap_err().kind(),
+            s.prepare(KeyStyle::Prefixed, "k", "", Labels::new())
+                .unwrap_err()
+                .kind(),
             ErrorKind::AlreadyExists
         );
         assert_eq!(
-            s.prepare("c", "k", Labels::new()).unwrap_err().kind(),
+            s.prepare(KeyStyle::Prefixed, "c", "k", Labels::new())
+                .unwrap_err()
+                .kind(),
             ErrorKind::InvalidArgument
         );
-        s.view("v", "", Labels::new()).unwrap();
+        s.view(KeyStyle::Prefixed, "v", "", Labels::new()).unwrap();
         assert_eq!(
-            s.commit("V", "v", Labels::new()).unwrap_err().kind(),
+            s.commit(KeyStyle::Prefixed, "V", "v", Labels::new())
+                .unwrap_err()
+                .kind(),
             ErrorKind::FailedPrecondition
         );
-        s.commit("K", "k", Labels::new()).unwrap();
-        s.prepare("child", "K", Labels::new()).unwrap();
-        assert_eq!(s.remove("K").unwrap_err().kind(), ErrorKind::FailedPrecondition);
+        s.commit(KeyStyle::Prefixed, "K", "k", Labels::new()).unwrap();
+        s.prepare(KeyStyle::Prefixed, "child", "K", Labels::new()).unwrap();
+        assert_eq!(
+            s.remove(KeyStyle::Prefixed, "K").unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
         assert_eq!(
             s.list(&["name=K".into()]).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
-        assert_eq!(s.stat("nope").unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            s.stat(KeyStyle::Prefixed, "nope").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
     }
 
     #[test]
     fn snapshot_ref_of_existing_layer_answers_already_exists() {
         let (_t, s) = open(false);
         let ref_label = labels(&[(LABEL_SNAPSHOT_REF, "sha256:chain1")]);
-        s.prepare("ns1/1/extract-1 sha256:chain1", "", ref_label.clone())
-            .unwrap();
+        s.prepare(
+            KeyStyle::Prefixed,
+            "ns1/1/extract-1 sha256:chain1",
+            "",
+            ref_label.clone(),
+        )
+        .unwrap();
         s.commit(
+            KeyStyle::Prefixed,
             "ns1/2/sha256:chain1",
             "ns1/1/extract-1 sha256:chain1",
             ref_label.clone(),
         )
         .unwrap();
         let e = s
-            .prepare("ns2/3/extract-2 sha256:chain1", "", ref_label.clone())
+            .prepare(
+                KeyStyle::Prefixed,
+                "ns2/3/extract-2 sha256:chain1",
+                "",
+                ref_label.clone(),
+            )
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         // containerd then looks the layer up with this exact filter.
@@ -536,23 +614,28 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name, "ns1/2/sha256:chain1");
         // Another parent is another layer: prepared normally.
-        s.prepare("ns2/4/extract-3 sha256:chain1", "ns1/2/sha256:chain1", ref_label)
-            .unwrap();
+        s.prepare(
+            KeyStyle::Prefixed,
+            "ns2/4/extract-3 sha256:chain1",
+            "ns1/2/sha256:chain1",
+            ref_label,
+        )
+        .unwrap();
     }
 
     #[test]
     fn usage_counts_active_and_keeps_committed() {
         let (_t, s) = open(true);
-        s.prepare("a", "", Labels::new()).unwrap();
+        s.prepare(KeyStyle::Prefixed, "a", "", Labels::new()).unwrap();
         let up = upper(&s, "a");
         std::fs::write(format!("{up}/f"), vec![7u8; 64 * 1024]).unwrap();
         std::fs::hard_link(format!("{up}/f"), format!("{up}/g")).unwrap();
-        let u = s.usage("a").unwrap();
+        let u = s.usage(KeyStyle::Prefixed, "a").unwrap();
         assert_eq!(u.inodes, 2, "root dir and one file, hard link once");
         assert!(u.size >= 64 * 1024, "{u:?}");
-        s.commit("A", "a", Labels::new()).unwrap();
-        assert_eq!(s.usage("A").unwrap(), u);
-        let info = s.stat("A").unwrap();
+        s.commit(KeyStyle::Prefixed, "A", "a", Labels::new()).unwrap();
+        assert_eq!(s.usage(KeyStyle::Prefixed, "A").unwrap(), u);
+        let info = s.stat(KeyStyle::Prefixed, "A").unwrap();
         assert_eq!(info.labels.get(LABEL_UPPERDIR), Some(&up));
         assert_eq!(info.kind, Kind::Committed);
     }
@@ -560,9 +643,9 @@ mod tests {
     #[test]
     fn list_filters_and_update() {
         let (_t, s) = open(false);
-        s.prepare("a", "", labels(&[("x", "1")])).unwrap();
-        s.commit("A", "a", labels(&[("x", "1")])).unwrap();
-        s.prepare("b", "A", labels(&[("x", "2")])).unwrap();
+        s.prepare(KeyStyle::Prefixed, "a", "", labels(&[("x", "1")])).unwrap();
+        s.commit(KeyStyle::Prefixed, "A", "a", labels(&[("x", "1")])).unwrap();
+        s.prepare(KeyStyle::Prefixed, "b", "A", labels(&[("x", "2")])).unwrap();
         let names = |f: &[&str]| -> Vec<String> {
             let f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
             s.list(&f).unwrap().into_iter().map(|i| i.name).collect()
@@ -571,7 +654,9 @@ mod tests {
         assert_eq!(names(&["kind==active"]), vec!["b"]);
         assert_eq!(names(&["parent==A"]), vec!["b"]);
         assert_eq!(names(&["labels.x==1", "kind==active"]), vec!["A", "b"]);
-        let info = s.update("b", labels(&[("y", "3")]), vec!["labels.y".into()]).unwrap();
+        let info = s
+            .update(KeyStyle::Prefixed, "b", labels(&[("y", "3")]), vec!["labels.y".into()])
+            .unwrap();
         assert_eq!(info.labels, labels(&[("x", "2"), ("y", "3")]));
         assert!(info.updated > info.created);
     }
@@ -584,10 +669,10 @@ mod tests {
         let sys: Arc<dyn SystemOps> = Arc::new(RecordingSystem::plain());
         let kept = {
             let s = Snapshotter::open(tmp.path(), &config, sys.clone()).unwrap();
-            s.prepare("a", "", Labels::new()).unwrap();
+            s.prepare(KeyStyle::Prefixed, "a", "", Labels::new()).unwrap();
             let up = upper(&s, "a");
             std::fs::write(format!("{up}/data"), b"kept").unwrap();
-            s.commit("A", "a", Labels::new()).unwrap();
+            s.commit(KeyStyle::Prefixed, "A", "a", Labels::new()).unwrap();
             // As if a Prepare crashed after making its directory.
             std::fs::create_dir_all(s.storage.snapshots_dir().join("99/fs")).unwrap();
             up
@@ -595,6 +680,6 @@ mod tests {
         let s = Snapshotter::open(tmp.path(), &config, sys).unwrap();
         assert!(!s.storage.snapshots_dir().join("99").exists());
         assert_eq!(std::fs::read(format!("{kept}/data")).unwrap(), b"kept");
-        assert_eq!(s.stat("A").unwrap().kind, Kind::Committed);
+        assert_eq!(s.stat(KeyStyle::Prefixed, "A").unwrap().kind, Kind::Committed);
     }
 }

@@ -171,6 +171,8 @@ impl Storage {
                 .mode(0o755)
                 .create(&upper)
                 .map_err(io_err("create directory", &upper))?;
+            // The root of a new container is 0755 whatever our umask is.
+            fs::set_permissions(&upper, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", &upper))?;
             if kind == DirKind::Active {
                 let work = dir.join("work");
                 DirBuilder::new()

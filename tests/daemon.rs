@@ -232,6 +232,23 @@ async fn bad_requests_get_the_right_codes() {
         let e = prepare(&mut c, key, "").await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{key:?}: {e:?}");
     }
+    // With the namespace named in the header, keys are opaque: path-like is fine, `..` is not.
+    let mut request = tonic::Request::new(api::PrepareSnapshotRequest {
+        key: "/work/preparing".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("containerd-namespace", "testsuite".parse().unwrap());
+    c.prepare(request).await.expect("namespaced path-like key");
+    let mut request = tonic::Request::new(api::PrepareSnapshotRequest {
+        key: "/work/../x".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("containerd-namespace", "testsuite".parse().unwrap());
+    assert_eq!(c.prepare(request).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(
         prepare(&mut c, "k", "no-such-parent").await.unwrap_err().code(),
         Code::NotFound

@@ -6,6 +6,19 @@ use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::types::Mount as ApiMount;
 
 use crate::model::{Info, Kind, Labels, Mount};
+use crate::snapshotter::KeyStyle;
+
+/// The gRPC header containerd (1.7+) and its proxy client use to name the namespace.
+const NAMESPACE_HEADER: &str = "containerd-namespace";
+
+/// Requests that name their namespace carry opaque keys; others carry
+/// containerd 1.6's `<ns>/<n>/<name>` keys.
+pub fn key_style<T>(request: &tonic::Request<T>) -> KeyStyle {
+    match request.metadata().get(NAMESPACE_HEADER) {
+        Some(ns) if !ns.is_empty() => KeyStyle::Namespaced,
+        _ => KeyStyle::Prefixed,
+    }
+}
 
 pub fn labels_from_wire(labels: std::collections::HashMap<String, String>) -> Labels {
     labels.into_iter().collect()

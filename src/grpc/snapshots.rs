@@ -9,7 +9,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::convert::{info_to_wire, labels_from_wire, mounts_to_wire};
+use super::convert::{info_to_wire, key_style, labels_from_wire, mounts_to_wire};
 use super::status::{join_status, to_status};
 use crate::snapshotter::Snapshotter;
 
@@ -49,9 +49,12 @@ impl Snapshots for SnapshotsService {
         &self,
         request: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
+        let style = key_style(&request);
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        let mounts = self.blocking(move |s| s.prepare(&r.key, &r.parent, labels)).await?;
+        let mounts = self
+            .blocking(move |s| s.prepare(style, &r.key, &r.parent, labels))
+            .await?;
         Ok(Response::new(api::PrepareSnapshotResponse {
             mounts: mounts_to_wire(mounts),
         }))
@@ -62,9 +65,10 @@ impl Snapshots for SnapshotsService {
         &self,
         request: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
+        let style = key_style(&request);
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        let mounts = self.blocking(move |s| s.view(&r.key, &r.parent, labels)).await?;
+        let mounts = self.blocking(move |s| s.view(style, &r.key, &r.parent, labels)).await?;
         Ok(Response::new(api::ViewSnapshotResponse {
             mounts: mounts_to_wire(mounts),
         }))
@@ -72,8 +76,9 @@ impl Snapshots for SnapshotsService {
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
     async fn mounts(&self, request: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
+        let style = key_style(&request);
         let key = request.into_inner().key;
-        let mounts = self.blocking(move |s| s.mounts(&key)).await?;
+        let mounts = self.blocking(move |s| s.mounts(style, &key)).await?;
         Ok(Response::new(api::MountsResponse {
             mounts: mounts_to_wire(mounts),
         }))
@@ -81,16 +86,18 @@ impl Snapshots for SnapshotsService {
 
     #[instrument(skip_all, fields(key = %request.get_ref().key, name = %request.get_ref().name))]
     async fn commit(&self, request: Request<api::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let style = key_style(&request);
         let r = request.into_inner();
         let labels = labels_from_wire(r.labels);
-        self.blocking(move |s| s.commit(&r.name, &r.key, labels)).await?;
+        self.blocking(move |s| s.commit(style, &r.name, &r.key, labels)).await?;
         Ok(Response::new(()))
     }
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
     async fn remove(&self, request: Request<api::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let style = key_style(&request);
         let key = request.into_inner().key;
-        self.blocking(move |s| s.remove(&key)).await?;
+        self.blocking(move |s| s.remove(style, &key)).await?;
         Ok(Response::new(()))
     }
 
@@ -99,8 +106,9 @@ impl Snapshots for SnapshotsService {
         &self,
         request: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
+        let style = key_style(&request);
         let key = request.into_inner().key;
-        let info = self.blocking(move |s| s.stat(&key)).await?;
+        let info = self.blocking(move |s| s.stat(style, &key)).await?;
         Ok(Response::new(api::StatSnapshotResponse {
             info: Some(info_to_wire(info)),
         }))
@@ -111,6 +119,7 @@ impl Snapshots for SnapshotsService {
         &self,
         request: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
+        let style = key_style(&request);
         let r = request.into_inner();
         let info = r
             .info
@@ -118,7 +127,7 @@ impl Snapshots for SnapshotsService {
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let labels = labels_from_wire(info.labels);
         let name = info.name;
-        let info = self.blocking(move |s| s.update(&name, labels, paths)).await?;
+        let info = self.blocking(move |s| s.update(style, &name, labels, paths)).await?;
         Ok(Response::new(api::UpdateSnapshotResponse {
             info: Some(info_to_wire(info)),
         }))
@@ -142,8 +151,9 @@ impl Snapshots for SnapshotsService {
 
     #[instrument(skip_all, fields(key = %request.get_ref().key))]
     async fn usage(&self, request: Request<api::UsageRequest>) -> Result<Response<api::UsageResponse>, Status> {
+        let style = key_style(&request);
         let key = request.into_inner().key;
-        let usage = self.blocking(move |s| s.usage(&key)).await?;
+        let usage = self.blocking(move |s| s.usage(style, &key)).await?;
         Ok(Response::new(api::UsageResponse {
             size: usage.size,
             inodes: usage.inodes,
