@@ -1,0 +1,121 @@
+//! Privileged checks of the syscall layer against the real kernel: the
+//! loop-mounted btrfs pool, subvolumes, read-only snapshots of a layer that is
+//! still being written, and freezing a real process's cgroup. Root only: the
+//! tests fail (never skip) without it.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use seamless_snapshotter::cgroup;
+use seamless_snapshotter::config::{BackendChoice, PoolSize};
+use seamless_snapshotter::storage::{DirKind, Storage, StorageKind};
+use seamless_snapshotter::sys::{Freezer, RealSystem, SystemOps};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (loop devices, btrfs, cgroups): run them as root, as .ci/test does"
+    );
+}
+
+/// Unmounts the pool when the test ends, pass or fail.
+struct PoolGuard<'a>(&'a Path);
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0.join("pool"), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn pool_subvolumes_and_readonly_snapshots() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let sys: Arc<dyn SystemOps> = Arc::new(RealSystem);
+    let storage = Storage::open(&root, BackendChoice::Pool, PoolSize::Bytes(1 << 30), sys.clone()).unwrap();
+    let _guard = PoolGuard(&root);
+    assert_eq!(storage.kind(), StorageKind::BtrfsPool);
+    assert_eq!(sys.fs_type(storage.snapshots_dir()).unwrap(), seamless_snapshotter::sys::FsType::Btrfs);
+
+    storage.create_snapshot_dir(1, DirKind::Active, None).unwrap();
+    let upper = storage.upper_dir(1);
+    std::fs::write(upper.join("before"), b"captured").unwrap();
+    sys.syncfs(&upper).unwrap();
+    let capture = storage.snapshots_dir().join("capture-1");
+    sys.snapshot_readonly(&storage.snapshot_dir(1), &capture).unwrap();
+    // The live layer goes on; the snapshot keeps the old state and is read-only.
+    std::fs::write(upper.join("after"), b"live").unwrap();
+    assert_eq!(std::fs::read(capture.join("fs/before")).unwrap(), b"captured");
+    assert!(!capture.join("fs/after").exists());
+    let err = std::fs::write(capture.join("fs/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    // Reopening finds the pool mounted and reuses it.
+    let again = Storage::open(&root, BackendChoice::Auto, PoolSize::Auto, sys.clone()).unwrap();
+    assert_eq!(again.kind(), StorageKind::BtrfsPool);
+    assert_eq!(std::fs::read(again.upper_dir(1).join("after")).unwrap(), b"live");
+
+    sys.delete_subvolume(&capture).unwrap();
+    storage.remove_snapshot_dir(1).unwrap();
+    assert!(!storage.snapshot_dir(1).exists() && !capture.exists());
+}
+
+/// A process in a cgroup of its own, killed and removed on drop.
+struct CgroupProcess {
+    child: std::process::Child,
+    freezer: Freezer,
+}
+
+impl Drop for CgroupProcess {
+    fn drop(&mut self) {
+        let _ = RealSystem.thaw_cgroup(&self.freezer);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir(self.freezer.dir());
+    }
+}
+
+fn process_in_new_cgroup(name: &str) -> CgroupProcess {
+    let child = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = child.id();
+    let parent = cgroup::freezer_of(std::process::id()).expect("this machine has a freezer");
+    let dir = match &parent {
+        Freezer::V1(_) => Path::new("/sys/fs/cgroup/freezer").join(name),
+        Freezer::V2(p) => p.join(name),
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    let freezer = cgroup::freezer_of(pid).unwrap();
+    assert_eq!(freezer.dir(), dir, "the process's freezer is the cgroup we made");
+    CgroupProcess { child, freezer }
+}
+
+fn task_state(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("State:")).unwrap_or_default().to_string()
+}
+
+#[test]
+fn freezing_a_real_cgroup_and_thawing_it() {
+    require_root();
+    let p = process_in_new_cgroup(&format!("seamless-test-{}", std::process::id()));
+    let start = Instant::now();
+    RealSystem
+        .freeze_cgroup(&p.freezer, Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    let frozen_after = start.elapsed();
+    let state_file = match &p.freezer {
+        Freezer::V1(d) => d.join("freezer.state"),
+        Freezer::V2(d) => d.join("cgroup.events"),
+    };
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    assert!(state.contains("FROZEN") || state.contains("frozen 1"), "{state}");
+    RealSystem.thaw_cgroup(&p.freezer).unwrap();
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    assert!(state.contains("THAWED") || state.contains("frozen 0"), "{state}");
+    assert!(!task_state(p.child.id()).contains("stopped"), "{}", task_state(p.child.id()));
+    eprintln!("froze a one-process cgroup in {frozen_after:?}");
+}
