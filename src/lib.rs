@@ -6,6 +6,7 @@
 //! directories), `store` (metadata), `snapshotter` (containerd's rules),
 //! `grpc` (wire adapters), `server` (socket and serving).
 
+pub mod capture;
 pub mod cgroup;
 pub mod config;
 pub mod error;

@@ -420,6 +420,8 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct RecordingSystem {
     pub calls: Mutex<Vec<String>>,
+    /// A call whose record starts with this fails with EIO (after being recorded).
+    pub fail_on: Mutex<Option<String>>,
     pub btrfs: bool,
     pub free: u64,
 }
@@ -443,6 +445,29 @@ impl RecordingSystem {
 
     fn record(&self, call: String) {
         self.calls.lock().expect("calls lock poisoned").push(call);
+    }
+
+    /// Records `call` and fails it if it matches `fail_on`.
+    fn record_fallible(&self, call: String) -> Result<(), SysError> {
+        let fail = self
+            .fail_on
+            .lock()
+            .expect("fail_on lock poisoned")
+            .as_ref()
+            .is_some_and(|prefix| call.starts_with(prefix.as_str()));
+        self.record(call.clone());
+        if fail {
+            return Err(SysError::Errno {
+                op: "fake failure of",
+                path: call,
+                errno: nix::errno::Errno::EIO,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn fail_calls_starting_with(&self, prefix: &str) {
+        *self.fail_on.lock().expect("fail_on lock poisoned") = Some(prefix.to_string());
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -487,23 +512,20 @@ impl SystemOps for RecordingSystem {
     }
 
     fn snapshot_readonly(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
-        self.record(format!("snapshot readonly {} {}", source.display(), dest.display()));
+        self.record_fallible(format!("snapshot readonly {} {}", source.display(), dest.display()))?;
         std::fs::create_dir(dest).map_err(io_err("mkdir", dest))
     }
 
     fn syncfs(&self, path: &Path) -> Result<(), SysError> {
-        self.record(format!("syncfs {}", path.display()));
-        Ok(())
+        self.record_fallible(format!("syncfs {}", path.display()))
     }
 
     fn freeze_cgroup(&self, cgroup: &Freezer, _deadline: Instant) -> Result<(), SysError> {
-        self.record(format!("freeze {}", cgroup.dir().display()));
-        Ok(())
+        self.record_fallible(format!("freeze {}", cgroup.dir().display()))
     }
 
     fn thaw_cgroup(&self, cgroup: &Freezer) -> Result<(), SysError> {
-        self.record(format!("thaw {}", cgroup.dir().display()));
-        Ok(())
+        self.record_fallible(format!("thaw {}", cgroup.dir().display()))
     }
 
     fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {

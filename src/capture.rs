@@ -1,0 +1,392 @@
+//! Seamless capture: the O(1) read-only snapshot of a running container's
+//! writable layer. The container is frozen only around the btrfs snapshot
+//! ioctl; its dirty data is flushed before, while it runs. A container is
+//! never left frozen: a watchdog thread thaws it when the pause runs past its
+//! timeout, and a marker written before each freeze lets a restarted daemon
+//! thaw whatever a killed one left frozen. Owns no policy about which
+//! container or where: callers pass paths and the freezer.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::error::{Classify, ErrorKind};
+use crate::sys::{Freezer, SysError, SystemOps};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("flush of {path} before freezing: {source}")]
+    Sync { path: String, source: SysError },
+    #[error("freezing {cgroup} did not complete within {timeout:?}: {source}")]
+    PauseTimeout {
+        cgroup: String,
+        timeout: Duration,
+        source: SysError,
+    },
+    #[error("read-only snapshot of {source_dir} failed, container thawed: {source}")]
+    Snapshot { source_dir: String, source: SysError },
+    #[error("thawing {cgroup} failed; it stays recorded and is thawed again at restart: {source}")]
+    Thaw { cgroup: String, source: SysError },
+    #[error("frozen-container marker {path}: {source}")]
+    Marker { path: String, source: std::io::Error },
+}
+
+impl Classify for CaptureError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CaptureError::PauseTimeout { .. } => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// What one capture cost and produced.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// From the freeze request to the completed thaw.
+    pub pause: Duration,
+    /// The read-only snapshot (the frozen "old upper").
+    pub snapshot: PathBuf,
+}
+
+/// Markers of cgroups this daemon is freezing, one JSON file each, written
+/// (and synced) before the freeze and removed after the thaw.
+#[derive(Debug, Clone)]
+pub struct FrozenMarkers {
+    dir: PathBuf,
+}
+
+impl FrozenMarkers {
+    pub fn new(dir: PathBuf) -> Self {
+        FrozenMarkers { dir }
+    }
+
+    fn marker_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaptureError {
+        let path = path.display().to_string();
+        move |source| CaptureError::Marker { path, source }
+    }
+
+    fn record(&self, name: &str, freezer: &Freezer) -> Result<PathBuf, CaptureError> {
+        use std::io::Write;
+        std::fs::create_dir_all(&self.dir).map_err(Self::marker_err(&self.dir))?;
+        let path = self.dir.join(format!("{name}.json"));
+        let partial = self.dir.join(format!("{name}.json.new"));
+        let mut file = std::fs::File::create(&partial).map_err(Self::marker_err(&partial))?;
+        // Plain data: serialising cannot fail.
+        let body = serde_json::to_vec(freezer).expect("freezer serialises");
+        file.write_all(&body).map_err(Self::marker_err(&partial))?;
+        file.sync_all().map_err(Self::marker_err(&partial))?;
+        std::fs::rename(&partial, &path).map_err(Self::marker_err(&path))?;
+        Ok(path)
+    }
+
+    fn clear(&self, marker: &Path) {
+        if let Err(e) = std::fs::remove_file(marker) {
+            warn!(marker = %marker.display(), error = %e, "cannot remove frozen-container marker");
+        }
+    }
+
+    /// Thaws every cgroup a previous run left recorded; returns how many.
+    pub fn thaw_all(&self, sys: &dyn SystemOps) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut thawed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let freezer: Option<Freezer> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            match freezer {
+                Some(f) => match sys.thaw_cgroup(&f) {
+                    Ok(()) => {
+                        warn!(cgroup = %f.dir().display(), "thawed a container left frozen by a previous run");
+                        thawed += 1;
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    // A cgroup that is gone has no tasks left to thaw.
+                    Err(SysError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Err(e) => warn!(cgroup = %f.dir().display(), error = %e, "cannot thaw; will retry at next start"),
+                },
+                None => {
+                    warn!(marker = %path.display(), "unreadable frozen-container marker removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        thawed
+    }
+}
+
+/// Thaws the cgroup from another thread if the pause outlives its deadline
+/// (a blocked ioctl, say), unless disarmed first.
+struct Watchdog {
+    disarm: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    fn arm(sys: Arc<dyn SystemOps>, freezer: Freezer, timeout: Duration) -> Watchdog {
+        let (disarm, disarmed) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || match disarmed.recv_timeout(timeout) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                warn!(cgroup = %freezer.dir().display(), ?timeout, "pause timeout: watchdog thaws the container");
+                let _ = sys.thaw_cgroup(&freezer);
+                true
+            }
+            _ => false,
+        });
+        Watchdog {
+            disarm: Some(disarm),
+            thread: Some(thread),
+        }
+    }
+
+    /// Returns whether the watchdog had to thaw.
+    fn disarm(mut self) -> bool {
+        if let Some(tx) = self.disarm.take() {
+            let _ = tx.send(());
+        }
+        self.thread.take().map(|t| t.join().unwrap_or(false)).unwrap_or(false)
+    }
+}
+
+/// Captures subvolume `subvolume` (holding the container's upper and work
+/// directories) as read-only snapshot `dest`, freezing `freezer` only around
+/// the snapshot. `name` names the marker.
+pub fn capture_upper(
+    sys: &Arc<dyn SystemOps>,
+    markers: &FrozenMarkers,
+    name: &str,
+    subvolume: &Path,
+    dest: &Path,
+    freezer: &Freezer,
+    pause_timeout: Duration,
+) -> Result<Captured, CaptureError> {
+    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
+        path: subvolume.display().to_string(),
+        source,
+    })?;
+    let marker = markers.record(name, freezer)?;
+    let watchdog = Watchdog::arm(sys.clone(), freezer.clone(), pause_timeout);
+    let start = Instant::now();
+    let frozen = sys.freeze_cgroup(freezer, start + pause_timeout);
+    let snapshot = match &frozen {
+        Ok(()) => sys.snapshot_readonly(subvolume, dest),
+        Err(_) => Ok(()),
+    };
+    let thawed = sys.thaw_cgroup(freezer);
+    let pause = start.elapsed();
+    let watchdog_fired = watchdog.disarm();
+    if let Err(source) = thawed {
+        if !watchdog_fired {
+            return Err(CaptureError::Thaw {
+                cgroup: freezer.dir().display().to_string(),
+                source,
+            });
+        }
+    }
+    markers.clear(&marker);
+    if let Err(source) = frozen {
+        return Err(CaptureError::PauseTimeout {
+            cgroup: freezer.dir().display().to_string(),
+            timeout: pause_timeout,
+            source,
+        });
+    }
+    snapshot.map_err(|source| CaptureError::Snapshot {
+        source_dir: subvolume.display().to_string(),
+        source,
+    })?;
+    if watchdog_fired {
+        warn!(?pause, "capture completed after the watchdog thawed the container");
+    }
+    info!(pause_us = pause.as_micros() as u64, snapshot = %dest.display(), "captured writable layer");
+    Ok(Captured {
+        pause,
+        snapshot: dest.to_path_buf(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::RecordingSystem;
+
+    fn setup() -> (tempfile::TempDir, Arc<RecordingSystem>, FrozenMarkers) {
+        let tmp = tempfile::tempdir().unwrap();
+        let markers = FrozenMarkers::new(tmp.path().join("frozen"));
+        (tmp, Arc::new(RecordingSystem::btrfs()), markers)
+    }
+
+    #[test]
+    fn flushes_while_running_and_freezes_only_around_the_snapshot() {
+        let (tmp, fake, markers) = setup();
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        let dest = tmp.path().join("cap");
+        let got = capture_upper(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &dest,
+            &freezer,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            fake.calls(),
+            vec![
+                "syncfs /s/1".to_string(),
+                "freeze /cg/ctr".to_string(),
+                format!("snapshot readonly /s/1 {}", dest.display()),
+                "thaw /cg/ctr".to_string(),
+            ]
+        );
+        assert_eq!(got.snapshot, dest);
+        assert!(got.pause < Duration::from_secs(1));
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
+            0,
+            "marker cleared"
+        );
+    }
+
+    #[test]
+    fn failed_snapshot_still_thaws() {
+        let (tmp, fake, markers) = setup();
+        fake.fail_calls_starting_with("snapshot");
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V2("/cg/ctr".into());
+        let err = capture_upper(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &tmp.path().join("cap"),
+            &freezer,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CaptureError::Snapshot { .. }), "{err}");
+        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+    }
+
+    #[test]
+    fn freeze_timeout_thaws_and_reports_pause_timeout() {
+        let (tmp, fake, markers) = setup();
+        fake.fail_calls_starting_with("freeze");
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        let err = capture_upper(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &tmp.path().join("cap"),
+            &freezer,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert!(!fake.calls().iter().any(|c| c.starts_with("snapshot")));
+        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+    }
+
+    #[test]
+    fn failed_thaw_keeps_the_marker_for_the_next_start() {
+        let (tmp, fake, markers) = setup();
+        fake.fail_calls_starting_with("thaw");
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        let err = capture_upper(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &tmp.path().join("cap"),
+            &freezer,
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CaptureError::Thaw { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        // The next start thaws it.
+        let healthy = RecordingSystem::btrfs();
+        assert_eq!(markers.thaw_all(&healthy), 1);
+        assert_eq!(healthy.calls(), vec!["thaw /cg/ctr".to_string()]);
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn watchdog_thaws_when_the_pause_overruns() {
+        #[derive(Debug)]
+        struct SlowSnapshot(RecordingSystem);
+        impl SystemOps for SlowSnapshot {
+            fn fs_type(&self, p: &Path) -> Result<crate::sys::FsType, SysError> {
+                self.0.fs_type(p)
+            }
+            fn free_bytes(&self, p: &Path) -> Result<u64, SysError> {
+                self.0.free_bytes(p)
+            }
+            fn is_mountpoint(&self, p: &Path) -> Result<bool, SysError> {
+                self.0.is_mountpoint(p)
+            }
+            fn create_subvolume(&self, p: &Path) -> Result<(), SysError> {
+                self.0.create_subvolume(p)
+            }
+            fn delete_subvolume(&self, p: &Path) -> Result<(), SysError> {
+                self.0.delete_subvolume(p)
+            }
+            fn snapshot_readonly(&self, s: &Path, d: &Path) -> Result<(), SysError> {
+                std::thread::sleep(Duration::from_millis(300));
+                self.0.snapshot_readonly(s, d)
+            }
+            fn syncfs(&self, p: &Path) -> Result<(), SysError> {
+                self.0.syncfs(p)
+            }
+            fn freeze_cgroup(&self, c: &Freezer, d: Instant) -> Result<(), SysError> {
+                self.0.freeze_cgroup(c, d)
+            }
+            fn thaw_cgroup(&self, c: &Freezer) -> Result<(), SysError> {
+                self.0.thaw_cgroup(c)
+            }
+            fn mkfs_btrfs(&self, i: &Path, l: &str) -> Result<(), SysError> {
+                self.0.mkfs_btrfs(i, l)
+            }
+            fn mount_btrfs_image(&self, i: &Path, t: &Path) -> Result<(), SysError> {
+                self.0.mount_btrfs_image(i, t)
+            }
+        }
+        let (tmp, _, markers) = setup();
+        let slow = Arc::new(SlowSnapshot(RecordingSystem::btrfs()));
+        let sys: Arc<dyn SystemOps> = slow.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        capture_upper(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &tmp.path().join("cap"),
+            &freezer,
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        let calls = slow.0.calls();
+        let freeze = calls.iter().position(|c| c == "freeze /cg/ctr").unwrap();
+        let snapshot = calls.iter().position(|c| c.starts_with("snapshot")).unwrap();
+        let first_thaw = calls.iter().position(|c| c == "thaw /cg/ctr").unwrap();
+        assert!(
+            freeze < first_thaw && first_thaw < snapshot,
+            "watchdog thawed during the slow snapshot: {calls:?}"
+        );
+    }
+}
