@@ -44,7 +44,7 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<api::ListSnapshotsResponse, S
 
 #[tonic::async_trait]
 impl Snapshots for SnapshotsService {
-    #[instrument(skip_all, fields(key = %request.get_ref().key, parent = %request.get_ref().parent))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key, parent = %request.get_ref().parent))]
     async fn prepare(
         &self,
         request: Request<api::PrepareSnapshotRequest>,
@@ -60,7 +60,7 @@ impl Snapshots for SnapshotsService {
         }))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key, parent = %request.get_ref().parent))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key, parent = %request.get_ref().parent))]
     async fn view(
         &self,
         request: Request<api::ViewSnapshotRequest>,
@@ -74,7 +74,7 @@ impl Snapshots for SnapshotsService {
         }))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key))]
     async fn mounts(&self, request: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
         let style = key_style(&request);
         let key = request.into_inner().key;
@@ -84,7 +84,7 @@ impl Snapshots for SnapshotsService {
         }))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key, name = %request.get_ref().name))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key, name = %request.get_ref().name))]
     async fn commit(&self, request: Request<api::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let style = key_style(&request);
         let r = request.into_inner();
@@ -93,7 +93,7 @@ impl Snapshots for SnapshotsService {
         Ok(Response::new(()))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key))]
     async fn remove(&self, request: Request<api::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let style = key_style(&request);
         let key = request.into_inner().key;
@@ -101,7 +101,7 @@ impl Snapshots for SnapshotsService {
         Ok(Response::new(()))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key))]
     async fn stat(
         &self,
         request: Request<api::StatSnapshotRequest>,
@@ -114,7 +114,7 @@ impl Snapshots for SnapshotsService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", err(level = "debug"), skip_all)]
     async fn update(
         &self,
         request: Request<api::UpdateSnapshotRequest>,
@@ -135,7 +135,7 @@ impl Snapshots for SnapshotsService {
 
     type ListStream = ListStream;
 
-    #[instrument(skip_all, fields(filters = ?request.get_ref().filters))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(filters = ?request.get_ref().filters))]
     async fn list(&self, request: Request<api::ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
         let filters = request.into_inner().filters;
         let infos = self.blocking(move |s| s.list(&filters)).await?;
@@ -149,7 +149,7 @@ impl Snapshots for SnapshotsService {
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
 
-    #[instrument(skip_all, fields(key = %request.get_ref().key))]
+    #[instrument(level = "debug", err(level = "debug"), skip_all, fields(key = %request.get_ref().key))]
     async fn usage(&self, request: Request<api::UsageRequest>) -> Result<Response<api::UsageResponse>, Status> {
         let style = key_style(&request);
         let key = request.into_inner().key;
@@ -160,7 +160,7 @@ impl Snapshots for SnapshotsService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", err(level = "debug"), skip_all)]
     async fn cleanup(&self, _request: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
         self.blocking(|s| s.cleanup()).await?;
         Ok(Response::new(()))

@@ -1,0 +1,666 @@
+//! Integration tests against real containerd, runc, a docker-registry and our
+//! daemon (`containerd-seamless-grpc`), selected with
+//! `cargo test --test containerd` and run as root.
+//!
+//! Each test brings up its own world (see `env`): a registry on a free
+//! loopback port holding a test image built here from busybox, the daemon on a
+//! fresh root (a loop-mounted btrfs pool when /tmp is not btrfs), and a
+//! private containerd with the daemon as proxy snapshotter `seamless`.
+//! Namespaces and container ids carry the test name and the process id, so
+//! the tests run in parallel (cargo's default test threads are fine) and
+//! beside other containerd instances. A missing prerequisite (root, a binary,
+//! kernel overlay/btrfs) fails the test with the list of what is missing.
+//!
+//! `SEAMLESS_IT_SNAPSHOTTER=overlayfs` runs the same tests against
+//! containerd's built-in snapshotter, to tell a test bug from a daemon bug;
+//! the checks that look inside the daemon are then left out, and
+//! `namespaces_share_committed_layers` fails by design (only remote-style
+//! snapshotters answer AlreadyExists to `containerd.io/snapshot.ref`).
+
+mod cri;
+mod env;
+mod grpc;
+mod image;
+
+use std::collections::HashMap;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use nix::sys::signal::Signal;
+
+use env::{with_env, Env, Options, SnapshotRow};
+use grpc::Snapshots;
+
+/// containerd redials a dead proxy plugin with a backoff of at most 3 s.
+const REDIAL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Pull, run, write into and read from a container, then remove it all: the
+/// whole life of a container on the snapshotter, and what each step leaves
+/// behind in containerd's and the daemon's view.
+#[test]
+fn pull_run_exec_and_remove() {
+    with_env("pull", Options::default(), |env| {
+        let ns = env.namespace("a");
+        let chain = env.image().chain_ids.clone();
+        env.pull(&ns)?;
+        expect_snapshots(env, &ns, &[], "after the pull")?;
+
+        let id = env.container_id("c1");
+        env.run_container(&ns, &id)?;
+        expect_snapshots(env, &ns, &[&id], "with the container running")?;
+        check_image_content(env, &ns, &id)?;
+
+        env.exec(
+            &ns,
+            &id,
+            "mkdir -p /data && echo written-by-test > /data/file1 && \
+             dd if=/dev/zero of=/data/blob bs=1024 count=512 2>/dev/null && \
+             echo appended-line >> /etc/passwd && sync",
+        )?;
+        let read = env.exec(&ns, &id, "cat /data/file1; wc -c < /data/blob; tail -n 1 /etc/passwd")?;
+        ensure!(
+            read.split_whitespace().collect::<Vec<_>>() == ["written-by-test", "524288", "appended-line"],
+            "reading back what was written in the container: {read:?}"
+        );
+        check_root_mount(env, &ns, &id)?;
+        check_write_landed_in_storage(env, "data/file1", "written-by-test\n")?;
+
+        let usage = env.usage(&ns)?;
+        let base = find_usage(&usage, &chain[0])?;
+        ensure!(
+            base.size >= env.image().busybox_size && base.inodes >= 100,
+            "usage of the base layer {} is too small for busybox and its applet links: {base:?}",
+            chain[0]
+        );
+        let container = find_usage(&usage, &id)?;
+        ensure!(
+            container.size >= 512 * 1024,
+            "usage of the container snapshot must count the 512 KiB written into it: {container:?}"
+        );
+
+        env.remove_container(&ns, &id)?;
+        expect_snapshots(env, &ns, &[], "after deleting the container")?;
+        let usage = env.usage(&ns)?;
+        let mut keys: Vec<&str> = usage.iter().map(|u| u.key.as_str()).collect();
+        keys.sort();
+        let mut expected: Vec<&str> = chain.iter().map(String::as_str).collect();
+        expected.sort();
+        ensure!(
+            keys == expected,
+            "`ctr snapshots usage` after deleting the container: {usage:?}"
+        );
+
+        // Removing the image lets containerd's garbage collector remove the
+        // committed layers from the snapshotter (and call Cleanup).
+        env.ctr(&ns, &["images", "rm", "--sync", &env.image_ref()])?;
+        let left = env.snapshots(&ns)?;
+        ensure!(left.is_empty(), "snapshots left after removing the image: {left:?}");
+        if env.snapshotter == "seamless" {
+            let in_daemon = Snapshots::daemon(&env.daemon_socket())?.list(&[])?;
+            ensure!(
+                in_daemon.is_empty(),
+                "the daemon still lists snapshots after containerd removed them all: {:?}",
+                in_daemon.iter().map(|i| &i.name).collect::<Vec<_>>()
+            );
+            let dirs = snapshot_dirs(env)?;
+            ensure!(
+                dirs.is_empty(),
+                "snapshot directories left in {} after every snapshot was removed: {dirs:?}",
+                env.storage_dir().display()
+            );
+        }
+        Ok(())
+    });
+}
+
+/// kill -9 of the daemon while a container runs: the container keeps working
+/// (its overlay mount does not need the daemon), the daemon restarts on the
+/// same root over the stale socket, and containerd uses it again once it
+/// redials.
+#[test]
+fn daemon_sigkill_restart_keeps_containers_working() {
+    with_env("kill", Options::default(), |env| {
+        let ns = env.namespace("a");
+        env.pull(&ns)?;
+        let first = env.container_id("c1");
+        env.run_container(&ns, &first)?;
+        env.exec(&ns, &first, "echo before-kill > /root/before")?;
+
+        let status = env.signal_daemon(Signal::SIGKILL)?;
+        ensure!(
+            status.code().is_none(),
+            "the daemon should have died of SIGKILL: {status}"
+        );
+        let out = env.exec(
+            &ns,
+            &first,
+            "echo while-down > /root/down && cat /root/before /root/down",
+        )?;
+        ensure!(
+            out == "before-kill\nwhile-down\n",
+            "the container must keep working while the daemon is down: {out:?}"
+        );
+
+        env.start_daemon().context("restarting the daemon after SIGKILL")?;
+        let out = env.exec(
+            &ns,
+            &first,
+            "echo after-restart > /root/after && cat /root/before /root/down /root/after",
+        )?;
+        ensure!(
+            out == "before-kill\nwhile-down\nafter-restart\n",
+            "the container after the daemon restarted: {out:?}"
+        );
+
+        let second = run_container_retrying(env, &ns, "c2")?;
+        let out = env.exec(
+            &ns,
+            &second,
+            &format!(
+                "cat {}; test -e /root/before && echo leaked || echo isolated",
+                image::GREETING.0
+            ),
+        )?;
+        ensure!(
+            out == format!("{}isolated\n", image::GREETING.1),
+            "a new container after the restart must see the image and not the other container's files: {out:?}"
+        );
+        expect_snapshots(env, &ns, &[&first, &second], "after the restart")?;
+
+        env.remove_container(&ns, &first)?;
+        env.remove_container(&ns, &second)?;
+        expect_snapshots(env, &ns, &[], "after deleting both containers")?;
+        Ok(())
+    });
+}
+
+/// SIGTERM: the daemon drains and exits 0, leaving no live socket; a second
+/// daemon never takes over a live socket; the restarted daemon serves the same
+/// snapshots and new containers.
+#[test]
+fn daemon_sigterm_exits_cleanly_and_restarts() {
+    with_env("term", Options::default(), |env| {
+        let ns = env.namespace("a");
+        env.pull(&ns)?;
+        let first = env.container_id("c1");
+        env.run_container(&ns, &first)?;
+        env.exec(&ns, &first, "echo before-term > /root/before")?;
+
+        let second_root = env.dir().join("second");
+        let (status, output) = env.run_second_daemon(&second_root)?;
+        match status {
+            Some(status) if !status.success() => {}
+            Some(status) => bail!(
+                "a second daemon on the live socket {} must refuse to start, but it exited {status}:\n{output}",
+                env.daemon_socket().display()
+            ),
+            None => bail!(
+                "a second daemon on the live socket {} kept running instead of refusing the socket:\n{output}",
+                env.daemon_socket().display()
+            ),
+        }
+        ensure!(
+            env::socket_is_live(&env.daemon_socket()),
+            "the first daemon's socket stopped answering after a second daemon was refused"
+        );
+        expect_snapshots(env, &ns, &[&first], "after a second daemon was refused")?;
+
+        let status = env.signal_daemon(Signal::SIGTERM)?;
+        ensure!(
+            status.code() == Some(0),
+            "the daemon must exit 0 on SIGTERM, it exited {status}"
+        );
+        let socket = env.daemon_socket();
+        if socket.exists() {
+            ensure!(
+                !env::socket_is_live(&socket),
+                "{} still accepts connections after the daemon exited",
+                socket.display()
+            );
+        }
+        let out = env.exec(&ns, &first, "cat /root/before")?;
+        ensure!(
+            out == "before-term\n",
+            "the container while the daemon is stopped: {out:?}"
+        );
+
+        env.start_daemon().context("restarting the daemon after SIGTERM")?;
+        retry(
+            REDIAL_TIMEOUT,
+            "containerd listing snapshots through the restarted daemon",
+            || expect_snapshots(env, &ns, &[&first], "after the restart"),
+        )?;
+        let second = run_container_retrying(env, &ns, "c2")?;
+        let out = env.exec(&ns, &second, &format!("cat {}", image::GREETING.0))?;
+        ensure!(out == image::GREETING.1, "a new container after the restart: {out:?}");
+        let out = env.exec(&ns, &first, "echo after > /root/after && cat /root/before /root/after")?;
+        ensure!(
+            out == "before-term\nafter\n",
+            "the first container after the restart: {out:?}"
+        );
+
+        env.remove_container(&ns, &first)?;
+        env.remove_container(&ns, &second)?;
+        expect_snapshots(env, &ns, &[], "after deleting both containers")?;
+        Ok(())
+    });
+}
+
+/// Two namespaces share committed layers through containerd's
+/// `containerd.io/snapshot.ref` label: an unpack that labels its Prepare with
+/// the chain id of a layer the daemon already holds (in any namespace) gets
+/// AlreadyExists, and containerd adopts the existing snapshot instead of
+/// unpacking again. The layers outlive the first namespace's image.
+///
+/// containerd 1.6's `ctr images pull` unpacks through `rootfs.ApplyLayers`,
+/// which never sets that label, so the first namespace is `k8s.io`, pulled
+/// through CRI (containerd's unpacker, which labels every layer), and the
+/// second namespace replays the unpacker's RPCs (Stat, then Prepare with the
+/// label) through containerd's snapshots service; its `ctr images pull` then
+/// finds every layer and unpacks nothing.
+#[test]
+fn namespaces_share_committed_layers() {
+    with_env("share", Options { cri: true }, |env| {
+        let second = env.namespace("b");
+        let chain = env.image().chain_ids.clone();
+        let image_id = cri::pull_image(&env.containerd_socket(), &env.image_ref())?;
+        ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
+        expect_snapshots(env, "k8s.io", &[], "after the CRI pull")?;
+        let before = daemon_snapshots(env)?;
+
+        // The unpacker works under a lease, which keeps what it adopts from
+        // the garbage collector until the image references it.
+        let lease = "sit-unpack";
+        env.ctr(&second, &["leases", "create", "--id", lease])?;
+        let mut snapshots =
+            Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &second)?.with_lease(lease);
+        for (layer, chain_id) in chain.iter().enumerate() {
+            let parent = if layer == 0 { "" } else { chain[layer - 1].as_str() };
+            let found = snapshots.stat(chain_id);
+            ensure!(
+                found.is_err(),
+                "{chain_id} exists in {second} before its unpack: {found:?}"
+            );
+            let key = format!("extract-{layer}-test {chain_id}");
+            let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), chain_id.clone())]);
+            match snapshots.prepare(&key, parent, labels) {
+                Err(e) if grpc::code_of(&e) == Some(tonic::Code::AlreadyExists) => {}
+                Err(e) => bail!("Prepare of layer {layer} with the chain id label should be AlreadyExists: {e:?}"),
+                Ok(mounts) => {
+                    bail!(
+                        "Prepare of layer {layer} ({chain_id}) unpacks again instead of reusing the layer: {mounts:?}"
+                    )
+                }
+            }
+            let info = snapshots
+                .stat(chain_id)
+                .with_context(|| format!("layer {layer} after adoption"))?;
+            ensure!(
+                grpc::is_committed(&info),
+                "adopted layer {layer} is not committed: {info:?}"
+            );
+        }
+        env.pull(&second)?;
+        env.ctr(&second, &["leases", "delete", "--sync", lease])?;
+        expect_snapshots(env, &second, &[], "after adopting the layers and pulling")?;
+
+        let after = daemon_snapshots(env)?;
+        ensure!(
+            after == before,
+            "adopting the layers in a second namespace must not create snapshots in the daemon:\n  before {before:#?}\n  after  {after:#?}"
+        );
+        ensure!(
+            env.snapshotter != "seamless"
+                || (after.len() == chain.len()
+                    && after
+                        .iter()
+                        .all(|s| s.starts_with("k8s.io/") && s.contains("(committed"))),
+            "the daemon should hold exactly the {} committed layers of k8s.io: {after:#?}",
+            chain.len()
+        );
+
+        let id = env.container_id("c1");
+        env.run_container(&second, &id)?;
+        check_image_content(env, &second, &id)?;
+
+        // k8s.io lets go of the image; the second namespace still holds the
+        // layers, so garbage collection must keep them.
+        // CRI names the image by tag, repo digest and id: remove them all.
+        let names = env.ctr("k8s.io", &["images", "ls", "-q"])?;
+        let mut rm = vec!["images", "rm", "--sync"];
+        rm.extend(names.split_whitespace());
+        env.ctr("k8s.io", &rm)?;
+        let left = env.snapshots("k8s.io")?;
+        ensure!(
+            left.is_empty(),
+            "k8s.io still has snapshots after removing the image: {left:?}"
+        );
+        expect_snapshots(env, &second, &[&id], "after k8s.io removed the image")?;
+        let id2 = env.container_id("c2");
+        env.run_container(&second, &id2)?;
+        let out = env.exec(&second, &id2, &format!("cat {}", image::GREETING.0))?;
+        ensure!(
+            out == image::GREETING.1,
+            "a container of the second namespace after k8s.io let go: {out:?}"
+        );
+        env.remove_container(&second, &id)?;
+        env.remove_container(&second, &id2)?;
+        Ok(())
+    });
+}
+
+/// Kubernetes' path: containerd's CRI plugin loads with
+/// `snapshotter = "seamless"`, reports the snapshotter's image filesystem, and
+/// pulls through it with the `containerd.io/snapshot/cri.*` labels reaching
+/// the daemon; a Prepare carrying those labels, through containerd or straight
+/// to the daemon, keeps them.
+#[test]
+fn cri_plugin_uses_seamless_and_keeps_cri_labels() {
+    with_env("cri", Options { cri: true }, |env| {
+        let ns = env.namespace("k8s");
+        let plugins = env.ctr_global(&["plugins", "ls"])?;
+        let cri = plugins
+            .lines()
+            .find(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() >= 3 && cols[0] == "io.containerd.grpc.v1" && cols[1] == "cri"
+            })
+            .with_context(|| format!("the CRI plugin is not listed:\n{plugins}"))?;
+        ensure!(
+            cri.split_whitespace().last() == Some("ok"),
+            "the CRI plugin did not load with snapshotter {:?}: {cri}",
+            env.snapshotter
+        );
+
+        let fs = cri::image_fs_mountpoints(&env.containerd_socket())?;
+        let expected_fs = format!("io.containerd.snapshotter.v1.{}", env.snapshotter);
+        ensure!(
+            fs.iter().any(|m| m.ends_with(&expected_fs)),
+            "CRI ImageFsInfo should report {expected_fs}, it reports {fs:?}"
+        );
+
+        let reference = env.image_ref();
+        let image_id = cri::pull_image(&env.containerd_socket(), &reference)?;
+        ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
+        let built = env.image();
+        let layer_digests = built.diff_ids.join(",");
+        if env.snapshotter == "seamless" {
+            let all = Snapshots::daemon(&env.daemon_socket())?.list(&[])?;
+            for (layer, chain_id) in built.chain_ids.iter().enumerate() {
+                let info = all
+                    .iter()
+                    .find(|i| i.labels.get("containerd.io/snapshot.ref") == Some(chain_id))
+                    .with_context(|| {
+                        format!(
+                            "CRI pulled, but the daemon has no snapshot for chain id {chain_id}: {:?}",
+                            all.iter().map(|i| &i.name).collect::<Vec<_>>()
+                        )
+                    })?;
+                ensure!(grpc::is_committed(info), "layer {layer} is not committed: {info:?}");
+                let expected = [
+                    ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+                    (
+                        "containerd.io/snapshot/cri.manifest-digest",
+                        built.manifest_digest.as_str(),
+                    ),
+                    (
+                        "containerd.io/snapshot/cri.layer-digest",
+                        built.diff_ids[layer].as_str(),
+                    ),
+                ];
+                for (key, value) in expected {
+                    ensure!(
+                        info.labels.get(key).map(String::as_str) == Some(value),
+                        "layer {layer} ({}) should carry {key}={value} from the CRI pull; labels: {:?}",
+                        info.name,
+                        info.labels
+                    );
+                }
+            }
+        }
+
+        // A Prepare with CRI labels through containerd's snapshots service...
+        let labels: HashMap<String, String> = [
+            ("containerd.io/snapshot/cri.image-ref", reference.clone()),
+            (
+                "containerd.io/snapshot/cri.manifest-digest",
+                built.manifest_digest.clone(),
+            ),
+            ("containerd.io/snapshot/cri.layer-digest", built.diff_ids[0].clone()),
+            ("containerd.io/snapshot/cri.image-layers", layer_digests.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut through_containerd = Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &ns)?;
+        // Nothing else references the snapshot: keep the garbage collector off it.
+        let mut with_root = labels.clone();
+        with_root.insert("containerd.io/gc.root".to_string(), "2023-11-14T22:13:20Z".to_string());
+        through_containerd.prepare("cri-prepare", "", with_root)?;
+        let info = through_containerd.stat("cri-prepare")?;
+        ensure!(grpc::is_active(&info), "cri-prepare should be active: {info:?}");
+        expect_labels(&info, &labels, "Stat through containerd")?;
+
+        if env.snapshotter == "seamless" {
+            let mut daemon = Snapshots::daemon(&env.daemon_socket())?;
+            let suffix = "/cri-prepare";
+            let backend = daemon
+                .list(&[])?
+                .into_iter()
+                .find(|i| i.name.starts_with(&format!("{ns}/")) && i.name.ends_with(suffix))
+                .with_context(|| format!("the daemon has no snapshot named {ns}/<n>{suffix}"))?;
+            expect_labels(&backend, &labels, "the daemon's view of the Prepare through containerd")?;
+
+            // ...and straight to the daemon, as a remote snapshotter client
+            // would do it.
+            let key = format!("{ns}/9999/cri-direct");
+            daemon.prepare(&key, "", labels.clone())?;
+            let info = daemon.stat(&key)?;
+            ensure!(grpc::is_active(&info), "{key} should be active: {info:?}");
+            expect_labels(&info, &labels, "Stat straight from the daemon")?;
+            daemon.remove(&key)?;
+        }
+        through_containerd.remove("cri-prepare")?;
+        Ok(())
+    });
+}
+
+// ----- checks shared by the tests ------------------------------------------
+
+/// `ctr snapshots ls` in `ns` must show exactly the image's chain (committed,
+/// each the child of the previous) plus one active snapshot per container,
+/// each a child of the top layer.
+fn expect_snapshots(env: &Env, ns: &str, containers: &[&str], when: &str) -> Result<()> {
+    let chain = &env.image().chain_ids;
+    let rows = env.snapshots(ns)?;
+    let mut expected: Vec<SnapshotRow> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, key)| SnapshotRow {
+            key: key.clone(),
+            parent: if i == 0 { String::new() } else { chain[i - 1].clone() },
+            kind: "Committed".to_string(),
+        })
+        .collect();
+    for id in containers {
+        expected.push(SnapshotRow {
+            key: id.to_string(),
+            parent: chain.last().cloned().unwrap_or_default(),
+            kind: "Active".to_string(),
+        });
+    }
+    let mut actual = rows.clone();
+    actual.sort_by(|a, b| a.key.cmp(&b.key));
+    expected.sort_by(|a, b| a.key.cmp(&b.key));
+    ensure!(
+        actual == expected,
+        "snapshots in {ns} {when}:\n  expected {expected:?}\n  got      {actual:?}"
+    );
+    Ok(())
+}
+
+/// The image's files as the container sees them: content, modes, the busybox
+/// symlinks, and the whiteout of the second layer.
+fn check_image_content(env: &Env, ns: &str, id: &str) -> Result<()> {
+    let (greeting, greeting_text, greeting_mode) = image::GREETING;
+    let (script, _, script_mode) = image::SCRIPT;
+    let out = env.exec(
+        ns,
+        id,
+        &format!(
+            "cat {greeting}; stat -c '%a %U' {greeting} {script}; {script}; readlink /bin/sh; \
+             test -e {removed} && echo present || echo whited-out",
+            removed = image::REMOVED_LATER
+        ),
+    )?;
+    let expected = format!(
+        "{greeting_text}{greeting_mode:o} root\n{script_mode:o} root\nscript-ran-ok\n/bin/busybox\nwhited-out\n"
+    );
+    ensure!(
+        out == expected,
+        "image content in the container:\n  expected {expected:?}\n  got      {out:?}"
+    );
+    Ok(())
+}
+
+/// The container's root is an overlay whose upper directory is in the
+/// snapshotter's storage.
+fn check_root_mount(env: &Env, ns: &str, id: &str) -> Result<()> {
+    let mountinfo = env.exec(ns, id, "cat /proc/self/mountinfo")?;
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .with_context(|| format!("no root mount in the container's mountinfo:\n{mountinfo}"))?;
+    let after_dash = root.split(" - ").nth(1).unwrap_or_default();
+    ensure!(
+        after_dash.starts_with("overlay "),
+        "the container's root is not overlay: {root}"
+    );
+    let upper = format!("upperdir={}/snapshots/", env.storage_dir().display());
+    ensure!(
+        after_dash.contains(&upper),
+        "the container's upper directory should be under {}: {root}",
+        env.storage_dir().display()
+    );
+    Ok(())
+}
+
+/// A file written in the container is in `<storage>/snapshots/<id>/fs`.
+fn check_write_landed_in_storage(env: &Env, relative: &str, content: &str) -> Result<()> {
+    let mut found = Vec::new();
+    for dir in snapshot_dirs(env)? {
+        let candidate = dir.join("fs").join(relative);
+        if candidate.is_file() {
+            found.push(candidate);
+        }
+    }
+    ensure!(
+        found.len() == 1,
+        "expected /{relative} in exactly one snapshot's fs under {}, found {found:?}",
+        env.storage_dir().display()
+    );
+    let on_disk = std::fs::read_to_string(&found[0])?;
+    ensure!(on_disk == content, "{} holds {on_disk:?}", found[0].display());
+    Ok(())
+}
+
+fn snapshot_dirs(env: &Env) -> Result<Vec<std::path::PathBuf>> {
+    let dir = env.storage_dir().join("snapshots");
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        dirs.push(entry?.path());
+    }
+    Ok(dirs)
+}
+
+/// A daemon snapshot in one line, for failure messages.
+fn describe(info: &grpc::Info) -> String {
+    let kind = match info.kind {
+        k if k == grpc::KIND_COMMITTED => "committed",
+        k if k == grpc::KIND_ACTIVE => "active",
+        _ => "view",
+    };
+    let mut labels: Vec<_> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!(
+        "{} ({kind}, parent {:?}, labels {{{}}})",
+        info.name,
+        info.parent,
+        labels.join(", ")
+    )
+}
+
+/// The daemon's snapshots, described and sorted (seamless only; empty for
+/// another snapshotter).
+fn daemon_snapshots(env: &Env) -> Result<Vec<String>> {
+    if env.snapshotter != "seamless" {
+        return Ok(Vec::new());
+    }
+    let mut all: Vec<String> = Snapshots::daemon(&env.daemon_socket())?
+        .list(&[])?
+        .iter()
+        .map(describe)
+        .collect();
+    all.sort();
+    Ok(all)
+}
+
+fn find_usage<'a>(usage: &'a [env::UsageRow], key: &str) -> Result<&'a env::UsageRow> {
+    usage
+        .iter()
+        .find(|u| u.key == key)
+        .with_context(|| format!("`ctr snapshots usage` has no row for {key}: {usage:?}"))
+}
+
+fn expect_labels(info: &grpc::Info, labels: &HashMap<String, String>, what: &str) -> Result<()> {
+    for (key, value) in labels {
+        ensure!(
+            info.labels.get(key) == Some(value),
+            "{what}: {} should carry {key}={value}; labels: {:?}",
+            info.name,
+            info.labels
+        );
+    }
+    Ok(())
+}
+
+/// `ctr run` right after the daemon restarted can fail until containerd has
+/// redialed it; retry with a fresh container id per attempt.
+fn run_container_retrying(env: &Env, ns: &str, name: &str) -> Result<String> {
+    let deadline = Instant::now() + REDIAL_TIMEOUT;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let id = env.container_id(&format!("{name}-{attempt}"));
+        match env.run_container(ns, &id) {
+            Ok(()) => return Ok(id),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("ctr run attempt {attempt} failed, retrying: {e:#}");
+                // A half-created container would keep its snapshot: drop it.
+                let _ = env.ctr(ns, &["containers", "delete", &id]);
+                sleep(Duration::from_millis(500));
+            }
+            Err(e) => bail!(
+                "containerd could not run a new container within {REDIAL_TIMEOUT:?} of the daemon restarting: {e:?}"
+            ),
+        }
+    }
+}
+
+fn retry<T>(timeout: Duration, what: &str, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e.context(format!("{what}: still failing after {timeout:?}"))),
+        }
+    }
+}
