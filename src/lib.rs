@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod cgroup;
 pub mod config;
+pub mod containerd;
 pub mod error;
 pub mod filter;
 pub mod grpc;
