@@ -471,6 +471,109 @@ fn cri_plugin_uses_seamless_and_keeps_cri_labels() {
 /// `ctr snapshots ls` in `ns` must show exactly the image's chain (committed,
 /// each the child of the previous) plus one active snapshot per container,
 /// each a child of the top layer.
+/// The core of seamless commit against a real runc container: resolved
+/// through containerd's API by id prefix, its upper directory captured as a
+/// read-only btrfs snapshot while a process in it keeps writing, frozen only
+/// around the snapshot, and running afterwards.
+#[test]
+fn seamless_capture_of_a_running_container() {
+    use seamless_snapshotter::capture::{capture_upper, FrozenMarkers};
+    use seamless_snapshotter::sys::{RealSystem, SystemOps};
+
+    with_env("capture", Options::default(), |env| {
+        let ns = env.namespace("cap");
+        env.pull(&ns)?;
+        let id = env.container_id("writer");
+        env.run_container(&ns, &id)?;
+        env.exec(&ns, &id, "mkdir -p /data && echo before > /data/before && sync")?;
+        env.exec(
+            &ns,
+            &id,
+            "(i=0; while true; do i=$((i+1)); echo $i > /data/counter; done) >/dev/null 2>&1 &",
+        )?;
+        sleep(Duration::from_millis(300));
+
+        let runtime = tokio::runtime::Runtime::new()?;
+        let prefix = &id[..id.len() - 3];
+        let container = runtime.block_on(async {
+            let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
+            Ok::<_, anyhow::Error>(client.resolve(&ns, prefix).await?)
+        })?;
+        ensure!(container.id == id, "prefix {prefix} resolved to {}", container.id);
+        ensure!(container.snapshotter == "seamless", "{container:?}");
+        let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
+
+        let mountinfo = env.exec(&ns, &id, "cat /proc/self/mountinfo")?;
+        let upper = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .and_then(|l| l.split(',').find_map(|o| o.strip_prefix("upperdir=")))
+            .context("no upperdir on the container's root mount")?
+            .to_string();
+        let subvolume = std::path::Path::new(&upper)
+            .parent()
+            .context("upper has a parent")?
+            .to_path_buf();
+        let dest = env.storage_dir().join("test-capture");
+        let sys: std::sync::Arc<dyn SystemOps> = std::sync::Arc::new(RealSystem);
+        let markers = FrozenMarkers::new(env.dir().join("frozen"));
+        let captured = capture_upper(
+            &sys,
+            &markers,
+            "t1",
+            &subvolume,
+            &dest,
+            &freezer,
+            Duration::from_secs(2),
+        )?;
+        eprintln!(
+            "capture of a container writing in a loop paused it for {:?}",
+            captured.pause
+        );
+
+        let before = std::fs::read_to_string(dest.join("fs/data/before"))?;
+        ensure!(before == "before\n", "captured /data/before holds {before:?}");
+        let counted: u64 = std::fs::read_to_string(dest.join("fs/data/counter"))?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        ensure!(counted > 0, "the writer's counter is in the capture");
+        let err = std::fs::write(dest.join("fs/data/new"), b"x").expect_err("capture is read-only");
+        ensure!(
+            err.raw_os_error() == Some(libc::EROFS),
+            "writing into the capture: {err}"
+        );
+
+        // The container runs on, on its own upper, and is not frozen.
+        let state = std::fs::read_to_string(freezer.dir().join(match &freezer {
+            seamless_snapshotter::sys::Freezer::V1(_) => "freezer.state",
+            seamless_snapshotter::sys::Freezer::V2(_) => "cgroup.events",
+        }))?;
+        ensure!(
+            !state.contains("FROZEN") && !state.contains("frozen 1"),
+            "still frozen: {state}"
+        );
+        let later = retry(Duration::from_secs(5), "counter moves on after the capture", || {
+            let now: u64 = env.exec(&ns, &id, "cat /data/counter")?.trim().parse()?;
+            ensure!(now > counted, "counter {now} has not moved past the captured {counted}");
+            Ok(now)
+        })?;
+        ensure!(
+            std::fs::read_to_string(dest.join("fs/data/counter"))?
+                .trim()
+                .parse::<u64>()?
+                == counted,
+            "the capture changed after it was taken (live value {later})"
+        );
+        ensure!(
+            std::fs::read_dir(env.dir().join("frozen"))?.count() == 0,
+            "frozen marker left behind"
+        );
+        sys.delete_subvolume(&dest)?;
+        Ok(())
+    });
+}
+
 fn expect_snapshots(env: &Env, ns: &str, containers: &[&str], when: &str) -> Result<()> {
     let chain = &env.image().chain_ids;
     let rows = env.snapshots(ns)?;
