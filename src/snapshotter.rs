@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::capture::{capture_upper, Captured, FrozenMarkers};
 use crate::config::{Config, ConfigError};
 use crate::error::{Classify, ErrorKind};
 use crate::filter::{Fields, FilterError, FilterSet};
 use crate::model::{Info, Kind, Labels, Mount, Usage};
 use crate::storage::{DirKind, Storage, StorageError, StorageKind};
 use crate::store::{LabelUpdate, Record, Store, StoreError};
-use crate::sys::SystemOps;
+use crate::sys::{Freezer, SystemOps};
 
 /// containerd's cap on one label, key and value together.
 pub const MAX_LABEL_BYTES: usize = 4096;
@@ -26,6 +27,8 @@ pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 /// Reported on Stat, Update and List when `upperdir_label` is configured.
 pub const LABEL_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 const METADATA_FILE: &str = "metadata.redb";
+/// Markers of containers being frozen (see `capture`).
+const FROZEN_DIR: &str = "frozen";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -43,6 +46,12 @@ pub enum SnapshotError {
     NoMounts { key: String },
     #[error("usage of {path}: {source}")]
     Usage { path: String, source: std::io::Error },
+    #[error("no active snapshot {key} of namespace {namespace} in this snapshotter")]
+    ContainerSnapshotNotFound { namespace: String, key: String },
+    #[error("storage {storage} cannot capture a writable layer in O(1): use a btrfs root or the btrfs pool")]
+    CaptureUnsupported { storage: &'static str },
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -60,6 +69,9 @@ impl Classify for SnapshotError {
                 ErrorKind::InvalidArgument
             }
             SnapshotError::TargetExists { .. } => ErrorKind::AlreadyExists,
+            SnapshotError::ContainerSnapshotNotFound { .. } => ErrorKind::NotFound,
+            SnapshotError::CaptureUnsupported { .. } => ErrorKind::FailedPrecondition,
+            SnapshotError::Capture(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
             SnapshotError::Store(e) => e.kind(),
@@ -117,6 +129,8 @@ pub enum KeyStyle {
 pub struct Snapshotter {
     store: Store,
     storage: Storage,
+    sys: Arc<dyn SystemOps>,
+    markers: FrozenMarkers,
     overlay: OverlayFeatures,
     upperdir_label: bool,
 }
@@ -210,11 +224,20 @@ impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
     /// metadata references (a crash mid-Prepare or mid-Remove) are deleted.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
-        let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys)?;
+        // A daemon killed mid-capture may have left a container frozen:
+        // thaw before anything else.
+        let markers = FrozenMarkers::new(root.join(FROZEN_DIR));
+        let thawed = markers.thaw_all(sys.as_ref());
+        if thawed > 0 {
+            warn!(thawed, "thawed containers left frozen by a previous run");
+        }
+        let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Store::open(&root.join(METADATA_FILE))?;
         let snapshotter = Snapshotter {
             store,
             storage,
+            sys,
+            markers,
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
         };
@@ -440,6 +463,68 @@ impl Snapshotter {
             .collect())
     }
 
+    /// The active snapshot containerd knows in `namespace` as `key`:
+    /// containerd 1.6 stores it here as `<namespace>/<n>/<key>`, a client
+    /// that sends the namespace header as `key` itself.
+    pub fn container_snapshot(&self, namespace: &str, key: &str) -> Result<(String, u64), SnapshotError> {
+        let prefix = format!("{namespace}/");
+        let suffix = format!("/{key}");
+        let found = self.store.list()?.into_iter().find(|(name, record)| {
+            record.kind == Kind::Active
+                && (name == key
+                    || name
+                        .strip_prefix(&prefix)
+                        .and_then(|rest| rest.strip_suffix(&suffix))
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+        });
+        found
+            .map(|(name, record)| (name, record.id))
+            .ok_or_else(|| SnapshotError::ContainerSnapshotNotFound {
+                namespace: namespace.to_string(),
+                key: key.to_string(),
+            })
+    }
+
+    /// Captures active snapshot `id` as a read-only snapshot named
+    /// `capture_name` under the captures directory, freezing `freezer` only
+    /// around the snapshot.
+    pub fn capture(
+        &self,
+        id: u64,
+        capture_name: &str,
+        freezer: &Freezer,
+        pause_timeout: std::time::Duration,
+    ) -> Result<Captured, SnapshotError> {
+        if !self.storage.supports_capture() {
+            return Err(SnapshotError::CaptureUnsupported {
+                storage: self.storage.kind().as_str(),
+            });
+        }
+        validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
+        if capture_name.contains('/') {
+            return Err(SnapshotError::InvalidKey {
+                what: "capture name",
+                key: capture_name.to_string(),
+                reason: "must be a single path element",
+            });
+        }
+        let dest = self.storage.captures_dir().join(capture_name);
+        Ok(capture_upper(
+            &self.sys,
+            &self.markers,
+            capture_name,
+            &self.storage.snapshot_dir(id),
+            &dest,
+            freezer,
+            pause_timeout,
+        )?)
+    }
+
+    /// The upper directory of snapshot `id` (the container's live writes).
+    pub fn upper_dir(&self, id: u64) -> std::path::PathBuf {
+        self.storage.upper_dir(id)
+    }
+
     /// Removes directories that no snapshot references; returns how many.
     pub fn cleanup(&self) -> Result<usize, SnapshotError> {
         let removed = self.store.with_referenced_ids(|ids| {
@@ -659,6 +744,80 @@ mod tests {
             .unwrap();
         assert_eq!(info.labels, labels(&[("x", "2"), ("y", "3")]));
         assert!(info.updated > info.created);
+    }
+
+    #[test]
+    fn container_snapshot_is_found_in_both_key_styles_and_captured() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = Arc::new(RecordingSystem::btrfs());
+        let s = Snapshotter::open(tmp.path(), &Config::default(), fake.clone()).unwrap();
+        s.prepare(KeyStyle::Prefixed, "base", "", Labels::new()).unwrap();
+        s.commit(KeyStyle::Prefixed, "ns1/1/sha256:l1", "base", Labels::new())
+            .unwrap();
+        s.prepare(KeyStyle::Prefixed, "ns1/7/web", "ns1/1/sha256:l1", Labels::new())
+            .unwrap();
+        s.prepare(KeyStyle::Prefixed, "ns2/8/web", "ns1/1/sha256:l1", Labels::new())
+            .unwrap();
+        s.prepare(KeyStyle::Namespaced, "db", "", Labels::new()).unwrap();
+        let (key, id) = s.container_snapshot("ns1", "web").unwrap();
+        assert_eq!(key, "ns1/7/web");
+        assert_eq!(s.container_snapshot("ns2", "web").unwrap().0, "ns2/8/web");
+        assert_eq!(s.container_snapshot("any", "db").unwrap().0, "db");
+        let e = s.container_snapshot("ns1", "sha256:l1").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "committed layers are not containers");
+        assert_eq!(
+            s.container_snapshot("ns3", "web").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+
+        let freezer = Freezer::V1("/sys/fs/cgroup/freezer/ns1/web".into());
+        let captured = s
+            .capture(id, "snapshot-ns1-1", &freezer, std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(captured.snapshot, tmp.path().join("captures/snapshot-ns1-1"));
+        let calls = fake.calls();
+        let tail: Vec<&str> = calls.iter().rev().take(4).rev().map(String::as_str).collect();
+        let subvol = s.storage.snapshot_dir(id);
+        assert_eq!(
+            tail,
+            vec![
+                format!("syncfs {}", subvol.display()).as_str(),
+                "freeze /sys/fs/cgroup/freezer/ns1/web",
+                format!("snapshot readonly {} {}", subvol.display(), captured.snapshot.display()).as_str(),
+                "thaw /sys/fs/cgroup/freezer/ns1/web",
+            ]
+        );
+        let e = s
+            .capture(id, "../escape", &freezer, std::time::Duration::from_secs(1))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn directory_storage_refuses_capture() {
+        let (_t, s) = open(false);
+        s.prepare(KeyStyle::Prefixed, "ns/1/c", "", Labels::new()).unwrap();
+        let (_, id) = s.container_snapshot("ns", "c").unwrap();
+        let e = s
+            .capture(id, "x", &Freezer::V2("/cg".into()), std::time::Duration::from_secs(1))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains("O(1)"), "{e}");
+    }
+
+    #[test]
+    fn restart_thaws_what_a_killed_daemon_left_frozen() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("frozen")).unwrap();
+        std::fs::write(
+            tmp.path().join("frozen/snapshot-x.json"),
+            serde_json::to_vec(&Freezer::V1("/cg/left-frozen".into())).unwrap(),
+        )
+        .unwrap();
+        let fake = Arc::new(RecordingSystem::btrfs());
+        let _s = Snapshotter::open(tmp.path(), &Config::default(), fake.clone()).unwrap();
+        assert_eq!(fake.calls().first().map(String::as_str), Some("thaw /cg/left-frozen"));
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
     }
 
     #[test]

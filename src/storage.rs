@@ -81,12 +81,16 @@ pub enum DirKind {
 pub const POOL_IMAGE: &str = "pool.img";
 pub const POOL_MOUNT: &str = "pool";
 const SNAPSHOTS: &str = "snapshots";
+/// Read-only captures of writable layers, beside `snapshots` on the same
+/// btrfs filesystem (a snapshot cannot cross filesystems).
+const CAPTURES: &str = "captures";
 const GIB: u64 = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct Storage {
     kind: StorageKind,
     snapshots: PathBuf,
+    captures: PathBuf,
     sys: Arc<dyn SystemOps>,
 }
 
@@ -128,7 +132,14 @@ impl Storage {
         };
         let snapshots = base.join(SNAPSHOTS);
         ensure_dir(&snapshots, 0o700)?;
-        Ok(Storage { kind, snapshots, sys })
+        let captures = base.join(CAPTURES);
+        ensure_dir(&captures, 0o700)?;
+        Ok(Storage {
+            kind,
+            snapshots,
+            captures,
+            sys,
+        })
     }
 
     pub fn kind(&self) -> StorageKind {
@@ -138,6 +149,16 @@ impl Storage {
     /// The directory holding every snapshot directory.
     pub fn snapshots_dir(&self) -> &Path {
         &self.snapshots
+    }
+
+    /// Where read-only captures of writable layers are kept.
+    pub fn captures_dir(&self) -> &Path {
+        &self.captures
+    }
+
+    /// Whether a writable layer can be captured in O(1) (a btrfs snapshot).
+    pub fn supports_capture(&self) -> bool {
+        self.kind.uses_subvolumes()
     }
 
     pub fn snapshot_dir(&self, id: u64) -> PathBuf {

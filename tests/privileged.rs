@@ -38,7 +38,10 @@ fn pool_subvolumes_and_readonly_snapshots() {
     let storage = Storage::open(&root, BackendChoice::Pool, PoolSize::Bytes(1 << 30), sys.clone()).unwrap();
     let _guard = PoolGuard(&root);
     assert_eq!(storage.kind(), StorageKind::BtrfsPool);
-    assert_eq!(sys.fs_type(storage.snapshots_dir()).unwrap(), seamless_snapshotter::sys::FsType::Btrfs);
+    assert_eq!(
+        sys.fs_type(storage.snapshots_dir()).unwrap(),
+        seamless_snapshotter::sys::FsType::Btrfs
+    );
 
     storage.create_snapshot_dir(1, DirKind::Active, None).unwrap();
     let upper = storage.upper_dir(1);
@@ -95,7 +98,11 @@ fn process_in_new_cgroup(name: &str) -> CgroupProcess {
 
 fn task_state(pid: u32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("State:")).unwrap_or_default().to_string()
+    status
+        .lines()
+        .find(|l| l.starts_with("State:"))
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -116,6 +123,10 @@ fn freezing_a_real_cgroup_and_thawing_it() {
     RealSystem.thaw_cgroup(&p.freezer).unwrap();
     let state = std::fs::read_to_string(&state_file).unwrap();
     assert!(state.contains("THAWED") || state.contains("frozen 0"), "{state}");
-    assert!(!task_state(p.child.id()).contains("stopped"), "{}", task_state(p.child.id()));
+    assert!(
+        !task_state(p.child.id()).contains("stopped"),
+        "{}",
+        task_state(p.child.id())
+    );
     eprintln!("froze a one-process cgroup in {frozen_after:?}");
 }
