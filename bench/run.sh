@@ -125,7 +125,7 @@ teardown() {
         [[ -f $pidfile ]] && kill -KILL "$(cat "$pidfile")" 2>/dev/null
     done
     for name in seamless overlayproxy registry; do stop_pid "$name" 10; done
-    # The daemon's pool stays mounted after it exits (docs/CONTRACT.md).
+    # The daemon's pool stays mounted after it exits (integration/CONTRACT.md).
     mountpoint -q "$T/seamless/pool" && umount "$T/seamless/pool"
     # Anything else still mounted under $T, deepest first.
     findmnt -rn -o TARGET | grep "^$T/" | sort -r | while read -r m; do umount -l "$m"; done
