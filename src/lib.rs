@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod error;
 pub mod filter;
 pub mod grpc;
+pub mod layer;
 pub mod model;
 pub mod server;
 pub mod snapshotter;
