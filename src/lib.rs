@@ -15,6 +15,7 @@ pub mod filter;
 pub mod grpc;
 pub mod layer;
 pub mod model;
+pub mod registry;
 pub mod server;
 pub mod snapshotter;
 pub mod storage;

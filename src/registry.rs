@@ -1,0 +1,1021 @@
+//! The registry side of committing a container to an image: pushing layer
+//! blobs, the image config and an OCI image manifest to a distribution
+//! registry, and pulling a base image's manifest, config and blobs from one.
+//!
+//! Every blob is checked against its declared digest and size before anything
+//! is uploaded, blobs the registry already holds are not uploaded again, and
+//! each registry request is retried with exponential backoff on network
+//! errors, 5xx and 429. Knows nothing of snapshots, tar streams or containerd:
+//! callers hand in finished blobs and get back digests.
+//!
+//! Credentials are given per call and never logged. Each call runs on its own
+//! `oci_client::Client`, because that client remembers the first credentials
+//! it saw for a registry host for as long as it lives.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, Once};
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tracing::{debug, info, instrument, warn};
+
+use crate::error::{Classify, ErrorKind};
+
+pub use oci_client::manifest::{OciDescriptor, OciImageManifest};
+pub use oci_client::secrets::RegistryAuth;
+
+/// Size of the reads that feed an upload or a download file.
+const CHUNK_SIZE: usize = 1 << 20;
+/// Reads in flight between the disk thread and the HTTP body.
+const CHUNKS_IN_FLIGHT: usize = 4;
+/// No single backoff sleep is longer than this, whatever the attempt number.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// A registry that accepts no TCP connection within this is unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {reference:?}: {message}")]
+    InvalidReference { reference: String, message: String },
+    #[error("invalid digest {digest:?} of blob {blob}: only sha256:<64 lowercase hex> is supported")]
+    InvalidDigest { blob: String, digest: String },
+    #[error("cannot reach registry {registry} after {attempts} attempt(s): {message}")]
+    Unreachable {
+        registry: String,
+        attempts: u32,
+        message: String,
+    },
+    #[error("registry {registry} presents a certificate that is not trusted: {message}")]
+    UntrustedCertificate { registry: String, message: String },
+    #[error("registry denied access to {object}: {message}")]
+    Denied { object: String, message: String },
+    #[error("{object} not found in the registry: {message}")]
+    NotFound { object: String, message: String },
+    #[error("blob {blob} does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch {
+        blob: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("blob {blob} has {actual} bytes, {expected} declared")]
+    SizeMismatch { blob: String, expected: u64, actual: u64 },
+    #[error("registry failed on {object} (status {}): {message}", status.map_or("none".to_string(), |s| s.to_string()))]
+    Registry {
+        status: Option<u16>,
+        object: String,
+        message: String,
+    },
+    #[error("blob file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl Classify for RegistryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::InvalidReference { .. } | RegistryError::InvalidDigest { .. } => ErrorKind::InvalidArgument,
+            RegistryError::Unreachable { .. } => ErrorKind::Unavailable,
+            RegistryError::Registry {
+                status: Some(429 | 502 | 503 | 504),
+                ..
+            } => ErrorKind::Unavailable,
+            // The lead maps a denial to PERMISSION_DENIED through `is_permission`.
+            RegistryError::Denied { .. } | RegistryError::UntrustedCertificate { .. } => ErrorKind::FailedPrecondition,
+            RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::DigestMismatch { .. }
+            | RegistryError::SizeMismatch { .. }
+            | RegistryError::Registry { .. }
+            | RegistryError::Io { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl RegistryError {
+    /// The registry refused the credentials (401 or 403).
+    pub fn is_permission(&self) -> bool {
+        matches!(self, RegistryError::Denied { .. })
+    }
+
+    /// Worth another attempt: the network failed, or the registry said it is
+    /// overloaded or broken for now.
+    fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Unreachable { .. } => true,
+            RegistryError::Registry { status: Some(s), .. } => *s == 429 || *s >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// How the client talks to registries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryOptions {
+    /// Accept a registry without trusted TLS: HTTPS with any certificate is
+    /// tried first, then plain HTTP (as docker treats an insecure registry).
+    pub insecure: bool,
+    /// Further attempts after a failed one, for transient failures only.
+    pub retries: u32,
+    /// Sleep before the first retry; it doubles for each further one.
+    pub retry_base_delay: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            insecure: false,
+            retries: 4,
+            retry_base_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Where the bytes of a blob to push are.
+#[derive(Debug, Clone)]
+pub enum LayerData {
+    /// A finished blob file, streamed from disk.
+    File(PathBuf),
+    /// A small blob held in memory.
+    Bytes(Vec<u8>),
+}
+
+/// One layer of the image to push, in manifest order.
+#[derive(Debug, Clone)]
+pub struct LayerSource {
+    pub media_type: String,
+    /// `sha256:<hex>` of the blob as stored (compressed, if it is).
+    pub digest: String,
+    pub size: u64,
+    pub annotations: BTreeMap<String, String>,
+    pub data: LayerData,
+}
+
+/// What the registry holds after a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedImage {
+    /// The normalised reference the manifest was pushed to.
+    pub reference: String,
+    pub manifest_digest: String,
+    /// Where the registry says the manifest can be fetched.
+    pub manifest_url: String,
+}
+
+/// A base image's manifest (for the running platform, when the reference
+/// names an index) and its config.
+#[derive(Debug, Clone)]
+pub struct PulledManifest {
+    pub manifest: OciImageManifest,
+    /// Digest of `manifest` as the registry stores it.
+    pub manifest_digest: String,
+    /// The config blob, verified against `manifest.config`.
+    pub config: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Https,
+    Http,
+}
+
+/// Pushes and pulls images; cheap to share, holds no connection.
+#[derive(Debug)]
+pub struct RegistryClient {
+    options: RegistryOptions,
+    /// For insecure registries: which scheme each host answered on.
+    schemes: Mutex<HashMap<String, Scheme>>,
+}
+
+/// One call's view of one registry: a client carrying that call's credentials.
+struct Session {
+    client: Client,
+    reference: Reference,
+    registry: String,
+}
+
+static CRYPTO_PROVIDER: Once = Once::new();
+
+impl RegistryClient {
+    pub fn new(options: RegistryOptions) -> Self {
+        CRYPTO_PROVIDER.call_once(|| {
+            // An error means the process installed a provider already: it serves as well.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        RegistryClient {
+            options,
+            schemes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// Pushes `layers` (in order), `config` and an OCI image manifest
+    /// annotated with `manifest_annotations` to `reference`. Every blob is
+    /// verified before the first upload, so a bad one leaves the registry
+    /// untouched.
+    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, layers = layers.len()))]
+    pub async fn push_image(
+        &self,
+        reference: &str,
+        layers: &[LayerSource],
+        config: &[u8],
+        manifest_annotations: BTreeMap<String, String>,
+        auth: &RegistryAuth,
+    ) -> Result<PushedImage, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        if parsed.digest().is_some() {
+            return Err(RegistryError::InvalidReference {
+                reference: reference.to_string(),
+                message: "a push needs a tag, not a digest".to_string(),
+            });
+        }
+        for layer in layers {
+            verify_layer(layer).await?;
+        }
+        let config_digest = sha256_digest(config);
+
+        let session = self.open_session(parsed, auth, RegistryOperation::Push).await?;
+        for layer in layers {
+            self.push_blob_once(&session, &layer.digest, layer.size, &layer.data)
+                .await?;
+        }
+        let config_data = LayerData::Bytes(config.to_vec());
+        self.push_blob_once(&session, &config_digest, config.len() as u64, &config_data)
+            .await?;
+
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
+            config: OciDescriptor {
+                media_type: IMAGE_CONFIG_MEDIA_TYPE.to_string(),
+                digest: config_digest,
+                size: config.len() as i64,
+                ..OciDescriptor::default()
+            },
+            layers: layers.iter().map(layer_descriptor).collect(),
+            subject: None,
+            artifact_type: None,
+            annotations: (!manifest_annotations.is_empty()).then_some(manifest_annotations),
+        };
+        // Plain data: serialising cannot fail.
+        let body = serde_json::to_vec(&manifest).expect("manifest serialises");
+        let manifest_digest = sha256_digest(&body);
+        let object = format!("manifest {}", session.reference.whole());
+        let manifest_url = self
+            .with_retries("manifest upload", &manifest_digest, &session.registry, || {
+                let body = body.clone();
+                async {
+                    // A constant that is a valid header value: parsing cannot fail.
+                    let content_type = OCI_IMAGE_MEDIA_TYPE.parse().expect("media type is a header value");
+                    session
+                        .client
+                        .push_manifest_raw(&session.reference, body, content_type)
+                        .await
+                        .map_err(|err| classify_oci(err, &session.registry, &object))
+                }
+            })
+            .await?;
+        info!(digest = %manifest_digest, "pushed image manifest");
+        Ok(PushedImage {
+            reference: session.reference.whole(),
+            manifest_digest,
+            manifest_url,
+        })
+    }
+
+    /// The image manifest `reference` names and its config blob.
+    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference))]
+    pub async fn pull_manifest_and_config(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+    ) -> Result<PulledManifest, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
+        let object = format!("manifest {}", session.reference.whole());
+        let (manifest, manifest_digest) = self
+            .with_retries("manifest pull", "", &session.registry, || async {
+                session
+                    .client
+                    .pull_image_manifest(&session.reference, auth)
+                    .await
+                    .map_err(|err| classify_oci(err, &session.registry, &object))
+            })
+            .await?;
+        let config_object = format!("config blob {}", manifest.config.digest);
+        let config = self
+            .with_retries("config pull", &manifest.config.digest, &session.registry, || async {
+                let mut config = Vec::new();
+                session
+                    .client
+                    .pull_blob(&session.reference, &manifest.config, &mut config)
+                    .await
+                    .map_err(|err| classify_oci(err, &session.registry, &config_object))?;
+                Ok(config)
+            })
+            .await?;
+        if u64::try_from(manifest.config.size).ok() != Some(config.len() as u64) {
+            return Err(RegistryError::SizeMismatch {
+                blob: config_object,
+                expected: manifest.config.size.max(0) as u64,
+                actual: config.len() as u64,
+            });
+        }
+        Ok(PulledManifest {
+            manifest,
+            manifest_digest,
+            config,
+        })
+    }
+
+    /// Downloads blob `digest` of `reference`'s repository to `dest`,
+    /// verifying its digest. The file appears at `dest` only when complete and
+    /// verified. Returns its size.
+    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest))]
+    pub async fn pull_blob_to(
+        &self,
+        reference: &str,
+        digest: &str,
+        dest: &Path,
+        auth: &RegistryAuth,
+    ) -> Result<u64, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        let object = format!("blob {digest}");
+        check_digest_format(&object, digest)?;
+        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
+        let partial = partial_path(dest);
+        let size = self
+            .with_retries("blob pull", digest, &session.registry, || {
+                download_blob(&session, digest, &object, &partial)
+            })
+            .await;
+        let size = match size {
+            Ok(size) => size,
+            Err(err) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(err);
+            }
+        };
+        std::fs::rename(&partial, dest).map_err(io_error(dest))?;
+        Ok(size)
+    }
+
+    /// A client for one call, past the registry's ping and auth challenge.
+    async fn open_session(
+        &self,
+        reference: Reference,
+        auth: &RegistryAuth,
+        operation: RegistryOperation,
+    ) -> Result<Session, RegistryError> {
+        let registry = reference.resolve_registry().to_string();
+        self.with_retries("registry ping", "", &registry, || async {
+            let known = self.known_scheme(&registry);
+            let (first, fallback) = match (self.options.insecure, known) {
+                (false, _) => (Scheme::Https, None),
+                (true, Some(scheme)) => (scheme, None),
+                (true, None) => (Scheme::Https, Some(Scheme::Http)),
+            };
+            let client = self.build_client(first, &registry)?;
+            let first_err = match client.auth(&reference, auth, operation).await {
+                Ok(_) => return Ok(self.remember(first, client, reference.clone(), &registry)),
+                Err(err) => classify_oci(err, &registry, &format!("registry {registry}")),
+            };
+            let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
+                return Err(first_err);
+            };
+            let client = self.build_client(fallback, &registry)?;
+            match client.auth(&reference, auth, operation).await {
+                Ok(_) => Ok(self.remember(fallback, client, reference.clone(), &registry)),
+                Err(err) => Err(combine(
+                    first_err,
+                    classify_oci(err, &registry, &format!("registry {registry}")),
+                )),
+            }
+        })
+        .await
+    }
+
+    fn known_scheme(&self, registry: &str) -> Option<Scheme> {
+        // A poisoned map only lost a cache entry: probing again is correct.
+        self.schemes.lock().ok()?.get(registry).copied()
+    }
+
+    fn remember(&self, scheme: Scheme, client: Client, reference: Reference, registry: &str) -> Session {
+        if self.options.insecure {
+            if let Ok(mut schemes) = self.schemes.lock() {
+                schemes.insert(registry.to_string(), scheme);
+            }
+        }
+        debug!(registry, ?scheme, "registry answered");
+        Session {
+            client,
+            reference,
+            registry: registry.to_string(),
+        }
+    }
+
+    fn build_client(&self, scheme: Scheme, registry: &str) -> Result<Client, RegistryError> {
+        let config = ClientConfig {
+            protocol: match scheme {
+                Scheme::Https => ClientProtocol::Https,
+                Scheme::Http => ClientProtocol::Http,
+            },
+            accept_invalid_certificates: self.options.insecure,
+            // One PUT per blob, its body streamed: chunked PATCHes would cost a
+            // request per 4 MiB of a multi-GB layer.
+            use_monolithic_push: true,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            // An image index resolves to the running platform's manifest.
+            ..ClientConfig::default()
+        };
+        Client::try_from(config).map_err(|err| RegistryError::Registry {
+            status: None,
+            object: format!("client for {registry}"),
+            message: error_chain(&err),
+        })
+    }
+
+    /// Uploads one blob unless the registry has it already.
+    async fn push_blob_once(
+        &self,
+        session: &Session,
+        digest: &str,
+        size: u64,
+        data: &LayerData,
+    ) -> Result<(), RegistryError> {
+        let object = format!("blob {digest}");
+        self.with_retries("blob upload", digest, &session.registry, || async {
+            let exists = session
+                .client
+                .blob_exists(&session.reference, digest)
+                .await
+                .map_err(|err| classify_oci(err, &session.registry, &object))?;
+            if exists {
+                info!(digest, "registry has blob already, not uploading");
+                return Ok(());
+            }
+            upload_blob(session, digest, size, data, &object).await?;
+            info!(digest, size, "uploaded blob");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retries are
+    /// spent, sleeping `retry_base_delay * 2^n` between attempts.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        digest: &str,
+        registry: &str,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let attempts = self.options.retries.saturating_add(1);
+        let mut number = 1;
+        loop {
+            debug!(operation, registry, digest, attempt = number, "registry request");
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(err) if err.is_transient() && number < attempts => {
+                    let delay = backoff_delay(self.options.retry_base_delay, number);
+                    warn!(operation, registry, digest, attempt = number, error = %err, ?delay, "registry request failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    number += 1;
+                }
+                Err(err) => {
+                    warn!(operation, registry, digest, attempt = number, error = %err, "registry request failed");
+                    return Err(with_attempts(err, number));
+                }
+            }
+        }
+    }
+}
+
+/// Sleep before retry `attempt` (1-based): base, 2 base, 4 base ..., capped.
+fn backoff_delay(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(MAX_RETRY_DELAY)
+}
+
+fn with_attempts(err: RegistryError, attempts: u32) -> RegistryError {
+    match err {
+        RegistryError::Unreachable { registry, message, .. } => RegistryError::Unreachable {
+            registry,
+            attempts,
+            message,
+        },
+        other => other,
+    }
+}
+
+/// Both schemes of an insecure registry failed: keep what each said.
+fn combine(https: RegistryError, http: RegistryError) -> RegistryError {
+    match (https, http) {
+        (
+            RegistryError::Unreachable {
+                registry,
+                attempts,
+                message: https,
+            },
+            RegistryError::Unreachable { message: http, .. },
+        ) => RegistryError::Unreachable {
+            registry,
+            attempts,
+            message: format!("https: {https}; http: {http}"),
+        },
+        (_, http) => http,
+    }
+}
+
+fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
+    Reference::from_str(reference).map_err(|err| RegistryError::InvalidReference {
+        reference: reference.chars().take(300).collect(),
+        message: err.to_string(),
+    })
+}
+
+fn check_digest_format(blob: &str, digest: &str) -> Result<(), RegistryError> {
+    let valid = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    if valid {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidDigest {
+            blob: blob.to_string(),
+            digest: digest.chars().take(100).collect(),
+        })
+    }
+}
+
+fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError {
+    let path = path.display().to_string();
+    move |source| RegistryError::Io { path, source }
+}
+
+fn layer_name(layer: &LayerSource) -> String {
+    match &layer.data {
+        LayerData::File(path) => format!("{} ({})", layer.digest, path.display()),
+        LayerData::Bytes(_) => layer.digest.clone(),
+    }
+}
+
+/// Refuses a layer whose bytes are not what its descriptor says.
+async fn verify_layer(layer: &LayerSource) -> Result<(), RegistryError> {
+    let name = layer_name(layer);
+    check_digest_format(&name, &layer.digest)?;
+    let (actual_digest, actual_size) = match &layer.data {
+        LayerData::Bytes(bytes) => (sha256_digest(bytes), bytes.len() as u64),
+        LayerData::File(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || hash_file(&path).map_err(io_error(&path)))
+                .await
+                .map_err(|err| RegistryError::Io {
+                    path: name.clone(),
+                    source: std::io::Error::other(err),
+                })??
+        }
+    };
+    if actual_size != layer.size {
+        return Err(RegistryError::SizeMismatch {
+            blob: name,
+            expected: layer.size,
+            actual: actual_size,
+        });
+    }
+    if actual_digest != layer.digest {
+        return Err(RegistryError::DigestMismatch {
+            blob: name,
+            expected: layer.digest.clone(),
+            actual: actual_digest,
+        });
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((format!("sha256:{}", hex(&hasher.finalize())), size))
+}
+
+fn layer_descriptor(layer: &LayerSource) -> OciDescriptor {
+    OciDescriptor {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.clone(),
+        // Blob sizes stay far below i64::MAX; saturate rather than wrap.
+        size: i64::try_from(layer.size).unwrap_or(i64::MAX),
+        annotations: (!layer.annotations.is_empty()).then(|| layer.annotations.clone()),
+        ..OciDescriptor::default()
+    }
+}
+
+/// One upload attempt of a blob the registry does not have.
+async fn upload_blob(
+    session: &Session,
+    digest: &str,
+    size: u64,
+    data: &LayerData,
+    object: &str,
+) -> Result<(), RegistryError> {
+    let path = match data {
+        LayerData::Bytes(bytes) => {
+            session
+                .client
+                .push_blob(&session.reference, bytes.clone(), digest)
+                .await
+                .map_err(|err| classify_oci(err, &session.registry, object))?;
+            return Ok(());
+        }
+        LayerData::File(path) => path,
+    };
+    let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let reader = spawn_file_reader(path.clone(), sender);
+    let pushed = session
+        .client
+        .push_blob_stream(&session.reference, ReceiverStream::new(receiver), digest, Some(size))
+        .await;
+    // A failed read of the file is ours, not the network's: report it as
+    // such rather than retry it.
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => return Err(io_error(path)(source)),
+        Err(join) => return Err(io_error(path)(std::io::Error::other(join))),
+    }
+    pushed.map_err(|err| classify_oci(err, &session.registry, object))?;
+    Ok(())
+}
+
+/// Reads `path` on a blocking thread into `sender`, a chunk at a time, until
+/// the end of the file or until the upload stops listening.
+fn spawn_file_reader<B>(
+    path: PathBuf,
+    sender: mpsc::Sender<Result<B, OciDistributionError>>,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    B: From<Vec<u8>> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let fail = |err: std::io::Error| {
+            let _ = sender.blocking_send(Err(OciDistributionError::IoError(std::io::Error::new(
+                err.kind(),
+                err.to_string(),
+            ))));
+            Err(err)
+        };
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(err) => return fail(err),
+        };
+        loop {
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let n = match file.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return fail(err),
+            };
+            buf.truncate(n);
+            if sender.blocking_send(Ok(B::from(buf))).is_err() {
+                // The upload ended early; it reports why.
+                return Ok(());
+            }
+        }
+    })
+}
+
+fn partial_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    dest.with_file_name(name)
+}
+
+/// One download attempt: streams the blob into `partial` on a blocking
+/// thread, hashing it, and checks the digest.
+async fn download_blob(session: &Session, digest: &str, object: &str, partial: &Path) -> Result<u64, RegistryError> {
+    let mut stream = session
+        .client
+        .pull_blob_stream(&session.reference, digest)
+        .await
+        .map_err(|err| classify_oci(err, &session.registry, object))?;
+    let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let path = partial.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+        let mut file = std::fs::File::create(&path)?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = receiver.blocking_recv() {
+            hasher.update(&chunk);
+            file.write_all(&chunk)?;
+            size += chunk.len() as u64;
+        }
+        file.sync_all()?;
+        Ok((format!("sha256:{}", hex(&hasher.finalize())), size))
+    });
+    let mut network = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                if sender.send(Vec::from(chunk)).await.is_err() {
+                    break; // The writer failed; its error is reported below.
+                }
+            }
+            Err(err) => {
+                network = Some(err);
+                break;
+            }
+        }
+    }
+    drop(sender);
+    let written = writer
+        .await
+        .map_err(|join| io_error(partial)(std::io::Error::other(join)))?;
+    if let Some(err) = network {
+        return Err(classify_stream_error(err, &session.registry, object));
+    }
+    let (actual, size) = written.map_err(io_error(partial))?;
+    if actual != digest {
+        return Err(RegistryError::DigestMismatch {
+            blob: object.to_string(),
+            expected: digest.to_string(),
+            actual,
+        });
+    }
+    Ok(size)
+}
+
+/// A download body failed mid-way: oci-client's verifying stream reports a
+/// digest mismatch as `InvalidData`, everything else is the network.
+fn classify_stream_error(err: std::io::Error, registry: &str, object: &str) -> RegistryError {
+    if let Some(DigestError::VerificationError { expected, actual }) =
+        err.get_ref().and_then(|inner| inner.downcast_ref::<DigestError>())
+    {
+        return RegistryError::DigestMismatch {
+            blob: object.to_string(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        };
+    }
+    RegistryError::Unreachable {
+        registry: registry.to_string(),
+        attempts: 1,
+        message: error_chain(&err),
+    }
+}
+
+/// An error with all its causes, as one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Whether a transport error is a TLS certificate the client refused: no
+/// retry changes that. The rustls error sits inside nested `io::Error`s, whose
+/// `source()` skips the error they wrap, so those are opened with `get_ref`.
+fn is_untrusted_certificate(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(cause) = current {
+        if let Some(rustls::Error::InvalidCertificate(_)) = cause.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        current = match cause.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    false
+}
+
+fn status_error(status: u16, object: &str, message: String) -> RegistryError {
+    match status {
+        401 | 403 => RegistryError::Denied {
+            object: object.to_string(),
+            message,
+        },
+        404 => RegistryError::NotFound {
+            object: object.to_string(),
+            message,
+        },
+        _ => RegistryError::Registry {
+            status: Some(status),
+            object: object.to_string(),
+            message,
+        },
+    }
+}
+
+/// Maps oci-client's error onto ours; `object` names what was being done.
+fn classify_oci(err: OciDistributionError, registry: &str, object: &str) -> RegistryError {
+    match err {
+        OciDistributionError::RequestError(err) => match err.status() {
+            Some(status) => status_error(status.as_u16(), object, error_chain(&err)),
+            None if is_untrusted_certificate(&err) => RegistryError::UntrustedCertificate {
+                registry: registry.to_string(),
+                message: error_chain(&err),
+            },
+            None => RegistryError::Unreachable {
+                registry: registry.to_string(),
+                attempts: 1,
+                message: error_chain(&err),
+            },
+        },
+        OciDistributionError::ServerError { code, message, .. } => status_error(code, object, message),
+        OciDistributionError::UnauthorizedError { url } => RegistryError::Denied {
+            object: object.to_string(),
+            message: format!("unauthorized at {url}"),
+        },
+        OciDistributionError::AuthenticationFailure(message) => RegistryError::Denied {
+            object: object.to_string(),
+            message,
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let message = envelope.to_string();
+            let status = envelope.errors.iter().find_map(|error| match error.code {
+                OciErrorCode::Unauthorized => Some(401),
+                OciErrorCode::Denied => Some(403),
+                OciErrorCode::BlobUnknown
+                | OciErrorCode::ManifestUnknown
+                | OciErrorCode::NameUnknown
+                | OciErrorCode::NotFound => Some(404),
+                OciErrorCode::Toomanyrequests => Some(429),
+                _ => None,
+            });
+            match status {
+                Some(status) => status_error(status, object, message),
+                None => RegistryError::Registry {
+                    status: None,
+                    object: object.to_string(),
+                    message,
+                },
+            }
+        }
+        OciDistributionError::ImageManifestNotFoundError(message) => RegistryError::NotFound {
+            object: object.to_string(),
+            message,
+        },
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            RegistryError::DigestMismatch {
+                blob: object.to_string(),
+                expected,
+                actual,
+            }
+        }
+        // A body cut off mid-way surfaces as an I/O error.
+        OciDistributionError::IoError(err) => classify_stream_error(err, registry, object),
+        other => RegistryError::Registry {
+            status: None,
+            object: object.to_string(),
+            message: error_chain(&other),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_is_capped() {
+        let base = Duration::from_millis(100);
+        assert_eq!(backoff_delay(base, 1), Duration::from_millis(100));
+        assert_eq!(backoff_delay(base, 2), Duration::from_millis(200));
+        assert_eq!(backoff_delay(base, 4), Duration::from_millis(800));
+        assert_eq!(backoff_delay(base, 40), MAX_RETRY_DELAY);
+    }
+
+    #[test]
+    fn only_network_5xx_and_429_are_retried() {
+        let registry = |status| status_error(status, "blob x", String::new());
+        assert!(registry(500).is_transient());
+        assert!(registry(503).is_transient());
+        assert!(registry(429).is_transient());
+        assert!(!registry(400).is_transient());
+        assert!(!registry(404).is_transient());
+        assert!(!registry(401).is_transient());
+        let unreachable = RegistryError::Unreachable {
+            registry: "r".into(),
+            attempts: 1,
+            message: String::new(),
+        };
+        assert!(unreachable.is_transient());
+    }
+
+    #[test]
+    fn denials_are_permission_errors() {
+        for status in [401, 403] {
+            let err = status_error(status, "blob x", String::new());
+            assert!(err.is_permission());
+            assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        }
+        assert!(!status_error(500, "blob x", String::new()).is_permission());
+        assert_eq!(status_error(404, "blob x", String::new()).kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn envelope_codes_map_like_statuses() {
+        let envelope = serde_json::from_str(r#"{"errors":[{"code":"DENIED","message":"no"}]}"#).unwrap();
+        let err = classify_oci(
+            OciDistributionError::RegistryError {
+                envelope,
+                url: "u".into(),
+            },
+            "r",
+            "blob x",
+        );
+        assert!(err.is_permission(), "{err}");
+    }
+
+    #[test]
+    fn digests_must_be_sha256_lowercase_hex() {
+        let good = sha256_digest(b"abc");
+        assert_eq!(
+            good,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(check_digest_format("b", &good).is_ok());
+        assert!(check_digest_format("b", &good.to_uppercase()).is_err());
+        assert!(check_digest_format("b", "sha512:00").is_err());
+        assert!(check_digest_format("b", "sha256:abc").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_layer_is_checked_against_its_digest_and_size() {
+        let data = b"layer".to_vec();
+        let mut layer = LayerSource {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: sha256_digest(&data),
+            size: data.len() as u64,
+            annotations: BTreeMap::new(),
+            data: LayerData::Bytes(data),
+        };
+        verify_layer(&layer).await.unwrap();
+        layer.size += 1;
+        assert!(matches!(
+            verify_layer(&layer).await,
+            Err(RegistryError::SizeMismatch { .. })
+        ));
+        layer.size -= 1;
+        layer.digest = sha256_digest(b"other");
+        assert!(matches!(
+            verify_layer(&layer).await,
+            Err(RegistryError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let auth = RegistryAuth::Basic("user".into(), "hunter2".into());
+        assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn partial_download_sits_beside_its_destination() {
+        assert_eq!(partial_path(Path::new("/a/b/blob")), PathBuf::from("/a/b/blob.partial"));
+    }
+}

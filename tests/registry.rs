@@ -1,0 +1,770 @@
+//! `registry::RegistryClient` against a real distribution registry
+//! (`docker-registry serve`) started on 127.0.0.1 with filesystem storage in a
+//! temporary directory: plain HTTP, HTTP with htpasswd basic auth, and TLS
+//! with a self-signed certificate. The registry's access log tells which
+//! requests were made. Fails, never skips, when `docker-registry` (or, for
+//! the TLS test, `openssl`) is missing.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use seamless_snapshotter::error::{Classify, ErrorKind};
+use seamless_snapshotter::registry::{
+    LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
+};
+use sha2::{Digest, Sha256};
+
+const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const USER: &str = "committer";
+const PASSWORD: &str = "s3cret";
+/// bcrypt (cost 4) of `PASSWORD`, as the registry's htpasswd backend wants it.
+const PASSWORD_BCRYPT: &str = "$2b$04$EjA1GPfsgiPVVN66mk8FCu7uFkAiIBzwRfRSQJ9aL21vTSbsk/Ag6";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Plain,
+    BasicAuth,
+    Tls,
+}
+
+/// A `docker-registry` process, killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start(flavour: Flavour) -> Registry {
+        let binary = which("docker-registry").unwrap_or_else(|| {
+            panic!("docker-registry is not installed: `apt-get install docker-registry` (these tests never skip)")
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: test-secret\n",
+            dir.path().join("data").display()
+        );
+        if flavour == Flavour::Tls {
+            let (cert, key) = self_signed_certificate(dir.path());
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        if flavour == Flavour::BasicAuth {
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{USER}:{PASSWORD_BCRYPT}\n")).expect("write htpasswd");
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("write registry config");
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).expect("registry log");
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start docker-registry");
+        let mut registry = Registry {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
+        registry.wait_listening();
+        registry
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("docker-registry exited with {status}: {}", self.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("docker-registry did not listen within 15s: {}", self.log_text());
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Access-log lines of requests `method` whose path starts with `path`.
+    fn requests(&self, method: &str, path: &str) -> usize {
+        let needle = format!("\"{method} {path}");
+        self.log_text().lines().filter(|line| line.contains(&needle)).count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.is_file())
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let openssl = which("openssl").unwrap_or_else(|| panic!("openssl is not installed: the TLS test needs it"));
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (cert, key)
+}
+
+fn sha256(data: &[u8]) -> String {
+    let digest = Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn fast_options(insecure: bool) -> RegistryOptions {
+    RegistryOptions {
+        insecure,
+        retries: 2,
+        retry_base_delay: Duration::from_millis(20),
+    }
+}
+
+/// The blobs of a two-layer image: one layer in a file, one in memory.
+struct TestImage {
+    _dir: tempfile::TempDir,
+    layers: Vec<LayerSource>,
+    layer_bytes: Vec<Vec<u8>>,
+    config: Vec<u8>,
+}
+
+fn test_image() -> TestImage {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Bigger than one read chunk, so the file upload streams several.
+    let file_layer: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file_path = dir.path().join("layer0.tar.gz");
+    std::fs::write(&file_path, &file_layer).expect("write layer file");
+    let bytes_layer = b"second layer, held in memory".to_vec();
+    let layers = vec![
+        LayerSource {
+            media_type: LAYER_MEDIA_TYPE.to_string(),
+            digest: sha256(&file_layer),
+            size: file_layer.len() as u64,
+            annotations: BTreeMap::from([("org.example.layer".to_string(), "zero".to_string())]),
+            data: LayerData::File(file_path),
+        },
+        LayerSource {
+            media_type: LAYER_MEDIA_TYPE.to_string(),
+            digest: sha256(&bytes_layer),
+            size: bytes_layer.len() as u64,
+            annotations: BTreeMap::new(),
+            data: LayerData::Bytes(bytes_layer.clone()),
+        },
+    ];
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    TestImage {
+        _dir: dir,
+        layers,
+        layer_bytes: vec![file_layer, bytes_layer],
+        config,
+    }
+}
+
+fn manifest_annotations() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "org.opencontainers.image.description".to_string(),
+        "committed".to_string(),
+    )])
+}
+
+/// GET over HTTP/1.0 (so no chunked body): status and body.
+fn raw_get(host: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(host).expect("connect to registry");
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, response[split + 4..].to_vec())
+}
+
+#[tokio::test]
+async fn pushed_image_pulls_back_identical() {
+    let registry = Registry::start(Flavour::Plain);
+    let client = RegistryClient::new(fast_options(true));
+    let image = test_image();
+    let reference = format!("{}/commits/app:v1", registry.host());
+
+    let pushed = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            manifest_annotations(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("push image");
+    assert_eq!(pushed.reference, reference);
+    assert!(pushed.manifest_digest.starts_with("sha256:"));
+    assert!(
+        pushed.manifest_url.contains("/v2/commits/app/manifests/"),
+        "{}",
+        pushed.manifest_url
+    );
+
+    // What the registry stores, fetched without our client.
+    let (status, body) = raw_get(
+        &registry.host(),
+        "/v2/commits/app/manifests/v1",
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(sha256(&body), pushed.manifest_digest);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest json");
+    assert_eq!(manifest["schemaVersion"], 2);
+    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    assert_eq!(manifest["config"]["digest"], sha256(&image.config));
+    assert_eq!(manifest["config"]["size"], image.config.len());
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.description"],
+        "committed"
+    );
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 2);
+    for (descriptor, layer) in layers.iter().zip(&image.layers) {
+        assert_eq!(descriptor["mediaType"], LAYER_MEDIA_TYPE);
+        assert_eq!(descriptor["digest"], layer.digest.as_str());
+        assert_eq!(descriptor["size"], layer.size);
+    }
+    assert_eq!(layers[0]["annotations"]["org.example.layer"], "zero");
+    assert!(layers[1].get("annotations").is_none());
+
+    // And through our own pull functions.
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull manifest and config");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(pulled.config, image.config);
+    let digests: Vec<&str> = pulled.manifest.layers.iter().map(|l| l.digest.as_str()).collect();
+    assert_eq!(
+        digests,
+        [image.layers[0].digest.as_str(), image.layers[1].digest.as_str()]
+    );
+    assert_eq!(
+        pulled.manifest.annotations.as_ref().expect("manifest annotations"),
+        &manifest_annotations()
+    );
+    let by_digest = format!("{}/commits/app@{}", registry.host(), pushed.manifest_digest);
+    let again = client
+        .pull_manifest_and_config(&by_digest, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull by digest");
+    assert_eq!(again.manifest_digest, pushed.manifest_digest);
+
+    let out = tempfile::tempdir().expect("temp dir");
+    for (index, (layer, bytes)) in image.layers.iter().zip(&image.layer_bytes).enumerate() {
+        let dest = out.path().join(format!("blob{index}"));
+        let size = client
+            .pull_blob_to(&reference, &layer.digest, &dest, &RegistryAuth::Anonymous)
+            .await
+            .expect("pull blob");
+        assert_eq!(size, layer.size);
+        assert_eq!(&std::fs::read(&dest).expect("read pulled blob"), bytes);
+    }
+    let names: Vec<_> = std::fs::read_dir(out.path())
+        .expect("list pulled blobs")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "no partial files left behind: {names:?}");
+}
+
+#[tokio::test]
+async fn second_push_uploads_no_blob_again() {
+    let registry = Registry::start(Flavour::Plain);
+    let client = RegistryClient::new(fast_options(true));
+    let image = test_image();
+    let reference = format!("{}/commits/again:v1", registry.host());
+    let first = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("first push");
+    let uploads = registry.requests("POST", "/v2/commits/again/blobs/uploads/");
+    assert_eq!(uploads, 3, "two layers and the config: {}", registry.log_text());
+    let checks = registry.requests("HEAD", "/v2/commits/again/blobs/");
+
+    let retag = format!("{}/commits/again:v2", registry.host());
+    let second = client
+        .push_image(
+            &retag,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("second push");
+    assert_eq!(second.manifest_digest, first.manifest_digest);
+    assert_eq!(
+        registry.requests("POST", "/v2/commits/again/blobs/uploads/"),
+        uploads,
+        "no blob uploaded twice"
+    );
+    assert_eq!(registry.requests("HEAD", "/v2/commits/again/blobs/"), checks + 3);
+    assert_eq!(registry.requests("PUT", "/v2/commits/again/manifests/"), 2);
+}
+
+#[tokio::test]
+async fn a_blob_not_matching_its_digest_is_refused_before_any_upload() {
+    let registry = Registry::start(Flavour::Plain);
+    let client = RegistryClient::new(fast_options(true));
+    let reference = format!("{}/commits/bad:v1", registry.host());
+
+    let mut image = test_image();
+    image.layers[1].digest = sha256(b"something else");
+    let err = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("a wrong digest must be refused");
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&image.layers[1].digest),
+        "names the blob: {err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Internal);
+
+    let mut image = test_image();
+    image.layers[0].size += 1;
+    let err = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("a wrong size must be refused");
+    assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("layer0.tar.gz"), "names the file: {err}");
+
+    let mut image = test_image();
+    image.layers[0].digest = "md5:1234".to_string();
+    let err = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("an unsupported digest must be refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+
+    assert_eq!(registry.requests("POST", "/v2/"), 0, "{}", registry.log_text());
+    assert_eq!(registry.requests("PUT", "/v2/"), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_fails_after_the_retries() {
+    let port = free_port(); // Bound and released: nothing listens there.
+    let options = RegistryOptions {
+        insecure: true,
+        retries: 3,
+        retry_base_delay: Duration::from_millis(50),
+    };
+    let client = RegistryClient::new(options);
+    let image = test_image();
+    let started = Instant::now();
+    let err = client
+        .push_image(
+            &format!("127.0.0.1:{port}/commits/app:v1"),
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("nothing listens");
+    let elapsed = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    match &err {
+        RegistryError::Unreachable { attempts, .. } => assert_eq!(*attempts, 4),
+        other => panic!("expected Unreachable, got {other}"),
+    }
+    // Backoff of 50 + 100 + 200 ms between the four attempts.
+    assert!(elapsed >= Duration::from_millis(350), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+
+    let err = client
+        .pull_blob_to(
+            &format!("127.0.0.1:{port}/commits/app:v1"),
+            &image.layers[1].digest,
+            &std::env::temp_dir().join("never-written"),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
+
+#[tokio::test]
+async fn invalid_references_are_invalid_arguments() {
+    let client = RegistryClient::new(fast_options(true));
+    let image = test_image();
+    for reference in [
+        "",
+        "UPPER/Case:tag",
+        "registry:5000/app:bad tag",
+        "127.0.0.1:1/app@sha256:00",
+    ] {
+        let err = client
+            .push_image(
+                reference,
+                &image.layers,
+                &image.config,
+                BTreeMap::new(),
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .expect_err("invalid reference");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{reference:?}: {err}");
+        assert!(matches!(err, RegistryError::InvalidReference { .. }), "{err}");
+    }
+    let digest_ref = format!("127.0.0.1:1/app@{}", sha256(b"x"));
+    let err = client
+        .push_image(
+            &digest_ref,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("a push needs a tag");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    let err = client
+        .pull_manifest_and_config("Not A Reference", &RegistryAuth::Anonymous)
+        .await
+        .expect_err("invalid reference");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+}
+
+#[tokio::test]
+async fn missing_manifests_and_blobs_are_not_found() {
+    let registry = Registry::start(Flavour::Plain);
+    let client = RegistryClient::new(fast_options(true));
+    let reference = format!("{}/commits/none:v1", registry.host());
+    let err = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("nothing pushed");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    let err = client
+        .pull_blob_to(&reference, &sha256(b"absent"), &dest, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("nothing pushed");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(std::fs::read_dir(out.path()).expect("list").count(), 0, "no file left");
+}
+
+#[tokio::test]
+async fn basic_auth_is_sent_and_refusals_are_permission_errors() {
+    let registry = Registry::start(Flavour::BasicAuth);
+    let client = RegistryClient::new(fast_options(true));
+    let image = test_image();
+    let reference = format!("{}/private/app:v1", registry.host());
+    let auth = RegistryAuth::Basic(USER.to_string(), PASSWORD.to_string());
+
+    let err = client
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("anonymous push must be refused");
+    assert!(err.is_permission(), "{err}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+
+    let pushed = client
+        .push_image(&reference, &image.layers, &image.config, BTreeMap::new(), &auth)
+        .await
+        .expect("push with credentials");
+    let pulled = client
+        .pull_manifest_and_config(&reference, &auth)
+        .await
+        .expect("pull with credentials");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+
+    let wrong = RegistryAuth::Basic(USER.to_string(), "wrong".to_string());
+    let err = client
+        .pull_manifest_and_config(&reference, &wrong)
+        .await
+        .expect_err("wrong password");
+    assert!(err.is_permission(), "{err}");
+    assert!(!err.to_string().contains("wrong"), "no secret in the message: {err}");
+    assert!(!err.to_string().contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn tls_without_verification_only_when_insecure() {
+    let registry = Registry::start(Flavour::Tls);
+    let image = test_image();
+    let reference = format!("{}/tls/app:v1", registry.host());
+
+    let insecure = RegistryClient::new(fast_options(true));
+    let pushed = insecure
+        .push_image(
+            &reference,
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("push over TLS with a self-signed certificate");
+    let pulled = insecure
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull over TLS");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+
+    let verifying = RegistryClient::new(fast_options(false));
+    let err = verifying
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("an untrusted certificate must be refused");
+    assert!(matches!(err, RegistryError::UntrustedCertificate { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+}
+
+/// A stand-in registry on plain HTTP that answers the `/v2/` ping with 200
+/// and every other request with `status`, counting requests by method. It
+/// drops TLS handshakes at once, so an insecure client falls back to HTTP.
+struct FailingRegistry {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FailingRegistry {
+    fn start(status: u16) -> FailingRegistry {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake registry");
+        let port = listener.local_addr().expect("local address").port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) if head.is_empty() && byte[0] == 0x16 => break, // TLS ClientHello
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                if !head.ends_with(b"\r\n\r\n") {
+                    continue;
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let response = if line.starts_with("GET /v2/ ") {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_string()
+                } else {
+                    format!("HTTP/1.1 {status} Failing\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                };
+                seen.lock().expect("request log").push(line);
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+        FailingRegistry { port, requests }
+    }
+
+    /// Requests whose request line starts with `prefix`.
+    fn count(&self, prefix: &str) -> usize {
+        self.requests
+            .lock()
+            .expect("request log")
+            .iter()
+            .filter(|line| line.starts_with(prefix))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_and_client_errors_are_not() {
+    let image = test_image();
+    let options = RegistryOptions {
+        insecure: true,
+        retries: 3,
+        retry_base_delay: Duration::from_millis(10),
+    };
+
+    let busy = FailingRegistry::start(503);
+    let client = RegistryClient::new(options.clone());
+    let err = client
+        .push_image(
+            &format!("127.0.0.1:{}/commits/app:v1", busy.port),
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("the registry always fails");
+    assert!(
+        matches!(err, RegistryError::Registry { status: Some(503), .. }),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert_eq!(
+        busy.count("HEAD /v2/commits/app/blobs/"),
+        4,
+        "one attempt and three retries of the first blob"
+    );
+
+    let limited = FailingRegistry::start(429);
+    let err = client
+        .pull_manifest_and_config(
+            &format!("127.0.0.1:{}/commits/app:v1", limited.port),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("the registry always fails");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert_eq!(
+        limited.count("GET /v2/commits/app/manifests/"),
+        4,
+        "one attempt and three retries"
+    );
+
+    let refusing = FailingRegistry::start(400);
+    let err = client
+        .push_image(
+            &format!("127.0.0.1:{}/commits/app:v1", refusing.port),
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("the registry refuses");
+    assert!(
+        matches!(err, RegistryError::Registry { status: Some(400), .. }),
+        "{err}"
+    );
+    assert_eq!(refusing.count("HEAD /v2/commits/app/blobs/"), 1, "a 4xx is not retried");
+
+    let forbidding = FailingRegistry::start(403);
+    let err = client
+        .push_image(
+            &format!("127.0.0.1:{}/commits/app:v1", forbidding.port),
+            &image.layers,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("the registry forbids");
+    assert!(err.is_permission(), "{err}");
+    assert_eq!(
+        forbidding.count("HEAD /v2/commits/app/blobs/"),
+        1,
+        "a denial is not retried"
+    );
+}
