@@ -11,6 +11,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::info;
 
+use crate::commit::CommitService;
 use crate::grpc::control::ControlService;
 use crate::grpc::snapshots::SnapshotsService;
 use crate::proto::control_server::ControlServer;
@@ -65,12 +66,13 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
 pub async fn run(
     listener: UnixListener,
     snapshotter: Arc<Snapshotter>,
+    commits: Arc<CommitService>,
     root: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter.clone())))
-        .add_service(ControlServer::new(ControlService::new(snapshotter, root)))
+        .add_service(ControlServer::new(ControlService::new(snapshotter, commits, root)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

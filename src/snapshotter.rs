@@ -520,6 +520,31 @@ impl Snapshotter {
         )?)
     }
 
+    /// The metadata store, for records other modules keep beside snapshots
+    /// (commit jobs).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The upper directories below active snapshot `key`, nearest first.
+    pub fn lower_dirs(&self, key: &str) -> Result<Vec<std::path::PathBuf>, SnapshotError> {
+        let (_, parent_ids) = self.store.get_with_parents(key)?;
+        Ok(parent_ids.iter().map(|id| self.storage.upper_dir(*id)).collect())
+    }
+
+    /// Deletes a capture made by [`Snapshotter::capture`].
+    pub fn remove_capture(&self, capture: &Path) -> Result<(), SnapshotError> {
+        if capture.parent() != Some(self.storage.captures_dir()) {
+            return Err(SnapshotError::InvalidKey {
+                what: "capture",
+                key: capture.display().to_string(),
+                reason: "is not under the captures directory",
+            });
+        }
+        self.storage.remove_orphan(capture)?;
+        Ok(())
+    }
+
     /// The upper directory of snapshot `id` (the container's live writes).
     pub fn upper_dir(&self, id: u64) -> std::path::PathBuf {
         self.storage.upper_dir(id)

@@ -20,6 +20,8 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 /// "<parent>\0<child>" -> (), so "has children" is a range lookup.
 const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Commit job id -> JSON of the job (owned by `commit`).
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const NEXT_ID: &str = "next_id";
 const SCHEMA: &str = "schema";
 const SCHEMA_VERSION: u64 = 1;
@@ -154,6 +156,7 @@ impl Store {
         {
             txn.open_table(SNAPSHOTS).map_err(db_err)?;
             txn.open_table(CHILDREN).map_err(db_err)?;
+            txn.open_table(JOBS).map_err(db_err)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let found = meta.get(SCHEMA).map_err(db_err)?.map(|v| v.value());
             match found {
@@ -353,6 +356,34 @@ impl Store {
             let key = k.value().to_string();
             let record = decode(&key, v.value())?;
             all.push((key, record));
+        }
+        Ok(all)
+    }
+
+    /// Writes the JSON of job `id` (one transaction).
+    pub fn put_job(&self, id: &str, job: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(JOBS).map_err(db_err)?;
+            table.insert(id, job).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    pub fn get_job(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(JOBS).map_err(db_err)?;
+        Ok(table.get(id).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every job's JSON, by id order.
+    pub fn list_jobs(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(JOBS).map_err(db_err)?;
+        let mut all = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            all.push((k.value().to_string(), v.value().to_vec()));
         }
         Ok(all)
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::proto::control_client::ControlClient;
 use seamless_snapshotter::proto::VersionRequest;
@@ -36,14 +37,11 @@ impl Daemon {
         let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem)).expect("open snapshotter");
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(
-            listener,
-            Arc::new(snapshotter),
-            root.to_path_buf(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let snapshotter = Arc::new(snapshotter);
+        let commits = Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock")).unwrap());
+        let task = tokio::spawn(server::run(listener, snapshotter, commits, root.to_path_buf(), async {
+            let _ = stopped.await;
+        }));
         Daemon { stop: Some(stop), task }
     }
 

@@ -161,6 +161,17 @@ impl Env {
         format!("127.0.0.1:{}/{}:{}", self.registry_port, image::REPOSITORY, image::TAG)
     }
 
+    /// Another repository on the test registry.
+    pub fn registry_ref(&self, repository_and_tag: &str) -> String {
+        format!("127.0.0.1:{}/{repository_and_tag}", self.registry_port)
+    }
+
+    /// The merged root filesystem of a running container, as the host sees it.
+    pub fn container_rootfs(&self, ns: &str, id: &str) -> PathBuf {
+        self.dir()
+            .join(format!("state/io.containerd.runtime.v2.task/{ns}/{id}/rootfs"))
+    }
+
     pub fn image(&self) -> &BuiltImage {
         self.image.as_ref().expect("Env::start pushed the image")
     }

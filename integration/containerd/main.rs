@@ -23,6 +23,7 @@ mod grpc;
 mod image;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -572,6 +573,205 @@ fn seamless_capture_of_a_running_container() {
         sys.delete_subvolume(&dest)?;
         Ok(())
     });
+}
+
+/// Seamless commit end to end: a running container changed in every way a
+/// layer can express is committed through the daemon's Control API, the image
+/// is built and pushed in the background, and the pushed image, pulled with
+/// containerd's built-in overlayfs and with seamless and run, has exactly the
+/// tree the container had.
+#[test]
+fn seamless_commit_pushes_the_container_view() {
+    use seamless_snapshotter::proto::control_client::ControlClient;
+    use seamless_snapshotter::proto::{GetCommitRequest, SeamlessCommitRequest};
+
+    with_env("commit", Options::default(), |env| {
+        let ns = env.namespace("src");
+        env.pull(&ns)?;
+        let id = env.container_id("app");
+        env.run_container(&ns, &id)?;
+        env.exec(
+            &ns,
+            &id,
+            "mkdir -p /data/sub && echo hello > /data/sub/file && chmod 0640 /data/sub/file && \
+             chown 1000:1001 /data/sub/file && ln -s sub/file /data/link && ln /data/sub/file /data/hard && \
+             rm /bin/vi && mkdir /opt && echo x > /opt/x && rm -rf /opt && mkdir /opt && echo y > /opt/y && \
+             mknod /data/fifo p && sync",
+        )?;
+        let before = tree_of(&env.container_rootfs(&ns, &id))?;
+        ensure!(
+            before.contains_key("data/sub/file") && !before.contains_key("bin/vi"),
+            "changes visible"
+        );
+
+        let target = env.registry_ref("committed/app:1");
+        let runtime = tokio::runtime::Runtime::new()?;
+        let work = env.dir().join("commit-work");
+        std::fs::create_dir_all(&work)?;
+        let (started, job) = runtime.block_on(async {
+            let socket = env.daemon_socket();
+            let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    tokio::net::UnixStream::connect(socket.clone())
+                }))
+                .await?;
+            let mut control = ControlClient::new(channel);
+            let started = control
+                .seamless_commit(SeamlessCommitRequest {
+                    namespace: ns.clone(),
+                    container: id[..id.len() - 2].to_string(),
+                    target: target.clone(),
+                    format: "oci".into(),
+                    work_dir: work.display().to_string(),
+                    compressor: "zstd".into(),
+                    target_insecure: true,
+                    source_insecure: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            // A second commit while the first is processing may be refused;
+            // either way the first must complete.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let job = control
+                    .get_commit(GetCommitRequest {
+                        snapshot_id: started.snapshot_id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                if job.state == "completed" || job.state == "failed" || Instant::now() > deadline {
+                    return Ok::<_, anyhow::Error>((started, job));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })?;
+        eprintln!(
+            "seamless commit: pause {:?}, job {} {} ({})",
+            Duration::from_nanos(started.pause_time_ns),
+            job.state,
+            job.manifest_digest,
+            job.error
+        );
+        ensure!(
+            job.state == "completed",
+            "commit job ended {}: {} {}",
+            job.state,
+            job.error_code,
+            job.error
+        );
+        ensure!(started.snapshot_id.starts_with("snapshot-"), "{started:?}");
+        ensure!(
+            !Path::new(&started.old_upper_dir).exists(),
+            "the capture is removed after the push"
+        );
+
+        for (snapshotter, name) in [("overlayfs", "builtin"), ("seamless", "seamless")] {
+            let ns2 = env.namespace(&format!("pull-{name}"));
+            env.ctr(
+                &ns2,
+                &["images", "pull", "--plain-http", "--snapshotter", snapshotter, &target],
+            )?;
+            let id2 = env.container_id(&format!("from-{name}"));
+            env.ctr(
+                &ns2,
+                &[
+                    "run",
+                    "-d",
+                    "--null-io",
+                    "--snapshotter",
+                    snapshotter,
+                    &target,
+                    &id2,
+                    "/bin/sh",
+                    "-c",
+                    "while true; do sleep 1; done",
+                ],
+            )?;
+            let after = tree_of(&env.container_rootfs(&ns2, &id2))?;
+            let differences = diff_trees(&before, &after);
+            ensure!(
+                differences.is_empty(),
+                "image pulled with {snapshotter} differs from the committed container: {differences:?}"
+            );
+            env.remove_container(&ns2, &id2)?;
+        }
+        Ok(())
+    });
+}
+
+/// Every entry under `root`: type, mode, owner, and content or link target.
+fn tree_of(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    use sha2::Digest;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut tree = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut inodes: HashMap<u64, String> = HashMap::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            let meta = std::fs::symlink_metadata(&path)?;
+            let ft = meta.file_type();
+            let what = if ft.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link->{}", std::fs::read_link(&path)?.display())
+            } else if ft.is_file() {
+                let digest = sha2::Sha256::digest(std::fs::read(&path)?);
+                let linked = if meta.nlink() > 1 {
+                    let first = inodes.entry(meta.ino()).or_insert_with(|| rel.clone()).clone();
+                    format!(
+                        " nlink={}",
+                        if first == rel {
+                            "first".to_string()
+                        } else {
+                            meta.nlink().to_string()
+                        }
+                    )
+                } else {
+                    String::new()
+                };
+                format!("file {digest:x}{}", if linked.is_empty() { "" } else { " hardlinked" })
+            } else if ft.is_fifo() {
+                "fifo".to_string()
+            } else if ft.is_char_device() || ft.is_block_device() {
+                format!("dev {}", meta.rdev())
+            } else {
+                "other".to_string()
+            };
+            tree.insert(
+                rel,
+                format!(
+                    "{what} mode={:o} owner={}:{}",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            );
+        }
+    }
+    Ok(tree)
+}
+
+fn diff_trees(
+    a: &std::collections::BTreeMap<String, String>,
+    b: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("missing {k} ({v})")),
+            Some(w) if w != v => out.push(format!("{k}: {v} != {w}")),
+            _ => {}
+        }
+    }
+    for k in b.keys().filter(|k| !a.contains_key(*k)) {
+        out.push(format!("extra {k}"));
+    }
+    out.truncate(20);
+    out
 }
 
 fn expect_snapshots(env: &Env, ns: &str, containers: &[&str], when: &str) -> Result<()> {

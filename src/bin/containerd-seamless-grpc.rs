@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
@@ -71,6 +72,9 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
     let snapshotter = Arc::new(snapshotter);
+    let commits = Arc::new(
+        CommitService::new(snapshotter.clone(), args.containerd_address.clone()).context("opening commit jobs")?,
+    );
     let listener = server::bind_socket(&args.address)?;
     info!(
         socket = %args.address.display(),
@@ -88,7 +92,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             _ = int.recv() => info!("SIGINT: draining"),
         }
     };
-    let served = server::run(listener, snapshotter, args.root.clone(), shutdown).await;
+    let served = server::run(listener, snapshotter, commits, args.root.clone(), shutdown).await;
     let _ = std::fs::remove_file(&args.address);
     served?;
     info!("stopped");

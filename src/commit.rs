@@ -1,0 +1,678 @@
+//! Seamless commit: captures a running container's writable layer with a
+//! pause of milliseconds, then builds an image from the capture and pushes it
+//! in the background. Owns the commit rules (what a valid request is, one
+//! commit at a time per container) and the job lifecycle; every state change
+//! is persisted, and a restarted daemon ends interrupted jobs as failed with
+//! their reason. Knows nothing of gRPC: errors carry the commit error codes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, instrument, warn};
+
+use crate::containerd::{validate_namespace, Containerd, ContainerdError};
+use crate::error::{Classify, ErrorKind};
+use crate::layer::{build_layer, BuildContext, Compression, PathFilter};
+use crate::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
+use crate::snapshotter::{SnapshotError, Snapshotter};
+
+/// How long a container may stay frozen before the watchdog thaws it.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The snapshotter name containers must use to be committed here.
+pub const SNAPSHOTTER_NAME: &str = "seamless";
+
+/// The error codes of seamless commit, shared by the CLI and the APIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CommitCode {
+    InvalidParameter,
+    ContainerNotFound,
+    PermissionDenied,
+    ContainerNotRunning,
+    SnapshotInProgress,
+    PauseTimeout,
+    AtomicSwitchFailed,
+    BackgroundProcessingFailed,
+    InternalError,
+}
+
+impl CommitCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitCode::InvalidParameter => "INVALID_PARAMETER",
+            CommitCode::ContainerNotFound => "CONTAINER_NOT_FOUND",
+            CommitCode::PermissionDenied => "PERMISSION_DENIED",
+            CommitCode::ContainerNotRunning => "CONTAINER_NOT_RUNNING",
+            CommitCode::SnapshotInProgress => "SNAPSHOT_IN_PROGRESS",
+            CommitCode::PauseTimeout => "PAUSE_TIMEOUT",
+            CommitCode::AtomicSwitchFailed => "ATOMIC_SWITCH_FAILED",
+            CommitCode::BackgroundProcessingFailed => "BACKGROUND_PROCESSING_FAILED",
+            CommitCode::InternalError => "INTERNAL_ERROR",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("container {container} in namespace {namespace} uses snapshotter {snapshotter:?}, not {SNAPSHOTTER_NAME}")]
+    WrongSnapshotter {
+        namespace: String,
+        container: String,
+        snapshotter: String,
+    },
+    #[error("a commit of container {container} is already in progress")]
+    InProgress { container: String },
+    #[error("no commit job {id}")]
+    JobNotFound { id: String },
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("commit job store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl CommitError {
+    /// The commit error code this error reports as.
+    pub fn code(&self) -> CommitCode {
+        match self {
+            CommitError::InvalidParameter(_) | CommitError::WrongSnapshotter { .. } => CommitCode::InvalidParameter,
+            CommitError::InProgress { .. } => CommitCode::SnapshotInProgress,
+            CommitError::JobNotFound { .. } => CommitCode::InvalidParameter,
+            CommitError::Containerd(e) => match e {
+                ContainerdError::NotFound { .. } => CommitCode::ContainerNotFound,
+                ContainerdError::NotRunning { .. } => CommitCode::ContainerNotRunning,
+                ContainerdError::BadNamespace { .. } | ContainerdError::Ambiguous { .. } => {
+                    CommitCode::InvalidParameter
+                }
+                _ => CommitCode::InternalError,
+            },
+            CommitError::Snapshot(SnapshotError::Capture(e)) => match e {
+                crate::capture::CaptureError::PauseTimeout { .. } => CommitCode::PauseTimeout,
+                _ => CommitCode::AtomicSwitchFailed,
+            },
+            CommitError::Snapshot(SnapshotError::ContainerSnapshotNotFound { .. }) => CommitCode::ContainerNotFound,
+            CommitError::Snapshot(SnapshotError::CaptureUnsupported { .. }) => CommitCode::AtomicSwitchFailed,
+            CommitError::Cgroup(_) => CommitCode::ContainerNotRunning,
+            CommitError::Snapshot(_) | CommitError::Store(_) | CommitError::Task(_) => CommitCode::InternalError,
+        }
+    }
+}
+
+impl Classify for CommitError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CommitError::JobNotFound { .. } => ErrorKind::NotFound,
+            CommitError::Containerd(e) => e.kind(),
+            CommitError::Snapshot(e) => e.kind(),
+            _ => match self.code() {
+                CommitCode::InvalidParameter => ErrorKind::InvalidArgument,
+                CommitCode::ContainerNotFound => ErrorKind::NotFound,
+                CommitCode::ContainerNotRunning => ErrorKind::FailedPrecondition,
+                CommitCode::SnapshotInProgress => ErrorKind::AlreadyExists,
+                CommitCode::PauseTimeout => ErrorKind::Unavailable,
+                _ => ErrorKind::Internal,
+            },
+        }
+    }
+}
+
+/// Image formats a commit can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Oci,
+    Nydus,
+}
+
+/// A commit request, as the CLI and the APIs give it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitOptions {
+    pub namespace: String,
+    pub container: String,
+    pub target: String,
+    pub format: Format,
+    pub work_dir: PathBuf,
+    pub fs_version: u32,
+    pub compressor: String,
+    pub target_insecure: bool,
+    pub source_insecure: bool,
+    pub with_paths: Vec<PathBuf>,
+    pub without_paths: Vec<PathBuf>,
+    pub maximum_times: u32,
+}
+
+impl CommitOptions {
+    /// Parses the wire form of a format name.
+    pub fn parse_format(text: &str) -> Result<Format, CommitError> {
+        match text {
+            "oci" => Ok(Format::Oci),
+            "nydus" | "" => Ok(Format::Nydus),
+            other => Err(CommitError::InvalidParameter(format!(
+                "format {other:?} is not one of nydus, oci"
+            ))),
+        }
+    }
+
+    /// Checks everything that does not need containerd.
+    pub fn validate(&self) -> Result<(), CommitError> {
+        let bad = |m: String| Err(CommitError::InvalidParameter(m));
+        validate_namespace(&self.namespace)?;
+        if self.container.is_empty() {
+            return bad("container must not be empty".into());
+        }
+        if self.format == Format::Nydus {
+            return bad("format nydus (RAFS) is not available in this build yet: use --format oci".into());
+        }
+        if oci_client::Reference::try_from(self.target.as_str()).is_err() || self.target.contains('@') {
+            return bad(format!(
+                "target {:?} is not an image reference such as registry/repo:tag",
+                self.target
+            ));
+        }
+        if !matches!(self.compressor.as_str(), "none" | "lz4_block" | "zstd") {
+            return bad(format!(
+                "compressor {:?} is not one of none, lz4_block, zstd",
+                self.compressor
+            ));
+        }
+        if !matches!(self.fs_version, 5 | 6) {
+            return bad(format!("fs-version {} is not 5 or 6", self.fs_version));
+        }
+        if !self.work_dir.is_absolute() || !self.work_dir.is_dir() {
+            return bad(format!(
+                "work-dir {} is not an existing absolute directory",
+                self.work_dir.display()
+            ));
+        }
+        if self.maximum_times == 0 {
+            return bad("maximum-times must be at least 1".into());
+        }
+        self.filter()
+            .validate()
+            .map_err(|e| CommitError::InvalidParameter(e.to_string()))?;
+        Ok(())
+    }
+
+    fn filter(&self) -> PathFilter {
+        PathFilter {
+            with_paths: self.with_paths.clone(),
+            without_paths: self.without_paths.clone(),
+        }
+    }
+
+    /// OCI layers take gzip where Nydus would take lz4 blocks.
+    fn oci_compression(&self) -> Compression {
+        match self.compressor.as_str() {
+            "none" => Compression::None,
+            "zstd" => Compression::Zstd,
+            _ => Compression::Gzip,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Processing => "processing",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// A commit job as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub snapshot_id: String,
+    pub container: String,
+    pub namespace: String,
+    pub source_image: String,
+    pub options: CommitOptions,
+    pub snapshot_key: String,
+    pub capture: PathBuf,
+    pub new_upper: PathBuf,
+    pub pause: Duration,
+    pub state: JobState,
+    pub progress: f64,
+    pub stage: String,
+    pub started: SystemTime,
+    pub ended: Option<SystemTime>,
+    pub error_code: Option<CommitCode>,
+    pub error: Option<String>,
+    pub manifest_digest: Option<String>,
+}
+
+/// What a started commit reports at once.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub snapshot_id: String,
+    pub pause: Duration,
+    pub old_upper: PathBuf,
+    pub new_upper: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct CommitService {
+    snapshotter: Arc<Snapshotter>,
+    containerd_address: PathBuf,
+    /// "<namespace>/<container id>" of commits not yet finished.
+    in_progress: Mutex<HashSet<String>>,
+}
+
+fn unix_nanos(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
+impl CommitService {
+    /// Creates the service and ends jobs a previous run left unfinished.
+    pub fn new(snapshotter: Arc<Snapshotter>, containerd_address: PathBuf) -> Result<CommitService, CommitError> {
+        let service = CommitService {
+            snapshotter,
+            containerd_address,
+            in_progress: Mutex::new(HashSet::new()),
+        };
+        for (id, bytes) in service.snapshotter.store().list_jobs()? {
+            let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
+                warn!(job = id, "unreadable commit job record left as is");
+                continue;
+            };
+            if matches!(job.state, JobState::Pending | JobState::Processing) {
+                job.state = JobState::Failed;
+                job.error_code = Some(CommitCode::BackgroundProcessingFailed);
+                job.error = Some(format!("the daemon stopped while the job was {}", job.stage));
+                job.ended = Some(SystemTime::now());
+                let _ = service.snapshotter.remove_capture(&job.capture);
+                service.save(&job)?;
+                warn!(job = id, "commit job interrupted by a restart marked failed");
+            }
+        }
+        Ok(service)
+    }
+
+    fn save(&self, job: &Job) -> Result<(), CommitError> {
+        // Plain data: serialising cannot fail.
+        let bytes = serde_json::to_vec(job).expect("job serialises");
+        self.snapshotter.store().put_job(&job.snapshot_id, &bytes)?;
+        Ok(())
+    }
+
+    pub fn job(&self, snapshot_id: &str) -> Result<Job, CommitError> {
+        let bytes = self
+            .snapshotter
+            .store()
+            .get_job(snapshot_id)?
+            .ok_or_else(|| CommitError::JobNotFound { id: snapshot_id.into() })?;
+        serde_json::from_slice(&bytes).map_err(|e| CommitError::Task(format!("job {snapshot_id} record: {e}")))
+    }
+
+    /// Captures the container and starts its background job.
+    #[instrument(skip_all, fields(namespace = %options.namespace, container = %options.container, target = %options.target))]
+    pub async fn commit(self: &Arc<Self>, options: CommitOptions) -> Result<Started, CommitError> {
+        options.validate()?;
+        let containerd = Containerd::connect(&self.containerd_address).await?;
+        let container = containerd.resolve(&options.namespace, &options.container).await?;
+        if container.snapshotter != SNAPSHOTTER_NAME {
+            return Err(CommitError::WrongSnapshotter {
+                namespace: container.namespace,
+                container: container.id,
+                snapshotter: container.snapshotter,
+            });
+        }
+        let (snapshot_key, id) = self
+            .snapshotter
+            .container_snapshot(&options.namespace, &container.snapshot_key)?;
+        let slot = format!("{}/{}", options.namespace, container.id);
+        if !self.in_progress.lock().expect("in-progress lock").insert(slot.clone()) {
+            return Err(CommitError::InProgress {
+                container: container.id,
+            });
+        }
+        let release = SlotGuard {
+            service: self.clone(),
+            slot: slot.clone(),
+        };
+        let freezer = crate::cgroup::freezer_of(container.pid)?;
+        let now = SystemTime::now();
+        let snapshot_id = format!("snapshot-{}", unix_nanos(now));
+        let snapshotter = self.snapshotter.clone();
+        let capture_name = snapshot_id.clone();
+        let captured =
+            tokio::task::spawn_blocking(move || snapshotter.capture(id, &capture_name, &freezer, PAUSE_TIMEOUT))
+                .await
+                .map_err(|e| CommitError::Task(e.to_string()))??;
+        let job = Job {
+            snapshot_id: snapshot_id.clone(),
+            container: container.id.clone(),
+            namespace: options.namespace.clone(),
+            source_image: container.image.clone(),
+            snapshot_key,
+            capture: captured.snapshot.clone(),
+            new_upper: self.snapshotter.upper_dir(id),
+            pause: captured.pause,
+            state: JobState::Pending,
+            progress: 0.0,
+            stage: "queued".into(),
+            started: now,
+            ended: None,
+            error_code: None,
+            error: None,
+            manifest_digest: None,
+            options,
+        };
+        self.save(&job)?;
+        let started = Started {
+            snapshot_id,
+            pause: captured.pause,
+            old_upper: captured.snapshot.join("fs"),
+            new_upper: job.new_upper.clone(),
+        };
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _release = release;
+            service.run_job(job).await;
+        });
+        Ok(started)
+    }
+
+    fn update(&self, job: &mut Job, progress: f64, stage: &str) {
+        job.state = JobState::Processing;
+        job.progress = progress;
+        job.stage = stage.to_string();
+        if let Err(e) = self.save(job) {
+            warn!(job = job.snapshot_id, error = %e, "cannot persist job progress");
+        }
+    }
+
+    #[instrument(skip_all, fields(snapshot_id = %job.snapshot_id))]
+    async fn run_job(&self, mut job: Job) {
+        let result = self.build_and_push(&mut job).await;
+        job.ended = Some(SystemTime::now());
+        match result {
+            Ok(digest) => {
+                job.state = JobState::Completed;
+                job.progress = 1.0;
+                job.stage = "completed".into();
+                job.manifest_digest = Some(digest);
+                info!(target = job.options.target, "commit pushed");
+            }
+            Err(message) => {
+                job.state = JobState::Failed;
+                job.error_code = Some(CommitCode::BackgroundProcessingFailed);
+                error!(stage = job.stage, error = %message, "commit job failed");
+                job.error = Some(format!("{}: {message}", job.stage));
+            }
+        }
+        if let Err(e) = self.snapshotter.remove_capture(&job.capture) {
+            warn!(capture = %job.capture.display(), error = %e, "cannot remove capture");
+        }
+        let _ = std::fs::remove_dir_all(job.options.work_dir.join(&job.snapshot_id));
+        if let Err(e) = self.save(&job) {
+            error!(error = %e, "cannot persist the job's end");
+        }
+    }
+
+    async fn build_and_push(&self, job: &mut Job) -> Result<String, String> {
+        let text = |e: RegistryError| e.to_string();
+        let work = job.options.work_dir.join(&job.snapshot_id);
+        std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+
+        self.update(job, 0.05, "reading the base image");
+        let source = RegistryClient::new(RegistryOptions {
+            insecure: job.options.source_insecure,
+            ..RegistryOptions::default()
+        });
+        let base = source
+            .pull_manifest_and_config(&job.source_image, &RegistryAuth::Anonymous)
+            .await
+            .map_err(text)?;
+
+        self.update(job, 0.15, "building the layer");
+        let lowers = self
+            .snapshotter
+            .lower_dirs(&job.snapshot_key)
+            .map_err(|e| e.to_string())?;
+        let upper = job.capture.join("fs");
+        let options = job.options.clone();
+        let layer_file = work.join("layer");
+        let out = layer_file.clone();
+        let layer = tokio::task::spawn_blocking(move || {
+            let filter = options.filter();
+            build_layer(
+                &BuildContext {
+                    upper: &upper,
+                    previous: None,
+                    lowers: &lowers,
+                    compression: options.oci_compression(),
+                    filter: &filter,
+                },
+                &out,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+
+        self.update(job, 0.5, "fetching base layers");
+        let mut layers = Vec::new();
+        let total = base.manifest.layers.len().max(1) as f64;
+        for (i, descriptor) in base.manifest.layers.iter().enumerate() {
+            let path = work.join(format!("base-{i}"));
+            source
+                .pull_blob_to(&job.source_image, &descriptor.digest, &path, &RegistryAuth::Anonymous)
+                .await
+                .map_err(text)?;
+            layers.push(LayerSource {
+                media_type: descriptor.media_type.clone(),
+                digest: descriptor.digest.clone(),
+                size: descriptor.size.max(0) as u64,
+                annotations: descriptor.annotations.clone().unwrap_or_default(),
+                data: LayerData::File(path),
+            });
+            self.update(job, 0.5 + 0.3 * (i + 1) as f64 / total, "fetching base layers");
+        }
+        layers.push(LayerSource {
+            media_type: layer.media_type.to_string(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+            annotations: BTreeMap::new(),
+            data: LayerData::File(layer_file),
+        });
+        let config = derive_config(&base.config, &layer.diff_id, &job.snapshot_id, job.started)?;
+
+        self.update(job, 0.85, "pushing the image");
+        let target = RegistryClient::new(RegistryOptions {
+            insecure: job.options.target_insecure,
+            ..RegistryOptions::default()
+        });
+        let annotations = BTreeMap::from([(
+            "org.opencontainers.image.base.name".to_string(),
+            job.source_image.clone(),
+        )]);
+        let pushed = target
+            .push_image(
+                &job.options.target,
+                &layers,
+                &config,
+                annotations,
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .map_err(text)?;
+        Ok(pushed.manifest_digest)
+    }
+}
+
+/// The base image's config with the new layer: its diff_id appended to
+/// `rootfs.diff_ids`, a history entry, and a new creation time.
+pub fn derive_config(base: &[u8], diff_id: &str, snapshot_id: &str, created: SystemTime) -> Result<Vec<u8>, String> {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(base).map_err(|e| format!("base image config is not JSON: {e}"))?;
+    let object = config.as_object_mut().ok_or("base image config is not a JSON object")?;
+    let created = rfc3339(created);
+    let rootfs = object
+        .entry("rootfs")
+        .or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
+    let diff_ids = rootfs
+        .get_mut("diff_ids")
+        .and_then(|d| d.as_array_mut())
+        .ok_or("base image config has no rootfs.diff_ids")?;
+    diff_ids.push(serde_json::Value::String(diff_id.to_string()));
+    let history = object.entry("history").or_insert_with(|| serde_json::json!([]));
+    if let Some(history) = history.as_array_mut() {
+        history.push(serde_json::json!({
+            "created": created,
+            "created_by": format!("seamless-commit {snapshot_id}"),
+            "comment": "committed by seamless-snapshotter while the container ran",
+        }));
+    }
+    object.insert("created".into(), serde_json::Value::String(created));
+    serde_json::to_vec(&config).map_err(|e| e.to_string())
+}
+
+/// UTC, second precision: `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Frees a container's commit slot when its job ends (or never starts).
+#[derive(Debug)]
+struct SlotGuard {
+    service: Arc<CommitService>,
+    slot: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.service.in_progress.lock() {
+            set.remove(&self.slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn options(work: &Path) -> CommitOptions {
+        CommitOptions {
+            namespace: "default".into(),
+            container: "c1".into(),
+            target: "127.0.0.1:5000/app:committed".into(),
+            format: Format::Oci,
+            work_dir: work.to_path_buf(),
+            fs_version: 6,
+            compressor: "lz4_block".into(),
+            target_insecure: true,
+            source_insecure: true,
+            with_paths: vec![],
+            without_paths: vec![],
+            maximum_times: 10,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_bad_parameter() {
+        let tmp = tempfile::tempdir().unwrap();
+        options(tmp.path()).validate().unwrap();
+        let check = |f: &dyn Fn(&mut CommitOptions), needle: &str| {
+            let mut o = options(tmp.path());
+            f(&mut o);
+            let e = o.validate().unwrap_err();
+            assert_eq!(e.code(), CommitCode::InvalidParameter, "{e}");
+            assert!(e.to_string().contains(needle), "{e} should mention {needle}");
+        };
+        check(&|o| o.format = Format::Nydus, "--format oci");
+        check(&|o| o.target = "UPPER/Case:tag".into(), "target");
+        check(&|o| o.target = "reg/app@sha256:00".into(), "target");
+        check(&|o| o.compressor = "lzma".into(), "compressor");
+        check(&|o| o.fs_version = 4, "fs-version");
+        check(&|o| o.work_dir = "relative".into(), "work-dir");
+        check(&|o| o.maximum_times = 0, "maximum-times");
+        check(&|o| o.with_paths = vec!["etc".into()], "etc");
+        check(&|o| o.namespace = "bad ns".into(), "namespace");
+        assert!(CommitOptions::parse_format("docker").is_err());
+        assert_eq!(CommitOptions::parse_format("").unwrap(), Format::Nydus);
+    }
+
+    #[test]
+    fn config_gains_the_layer_and_a_history_entry() {
+        let base = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/bin/sh"]},
+            "rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"history":[{"created_by":"base"}]}"#;
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let out = derive_config(base, "sha256:bb", "snapshot-1", t).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["rootfs"]["diff_ids"], serde_json::json!(["sha256:aa", "sha256:bb"]));
+        assert_eq!(v["history"].as_array().unwrap().len(), 2);
+        assert_eq!(v["history"][1]["created_by"], "seamless-commit snapshot-1");
+        assert_eq!(v["config"]["Cmd"][0], "/bin/sh");
+        assert_eq!(v["created"], rfc3339(t));
+        assert!(derive_config(b"[]", "sha256:bb", "s", t).is_err());
+        assert!(derive_config(br#"{"rootfs":{}}"#, "sha256:bb", "s", t).is_err());
+    }
+
+    #[test]
+    fn rfc3339_is_utc_seconds() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_440_645)),
+            "2026-11-23T13:30:45Z"
+        );
+    }
+
+    #[test]
+    fn codes_classify() {
+        let e = CommitError::InProgress { container: "c".into() };
+        assert_eq!(e.code(), CommitCode::SnapshotInProgress);
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        let e = CommitError::Containerd(ContainerdError::NotFound {
+            namespace: "n".into(),
+            query: "q".into(),
+        });
+        assert_eq!(e.code(), CommitCode::ContainerNotFound);
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(CommitCode::PauseTimeout.as_str(), "PAUSE_TIMEOUT");
+    }
+}
