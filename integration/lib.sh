@@ -9,6 +9,7 @@
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SEAMLESS_BIN=${SEAMLESS_GRPC_BIN:-$REPO/target/debug/containerd-seamless-grpc}
+CHECKPOINTCTL_BIN=${CHECKPOINTCTL_BIN:-$REPO/target/debug/checkpointctl}
 NS=${NS:-seamless-demo}
 declare -A ENV_PIDS=()
 
@@ -22,9 +23,11 @@ env_require() {
         command -v "$tool" >/dev/null || env_die "$tool is missing: run 'bash .ci/setup' first"
     done
     [[ -x $SEAMLESS_BIN ]] || env_die "$SEAMLESS_BIN is missing: run 'cargo build' (or 'bash .ci/setup')"
+    [[ -x $CHECKPOINTCTL_BIN ]] || env_die "$CHECKPOINTCTL_BIN is missing: run 'cargo build' (or 'bash .ci/setup')"
 }
 
 ctrn() { ctr --address "$ENV_DIR/c.sock" -n "$NS" "$@"; }
+checkpointctl() { "$CHECKPOINTCTL_BIN" --address "$ENV_DIR/s.sock" --namespace "$NS" "$@"; }
 
 env_wait() { # what, seconds, pid, command...
     local what=$1 secs=$2 pid=$3 i
@@ -131,7 +134,8 @@ env_up() {
     trap 'exit 143' TERM
     local port
     port=$(env_free_port)
-    IMAGE=127.0.0.1:$port/seamless-demo:1
+    REGISTRY=127.0.0.1:$port
+    IMAGE=$REGISTRY/seamless-demo:1
     cat >"$ENV_DIR/registry.yml" <<EOT
 version: 0.1
 storage:

@@ -666,6 +666,67 @@ fn seamless_commit_pushes_the_container_view() {
             "the capture is removed after the push"
         );
 
+        // The CLI against the same daemon: exit codes and messages of the issue.
+        let cli = |args: &[&str]| -> Result<(i32, String, String)> {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .arg("--address")
+                .arg(env.daemon_socket())
+                .arg("--namespace")
+                .arg(&ns)
+                .args(args)
+                .output()?;
+            Ok((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        };
+        let (code, _, err) = cli(&[
+            "seamless-commit",
+            "--container",
+            "no-such-container",
+            "--target",
+            &target,
+            "--format",
+            "oci",
+        ])?;
+        ensure!(
+            code == 3 && err.starts_with("FATA[") && err.contains("CONTAINER_NOT_FOUND"),
+            "{code} {err}"
+        );
+        let (code, _, err) = cli(&["seamless-commit", "--container", &id, "--target", &target])?;
+        ensure!(code == 2 && err.contains("--format oci"), "nydus default: {code} {err}");
+        let (code, out, err) = cli(&[
+            "seamless-commit",
+            "--container",
+            &id,
+            "--target",
+            &target,
+            "--format",
+            "oci",
+            "--target-insecure",
+            "--source-insecure",
+            "--work-dir",
+            &work.display().to_string(),
+            "--wait",
+        ])?;
+        ensure!(code == 0, "second commit through the CLI: {code} {out} {err}");
+        for line in [
+            "Seamless snapshot created successfully:",
+            "  Snapshot ID: snapshot-",
+            "  Pause Time: ",
+            "  Old Upper Dir: ",
+            "  New Upper Dir: ",
+            "Background commit processing started for snapshot: snapshot-",
+            "Background processing completed successfully.",
+        ] {
+            ensure!(
+                out.lines().any(|l| l.starts_with(line)),
+                "CLI output lacks {line:?}:\n{out}"
+            );
+        }
+        eprintln!("{out}");
+
         for (snapshotter, name) in [("overlayfs", "builtin"), ("seamless", "seamless")] {
             let ns2 = env.namespace(&format!("pull-{name}"));
             env.ctr(

@@ -1,0 +1,295 @@
+//! checkpointctl: the command-line client of the daemon's control API
+//! (proto/seamless/v1/control.proto).
+//!
+//! One file per subcommand; this file owns the global options, the dispatch,
+//! the error type and the only mapping from errors to exit codes. It must not
+//! hold subcommand logic.
+
+mod daemon;
+mod seamless_commit;
+mod version;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use tonic::Code;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "checkpointctl",
+    version,
+    about = "commit running containers through containerd-seamless-grpc"
+)]
+struct Cli {
+    /// Unix socket of containerd-seamless-grpc.
+    #[arg(
+        long,
+        global = true,
+        env = "CHECKPOINTCTL_ADDRESS",
+        default_value = "/run/containerd-seamless/containerd-seamless-grpc.sock"
+    )]
+    address: PathBuf,
+    /// containerd namespace of the container.
+    #[arg(long, global = true, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Capture a running container's writable layer and build and push an image from it.
+    SeamlessCommit(seamless_commit::Args),
+    /// Print the daemon's version, storage and root.
+    Version,
+}
+
+/// Everything that can fail after the arguments parsed. Each variant names
+/// what failed; `exit_code` is the only place that turns one into a status.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the daemon at {}: {reason}", socket.display())]
+    Unreachable { socket: PathBuf, reason: String },
+    // Boxed: a Status is large and this error travels up every call.
+    #[error("{action}: {}", status.message())]
+    Rpc { action: String, status: Box<tonic::Status> },
+    #[error("background processing of snapshot {snapshot_id} failed: {code}: {reason}")]
+    JobFailed {
+        snapshot_id: String,
+        code: String,
+        reason: String,
+    },
+    #[error("timed out after {waited} waiting for snapshot {snapshot_id}, job still {state}")]
+    WaitTimeout {
+        snapshot_id: String,
+        waited: String,
+        state: String,
+    },
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl CliError {
+    /// A call the daemon answered with an error.
+    pub fn rpc(action: impl Into<String>, status: tonic::Status) -> CliError {
+        CliError::Rpc {
+            action: action.into(),
+            status: Box::new(status),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", fatal_line(SystemTime::now(), &e.to_string()));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, args).await,
+            Command::Version => version::run(&cli.address).await,
+        }
+    })
+}
+
+/// 0 ok, 1 general, 2 bad arguments, 3 container not found, 4 permission,
+/// 5 network. The daemon's commit error code (the message prefix) decides
+/// first, then the gRPC code.
+fn exit_code(err: &CliError) -> u8 {
+    match err {
+        CliError::Unreachable { .. } => 5,
+        CliError::Rpc { status, .. } => {
+            let prefix = status.message().split_once(": ").map(|(code, _)| code);
+            prefix.and_then(commit_code_exit).unwrap_or(match status.code() {
+                Code::InvalidArgument => 2,
+                Code::NotFound => 3,
+                Code::PermissionDenied => 4,
+                Code::Unavailable => 5,
+                _ => 1,
+            })
+        }
+        CliError::JobFailed { code, .. } => commit_code_exit(code).unwrap_or(1),
+        CliError::WaitTimeout { .. } | CliError::Runtime(_) => 1,
+    }
+}
+
+/// Exit codes of the commit error codes that have one of their own.
+fn commit_code_exit(code: &str) -> Option<u8> {
+    match code {
+        "INVALID_PARAMETER" => Some(2),
+        "CONTAINER_NOT_FOUND" => Some(3),
+        "PERMISSION_DENIED" => Some(4),
+        _ => None,
+    }
+}
+
+/// `FATA[2026-11-23T13:30:00Z] message`, always one line: scripts read the
+/// last line of stderr.
+fn fatal_line(at: SystemTime, message: &str) -> String {
+    let message = message.replace(['\r', '\n'], " ");
+    format!("FATA[{}] {message}", rfc3339_utc(at))
+}
+
+/// RFC 3339 in UTC to the second. Hand-rolled because the crate carries no
+/// calendar dependency; times before 1970 clamp to the epoch.
+fn rfc3339_utc(at: SystemTime) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`, restricted to non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn rpc(status: tonic::Status) -> CliError {
+        CliError::rpc("seamless commit of container c1", status)
+    }
+
+    #[test]
+    fn fatal_line_is_timestamped_in_utc_to_the_second() {
+        let line = fatal_line(at(1_795_440_600) + Duration::from_millis(999), "no daemon");
+        assert_eq!(line, "FATA[2026-11-23T13:30:00Z] no daemon");
+    }
+
+    #[test]
+    fn fatal_line_stays_on_one_line() {
+        assert_eq!(fatal_line(at(0), "a\nb\r\nc"), "FATA[1970-01-01T00:00:00Z] a b  c");
+    }
+
+    #[test]
+    fn timestamps_cross_leap_days_and_centuries() {
+        assert_eq!(rfc3339_utc(at(951_868_799)), "2000-02-29T23:59:59Z");
+        assert_eq!(rfc3339_utc(at(951_868_800)), "2000-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(at(4_107_542_400)), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn commit_error_codes_decide_before_grpc_codes() {
+        let cases = [
+            (
+                tonic::Status::failed_precondition("INVALID_PARAMETER: target is empty"),
+                2,
+            ),
+            (tonic::Status::unknown("CONTAINER_NOT_FOUND: no container c1"), 3),
+            (tonic::Status::internal("PERMISSION_DENIED: cannot freeze c1"), 4),
+            (tonic::Status::unavailable("INTERNAL_ERROR: registry unreachable"), 5),
+            (
+                tonic::Status::failed_precondition("CONTAINER_NOT_RUNNING: c1 is stopped"),
+                1,
+            ),
+            (
+                tonic::Status::internal("SNAPSHOT_IN_PROGRESS: c1 is being committed"),
+                1,
+            ),
+        ];
+        for (status, code) in cases {
+            assert_eq!(exit_code(&rpc(status.clone())), code, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_codes_decide_without_a_known_commit_code() {
+        let cases = [
+            (tonic::Status::invalid_argument("bad request"), 2),
+            (tonic::Status::not_found("no such snapshot"), 3),
+            (tonic::Status::permission_denied("denied"), 4),
+            (tonic::Status::unavailable("connection reset"), 5),
+            (tonic::Status::internal("boom"), 1),
+            (tonic::Status::unimplemented("GetCommit"), 1),
+        ];
+        for (status, code) in cases {
+            assert_eq!(exit_code(&rpc(status.clone())), code, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn local_failures_have_their_own_codes() {
+        let unreachable = CliError::Unreachable {
+            socket: "/run/x.sock".into(),
+            reason: "No such file or directory (os error 2)".into(),
+        };
+        assert_eq!(exit_code(&unreachable), 5);
+        assert_eq!(
+            unreachable.to_string(),
+            "cannot reach the daemon at /run/x.sock: No such file or directory (os error 2)"
+        );
+        let failed = |code: &str| CliError::JobFailed {
+            snapshot_id: "s1".into(),
+            code: code.into(),
+            reason: "r".into(),
+        };
+        assert_eq!(exit_code(&failed("PERMISSION_DENIED")), 4);
+        assert_eq!(exit_code(&failed("BACKGROUND_PROCESSING_FAILED")), 1);
+        let timeout = CliError::WaitTimeout {
+            snapshot_id: "s1".into(),
+            waited: "30m".into(),
+            state: "processing".into(),
+        };
+        assert_eq!(exit_code(&timeout), 1);
+    }
+
+    #[test]
+    fn rpc_errors_show_the_daemon_message_not_the_status_debug() {
+        let err = rpc(tonic::Status::not_found("CONTAINER_NOT_FOUND: no container c1"));
+        assert_eq!(
+            err.to_string(),
+            "seamless commit of container c1: CONTAINER_NOT_FOUND: no container c1"
+        );
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let err = Cli::try_parse_from(["checkpointctl", "seamless-commit", "--target", "r/x:1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn global_options_have_defaults() {
+        let cli = Cli::try_parse_from(["checkpointctl", "version"]).unwrap();
+        assert_eq!(cli.namespace, "default");
+        assert_eq!(
+            cli.address,
+            PathBuf::from("/run/containerd-seamless/containerd-seamless-grpc.sock")
+        );
+    }
+}

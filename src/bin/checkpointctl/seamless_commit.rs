@@ -1,0 +1,605 @@
+//! `checkpointctl seamless-commit`: capture a running container's writable
+//! layer and start the background job that builds and pushes the image;
+//! with `--wait`, follow that job to its end.
+//!
+//! Arguments are validated here, by clap, before the daemon is asked: bad
+//! values exit 2 without a connection.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum;
+use seamless_snapshotter::proto::control_client::ControlClient;
+use seamless_snapshotter::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest, SeamlessCommitResponse};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::{daemon, CliError};
+
+/// How often `--wait` asks the daemon about the job.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Container id or unique id prefix.
+    #[arg(long, value_parser = non_empty)]
+    container: String,
+    /// Image reference to push to.
+    #[arg(long, value_parser = non_empty)]
+    target: String,
+    /// Layer format of the image.
+    #[arg(long, value_enum, default_value_t = Format::Nydus)]
+    format: Format,
+    /// Wait for the background job to build and push the image.
+    #[arg(long)]
+    wait: bool,
+    /// Working directory of the background job, on the daemon's host.
+    #[arg(long, default_value = "/tmp", value_parser = absolute_path)]
+    work_dir: PathBuf,
+    /// Nydus filesystem version.
+    #[arg(long, value_enum, default_value_t = FsVersion::V6)]
+    fs_version: FsVersion,
+    /// Compression of the layer data.
+    #[arg(long, value_enum, default_value_t = Compressor::Lz4Block)]
+    compressor: Compressor,
+    /// Plain HTTP or unverified TLS to the target registry.
+    #[arg(long)]
+    target_insecure: bool,
+    /// Plain HTTP or unverified TLS to the source registry.
+    #[arg(long)]
+    source_insecure: bool,
+    /// Include only this absolute path (container view); repeatable.
+    #[arg(long = "with-path", value_name = "PATH", value_parser = absolute_path)]
+    with_paths: Vec<PathBuf>,
+    /// Leave out this absolute path (container view); repeatable.
+    #[arg(long = "without-path", value_name = "PATH", value_parser = absolute_path)]
+    without_paths: Vec<PathBuf>,
+    /// Most commit layers in the container's chain before older ones are merged.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    maximum_times: u32,
+    /// Longest `--wait` follows the job: 90s, 5m, 1h, 1h30m.
+    #[arg(long, default_value = "30m", value_parser = parse_wait_timeout)]
+    wait_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Nydus,
+    Oci,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FsVersion {
+    #[value(name = "5")]
+    V5,
+    #[value(name = "6")]
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Compressor {
+    None,
+    #[value(name = "lz4_block")]
+    Lz4Block,
+    Zstd,
+}
+
+impl Format {
+    fn as_str(self) -> &'static str {
+        match self {
+            Format::Nydus => "nydus",
+            Format::Oci => "oci",
+        }
+    }
+}
+
+impl FsVersion {
+    fn number(self) -> u32 {
+        match self {
+            FsVersion::V5 => 5,
+            FsVersion::V6 => 6,
+        }
+    }
+}
+
+impl Compressor {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compressor::None => "none",
+            Compressor::Lz4Block => "lz4_block",
+            Compressor::Zstd => "zstd",
+        }
+    }
+}
+
+impl Args {
+    fn request(&self, namespace: &str) -> SeamlessCommitRequest {
+        let paths = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect();
+        SeamlessCommitRequest {
+            namespace: namespace.to_owned(),
+            container: self.container.clone(),
+            target: self.target.clone(),
+            format: self.format.as_str().to_owned(),
+            work_dir: self.work_dir.display().to_string(),
+            fs_version: self.fs_version.number(),
+            compressor: self.compressor.as_str().to_owned(),
+            target_insecure: self.target_insecure,
+            source_insecure: self.source_insecure,
+            with_paths: paths(&self.with_paths),
+            without_paths: paths(&self.without_paths),
+            maximum_times: self.maximum_times,
+        }
+    }
+}
+
+pub async fn run(socket: &Path, namespace: &str, args: Args) -> Result<(), CliError> {
+    let mut client = daemon::connect(socket).await?;
+    let created = client
+        .seamless_commit(args.request(namespace))
+        .await
+        .map_err(|status| CliError::rpc(format!("seamless commit of container {}", args.container), status))?
+        .into_inner();
+    print!("{}", render_created(&created));
+    if !args.wait {
+        return Ok(());
+    }
+    let job = wait_for_job(&mut client, &created.snapshot_id, args.wait_timeout).await?;
+    print!("{}", render_completed(&args.target, &job));
+    Ok(())
+}
+
+/// Polls until the job completes (returned), fails or outlives `timeout`
+/// (errors). Progress goes to stderr, one line per change.
+async fn wait_for_job(
+    client: &mut ControlClient<Channel>,
+    snapshot_id: &str,
+    timeout: Duration,
+) -> Result<CommitJob, CliError> {
+    let deadline = Instant::now() + timeout;
+    let mut last_progress = String::new();
+    loop {
+        let job = client
+            .get_commit(GetCommitRequest {
+                snapshot_id: snapshot_id.to_owned(),
+            })
+            .await
+            .map_err(|status| CliError::rpc(format!("status of snapshot {snapshot_id}"), status))?
+            .into_inner();
+        let progress = render_progress(&job);
+        if progress != last_progress {
+            eprintln!("{progress}");
+            last_progress = progress;
+        }
+        match job.state.as_str() {
+            "completed" => return Ok(job),
+            "failed" => {
+                return Err(CliError::JobFailed {
+                    snapshot_id: snapshot_id.to_owned(),
+                    code: job.error_code,
+                    reason: job.error,
+                })
+            }
+            // "pending", "processing", or a state newer than this client.
+            _ => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(CliError::WaitTimeout {
+                snapshot_id: snapshot_id.to_owned(),
+                waited: format_wait(timeout),
+                state: job.state,
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+    }
+}
+
+fn render_created(created: &SeamlessCommitResponse) -> String {
+    format!(
+        "Seamless snapshot created successfully:\n  \
+         Snapshot ID: {id}\n  \
+         Pause Time: {pause}\n  \
+         Old Upper Dir: {old}\n  \
+         New Upper Dir: {new}\n\
+         Background commit processing started for snapshot: {id}\n",
+        id = created.snapshot_id,
+        pause = format_pause(created.pause_time_ns),
+        old = created.old_upper_dir,
+        new = created.new_upper_dir,
+    )
+}
+
+fn render_completed(target: &str, job: &CommitJob) -> String {
+    format!(
+        "Background processing completed successfully.\nImage: {target}@{}\n",
+        job.manifest_digest
+    )
+}
+
+/// `progress: 45% building layer`; the state stands in for an empty stage.
+fn render_progress(job: &CommitJob) -> String {
+    // Saturating cast: a NaN from a confused daemon shows as 0%.
+    let percent = (job.progress.clamp(0.0, 1.0) * 100.0).round() as u32;
+    let doing = if job.stage.is_empty() { &job.state } else { &job.stage };
+    format!("progress: {percent}% {doing}").trim_end().to_owned()
+}
+
+/// Milliseconds with two decimals below a second, seconds with three above.
+fn format_pause(nanos: u64) -> String {
+    if nanos < 1_000_000_000 {
+        format!("{:.2}ms", nanos as f64 / 1e6)
+    } else {
+        format!("{:.3}s", nanos as f64 / 1e9)
+    }
+}
+
+/// Go-style durations of whole seconds: one or more of `<n>h`, `<n>m`,
+/// `<n>s`, in that order, each at most once: 90s, 5m, 1h, 1h30m. Zero is
+/// refused, since it would time out before the first poll.
+fn parse_wait_timeout(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {text:?}: expected e.g. 90s, 5m, 1h or 1h30m");
+    let mut total: u64 = 0;
+    let mut rest = text;
+    let mut smallest_unit_so_far = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let unit = match &rest[digits..digits + unit_len] {
+            "h" => 3600,
+            "m" => 60,
+            "s" => 1,
+            _ => return Err(invalid()),
+        };
+        if unit >= smallest_unit_so_far {
+            return Err(invalid());
+        }
+        smallest_unit_so_far = unit;
+        total = value
+            .checked_mul(unit)
+            .and_then(|secs| total.checked_add(secs))
+            .ok_or_else(invalid)?;
+        rest = &rest[digits + unit_len..];
+    }
+    if total == 0 {
+        return Err(format!("invalid duration {text:?}: must be longer than zero"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// The inverse of `parse_wait_timeout`, for messages: 1h30m, 90s -> 1m30s.
+fn format_wait(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    let parts = [(secs / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s")];
+    let text: String = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() {
+        "0s".to_owned()
+    } else {
+        text
+    }
+}
+
+fn absolute_path(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!("path {text:?} must be absolute"))
+    }
+}
+
+fn non_empty(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = [
+            "checkpointctl",
+            "--container",
+            "c1",
+            "--target",
+            "registry.local/app:v2",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|cli| cli.args)
+    }
+
+    #[test]
+    fn wait_timeouts_parse() {
+        let cases = [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("1h30m", 5400),
+            ("1h0m5s", 3605),
+            ("2m30s", 150),
+        ];
+        for (text, secs) in cases {
+            assert_eq!(parse_wait_timeout(text), Ok(Duration::from_secs(secs)), "{text}");
+        }
+    }
+
+    #[test]
+    fn garbage_wait_timeouts_are_refused() {
+        for text in [
+            "", "30", "m", "5x", "1.5h", "-5m", "5 m", "30m1h", "1h1h", "0s", "0h0m", "1d", "5mm", "h5",
+        ] {
+            assert!(parse_wait_timeout(text).is_err(), "{text:?} parsed");
+        }
+        assert!(parse_wait_timeout("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn wait_timeouts_print_back() {
+        assert_eq!(format_wait(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(format_wait(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_wait(Duration::from_secs(1800)), "30m");
+    }
+
+    #[test]
+    fn pause_is_milliseconds_below_a_second() {
+        assert_eq!(format_pause(4_210_000), "4.21ms");
+        assert_eq!(format_pause(0), "0.00ms");
+        assert_eq!(format_pause(999_990_000), "999.99ms");
+        assert_eq!(format_pause(1_000_000_000), "1.000s");
+        assert_eq!(format_pause(12_345_678_901), "12.346s");
+    }
+
+    #[test]
+    fn defaults_become_the_request() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.wait_timeout, Duration::from_secs(1800));
+        assert!(!args.wait);
+        let request = args.request("k8s.io");
+        assert_eq!(
+            request,
+            SeamlessCommitRequest {
+                namespace: "k8s.io".into(),
+                container: "c1".into(),
+                target: "registry.local/app:v2".into(),
+                format: "nydus".into(),
+                work_dir: "/tmp".into(),
+                fs_version: 6,
+                compressor: "lz4_block".into(),
+                target_insecure: false,
+                source_insecure: false,
+                with_paths: vec![],
+                without_paths: vec![],
+                maximum_times: 10,
+            }
+        );
+    }
+
+    #[test]
+    fn every_option_reaches_the_request() {
+        let args = parse(&[
+            "--format=oci",
+            "--fs-version=5",
+            "--compressor=zstd",
+            "--work-dir=/var/tmp",
+            "--target-insecure",
+            "--source-insecure",
+            "--with-path=/data",
+            "--with-path=/etc",
+            "--without-path=/data/cache",
+            "--maximum-times=3",
+            "--wait",
+            "--wait-timeout=1h30m",
+        ])
+        .unwrap();
+        assert!(args.wait);
+        assert_eq!(args.wait_timeout, Duration::from_secs(5400));
+        let request = args.request("default");
+        assert_eq!(request.format, "oci");
+        assert_eq!(request.fs_version, 5);
+        assert_eq!(request.compressor, "zstd");
+        assert_eq!(request.work_dir, "/var/tmp");
+        assert!(request.target_insecure && request.source_insecure);
+        assert_eq!(request.with_paths, ["/data", "/etc"]);
+        assert_eq!(request.without_paths, ["/data/cache"]);
+        assert_eq!(request.maximum_times, 3);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for extra in [
+            &["--format=docker"][..],
+            &["--fs-version=4"],
+            &["--compressor=gzip"],
+            &["--with-path=data"],
+            &["--without-path=./cache"],
+            &["--work-dir=tmp"],
+            &["--maximum-times=0"],
+            &["--wait-timeout=soon"],
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{extra:?}");
+        }
+        let err = Cli::try_parse_from(["checkpointctl", "--container", "", "--target", "r/x:1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn creation_prints_the_documented_block() {
+        let created = SeamlessCommitResponse {
+            snapshot_id: "snap-7".into(),
+            pause_time_ns: 4_210_000,
+            old_upper_dir: "/var/lib/containerd-seamless/snapshots/7/fs".into(),
+            new_upper_dir: "/var/lib/containerd-seamless/snapshots/8/fs".into(),
+        };
+        assert_eq!(
+            render_created(&created),
+            "Seamless snapshot created successfully:\n\
+             \x20 Snapshot ID: snap-7\n\
+             \x20 Pause Time: 4.21ms\n\
+             \x20 Old Upper Dir: /var/lib/containerd-seamless/snapshots/7/fs\n\
+             \x20 New Upper Dir: /var/lib/containerd-seamless/snapshots/8/fs\n\
+             Background commit processing started for snapshot: snap-7\n"
+        );
+    }
+
+    #[test]
+    fn completion_names_the_pushed_manifest() {
+        let job = CommitJob {
+            state: "completed".into(),
+            manifest_digest: "sha256:abc".into(),
+            ..CommitJob::default()
+        };
+        assert_eq!(
+            render_completed("registry.local/app:v2", &job),
+            "Background processing completed successfully.\nImage: registry.local/app:v2@sha256:abc\n"
+        );
+    }
+
+    #[test]
+    fn progress_lines_show_percent_and_stage() {
+        let job = |progress, state: &str, stage: &str| CommitJob {
+            progress,
+            state: state.into(),
+            stage: stage.into(),
+            ..CommitJob::default()
+        };
+        assert_eq!(
+            render_progress(&job(0.454, "processing", "building layer")),
+            "progress: 45% building layer"
+        );
+        assert_eq!(render_progress(&job(0.0, "pending", "")), "progress: 0% pending");
+        assert_eq!(
+            render_progress(&job(1.7, "processing", "pushing")),
+            "progress: 100% pushing"
+        );
+        assert_eq!(
+            render_progress(&job(f64::NAN, "processing", "")),
+            "progress: 0% processing"
+        );
+    }
+
+    /// A daemon whose GetCommit answers from a script, one job per call,
+    /// repeating the last.
+    struct ScriptedDaemon {
+        jobs: std::sync::Mutex<std::collections::VecDeque<CommitJob>>,
+    }
+
+    #[tonic::async_trait]
+    impl seamless_snapshotter::proto::control_server::Control for ScriptedDaemon {
+        async fn version(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::VersionRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::VersionResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("version"))
+        }
+
+        async fn seamless_commit(
+            &self,
+            _: tonic::Request<SeamlessCommitRequest>,
+        ) -> Result<tonic::Response<SeamlessCommitResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("seamless commit"))
+        }
+
+        async fn get_commit(
+            &self,
+            request: tonic::Request<GetCommitRequest>,
+        ) -> Result<tonic::Response<CommitJob>, tonic::Status> {
+            assert_eq!(request.get_ref().snapshot_id, "snap-7");
+            let mut jobs = self.jobs.lock().unwrap();
+            let job = if jobs.len() > 1 {
+                jobs.pop_front()
+            } else {
+                jobs.front().cloned()
+            };
+            Ok(tonic::Response::new(job.expect("script is not empty")))
+        }
+    }
+
+    async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let daemon = ScriptedDaemon {
+            jobs: std::sync::Mutex::new(script.into()),
+        };
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(seamless_snapshotter::proto::control_server::ControlServer::new(daemon))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let mut client = daemon::connect(&socket).await.unwrap();
+        let result = wait_for_job(&mut client, "snap-7", timeout).await;
+        server.abort();
+        result
+    }
+
+    fn job(state: &str, progress: f64) -> CommitJob {
+        CommitJob {
+            snapshot_id: "snap-7".into(),
+            state: state.into(),
+            progress,
+            stage: "building layer".into(),
+            ..CommitJob::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_with_the_completed_job() {
+        let done = CommitJob {
+            manifest_digest: "sha256:abc".into(),
+            ..job("completed", 1.0)
+        };
+        let script = vec![job("pending", 0.0), job("processing", 0.45), done];
+        let finished = wait_on_script(script, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(finished.manifest_digest, "sha256:abc");
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_is_an_error_with_its_code() {
+        let failed = CommitJob {
+            error_code: "PERMISSION_DENIED".into(),
+            error: "push to registry.local/app denied".into(),
+            ..job("failed", 0.8)
+        };
+        let err = wait_on_script(vec![job("processing", 0.5), failed], Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "background processing of snapshot snap-7 failed: PERMISSION_DENIED: push to registry.local/app denied"
+        );
+        assert!(matches!(err, CliError::JobFailed { ref code, .. } if code == "PERMISSION_DENIED"));
+    }
+
+    #[tokio::test]
+    async fn waiting_gives_up_at_the_timeout() {
+        let started = std::time::Instant::now();
+        let err = wait_on_script(vec![job("processing", 0.1)], Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            err.to_string(),
+            "timed out after 1s waiting for snapshot snap-7, job still processing"
+        );
+    }
+}
