@@ -761,6 +761,114 @@ fn seamless_commit_pushes_the_container_view() {
     });
 }
 
+/// A second commit of a container whose job is still running is refused
+/// with SNAPSHOT_IN_PROGRESS; a daemon killed mid-job leaves the container
+/// running and thawed, and the restarted daemon reports the job failed with
+/// its reason, removes the capture and commits again.
+#[test]
+fn commit_in_progress_and_daemon_killed_mid_job() {
+    use seamless_snapshotter::proto::control_client::ControlClient;
+    use seamless_snapshotter::proto::{GetCommitRequest, SeamlessCommitRequest};
+
+    with_env("commitkill", Options::default(), |env| {
+        let ns = env.namespace("k");
+        env.pull(&ns)?;
+        let id = env.container_id("busy");
+        env.run_container(&ns, &id)?;
+        // Incompressible data keeps the background build busy for a while.
+        env.exec(
+            &ns,
+            &id,
+            "dd if=/dev/urandom of=/big bs=1M count=64 2>/dev/null && sync",
+        )?;
+        let work = env.dir().join("kill-work");
+        std::fs::create_dir_all(&work)?;
+        let request = SeamlessCommitRequest {
+            namespace: ns.clone(),
+            container: id.clone(),
+            target: env.registry_ref("killed/app:1"),
+            format: "oci".into(),
+            work_dir: work.display().to_string(),
+            compressor: "zstd".into(),
+            target_insecure: true,
+            source_insecure: true,
+            ..Default::default()
+        };
+        let runtime = tokio::runtime::Runtime::new()?;
+        let connect = |socket: std::path::PathBuf| async move {
+            let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    tokio::net::UnixStream::connect(socket.clone())
+                }))
+                .await?;
+            Ok::<_, anyhow::Error>(ControlClient::new(channel))
+        };
+        let (first, second) = runtime.block_on(async {
+            let mut control = connect(env.daemon_socket()).await?;
+            let first = control.seamless_commit(request.clone()).await?.into_inner();
+            let second = control.seamless_commit(request.clone()).await;
+            Ok::<_, anyhow::Error>((first, second))
+        })?;
+        let refused = second.expect_err("a second commit while the first job runs is refused");
+        ensure!(
+            refused.code() == tonic::Code::AlreadyExists && refused.message().starts_with("SNAPSHOT_IN_PROGRESS"),
+            "{refused:?}"
+        );
+
+        // Kill the daemon while the job builds or pushes.
+        env.signal_daemon(Signal::SIGKILL)?;
+        ensure!(
+            Path::new(&first.old_upper_dir).exists(),
+            "the capture exists while its job is interrupted"
+        );
+        env.start_daemon()?;
+        let job = runtime.block_on(async {
+            let mut control = connect(env.daemon_socket()).await?;
+            Ok::<_, anyhow::Error>(
+                control
+                    .get_commit(GetCommitRequest {
+                        snapshot_id: first.snapshot_id.clone(),
+                    })
+                    .await?
+                    .into_inner(),
+            )
+        })?;
+        ensure!(
+            job.state == "failed"
+                && job.error_code == "BACKGROUND_PROCESSING_FAILED"
+                && job.error.contains("daemon stopped"),
+            "interrupted job after restart: {job:?}"
+        );
+        ensure!(
+            !Path::new(&first.old_upper_dir).exists(),
+            "the interrupted job's capture is removed"
+        );
+        let out = env.exec(&ns, &id, "echo alive > /alive && cat /alive")?;
+        ensure!(out.trim() == "alive", "container works after the kill: {out:?}");
+
+        let again = retry(Duration::from_secs(15), "commit after the restart", || {
+            runtime.block_on(async {
+                let mut control = connect(env.daemon_socket()).await?;
+                let started = control.seamless_commit(request.clone()).await?.into_inner();
+                loop {
+                    let job = control
+                        .get_commit(GetCommitRequest {
+                            snapshot_id: started.snapshot_id.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    if job.state == "completed" || job.state == "failed" {
+                        return Ok::<_, anyhow::Error>(job);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })?;
+        ensure!(again.state == "completed", "commit after restart: {again:?}");
+        Ok(())
+    });
+}
+
 /// Every entry under `root`: type, mode, owner, and content or link target.
 fn tree_of(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     use sha2::Digest;
