@@ -277,6 +277,8 @@ pub struct CommitService {
     containerd_address: PathBuf,
     /// "<namespace>/<container id>" of commits not yet finished.
     in_progress: Mutex<HashSet<String>>,
+    /// Bounds the background jobs that run at once.
+    workers: tokio::sync::Semaphore,
 }
 
 fn unix_nanos(t: SystemTime) -> u128 {
@@ -285,11 +287,16 @@ fn unix_nanos(t: SystemTime) -> u128 {
 
 impl CommitService {
     /// Creates the service and ends jobs a previous run left unfinished.
-    pub fn new(snapshotter: Arc<Snapshotter>, containerd_address: PathBuf) -> Result<CommitService, CommitError> {
+    pub fn new(
+        snapshotter: Arc<Snapshotter>,
+        containerd_address: PathBuf,
+        background_workers: u32,
+    ) -> Result<CommitService, CommitError> {
         let service = CommitService {
             snapshotter,
             containerd_address,
             in_progress: Mutex::new(HashSet::new()),
+            workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
         };
         for (id, bytes) in service.snapshotter.store().list_jobs()? {
             let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
@@ -405,6 +412,8 @@ impl CommitService {
 
     #[instrument(skip_all, fields(snapshot_id = %job.snapshot_id))]
     async fn run_job(&self, mut job: Job) {
+        // The semaphore is never closed, so acquiring only waits.
+        let _worker = self.workers.acquire().await;
         let result = self.build_and_push(&mut job).await;
         job.ended = Some(SystemTime::now());
         match result {

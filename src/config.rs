@@ -32,6 +32,30 @@ pub struct Config {
     /// Snapshotter behaviour visible to containerd.
     #[serde(default)]
     pub snapshotter: SnapshotterConfig,
+    /// Seamless commit.
+    #[serde(default)]
+    pub commit: CommitConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommitConfig {
+    /// Background commit jobs (layer build and push) run at once; more wait
+    /// as pending. The capture itself is never queued.
+    #[serde(default = "default_background_workers")]
+    pub background_workers: u32,
+}
+
+fn default_background_workers() -> u32 {
+    4
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            background_workers: default_background_workers(),
+        }
+    }
 }
 
 /// Which storage holds snapshot directories.
@@ -96,6 +120,7 @@ impl Default for Config {
             version: default_version(),
             storage: StorageConfig::default(),
             snapshotter: SnapshotterConfig::default(),
+            commit: CommitConfig::default(),
         }
     }
 }
@@ -136,6 +161,12 @@ impl Config {
             });
         }
         self.pool_size()?;
+        if !(1..=64).contains(&self.commit.background_workers) {
+            return Err(ConfigError::Invalid {
+                key: "commit.background_workers",
+                reason: format!("{} is not between 1 and 64", self.commit.background_workers),
+            });
+        }
         Ok(())
     }
 
@@ -228,6 +259,8 @@ mod tests {
         assert!(err.to_string().contains("config key version"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"12 parsecs\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("storage.pool_size"), "{err}");
+        let err = Config::parse("[commit]\nbackground_workers = 0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("commit.background_workers"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("minimum"), "{err}");
         assert!(Config::parse("[storage]\nbackend = \"zfs\"\n", "t").is_err());

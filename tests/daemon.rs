@@ -38,7 +38,7 @@ impl Daemon {
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
-        let commits = Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock")).unwrap());
+        let commits = Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 4).unwrap());
         let task = tokio::spawn(server::run(listener, snapshotter, commits, root.to_path_buf(), async {
             let _ = stopped.await;
         }));

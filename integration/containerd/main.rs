@@ -846,22 +846,24 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
         let out = env.exec(&ns, &id, "echo alive > /alive && cat /alive")?;
         ensure!(out.trim() == "alive", "container works after the kill: {out:?}");
 
+        // The library API for embedding, against the restarted daemon.
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                let mut control = connect(env.daemon_socket()).await?;
-                let started = control.seamless_commit(request.clone()).await?.into_inner();
-                loop {
-                    let job = control
-                        .get_commit(GetCommitRequest {
-                            snapshot_id: started.snapshot_id.clone(),
-                        })
-                        .await?
-                        .into_inner();
-                    if job.state == "completed" || job.state == "failed" {
-                        return Ok::<_, anyhow::Error>(job);
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                let client = SeamlessSnapshot::new(SeamlessOptions {
+                    address: env.daemon_socket(),
+                    namespace: ns.clone(),
+                })
+                .await?;
+                let mut options = CommitOptions::new(id.clone(), env.registry_ref("killed/app:2"));
+                options.format = "oci".into();
+                options.work_dir = work.clone();
+                options.target_insecure = true;
+                options.source_insecure = true;
+                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                let job = client.get_status(&result.snapshot_id).await?;
+                ensure!(result.total_time >= result.pause_time, "{result:?}");
+                Ok::<_, anyhow::Error>(job)
             })
         })?;
         ensure!(again.state == "completed", "commit after restart: {again:?}");

@@ -68,12 +68,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let root = args.root.clone();
+    let workers = config.commit.background_workers;
     let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
     let snapshotter = Arc::new(snapshotter);
     let commits = Arc::new(
-        CommitService::new(snapshotter.clone(), args.containerd_address.clone()).context("opening commit jobs")?,
+        CommitService::new(snapshotter.clone(), args.containerd_address.clone(), workers)
+            .context("opening commit jobs")?,
     );
     let listener = server::bind_socket(&args.address)?;
     info!(

@@ -1,0 +1,219 @@
+//! The library API for embedding seamless commit in other programs: a typed
+//! client of the daemon's Control API. The capture itself must run in the
+//! daemon, which owns the writable layers; this module only talks to it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::proto::control_client::ControlClient;
+use crate::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_ADDRESS: &str = "/run/containerd-seamless/containerd-seamless-grpc.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {address}: {message}")]
+    Unreachable { address: String, message: String },
+    /// The daemon's answer; `message` starts with the commit error code.
+    #[error("{message}")]
+    Daemon { code: tonic::Code, message: String },
+    #[error("snapshot {snapshot_id} failed: {error_code}: {error}")]
+    JobFailed {
+        snapshot_id: String,
+        error_code: String,
+        error: String,
+    },
+    #[error("snapshot {snapshot_id} did not finish within {timeout:?} (state {state})")]
+    Timeout {
+        snapshot_id: String,
+        timeout: Duration,
+        state: String,
+    },
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Daemon {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// How to reach the daemon.
+#[derive(Debug, Clone)]
+pub struct SeamlessOptions {
+    pub address: PathBuf,
+    /// containerd namespace of the containers to commit.
+    pub namespace: String,
+}
+
+impl Default for SeamlessOptions {
+    fn default() -> Self {
+        SeamlessOptions {
+            address: DEFAULT_ADDRESS.into(),
+            namespace: "default".into(),
+        }
+    }
+}
+
+/// What to commit and how; the defaults are the CLI's.
+#[derive(Debug, Clone)]
+pub struct CommitOptions {
+    pub container: String,
+    pub target: String,
+    /// "oci" or "nydus".
+    pub format: String,
+    pub work_dir: PathBuf,
+    pub fs_version: u32,
+    pub compressor: String,
+    pub target_insecure: bool,
+    pub source_insecure: bool,
+    pub with_paths: Vec<String>,
+    pub without_paths: Vec<String>,
+    pub maximum_times: u32,
+}
+
+impl CommitOptions {
+    pub fn new(container: impl Into<String>, target: impl Into<String>) -> Self {
+        CommitOptions {
+            container: container.into(),
+            target: target.into(),
+            format: "nydus".into(),
+            work_dir: "/tmp".into(),
+            fs_version: 6,
+            compressor: "lz4_block".into(),
+            target_insecure: false,
+            source_insecure: false,
+            with_paths: Vec::new(),
+            without_paths: Vec::new(),
+            maximum_times: 10,
+        }
+    }
+}
+
+/// A started commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotResult {
+    pub snapshot_id: String,
+    /// From the freeze request to the completed thaw.
+    pub pause_time: Duration,
+    /// From the request to the answer (or, with `commit_with_wait`, to the
+    /// end of the background job).
+    pub total_time: Duration,
+    pub old_upper_dir: PathBuf,
+    pub new_upper_dir: PathBuf,
+}
+
+/// A connected client.
+#[derive(Debug, Clone)]
+pub struct SeamlessSnapshot {
+    control: ControlClient<Channel>,
+    namespace: String,
+}
+
+impl SeamlessSnapshot {
+    pub async fn new(options: SeamlessOptions) -> Result<SeamlessSnapshot, ClientError> {
+        let address = options.address.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .map_err(|e| ClientError::Unreachable {
+                address: address.display().to_string(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(address.clone())))
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                address: options.address.display().to_string(),
+                message: std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string()),
+            })?;
+        Ok(SeamlessSnapshot {
+            control: ControlClient::new(channel),
+            namespace: options.namespace,
+        })
+    }
+
+    /// Captures the container and returns once its background job started.
+    pub async fn commit(&self, options: &CommitOptions) -> Result<SnapshotResult, ClientError> {
+        let start = Instant::now();
+        let r = self
+            .control
+            .clone()
+            .seamless_commit(SeamlessCommitRequest {
+                namespace: self.namespace.clone(),
+                container: options.container.clone(),
+                target: options.target.clone(),
+                format: options.format.clone(),
+                work_dir: options.work_dir.display().to_string(),
+                fs_version: options.fs_version,
+                compressor: options.compressor.clone(),
+                target_insecure: options.target_insecure,
+                source_insecure: options.source_insecure,
+                with_paths: options.with_paths.clone(),
+                without_paths: options.without_paths.clone(),
+                maximum_times: options.maximum_times,
+            })
+            .await?
+            .into_inner();
+        Ok(SnapshotResult {
+            snapshot_id: r.snapshot_id,
+            pause_time: Duration::from_nanos(r.pause_time_ns),
+            total_time: start.elapsed(),
+            old_upper_dir: r.old_upper_dir.into(),
+            new_upper_dir: r.new_upper_dir.into(),
+        })
+    }
+
+    /// Commits and waits until the image is pushed (or the job failed, or
+    /// `timeout` passed).
+    pub async fn commit_with_wait(
+        &self,
+        options: &CommitOptions,
+        timeout: Duration,
+    ) -> Result<SnapshotResult, ClientError> {
+        let start = Instant::now();
+        let mut result = self.commit(options).await?;
+        loop {
+            let job = self.get_status(&result.snapshot_id).await?;
+            match job.state.as_str() {
+                "completed" => {
+                    result.total_time = start.elapsed();
+                    return Ok(result);
+                }
+                "failed" => {
+                    return Err(ClientError::JobFailed {
+                        snapshot_id: job.snapshot_id,
+                        error_code: job.error_code,
+                        error: job.error,
+                    })
+                }
+                state if start.elapsed() >= timeout => {
+                    return Err(ClientError::Timeout {
+                        snapshot_id: result.snapshot_id,
+                        timeout,
+                        state: state.to_string(),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The job of `snapshot_id`: state, progress, times, error.
+    pub async fn get_status(&self, snapshot_id: &str) -> Result<CommitJob, ClientError> {
+        Ok(self
+            .control
+            .clone()
+            .get_commit(GetCommitRequest {
+                snapshot_id: snapshot_id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+}
