@@ -332,6 +332,19 @@ impl CommitService {
         serde_json::from_slice(&bytes).map_err(|e| CommitError::Task(format!("job {snapshot_id} record: {e}")))
     }
 
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Result<Vec<Job>, CommitError> {
+        let mut jobs: Vec<Job> = self
+            .snapshotter
+            .store()
+            .list_jobs()?
+            .into_iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .collect();
+        jobs.sort_by_key(|j| j.started);
+        Ok(jobs)
+    }
+
     /// Captures the container and starts its background job.
     #[instrument(skip_all, fields(namespace = %options.namespace, container = %options.container, target = %options.target))]
     pub async fn commit(self: &Arc<Self>, options: CommitOptions) -> Result<Started, CommitError> {

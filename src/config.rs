@@ -35,6 +35,25 @@ pub struct Config {
     /// Seamless commit.
     #[serde(default)]
     pub commit: CommitConfig,
+    /// The REST API of seamless commit.
+    #[serde(default)]
+    pub rest: RestConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RestConfig {
+    /// Unix socket of the REST API (created 0660); empty means `rest.sock`
+    /// in the directory of `--address`.
+    #[serde(default)]
+    pub socket: String,
+    /// Also serve on this TCP address, which must be on loopback (for
+    /// example "127.0.0.1:8089"); empty means no TCP. Needs `token_file`.
+    #[serde(default)]
+    pub tcp_address: String,
+    /// File holding the bearer token that every TCP request must carry.
+    #[serde(default)]
+    pub token_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -121,6 +140,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             snapshotter: SnapshotterConfig::default(),
             commit: CommitConfig::default(),
+            rest: RestConfig::default(),
         }
     }
 }
@@ -161,6 +181,24 @@ impl Config {
             });
         }
         self.pool_size()?;
+        if !self.rest.tcp_address.is_empty() {
+            let addr: std::net::SocketAddr = self.rest.tcp_address.parse().map_err(|_| ConfigError::Invalid {
+                key: "rest.tcp_address",
+                reason: format!("{:?} is not an address such as 127.0.0.1:8089", self.rest.tcp_address),
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    key: "rest.tcp_address",
+                    reason: format!("{addr} is not a loopback address; the REST API never listens beyond this host"),
+                });
+            }
+            if self.rest.token_file.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "rest.token_file",
+                    reason: "a token file is required when rest.tcp_address is set".into(),
+                });
+            }
+        }
         if !(1..=64).contains(&self.commit.background_workers) {
             return Err(ConfigError::Invalid {
                 key: "commit.background_workers",
@@ -259,6 +297,11 @@ mod tests {
         assert!(err.to_string().contains("config key version"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"12 parsecs\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("storage.pool_size"), "{err}");
+        let err = Config::parse("[rest]\ntcp_address = \"0.0.0.0:8089\"\ntoken_file = \"/t\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let err = Config::parse("[rest]\ntcp_address = \"127.0.0.1:8089\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("rest.token_file"), "{err}");
+        Config::parse("[rest]\ntcp_address = \"[::1]:8089\"\ntoken_file = \"/t\"\n", "t").unwrap();
         let err = Config::parse("[commit]\nbackground_workers = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("commit.background_workers"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();

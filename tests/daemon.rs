@@ -458,3 +458,141 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
     }
     assert!(acknowledged.len() > 8, "the daemon did some work between kills");
 }
+
+/// One HTTP/1.1 request over `stream`; returns the status and the body.
+async fn http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: seamless\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
+    use seamless_snapshotter::rest::{self, RestApi};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
+    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4).unwrap());
+    let socket = tmp.path().join("rest.sock");
+    let unix = Arc::new(server::bind_socket(&socket).unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rest::serve(
+        Arc::new(RestApi::new(commits.clone(), None)),
+        move || {
+            let l = unix.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let tcp = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let tcp_addr = tcp.local_addr().unwrap();
+    tokio::spawn(rest::serve(
+        Arc::new(RestApi::new(commits.clone(), Some("s3cret".into()))),
+        move || {
+            let l = tcp.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        std::future::pending(),
+    ));
+    let unix_req = |method: &'static str, path: &'static str, body: &'static str| {
+        let socket = socket.clone();
+        async move { http(UnixStream::connect(&socket).await.unwrap(), method, path, &[], body).await }
+    };
+
+    let (status, body) = unix_req("GET", "/api/v1/snapshots", "").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["total"], 0);
+    assert_eq!(v["snapshots"], serde_json::json!([]));
+
+    let (status, body) = unix_req("GET", "/api/v1/snapshots/snapshot-404", "").await;
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"]["code"].is_string() && v["error"]["message"].as_str().unwrap().contains("snapshot-404"));
+    assert!(v["error"].get("details").is_some(), "{body}");
+
+    for (path, needle) in [
+        ("/api/v1/snapshots?state=sleeping", "state"),
+        ("/api/v1/snapshots?limit=0", "limit"),
+        ("/api/v1/snapshots?offset=-1", "offset"),
+        ("/api/v1/snapshots?colour=red", "colour"),
+    ] {
+        let (status, body) = unix_req("GET", path, "").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body.contains("INVALID_PARAMETER") && body.contains(needle),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = unix_req("POST", "/api/v1/snapshots", "{not json").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = unix_req(
+        "POST",
+        "/api/v1/snapshots",
+        r#"{"container":"c","target":"r/a:1","colour":1}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("colour"), "unknown field named: {body}");
+    let (status, body) = unix_req("POST", "/api/v1/snapshots", r#"{"container":"c","target":"r/a:1"}"#).await;
+    assert_eq!(status, 400, "nydus default refused: {body}");
+    assert!(body.contains("--format oci"), "{body}");
+    let (status, body) = unix_req("DELETE", "/api/v1/snapshots", "").await;
+    assert_eq!(status, 405, "{body}");
+
+    let (status, body) = unix_req("GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("nydus_seamless_snapshots_total{status=\"completed\"} 0"),
+        "{body}"
+    );
+    assert!(body.contains("nydus_seamless_pause_time_seconds_count 0"), "{body}");
+    assert!(
+        body.contains("# TYPE nydus_seamless_background_time_seconds summary"),
+        "{body}"
+    );
+    let (status, body) = unix_req("GET", "/api/v1/metrics", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["completed"],
+        0
+    );
+
+    // TCP: the token or nothing.
+    let tcp = || async { tokio::net::TcpStream::connect(tcp_addr).await.unwrap() };
+    let (status, body) = http(tcp().await, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("PERMISSION_DENIED"), "{body}");
+    let (status, _) = http(tcp().await, "GET", "/metrics", &[("Authorization", "Bearer wrong")], "").await;
+    assert_eq!(status, 403);
+    let (status, body) = http(
+        tcp().await,
+        "GET",
+        "/metrics",
+        &[("Authorization", "Bearer s3cret")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let _ = stop.send(());
+}

@@ -727,6 +727,66 @@ fn seamless_commit_pushes_the_container_view() {
         }
         eprintln!("{out}");
 
+        // The REST API on the daemon's rest.sock, same daemon and container.
+        let rest = |method: &str, path: &str, body: &str| -> Result<(u16, serde_json::Value, String)> {
+            use std::io::{Read, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+            let mut response = String::new();
+            s.read_to_string(&mut response)?;
+            let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
+            let text = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                text,
+            ))
+        };
+        let create = serde_json::json!({
+            "namespace": ns, "container": id, "target": env.registry_ref("committed/app:rest"), "format": "oci",
+            "work_dir": work, "target_insecure": true, "source_insecure": true, "compressor": "none"
+        });
+        let (status, created, text) = rest("POST", "/api/v1/snapshots", &create.to_string())?;
+        ensure!(status == 201, "REST commit: {status} {text}");
+        let rest_id = created["snapshot_id"].as_str().context("snapshot_id")?.to_string();
+        let done = retry(Duration::from_secs(60), "REST job completes", || {
+            let (status, job, text) = rest("GET", &format!("/api/v1/snapshots/{rest_id}"), "")?;
+            ensure!(status == 200 && job["state"] == "completed", "{status} {text}");
+            Ok(job)
+        })?;
+        ensure!(
+            done["manifest_digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:")),
+            "{done}"
+        );
+        let (status, _, listed) = rest("GET", "/api/v1/snapshots?state=completed&limit=10", "")?;
+        ensure!(status == 200 && listed.contains(&rest_id), "{listed}");
+        let (status, missing, _) = rest(
+            "POST",
+            "/api/v1/snapshots",
+            &serde_json::json!({
+                "namespace": ns, "container": "nope", "target": env.registry_ref("x/y:1"), "format": "oci"
+            })
+            .to_string(),
+        )?;
+        ensure!(
+            status == 404 && missing["error"]["code"] == "CONTAINER_NOT_FOUND",
+            "{status} {missing}"
+        );
+        let (status, _, metrics) = rest("GET", "/metrics", "")?;
+        ensure!(
+            status == 200 && metrics.contains("nydus_seamless_snapshots_total{status=\"completed\"} 3"),
+            "three commits completed (API, CLI, REST):\n{metrics}"
+        );
+
         for (snapshotter, name) in [("overlayfs", "builtin"), ("seamless", "seamless")] {
             let ns2 = env.namespace(&format!("pull-{name}"));
             env.ctr(

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
+use seamless_snapshotter::rest::{self, RestApi};
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
 use seamless_snapshotter::{server, telemetry};
@@ -69,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let root = args.root.clone();
     let workers = config.commit.background_workers;
+    let rest_config = config.rest.clone();
     let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
@@ -78,23 +80,72 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             .context("opening commit jobs")?,
     );
     let listener = server::bind_socket(&args.address)?;
+    let rest_socket = if rest_config.socket.is_empty() {
+        args.address.with_file_name("rest.sock")
+    } else {
+        PathBuf::from(&rest_config.socket)
+    };
+    let rest_listener = Arc::new(server::bind_socket(&rest_socket)?);
+    let token = match rest_config.token_file.as_str() {
+        "" => None,
+        file => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading rest.token_file {file}"))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            anyhow::ensure!(!token.is_empty(), "rest.token_file {file} holds no token");
+            Some(token)
+        }
+    };
     info!(
         socket = %args.address.display(),
+        rest = %rest_socket.display(),
         root = %args.root.display(),
         containerd = %args.containerd_address.display(),
         storage = snapshotter.storage_kind().as_str(),
         version = env!("CARGO_PKG_VERSION"),
         "serving"
     );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let shutdown = async move {
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
             _ = int.recv() => info!("SIGINT: draining"),
         }
+        let _ = stop.send(true);
+    });
+    let when_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
     };
-    let served = server::run(listener, snapshotter, commits, args.root.clone(), shutdown).await;
+    // The unix socket needs no token: its 0660 mode is the access control.
+    let unix_api = Arc::new(RestApi::new(commits.clone(), None));
+    tokio::spawn(rest::serve(
+        unix_api,
+        move || {
+            let l = rest_listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        when_stopped(stopped.clone()),
+    ));
+    if !rest_config.tcp_address.is_empty() {
+        let tcp = Arc::new(
+            tokio::net::TcpListener::bind(&rest_config.tcp_address)
+                .await
+                .with_context(|| format!("binding rest.tcp_address {}", rest_config.tcp_address))?,
+        );
+        info!(address = %rest_config.tcp_address, "REST API also on TCP, bearer token required");
+        let tcp_api = Arc::new(RestApi::new(commits.clone(), token));
+        tokio::spawn(rest::serve(
+            tcp_api,
+            move || {
+                let l = tcp.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            when_stopped(stopped.clone()),
+        ));
+    }
+    let served = server::run(listener, snapshotter, commits, args.root.clone(), when_stopped(stopped)).await;
+    let _ = std::fs::remove_file(&rest_socket);
     let _ = std::fs::remove_file(&args.address);
     served?;
     info!("stopped");

@@ -1,0 +1,408 @@
+//! The REST API of seamless commit: `POST /api/v1/snapshots`,
+//! `GET /api/v1/snapshots/{id}`, `GET /api/v1/snapshots?state=&limit=&offset=`,
+//! `GET /api/v1/metrics` (JSON) and `GET /metrics` (Prometheus text). Served
+//! on a unix socket; on TCP (loopback only) every request needs the bearer
+//! token. Handlers only unwrap, delegate to `commit`, and wrap; errors use
+//! `{"error":{"code","message","details"}}` with the HTTP status of their code.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper::body::HttpBody;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use hyper::service::service_fn;
+use hyper::{Body, Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use crate::commit::{rfc3339, CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
+use crate::metrics::CommitMetrics;
+
+/// Request bodies larger than this are refused.
+const MAX_BODY: usize = 1 << 20;
+const MAX_LIMIT: usize = 1000;
+
+/// What the REST API serves, and whether it asks for the token.
+#[derive(Debug, Clone)]
+pub struct RestApi {
+    commits: Arc<CommitService>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSnapshot {
+    container: String,
+    target: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    format: String,
+    #[serde(default = "default_work_dir")]
+    work_dir: PathBuf,
+    #[serde(default = "default_fs_version")]
+    fs_version: u32,
+    #[serde(default = "default_compressor")]
+    compressor: String,
+    #[serde(default)]
+    target_insecure: bool,
+    #[serde(default)]
+    source_insecure: bool,
+    #[serde(default)]
+    with_paths: Vec<PathBuf>,
+    #[serde(default)]
+    without_paths: Vec<PathBuf>,
+    #[serde(default = "default_maximum_times")]
+    maximum_times: u32,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_work_dir() -> PathBuf {
+    "/tmp".into()
+}
+fn default_fs_version() -> u32 {
+    6
+}
+fn default_compressor() -> String {
+    "lz4_block".into()
+}
+fn default_maximum_times() -> u32 {
+    10
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+    details: String,
+}
+
+#[derive(Debug, Serialize)]
+struct JobView {
+    snapshot_id: String,
+    namespace: String,
+    container: String,
+    target: String,
+    state: &'static str,
+    progress: f64,
+    stage: String,
+    pause_time_seconds: f64,
+    started_at: String,
+    ended_at: Option<String>,
+    manifest_digest: Option<String>,
+    error: Option<JobError>,
+}
+
+#[derive(Debug, Serialize)]
+struct JobError {
+    code: &'static str,
+    message: String,
+}
+
+fn job_view(job: Job) -> JobView {
+    JobView {
+        state: job.state.as_str(),
+        pause_time_seconds: job.pause.as_secs_f64(),
+        started_at: rfc3339(job.started),
+        ended_at: job.ended.map(rfc3339),
+        error: job.error_code.map(|c| JobError {
+            code: c.as_str(),
+            message: job.error.clone().unwrap_or_default(),
+        }),
+        snapshot_id: job.snapshot_id,
+        namespace: job.namespace,
+        container: job.container,
+        target: job.options.target,
+        progress: job.progress,
+        stage: job.stage,
+        manifest_digest: job.manifest_digest,
+    }
+}
+
+/// The HTTP status of a commit error code.
+pub fn http_status(code: CommitCode) -> StatusCode {
+    match code {
+        CommitCode::InvalidParameter => StatusCode::BAD_REQUEST,
+        CommitCode::PermissionDenied => StatusCode::FORBIDDEN,
+        CommitCode::ContainerNotFound => StatusCode::NOT_FOUND,
+        CommitCode::ContainerNotRunning | CommitCode::SnapshotInProgress => StatusCode::CONFLICT,
+        CommitCode::PauseTimeout
+        | CommitCode::AtomicSwitchFailed
+        | CommitCode::BackgroundProcessingFailed
+        | CommitCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    // Plain data: serialising cannot fail.
+    let bytes = serde_json::to_vec(body).expect("response serialises");
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: String, details: String) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: ErrorDetail { code, message, details },
+        },
+    )
+}
+
+fn commit_error(e: CommitError) -> Response<Body> {
+    let code = e.code();
+    let status = match e {
+        CommitError::JobNotFound { .. } => StatusCode::NOT_FOUND,
+        _ => http_status(code),
+    };
+    error(status, code.as_str(), e.to_string(), String::new())
+}
+
+fn bad_request(message: String) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        CommitCode::InvalidParameter.as_str(),
+        message,
+        String::new(),
+    )
+}
+
+/// Compares without leaking where the first difference is.
+fn token_matches(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl RestApi {
+    /// `token` set: every request must carry `Authorization: Bearer <token>`.
+    pub fn new(commits: Arc<CommitService>, token: Option<String>) -> Self {
+        RestApi { commits, token }
+    }
+
+    pub async fn handle(&self, request: Request<Body>) -> Response<Body> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        if let Some(token) = &self.token {
+            let given = request
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !token_matches(given, token) {
+                warn!(%method, %path, "REST request without a valid bearer token");
+                return error(
+                    StatusCode::FORBIDDEN,
+                    CommitCode::PermissionDenied.as_str(),
+                    "a valid bearer token is required".into(),
+                    String::new(),
+                );
+            }
+        }
+        debug!(%method, %path, "REST request");
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::POST, ["api", "v1", "snapshots"]) => self.create(request).await,
+            (&Method::GET, ["api", "v1", "snapshots"]) => self.list(request.uri().query().unwrap_or_default()),
+            (&Method::GET, ["api", "v1", "snapshots", id]) => match self.commits.job(id) {
+                Ok(job) => json(StatusCode::OK, &job_view(job)),
+                Err(e) => commit_error(e),
+            },
+            (&Method::GET, ["api", "v1", "metrics"]) => match self.commits.jobs() {
+                Ok(jobs) => json(StatusCode::OK, &CommitMetrics::of(&jobs)),
+                Err(e) => commit_error(e),
+            },
+            (&Method::GET, ["metrics"]) => match self.commits.jobs() {
+                Ok(jobs) => {
+                    let mut r = Response::new(Body::from(CommitMetrics::of(&jobs).prometheus()));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                }
+                Err(e) => commit_error(e),
+            },
+            (_, ["api", "v1", "snapshots", ..]) | (_, ["api", "v1", "metrics"]) | (_, ["metrics"]) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                CommitCode::InvalidParameter.as_str(),
+                format!("{method} is not allowed on {path}"),
+                String::new(),
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                format!("no endpoint {path}"),
+                "endpoints: /api/v1/snapshots, /api/v1/snapshots/{id}, /api/v1/metrics, /metrics".into(),
+            ),
+        }
+    }
+
+    async fn create(&self, request: Request<Body>) -> Response<Body> {
+        let mut body = request.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            match chunk {
+                Ok(c) if bytes.len() + c.len() <= MAX_BODY => bytes.extend_from_slice(&c),
+                Ok(_) => return bad_request(format!("request body is larger than {MAX_BODY} bytes")),
+                Err(e) => return bad_request(format!("reading the request body: {e}")),
+            }
+        }
+        let create: CreateSnapshot = match serde_json::from_slice(&bytes) {
+            Ok(c) => c,
+            Err(e) => return bad_request(format!("request body: {e}")),
+        };
+        let format = match CommitOptions::parse_format(&create.format) {
+            Ok(f) => f,
+            Err(e) => return commit_error(e),
+        };
+        let options = CommitOptions {
+            namespace: create.namespace,
+            container: create.container,
+            target: create.target,
+            format,
+            work_dir: create.work_dir,
+            fs_version: create.fs_version,
+            compressor: create.compressor,
+            target_insecure: create.target_insecure,
+            source_insecure: create.source_insecure,
+            with_paths: create.with_paths,
+            without_paths: create.without_paths,
+            maximum_times: create.maximum_times,
+        };
+        match self.commits.commit(options).await {
+            Ok(started) => {
+                let job = match self.commits.job(&started.snapshot_id) {
+                    Ok(job) => job,
+                    Err(e) => return commit_error(e),
+                };
+                let mut r = json(StatusCode::CREATED, &job_view(job));
+                if let Ok(location) = format!("/api/v1/snapshots/{}", started.snapshot_id).parse() {
+                    r.headers_mut().insert(LOCATION, location);
+                }
+                r
+            }
+            Err(e) => commit_error(e),
+        }
+    }
+
+    fn list(&self, query: &str) -> Response<Body> {
+        let mut state = None;
+        let mut limit = 100;
+        let mut offset = 0;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "state" => {
+                    state = match value {
+                        "pending" => Some(JobState::Pending),
+                        "processing" => Some(JobState::Processing),
+                        "completed" => Some(JobState::Completed),
+                        "failed" => Some(JobState::Failed),
+                        other => {
+                            return bad_request(format!(
+                                "state {other:?} is not one of pending, processing, completed, failed"
+                            ))
+                        }
+                    }
+                }
+                "limit" => match value.parse::<usize>() {
+                    Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
+                    _ => return bad_request(format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}")),
+                },
+                "offset" => match value.parse::<usize>() {
+                    Ok(n) => offset = n,
+                    Err(_) => return bad_request(format!("offset {value:?} is not a non-negative number")),
+                },
+                other => return bad_request(format!("unknown query parameter {other:?} (state, limit, offset)")),
+            }
+        }
+        let jobs = match self.commits.jobs() {
+            Ok(jobs) => jobs,
+            Err(e) => return commit_error(e),
+        };
+        let matching: Vec<Job> = jobs
+            .into_iter()
+            .filter(|j| state.is_none_or(|s| j.state == s))
+            .collect();
+        let total = matching.len();
+        let page: Vec<JobView> = matching.into_iter().skip(offset).take(limit).map(job_view).collect();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"snapshots": page, "total": total, "limit": limit, "offset": offset}),
+        )
+    }
+}
+
+/// Serves HTTP/1 connections from `accept` until `shutdown` completes.
+pub async fn serve<S, A, F>(api: Arc<RestApi>, mut accept: A, shutdown: impl Future<Output = ()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> F,
+    F: Future<Output = std::io::Result<S>>,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "REST accept failed");
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(request).await) }
+            });
+            if let Err(e) = hyper::server::conn::Http::new()
+                .http1_only(true)
+                .serve_connection(stream, service)
+                .await
+            {
+                debug!(error = %e, "REST connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_codes() {
+        assert_eq!(http_status(CommitCode::InvalidParameter), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(CommitCode::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(CommitCode::ContainerNotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(CommitCode::SnapshotInProgress), StatusCode::CONFLICT);
+        assert_eq!(http_status(CommitCode::PauseTimeout), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("s3creT", "s3cret"));
+        assert!(!token_matches("", "s3cret"));
+    }
+}
