@@ -931,6 +931,58 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
     });
 }
 
+/// A daemon killed while a container is frozen: the state it leaves behind
+/// (the cgroup frozen, its marker written before the freeze) is recreated
+/// exactly with the daemon down, and the restarted daemon thaws the real
+/// container before serving.
+#[test]
+fn restart_thaws_a_container_left_frozen() {
+    use seamless_snapshotter::sys::{Freezer, RealSystem, SystemOps};
+
+    with_env("frozen", Options::default(), |env| {
+        let ns = env.namespace("f");
+        env.pull(&ns)?;
+        let id = env.container_id("frozen");
+        env.run_container(&ns, &id)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let container = runtime.block_on(async {
+            let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
+            Ok::<_, anyhow::Error>(client.resolve(&ns, &id).await?)
+        })?;
+        let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
+        let state_file = match &freezer {
+            Freezer::V1(d) => d.join("freezer.state"),
+            Freezer::V2(d) => d.join("cgroup.events"),
+        };
+
+        env.signal_daemon(Signal::SIGKILL)?;
+        let markers = env.daemon_root().join("frozen");
+        std::fs::create_dir_all(&markers)?;
+        std::fs::write(markers.join("snapshot-killed.json"), serde_json::to_vec(&freezer)?)?;
+        RealSystem.freeze_cgroup(&freezer, Instant::now() + Duration::from_secs(5))?;
+        let state = std::fs::read_to_string(&state_file)?;
+        ensure!(
+            state.contains("FROZEN") || state.contains("frozen 1"),
+            "set-up froze it: {state}"
+        );
+
+        env.start_daemon()?;
+        let state = std::fs::read_to_string(&state_file)?;
+        ensure!(
+            !state.contains("FROZEN") && !state.contains("frozen 1"),
+            "the restarted daemon left the container frozen: {state}"
+        );
+        ensure!(
+            std::fs::read_dir(&markers)?.count() == 0,
+            "marker removed after the thaw"
+        );
+        let out = env.exec(&ns, &id, "echo thawed")?;
+        ensure!(out.trim() == "thawed", "{out:?}");
+        ensure!(env.log_tail("daemon.log").contains("thawed"), "the thaw is logged");
+        Ok(())
+    });
+}
+
 /// Every entry under `root`: type, mode, owner, and content or link target.
 fn tree_of(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     use sha2::Digest;
