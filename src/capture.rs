@@ -43,6 +43,16 @@ impl Classify for CaptureError {
     }
 }
 
+/// How the frozen state of a writable layer is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMethod {
+    /// A read-only btrfs snapshot of the subvolume: O(1).
+    Snapshot,
+    /// A copy of the upper directory: proportional to its size, all of it
+    /// while the container is frozen. For storage without snapshots.
+    Copy,
+}
+
 /// What one capture cost and produced.
 #[derive(Debug, Clone)]
 pub struct Captured {
@@ -158,9 +168,11 @@ impl Watchdog {
     }
 }
 
-/// Captures subvolume `subvolume` (holding the container's upper and work
-/// directories) as read-only snapshot `dest`, freezing `freezer` only around
-/// the snapshot. `name` names the marker.
+/// Captures `subvolume` (the snapshot directory holding the container's
+/// upper `fs` and `work`) at `dest`, which then holds the frozen upper as
+/// `dest/fs`; `freezer` is frozen only around the snapshot (or the copy).
+/// `name` names the marker.
+#[allow(clippy::too_many_arguments)]
 pub fn capture_upper(
     sys: &Arc<dyn SystemOps>,
     markers: &FrozenMarkers,
@@ -169,6 +181,7 @@ pub fn capture_upper(
     dest: &Path,
     freezer: &Freezer,
     pause_timeout: Duration,
+    method: CaptureMethod,
 ) -> Result<Captured, CaptureError> {
     sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
         path: subvolume.display().to_string(),
@@ -178,9 +191,16 @@ pub fn capture_upper(
     let watchdog = Watchdog::arm(sys.clone(), freezer.clone(), pause_timeout);
     let start = Instant::now();
     let frozen = sys.freeze_cgroup(freezer, start + pause_timeout);
-    let snapshot = match &frozen {
-        Ok(()) => sys.snapshot_readonly(subvolume, dest),
-        Err(_) => Ok(()),
+    let snapshot = match (&frozen, method) {
+        (Ok(()), CaptureMethod::Snapshot) => sys.snapshot_readonly(subvolume, dest),
+        (Ok(()), CaptureMethod::Copy) => std::fs::create_dir(dest)
+            .map_err(|source| SysError::Io {
+                op: "mkdir",
+                path: dest.display().to_string(),
+                source,
+            })
+            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
+        (Err(_), _) => Ok(()),
     };
     let thawed = sys.thaw_cgroup(freezer);
     let pause = start.elapsed();
@@ -240,6 +260,7 @@ mod tests {
             &dest,
             &freezer,
             Duration::from_secs(1),
+            CaptureMethod::Snapshot,
         )
         .unwrap();
         assert_eq!(
@@ -274,6 +295,7 @@ mod tests {
             &tmp.path().join("cap"),
             &freezer,
             Duration::from_secs(1),
+            CaptureMethod::Snapshot,
         )
         .unwrap_err();
         assert!(matches!(err, CaptureError::Snapshot { .. }), "{err}");
@@ -294,6 +316,7 @@ mod tests {
             &tmp.path().join("cap"),
             &freezer,
             Duration::from_secs(1),
+            CaptureMethod::Snapshot,
         )
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable);
@@ -315,6 +338,7 @@ mod tests {
             &tmp.path().join("cap"),
             &freezer,
             Duration::from_secs(5),
+            CaptureMethod::Snapshot,
         )
         .unwrap_err();
         assert!(matches!(err, CaptureError::Thaw { .. }), "{err}");
@@ -350,6 +374,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(300));
                 self.0.snapshot_readonly(s, d)
             }
+            fn copy_tree(&self, s: &Path, d: &Path) -> Result<(), SysError> {
+                self.0.copy_tree(s, d)
+            }
             fn syncfs(&self, p: &Path) -> Result<(), SysError> {
                 self.0.syncfs(p)
             }
@@ -378,6 +405,7 @@ mod tests {
             &tmp.path().join("cap"),
             &freezer,
             Duration::from_millis(50),
+            CaptureMethod::Snapshot,
         )
         .unwrap();
         let calls = slow.0.calls();

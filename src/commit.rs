@@ -101,7 +101,6 @@ impl CommitError {
                 _ => CommitCode::AtomicSwitchFailed,
             },
             CommitError::Snapshot(SnapshotError::ContainerSnapshotNotFound { .. }) => CommitCode::ContainerNotFound,
-            CommitError::Snapshot(SnapshotError::CaptureUnsupported { .. }) => CommitCode::AtomicSwitchFailed,
             CommitError::Cgroup(_) => CommitCode::ContainerNotRunning,
             CommitError::Snapshot(_) | CommitError::Store(_) | CommitError::Task(_) => CommitCode::InternalError,
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::capture::{capture_upper, Captured, FrozenMarkers};
+use crate::capture::{capture_upper, CaptureMethod, Captured, FrozenMarkers};
 use crate::config::{Config, ConfigError};
 use crate::error::{Classify, ErrorKind};
 use crate::filter::{Fields, FilterError, FilterSet};
@@ -48,8 +48,6 @@ pub enum SnapshotError {
     Usage { path: String, source: std::io::Error },
     #[error("no active snapshot {key} of namespace {namespace} in this snapshotter")]
     ContainerSnapshotNotFound { namespace: String, key: String },
-    #[error("storage {storage} cannot capture a writable layer in O(1): use a btrfs root or the btrfs pool")]
-    CaptureUnsupported { storage: &'static str },
     #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
@@ -70,7 +68,6 @@ impl Classify for SnapshotError {
             }
             SnapshotError::TargetExists { .. } => ErrorKind::AlreadyExists,
             SnapshotError::ContainerSnapshotNotFound { .. } => ErrorKind::NotFound,
-            SnapshotError::CaptureUnsupported { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Capture(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
@@ -495,11 +492,6 @@ impl Snapshotter {
         freezer: &Freezer,
         pause_timeout: std::time::Duration,
     ) -> Result<Captured, SnapshotError> {
-        if !self.storage.supports_capture() {
-            return Err(SnapshotError::CaptureUnsupported {
-                storage: self.storage.kind().as_str(),
-            });
-        }
         validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
         if capture_name.contains('/') {
             return Err(SnapshotError::InvalidKey {
@@ -509,7 +501,12 @@ impl Snapshotter {
             });
         }
         let dest = self.storage.captures_dir().join(capture_name);
-        Ok(capture_upper(
+        let method = if self.storage.supports_capture() {
+            CaptureMethod::Snapshot
+        } else {
+            CaptureMethod::Copy
+        };
+        let captured = capture_upper(
             &self.sys,
             &self.markers,
             capture_name,
@@ -517,7 +514,16 @@ impl Snapshotter {
             &dest,
             freezer,
             pause_timeout,
-        )?)
+            method,
+        )?;
+        if method == CaptureMethod::Copy {
+            warn!(
+                pause_ms = captured.pause.as_secs_f64() * 1000.0,
+                "storage is plain directories: the whole writable layer was copied while the container was frozen, \
+                 so the pause grows with its size; a btrfs root or the btrfs pool captures in O(1)"
+            );
+        }
+        Ok(captured)
     }
 
     /// The metadata store, for records other modules keep beside snapshots
@@ -819,15 +825,26 @@ mod tests {
     }
 
     #[test]
-    fn directory_storage_refuses_capture() {
-        let (_t, s) = open(false);
+    fn directory_storage_copies_the_upper_while_frozen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.storage.backend = BackendChoice::Directory;
+        let fake = Arc::new(RecordingSystem::plain());
+        let s = Snapshotter::open(tmp.path(), &config, fake.clone()).unwrap();
         s.prepare(KeyStyle::Prefixed, "ns/1/c", "", Labels::new()).unwrap();
         let (_, id) = s.container_snapshot("ns", "c").unwrap();
-        let e = s
+        let captured = s
             .capture(id, "x", &Freezer::V2("/cg".into()), std::time::Duration::from_secs(1))
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
-        assert!(e.to_string().contains("O(1)"), "{e}");
+            .unwrap();
+        let calls = fake.calls();
+        let tail: Vec<&str> = calls.iter().rev().take(3).rev().map(String::as_str).collect();
+        let copy = format!(
+            "copy {} {}",
+            s.storage.upper_dir(id).display(),
+            captured.snapshot.join("fs").display()
+        );
+        assert_eq!(tail, vec!["freeze /cg", copy.as_str(), "thaw /cg"]);
+        assert!(!calls.iter().any(|c| c.starts_with("snapshot readonly")));
     }
 
     #[test]

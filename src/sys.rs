@@ -88,6 +88,9 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     fn delete_subvolume(&self, path: &Path) -> Result<(), SysError>;
     /// Takes a read-only snapshot of subvolume `source` at `dest` (same filesystem).
     fn snapshot_readonly(&self, source: &Path, dest: &Path) -> Result<(), SysError>;
+    /// Copies directory `source` to the new path `dest`, keeping owners,
+    /// modes, times, hard links, devices and extended attributes.
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<(), SysError>;
     /// Flushes the filesystem holding `path` to disk (syncfs(2)).
     fn syncfs(&self, path: &Path) -> Result<(), SysError>;
     /// Asks the kernel to freeze every task of `cgroup` and returns once all
@@ -255,6 +258,25 @@ impl SystemOps for RealSystem {
         // a NUL-terminated name; `dir` and `src` stay open across the call.
         unsafe { btrfs_snap_create_v2(dir.as_raw_fd(), &args) }
             .map_err(errno_err("snapshot btrfs subvolume to", dest))?;
+        Ok(())
+    }
+
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
+        // GNU cp -a keeps everything a layer needs (xattrs included, as
+        // root); no crate does all of it.
+        let output = Command::new("cp")
+            .arg("-a")
+            .arg("--no-target-directory")
+            .arg(source)
+            .arg(dest)
+            .output()
+            .map_err(io_err("run cp -a for", source))?;
+        if !output.status.success() {
+            return Err(SysError::Command {
+                command: format!("cp -a {} {}", source.display(), dest.display()),
+                output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
         Ok(())
     }
 
@@ -514,6 +536,11 @@ impl SystemOps for RecordingSystem {
     fn snapshot_readonly(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
         self.record_fallible(format!("snapshot readonly {} {}", source.display(), dest.display()))?;
         std::fs::create_dir(dest).map_err(io_err("mkdir", dest))
+    }
+
+    fn copy_tree(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
+        self.record_fallible(format!("copy {} {}", source.display(), dest.display()))?;
+        std::fs::create_dir_all(dest).map_err(io_err("mkdir", dest))
     }
 
     fn syncfs(&self, path: &Path) -> Result<(), SysError> {

@@ -130,3 +130,48 @@ fn freezing_a_real_cgroup_and_thawing_it() {
     );
     eprintln!("froze a one-process cgroup in {frozen_after:?}");
 }
+
+#[test]
+fn copy_tree_keeps_what_a_layer_needs() {
+    require_root();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("d/f"), b"data").unwrap();
+    std::os::unix::fs::chown(src.join("d/f"), Some(1000), Some(1001)).unwrap();
+    std::fs::hard_link(src.join("d/f"), src.join("hard")).unwrap();
+    std::os::unix::fs::symlink("d/f", src.join("link")).unwrap();
+    nix::unistd::mkfifo(&src.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    // An overlay whiteout: a 0/0 character device.
+    nix::sys::stat::mknod(
+        &src.join("wh"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o000),
+        0,
+    )
+    .unwrap();
+    xattr::set(src.join("d"), "trusted.overlay.opaque", b"y").unwrap();
+    xattr::set(src.join("d/f"), "user.note", b"kept").unwrap();
+
+    let dest = tmp.path().join("dest");
+    RealSystem.copy_tree(&src, &dest).unwrap();
+    let f = std::fs::metadata(dest.join("d/f")).unwrap();
+    assert_eq!((f.uid(), f.gid(), f.nlink()), (1000, 1001, 2));
+    assert_eq!(f.ino(), std::fs::metadata(dest.join("hard")).unwrap().ino());
+    assert_eq!(std::fs::read_link(dest.join("link")).unwrap(), Path::new("d/f"));
+    assert!(std::fs::symlink_metadata(dest.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let wh = std::fs::symlink_metadata(dest.join("wh")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+    assert_eq!(
+        xattr::get(dest.join("d"), "trusted.overlay.opaque").unwrap().as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        xattr::get(dest.join("d/f"), "user.note").unwrap().as_deref(),
+        Some(&b"kept"[..])
+    );
+}

@@ -478,7 +478,7 @@ fn cri_plugin_uses_seamless_and_keeps_cri_labels() {
 /// around the snapshot, and running afterwards.
 #[test]
 fn seamless_capture_of_a_running_container() {
-    use seamless_snapshotter::capture::{capture_upper, FrozenMarkers};
+    use seamless_snapshotter::capture::{capture_upper, CaptureMethod, FrozenMarkers};
     use seamless_snapshotter::sys::{RealSystem, SystemOps};
 
     with_env("capture", Options::default(), |env| {
@@ -526,6 +526,7 @@ fn seamless_capture_of_a_running_container() {
             &dest,
             &freezer,
             Duration::from_secs(2),
+            CaptureMethod::Snapshot,
         )?;
         eprintln!(
             "capture of a container writing in a loop paused it for {:?}",
