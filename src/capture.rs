@@ -352,49 +352,8 @@ mod tests {
 
     #[test]
     fn watchdog_thaws_when_the_pause_overruns() {
-        #[derive(Debug)]
-        struct SlowSnapshot(RecordingSystem);
-        impl SystemOps for SlowSnapshot {
-            fn fs_type(&self, p: &Path) -> Result<crate::sys::FsType, SysError> {
-                self.0.fs_type(p)
-            }
-            fn free_bytes(&self, p: &Path) -> Result<u64, SysError> {
-                self.0.free_bytes(p)
-            }
-            fn is_mountpoint(&self, p: &Path) -> Result<bool, SysError> {
-                self.0.is_mountpoint(p)
-            }
-            fn create_subvolume(&self, p: &Path) -> Result<(), SysError> {
-                self.0.create_subvolume(p)
-            }
-            fn delete_subvolume(&self, p: &Path) -> Result<(), SysError> {
-                self.0.delete_subvolume(p)
-            }
-            fn snapshot_readonly(&self, s: &Path, d: &Path) -> Result<(), SysError> {
-                std::thread::sleep(Duration::from_millis(300));
-                self.0.snapshot_readonly(s, d)
-            }
-            fn copy_tree(&self, s: &Path, d: &Path) -> Result<(), SysError> {
-                self.0.copy_tree(s, d)
-            }
-            fn syncfs(&self, p: &Path) -> Result<(), SysError> {
-                self.0.syncfs(p)
-            }
-            fn freeze_cgroup(&self, c: &Freezer, d: Instant) -> Result<(), SysError> {
-                self.0.freeze_cgroup(c, d)
-            }
-            fn thaw_cgroup(&self, c: &Freezer) -> Result<(), SysError> {
-                self.0.thaw_cgroup(c)
-            }
-            fn mkfs_btrfs(&self, i: &Path, l: &str) -> Result<(), SysError> {
-                self.0.mkfs_btrfs(i, l)
-            }
-            fn mount_btrfs_image(&self, i: &Path, t: &Path) -> Result<(), SysError> {
-                self.0.mount_btrfs_image(i, t)
-            }
-        }
-        let (tmp, _, markers) = setup();
-        let slow = Arc::new(SlowSnapshot(RecordingSystem::btrfs()));
+        let (tmp, slow, markers) = setup();
+        *slow.snapshot_delay.lock().unwrap() = Some(Duration::from_millis(300));
         let sys: Arc<dyn SystemOps> = slow.clone();
         let freezer = Freezer::V1("/cg/ctr".into());
         capture_upper(
@@ -408,7 +367,7 @@ mod tests {
             CaptureMethod::Snapshot,
         )
         .unwrap();
-        let calls = slow.0.calls();
+        let calls = slow.calls();
         let freeze = calls.iter().position(|c| c == "freeze /cg/ctr").unwrap();
         let snapshot = calls.iter().position(|c| c.starts_with("snapshot")).unwrap();
         let first_thaw = calls.iter().position(|c| c == "thaw /cg/ctr").unwrap();

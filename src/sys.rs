@@ -444,6 +444,8 @@ pub struct RecordingSystem {
     pub calls: Mutex<Vec<String>>,
     /// A call whose record starts with this fails with EIO (after being recorded).
     pub fail_on: Mutex<Option<String>>,
+    /// How long `snapshot_readonly` blocks before acting, as a stuck ioctl would.
+    pub snapshot_delay: Mutex<Option<Duration>>,
     pub btrfs: bool,
     pub free: u64,
 }
@@ -534,6 +536,10 @@ impl SystemOps for RecordingSystem {
     }
 
     fn snapshot_readonly(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
+        let delay = *self.snapshot_delay.lock().expect("snapshot_delay lock poisoned");
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
         self.record_fallible(format!("snapshot readonly {} {}", source.display(), dest.display()))?;
         std::fs::create_dir(dest).map_err(io_err("mkdir", dest))
     }

@@ -490,16 +490,13 @@ fn seamless_capture_of_a_running_container() {
         env.exec(
             &ns,
             &id,
-            "(i=0; while true; do i=$((i+1)); echo $i > /data/counter; done) >/dev/null 2>&1 &",
+            "(i=0; while true; do i=$((i+1)); echo $i > /data/counter.new; mv /data/counter.new /data/counter; done) >/dev/null 2>&1 &",
         )?;
         sleep(Duration::from_millis(300));
 
         let runtime = tokio::runtime::Runtime::new()?;
         let prefix = &id[..id.len() - 3];
-        let container = runtime.block_on(async {
-            let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
-            Ok::<_, anyhow::Error>(client.resolve(&ns, prefix).await?)
-        })?;
+        let container = resolve_container(&runtime, env, &ns, prefix)?;
         ensure!(container.id == id, "prefix {prefix} resolved to {}", container.id);
         ensure!(container.snapshotter == "seamless", "{container:?}");
         let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
@@ -583,7 +580,6 @@ fn seamless_capture_of_a_running_container() {
 /// tree the container had.
 #[test]
 fn seamless_commit_pushes_the_container_view() {
-    use seamless_snapshotter::proto::control_client::ControlClient;
     use seamless_snapshotter::proto::{GetCommitRequest, SeamlessCommitRequest};
 
     with_env("commit", Options::default(), |env| {
@@ -610,13 +606,7 @@ fn seamless_commit_pushes_the_container_view() {
         let work = env.dir().join("commit-work");
         std::fs::create_dir_all(&work)?;
         let (started, job) = runtime.block_on(async {
-            let socket = env.daemon_socket();
-            let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    tokio::net::UnixStream::connect(socket.clone())
-                }))
-                .await?;
-            let mut control = ControlClient::new(channel);
+            let mut control = control_client(env.daemon_socket()).await?;
             let started = control
                 .seamless_commit(SeamlessCommitRequest {
                     namespace: ns.clone(),
@@ -828,7 +818,6 @@ fn seamless_commit_pushes_the_container_view() {
 /// its reason, removes the capture and commits again.
 #[test]
 fn commit_in_progress_and_daemon_killed_mid_job() {
-    use seamless_snapshotter::proto::control_client::ControlClient;
     use seamless_snapshotter::proto::{GetCommitRequest, SeamlessCommitRequest};
 
     with_env("commitkill", Options::default(), |env| {
@@ -856,16 +845,8 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
             ..Default::default()
         };
         let runtime = tokio::runtime::Runtime::new()?;
-        let connect = |socket: std::path::PathBuf| async move {
-            let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    tokio::net::UnixStream::connect(socket.clone())
-                }))
-                .await?;
-            Ok::<_, anyhow::Error>(ControlClient::new(channel))
-        };
         let (first, second) = runtime.block_on(async {
-            let mut control = connect(env.daemon_socket()).await?;
+            let mut control = control_client(env.daemon_socket()).await?;
             let first = control.seamless_commit(request.clone()).await?.into_inner();
             let second = control.seamless_commit(request.clone()).await;
             Ok::<_, anyhow::Error>((first, second))
@@ -884,7 +865,7 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
         );
         env.start_daemon()?;
         let job = runtime.block_on(async {
-            let mut control = connect(env.daemon_socket()).await?;
+            let mut control = control_client(env.daemon_socket()).await?;
             Ok::<_, anyhow::Error>(
                 control
                     .get_commit(GetCommitRequest {
@@ -946,10 +927,7 @@ fn restart_thaws_a_container_left_frozen() {
         let id = env.container_id("frozen");
         env.run_container(&ns, &id)?;
         let runtime = tokio::runtime::Runtime::new()?;
-        let container = runtime.block_on(async {
-            let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
-            Ok::<_, anyhow::Error>(client.resolve(&ns, &id).await?)
-        })?;
+        let container = resolve_container(&runtime, env, &ns, &id)?;
         let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
         let state_file = match &freezer {
             Freezer::V1(d) => d.join("freezer.state"),
@@ -982,6 +960,31 @@ fn restart_thaws_a_container_left_frozen() {
         ensure!(env.log_tail("daemon.log").contains("thawed"), "the thaw is logged");
         Ok(())
     });
+}
+
+/// A client of the daemon's Control API over its socket.
+async fn control_client(
+    socket: std::path::PathBuf,
+) -> Result<seamless_snapshotter::proto::control_client::ControlClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await?;
+    Ok(seamless_snapshotter::proto::control_client::ControlClient::new(channel))
+}
+
+/// Resolves a container through containerd's API, as the daemon does.
+fn resolve_container(
+    runtime: &tokio::runtime::Runtime,
+    env: &Env,
+    ns: &str,
+    query: &str,
+) -> Result<seamless_snapshotter::containerd::ContainerInfo> {
+    runtime.block_on(async {
+        let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
+        Ok(client.resolve(ns, query).await?)
+    })
 }
 
 /// Every entry under `root`: type, mode, owner, and content or link target.

@@ -9,9 +9,10 @@ mod daemon;
 mod seamless_commit;
 mod version;
 
+use seamless_snapshotter::commit::rfc3339;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 use tonic::Code;
@@ -140,40 +141,13 @@ fn commit_code_exit(code: &str) -> Option<u8> {
 /// last line of stderr.
 fn fatal_line(at: SystemTime, message: &str) -> String {
     let message = message.replace(['\r', '\n'], " ");
-    format!("FATA[{}] {message}", rfc3339_utc(at))
-}
-
-/// RFC 3339 in UTC to the second. Hand-rolled because the crate carries no
-/// calendar dependency; times before 1970 clamp to the epoch.
-fn rfc3339_utc(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard
-/// Hinnant's `civil_from_days`, restricted to non-negative days).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    format!("FATA[{}] {message}", rfc3339(at))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
@@ -197,10 +171,10 @@ mod tests {
 
     #[test]
     fn timestamps_cross_leap_days_and_centuries() {
-        assert_eq!(rfc3339_utc(at(951_868_799)), "2000-02-29T23:59:59Z");
-        assert_eq!(rfc3339_utc(at(951_868_800)), "2000-03-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(at(4_107_542_400)), "2100-03-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_868_799)), "2000-02-29T23:59:59Z");
+        assert_eq!(rfc3339(at(951_868_800)), "2000-03-01T00:00:00Z");
+        assert_eq!(rfc3339(at(4_107_542_400)), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
     }
 
     #[test]
