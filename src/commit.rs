@@ -312,6 +312,12 @@ impl CommitService {
                 warn!(job = id, "commit job interrupted by a restart marked failed");
             }
         }
+        // No job runs yet, so every capture left is garbage (a daemon killed
+        // between a capture and persisting its job leaves one).
+        for capture in service.snapshotter.captures()? {
+            warn!(capture = %capture.display(), "removing a capture no running job uses");
+            let _ = service.snapshotter.remove_capture(&capture);
+        }
         Ok(service)
     }
 
@@ -398,7 +404,10 @@ impl CommitService {
             manifest_digest: None,
             options,
         };
-        self.save(&job)?;
+        if let Err(e) = self.save(&job) {
+            let _ = self.snapshotter.remove_capture(&job.capture);
+            return Err(e);
+        }
         let started = Started {
             snapshot_id,
             pause: captured.pause,
@@ -681,6 +690,65 @@ mod tests {
             rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_440_645)),
             "2026-11-23T13:30:45Z"
         );
+    }
+
+    #[test]
+    fn start_fails_interrupted_jobs_and_removes_their_captures() {
+        use crate::sys::{Freezer, RecordingSystem};
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshotter = Arc::new(
+            Snapshotter::open(
+                tmp.path(),
+                &crate::config::Config::default(),
+                Arc::new(RecordingSystem::btrfs()),
+            )
+            .unwrap(),
+        );
+        let (_, id) = {
+            snapshotter
+                .prepare(crate::snapshotter::KeyStyle::Prefixed, "ns/1/c", "", Default::default())
+                .unwrap();
+            snapshotter.container_snapshot("ns", "c").unwrap()
+        };
+        let captured = snapshotter
+            .capture(id, "snapshot-1", &Freezer::V1("/cg".into()), Duration::from_secs(1))
+            .unwrap();
+        let stray = snapshotter
+            .capture(id, "snapshot-2", &Freezer::V1("/cg".into()), Duration::from_secs(1))
+            .unwrap();
+        let job = Job {
+            snapshot_id: "snapshot-1".into(),
+            container: "c".into(),
+            namespace: "ns".into(),
+            source_image: "r/a:1".into(),
+            options: options(tmp.path()),
+            snapshot_key: "ns/1/c".into(),
+            capture: captured.snapshot.clone(),
+            new_upper: snapshotter.upper_dir(id),
+            pause: Duration::from_millis(2),
+            state: JobState::Processing,
+            progress: 0.5,
+            stage: "building the layer".into(),
+            started: SystemTime::now(),
+            ended: None,
+            error_code: None,
+            error: None,
+            manifest_digest: None,
+        };
+        snapshotter
+            .store()
+            .put_job("snapshot-1", &serde_json::to_vec(&job).unwrap())
+            .unwrap();
+        let service = CommitService::new(snapshotter.clone(), tmp.path().join("c.sock"), 1).unwrap();
+        let after = service.job("snapshot-1").unwrap();
+        assert_eq!(after.state, JobState::Failed);
+        assert_eq!(after.error_code, Some(CommitCode::BackgroundProcessingFailed));
+        assert!(after.error.unwrap().contains("building the layer"));
+        assert!(
+            !captured.snapshot.exists() && !stray.snapshot.exists(),
+            "captures removed"
+        );
+        assert_eq!(service.jobs().unwrap().len(), 1);
     }
 
     #[test]

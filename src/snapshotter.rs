@@ -538,6 +538,11 @@ impl Snapshotter {
         Ok(parent_ids.iter().map(|id| self.storage.upper_dir(*id)).collect())
     }
 
+    /// Every capture on disk.
+    pub fn captures(&self) -> Result<Vec<std::path::PathBuf>, SnapshotError> {
+        Ok(self.storage.captures_on_disk()?)
+    }
+
     /// Deletes a capture made by [`Snapshotter::capture`].
     pub fn remove_capture(&self, capture: &Path) -> Result<(), SnapshotError> {
         if capture.parent() != Some(self.storage.captures_dir()) {

@@ -250,6 +250,15 @@ impl Storage {
         Ok(orphans)
     }
 
+    /// Every entry of the captures directory.
+    pub fn captures_on_disk(&self) -> Result<Vec<PathBuf>, StorageError> {
+        let mut all = Vec::new();
+        for entry in fs::read_dir(&self.captures).map_err(io_err("read directory", &self.captures))? {
+            all.push(entry.map_err(io_err("read directory", &self.captures))?.path());
+        }
+        Ok(all)
+    }
+
     /// Deletes a path returned by [`Storage::unreferenced_dirs`].
     pub fn remove_orphan(&self, path: &Path) -> Result<(), StorageError> {
         self.remove_snapshot_dir_path(path)
