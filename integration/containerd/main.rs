@@ -467,11 +467,6 @@ fn cri_plugin_uses_seamless_and_keeps_cri_labels() {
     });
 }
 
-// ----- checks shared by the tests ------------------------------------------
-
-/// `ctr snapshots ls` in `ns` must show exactly the image's chain (committed,
-/// each the child of the previous) plus one active snapshot per container,
-/// each a child of the top layer.
 /// The core of seamless commit against a real runc container: resolved
 /// through containerd's API by id prefix, its upper directory captured as a
 /// read-only btrfs snapshot while a process in it keeps writing, frozen only
@@ -1061,6 +1056,11 @@ fn diff_trees(
     out
 }
 
+// ----- checks shared by the tests ------------------------------------------
+
+/// `ctr snapshots ls` in `ns` must show exactly the image's chain (committed,
+/// each the child of the previous) plus one active snapshot per container,
+/// each a child of the top layer.
 fn expect_snapshots(env: &Env, ns: &str, containers: &[&str], when: &str) -> Result<()> {
     let chain = &env.image().chain_ids;
     let rows = env.snapshots(ns)?;
