@@ -2,7 +2,7 @@
 //! client of the daemon's Control API. The capture itself must run in the
 //! daemon, which owns the writable layers; this module only talks to it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
@@ -42,6 +42,37 @@ impl From<tonic::Status> for ClientError {
             message: s.message().to_string(),
         }
     }
+}
+
+/// A daemon that accepts but never answers must not hang its client.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the daemon's socket now, so a missing socket or a refused
+/// connection is reported here, naming the socket and the reason.
+pub async fn connect(socket: &Path) -> Result<Channel, ClientError> {
+    let unreachable = |message: String| ClientError::Unreachable {
+        address: socket.display().to_string(),
+        message,
+    };
+    // tonic needs a URI; the connector below ignores it.
+    let endpoint = Endpoint::try_from("http://[::]:50051")
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let path = socket.to_path_buf();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(path.clone())))
+        .await
+        .map_err(|e| unreachable(root_cause(&e)))
+}
+
+/// tonic's transport error says only "transport error"; the reason (no such
+/// file, connection refused, timed out) is at the bottom of the chain.
+fn root_cause(err: &tonic::transport::Error) -> String {
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// How to reach the daemon.
@@ -118,23 +149,8 @@ pub struct SeamlessSnapshot {
 
 impl SeamlessSnapshot {
     pub async fn new(options: SeamlessOptions) -> Result<SeamlessSnapshot, ClientError> {
-        let address = options.address.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .map_err(|e| ClientError::Unreachable {
-                address: address.display().to_string(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(address.clone())))
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                address: options.address.display().to_string(),
-                message: std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string()),
-            })?;
         Ok(SeamlessSnapshot {
-            control: ControlClient::new(channel),
+            control: ControlClient::new(connect(&options.address).await?),
             namespace: options.namespace,
         })
     }

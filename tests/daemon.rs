@@ -18,7 +18,7 @@ use seamless_snapshotter::server;
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 fn directory_config() -> Config {
@@ -52,12 +52,7 @@ impl Daemon {
 }
 
 async fn channel(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(socket.clone())))
-        .await
-        .expect("connect")
+    seamless_snapshotter::client::connect(socket).await.expect("connect")
 }
 
 async fn client(socket: &Path) -> SnapshotsClient<Channel> {
@@ -382,13 +377,10 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
             .expect("start daemon");
         let mut c = None;
         for _ in 0..200 {
-            if let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_millis(200), async {
-                let socket = socket.clone();
-                Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(socket.clone())))
-                    .await
-            })
+            if let Ok(Ok(ch)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                seamless_snapshotter::client::connect(&socket),
+            )
             .await
             {
                 c = Some(SnapshotsClient::new(ch));

@@ -961,11 +961,7 @@ fn restart_thaws_a_container_left_frozen() {
 async fn control_client(
     socket: std::path::PathBuf,
 ) -> Result<seamless_snapshotter::proto::control_client::ControlClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            tokio::net::UnixStream::connect(socket.clone())
-        }))
-        .await?;
+    let channel = seamless_snapshotter::client::connect(&socket).await?;
     Ok(seamless_snapshotter::proto::control_client::ControlClient::new(channel))
 }
 

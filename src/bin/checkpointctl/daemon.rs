@@ -1,44 +1,27 @@
 //! The connection to containerd-seamless-grpc over its unix socket.
 
 use std::path::Path;
-use std::time::Duration;
 
+use seamless_snapshotter::client::{self, ClientError};
 use seamless_snapshotter::proto::control_client::ControlClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::CliError;
-
-/// A daemon that accepts but never answers must not hang the command.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects eagerly, so a missing socket or a refused connection is reported
 /// here, naming the socket, rather than on the first call.
 pub async fn connect(socket: &Path) -> Result<ControlClient<Channel>, CliError> {
-    let unreachable = |reason: String| CliError::Unreachable {
-        socket: socket.to_path_buf(),
-        reason,
-    };
-    // The URI is required by tonic and ignored by the connector below.
-    let endpoint = Endpoint::try_from("http://[::]:50051")
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT);
-    let path = socket.to_path_buf();
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(path.clone())))
-        .await
-        .map_err(|e| unreachable(root_cause(&e)))?;
-    Ok(ControlClient::new(channel))
-}
-
-/// tonic's transport error says only "transport error"; the reason (no such
-/// file, connection refused, timed out) is at the bottom of the chain.
-fn root_cause(err: &tonic::transport::Error) -> String {
-    let mut cause: &dyn std::error::Error = err;
-    while let Some(source) = cause.source() {
-        cause = source;
+    match client::connect(socket).await {
+        Ok(channel) => Ok(ControlClient::new(channel)),
+        Err(ClientError::Unreachable { message, .. }) => Err(CliError::Unreachable {
+            socket: socket.to_path_buf(),
+            reason: message,
+        }),
+        Err(other) => Err(CliError::Unreachable {
+            socket: socket.to_path_buf(),
+            reason: other.to_string(),
+        }),
     }
-    cause.to_string()
 }
 
 #[cfg(test)]
