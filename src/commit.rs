@@ -13,11 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, instrument, warn};
 
+use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
 use crate::error::{Classify, ErrorKind};
-use crate::layer::{build_layer, BuildContext, Compression, PathFilter};
+use crate::layer::{build_layer, BuildContext, Compression, LayerBlob, PathFilter};
 use crate::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
 use crate::snapshotter::{SnapshotError, Snapshotter};
+use crate::store::RecordKind;
 
 /// How long a container may stay frozen before the watchdog thaws it.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -259,6 +261,13 @@ pub struct Job {
     pub error_code: Option<CommitCode>,
     pub error: Option<String>,
     pub manifest_digest: Option<String>,
+    /// How the new layers were made: "full", "incremental" or "merged"
+    /// (empty until the job has decided).
+    #[serde(default)]
+    pub layer_plan: String,
+    /// Commit layers above the image's own in the pushed image.
+    #[serde(default)]
+    pub commit_layers: u32,
 }
 
 /// What a started commit reports at once.
@@ -297,7 +306,7 @@ impl CommitService {
             in_progress: Mutex::new(HashSet::new()),
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
         };
-        for (id, bytes) in service.snapshotter.store().list_jobs()? {
+        for (id, bytes) in service.snapshotter.store().list_records(RecordKind::Jobs)? {
             let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
                 warn!(job = id, "unreadable commit job record left as is");
                 continue;
@@ -312,11 +321,16 @@ impl CommitService {
                 warn!(job = id, "commit job interrupted by a restart marked failed");
             }
         }
-        // No job runs yet, so every capture left is garbage (a daemon killed
-        // between a capture and persisting its job leaves one).
+        service.prune_chains()?;
+        // No job runs yet, so every capture but the chains' heads is garbage
+        // (a daemon killed between a capture and persisting its job, or
+        // between a push and recording its chain, leaves one).
+        let heads: HashSet<PathBuf> = service.chains()?.into_iter().map(|(_, c)| c.head).collect();
         for capture in service.snapshotter.captures()? {
-            warn!(capture = %capture.display(), "removing a capture no running job uses");
-            let _ = service.snapshotter.remove_capture(&capture);
+            if !heads.contains(&capture) {
+                warn!(capture = %capture.display(), "removing a capture no running job uses");
+                let _ = service.snapshotter.remove_capture(&capture);
+            }
         }
         Ok(service)
     }
@@ -324,7 +338,63 @@ impl CommitService {
     fn save(&self, job: &Job) -> Result<(), CommitError> {
         // Plain data: serialising cannot fail.
         let bytes = serde_json::to_vec(job).expect("job serialises");
-        self.snapshotter.store().put_job(&job.snapshot_id, &bytes)?;
+        self.snapshotter
+            .store()
+            .put_record(RecordKind::Jobs, &job.snapshot_id, &bytes)?;
+        Ok(())
+    }
+
+    /// Every recorded chain, by "<namespace>/<container>".
+    fn chains(&self) -> Result<Vec<(String, Chain)>, CommitError> {
+        Ok(self
+            .snapshotter
+            .store()
+            .list_records(RecordKind::Chains)?
+            .into_iter()
+            .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+                Ok(chain) => Some((key, chain)),
+                Err(e) => {
+                    warn!(chain = key, error = %e, "unreadable commit chain record ignored");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn chain(&self, key: &str) -> Option<Chain> {
+        let bytes = self.snapshotter.store().get_record(RecordKind::Chains, key).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Drops the chains of containers whose snapshot is gone, with their
+    /// captures.
+    fn prune_chains(&self) -> Result<(), CommitError> {
+        for (key, chain) in self.chains()? {
+            if self.snapshotter.store().get(&chain.origin.snapshot_key).is_ok() {
+                continue;
+            }
+            info!(chain = key, "container snapshot removed: dropping its commit chain");
+            self.snapshotter.store().remove_record(RecordKind::Chains, &key)?;
+            if let Err(e) = self.snapshotter.remove_capture(&chain.head) {
+                warn!(capture = %chain.head.display(), error = %e, "cannot remove capture");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `chain` as the container's and removes the capture the one it
+    /// replaces kept. Until the record is written the old chain stays valid:
+    /// its layers plus a change since its head still make the right image.
+    fn advance_chain(&self, key: &str, chain: &Chain) -> Result<(), CommitError> {
+        let old = self.chain(key);
+        // Plain data: serialising cannot fail.
+        let bytes = serde_json::to_vec(chain).expect("chain serialises");
+        self.snapshotter.store().put_record(RecordKind::Chains, key, &bytes)?;
+        if let Some(old) = old.filter(|old| old.head != chain.head) {
+            if let Err(e) = self.snapshotter.remove_capture(&old.head) {
+                warn!(capture = %old.head.display(), error = %e, "cannot remove capture");
+            }
+        }
         Ok(())
     }
 
@@ -332,7 +402,7 @@ impl CommitService {
         let bytes = self
             .snapshotter
             .store()
-            .get_job(snapshot_id)?
+            .get_record(RecordKind::Jobs, snapshot_id)?
             .ok_or_else(|| CommitError::JobNotFound { id: snapshot_id.into() })?;
         serde_json::from_slice(&bytes).map_err(|e| CommitError::Task(format!("job {snapshot_id} record: {e}")))
     }
@@ -342,7 +412,7 @@ impl CommitService {
         let mut jobs: Vec<Job> = self
             .snapshotter
             .store()
-            .list_jobs()?
+            .list_records(RecordKind::Jobs)?
             .into_iter()
             .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
             .collect();
@@ -402,6 +472,8 @@ impl CommitService {
             error_code: None,
             error: None,
             manifest_digest: None,
+            layer_plan: String::new(),
+            commit_layers: 0,
             options,
         };
         if let Err(e) = self.save(&job) {
@@ -437,13 +509,27 @@ impl CommitService {
         let _worker = self.workers.acquire().await;
         let result = self.build_and_push(&mut job).await;
         job.ended = Some(SystemTime::now());
+        let mut keep_capture = false;
         match result {
-            Ok(digest) => {
+            Ok((digest, chain)) => {
                 job.state = JobState::Completed;
                 job.progress = 1.0;
                 job.stage = "completed".into();
                 job.manifest_digest = Some(digest);
-                info!(target = job.options.target, "commit pushed");
+                job.commit_layers = chain.layers.len() as u32;
+                let key = chain_key(&job.namespace, &job.container);
+                match self.advance_chain(&key, &chain) {
+                    Ok(()) => keep_capture = true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot record the commit chain: the next commit builds on the previous one")
+                    }
+                }
+                info!(
+                    target = job.options.target,
+                    layer_plan = job.layer_plan,
+                    commit_layers = job.commit_layers,
+                    "commit pushed"
+                );
             }
             Err(message) => {
                 job.state = JobState::Failed;
@@ -452,8 +538,13 @@ impl CommitService {
                 job.error = Some(format!("{}: {message}", job.stage));
             }
         }
-        if let Err(e) = self.snapshotter.remove_capture(&job.capture) {
-            warn!(capture = %job.capture.display(), error = %e, "cannot remove capture");
+        if !keep_capture {
+            if let Err(e) = self.snapshotter.remove_capture(&job.capture) {
+                warn!(capture = %job.capture.display(), error = %e, "cannot remove capture");
+            }
+        }
+        if let Err(e) = self.prune_chains() {
+            warn!(error = %e, "cannot prune commit chains");
         }
         let _ = std::fs::remove_dir_all(job.options.work_dir.join(&job.snapshot_id));
         if let Err(e) = self.save(&job) {
@@ -461,7 +552,9 @@ impl CommitService {
         }
     }
 
-    async fn build_and_push(&self, job: &mut Job) -> Result<String, String> {
+    /// Builds the commit's layers, pushes the image and returns its manifest
+    /// digest and the container's chain as it stands after the push.
+    async fn build_and_push(&self, job: &mut Job) -> Result<(String, Chain), String> {
         let text = |e: RegistryError| e.to_string();
         let work = job.options.work_dir.join(&job.snapshot_id);
         std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
@@ -476,64 +569,115 @@ impl CommitService {
             .await
             .map_err(text)?;
 
+        let origin = ChainOrigin {
+            snapshot_key: job.snapshot_key.clone(),
+            source_image: job.source_image.clone(),
+            with_paths: job.options.with_paths.clone(),
+            without_paths: job.options.without_paths.clone(),
+        };
+        let chain = self.chain(&chain_key(&job.namespace, &job.container));
+        let head_exists = chain.as_ref().is_some_and(|c| c.head.join("fs").is_dir());
+        let plan = chain::plan(chain.as_ref(), head_exists, &origin, job.options.maximum_times);
+        job.layer_plan = plan.describe().to_string();
         self.update(job, 0.15, "building the layer");
-        let lowers = self
-            .snapshotter
-            .lower_dirs(&job.snapshot_key)
-            .map_err(|e| e.to_string())?;
-        let upper = job.capture.join("fs");
-        let options = job.options.clone();
-        let layer_file = work.join("layer");
-        let out = layer_file.clone();
-        let layer = tokio::task::spawn_blocking(move || {
-            let filter = options.filter();
-            build_layer(
-                &BuildContext {
-                    upper: &upper,
-                    previous: None,
-                    lowers: &lowers,
-                    compression: options.oci_compression(),
-                    filter: &filter,
-                },
-                &out,
-            )
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let built = self.build_commit_layers(job, &plan, &work).await?;
+        let mut commit_layers = match &plan {
+            Plan::Incremental { keep, .. } => keep.clone(),
+            Plan::Full | Plan::Merge { .. } => Vec::new(),
+        };
+        let mut new_layers = Vec::new();
+        for (blob, path, created_by) in built {
+            // A commit that changed nothing since the last adds no layer.
+            if blob.entries == 0 && plan.previous().is_some() {
+                continue;
+            }
+            commit_layers.push(CommitLayer {
+                media_type: blob.media_type.to_string(),
+                digest: blob.digest.clone(),
+                diff_id: blob.diff_id.clone(),
+                size: blob.size,
+                pushed_to: job.options.target.clone(),
+                insecure: job.options.target_insecure,
+                created_by,
+                created: job.started,
+            });
+            new_layers.push((blob.digest, path));
+        }
 
         self.update(job, 0.5, "fetching base layers");
-        let mut layers = Vec::new();
-        let total = base.manifest.layers.len().max(1) as f64;
-        for (i, descriptor) in base.manifest.layers.iter().enumerate() {
-            let path = work.join(format!("base-{i}"));
-            source
-                .pull_blob_to(&job.source_image, &descriptor.digest, &path, &RegistryAuth::Anonymous)
-                .await
-                .map_err(text)?;
-            layers.push(LayerSource {
-                media_type: descriptor.media_type.clone(),
-                digest: descriptor.digest.clone(),
-                size: descriptor.size.max(0) as u64,
-                annotations: descriptor.annotations.clone().unwrap_or_default(),
-                data: LayerData::File(path),
-            });
-            self.update(job, 0.5 + 0.3 * (i + 1) as f64 / total, "fetching base layers");
-        }
-        layers.push(LayerSource {
-            media_type: layer.media_type.to_string(),
-            digest: layer.digest.clone(),
-            size: layer.size,
-            annotations: BTreeMap::new(),
-            data: LayerData::File(layer_file),
-        });
-        let config = derive_config(&base.config, &layer.diff_id, &job.snapshot_id, job.started)?;
-
-        self.update(job, 0.85, "pushing the image");
         let target = RegistryClient::new(RegistryOptions {
             insecure: job.options.target_insecure,
             ..RegistryOptions::default()
         });
+        let mut reused: Vec<(LayerSource, &RegistryClient, String)> = Vec::new();
+        for descriptor in &base.manifest.layers {
+            let source_layer = LayerSource {
+                media_type: descriptor.media_type.clone(),
+                digest: descriptor.digest.clone(),
+                size: descriptor.size.max(0) as u64,
+                annotations: descriptor.annotations.clone().unwrap_or_default(),
+                data: LayerData::InTarget,
+            };
+            reused.push((source_layer, &source, job.source_image.clone()));
+        }
+        let earlier: Vec<(RegistryClient, &CommitLayer)> = commit_layers
+            .iter()
+            .filter(|l| !new_layers.iter().any(|(digest, _)| digest == &l.digest))
+            .map(|l| {
+                let client = RegistryClient::new(RegistryOptions {
+                    insecure: l.insecure,
+                    ..RegistryOptions::default()
+                });
+                (client, l)
+            })
+            .collect();
+        for (client, layer) in &earlier {
+            let source_layer = LayerSource {
+                media_type: layer.media_type.clone(),
+                digest: layer.digest.clone(),
+                size: layer.size,
+                annotations: BTreeMap::new(),
+                data: LayerData::InTarget,
+            };
+            reused.push((source_layer, client, layer.pushed_to.clone()));
+        }
+        let total = reused.len().max(1) as f64;
+        let mut layers = Vec::new();
+        for (i, (mut layer, client, from)) in reused.into_iter().enumerate() {
+            // Blobs the target holds (an earlier commit to the same
+            // repository pushed them) are referenced, not fetched again.
+            if !target
+                .has_blob(&job.options.target, &layer.digest, &RegistryAuth::Anonymous)
+                .await
+                .map_err(text)?
+            {
+                let path = work.join(format!("reused-{i}"));
+                client
+                    .pull_blob_to(&from, &layer.digest, &path, &RegistryAuth::Anonymous)
+                    .await
+                    .map_err(text)?;
+                layer.data = LayerData::File(path);
+            }
+            layers.push(layer);
+            self.update(job, 0.5 + 0.3 * (i + 1) as f64 / total, "fetching base layers");
+        }
+        for (digest, path) in new_layers {
+            // Every new layer is in `commit_layers`, pushed just above.
+            let layer = commit_layers
+                .iter()
+                .find(|l| l.digest == digest)
+                .expect("new layer recorded");
+            layers.push(LayerSource {
+                media_type: layer.media_type.clone(),
+                digest: layer.digest.clone(),
+                size: layer.size,
+                annotations: BTreeMap::new(),
+                data: LayerData::File(path),
+            });
+        }
+        let config = derive_config(&base.config, &commit_layers)?;
+
+        self.update(job, 0.85, "pushing the image");
         let annotations = BTreeMap::from([(
             "org.opencontainers.image.base.name".to_string(),
             job.source_image.clone(),
@@ -548,17 +692,81 @@ impl CommitService {
             )
             .await
             .map_err(text)?;
-        Ok(pushed.manifest_digest)
+        let chain = Chain {
+            origin,
+            head: job.capture.clone(),
+            layers: commit_layers,
+        };
+        Ok((pushed.manifest_digest, chain))
+    }
+
+    /// Builds the layers `plan` asks for from the job's capture, in image
+    /// order, each with its history entry's `created_by`.
+    async fn build_commit_layers(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        work: &std::path::Path,
+    ) -> Result<Vec<(LayerBlob, PathBuf, String)>, String> {
+        let lowers = self
+            .snapshotter
+            .lower_dirs(&job.snapshot_key)
+            .map_err(|e| e.to_string())?;
+        let mut builds: Vec<(PathBuf, Option<PathBuf>, String)> = Vec::new();
+        if let Plan::Merge { merged, previous } = plan {
+            builds.push((
+                previous.join("fs"),
+                None,
+                format!(
+                    "seamless-commit {}: {merged} earlier commit layers merged",
+                    job.snapshot_id
+                ),
+            ));
+        }
+        builds.push((
+            job.capture.join("fs"),
+            plan.previous().map(|p| p.join("fs")),
+            format!("seamless-commit {}", job.snapshot_id),
+        ));
+        let options = job.options.clone();
+        let work = work.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let filter = options.filter();
+            let mut out = Vec::new();
+            for (i, (upper, previous, created_by)) in builds.into_iter().enumerate() {
+                let path = work.join(format!("layer-{i}"));
+                let blob = build_layer(
+                    &BuildContext {
+                        upper: &upper,
+                        previous: previous.as_deref(),
+                        lowers: &lowers,
+                        compression: options.oci_compression(),
+                        filter: &filter,
+                    },
+                    &path,
+                )
+                .map_err(|e| e.to_string())?;
+                out.push((blob, path, created_by));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 
-/// The base image's config with the new layer: its diff_id appended to
-/// `rootfs.diff_ids`, a history entry, and a new creation time.
-pub fn derive_config(base: &[u8], diff_id: &str, snapshot_id: &str, created: SystemTime) -> Result<Vec<u8>, String> {
+/// The key of a container's chain record.
+fn chain_key(namespace: &str, container: &str) -> String {
+    format!("{namespace}/{container}")
+}
+
+/// The base image's config with the commit layers on top: their diff_ids
+/// appended to `rootfs.diff_ids`, a history entry each, and the newest
+/// layer's creation time.
+pub fn derive_config(base: &[u8], commit_layers: &[CommitLayer]) -> Result<Vec<u8>, String> {
     let mut config: serde_json::Value =
         serde_json::from_slice(base).map_err(|e| format!("base image config is not JSON: {e}"))?;
     let object = config.as_object_mut().ok_or("base image config is not a JSON object")?;
-    let created = rfc3339(created);
     let rootfs = object
         .entry("rootfs")
         .or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
@@ -566,16 +774,24 @@ pub fn derive_config(base: &[u8], diff_id: &str, snapshot_id: &str, created: Sys
         .get_mut("diff_ids")
         .and_then(|d| d.as_array_mut())
         .ok_or("base image config has no rootfs.diff_ids")?;
-    diff_ids.push(serde_json::Value::String(diff_id.to_string()));
+    diff_ids.extend(
+        commit_layers
+            .iter()
+            .map(|l| serde_json::Value::String(l.diff_id.clone())),
+    );
     let history = object.entry("history").or_insert_with(|| serde_json::json!([]));
     if let Some(history) = history.as_array_mut() {
-        history.push(serde_json::json!({
-            "created": created,
-            "created_by": format!("seamless-commit {snapshot_id}"),
-            "comment": "committed by seamless-snapshotter while the container ran",
+        history.extend(commit_layers.iter().map(|l| {
+            serde_json::json!({
+                "created": rfc3339(l.created),
+                "created_by": l.created_by,
+                "comment": "committed by seamless-snapshotter while the container ran",
+            })
         }));
     }
-    object.insert("created".into(), serde_json::Value::String(created));
+    if let Some(newest) = commit_layers.iter().map(|l| l.created).max() {
+        object.insert("created".into(), serde_json::Value::String(rfc3339(newest)));
+    }
     serde_json::to_vec(&config).map_err(|e| e.to_string())
 }
 
@@ -663,20 +879,39 @@ mod tests {
         assert_eq!(CommitOptions::parse_format("").unwrap(), Format::Nydus);
     }
 
+    fn commit_layer(n: u64, created: SystemTime) -> CommitLayer {
+        CommitLayer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+            digest: format!("sha256:{n:064x}"),
+            diff_id: format!("sha256:{:064x}", n + 100),
+            size: 1,
+            pushed_to: "r/out:1".into(),
+            insecure: false,
+            created_by: format!("seamless-commit snapshot-{n}"),
+            created,
+        }
+    }
+
     #[test]
-    fn config_gains_the_layer_and_a_history_entry() {
+    fn config_gains_the_layers_and_their_history_entries() {
         let base = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/bin/sh"]},
             "rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"history":[{"created_by":"base"}]}"#;
         let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        let out = derive_config(base, "sha256:bb", "snapshot-1", t).unwrap();
+        let later = t + Duration::from_secs(60);
+        let layers = [commit_layer(1, t), commit_layer(2, later)];
+        let out = derive_config(base, &layers).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["rootfs"]["diff_ids"], serde_json::json!(["sha256:aa", "sha256:bb"]));
-        assert_eq!(v["history"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            v["rootfs"]["diff_ids"],
+            serde_json::json!(["sha256:aa", layers[0].diff_id, layers[1].diff_id])
+        );
+        assert_eq!(v["history"].as_array().unwrap().len(), 3);
         assert_eq!(v["history"][1]["created_by"], "seamless-commit snapshot-1");
+        assert_eq!(v["history"][2]["created"], rfc3339(later));
         assert_eq!(v["config"]["Cmd"][0], "/bin/sh");
-        assert_eq!(v["created"], rfc3339(t));
-        assert!(derive_config(b"[]", "sha256:bb", "s", t).is_err());
-        assert!(derive_config(br#"{"rootfs":{}}"#, "sha256:bb", "s", t).is_err());
+        assert_eq!(v["created"], rfc3339(later));
+        assert!(derive_config(b"[]", &layers).is_err());
+        assert!(derive_config(br#"{"rootfs":{}}"#, &layers).is_err());
     }
 
     #[test]
@@ -734,12 +969,52 @@ mod tests {
             error_code: None,
             error: None,
             manifest_digest: None,
+            layer_plan: String::new(),
+            commit_layers: 0,
         };
         snapshotter
             .store()
-            .put_job("snapshot-1", &serde_json::to_vec(&job).unwrap())
+            .put_record(RecordKind::Jobs, "snapshot-1", &serde_json::to_vec(&job).unwrap())
             .unwrap();
+        // A chain of the live container keeps its head; one of a removed
+        // container is dropped with its capture.
+        let head = snapshotter
+            .capture(id, "snapshot-0", &Freezer::V1("/cg".into()), Duration::from_secs(1))
+            .unwrap();
+        let gone_head = snapshotter
+            .capture(id, "snapshot-00", &Freezer::V1("/cg".into()), Duration::from_secs(1))
+            .unwrap();
+        let chain_of = |key: &str, head: &Path| Chain {
+            origin: ChainOrigin {
+                snapshot_key: key.into(),
+                source_image: "r/a:1".into(),
+                with_paths: vec![],
+                without_paths: vec![],
+            },
+            head: head.to_path_buf(),
+            layers: vec![commit_layer(1, SystemTime::now())],
+        };
+        for (name, chain) in [
+            ("ns/c", chain_of("ns/1/c", &head.snapshot)),
+            ("ns/gone", chain_of("ns/9/gone", &gone_head.snapshot)),
+        ] {
+            snapshotter
+                .store()
+                .put_record(RecordKind::Chains, name, &serde_json::to_vec(&chain).unwrap())
+                .unwrap();
+        }
         let service = CommitService::new(snapshotter.clone(), tmp.path().join("c.sock"), 1).unwrap();
+        assert!(head.snapshot.exists(), "the live chain's head is kept");
+        assert!(!gone_head.snapshot.exists(), "the removed container's head is removed");
+        assert_eq!(
+            service
+                .chains()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>(),
+            vec!["ns/c".to_string()]
+        );
         let after = service.job("snapshot-1").unwrap();
         assert_eq!(after.state, JobState::Failed);
         assert_eq!(after.error_code, Some(CommitCode::BackgroundProcessingFailed));

@@ -8,6 +8,7 @@
 
 pub mod capture;
 pub mod cgroup;
+pub mod chain;
 pub mod client;
 pub mod commit;
 pub mod config;

@@ -145,6 +145,10 @@ pub enum LayerData {
     File(PathBuf),
     /// A small blob held in memory.
     Bytes(Vec<u8>),
+    /// A blob the target repository holds already (checked with
+    /// [`RegistryClient::has_blob`]): referenced by the manifest, not
+    /// uploaded; the push fails if it has gone missing since.
+    InTarget,
 }
 
 /// One layer of the image to push, in manifest order.
@@ -290,6 +294,23 @@ impl RegistryClient {
             manifest_digest,
             manifest_url,
         })
+    }
+
+    /// Whether the repository of `reference` holds blob `digest`.
+    #[instrument(level = "debug", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest))]
+    pub async fn has_blob(&self, reference: &str, digest: &str, auth: &RegistryAuth) -> Result<bool, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        let object = format!("blob {digest}");
+        check_digest_format(&object, digest)?;
+        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
+        self.with_retries("blob check", digest, &session.registry, || async {
+            session
+                .client
+                .blob_exists(&session.reference, digest)
+                .await
+                .map_err(|err| classify_oci(err, &session.registry, &object))
+        })
+        .await
     }
 
     /// The image manifest `reference` names and its config blob.
@@ -581,7 +602,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError {
 fn layer_name(layer: &LayerSource) -> String {
     match &layer.data {
         LayerData::File(path) => format!("{} ({})", layer.digest, path.display()),
-        LayerData::Bytes(_) => layer.digest.clone(),
+        LayerData::Bytes(_) | LayerData::InTarget => layer.digest.clone(),
     }
 }
 
@@ -590,6 +611,8 @@ async fn verify_layer(layer: &LayerSource) -> Result<(), RegistryError> {
     let name = layer_name(layer);
     check_digest_format(&name, &layer.digest)?;
     let (actual_digest, actual_size) = match &layer.data {
+        // The registry verified it when it was uploaded.
+        LayerData::InTarget => return Ok(()),
         LayerData::Bytes(bytes) => (sha256_digest(bytes), bytes.len() as u64),
         LayerData::File(path) => {
             let path = path.clone();
@@ -665,6 +688,15 @@ async fn upload_blob(
             return Ok(());
         }
         LayerData::File(path) => path,
+        LayerData::InTarget => {
+            return Err(RegistryError::NotFound {
+                object: object.to_string(),
+                message: format!(
+                    "it was in repository {} when the push began",
+                    session.reference.repository()
+                ),
+            })
+        }
     };
     let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let reader = spawn_file_reader(path.clone(), sender);

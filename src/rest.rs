@@ -100,6 +100,10 @@ struct JobView {
     started_at: String,
     ended_at: Option<String>,
     manifest_digest: Option<String>,
+    /// "full", "incremental" or "merged"; empty until decided.
+    layer_plan: String,
+    /// Commit layers above the source image's own in the pushed image.
+    commit_layers: u32,
     error: Option<JobError>,
 }
 
@@ -126,6 +130,8 @@ fn job_view(job: Job) -> JobView {
         progress: job.progress,
         stage: job.stage,
         manifest_digest: job.manifest_digest,
+        layer_plan: job.layer_plan,
+        commit_layers: job.commit_layers,
     }
 }
 

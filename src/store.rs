@@ -22,9 +22,29 @@ const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Commit job id -> JSON of the job (owned by `commit`).
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// "<namespace>/<container>" -> JSON of the container's commit chain (owned by `commit`).
+const CHAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("chains");
 const NEXT_ID: &str = "next_id";
 const SCHEMA: &str = "schema";
 const SCHEMA_VERSION: u64 = 1;
+
+/// Records other modules keep beside the snapshots, as opaque JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Commit jobs, by snapshot id.
+    Jobs,
+    /// Commit chains, by "<namespace>/<container>".
+    Chains,
+}
+
+impl RecordKind {
+    fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            RecordKind::Jobs => JOBS,
+            RecordKind::Chains => CHAINS,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -157,6 +177,7 @@ impl Store {
             txn.open_table(SNAPSHOTS).map_err(db_err)?;
             txn.open_table(CHILDREN).map_err(db_err)?;
             txn.open_table(JOBS).map_err(db_err)?;
+            txn.open_table(CHAINS).map_err(db_err)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let found = meta.get(SCHEMA).map_err(db_err)?.map(|v| v.value());
             match found {
@@ -360,26 +381,37 @@ impl Store {
         Ok(all)
     }
 
-    /// Writes the JSON of job `id` (one transaction).
-    pub fn put_job(&self, id: &str, job: &[u8]) -> Result<(), StoreError> {
+    /// Writes `bytes` (JSON another module owns) as record `id` of `kind`
+    /// (one transaction).
+    pub fn put_record(&self, kind: RecordKind, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            let mut table = txn.open_table(JOBS).map_err(db_err)?;
-            table.insert(id, job).map_err(db_err)?;
+            let mut table = txn.open_table(kind.table()).map_err(db_err)?;
+            table.insert(id, bytes).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }
 
-    pub fn get_job(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn get_record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(JOBS).map_err(db_err)?;
+        let table = txn.open_table(kind.table()).map_err(db_err)?;
         Ok(table.get(id).map_err(db_err)?.map(|v| v.value().to_vec()))
     }
 
-    /// Every job's JSON, by id order.
-    pub fn list_jobs(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Deletes record `id` of `kind`; a missing one is not an error.
+    pub fn remove_record(&self, kind: RecordKind, id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(kind.table()).map_err(db_err)?;
+            table.remove(id).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Every record of `kind`, by id order.
+    pub fn list_records(&self, kind: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(JOBS).map_err(db_err)?;
+        let table = txn.open_table(kind.table()).map_err(db_err)?;
         let mut all = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;

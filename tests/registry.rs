@@ -351,20 +351,26 @@ async fn pushed_image_pulls_back_identical() {
     assert_eq!(names.len(), 2, "no partial files left behind: {names:?}");
 }
 
+/// Pushes `layers` and `config` to `reference` anonymously, without
+/// manifest annotations.
+async fn push_plain(
+    client: &RegistryClient,
+    reference: &str,
+    layers: &[LayerSource],
+    config: &[u8],
+) -> Result<seamless_snapshotter::registry::PushedImage, RegistryError> {
+    client
+        .push_image(reference, layers, config, BTreeMap::new(), &RegistryAuth::Anonymous)
+        .await
+}
+
 #[tokio::test]
 async fn second_push_uploads_no_blob_again() {
     let registry = Registry::start(Flavour::Plain);
     let client = RegistryClient::new(fast_options(true));
     let image = test_image();
     let reference = format!("{}/commits/again:v1", registry.host());
-    let first = client
-        .push_image(
-            &reference,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let first = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect("first push");
     let uploads = registry.requests("POST", "/v2/commits/again/blobs/uploads/");
@@ -372,14 +378,7 @@ async fn second_push_uploads_no_blob_again() {
     let checks = registry.requests("HEAD", "/v2/commits/again/blobs/");
 
     let retag = format!("{}/commits/again:v2", registry.host());
-    let second = client
-        .push_image(
-            &retag,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let second = push_plain(&client, &retag, &image.layers, &image.config)
         .await
         .expect("second push");
     assert_eq!(second.manifest_digest, first.manifest_digest);
@@ -392,6 +391,93 @@ async fn second_push_uploads_no_blob_again() {
     assert_eq!(registry.requests("PUT", "/v2/commits/again/manifests/"), 2);
 }
 
+/// A later commit references blobs the target holds already without
+/// uploading them, and a blob said to be there that is not fails the push
+/// before the manifest is written.
+#[tokio::test]
+async fn blobs_in_the_target_are_referenced_not_uploaded() {
+    let registry = Registry::start(Flavour::Plain);
+    let client = RegistryClient::new(fast_options(true));
+    let image = test_image();
+    let first_ref = format!("{}/commits/chain:v1", registry.host());
+    let absent = sha256(b"never pushed");
+    assert!(!client
+        .has_blob(&first_ref, &image.layers[0].digest, &RegistryAuth::Anonymous)
+        .await
+        .expect("check before push"));
+    push_plain(&client, &first_ref, &image.layers, &image.config)
+        .await
+        .expect("first push");
+    for layer in &image.layers {
+        assert!(client
+            .has_blob(&first_ref, &layer.digest, &RegistryAuth::Anonymous)
+            .await
+            .expect("check after push"));
+    }
+    assert!(!client
+        .has_blob(&first_ref, &absent, &RegistryAuth::Anonymous)
+        .await
+        .expect("check absent"));
+    let err = client
+        .has_blob(&first_ref, "sha256:short", &RegistryAuth::Anonymous)
+        .await
+        .expect_err("bad digest");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+
+    let uploads = registry.requests("POST", "/v2/commits/chain/blobs/uploads/");
+    let referenced: Vec<LayerSource> = image
+        .layers
+        .iter()
+        .map(|l| LayerSource {
+            data: LayerData::InTarget,
+            ..l.clone()
+        })
+        .collect();
+    let second_ref = format!("{}/commits/chain:v2", registry.host());
+    let second = push_plain(&client, &second_ref, &referenced, &image.config)
+        .await
+        .expect("push referencing blobs in the target");
+    assert_eq!(
+        registry.requests("POST", "/v2/commits/chain/blobs/uploads/"),
+        uploads,
+        "no layer uploaded"
+    );
+    let pulled = client
+        .pull_manifest_and_config(&second_ref, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull v2");
+    assert_eq!(pulled.manifest_digest, second.manifest_digest);
+    assert_eq!(
+        pulled
+            .manifest
+            .layers
+            .iter()
+            .map(|l| l.digest.clone())
+            .collect::<Vec<_>>(),
+        image.layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()
+    );
+
+    let mut missing = referenced.clone();
+    missing[0].digest = absent.clone();
+    let err = client
+        .push_image(
+            &format!("{}/commits/chain:v3", registry.host()),
+            &missing,
+            &image.config,
+            BTreeMap::new(),
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect_err("a referenced blob that is absent");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains(&absent), "{err}");
+    assert_eq!(
+        registry.requests("PUT", "/v2/commits/chain/manifests/v3"),
+        0,
+        "no manifest written"
+    );
+}
+
 #[tokio::test]
 async fn a_blob_not_matching_its_digest_is_refused_before_any_upload() {
     let registry = Registry::start(Flavour::Plain);
@@ -400,14 +486,7 @@ async fn a_blob_not_matching_its_digest_is_refused_before_any_upload() {
 
     let mut image = test_image();
     image.layers[1].digest = sha256(b"something else");
-    let err = client
-        .push_image(
-            &reference,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let err = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect_err("a wrong digest must be refused");
     assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
@@ -419,14 +498,7 @@ async fn a_blob_not_matching_its_digest_is_refused_before_any_upload() {
 
     let mut image = test_image();
     image.layers[0].size += 1;
-    let err = client
-        .push_image(
-            &reference,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let err = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect_err("a wrong size must be refused");
     assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
@@ -434,14 +506,7 @@ async fn a_blob_not_matching_its_digest_is_refused_before_any_upload() {
 
     let mut image = test_image();
     image.layers[0].digest = "md5:1234".to_string();
-    let err = client
-        .push_image(
-            &reference,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let err = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect_err("an unsupported digest must be refused");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
@@ -461,16 +526,14 @@ async fn an_unreachable_registry_fails_after_the_retries() {
     let client = RegistryClient::new(options);
     let image = test_image();
     let started = Instant::now();
-    let err = client
-        .push_image(
-            &format!("127.0.0.1:{port}/commits/app:v1"),
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect_err("nothing listens");
+    let err = push_plain(
+        &client,
+        &format!("127.0.0.1:{port}/commits/app:v1"),
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("nothing listens");
     let elapsed = started.elapsed();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     match &err {
@@ -517,14 +580,7 @@ async fn invalid_references_are_invalid_arguments() {
         assert!(matches!(err, RegistryError::InvalidReference { .. }), "{err}");
     }
     let digest_ref = format!("127.0.0.1:1/app@{}", sha256(b"x"));
-    let err = client
-        .push_image(
-            &digest_ref,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let err = push_plain(&client, &digest_ref, &image.layers, &image.config)
         .await
         .expect_err("a push needs a tag");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
@@ -564,14 +620,7 @@ async fn basic_auth_is_sent_and_refusals_are_permission_errors() {
     let reference = format!("{}/private/app:v1", registry.host());
     let auth = RegistryAuth::Basic(USER.to_string(), PASSWORD.to_string());
 
-    let err = client
-        .push_image(
-            &reference,
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
+    let err = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect_err("anonymous push must be refused");
     assert!(err.is_permission(), "{err}");
@@ -697,16 +746,14 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
 
     let busy = FailingRegistry::start(503);
     let client = RegistryClient::new(options.clone());
-    let err = client
-        .push_image(
-            &format!("127.0.0.1:{}/commits/app:v1", busy.port),
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect_err("the registry always fails");
+    let err = push_plain(
+        &client,
+        &format!("127.0.0.1:{}/commits/app:v1", busy.port),
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("the registry always fails");
     assert!(
         matches!(err, RegistryError::Registry { status: Some(503), .. }),
         "{err}"
@@ -734,16 +781,14 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
     );
 
     let refusing = FailingRegistry::start(400);
-    let err = client
-        .push_image(
-            &format!("127.0.0.1:{}/commits/app:v1", refusing.port),
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect_err("the registry refuses");
+    let err = push_plain(
+        &client,
+        &format!("127.0.0.1:{}/commits/app:v1", refusing.port),
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("the registry refuses");
     assert!(
         matches!(err, RegistryError::Registry { status: Some(400), .. }),
         "{err}"
@@ -751,16 +796,14 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
     assert_eq!(refusing.count("HEAD /v2/commits/app/blobs/"), 1, "a 4xx is not retried");
 
     let forbidding = FailingRegistry::start(403);
-    let err = client
-        .push_image(
-            &format!("127.0.0.1:{}/commits/app:v1", forbidding.port),
-            &image.layers,
-            &image.config,
-            BTreeMap::new(),
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect_err("the registry forbids");
+    let err = push_plain(
+        &client,
+        &format!("127.0.0.1:{}/commits/app:v1", forbidding.port),
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("the registry forbids");
     assert!(err.is_permission(), "{err}");
     assert_eq!(
         forbidding.count("HEAD /v2/commits/app/blobs/"),

@@ -648,8 +648,8 @@ fn seamless_commit_pushes_the_container_view() {
         );
         ensure!(started.snapshot_id.starts_with("snapshot-"), "{started:?}");
         ensure!(
-            !Path::new(&started.old_upper_dir).exists(),
-            "the capture is removed after the push"
+            Path::new(&started.old_upper_dir).exists(),
+            "the capture is kept as the base of the container's next commit"
         );
 
         // The CLI against the same daemon: exit codes and messages of the issue.
@@ -697,6 +697,10 @@ fn seamless_commit_pushes_the_container_view() {
             "--wait",
         ])?;
         ensure!(code == 0, "second commit through the CLI: {code} {out} {err}");
+        ensure!(
+            !Path::new(&started.old_upper_dir).exists(),
+            "the first capture is removed once the next commit is pushed"
+        );
         for line in [
             "Seamless snapshot created successfully:",
             "  Snapshot ID: snapshot-",
@@ -773,36 +777,202 @@ fn seamless_commit_pushes_the_container_view() {
             "three commits completed (API, CLI, REST):\n{metrics}"
         );
 
-        for (snapshotter, name) in [("overlayfs", "builtin"), ("seamless", "seamless")] {
-            let ns2 = env.namespace(&format!("pull-{name}"));
-            env.ctr(
-                &ns2,
-                &["images", "pull", "--plain-http", "--snapshotter", snapshotter, &target],
-            )?;
-            let id2 = env.container_id(&format!("from-{name}"));
-            env.ctr(
-                &ns2,
-                &[
-                    "run",
-                    "-d",
-                    "--null-io",
-                    "--snapshotter",
-                    snapshotter,
-                    &target,
-                    &id2,
-                    "/bin/sh",
-                    "-c",
-                    "while true; do sleep 1; done",
-                ],
-            )?;
-            let after = tree_of(&env.container_rootfs(&ns2, &id2))?;
-            let differences = diff_trees(&before, &after);
+        expect_image_tree(env, &target, &before, "commit")?;
+        Ok(())
+    });
+}
+
+/// Pulls `target` with containerd's built-in overlayfs and with seamless,
+/// runs it, and checks its tree equals `expected`.
+fn expect_image_tree(
+    env: &mut Env,
+    target: &str,
+    expected: &std::collections::BTreeMap<String, String>,
+    label: &str,
+) -> Result<()> {
+    for (snapshotter, name) in [("overlayfs", "builtin"), ("seamless", "seamless")] {
+        let ns = env.namespace(&format!("{label}-{name}"));
+        env.ctr(
+            &ns,
+            &["images", "pull", "--plain-http", "--snapshotter", snapshotter, target],
+        )?;
+        let id = env.container_id(&format!("{label}-{name}"));
+        env.ctr(
+            &ns,
+            &[
+                "run",
+                "-d",
+                "--null-io",
+                "--snapshotter",
+                snapshotter,
+                target,
+                &id,
+                "/bin/sh",
+                "-c",
+                "while true; do sleep 1; done",
+            ],
+        )?;
+        let after = tree_of(&env.container_rootfs(&ns, &id))?;
+        let differences = diff_trees(expected, &after);
+        ensure!(
+            differences.is_empty(),
+            "{target} pulled with {snapshotter} differs from the committed container: {differences:?}"
+        );
+        env.remove_container(&ns, &id)?;
+    }
+    Ok(())
+}
+
+/// Commits of one container form a chain: the first pushes the whole upper,
+/// the next ones only the change since the previous capture (deletions,
+/// rewrites, an opaque directory), reusing the pushed layers even in another
+/// repository; past `maximum_times` the older commit layers are merged into
+/// one. Every image, pulled and run, has the tree the container had.
+#[test]
+fn commit_chain_is_incremental_and_merges_past_maximum_times() {
+    use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+    use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
+
+    with_env("chain", Options::default(), |env| {
+        let ns = env.namespace("chain");
+        env.pull(&ns)?;
+        let id = env.container_id("chain");
+        env.run_container(&ns, &id)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let work = env.dir().join("chain-work");
+        std::fs::create_dir_all(&work)?;
+        let registry = RegistryClient::new(RegistryOptions {
+            insecure: true,
+            ..RegistryOptions::default()
+        });
+        let base_layers = runtime
+            .block_on(registry.pull_manifest_and_config(&env.image_ref(), &RegistryAuth::Anonymous))?
+            .manifest
+            .layers
+            .len();
+
+        // Each step: change the container, commit with at most two commit
+        // layers, check the job, the pushed manifest and the image's tree.
+        let steps: [(&str, &str, &str, u32); 3] = [
+            (
+                "head -c 1048576 /dev/urandom > /data-big && mkdir -p /data/d && echo a > /data/a && \
+                 echo 1 > /data/keep && echo x > /data/d/x && rm /bin/vi",
+                "chain/app:1",
+                "full",
+                1,
+            ),
+            (
+                "rm /data/a && echo 2 > /data/keep && rm -rf /data/d && mkdir /data/d && echo y > /data/d/y && \
+                 echo b > /data/b",
+                "chain/app:2",
+                "incremental",
+                2,
+            ),
+            (
+                "rm /data/b && echo 3 > /data/keep && mkdir /data/c && rm /bin/ls",
+                "other/app:3",
+                "merged",
+                2,
+            ),
+        ];
+        let mut previous_capture: Option<std::path::PathBuf> = None;
+        let mut previous_layers: Vec<String> = Vec::new();
+        for (step, (script, repository, plan, commit_layers)) in steps.into_iter().enumerate() {
+            env.exec(&ns, &id, &format!("{script} && sync"))?;
+            let expected = tree_of(&env.container_rootfs(&ns, &id))?;
+            let target = env.registry_ref(repository);
+            let (result, job) = runtime.block_on(async {
+                let client = SeamlessSnapshot::new(SeamlessOptions {
+                    address: env.daemon_socket(),
+                    namespace: ns.clone(),
+                })
+                .await?;
+                let mut options = CommitOptions::new(id.clone(), target.clone());
+                options.format = "oci".into();
+                options.compressor = "zstd".into();
+                options.work_dir = work.clone();
+                options.target_insecure = true;
+                options.source_insecure = true;
+                options.maximum_times = 2;
+                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                let job = client.get_status(&result.snapshot_id).await?;
+                Ok::<_, anyhow::Error>((result, job))
+            })?;
             ensure!(
-                differences.is_empty(),
-                "image pulled with {snapshotter} differs from the committed container: {differences:?}"
+                job.state == "completed" && job.layer_plan == plan && job.commit_layers == commit_layers,
+                "commit {step}: expected a {plan} layer and {commit_layers} commit layers: {job:?}"
             );
-            env.remove_container(&ns2, &id2)?;
+            let pushed = runtime.block_on(registry.pull_manifest_and_config(&target, &RegistryAuth::Anonymous))?;
+            let layers: Vec<String> = pushed.manifest.layers.iter().map(|l| l.digest.clone()).collect();
+            ensure!(
+                layers.len() == base_layers + commit_layers as usize,
+                "commit {step}: {} layers, {base_layers} of the image and {commit_layers} commit layers expected",
+                layers.len()
+            );
+            let config: serde_json::Value = serde_json::from_slice(&pushed.config)?;
+            ensure!(
+                config["rootfs"]["diff_ids"].as_array().map(Vec::len) == Some(layers.len()),
+                "commit {step}: diff_ids follow the layers: {config}"
+            );
+            match plan {
+                "incremental" => {
+                    ensure!(
+                        layers[..previous_layers.len()] == previous_layers[..],
+                        "commit {step}: the earlier layers are reused as they are"
+                    );
+                    let newest = pushed.manifest.layers.last().context("a layer")?;
+                    ensure!(
+                        newest.size < 64 * 1024,
+                        "commit {step}: the incremental layer holds only the change, not the 1 MiB file: {} bytes",
+                        newest.size
+                    );
+                }
+                "merged" => ensure!(
+                    layers[..base_layers] == previous_layers[..base_layers]
+                        && !previous_layers.contains(&layers[base_layers]),
+                    "commit {step}: the image's layers, then a new merged layer"
+                ),
+                _ => {}
+            }
+            if let Some(previous) = &previous_capture {
+                ensure!(
+                    !previous.exists(),
+                    "commit {step}: the previous capture is removed once this commit is pushed"
+                );
+            }
+            ensure!(
+                result.old_upper_dir.exists(),
+                "commit {step}: the capture is kept for the next"
+            );
+            expect_image_tree(env, &target, &expected, &format!("chain{step}"))?;
+            previous_capture = Some(result.old_upper_dir.clone());
+            previous_layers = layers;
         }
+
+        // The container gone, the daemon drops its chain and capture at the
+        // next job's end or start.
+        env.remove_container(&ns, &id)?;
+        retry(
+            Duration::from_secs(30),
+            "containerd removes the container's snapshot",
+            || {
+                let active: Vec<String> = Snapshots::daemon(&env.daemon_socket())?
+                    .list(&[])?
+                    .into_iter()
+                    .filter(grpc::is_active)
+                    .map(|i| i.name)
+                    .collect();
+                ensure!(active.is_empty(), "active snapshots left: {active:?}");
+                Ok(())
+            },
+        )?;
+        env.signal_daemon(Signal::SIGTERM)?;
+        env.start_daemon()?;
+        let capture = previous_capture.context("a capture")?;
+        ensure!(
+            !capture.exists(),
+            "a removed container's last capture is removed at the next start"
+        );
         Ok(())
     });
 }

@@ -74,6 +74,8 @@ fn job_to_wire(job: Job) -> CommitJob {
         manifest_digest: job.manifest_digest.unwrap_or_default(),
         pause_time_ns: job.pause.as_nanos() as u64,
         stage: job.stage,
+        layer_plan: job.layer_plan,
+        commit_layers: job.commit_layers,
     }
 }
 

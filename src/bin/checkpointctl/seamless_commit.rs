@@ -210,10 +210,17 @@ fn render_created(created: &SeamlessCommitResponse) -> String {
 }
 
 fn render_completed(target: &str, job: &CommitJob) -> String {
-    format!(
+    let mut out = format!(
         "Background processing completed successfully.\nImage: {target}@{}\n",
         job.manifest_digest
-    )
+    );
+    if !job.layer_plan.is_empty() {
+        out += &format!(
+            "Commit Layers: {} ({} layer pushed)\n",
+            job.commit_layers, job.layer_plan
+        );
+    }
+    out
 }
 
 /// `progress: 45% building layer`; the state stands in for an empty stage.
@@ -472,6 +479,12 @@ mod tests {
             render_completed("registry.local/app:v2", &job),
             "Background processing completed successfully.\nImage: registry.local/app:v2@sha256:abc\n"
         );
+        let chained = CommitJob {
+            layer_plan: "incremental".into(),
+            commit_layers: 3,
+            ..job
+        };
+        assert!(render_completed("r/a:1", &chained).ends_with("Commit Layers: 3 (incremental layer pushed)\n"));
     }
 
     #[test]
