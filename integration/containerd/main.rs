@@ -588,9 +588,24 @@ fn seamless_commit_pushes_the_container_view() {
             "mkdir -p /data/sub && echo hello > /data/sub/file && chmod 0640 /data/sub/file && \
              chown 1000:1001 /data/sub/file && ln -s sub/file /data/link && ln /data/sub/file /data/hard && \
              rm /bin/vi && mkdir /opt && echo x > /opt/x && rm -rf /opt && mkdir /opt && echo y > /opt/y && \
-             mknod /data/fifo p && sync",
+             mknod /data/fifo p && mknod /data/null c 1 3 && mkdir /data/attrs && echo z > /data/attrs/f && sync",
         )?;
-        let before = tree_of(&env.container_rootfs(&ns, &id))?;
+        // busybox has no setfattr: set attributes through the container's
+        // root mount, as a process inside would.
+        let rootfs = env.container_rootfs(&ns, &id);
+        xattr::set(rootfs.join("data/attrs/f"), "user.origin", b"inside")?;
+        xattr::set(rootfs.join("data/attrs"), "user.dir", b"d")?;
+        xattr::set(rootfs.join("etc/passwd"), "user.lower", b"copied-up")?;
+        let before = tree_of(&rootfs)?;
+        ensure!(
+            before["data/attrs/f"].contains("user.origin=inside")
+                && before["etc/passwd"].contains("user.lower=copied-up")
+                && before["data/null"].starts_with("dev 259"),
+            "attributes and the device are visible: {:?} {:?} {:?}",
+            before["data/attrs/f"],
+            before["etc/passwd"],
+            before["data/null"]
+        );
         ensure!(
             before.contains_key("data/sub/file") && !before.contains_key("bin/vi"),
             "changes visible"
@@ -1189,13 +1204,24 @@ fn tree_of(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
             } else {
                 "other".to_string()
             };
+            let mut xattrs = Vec::new();
+            for name in xattr::list(&path)? {
+                let value = xattr::get(&path, &name)?.unwrap_or_default();
+                xattrs.push(format!(
+                    " {}={}",
+                    name.to_string_lossy(),
+                    String::from_utf8_lossy(&value)
+                ));
+            }
+            xattrs.sort();
             tree.insert(
                 rel,
                 format!(
-                    "{what} mode={:o} owner={}:{}",
+                    "{what} mode={:o} owner={}:{}{}",
                     meta.mode() & 0o7777,
                     meta.uid(),
-                    meta.gid()
+                    meta.gid(),
+                    xattrs.concat()
                 ),
             );
         }
