@@ -662,7 +662,7 @@ impl CommitService {
             self.update(job, 0.5 + 0.3 * (i + 1) as f64 / total, "fetching base layers");
         }
         for (digest, path) in new_layers {
-            // Every new layer is in `commit_layers`, pushed just above.
+            // Every new layer was recorded in `commit_layers` above.
             let layer = commit_layers
                 .iter()
                 .find(|l| l.digest == digest)

@@ -21,6 +21,7 @@ mod cri;
 mod env;
 mod grpc;
 mod image;
+mod stall;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -1444,5 +1445,140 @@ fn retry<T>(timeout: Duration, what: &str, mut attempt: impl FnMut() -> Result<T
             }
             Err(e) => return Err(e.context(format!("{what}: still failing after {timeout:?}"))),
         }
+    }
+}
+
+/// A daemon killed while its job pushes the image: a front that never answers
+/// uploads holds the job in that stage, so the kill lands there every time.
+/// The container keeps running, the restarted daemon reports the job failed
+/// in that stage and removes its capture, and the next commit completes.
+#[test]
+fn daemon_killed_while_pushing_fails_the_job_with_its_stage() {
+    use seamless_snapshotter::proto::SeamlessCommitRequest;
+
+    with_env("pushkill", Options::default(), |env| {
+        let ns = env.namespace("p");
+        env.pull(&ns)?;
+        let id = env.container_id("pushing");
+        env.run_container(&ns, &id)?;
+        let registry = registry_address(&env.registry_ref("x:y"))?;
+        let proxy = stall::StallingProxy::start(&registry)?;
+        let work = env.dir().join("pushkill-work");
+        std::fs::create_dir_all(&work)?;
+        let request = SeamlessCommitRequest {
+            namespace: ns.clone(),
+            container: id.clone(),
+            target: format!("{}/stalled/app:1", proxy.address()),
+            format: "oci".into(),
+            work_dir: work.display().to_string(),
+            target_insecure: true,
+            source_insecure: true,
+            ..Default::default()
+        };
+        let runtime = tokio::runtime::Runtime::new()?;
+        let first = runtime.block_on(async {
+            let mut control = control_client(env.daemon_socket()).await?;
+            Ok::<_, anyhow::Error>(control.seamless_commit(request).await?.into_inner())
+        })?;
+
+        // Not the stage alone: an upload held by the proxy proves the job
+        // cannot leave it before the kill.
+        let stalled = wait_for_job(&runtime, env, &first.snapshot_id, Duration::from_secs(60), |job| {
+            job.stage == "pushing the image" && proxy.held_uploads() > 0
+        })
+        .context("waiting for the job to stall in its push")?;
+        eprintln!("job stalled: {stalled:?}");
+
+        env.signal_daemon(Signal::SIGKILL)?;
+        ensure!(
+            Path::new(&first.old_upper_dir).exists(),
+            "the capture {} exists while its job is interrupted",
+            first.old_upper_dir
+        );
+        env.start_daemon()?;
+        let job = get_commit(&runtime, env, &first.snapshot_id)?;
+        ensure!(
+            job.state == "failed"
+                && job.error_code == "BACKGROUND_PROCESSING_FAILED"
+                && job.error.contains("pushing the image"),
+            "the job interrupted while pushing, after the restart: {job:?}"
+        );
+        ensure!(
+            !Path::new(&first.old_upper_dir).exists(),
+            "the interrupted job's capture {} is removed",
+            first.old_upper_dir
+        );
+        let out = env.exec(&ns, &id, "echo alive")?;
+        ensure!(out.trim() == "alive", "container works after the kill: {out:?}");
+
+        let again = retry(Duration::from_secs(15), "commit after the restart", || {
+            runtime.block_on(async {
+                use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                let client = SeamlessSnapshot::new(SeamlessOptions {
+                    address: env.daemon_socket(),
+                    namespace: ns.clone(),
+                })
+                .await?;
+                let mut options = CommitOptions::new(id.clone(), env.registry_ref("stalled/app:2"));
+                options.format = "oci".into();
+                options.work_dir = work.clone();
+                options.target_insecure = true;
+                options.source_insecure = true;
+                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                Ok::<_, anyhow::Error>(client.get_status(&result.snapshot_id).await?)
+            })
+        })?;
+        ensure!(again.state == "completed", "commit after restart: {again:?}");
+        Ok(())
+    });
+}
+
+/// The `host:port` of an image reference on the test registry.
+fn registry_address(reference: &str) -> Result<String> {
+    let (address, _) = reference
+        .split_once('/')
+        .with_context(|| format!("no registry in the reference {reference}"))?;
+    Ok(address.to_string())
+}
+
+/// One commit job as the daemon reports it now.
+fn get_commit(
+    runtime: &tokio::runtime::Runtime,
+    env: &Env,
+    snapshot_id: &str,
+) -> Result<seamless_snapshotter::proto::CommitJob> {
+    runtime.block_on(async {
+        let mut control = control_client(env.daemon_socket()).await?;
+        let request = seamless_snapshotter::proto::GetCommitRequest {
+            snapshot_id: snapshot_id.to_string(),
+        };
+        Ok(control.get_commit(request).await?.into_inner())
+    })
+}
+
+/// Polls a running job until `reached` holds for it; a job that ends first,
+/// or a timeout, is an error naming the job's last report.
+fn wait_for_job(
+    runtime: &tokio::runtime::Runtime,
+    env: &Env,
+    snapshot_id: &str,
+    timeout: Duration,
+    mut reached: impl FnMut(&seamless_snapshotter::proto::CommitJob) -> bool,
+) -> Result<seamless_snapshotter::proto::CommitJob> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = get_commit(runtime, env, snapshot_id)?;
+        if reached(&job) {
+            return Ok(job);
+        }
+        ensure!(
+            job.state != "completed" && job.state != "failed",
+            "the job ended before the awaited point: {job:?}"
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "the job did not reach the awaited point within {timeout:?}: {job:?}"
+        );
+        sleep(Duration::from_millis(50));
     }
 }
