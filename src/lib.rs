@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod layer;
 pub mod metrics;
 pub mod model;
+pub mod nydus;
 pub mod registry;
 pub mod rest;
 pub mod server;

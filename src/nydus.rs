@@ -1,0 +1,625 @@
+//! Nydus RAFS images: builds a RAFS v5 or v6 filesystem (a bootstrap and one
+//! data blob) from an OCI layer tar, stacked on a parent bootstrap, with
+//! nydus-builder; packs a bootstrap as the Nydus bootstrap layer; names the
+//! media types and annotations nydusify writes. Knows nothing of registries,
+//! containers or commit jobs.
+//!
+//! Each layer is built on its parent's bootstrap, so the bootstrap written is
+//! the whole image's (the parent's tree with the layer applied, OCI whiteouts
+//! and opaque directories honoured) and its blob table lists every blob of the
+//! image, the new one last. Chunks the parent's blobs hold already are
+//! referenced rather than written again (chunk-level deduplication).
+//!
+//! Uncompressed blobs are written with their chunks 4 KiB aligned, the layout
+//! the kernel's erofs can mount directly with the blob as a device.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nydus_api::ConfigV2;
+use nydus_builder::{
+    ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType, Features, HashChunkDict,
+    Merger, Prefetch, PrefetchPolicy, TarballBuilder, WhiteoutSpec,
+};
+use nydus_rafs::metadata::{RafsSuper, RafsSuperConfig, RafsVersion};
+use nydus_utils::{compress, digest};
+use sha2::{Digest as _, Sha256};
+
+/// Media type of a Nydus data blob layer.
+pub const BLOB_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
+/// Media type of the bootstrap layer (a gzipped tar holding the bootstrap).
+pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Marks a layer as a Nydus data blob.
+pub const ANNOTATION_BLOB: &str = "containerd.io/snapshot/nydus-blob";
+/// Marks the layer holding the image's bootstrap.
+pub const ANNOTATION_BOOTSTRAP: &str = "containerd.io/snapshot/nydus-bootstrap";
+/// The RAFS version of the bootstrap ("5" or "6").
+pub const ANNOTATION_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
+/// Blobs a commit added, as a JSON list of digests.
+pub const ANNOTATION_COMMIT_BLOBS: &str = "containerd.io/snapshot/nydus-commit-blobs";
+/// Digest of a layer's uncompressed content.
+pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
+/// Where the bootstrap sits inside the bootstrap layer.
+pub const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
+
+/// Chunk size of every image we build (nydus-image's default).
+const CHUNK_SIZE: u32 = 0x10_0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NydusError {
+    #[error("compressor {0:?} is not one of none, lz4_block, zstd")]
+    UnknownCompressor(String),
+    #[error("RAFS version {0} is not 5 or 6")]
+    UnknownVersion(u32),
+    #[error("building RAFS from {source_path}: {message}")]
+    Build { source_path: String, message: String },
+    #[error("bootstrap {path} does not load: {message}")]
+    InvalidBootstrap { path: String, message: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NydusError + '_ {
+    move |source| NydusError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Chunk compression of a data blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compressor {
+    None,
+    Lz4Block,
+    Zstd,
+}
+
+impl Compressor {
+    pub fn parse(text: &str) -> Result<Compressor, NydusError> {
+        match text {
+            "none" => Ok(Compressor::None),
+            "lz4_block" => Ok(Compressor::Lz4Block),
+            "zstd" => Ok(Compressor::Zstd),
+            other => Err(NydusError::UnknownCompressor(other.to_string())),
+        }
+    }
+
+    fn algorithm(self) -> compress::Algorithm {
+        match self {
+            Compressor::None => compress::Algorithm::None,
+            Compressor::Lz4Block => compress::Algorithm::Lz4Block,
+            Compressor::Zstd => compress::Algorithm::Zstd,
+        }
+    }
+}
+
+/// How images are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RafsOptions {
+    /// 5 or 6.
+    pub fs_version: u32,
+    pub compressor: Compressor,
+}
+
+impl RafsOptions {
+    fn version(&self) -> Result<RafsVersion, NydusError> {
+        match self.fs_version {
+            5 => Ok(RafsVersion::V5),
+            6 => Ok(RafsVersion::V6),
+            other => Err(NydusError::UnknownVersion(other)),
+        }
+    }
+}
+
+/// A data blob written by a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RafsBlob {
+    pub path: PathBuf,
+    /// The blob id of the bootstrap's blob table: the hex sha256 of the file,
+    /// so the layer's digest is `sha256:<blob_id>`.
+    pub blob_id: String,
+    pub size: u64,
+}
+
+impl RafsBlob {
+    pub fn digest(&self) -> String {
+        format!("sha256:{}", self.blob_id)
+    }
+}
+
+/// What a build wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RafsBuild {
+    /// The whole image's bootstrap.
+    pub bootstrap: PathBuf,
+    /// The layer's data blob; none when the layer adds no file data.
+    pub blob: Option<RafsBlob>,
+    /// Blob ids of the bootstrap's blob table, in order.
+    pub blob_ids: Vec<String>,
+}
+
+/// One layer built on its own: its bootstrap (its whiteouts kept as
+/// entries, for a merge to apply) and its blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBuild {
+    pub bootstrap: PathBuf,
+    /// None when the layer adds no file data.
+    pub blob: Option<RafsBlob>,
+}
+
+/// Builds the RAFS filesystem of the OCI layer `tar` (uncompressed or gzip)
+/// on top of `parent` (a bootstrap, or none for a first layer). Writes the
+/// whole image's bootstrap to `bootstrap` and the blob into `blob_dir`, named
+/// by its id.
+pub fn build_from_tar(
+    tar: &Path,
+    parent: Option<&Path>,
+    options: &RafsOptions,
+    bootstrap: &Path,
+    blob_dir: &Path,
+) -> Result<RafsBuild, NydusError> {
+    let layer = build_layer(tar, parent, options, &bootstrap.with_extension("layer"), blob_dir)?;
+    let built = merge_layers(parent, std::slice::from_ref(&layer), parent, bootstrap);
+    let _ = std::fs::remove_file(&layer.bootstrap);
+    Ok(RafsBuild {
+        bootstrap: bootstrap.to_path_buf(),
+        blob: layer.blob,
+        blob_ids: built?,
+    })
+}
+
+/// Builds the layer `tar` on its own into `bootstrap` and `blob_dir`. Chunks
+/// that `chunk_dict` (a bootstrap) has are referenced, not written again; a
+/// merge must then be given the same dictionary.
+pub fn build_layer(
+    tar: &Path,
+    chunk_dict: Option<&Path>,
+    options: &RafsOptions,
+    bootstrap: &Path,
+    blob_dir: &Path,
+) -> Result<LayerBuild, NydusError> {
+    let version = options.version()?;
+    std::fs::create_dir_all(blob_dir).map_err(io_error(blob_dir))?;
+    let failed = |e: anyhow::Error| NydusError::Build {
+        source_path: tar.display().to_string(),
+        message: format!("{e:#}"),
+    };
+    let (digester, dict_ids) = match chunk_dict {
+        Some(dict) => {
+            let rs = load_bootstrap(dict)?;
+            let ids: Vec<String> = rs.superblock.get_blob_infos().iter().map(|b| b.blob_id()).collect();
+            (rs.meta.get_digester(), ids)
+        }
+        None => (digest::Algorithm::Sha256, Vec::new()),
+    };
+    let mut ctx = build_context(options, version, digester, tar, blob_dir).map_err(failed)?;
+    let mut bootstrap_mgr = BootstrapManager::new(Some(ArtifactStorage::SingleFile(bootstrap.to_path_buf())), None);
+    let mut blob_mgr = BlobManager::new(digester, false);
+    if let Some(dict) = chunk_dict {
+        let config = RafsSuperConfig {
+            compressor: options.compressor.algorithm(),
+            digester,
+            chunk_size: CHUNK_SIZE,
+            batch_size: 0,
+            explicit_uidgid: true,
+            version,
+            is_tarfs_mode: false,
+        };
+        let dict = HashChunkDict::from_bootstrap_file(dict, Arc::new(ConfigV2::default()), &config)
+            .map_err(|e| failed(e.context("chunk dictionary")))?;
+        blob_mgr.set_chunk_dict(Arc::new(dict));
+    }
+    let output = TarballBuilder::new(ConversionType::TarToRafs)
+        .build(&mut ctx, &mut bootstrap_mgr, &mut blob_mgr)
+        .map_err(failed)?;
+    // The blob table lists the dictionary's blobs the layer's chunks share
+    // too; the one not among them is the layer's own. The builder names it
+    // by a hash of its own, but nydusd fetches a blob from a registry by its
+    // id: it is renamed to the sha256 of the file (the layer digest), and the
+    // merge writes that id into the bootstrap.
+    let own: Vec<&String> = output.blobs.iter().filter(|id| !dict_ids.contains(id)).collect();
+    let blob = match own.as_slice() {
+        [] => None,
+        [builder_id] => {
+            let written = blob_dir.join(builder_id);
+            let blob_id = sha256_file(&written)?;
+            let path = blob_dir.join(&blob_id);
+            std::fs::rename(&written, &path).map_err(io_error(&written))?;
+            let size = std::fs::metadata(&path).map_err(io_error(&path))?.len();
+            Some(RafsBlob { path, blob_id, size })
+        }
+        more => {
+            return Err(NydusError::Build {
+                source_path: tar.display().to_string(),
+                message: format!("the build wrote {} blobs, one expected", more.len()),
+            })
+        }
+    };
+    Ok(LayerBuild {
+        bootstrap: bootstrap.to_path_buf(),
+        blob,
+    })
+}
+
+/// Merges `layers` (bottom first) onto `parent` into the image bootstrap
+/// `out`, as `nydus-image merge --blob-digests` does; returns the blob ids of
+/// its blob table.
+pub fn merge_layers(
+    parent: Option<&Path>,
+    layers: &[LayerBuild],
+    chunk_dict: Option<&Path>,
+    out: &Path,
+) -> Result<Vec<String>, NydusError> {
+    let failed = |e: anyhow::Error| NydusError::Build {
+        source_path: out.display().to_string(),
+        message: format!("merge: {e:#}"),
+    };
+    // Only layers with a blob of their own consult these lists.
+    let no_blob = "0".repeat(64);
+    let digests = layers
+        .iter()
+        .map(|l| l.blob.as_ref().map_or(no_blob.clone(), |b| b.blob_id.clone()))
+        .collect();
+    let sizes = layers.iter().map(|l| l.blob.as_ref().map_or(0, |b| b.size)).collect();
+    // The merge takes version, compressor and digester from the layers.
+    let options = RafsOptions {
+        fs_version: 6,
+        compressor: Compressor::None,
+    };
+    let mut ctx = build_context(
+        &options,
+        RafsVersion::V6,
+        digest::Algorithm::Sha256,
+        out,
+        Path::new("/"),
+    )
+    .map_err(failed)?;
+    let merged = Merger::merge(
+        &mut ctx,
+        parent.map(|p| p.display().to_string()),
+        layers.iter().map(|l| l.bootstrap.clone()).collect(),
+        Some(digests),
+        None,
+        Some(sizes),
+        None,
+        None,
+        ArtifactStorage::SingleFile(out.to_path_buf()),
+        chunk_dict.map(Path::to_path_buf),
+        Arc::new(ConfigV2::default()),
+    )
+    .map_err(failed)?;
+    Ok(merged.blobs)
+}
+
+fn build_context(
+    options: &RafsOptions,
+    version: RafsVersion,
+    digester: digest::Algorithm,
+    source: &Path,
+    blob_dir: &Path,
+) -> anyhow::Result<BuildContext> {
+    let mut ctx = BuildContext::new(
+        String::new(),
+        // RAFS v6 addresses chunks in 4 KiB blocks of the uncompressed blob.
+        version == RafsVersion::V6,
+        0,
+        options.compressor.algorithm(),
+        digester,
+        true,
+        WhiteoutSpec::Oci,
+        ConversionType::TarToRafs,
+        source.to_path_buf(),
+        Prefetch::new(PrefetchPolicy::None)?,
+        Some(ArtifactStorage::FileDir((blob_dir.to_path_buf(), String::new()))),
+        None,
+        false,
+        Features::try_from("blob-toc")?,
+        false,
+        Default::default(),
+    );
+    ctx.set_fs_version(version);
+    ctx.set_chunk_size(CHUNK_SIZE);
+    ctx.set_configuration(Arc::new(ConfigV2::default()));
+    Ok(ctx)
+}
+
+/// Hex sha256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<String, NydusError> {
+    let mut file = std::fs::File::open(path).map_err(io_error(path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io_error(path))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Loads and validates a bootstrap, as nydusd would.
+pub fn load_bootstrap(path: &Path) -> Result<RafsSuper, NydusError> {
+    RafsSuper::load_from_file(path, Arc::new(ConfigV2::default()), false)
+        .map(|(rs, _)| rs)
+        .map_err(|e| NydusError::InvalidBootstrap {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// One entry of a bootstrap's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Absolute, "/" for the root.
+    pub path: PathBuf,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Symlink target.
+    pub target: Option<PathBuf>,
+}
+
+/// Every entry of the filesystem a bootstrap describes, depth first.
+pub fn bootstrap_tree(path: &Path) -> Result<Vec<TreeEntry>, NydusError> {
+    let rs = load_bootstrap(path)?;
+    let mut entries = Vec::new();
+    let root = rs.superblock.root_ino();
+    rs.walk_directory::<PathBuf>(root, None, &mut |inode, path| {
+        if path.file_name().is_some_and(|n| n == "." || n == "..") {
+            return Ok(());
+        }
+        let attr = inode.get_attr();
+        entries.push(TreeEntry {
+            path: path.to_path_buf(),
+            mode: attr.mode,
+            uid: attr.uid,
+            gid: attr.gid,
+            size: attr.size,
+            target: inode.is_symlink().then(|| inode.get_symlink()).transpose()?.map(|t| {
+                use std::os::unix::ffi::OsStrExt;
+                PathBuf::from(std::ffi::OsStr::from_bytes(t.as_bytes()))
+            }),
+        });
+        Ok(())
+    })
+    .map_err(|e| NydusError::InvalidBootstrap {
+        path: path.display().to_string(),
+        message: format!("{e:#}"),
+    })?;
+    Ok(entries)
+}
+
+/// The bootstrap layer written by [`pack_bootstrap_layer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapLayer {
+    pub path: PathBuf,
+    /// `sha256:` of the gzipped tar.
+    pub digest: String,
+    /// `sha256:` of the tar.
+    pub diff_id: String,
+    pub size: u64,
+}
+
+/// Writes `bootstrap` as a gzipped tar holding `image/image.boot` to `out`,
+/// reproducibly (fixed times and owners).
+pub fn pack_bootstrap_layer(bootstrap: &Path, out: &Path) -> Result<BootstrapLayer, NydusError> {
+    let data = std::fs::read(bootstrap).map_err(io_error(bootstrap))?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_ustar();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    dir.set_mtime(0);
+    let mut file = tar::Header::new_ustar();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o644);
+    file.set_size(data.len() as u64);
+    file.set_mtime(0);
+    let appended = tar
+        .append_data(&mut dir, "image/", std::io::empty())
+        .and_then(|()| tar.append_data(&mut file, BOOTSTRAP_IN_LAYER, data.as_slice()))
+        .and_then(|()| tar.into_inner());
+    let tar_bytes = appended.map_err(io_error(out))?;
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&tar_bytes));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar_bytes).map_err(io_error(out))?;
+    let compressed = gz.finish().map_err(io_error(out))?;
+    std::fs::write(out, &compressed).map_err(io_error(out))?;
+    Ok(BootstrapLayer {
+        path: out.to_path_buf(),
+        digest: format!("sha256:{:x}", Sha256::digest(&compressed)),
+        diff_id,
+        size: compressed.len() as u64,
+    })
+}
+
+/// Reads the bootstrap out of a bootstrap layer (gzipped tar) into `out`.
+pub fn unpack_bootstrap_layer(layer: &Path, out: &Path) -> Result<(), NydusError> {
+    let file = std::fs::File::open(layer).map_err(io_error(layer))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    for entry in archive.entries().map_err(io_error(layer))? {
+        let mut entry = entry.map_err(io_error(layer))?;
+        let path = entry.path().map_err(io_error(layer))?.into_owned();
+        if path == Path::new(BOOTSTRAP_IN_LAYER) {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).map_err(io_error(layer))?;
+            return std::fs::write(out, data).map_err(io_error(out));
+        }
+    }
+    Err(NydusError::InvalidBootstrap {
+        path: layer.display().to_string(),
+        message: format!("the layer holds no {BOOTSTRAP_IN_LAYER}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar with a directory, files (one big enough for two chunks), a
+    /// symlink, a hard link and, for a second layer, whiteouts.
+    fn write_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], &str)]) {
+        let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_uid(1000);
+            h.set_gid(1001);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            builder.append_data(&mut h, name, *data).unwrap();
+        }
+        builder.finish().unwrap();
+    }
+
+    fn paths(tree: &[TreeEntry]) -> Vec<String> {
+        tree.iter().map(|e| e.path.display().to_string()).collect()
+    }
+
+    #[test]
+    fn layers_stack_on_their_parent_bootstrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Incompressible, so a blob's size shows whether it holds the data.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let big: Vec<u8> = (0..(CHUNK_SIZE as usize + 4096))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let base = tmp.path().join("base.tar");
+        write_tar(
+            &base,
+            &[
+                ("etc/", tar::EntryType::Directory, b"", ""),
+                ("etc/hosts", tar::EntryType::Regular, b"127.0.0.1 localhost\n", ""),
+                ("etc/gone", tar::EntryType::Regular, b"x", ""),
+                ("data/", tar::EntryType::Directory, b"", ""),
+                ("data/old", tar::EntryType::Regular, b"old", ""),
+                ("big", tar::EntryType::Regular, &big, ""),
+                ("link", tar::EntryType::Symlink, b"", "etc/hosts"),
+            ],
+        );
+        for (fs_version, compressor) in [(6, Compressor::Lz4Block), (5, Compressor::Zstd), (6, Compressor::None)] {
+            let options = RafsOptions { fs_version, compressor };
+            let out = tmp.path().join(format!("v{fs_version}-{compressor:?}"));
+            let blobs = out.join("blobs");
+            let first = build_from_tar(&base, None, &options, &out.join("base.boot"), &blobs).unwrap();
+            let blob = first.blob.clone().expect("file data makes a blob");
+            let on_disk = std::fs::read(&blob.path).unwrap();
+            assert_eq!(on_disk.len() as u64, blob.size);
+            assert_eq!(
+                format!("{:x}", Sha256::digest(&on_disk)),
+                blob.blob_id,
+                "blob id is its sha256"
+            );
+            assert_eq!(first.blob_ids, vec![blob.blob_id.clone()]);
+            let tree = bootstrap_tree(&first.bootstrap).unwrap();
+            let names = paths(&tree);
+            for expected in ["/", "/etc", "/etc/hosts", "/data/old", "/big", "/link"] {
+                assert!(names.contains(&expected.to_string()), "{expected} in {names:?}");
+            }
+            let hosts = tree.iter().find(|e| e.path == Path::new("/etc/hosts")).unwrap();
+            assert_eq!(
+                (hosts.uid, hosts.gid, hosts.mode & 0o7777, hosts.size),
+                (1000, 1001, 0o644, 20)
+            );
+            let link = tree.iter().find(|e| e.path == Path::new("/link")).unwrap();
+            assert_eq!(link.target.as_deref(), Some(Path::new("etc/hosts")));
+
+            // A second layer: a whiteout, an opaque directory, a new file
+            // and the big file again (deduplicated against the parent).
+            let upper = tmp.path().join(format!("upper-{fs_version}-{compressor:?}.tar"));
+            write_tar(
+                &upper,
+                &[
+                    ("etc/.wh.gone", tar::EntryType::Regular, b"", ""),
+                    ("data/", tar::EntryType::Directory, b"", ""),
+                    ("data/.wh..wh..opq", tar::EntryType::Regular, b"", ""),
+                    ("data/new", tar::EntryType::Regular, b"new", ""),
+                    ("copy", tar::EntryType::Regular, &big, ""),
+                ],
+            );
+            let second = build_from_tar(
+                &upper,
+                Some(&first.bootstrap),
+                &options,
+                &out.join("upper.boot"),
+                &blobs,
+            )
+            .unwrap();
+            let names = paths(&bootstrap_tree(&second.bootstrap).unwrap());
+            assert!(!names.contains(&"/etc/gone".to_string()), "whiteout applied: {names:?}");
+            assert!(
+                !names.contains(&"/data/old".to_string()),
+                "opaque dir applied: {names:?}"
+            );
+            for expected in ["/etc/hosts", "/data/new", "/copy", "/big"] {
+                assert!(names.contains(&expected.to_string()), "{expected} in {names:?}");
+            }
+            // Built on their own (as base layers are, in parallel) and merged
+            // in one go: the same tree.
+            let alone = build_layer(&upper, None, &options, &out.join("alone.layer"), &blobs).unwrap();
+            let base_alone = build_layer(&base, None, &options, &out.join("base.layer"), &blobs).unwrap();
+            let merged = out.join("merged.boot");
+            let ids = merge_layers(None, &[base_alone.clone(), alone.clone()], None, &merged).unwrap();
+            assert_eq!(ids.len(), 2, "{ids:?}");
+            assert_eq!(ids[0], base_alone.blob.unwrap().blob_id);
+            assert_eq!(paths(&bootstrap_tree(&merged).unwrap()), names);
+
+            let upper_blob = second.blob.expect("new file data");
+            assert_eq!(second.blob_ids, vec![blob.blob_id.clone(), upper_blob.blob_id.clone()]);
+            assert!(
+                upper_blob.size < blob.size / 2,
+                "the copy of a parent file is deduplicated: {} vs {}",
+                upper_blob.size,
+                blob.size
+            );
+        }
+    }
+
+    #[test]
+    fn bootstrap_layer_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let boot = tmp.path().join("boot");
+        std::fs::write(&boot, b"bootstrap bytes").unwrap();
+        let layer = pack_bootstrap_layer(&boot, &tmp.path().join("layer.tar.gz")).unwrap();
+        let again = pack_bootstrap_layer(&boot, &tmp.path().join("again.tar.gz")).unwrap();
+        assert_eq!(layer.digest, again.digest, "reproducible");
+        assert_eq!(layer.size, std::fs::metadata(&layer.path).unwrap().len());
+        let out = tmp.path().join("out");
+        unpack_bootstrap_layer(&layer.path, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"bootstrap bytes");
+        let err = unpack_bootstrap_layer(&boot, &out).unwrap_err();
+        assert!(matches!(err, NydusError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert_eq!(Compressor::parse("lz4_block").unwrap(), Compressor::Lz4Block);
+        assert!(Compressor::parse("gzip").is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        let err = build_from_tar(
+            Path::new("/nonexistent.tar"),
+            None,
+            &RafsOptions {
+                fs_version: 4,
+                compressor: Compressor::None,
+            },
+            &tmp.path().join("b"),
+            tmp.path(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, NydusError::UnknownVersion(4)), "{err}");
+        let Err(err) = load_bootstrap(&tmp.path().join("missing")) else {
+            panic!("a missing bootstrap loads");
+        };
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+}
