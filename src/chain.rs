@@ -43,6 +43,10 @@ pub struct ChainOrigin {
     /// differently do not stack.
     pub with_paths: Vec<PathBuf>,
     pub without_paths: Vec<PathBuf>,
+    /// "oci", or "nydus-v<fs version>-<compressor>": layers of another
+    /// format do not stack.
+    #[serde(default)]
+    pub image_format: String,
 }
 
 /// The chain as persisted, one per container.
@@ -54,6 +58,9 @@ pub struct Chain {
     pub head: PathBuf,
     /// Commit layers above the image's own, oldest first.
     pub layers: Vec<CommitLayer>,
+    /// A Nydus chain's bootstrap layer, the parent of its next commit.
+    #[serde(default)]
+    pub bootstrap: Option<CommitLayer>,
 }
 
 /// How the next commit's layers are made.
@@ -122,6 +129,7 @@ mod tests {
             source_image: "r/app:1".into(),
             with_paths: vec![],
             without_paths: vec!["/tmp".into()],
+            image_format: "oci".into(),
         }
     }
 
@@ -143,6 +151,7 @@ mod tests {
             origin: origin(),
             head: "/root/captures/snapshot-9".into(),
             layers: (0..layers as u8).map(layer).collect(),
+            bootstrap: None,
         }
     }
 
@@ -189,6 +198,7 @@ mod tests {
             |o| o.source_image = "r/app:2".into(),
             |o| o.with_paths = vec!["/data".into()],
             |o| o.without_paths.clear(),
+            |o| o.image_format = "nydus-v6-lz4_block".into(),
         ] {
             let mut other = origin();
             change(&mut other);

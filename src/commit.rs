@@ -17,7 +17,10 @@ use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
 use crate::error::{Classify, ErrorKind};
 use crate::layer::{build_layer, BuildContext, Compression, LayerBlob, PathFilter};
-use crate::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
+use crate::nydus_image::{self, Reused};
+use crate::registry::{
+    LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
+};
 use crate::snapshotter::{SnapshotError, Snapshotter};
 use crate::store::RecordKind;
 
@@ -171,9 +174,6 @@ impl CommitOptions {
         if self.container.is_empty() {
             return bad("container must not be empty".into());
         }
-        if self.format == Format::Nydus {
-            return bad("format nydus (RAFS) is not available in this build yet: use --format oci".into());
-        }
         if oci_client::Reference::try_from(self.target.as_str()).is_err() || self.target.contains('@') {
             return bad(format!(
                 "target {:?} is not an image reference such as registry/repo:tag",
@@ -209,6 +209,22 @@ impl CommitOptions {
             with_paths: self.with_paths.clone(),
             without_paths: self.without_paths.clone(),
         }
+    }
+
+    /// What a chain's layers were made as: layers of another format do not
+    /// stack.
+    fn image_format(&self) -> String {
+        match self.format {
+            Format::Oci => "oci".into(),
+            Format::Nydus => format!("nydus-v{}-{}", self.fs_version, self.compressor),
+        }
+    }
+
+    fn rafs_options(&self) -> Result<crate::nydus::RafsOptions, String> {
+        Ok(crate::nydus::RafsOptions {
+            fs_version: self.fs_version,
+            compressor: nydus_image::compressor(&self.compressor)?,
+        })
     }
 
     /// OCI layers take gzip where Nydus would take lz4 blocks.
@@ -574,17 +590,90 @@ impl CommitService {
             source_image: job.source_image.clone(),
             with_paths: job.options.with_paths.clone(),
             without_paths: job.options.without_paths.clone(),
+            image_format: job.options.image_format(),
         };
         let chain = self.chain(&chain_key(&job.namespace, &job.container));
         let head_exists = chain.as_ref().is_some_and(|c| c.head.join("fs").is_dir());
         let plan = chain::plan(chain.as_ref(), head_exists, &origin, job.options.maximum_times);
         job.layer_plan = plan.describe().to_string();
         self.update(job, 0.15, "building the layer");
-        let built = self.build_commit_layers(job, &plan, &work).await?;
-        let mut commit_layers = match &plan {
+        // A Nydus layer is built from the plain tar.
+        let compression = match job.options.format {
+            Format::Oci => job.options.oci_compression(),
+            Format::Nydus => Compression::None,
+        };
+        let built = self.build_commit_layers(job, &plan, &work, compression).await?;
+        let target = RegistryClient::new(RegistryOptions {
+            insecure: job.options.target_insecure,
+            ..RegistryOptions::default()
+        });
+        let assembled = match job.options.format {
+            Format::Oci => self.assemble_oci(job, &plan, &base, built, &target, &work).await?,
+            Format::Nydus => {
+                let input = nydus_image::Input {
+                    source_image: job.source_image.clone(),
+                    target: job.options.target.clone(),
+                    target_insecure: job.options.target_insecure,
+                    source_insecure: job.options.source_insecure,
+                    snapshot_id: job.snapshot_id.clone(),
+                    started: job.started,
+                    options: job.options.rafs_options()?,
+                    previous_bootstrap: chain.as_ref().and_then(|c| c.bootstrap.clone()),
+                };
+                nydus_image::assemble(
+                    &input,
+                    &plan,
+                    &base,
+                    built,
+                    &source,
+                    &target,
+                    &work,
+                    &mut |progress, stage| self.update(job, progress, stage),
+                )
+                .await?
+                .into()
+            }
+        };
+
+        self.update(job, 0.85, "pushing the image");
+        let annotations = BTreeMap::from([(
+            "org.opencontainers.image.base.name".to_string(),
+            job.source_image.clone(),
+        )]);
+        let pushed = target
+            .push_image(
+                &job.options.target,
+                &assembled.layers,
+                &assembled.config,
+                annotations,
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .map_err(text)?;
+        let chain = Chain {
+            origin,
+            head: job.capture.clone(),
+            layers: assembled.commit_layers,
+            bootstrap: assembled.bootstrap,
+        };
+        Ok((pushed.manifest_digest, chain))
+    }
+
+    /// The OCI image: the base image's layers, the chain's and the new ones.
+    async fn assemble_oci(
+        &self,
+        job: &mut Job,
+        plan: &Plan,
+        base: &PulledManifest,
+        built: Vec<(LayerBlob, PathBuf, String)>,
+        target: &RegistryClient,
+        work: &std::path::Path,
+    ) -> Result<Assembled, String> {
+        let mut commit_layers = match plan {
             Plan::Incremental { keep, .. } => keep.clone(),
             Plan::Full | Plan::Merge { .. } => Vec::new(),
         };
+        let kept = commit_layers.len();
         let mut new_layers = Vec::new();
         for (blob, path, created_by) in built {
             // A commit that changed nothing since the last adds no layer.
@@ -601,103 +690,46 @@ impl CommitService {
                 created_by,
                 created: job.started,
             });
-            new_layers.push((blob.digest, path));
+            new_layers.push(path);
         }
 
         self.update(job, 0.5, "fetching base layers");
-        let target = RegistryClient::new(RegistryOptions {
-            insecure: job.options.target_insecure,
-            ..RegistryOptions::default()
-        });
-        let mut reused: Vec<(LayerSource, &RegistryClient, String)> = Vec::new();
-        for descriptor in &base.manifest.layers {
-            let source_layer = LayerSource {
-                media_type: descriptor.media_type.clone(),
-                digest: descriptor.digest.clone(),
-                size: descriptor.size.max(0) as u64,
-                annotations: descriptor.annotations.clone().unwrap_or_default(),
-                data: LayerData::InTarget,
-            };
-            reused.push((source_layer, &source, job.source_image.clone()));
-        }
-        let earlier: Vec<(RegistryClient, &CommitLayer)> = commit_layers
+        let mut reused: Vec<Reused> = base
+            .manifest
+            .layers
             .iter()
-            .filter(|l| !new_layers.iter().any(|(digest, _)| digest == &l.digest))
-            .map(|l| {
-                let client = RegistryClient::new(RegistryOptions {
-                    insecure: l.insecure,
-                    ..RegistryOptions::default()
-                });
-                (client, l)
+            .map(|descriptor| Reused {
+                layer: LayerSource {
+                    media_type: descriptor.media_type.clone(),
+                    digest: descriptor.digest.clone(),
+                    size: descriptor.size.max(0) as u64,
+                    annotations: descriptor.annotations.clone().unwrap_or_default(),
+                    data: LayerData::InTarget,
+                },
+                from: job.source_image.clone(),
+                insecure: job.options.source_insecure,
             })
             .collect();
-        for (client, layer) in &earlier {
-            let source_layer = LayerSource {
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-                size: layer.size,
-                annotations: BTreeMap::new(),
-                data: LayerData::InTarget,
-            };
-            reused.push((source_layer, client, layer.pushed_to.clone()));
-        }
-        let total = reused.len().max(1) as f64;
-        let mut layers = Vec::new();
-        for (i, (mut layer, client, from)) in reused.into_iter().enumerate() {
-            // Blobs the target holds (an earlier commit to the same
-            // repository pushed them) are referenced, not fetched again.
-            if !target
-                .has_blob(&job.options.target, &layer.digest, &RegistryAuth::Anonymous)
-                .await
-                .map_err(text)?
-            {
-                let path = work.join(format!("reused-{i}"));
-                client
-                    .pull_blob_to(&from, &layer.digest, &path, &RegistryAuth::Anonymous)
-                    .await
-                    .map_err(text)?;
-                layer.data = LayerData::File(path);
-            }
-            layers.push(layer);
-            self.update(job, 0.5 + 0.3 * (i + 1) as f64 / total, "fetching base layers");
-        }
-        for (digest, path) in new_layers {
-            // Every new layer was recorded in `commit_layers` above.
-            let layer = commit_layers
-                .iter()
-                .find(|l| l.digest == digest)
-                .expect("new layer recorded");
-            layers.push(LayerSource {
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-                size: layer.size,
-                annotations: BTreeMap::new(),
-                data: LayerData::File(path),
-            });
+        reused.extend(commit_layers[..kept].iter().map(|layer| Reused {
+            layer: oci_source(layer, LayerData::InTarget),
+            from: layer.pushed_to.clone(),
+            insecure: layer.insecure,
+        }));
+        let target_ref = job.options.target.clone();
+        let mut layers = nydus_image::resolve_reused(target, &target_ref, reused, work, &mut |progress, stage| {
+            self.update(job, progress, stage)
+        })
+        .await?;
+        for (layer, path) in commit_layers[kept..].iter().zip(new_layers) {
+            layers.push(oci_source(layer, LayerData::File(path)));
         }
         let config = derive_config(&base.config, &commit_layers)?;
-
-        self.update(job, 0.85, "pushing the image");
-        let annotations = BTreeMap::from([(
-            "org.opencontainers.image.base.name".to_string(),
-            job.source_image.clone(),
-        )]);
-        let pushed = target
-            .push_image(
-                &job.options.target,
-                &layers,
-                &config,
-                annotations,
-                &RegistryAuth::Anonymous,
-            )
-            .await
-            .map_err(text)?;
-        let chain = Chain {
-            origin,
-            head: job.capture.clone(),
-            layers: commit_layers,
-        };
-        Ok((pushed.manifest_digest, chain))
+        Ok(Assembled {
+            layers,
+            config,
+            commit_layers,
+            bootstrap: None,
+        })
     }
 
     /// Builds the layers `plan` asks for from the job's capture, in image
@@ -707,6 +739,7 @@ impl CommitService {
         job: &Job,
         plan: &Plan,
         work: &std::path::Path,
+        compression: Compression,
     ) -> Result<Vec<(LayerBlob, PathBuf, String)>, String> {
         let lowers = self
             .snapshotter
@@ -740,7 +773,7 @@ impl CommitService {
                         upper: &upper,
                         previous: previous.as_deref(),
                         lowers: &lowers,
-                        compression: options.oci_compression(),
+                        compression,
                         filter: &filter,
                     },
                     &path,
@@ -752,6 +785,38 @@ impl CommitService {
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+}
+
+/// What a format's assembly hands to the push.
+#[derive(Debug)]
+struct Assembled {
+    /// In manifest order.
+    layers: Vec<LayerSource>,
+    config: Vec<u8>,
+    commit_layers: Vec<CommitLayer>,
+    bootstrap: Option<CommitLayer>,
+}
+
+impl From<nydus_image::Assembled> for Assembled {
+    fn from(a: nydus_image::Assembled) -> Self {
+        Assembled {
+            layers: a.layers,
+            config: a.config,
+            commit_layers: a.commit_layers,
+            bootstrap: Some(a.bootstrap),
+        }
+    }
+}
+
+/// The pushable form of a recorded OCI commit layer.
+fn oci_source(layer: &CommitLayer, data: LayerData) -> LayerSource {
+    LayerSource {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.clone(),
+        size: layer.size,
+        annotations: BTreeMap::new(),
+        data,
     }
 }
 
@@ -866,7 +931,6 @@ mod tests {
             assert_eq!(e.code(), CommitCode::InvalidParameter, "{e}");
             assert!(e.to_string().contains(needle), "{e} should mention {needle}");
         };
-        check(&|o| o.format = Format::Nydus, "--format oci");
         check(&|o| o.target = "UPPER/Case:tag".into(), "target");
         check(&|o| o.target = "reg/app@sha256:00".into(), "target");
         check(&|o| o.compressor = "lzma".into(), "compressor");
@@ -990,9 +1054,11 @@ mod tests {
                 source_image: "r/a:1".into(),
                 with_paths: vec![],
                 without_paths: vec![],
+                image_format: "oci".into(),
             },
             head: head.to_path_buf(),
             layers: vec![commit_layer(1, SystemTime::now())],
+            bootstrap: None,
         };
         for (name, chain) in [
             ("ns/c", chain_of("ns/1/c", &head.snapshot)),

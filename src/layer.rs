@@ -984,13 +984,18 @@ fn append_item(
         } else {
             tar::EntryType::Fifo
         });
-        if !file_type.is_fifo() {
-            let too_big = |_| LayerError::DeviceNumber {
-                path: node.path.display().to_string(),
-            };
-            header.set_device_major(libc::major(meta.rdev())).map_err(too_big)?;
-            header.set_device_minor(libc::minor(meta.rdev())).map_err(too_big)?;
-        }
+        // A fifo gets explicit zeros, as GNU tar writes: readers such as
+        // the Nydus tar builder parse the device fields of every special file.
+        let (major, minor) = if file_type.is_fifo() {
+            (0, 0)
+        } else {
+            (libc::major(meta.rdev()), libc::minor(meta.rdev()))
+        };
+        let too_big = |_| LayerError::DeviceNumber {
+            path: node.path.display().to_string(),
+        };
+        header.set_device_major(major).map_err(too_big)?;
+        header.set_device_minor(minor).map_err(too_big)?;
         builder
             .append_data(&mut header, rel, io::empty())
             .map_err(archive_err())

@@ -20,6 +20,7 @@ pub mod layer;
 pub mod metrics;
 pub mod model;
 pub mod nydus;
+pub mod nydus_image;
 pub mod registry;
 pub mod rest;
 pub mod server;

@@ -342,6 +342,28 @@ pub fn load_bootstrap(path: &Path) -> Result<RafsSuper, NydusError> {
         })
 }
 
+/// The RAFS version (5 or 6) of a bootstrap.
+pub fn bootstrap_fs_version(path: &Path) -> Result<u32, NydusError> {
+    let rs = load_bootstrap(path)?;
+    match RafsVersion::try_from(rs.meta.version) {
+        Ok(RafsVersion::V5) => Ok(5),
+        Ok(RafsVersion::V6) => Ok(6),
+        Err(e) => Err(NydusError::InvalidBootstrap {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The annotations of a data blob layer, as nydusify writes them (the blob
+/// is stored uncompressed as a layer, so its uncompressed digest is its own).
+pub fn blob_annotations(digest: &str) -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([
+        (ANNOTATION_BLOB.to_string(), "true".to_string()),
+        (ANNOTATION_UNCOMPRESSED.to_string(), digest.to_string()),
+    ])
+}
+
 /// One entry of a bootstrap's tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeEntry {
@@ -520,6 +542,7 @@ mod tests {
                 "blob id is its sha256"
             );
             assert_eq!(first.blob_ids, vec![blob.blob_id.clone()]);
+            assert_eq!(bootstrap_fs_version(&first.bootstrap).unwrap(), fs_version);
             let tree = bootstrap_tree(&first.bootstrap).unwrap();
             let names = paths(&tree);
             for expected in ["/", "/etc", "/etc/hosts", "/data/old", "/big", "/link"] {

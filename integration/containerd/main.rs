@@ -17,6 +17,7 @@
 //! `namespaces_share_committed_layers` fails by design (only remote-style
 //! snapshotters answer AlreadyExists to `containerd.io/snapshot.ref`).
 
+mod commit_nydus;
 mod cri;
 mod env;
 mod grpc;
@@ -696,8 +697,6 @@ fn seamless_commit_pushes_the_container_view() {
             code == 3 && err.starts_with("FATA[") && err.contains("CONTAINER_NOT_FOUND"),
             "{code} {err}"
         );
-        let (code, _, err) = cli(&["seamless-commit", "--container", &id, "--target", &target])?;
-        ensure!(code == 2 && err.contains("--format oci"), "nydus default: {code} {err}");
         let (code, out, err) = cli(&[
             "seamless-commit",
             "--container",

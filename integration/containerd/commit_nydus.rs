@@ -1,0 +1,281 @@
+//! Seamless commit to Nydus images: a running container committed three
+//! times (full, incremental, merged past `--maximum-times`) as RAFS v6, and
+//! once as RAFS v5. Each pushed image has nydusify's layout (blob layers,
+//! then the bootstrap layer, annotations, diff_ids), its bootstrap loads with
+//! the nydus-rafs parser and describes exactly the container's tree, and a
+//! v6 bootstrap passes `fsck.erofs` with its blobs as devices.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use seamless_snapshotter::nydus;
+use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
+
+use super::env::{with_env, Options};
+use super::tree_of;
+
+#[test]
+fn nydus_commits_push_images_the_nydus_tools_read() {
+    with_env("nydus-commit", Options::default(), |env| {
+        let ns = env.namespace("nc");
+        env.pull(&ns)?;
+        let id = env.container_id("nc");
+        env.run_container(&ns, &id)?;
+        let work = env.dir().join("nydus-work");
+        std::fs::create_dir_all(&work)?;
+        let registry = RegistryClient::new(RegistryOptions {
+            insecure: true,
+            ..RegistryOptions::default()
+        });
+        let runtime = tokio::runtime::Runtime::new()?;
+
+        // (changes, target, fs version, compressor, layer plan, commit blobs)
+        let steps: [(&str, &str, u32, &str, &str, usize); 4] = [
+            (
+                "mkdir -p /data/sub && echo hello > /data/sub/file && chmod 0640 /data/sub/file && \
+                 chown 1000:1001 /data/sub/file && ln -s sub/file /data/link && ln /data/sub/file /data/hard && \
+                 head -c 3000000 /dev/urandom > /data/big && rm /bin/vi && mkdir /opt && echo x > /opt/x && \
+                 mknod /data/fifo p",
+                "nydus/app:1",
+                6,
+                "lz4_block",
+                "full",
+                1,
+            ),
+            (
+                "rm /data/link && echo again > /data/sub/new && rm -rf /opt && mkdir /opt && echo y > /opt/y",
+                "nydus/app:2",
+                6,
+                "lz4_block",
+                "incremental",
+                2,
+            ),
+            (
+                "cp /data/big /data/big-copy && echo three > /data/three && rm /bin/ls && chmod 0700 /data/sub",
+                "nydus/other:3",
+                6,
+                "lz4_block",
+                "merged",
+                2,
+            ),
+            ("echo five > /data/five", "nydus/v5:1", 5, "zstd", "full", 1),
+        ];
+        for (step, (script, repository, fs_version, compressor, plan, commit_blobs)) in steps.into_iter().enumerate() {
+            env.exec(&ns, &id, &format!("{script} && sync"))?;
+            let expected = tree_of(&env.container_rootfs(&ns, &id))?;
+            let target = env.registry_ref(repository);
+            // The first commit through the CLI with the default format.
+            let mut args = vec![
+                "seamless-commit".to_string(),
+                "--container".into(),
+                id.clone(),
+                "--target".into(),
+                target.clone(),
+                "--target-insecure".into(),
+                "--source-insecure".into(),
+                "--work-dir".into(),
+                work.display().to_string(),
+                "--maximum-times".into(),
+                "2".into(),
+                "--fs-version".into(),
+                fs_version.to_string(),
+                "--compressor".into(),
+                compressor.into(),
+                "--wait".into(),
+            ];
+            if step > 0 {
+                args.extend(["--format".into(), "nydus".into()]);
+            }
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .arg("--address")
+                .arg(env.daemon_socket())
+                .arg("--namespace")
+                .arg(&ns)
+                .args(&args)
+                .output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success(),
+                "commit {step}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let layers_line = format!("Commit Layers: {commit_blobs} ({plan} layer pushed)");
+            ensure!(
+                stdout.contains(&layers_line),
+                "commit {step}: no {layers_line:?} in\n{stdout}"
+            );
+            eprintln!("commit {step}:\n{stdout}");
+            let newest = runtime.block_on(check_image(
+                &registry,
+                &target,
+                fs_version,
+                commit_blobs,
+                &expected,
+                &work,
+            ))?;
+            if step == 2 {
+                ensure!(
+                    newest < 1_000_000,
+                    "commit {step}: the copy of a 3 MB file is deduplicated against the chunks pushed already, \
+                     yet the newest blob has {newest} bytes"
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+/// The image at `target` is laid out as nydusify writes one, and its
+/// bootstrap describes `expected`. Returns the size of the newest blob.
+async fn check_image(
+    registry: &RegistryClient,
+    target: &str,
+    fs_version: u32,
+    commit_blobs: usize,
+    expected: &BTreeMap<String, String>,
+    work: &Path,
+) -> Result<i64> {
+    let pulled = registry
+        .pull_manifest_and_config(target, &RegistryAuth::Anonymous)
+        .await?;
+    let layers = &pulled.manifest.layers;
+    let (bootstrap, blobs) = layers.split_last().context("no layers")?;
+    let annotations = |l: &seamless_snapshotter::registry::OciDescriptor| l.annotations.clone().unwrap_or_default();
+    for blob in blobs {
+        let a = annotations(blob);
+        ensure!(
+            blob.media_type == nydus::BLOB_MEDIA_TYPE
+                && a.get(nydus::ANNOTATION_BLOB).map(String::as_str) == Some("true")
+                && a.get(nydus::ANNOTATION_UNCOMPRESSED) == Some(&blob.digest),
+            "{target}: blob layer {blob:?}"
+        );
+    }
+    let a = annotations(bootstrap);
+    ensure!(
+        bootstrap.media_type == nydus::BOOTSTRAP_MEDIA_TYPE
+            && a.get(nydus::ANNOTATION_BOOTSTRAP).map(String::as_str) == Some("true")
+            && a.get(nydus::ANNOTATION_FS_VERSION) == Some(&fs_version.to_string()),
+        "{target}: bootstrap layer {bootstrap:?}"
+    );
+    let committed: Vec<&str> = a
+        .get(nydus::ANNOTATION_COMMIT_BLOBS)
+        .map(|v| v.split(',').collect())
+        .unwrap_or_default();
+    ensure!(
+        committed.len() == commit_blobs && committed.iter().all(|d| blobs.iter().any(|b| b.digest == *d)),
+        "{target}: commit blobs {committed:?}, {commit_blobs} expected among the layers"
+    );
+    let config: serde_json::Value = serde_json::from_slice(&pulled.config)?;
+    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .context("diff_ids")?
+        .iter()
+        .filter_map(|d| d.as_str())
+        .collect();
+    let layer_digests: Vec<&str> = blobs.iter().map(|b| b.digest.as_str()).collect();
+    ensure!(
+        diff_ids.len() == layers.len() && diff_ids[..blobs.len()] == layer_digests[..],
+        "{target}: diff_ids {diff_ids:?} do not follow the layers {layer_digests:?}"
+    );
+
+    let dir = work.join(target.replace(['/', ':'], "_"));
+    std::fs::create_dir_all(&dir)?;
+    let layer = dir.join("bootstrap.tar.gz");
+    registry
+        .pull_blob_to(target, &bootstrap.digest, &layer, &RegistryAuth::Anonymous)
+        .await?;
+    let boot = dir.join("image.boot");
+    nydus::unpack_bootstrap_layer(&layer, &boot)?;
+    ensure!(
+        nydus::bootstrap_fs_version(&boot)? == fs_version,
+        "{target}: RAFS version"
+    );
+    let described = describe_bootstrap(&boot)?;
+    let wanted = describe_tree(expected);
+    let differences: Vec<String> = wanted
+        .iter()
+        .filter(|(path, what)| described.get(*path) != Some(what))
+        .map(|(path, what)| format!("{path}: container {what:?}, bootstrap {:?}", described.get(path)))
+        .chain(
+            described
+                .keys()
+                .filter(|p| !wanted.contains_key(*p))
+                .map(|p| format!("{p}: only in the bootstrap")),
+        )
+        .collect();
+    ensure!(differences.is_empty(), "{target}: bootstrap differs: {differences:#?}");
+
+    if fs_version == 6 {
+        // fsck.erofs reads a RAFS v6 bootstrap with one device per blob, in
+        // the order of its blob table.
+        let mut fsck = std::process::Command::new("fsck.erofs");
+        let ids: Vec<String> = nydus::load_bootstrap(&boot)?
+            .superblock
+            .get_blob_infos()
+            .iter()
+            .map(|b| b.blob_id())
+            .collect();
+        for blob_id in &ids {
+            let path = dir.join(blob_id);
+            registry
+                .pull_blob_to(target, &format!("sha256:{blob_id}"), &path, &RegistryAuth::Anonymous)
+                .await
+                .with_context(|| format!("{target}: blob {blob_id} of the blob table is not in the registry"))?;
+            fsck.arg(format!("--device={}", path.display()));
+        }
+        let out = fsck.arg(&boot).output().context("running fsck.erofs")?;
+        ensure!(
+            out.status.success(),
+            "{target}: fsck.erofs failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(blobs.last().map_or(0, |b| b.size))
+}
+
+/// path -> "kind mode owner [target]" of a bootstrap's entries.
+fn describe_bootstrap(boot: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for entry in nydus::bootstrap_tree(boot)? {
+        let path = entry.path.display().to_string();
+        let Some(rel) = path.strip_prefix('/').filter(|r| !r.is_empty()) else {
+            continue;
+        };
+        let kind = match entry.mode & libc::S_IFMT {
+            libc::S_IFDIR => "dir".to_string(),
+            libc::S_IFLNK => format!(
+                "link->{}",
+                entry.target.map(|t| t.display().to_string()).unwrap_or_default()
+            ),
+            libc::S_IFREG => "file".to_string(),
+            libc::S_IFIFO => "fifo".to_string(),
+            libc::S_IFCHR | libc::S_IFBLK => "dev".to_string(),
+            _ => "other".to_string(),
+        };
+        out.insert(
+            rel.to_string(),
+            format!(
+                "{kind} mode={:o} owner={}:{}",
+                entry.mode & 0o7777,
+                entry.uid,
+                entry.gid
+            ),
+        );
+    }
+    Ok(out)
+}
+
+/// The same description of a `tree_of` tree (content digests, link counts
+/// and attributes left out: the bootstrap's metadata is what is compared).
+fn describe_tree(tree: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    tree.iter()
+        .map(|(path, what)| {
+            let kind = what.split(' ').next().unwrap_or("");
+            let mode = what.split(' ').find(|w| w.starts_with("mode=")).unwrap_or("");
+            let owner = what.split(' ').find(|w| w.starts_with("owner=")).unwrap_or("");
+            (path.clone(), format!("{kind} {mode} {owner}"))
+        })
+        .collect()
+}

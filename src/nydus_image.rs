@@ -1,0 +1,492 @@
+//! Nydus images of commits: the layers and config of a Nydus image made
+//! from a commit's layer tars, on a Nydus base image (its blobs reused, its
+//! bootstrap the parent) or an OCI base image (its layers converted to Nydus
+//! blobs, in parallel). The image is laid out as nydusify writes one: a data
+//! blob layer per blob, then the bootstrap layer; the config's diff_ids
+//! follow the layers. Registry access and job state belong to `commit`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::chain::{CommitLayer, Plan};
+use crate::layer::LayerBlob;
+use crate::nydus::{self, Compressor, LayerBuild, RafsOptions};
+use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
+
+/// What the commit hands over to make its Nydus image.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub source_image: String,
+    pub target: String,
+    pub target_insecure: bool,
+    pub source_insecure: bool,
+    pub snapshot_id: String,
+    pub started: SystemTime,
+    pub options: RafsOptions,
+    /// The previous commit's bootstrap layer, for an incremental commit.
+    pub previous_bootstrap: Option<CommitLayer>,
+}
+
+/// The image to push and the chain's new state.
+#[derive(Debug, Clone)]
+pub struct Assembled {
+    /// In manifest order.
+    pub layers: Vec<LayerSource>,
+    pub config: Vec<u8>,
+    /// The commit blobs above the base image's.
+    pub commit_layers: Vec<CommitLayer>,
+    pub bootstrap: CommitLayer,
+}
+
+/// A layer the image shares with an image already in a registry: fetched
+/// from `from` only when the target lacks it.
+#[derive(Debug, Clone)]
+pub struct Reused {
+    pub layer: LayerSource,
+    pub from: String,
+    pub insecure: bool,
+}
+
+/// Reports progress (fraction of the whole job, stage) to the job.
+pub type Progress<'a> = &'a mut (dyn FnMut(f64, &str) + Send);
+
+/// Makes the Nydus image: base blobs and bootstrap, the commit's blobs built
+/// from `tars` (in image order, from the commit's plan) on top, the merged
+/// bootstrap last.
+#[allow(clippy::too_many_arguments)]
+pub async fn assemble(
+    input: &Input,
+    plan: &Plan,
+    base: &PulledManifest,
+    tars: Vec<(LayerBlob, PathBuf, String)>,
+    source: &RegistryClient,
+    target: &RegistryClient,
+    work: &Path,
+    progress: Progress<'_>,
+) -> Result<Assembled, String> {
+    let blob_dir = work.join("blobs");
+    let (base_bootstrap, base_layers) = if is_nydus(&base.manifest.layers) {
+        progress(0.2, "reading the base bootstrap");
+        nydus_base(input, base, source, work).await?
+    } else {
+        convert_oci_base(input, base, source, work, &blob_dir, progress).await?
+    };
+    let base_diff_ids: Vec<String> = base_layers.iter().map(|r| r.layer.digest.clone()).collect();
+
+    progress(0.5, "building the RAFS layer");
+    let (mut parent, mut commit_layers) = match plan {
+        Plan::Incremental { keep, .. } => {
+            let bootstrap = input
+                .previous_bootstrap
+                .as_ref()
+                .ok_or("the commit chain has no bootstrap to build on")?;
+            let layer = work.join("previous-bootstrap.tar.gz");
+            fetch_blob(bootstrap, &layer).await?;
+            let boot = work.join("previous.boot");
+            nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
+            (boot, keep.clone())
+        }
+        Plan::Full | Plan::Merge { .. } => (base_bootstrap, Vec::new()),
+    };
+    let kept = commit_layers.len();
+    let mut new_blobs = Vec::new();
+    for (i, (blob, tar, created_by)) in tars.into_iter().enumerate() {
+        // A commit that changed nothing since the last adds no blob.
+        if blob.entries == 0 && plan.previous().is_some() {
+            continue;
+        }
+        let options = input.options;
+        let dir = blob_dir.clone();
+        let out = work.join(format!("commit-{i}.boot"));
+        let from = parent.clone();
+        let built = tokio::task::spawn_blocking(move || nydus::build_from_tar(&tar, Some(&from), &options, &out, &dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        parent = built.bootstrap;
+        if let Some(blob) = built.blob {
+            commit_layers.push(CommitLayer {
+                media_type: nydus::BLOB_MEDIA_TYPE.to_string(),
+                digest: blob.digest(),
+                diff_id: blob.digest(),
+                size: blob.size,
+                pushed_to: input.target.clone(),
+                insecure: input.target_insecure,
+                created_by,
+                created: input.started,
+            });
+            new_blobs.push(blob);
+        }
+    }
+
+    progress(0.6, "fetching base layers");
+    let mut reused = base_layers;
+    reused.extend(commit_layers[..kept].iter().map(|l| Reused {
+        layer: blob_source(l, LayerData::InTarget),
+        from: l.pushed_to.clone(),
+        insecure: l.insecure,
+    }));
+    let mut layers = resolve_reused(target, &input.target, reused, work, progress).await?;
+    for blob in &new_blobs {
+        // Every new blob was recorded in `commit_layers` above.
+        let layer = commit_layers
+            .iter()
+            .find(|l| l.digest == blob.digest())
+            .expect("new blob recorded");
+        layers.push(blob_source(layer, LayerData::File(blob.path.clone())));
+    }
+
+    let packed = nydus::pack_bootstrap_layer(&parent, &work.join("bootstrap.tar.gz")).map_err(|e| e.to_string())?;
+    let bootstrap = CommitLayer {
+        media_type: nydus::BOOTSTRAP_MEDIA_TYPE.to_string(),
+        digest: packed.digest.clone(),
+        diff_id: packed.diff_id.clone(),
+        size: packed.size,
+        pushed_to: input.target.clone(),
+        insecure: input.target_insecure,
+        created_by: format!("seamless-commit {}: nydus bootstrap", input.snapshot_id),
+        created: input.started,
+    };
+    let commit_blobs: Vec<&str> = commit_layers.iter().map(|l| l.digest.as_str()).collect();
+    layers.push(LayerSource {
+        media_type: bootstrap.media_type.clone(),
+        digest: bootstrap.digest.clone(),
+        size: bootstrap.size,
+        annotations: BTreeMap::from([
+            (nydus::ANNOTATION_BOOTSTRAP.to_string(), "true".to_string()),
+            (
+                nydus::ANNOTATION_FS_VERSION.to_string(),
+                input.options.fs_version.to_string(),
+            ),
+            (nydus::ANNOTATION_COMMIT_BLOBS.to_string(), commit_blobs.join(",")),
+        ]),
+        data: LayerData::File(packed.path),
+    });
+    let mut on_top = commit_layers.clone();
+    on_top.push(bootstrap.clone());
+    let config = crate::commit::derive_config(&with_diff_ids(&base.config, &base_diff_ids)?, &on_top)?;
+    Ok(Assembled {
+        layers,
+        config,
+        commit_layers,
+        bootstrap,
+    })
+}
+
+/// Whether a manifest's layers are a Nydus image's (one is a bootstrap).
+pub fn is_nydus(layers: &[crate::registry::OciDescriptor]) -> bool {
+    layers.iter().any(|l| has_annotation(l, nydus::ANNOTATION_BOOTSTRAP))
+}
+
+fn has_annotation(layer: &crate::registry::OciDescriptor, key: &str) -> bool {
+    layer
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .is_some_and(|v| v == "true")
+}
+
+/// A Nydus base: its bootstrap (fetched) and its blob layers (reused).
+async fn nydus_base(
+    input: &Input,
+    base: &PulledManifest,
+    source: &RegistryClient,
+    work: &Path,
+) -> Result<(PathBuf, Vec<Reused>), String> {
+    let descriptor = base
+        .manifest
+        .layers
+        .iter()
+        .rev()
+        .find(|l| has_annotation(l, nydus::ANNOTATION_BOOTSTRAP))
+        .ok_or("the base image has no Nydus bootstrap layer")?;
+    let layer = work.join("base-bootstrap.tar.gz");
+    source
+        .pull_blob_to(
+            &input.source_image,
+            &descriptor.digest,
+            &layer,
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let boot = work.join("base.boot");
+    nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
+    let version = nydus::bootstrap_fs_version(&boot).map_err(|e| e.to_string())?;
+    let wanted = input.options.fs_version;
+    if version != wanted {
+        return Err(format!(
+            "the base image {} is RAFS v{version}, a commit on it cannot be RAFS v{wanted}: use --fs-version {version}",
+            input.source_image
+        ));
+    }
+    let blobs = base
+        .manifest
+        .layers
+        .iter()
+        .filter(|l| has_annotation(l, nydus::ANNOTATION_BLOB))
+        .map(|l| Reused {
+            layer: LayerSource {
+                media_type: l.media_type.clone(),
+                digest: l.digest.clone(),
+                size: l.size.max(0) as u64,
+                annotations: l.annotations.clone().unwrap_or_default(),
+                data: LayerData::InTarget,
+            },
+            from: input.source_image.clone(),
+            insecure: input.source_insecure,
+        })
+        .collect();
+    Ok((boot, blobs))
+}
+
+/// An OCI base: every layer converted to a Nydus blob, on its own and in
+/// parallel (one build per core), then merged into the base bootstrap.
+async fn convert_oci_base(
+    input: &Input,
+    base: &PulledManifest,
+    source: &RegistryClient,
+    work: &Path,
+    blob_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, Vec<Reused>), String> {
+    let total = base.manifest.layers.len().max(1) as f64;
+    let mut tars = Vec::new();
+    for (i, descriptor) in base.manifest.layers.iter().enumerate() {
+        progress(0.15 + 0.1 * i as f64 / total, "fetching base layers to convert");
+        let compressed = work.join(format!("base-{i}.blob"));
+        source
+            .pull_blob_to(
+                &input.source_image,
+                &descriptor.digest,
+                &compressed,
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let tar = work.join(format!("base-{i}.tar"));
+        let media_type = descriptor.media_type.clone();
+        let from = compressed.clone();
+        let to = tar.clone();
+        tokio::task::spawn_blocking(move || decompress_layer(&media_type, &from, &to))
+            .await
+            .map_err(|e| e.to_string())??;
+        let _ = std::fs::remove_file(&compressed);
+        tars.push(tar);
+    }
+    progress(0.3, "converting base layers to RAFS");
+    let options = input.options;
+    let dir = blob_dir.to_path_buf();
+    let boot = work.join("base.boot");
+    let out = boot.clone();
+    let builds = tokio::task::spawn_blocking(move || -> Result<Vec<LayerBuild>, String> {
+        let builds = build_in_parallel(&tars, &options, &dir)?;
+        nydus::merge_layers(None, &builds, None, &out).map_err(|e| e.to_string())?;
+        Ok(builds)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let reused = builds
+        .into_iter()
+        .filter_map(|b| b.blob)
+        .map(|blob| Reused {
+            layer: LayerSource {
+                media_type: nydus::BLOB_MEDIA_TYPE.to_string(),
+                digest: blob.digest(),
+                size: blob.size,
+                annotations: nydus::blob_annotations(&blob.digest()),
+                data: LayerData::File(blob.path),
+            },
+            from: input.target.clone(),
+            insecure: input.target_insecure,
+        })
+        .collect();
+    Ok((boot, reused))
+}
+
+/// Builds each tar as a layer of its own, as many at once as there are
+/// cores; results in the tars' order.
+fn build_in_parallel(tars: &[PathBuf], options: &RafsOptions, blob_dir: &Path) -> Result<Vec<LayerBuild>, String> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(tars.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<LayerBuild, String>>>> =
+        tars.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(tar) = tars.get(i) else { break };
+                let built = nydus::build_layer(tar, None, options, &tar.with_extension("layer"), blob_dir)
+                    .map_err(|e| e.to_string());
+                // A poisoned slot can only come from a panic in this very
+                // closure, which the scope propagates anyway.
+                *results[i].lock().expect("result slot") = Some(built);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .expect("result slot")
+                .unwrap_or_else(|| Err("a layer build did not run".into()))
+        })
+        .collect()
+}
+
+/// Writes the uncompressed tar of a layer blob (gzip, zstd or none, by its
+/// media type).
+fn decompress_layer(media_type: &str, from: &Path, to: &Path) -> Result<(), String> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: std::io::Error| format!("{path}: {e}")
+    };
+    let input = std::fs::File::open(from).map_err(io(from))?;
+    let mut output = std::fs::File::create(to).map_err(io(to))?;
+    let mut reader: Box<dyn std::io::Read> = if media_type.ends_with("gzip") {
+        Box::new(flate2::read::GzDecoder::new(input))
+    } else if media_type.ends_with("zstd") {
+        Box::new(zstd::stream::read::Decoder::new(input).map_err(io(from))?)
+    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        Box::new(input)
+    } else {
+        return Err(format!("base layer media type {media_type} is not a tar layer"));
+    };
+    std::io::copy(&mut reader, &mut output).map_err(io(from))?;
+    Ok(())
+}
+
+/// A base config with `rootfs.diff_ids` replaced.
+fn with_diff_ids(config: &[u8], diff_ids: &[String]) -> Result<Vec<u8>, String> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| format!("base image config is not JSON: {e}"))?;
+    let rootfs = value
+        .get_mut("rootfs")
+        .and_then(|r| r.as_object_mut())
+        .ok_or("base image config has no rootfs")?;
+    rootfs.insert("diff_ids".into(), serde_json::json!(diff_ids));
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
+/// The pushable form of a recorded commit blob.
+fn blob_source(layer: &CommitLayer, data: LayerData) -> LayerSource {
+    LayerSource {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.clone(),
+        size: layer.size,
+        annotations: nydus::blob_annotations(&layer.digest),
+        data,
+    }
+}
+
+/// Downloads a recorded layer from where it was pushed.
+async fn fetch_blob(layer: &CommitLayer, to: &Path) -> Result<(), String> {
+    let client = RegistryClient::new(crate::registry::RegistryOptions {
+        insecure: layer.insecure,
+        ..Default::default()
+    });
+    client
+        .pull_blob_to(&layer.pushed_to, &layer.digest, to, &RegistryAuth::Anonymous)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The layers an image shares with images already pushed: referenced when
+/// the target holds them (an earlier commit to the same repository pushed
+/// them), otherwise fetched from where they are (or pushed from the local
+/// file they already are).
+pub async fn resolve_reused(
+    target: &RegistryClient,
+    target_ref: &str,
+    reused: Vec<Reused>,
+    work: &Path,
+    progress: Progress<'_>,
+) -> Result<Vec<LayerSource>, String> {
+    let text = |e: crate::registry::RegistryError| e.to_string();
+    let total = reused.len().max(1) as f64;
+    let mut layers = Vec::new();
+    for (i, mut reused) in reused.into_iter().enumerate() {
+        let local = matches!(reused.layer.data, LayerData::File(_));
+        if !local
+            && !target
+                .has_blob(target_ref, &reused.layer.digest, &RegistryAuth::Anonymous)
+                .await
+                .map_err(text)?
+        {
+            let path = work.join(format!("reused-{i}"));
+            let client = RegistryClient::new(crate::registry::RegistryOptions {
+                insecure: reused.insecure,
+                ..Default::default()
+            });
+            client
+                .pull_blob_to(&reused.from, &reused.layer.digest, &path, &RegistryAuth::Anonymous)
+                .await
+                .map_err(text)?;
+            reused.layer.data = LayerData::File(path);
+        }
+        layers.push(reused.layer);
+        progress(0.6 + 0.2 * (i + 1) as f64 / total, "fetching base layers");
+    }
+    Ok(layers)
+}
+
+/// The compressor option of a commit as a Nydus compressor.
+pub fn compressor(text: &str) -> Result<Compressor, String> {
+    Compressor::parse(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_ids_are_replaced() {
+        let config = br#"{"rootfs":{"type":"layers","diff_ids":["sha256:a"]},"config":{}}"#;
+        let out = with_diff_ids(config, &["sha256:b".into(), "sha256:c".into()]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["rootfs"]["diff_ids"], serde_json::json!(["sha256:b", "sha256:c"]));
+        assert!(with_diff_ids(b"{}", &[]).is_err());
+    }
+
+    #[test]
+    fn layer_tars_are_decompressed_by_media_type() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = b"tar bytes".repeat(100);
+        let gz = tmp.path().join("gz");
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), Default::default());
+        enc.write_all(&data).unwrap();
+        enc.finish().unwrap();
+        let zst = tmp.path().join("zst");
+        std::fs::write(&zst, zstd::encode_all(data.as_slice(), 3).unwrap()).unwrap();
+        let plain = tmp.path().join("plain");
+        std::fs::write(&plain, &data).unwrap();
+        for (media_type, path) in [
+            ("application/vnd.oci.image.layer.v1.tar+gzip", &gz),
+            ("application/vnd.docker.image.rootfs.diff.tar.gzip", &gz),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", &zst),
+            ("application/vnd.oci.image.layer.v1.tar", &plain),
+        ] {
+            let out = tmp.path().join("out");
+            decompress_layer(media_type, path, &out).unwrap();
+            assert_eq!(std::fs::read(&out).unwrap(), data, "{media_type}");
+        }
+        let err = decompress_layer(nydus::BLOB_MEDIA_TYPE, &plain, &tmp.path().join("x")).unwrap_err();
+        assert!(err.contains("not a tar layer"), "{err}");
+    }
+
+    #[test]
+    fn nydus_images_are_told_by_their_bootstrap_layer() {
+        let mut layer = crate::registry::OciDescriptor::default();
+        assert!(!is_nydus(std::slice::from_ref(&layer)));
+        layer.annotations = Some(BTreeMap::from([(
+            nydus::ANNOTATION_BOOTSTRAP.to_string(),
+            "true".to_string(),
+        )]));
+        assert!(is_nydus(&[layer]));
+    }
+}
