@@ -133,8 +133,9 @@ impl RafsBlob {
 pub struct RafsBuild {
     /// The whole image's bootstrap.
     pub bootstrap: PathBuf,
-    /// The layer's data blob; none when the layer adds no file data.
-    pub blob: Option<RafsBlob>,
+    /// The layer's data blobs (one per part it was split into for a parallel
+    /// build); none when the layer adds no file data.
+    pub blobs: Vec<RafsBlob>,
     /// Blob ids of the bootstrap's blob table, in order.
     pub blob_ids: Vec<String>,
 }
@@ -148,10 +149,18 @@ pub struct LayerBuild {
     pub blob: Option<RafsBlob>,
 }
 
-/// Builds the RAFS filesystem of the OCI layer `tar` (uncompressed or gzip)
-/// on top of `parent` (a bootstrap, or none for a first layer). Writes the
-/// whole image's bootstrap to `bootstrap` and the blob into `blob_dir`, named
-/// by its id.
+/// A layer is split for a parallel build only when each part gets at least
+/// this much file data: below it, a thread costs more than it saves.
+pub const MIN_PART_BYTES: u64 = 16 << 20;
+
+/// Builds the RAFS filesystem of the OCI layer `tar` (plain, or gzip which
+/// is built in one piece) on top of `parent` (a bootstrap, or none for a
+/// first layer). Writes the whole image's bootstrap to `bootstrap` and the
+/// blobs into `blob_dir`, named by their ids.
+///
+/// nydus-builder compresses on one thread, so a layer with enough file data
+/// is split into one part per core (see [`split_tar`]), the parts are built
+/// at once, each against the parent's chunks, and merged in order.
 pub fn build_from_tar(
     tar: &Path,
     parent: Option<&Path>,
@@ -159,14 +168,187 @@ pub fn build_from_tar(
     bootstrap: &Path,
     blob_dir: &Path,
 ) -> Result<RafsBuild, NydusError> {
-    let layer = build_layer(tar, parent, options, &bootstrap.with_extension("layer"), blob_dir)?;
-    let built = merge_layers(parent, std::slice::from_ref(&layer), parent, bootstrap);
-    let _ = std::fs::remove_file(&layer.bootstrap);
+    options.version()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts_dir = bootstrap.with_extension("parts");
+    let parts = split_tar(tar, cores, MIN_PART_BYTES, &parts_dir)?;
+    let layers = build_layers_parallel(&parts, parent, options, blob_dir);
+    let merged = layers.and_then(|layers| {
+        let ids = merge_layers(parent, &layers, parent, bootstrap)?;
+        Ok((layers, ids))
+    });
+    let _ = std::fs::remove_dir_all(&parts_dir);
+    let (layers, blob_ids) = merged?;
+    for layer in &layers {
+        let _ = std::fs::remove_file(&layer.bootstrap);
+    }
     Ok(RafsBuild {
         bootstrap: bootstrap.to_path_buf(),
-        blob: layer.blob,
-        blob_ids: built?,
+        blobs: layers.into_iter().filter_map(|l| l.blob).collect(),
+        blob_ids,
     })
+}
+
+/// Builds each tar as a layer of its own (against `chunk_dict`), as many at
+/// once as there are cores; results in the tars' order.
+pub fn build_layers_parallel(
+    tars: &[PathBuf],
+    chunk_dict: Option<&Path>,
+    options: &RafsOptions,
+    blob_dir: &Path,
+) -> Result<Vec<LayerBuild>, NydusError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(tars.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<LayerBuild, NydusError>>>> = tars.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(tar) = tars.get(i) else { break };
+                let built = build_layer(tar, chunk_dict, options, &tar.with_extension("layer"), blob_dir);
+                // Only a panic in this closure could poison the slot, and
+                // the scope re-raises that panic anyway.
+                *results[i].lock().expect("result slot") = Some(built);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .zip(tars)
+        .map(|(slot, tar)| {
+            slot.into_inner().expect("result slot").unwrap_or_else(|| {
+                Err(NydusError::Build {
+                    source_path: tar.display().to_string(),
+                    message: "the build did not run".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// Splits a plain layer tar into at most `max_parts` tars in `dir`, each
+/// with at least `min_part_bytes` of file data, that,
+/// built in order and merged, make the same filesystem: regular files with
+/// data are spread over the parts by size; everything else (whiteouts and
+/// opaque markers, which must apply before any part adds to a directory,
+/// links and the files they link to, special files) stays in the first part;
+/// every part repeats the directories, so no part makes one up with default
+/// metadata. Returns `[tar]` itself when splitting does not pay.
+pub fn split_tar(tar: &Path, max_parts: usize, min_part_bytes: u64, dir: &Path) -> Result<Vec<PathBuf>, NydusError> {
+    let unsplit = Ok(vec![tar.to_path_buf()]);
+    let mut magic = [0u8; 2];
+    let mut file = std::fs::File::open(tar).map_err(io_error(tar))?;
+    if file.read(&mut magic).map_err(io_error(tar))? == 2 && magic == [0x1f, 0x8b] {
+        return unsplit;
+    }
+    // Pass 1: which entries can move, and how much data there is.
+    let mut link_targets = std::collections::HashSet::new();
+    let mut movable = Vec::new();
+    {
+        let mut archive = tar::Archive::new(std::fs::File::open(tar).map_err(io_error(tar))?);
+        for (index, entry) in archive.entries().map_err(io_error(tar))?.enumerate() {
+            let entry = entry.map_err(io_error(tar))?;
+            let kind = entry.header().entry_type();
+            if kind == tar::EntryType::Link {
+                if let Some(target) = entry.link_name().map_err(io_error(tar))? {
+                    link_targets.insert(target.into_owned());
+                }
+            }
+            let path = entry.path().map_err(io_error(tar))?.into_owned();
+            let whiteout = path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b".wh."));
+            if kind == tar::EntryType::Regular && entry.size() > 0 && !whiteout {
+                movable.push((index, path, entry.size()));
+            }
+        }
+    }
+    movable.retain(|(_, path, _)| !link_targets.contains(path));
+    let total: u64 = movable.iter().map(|(_, _, size)| size).sum();
+    let parts = ((total / min_part_bytes.max(1)) as usize).clamp(1, max_parts.max(1));
+    if parts == 1 {
+        return unsplit;
+    }
+    // Largest first onto the emptiest part balances the parts' data.
+    movable.sort_by_key(|m| std::cmp::Reverse(m.2));
+    let mut loads = vec![0u64; parts];
+    let mut part_of = std::collections::HashMap::new();
+    for (index, _, size) in &movable {
+        let (part, _) = loads
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, load)| **load)
+            .expect("at least two parts");
+        loads[part] += size;
+        part_of.insert(*index, part);
+    }
+
+    // Pass 2: write the parts.
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let paths: Vec<PathBuf> = (0..parts).map(|i| dir.join(format!("part-{i}.tar"))).collect();
+    let mut builders = Vec::new();
+    for path in &paths {
+        builders.push(tar::Builder::new(std::fs::File::create(path).map_err(io_error(path))?));
+    }
+    let mut archive = tar::Archive::new(std::fs::File::open(tar).map_err(io_error(tar))?);
+    for (index, entry) in archive.entries().map_err(io_error(tar))?.enumerate() {
+        let mut entry = entry.map_err(io_error(tar))?;
+        let kind = entry.header().entry_type();
+        let targets: Vec<usize> = if kind == tar::EntryType::Directory {
+            (0..parts).collect()
+        } else {
+            vec![part_of.get(&index).copied().unwrap_or(0)]
+        };
+        let path = entry.path().map_err(io_error(tar))?.into_owned();
+        let link = entry.link_name().map_err(io_error(tar))?.map(|l| l.into_owned());
+        // Extended headers other than the ones the builder writes itself
+        // (long names, sizes) carry xattrs, nanosecond times, big ids.
+        let mut pax = Vec::new();
+        if let Some(extensions) = entry.pax_extensions().map_err(io_error(tar))? {
+            for extension in extensions {
+                let extension = extension.map_err(io_error(tar))?;
+                let key = extension.key().map_err(|e| io_error(tar)(std::io::Error::other(e)))?;
+                if !matches!(key, "path" | "linkpath" | "size") {
+                    pax.push((key.to_string(), extension.value_bytes().to_vec()));
+                }
+            }
+        }
+        let mut data = Vec::new();
+        if kind == tar::EntryType::Regular && targets.len() == 1 {
+            // Streamed below instead of buffered.
+        } else {
+            entry.read_to_end(&mut data).map_err(io_error(tar))?;
+        }
+        let mut header = entry.header().clone();
+        for &part in &targets {
+            let builder = &mut builders[part];
+            let out = &paths[part];
+            builder
+                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(io_error(out))?;
+            let written = match (&link, kind) {
+                (Some(target), tar::EntryType::Link | tar::EntryType::Symlink) => {
+                    builder.append_link(&mut header, &path, target)
+                }
+                (_, tar::EntryType::Regular) if targets.len() == 1 => {
+                    builder.append_data(&mut header, &path, &mut entry)
+                }
+                _ => builder.append_data(&mut header, &path, data.as_slice()),
+            };
+            written.map_err(io_error(out))?;
+        }
+    }
+    for (builder, path) in builders.into_iter().zip(&paths) {
+        builder
+            .into_inner()
+            .and_then(|mut f| f.flush())
+            .map_err(io_error(path))?;
+    }
+    Ok(paths)
 }
 
 /// Builds the layer `tar` on its own into `bootstrap` and `blob_dir`. Chunks
@@ -533,7 +715,7 @@ mod tests {
             let out = tmp.path().join(format!("v{fs_version}-{compressor:?}"));
             let blobs = out.join("blobs");
             let first = build_from_tar(&base, None, &options, &out.join("base.boot"), &blobs).unwrap();
-            let blob = first.blob.clone().expect("file data makes a blob");
+            let blob = first.blobs.first().cloned().expect("file data makes a blob");
             let on_disk = std::fs::read(&blob.path).unwrap();
             assert_eq!(on_disk.len() as u64, blob.size);
             assert_eq!(
@@ -596,7 +778,7 @@ mod tests {
             assert_eq!(ids[0], base_alone.blob.unwrap().blob_id);
             assert_eq!(paths(&bootstrap_tree(&merged).unwrap()), names);
 
-            let upper_blob = second.blob.expect("new file data");
+            let upper_blob = second.blobs.first().cloned().expect("new file data");
             assert_eq!(second.blob_ids, vec![blob.blob_id.clone(), upper_blob.blob_id.clone()]);
             assert!(
                 upper_blob.size < blob.size / 2,
@@ -605,6 +787,111 @@ mod tests {
                 blob.size
             );
         }
+    }
+
+    #[test]
+    fn a_split_layer_builds_the_same_filesystem_in_parts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = RafsOptions {
+            fs_version: 6,
+            compressor: Compressor::Zstd,
+        };
+        let base = tmp.path().join("base.tar");
+        write_tar(
+            &base,
+            &[
+                ("d/", tar::EntryType::Directory, b"", ""),
+                ("d/gone", tar::EntryType::Regular, b"gone", ""),
+                ("o/", tar::EntryType::Directory, b"", ""),
+                ("o/old", tar::EntryType::Regular, b"old", ""),
+            ],
+        );
+        let parent = build_from_tar(
+            &base,
+            None,
+            &options,
+            &tmp.path().join("base.boot"),
+            &tmp.path().join("b"),
+        )
+        .unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..8)
+            .map(|i| (format!("o/f{i}"), vec![i as u8; 3000 + i * 100]))
+            .collect();
+        let mut entries: Vec<(&str, tar::EntryType, &[u8], &str)> = vec![
+            ("d/", tar::EntryType::Directory, b"", ""),
+            ("d/.wh.gone", tar::EntryType::Regular, b"", ""),
+            ("o/", tar::EntryType::Directory, b"", ""),
+            ("o/.wh..wh..opq", tar::EntryType::Regular, b"", ""),
+            ("o/sub/", tar::EntryType::Directory, b"", ""),
+            ("o/target", tar::EntryType::Regular, b"linked", ""),
+            ("o/hard", tar::EntryType::Link, b"", "o/target"),
+            ("o/sym", tar::EntryType::Symlink, b"", "target"),
+        ];
+        for (name, data) in &files {
+            entries.push((name, tar::EntryType::Regular, data, ""));
+        }
+        let upper = tmp.path().join("upper.tar");
+        write_tar(&upper, &entries);
+
+        let parts = split_tar(&upper, 3, 4000, &tmp.path().join("parts")).unwrap();
+        assert_eq!(parts.len(), 3, "{parts:?}");
+        let names = |tar: &Path| -> Vec<String> {
+            tar::Archive::new(std::fs::File::open(tar).unwrap())
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap().path().unwrap().display().to_string())
+                .collect()
+        };
+        let first = names(&parts[0]);
+        for kept in ["d/.wh.gone", "o/.wh..wh..opq", "o/target", "o/hard", "o/sym"] {
+            assert!(
+                first.contains(&kept.to_string()),
+                "{kept} stays in the first part: {first:?}"
+            );
+        }
+        for part in &parts {
+            let listed = names(part);
+            for dir in ["d", "o", "o/sub"] {
+                assert!(
+                    listed.iter().any(|n| n.trim_end_matches('/') == dir),
+                    "{dir} in every part: {listed:?}"
+                );
+            }
+        }
+        let spread: usize = parts[1..]
+            .iter()
+            .map(|p| names(p).iter().filter(|n| n.starts_with("o/f")).count())
+            .sum();
+        assert!(spread > 0, "files spread over the parts");
+        assert_eq!(
+            split_tar(&upper, 3, 1 << 30, &tmp.path().join("none")).unwrap(),
+            vec![upper.clone()],
+            "too little data: not split"
+        );
+
+        let layers = build_layers_parallel(&parts, Some(&parent.bootstrap), &options, &tmp.path().join("b")).unwrap();
+        let split = tmp.path().join("split.boot");
+        merge_layers(Some(&parent.bootstrap), &layers, Some(&parent.bootstrap), &split).unwrap();
+        let whole = build_from_tar(
+            &upper,
+            Some(&parent.bootstrap),
+            &options,
+            &tmp.path().join("whole.boot"),
+            &tmp.path().join("b"),
+        )
+        .unwrap();
+        let split_tree = bootstrap_tree(&split).unwrap();
+        assert_eq!(split_tree, bootstrap_tree(&whole.bootstrap).unwrap());
+        let listed = paths(&split_tree);
+        assert!(
+            !listed.contains(&"/d/gone".to_string()) && !listed.contains(&"/o/old".to_string()),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&"/o/f7".to_string()) && listed.contains(&"/o/hard".to_string()),
+            "{listed:?}"
+        );
+        assert_eq!(layers.iter().filter(|l| l.blob.is_some()).count(), 3, "a blob per part");
     }
 
     #[test]

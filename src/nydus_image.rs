@@ -105,7 +105,7 @@ pub async fn assemble(
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         parent = built.bootstrap;
-        if let Some(blob) = built.blob {
+        for blob in built.blobs {
             commit_layers.push(CommitLayer {
                 media_type: nydus::BLOB_MEDIA_TYPE.to_string(),
                 digest: blob.digest(),
@@ -113,7 +113,7 @@ pub async fn assemble(
                 size: blob.size,
                 pushed_to: input.target.clone(),
                 insecure: input.target_insecure,
-                created_by,
+                created_by: created_by.clone(),
                 created: input.started,
             });
             new_blobs.push(blob);
@@ -280,8 +280,19 @@ async fn convert_oci_base(
     let dir = blob_dir.to_path_buf();
     let boot = work.join("base.boot");
     let out = boot.clone();
+    let parts_dir = work.join("base-parts");
     let builds = tokio::task::spawn_blocking(move || -> Result<Vec<LayerBuild>, String> {
-        let builds = build_in_parallel(&tars, &options, &dir)?;
+        // Every layer, and every part of a big one, is built at once; the
+        // merge stacks them in order.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut parts = Vec::new();
+        for (i, tar) in tars.iter().enumerate() {
+            parts.extend(
+                nydus::split_tar(tar, cores, nydus::MIN_PART_BYTES, &parts_dir.join(i.to_string()))
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let builds = nydus::build_layers_parallel(&parts, None, &options, &dir).map_err(|e| e.to_string())?;
         nydus::merge_layers(None, &builds, None, &out).map_err(|e| e.to_string())?;
         Ok(builds)
     })
@@ -303,38 +314,6 @@ async fn convert_oci_base(
         })
         .collect();
     Ok((boot, reused))
-}
-
-/// Builds each tar as a layer of its own, as many at once as there are
-/// cores; results in the tars' order.
-fn build_in_parallel(tars: &[PathBuf], options: &RafsOptions, blob_dir: &Path) -> Result<Vec<LayerBuild>, String> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(tars.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<LayerBuild, String>>>> =
-        tars.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(tar) = tars.get(i) else { break };
-                let built = nydus::build_layer(tar, None, options, &tar.with_extension("layer"), blob_dir)
-                    .map_err(|e| e.to_string());
-                // A poisoned slot can only come from a panic in this very
-                // closure, which the scope propagates anyway.
-                *results[i].lock().expect("result slot") = Some(built);
-            });
-        }
-    });
-    results
-        .into_iter()
-        .map(|slot| {
-            slot.into_inner()
-                .expect("result slot")
-                .unwrap_or_else(|| Err("a layer build did not run".into()))
-        })
-        .collect()
 }
 
 /// Writes the uncompressed tar of a layer blob (gzip, zstd or none, by its
