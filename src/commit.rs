@@ -16,7 +16,7 @@ use tracing::{error, info, instrument, warn};
 use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
 use crate::error::{Classify, ErrorKind};
-use crate::layer::{build_layer, BuildContext, Compression, LayerBlob, PathFilter};
+use crate::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
 use crate::nydus_image::{self, Reused};
 use crate::registry::{
     LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
@@ -602,7 +602,12 @@ impl CommitService {
             Format::Oci => job.options.oci_compression(),
             Format::Nydus => Compression::None,
         };
-        let built = self.build_commit_layers(job, &plan, &work, compression).await?;
+        // A Nydus layer is built one part per core; an OCI layer is one blob.
+        let parts = match job.options.format {
+            Format::Oci => 1,
+            Format::Nydus => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let built = self.build_commit_layers(job, &plan, &work, compression, parts).await?;
         let target = RegistryClient::new(RegistryOptions {
             insecure: job.options.target_insecure,
             ..RegistryOptions::default()
@@ -665,7 +670,7 @@ impl CommitService {
         job: &mut Job,
         plan: &Plan,
         base: &PulledManifest,
-        built: Vec<(LayerBlob, PathBuf, String)>,
+        built: Vec<BuiltLayer>,
         target: &RegistryClient,
         work: &std::path::Path,
     ) -> Result<Assembled, String> {
@@ -675,7 +680,11 @@ impl CommitService {
         };
         let kept = commit_layers.len();
         let mut new_layers = Vec::new();
-        for (blob, path, created_by) in built {
+        for BuiltLayer { parts, created_by } in built {
+            // One part: the OCI build asked for one.
+            let Some((blob, path)) = parts.into_iter().next() else {
+                continue;
+            };
             // A commit that changed nothing since the last adds no layer.
             if blob.entries == 0 && plan.previous().is_some() {
                 continue;
@@ -733,14 +742,16 @@ impl CommitService {
     }
 
     /// Builds the layers `plan` asks for from the job's capture, in image
-    /// order, each with its history entry's `created_by`.
+    /// order, each with its history entry's `created_by`, each in up to
+    /// `parts` tars (see [`build_layer_parts`]).
     async fn build_commit_layers(
         &self,
         job: &Job,
         plan: &Plan,
         work: &std::path::Path,
         compression: Compression,
-    ) -> Result<Vec<(LayerBlob, PathBuf, String)>, String> {
+        parts: usize,
+    ) -> Result<Vec<BuiltLayer>, String> {
         let lowers = self
             .snapshotter
             .lower_dirs(&job.snapshot_key)
@@ -767,25 +778,33 @@ impl CommitService {
             let filter = options.filter();
             let mut out = Vec::new();
             for (i, (upper, previous, created_by)) in builds.into_iter().enumerate() {
-                let path = work.join(format!("layer-{i}"));
-                let blob = build_layer(
-                    &BuildContext {
-                        upper: &upper,
-                        previous: previous.as_deref(),
-                        lowers: &lowers,
-                        compression,
-                        filter: &filter,
-                    },
-                    &path,
-                )
+                let ctx = BuildContext {
+                    upper: &upper,
+                    previous: previous.as_deref(),
+                    lowers: &lowers,
+                    compression,
+                    filter: &filter,
+                };
+                let parts = build_layer_parts(&ctx, parts, crate::nydus::MIN_PART_BYTES, |part| {
+                    work.join(format!("layer-{i}-{part}"))
+                })
                 .map_err(|e| e.to_string())?;
-                out.push((blob, path, created_by));
+                out.push(BuiltLayer { parts, created_by });
             }
             Ok(out)
         })
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// A layer of the commit written as tars.
+#[derive(Debug)]
+pub struct BuiltLayer {
+    /// Tars that stacked in order make the layer (one unless asked for more).
+    pub parts: Vec<(LayerBlob, PathBuf)>,
+    /// The history entry's `created_by`.
+    pub created_by: String,
 }
 
 /// What a format's assembly hands to the push.

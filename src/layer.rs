@@ -263,6 +263,71 @@ pub fn build_layer(ctx: &BuildContext<'_>, out: &Path) -> Result<LayerBlob, Laye
     Ok(blob)
 }
 
+/// Writes the layer for `ctx` as up to `max_parts` tars (named by
+/// `part_path(i)`), each with at least `min_part_bytes` of file data, that
+/// stacked in order make the layer: regular files with data are spread over
+/// the parts by size, directories are repeated in every part, and the rest
+/// (whiteouts and opaque markers, which must come before anything a part
+/// adds to their directory, hard-linked files, special files) stays in the
+/// first. For builders that work on one tar per thread (Nydus RAFS).
+pub fn build_layer_parts(
+    ctx: &BuildContext<'_>,
+    max_parts: usize,
+    min_part_bytes: u64,
+    part_path: impl Fn(usize) -> PathBuf,
+) -> Result<Vec<(LayerBlob, PathBuf)>, LayerError> {
+    let scoper = ctx.filter.compile()?;
+    require_dir(ctx.upper)?;
+    if let Some(previous) = ctx.previous {
+        require_dir(previous)?;
+    }
+    let mut planner = Planner {
+        lowers: ctx.lowers,
+        scoper,
+        items: Vec::new(),
+    };
+    match ctx.previous {
+        None => planner.plan_upper_children(ctx.upper, Path::new(""))?,
+        Some(previous) => planner.plan_diff(ctx.upper, previous, Path::new(""))?,
+    }
+    let movable = |item: &Item| match item {
+        Item::Entry { node, .. } => {
+            let meta = &node.meta;
+            (meta.is_file() && meta.nlink() == 1 && meta.len() > 0).then_some(meta.len())
+        }
+        _ => None,
+    };
+    let total: u64 = planner.items.iter().filter_map(movable).sum();
+    let parts = ((total / min_part_bytes.max(1)) as usize).clamp(1, max_parts.max(1));
+    let mut loads = vec![0u64; parts];
+    let mut members: Vec<Vec<&Item>> = vec![Vec::new(); parts];
+    for item in &planner.items {
+        if matches!(item, Item::Entry { node, .. } if node.is_dir()) {
+            for part in &mut members {
+                part.push(item);
+            }
+        } else if let Some(size) = movable(item) {
+            let (part, _) = loads
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, load)| **load)
+                .expect("at least one part");
+            loads[part] += size;
+            members[part].push(item);
+        } else {
+            members[0].push(item);
+        }
+    }
+    let mut written = Vec::new();
+    for (i, items) in members.into_iter().enumerate() {
+        let path = part_path(i);
+        let blob = write_blob(items, &path, ctx.compression)?;
+        written.push((blob, path));
+    }
+    info!(parts, bytes = total, "layer built in parts");
+    Ok(written)
+}
+
 fn require_dir(path: &Path) -> Result<(), LayerError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("inspecting", path))?;
     if !meta.is_dir() {
@@ -883,7 +948,11 @@ impl<R: Read> Read for ExactReader<R> {
 
 type BlobWriter = Digesting<Compressor<Digesting<BufWriter<File>>>>;
 
-fn write_blob(items: &[Item], out: &Path, compression: Compression) -> Result<LayerBlob, LayerError> {
+fn write_blob<'a>(
+    items: impl IntoIterator<Item = &'a Item>,
+    out: &Path,
+    compression: Compression,
+) -> Result<LayerBlob, LayerError> {
     let blob_err = || io_err("writing layer blob", out);
     let file = File::create(out).map_err(blob_err())?;
     let compressed = Digesting::new(BufWriter::with_capacity(1 << 20, file));
@@ -1082,6 +1151,68 @@ mod tests {
             });
         }
         entries
+    }
+
+    #[test]
+    fn a_layer_in_parts_spreads_file_data_and_keeps_the_rest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let upper = tmp.path().join("upper");
+        fs::create_dir_all(upper.join("dir/sub")).unwrap();
+        for i in 0..6u8 {
+            fs::write(upper.join(format!("dir/f{i}")), vec![i; 1000 + usize::from(i) * 10]).unwrap();
+        }
+        fs::write(upper.join("dir/linked"), b"linked").unwrap();
+        fs::hard_link(upper.join("dir/linked"), upper.join("dir/hard")).unwrap();
+        symlink("f0", upper.join("dir/sym")).unwrap();
+        fs::write(upper.join("dir/empty"), b"").unwrap();
+        let filter = PathFilter::default();
+        let ctx = BuildContext {
+            upper: &upper,
+            previous: None,
+            lowers: &[],
+            compression: Compression::None,
+            filter: &filter,
+        };
+        let (_, whole) = build_checked(&ctx, &tmp.path().join("whole"));
+        let parts = build_layer_parts(&ctx, 3, 1000, |i| tmp.path().join(format!("part-{i}"))).unwrap();
+        assert_eq!(parts.len(), 3);
+        let parsed: Vec<Vec<TarEntry>> = parts
+            .iter()
+            .map(|(blob, path)| {
+                let bytes = fs::read(path).unwrap();
+                assert_eq!(blob.digest, sha256(&bytes));
+                parse(&bytes)
+            })
+            .collect();
+        let dirs: Vec<&TarEntry> = whole.iter().filter(|e| e.kind == tar::EntryType::Directory).collect();
+        for part in &parsed {
+            for dir in &dirs {
+                assert!(part.contains(dir), "{} in every part", dir.path);
+            }
+        }
+        let mut others: Vec<TarEntry> = parsed
+            .iter()
+            .flatten()
+            .filter(|e| e.kind != tar::EntryType::Directory)
+            .cloned()
+            .collect();
+        let mut expected: Vec<TarEntry> = whole
+            .iter()
+            .filter(|e| e.kind != tar::EntryType::Directory)
+            .cloned()
+            .collect();
+        others.sort_by(|a, b| a.path.cmp(&b.path));
+        expected.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(others, expected, "every other entry exactly once");
+        for kept in ["dir/linked", "dir/hard", "dir/sym", "dir/empty"] {
+            assert!(parsed[0].iter().any(|e| e.path == kept), "{kept} in the first part");
+        }
+        for part in &parsed {
+            let data: usize = part.iter().map(|e| e.data.len()).sum();
+            assert!(data >= 1000, "every part carries file data: {data}");
+        }
+        let one = build_layer_parts(&ctx, 3, 1 << 30, |i| tmp.path().join(format!("one-{i}"))).unwrap();
+        assert_eq!(one.len(), 1, "too little data for parts");
     }
 
     /// Builds the layer and checks both digests, the size and the media type

@@ -171,21 +171,31 @@ pub fn build_from_tar(
     options.version()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let parts_dir = bootstrap.with_extension("parts");
-    let parts = split_tar(tar, cores, MIN_PART_BYTES, &parts_dir)?;
-    let layers = build_layers_parallel(&parts, parent, options, blob_dir);
-    let merged = layers.and_then(|layers| {
-        let ids = merge_layers(parent, &layers, parent, bootstrap)?;
-        Ok((layers, ids))
-    });
+    let built = split_tar(tar, cores, MIN_PART_BYTES, &parts_dir)
+        .and_then(|parts| build_from_parts(&parts, parent, options, bootstrap, blob_dir));
     let _ = std::fs::remove_dir_all(&parts_dir);
-    let (layers, blob_ids) = merged?;
+    built
+}
+
+/// Builds the parts of one layer (tars that stacked in order make it, as
+/// [`split_tar`] or the layer builder's parts write them) at once, each
+/// against the parent's chunks, and merges them onto `parent`.
+pub fn build_from_parts(
+    parts: &[PathBuf],
+    parent: Option<&Path>,
+    options: &RafsOptions,
+    bootstrap: &Path,
+    blob_dir: &Path,
+) -> Result<RafsBuild, NydusError> {
+    let layers = build_layers_parallel(parts, parent, options, blob_dir)?;
+    let merged = merge_layers(parent, &layers, parent, bootstrap);
     for layer in &layers {
         let _ = std::fs::remove_file(&layer.bootstrap);
     }
     Ok(RafsBuild {
         bootstrap: bootstrap.to_path_buf(),
         blobs: layers.into_iter().filter_map(|l| l.blob).collect(),
-        blob_ids,
+        blob_ids: merged?,
     })
 }
 

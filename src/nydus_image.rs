@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::chain::{CommitLayer, Plan};
-use crate::layer::LayerBlob;
+use crate::commit::BuiltLayer;
 use crate::nydus::{self, Compressor, LayerBuild, RafsOptions};
 use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
@@ -59,7 +59,7 @@ pub async fn assemble(
     input: &Input,
     plan: &Plan,
     base: &PulledManifest,
-    tars: Vec<(LayerBlob, PathBuf, String)>,
+    tars: Vec<BuiltLayer>,
     source: &RegistryClient,
     target: &RegistryClient,
     work: &Path,
@@ -91,19 +91,21 @@ pub async fn assemble(
     };
     let kept = commit_layers.len();
     let mut new_blobs = Vec::new();
-    for (i, (blob, tar, created_by)) in tars.into_iter().enumerate() {
+    for (i, BuiltLayer { parts, created_by }) in tars.into_iter().enumerate() {
         // A commit that changed nothing since the last adds no blob.
-        if blob.entries == 0 && plan.previous().is_some() {
+        if parts.iter().all(|(blob, _)| blob.entries == 0) && plan.previous().is_some() {
             continue;
         }
         let options = input.options;
         let dir = blob_dir.clone();
         let out = work.join(format!("commit-{i}.boot"));
         let from = parent.clone();
-        let built = tokio::task::spawn_blocking(move || nydus::build_from_tar(&tar, Some(&from), &options, &out, &dir))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let tars: Vec<PathBuf> = parts.into_iter().map(|(_, path)| path).collect();
+        let built =
+            tokio::task::spawn_blocking(move || nydus::build_from_parts(&tars, Some(&from), &options, &out, &dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         parent = built.bootstrap;
         for blob in built.blobs {
             commit_layers.push(CommitLayer {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use seamless_snapshotter::layer::{build_layer, BuildContext, Compression, PathFilter};
+use seamless_snapshotter::layer::{build_layer, build_layer_parts, BuildContext, Compression, PathFilter};
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -143,22 +143,26 @@ fn main() {
             let start = Instant::now();
             match i {
                 0 | 1 => {
-                    let tar = out.join("layer.tar");
-                    build_layer(
-                        &BuildContext {
-                            upper: &tree,
-                            previous: None,
-                            lowers: &[],
-                            compression: Compression::None,
-                            filter: &filter,
-                        },
-                        &tar,
-                    )
-                    .expect("layer tar");
+                    let ctx = BuildContext {
+                        upper: &tree,
+                        previous: None,
+                        lowers: &[],
+                        compression: Compression::None,
+                        filter: &filter,
+                    };
                     let blobs = out.join("blobs");
                     if i == 0 {
-                        nydus::build_from_tar(&tar, None, &options, &out.join("image.boot"), &blobs).expect("rafs");
+                        // As a commit does: the layer written in one part per
+                        // core, the parts built at once.
+                        let parts = build_layer_parts(&ctx, cores, nydus::MIN_PART_BYTES, |p| {
+                            out.join(format!("part-{p}.tar"))
+                        })
+                        .expect("layer parts");
+                        let tars: Vec<PathBuf> = parts.into_iter().map(|(_, path)| path).collect();
+                        nydus::build_from_parts(&tars, None, &options, &out.join("image.boot"), &blobs).expect("rafs");
                     } else {
+                        let tar = out.join("layer.tar");
+                        build_layer(&ctx, &tar).expect("layer tar");
                         let layer =
                             nydus::build_layer(&tar, None, &options, &out.join("layer.boot"), &blobs).expect("rafs");
                         nydus::merge_layers(None, &[layer], None, &out.join("image.boot")).expect("merge");
@@ -168,7 +172,11 @@ fn main() {
                 }
                 2 => {
                     let image = out.join("erofs.img");
-                    run(Command::new("mkfs.erofs").arg("-zlz4").arg("-q").arg(&image).arg(&tree));
+                    run(Command::new("mkfs.erofs")
+                        .arg("-zlz4")
+                        .arg("--quiet")
+                        .arg(&image)
+                        .arg(&tree));
                     variant.times.push(start.elapsed());
                     variant.output_bytes = du_bytes(&image);
                 }
