@@ -303,6 +303,8 @@ pub struct CommitService {
     in_progress: Mutex<HashSet<String>>,
     /// Bounds the background jobs that run at once.
     workers: tokio::sync::Semaphore,
+    /// Where OCI base layers converted to Nydus are kept for later commits.
+    nydus_cache: Option<PathBuf>,
 }
 
 fn unix_nanos(t: SystemTime) -> u128 {
@@ -315,12 +317,14 @@ impl CommitService {
         snapshotter: Arc<Snapshotter>,
         containerd_address: PathBuf,
         background_workers: u32,
+        nydus_cache: Option<PathBuf>,
     ) -> Result<CommitService, CommitError> {
         let service = CommitService {
             snapshotter,
             containerd_address,
             in_progress: Mutex::new(HashSet::new()),
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
+            nydus_cache,
         };
         for (id, bytes) in service.snapshotter.store().list_records(RecordKind::Jobs)? {
             let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
@@ -624,6 +628,7 @@ impl CommitService {
                     started: job.started,
                     options: job.options.rafs_options()?,
                     previous_bootstrap: chain.as_ref().and_then(|c| c.bootstrap.clone()),
+                    cache_dir: self.nydus_cache.clone(),
                 };
                 nydus_image::assemble(
                     &input,
@@ -1088,7 +1093,7 @@ mod tests {
                 .put_record(RecordKind::Chains, name, &serde_json::to_vec(&chain).unwrap())
                 .unwrap();
         }
-        let service = CommitService::new(snapshotter.clone(), tmp.path().join("c.sock"), 1).unwrap();
+        let service = CommitService::new(snapshotter.clone(), tmp.path().join("c.sock"), 1, None).unwrap();
         assert!(head.snapshot.exists(), "the live chain's head is kept");
         assert!(!gone_head.snapshot.exists(), "the removed container's head is removed");
         assert_eq!(

@@ -85,6 +85,14 @@ impl Compressor {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compressor::None => "none",
+            Compressor::Lz4Block => "lz4_block",
+            Compressor::Zstd => "zstd",
+        }
+    }
+
     fn algorithm(self) -> compress::Algorithm {
         match self {
             Compressor::None => compress::Algorithm::None,

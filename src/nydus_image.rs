@@ -26,6 +26,8 @@ pub struct Input {
     pub options: RafsOptions,
     /// The previous commit's bootstrap layer, for an incremental commit.
     pub previous_bootstrap: Option<CommitLayer>,
+    /// Where OCI base layers converted to Nydus are kept for later commits.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The image to push and the chain's new state.
@@ -254,8 +256,25 @@ async fn convert_oci_base(
     progress: Progress<'_>,
 ) -> Result<(PathBuf, Vec<Reused>), String> {
     let total = base.manifest.layers.len().max(1) as f64;
-    let mut tars = Vec::new();
+    let cache_of = |digest: &str| {
+        input.cache_dir.as_ref().map(|dir| {
+            dir.join(format!(
+                "{}-v{}-{}",
+                digest.trim_start_matches("sha256:"),
+                input.options.fs_version,
+                input.options.compressor.as_str()
+            ))
+        })
+    };
+    // Per base layer: its converted parts, from the cache or to build.
+    let mut converted: Vec<Option<Vec<LayerBuild>>> = Vec::new();
+    let mut to_build: Vec<(usize, PathBuf)> = Vec::new();
     for (i, descriptor) in base.manifest.layers.iter().enumerate() {
+        if let Some(cached) = cache_of(&descriptor.digest).and_then(|dir| load_cached(&dir)) {
+            converted.push(Some(cached));
+            continue;
+        }
+        converted.push(None);
         progress(0.15 + 0.1 * i as f64 / total, "fetching base layers to convert");
         let compressed = work.join(format!("base-{i}.blob"));
         source
@@ -275,31 +294,49 @@ async fn convert_oci_base(
             .await
             .map_err(|e| e.to_string())??;
         let _ = std::fs::remove_file(&compressed);
-        tars.push(tar);
+        to_build.push((i, tar));
     }
     progress(0.3, "converting base layers to RAFS");
     let options = input.options;
     let dir = blob_dir.to_path_buf();
-    let boot = work.join("base.boot");
-    let out = boot.clone();
     let parts_dir = work.join("base-parts");
-    let builds = tokio::task::spawn_blocking(move || -> Result<Vec<LayerBuild>, String> {
-        // Every layer, and every part of a big one, is built at once; the
-        // merge stacks them in order.
+    let built = tokio::task::spawn_blocking(move || -> Result<Vec<(usize, LayerBuild)>, String> {
+        // Every layer, and every part of a big one, is built at once.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut parts = Vec::new();
-        for (i, tar) in tars.iter().enumerate() {
-            parts.extend(
-                nydus::split_tar(tar, cores, nydus::MIN_PART_BYTES, &parts_dir.join(i.to_string()))
-                    .map_err(|e| e.to_string())?,
-            );
+        let mut owners = Vec::new();
+        for (i, tar) in &to_build {
+            let split = nydus::split_tar(tar, cores, nydus::MIN_PART_BYTES, &parts_dir.join(i.to_string()))
+                .map_err(|e| e.to_string())?;
+            owners.extend(std::iter::repeat_n(*i, split.len()));
+            parts.extend(split);
         }
         let builds = nydus::build_layers_parallel(&parts, None, &options, &dir).map_err(|e| e.to_string())?;
-        nydus::merge_layers(None, &builds, None, &out).map_err(|e| e.to_string())?;
-        Ok(builds)
+        Ok(owners.into_iter().zip(builds).collect())
     })
     .await
     .map_err(|e| e.to_string())??;
+    for (i, build) in built {
+        converted[i].get_or_insert_with(Vec::new).push(build);
+    }
+    for (descriptor, builds) in base.manifest.layers.iter().zip(converted.iter_mut()) {
+        if let (Some(dir), Some(list)) = (cache_of(&descriptor.digest), builds.as_mut()) {
+            if !dir.exists() {
+                match store_cached(&dir, list) {
+                    Ok(moved) => *list = moved,
+                    Err(e) => tracing::warn!(cache = %dir.display(), error = %e, "cannot keep a converted base layer"),
+                }
+            }
+        }
+    }
+    let builds: Vec<LayerBuild> = converted.into_iter().flatten().flatten().collect();
+    let boot = work.join("base.boot");
+    let out = boot.clone();
+    let merged = builds.clone();
+    tokio::task::spawn_blocking(move || nydus::merge_layers(None, &merged, None, &out))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let reused = builds
         .into_iter()
         .filter_map(|b| b.blob)
@@ -316,6 +353,81 @@ async fn convert_oci_base(
         })
         .collect();
     Ok((boot, reused))
+}
+
+/// One part of a converted base layer as kept in the cache.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CachedPart {
+    bootstrap: String,
+    blob: Option<(String, u64)>,
+}
+
+const CACHE_INDEX: &str = "parts.json";
+
+/// The converted parts of a base layer kept in `dir`, if all are there.
+fn load_cached(dir: &Path) -> Option<Vec<LayerBuild>> {
+    let index: Vec<CachedPart> = serde_json::from_slice(&std::fs::read(dir.join(CACHE_INDEX)).ok()?).ok()?;
+    index
+        .into_iter()
+        .map(|part| {
+            let bootstrap = dir.join(&part.bootstrap);
+            let blob = match part.blob {
+                Some((blob_id, size)) => {
+                    let path = dir.join(&blob_id);
+                    if std::fs::metadata(&path).ok()?.len() != size {
+                        return None;
+                    }
+                    Some(nydus::RafsBlob { path, blob_id, size })
+                }
+                None => None,
+            };
+            bootstrap.is_file().then_some(LayerBuild { bootstrap, blob })
+        })
+        .collect()
+}
+
+/// Moves freshly converted parts into the cache directory `dir` (made
+/// whole under a temporary name, then renamed) and returns them there.
+fn store_cached(dir: &Path, parts: &[LayerBuild]) -> std::io::Result<Vec<LayerBuild>> {
+    let parent = dir.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent)?;
+    let staging = parent.join(format!(
+        ".staging-{}-{}",
+        std::process::id(),
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging)?;
+    let mut index = Vec::new();
+    let mut moved = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let name = format!("part-{i}.boot");
+        std::fs::copy(&part.bootstrap, staging.join(&name))?;
+        let blob = match &part.blob {
+            Some(blob) => {
+                std::fs::copy(&blob.path, staging.join(&blob.blob_id))?;
+                Some(blob.clone())
+            }
+            None => None,
+        };
+        index.push(CachedPart {
+            bootstrap: name.clone(),
+            blob: blob.as_ref().map(|b| (b.blob_id.clone(), b.size)),
+        });
+        moved.push(LayerBuild {
+            bootstrap: dir.join(&name),
+            blob: blob.map(|b| nydus::RafsBlob {
+                path: dir.join(&b.blob_id),
+                ..b
+            }),
+        });
+    }
+    let bytes = serde_json::to_vec(&index).map_err(std::io::Error::other)?;
+    std::fs::write(staging.join(CACHE_INDEX), bytes)?;
+    std::fs::rename(&staging, dir)?;
+    Ok(moved)
 }
 
 /// Writes the uncompressed tar of a layer blob (gzip, zstd or none, by its
@@ -423,6 +535,45 @@ pub fn compressor(text: &str) -> Result<Compressor, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn converted_base_layers_are_kept_and_found_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("a.layer"), b"bootstrap a").unwrap();
+        std::fs::write(work.join("b.layer"), b"bootstrap b").unwrap();
+        std::fs::write(work.join("blob-id"), b"blob data").unwrap();
+        let parts = vec![
+            LayerBuild {
+                bootstrap: work.join("a.layer"),
+                blob: Some(nydus::RafsBlob {
+                    path: work.join("blob-id"),
+                    blob_id: "blob-id".into(),
+                    size: 9,
+                }),
+            },
+            LayerBuild {
+                bootstrap: work.join("b.layer"),
+                blob: None,
+            },
+        ];
+        let dir = tmp.path().join("cache/abc-v6-zstd");
+        assert!(load_cached(&dir).is_none(), "nothing kept yet");
+        let moved = store_cached(&dir, &parts).unwrap();
+        assert!(moved.iter().all(|p| p.bootstrap.starts_with(&dir)), "{moved:?}");
+        assert_eq!(load_cached(&dir).unwrap(), moved);
+        assert_eq!(std::fs::read(&moved[0].bootstrap).unwrap(), b"bootstrap a");
+        assert_eq!(
+            std::fs::read(&moved[0].blob.as_ref().unwrap().path).unwrap(),
+            b"blob data"
+        );
+        // A damaged entry is a miss, not a wrong image.
+        std::fs::write(dir.join("blob-id"), b"short").unwrap();
+        assert!(load_cached(&dir).is_none());
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("cache")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no staging directory left");
+    }
 
     #[test]
     fn diff_ids_are_replaced() {

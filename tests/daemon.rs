@@ -38,7 +38,8 @@ impl Daemon {
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
-        let commits = Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 4).unwrap());
+        let commits =
+            Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 4, None).unwrap());
         let task = tokio::spawn(server::run(listener, snapshotter, commits, root.to_path_buf(), async {
             let _ = stopped.await;
         }));
@@ -482,7 +483,7 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
-    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4).unwrap());
+    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4, None).unwrap());
     let socket = tmp.path().join("rest.sock");
     let unix = Arc::new(server::bind_socket(&socket).unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

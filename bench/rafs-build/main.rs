@@ -158,14 +158,22 @@ fn main() {
                             out.join(format!("part-{p}.tar"))
                         })
                         .expect("layer parts");
+                        let tar_time = start.elapsed();
                         let tars: Vec<PathBuf> = parts.into_iter().map(|(_, path)| path).collect();
                         nydus::build_from_parts(&tars, None, &options, &out.join("image.boot"), &blobs).expect("rafs");
+                        eprintln!(
+                            "  {} tars in {tar_time:.2?}, RAFS in {:.2?}",
+                            tars.len(),
+                            start.elapsed() - tar_time
+                        );
                     } else {
                         let tar = out.join("layer.tar");
                         build_layer(&ctx, &tar).expect("layer tar");
+                        let tar_time = start.elapsed();
                         let layer =
                             nydus::build_layer(&tar, None, &options, &out.join("layer.boot"), &blobs).expect("rafs");
                         nydus::merge_layers(None, &[layer], None, &out.join("image.boot")).expect("merge");
+                        eprintln!("  1 tar in {tar_time:.2?}, RAFS in {:.2?}", start.elapsed() - tar_time);
                     }
                     variant.times.push(start.elapsed());
                     variant.output_bytes = dir_bytes(&blobs) + du_bytes(&out.join("image.boot"));

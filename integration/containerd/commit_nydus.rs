@@ -106,6 +106,14 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
                 "commit {step}: no {layers_line:?} in\n{stdout}"
             );
             eprintln!("commit {step}:\n{stdout}");
+            if step == 0 {
+                // The converted OCI base layers are kept for the next commits.
+                let kept = std::fs::read_dir(env.daemon_root().join("nydus-base"))?
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("parts.json").is_file())
+                    .count();
+                ensure!(kept >= 1, "no converted base layer kept under the daemon root");
+            }
             let newest = runtime.block_on(check_image(
                 &registry,
                 &target,

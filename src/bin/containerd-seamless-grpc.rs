@@ -76,8 +76,13 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
     let snapshotter = Arc::new(snapshotter);
     let commits = Arc::new(
-        CommitService::new(snapshotter.clone(), args.containerd_address.clone(), workers)
-            .context("opening commit jobs")?,
+        CommitService::new(
+            snapshotter.clone(),
+            args.containerd_address.clone(),
+            workers,
+            Some(args.root.join("nydus-base")),
+        )
+        .context("opening commit jobs")?,
     );
     let listener = server::bind_socket(&args.address)?;
     let rest_socket = if rest_config.socket.is_empty() {
