@@ -547,9 +547,19 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("colour"), "unknown field named: {body}");
+    // The default format (nydus) is checked like the rest before containerd
+    // is asked anything.
+    let (status, body) = unix_req(
+        "POST",
+        "/api/v1/snapshots",
+        r#"{"container":"c","target":"r/a:1","fs_version":4}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("fs-version"), "{body}");
     let (status, body) = unix_req("POST", "/api/v1/snapshots", r#"{"container":"c","target":"r/a:1"}"#).await;
-    assert_eq!(status, 400, "nydus default refused: {body}");
-    assert!(body.contains("--format oci"), "{body}");
+    assert_eq!(status, 500, "a valid request, no containerd: {body}");
+    assert!(body.contains("INTERNAL_ERROR") && body.contains("cannot reach containerd"), "{body}");
     let (status, body) = unix_req("DELETE", "/api/v1/snapshots", "").await;
     assert_eq!(status, 405, "{body}");
 
