@@ -559,7 +559,10 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     assert!(body.contains("fs-version"), "{body}");
     let (status, body) = unix_req("POST", "/api/v1/snapshots", r#"{"container":"c","target":"r/a:1"}"#).await;
     assert_eq!(status, 500, "a valid request, no containerd: {body}");
-    assert!(body.contains("INTERNAL_ERROR") && body.contains("cannot reach containerd"), "{body}");
+    assert!(
+        body.contains("INTERNAL_ERROR") && body.contains("cannot reach containerd"),
+        "{body}"
+    );
     let (status, body) = unix_req("DELETE", "/api/v1/snapshots", "").await;
     assert_eq!(status, 405, "{body}");
 
