@@ -1,12 +1,16 @@
 //! containerd's snapshotter semantics on overlayfs: what Prepare, View,
 //! Mounts, Commit, Remove, Stat, Update, Usage, List and Cleanup do, matching
 //! containerd's built-in overlayfs snapshotter. Validates every request before
-//! it reaches the store. Blocking: callers on an async runtime use
-//! `spawn_blocking`. Knows nothing of gRPC.
+//! it reaches the store. Layers of Nydus images are taken in as remote
+//! snapshotters take them: a blob layer is fetched and committed here (the
+//! unpacker then adopts it), and the RAFS mount of the image's bootstrap
+//! layer (owned by `rafs_mount`) is the lower layer of what is stacked on it.
+//! Blocking: callers on an async runtime use `spawn_blocking`. Knows nothing
+//! of gRPC.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{info, warn};
@@ -16,6 +20,10 @@ use crate::config::{Config, ConfigError};
 use crate::error::{Classify, ErrorKind};
 use crate::filter::{Fields, FilterError, FilterSet};
 use crate::model::{Info, Kind, Labels, Mount, Usage};
+use crate::nydus;
+use crate::rafs_mount::{
+    digest_hex, BlobOrigin, BlobSource, MountLease, RafsMountError, RafsMounts, RegistryBlobSource,
+};
 use crate::storage::{DirKind, Storage, StorageError, StorageKind};
 use crate::store::{LabelUpdate, Record, Store, StoreError};
 use crate::sys::{Freezer, SystemOps};
@@ -26,6 +34,11 @@ pub const MAX_LABEL_BYTES: usize = 4096;
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 /// Reported on Stat, Update and List when `upperdir_label` is configured.
 pub const LABEL_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
+/// Set on every layer by containerd's client when the image handler adds
+/// the image's details (`snapshotters.AppendInfoHandlerWrapper`, as CRI and
+/// nerdctl pull): the image reference and the layer's digest.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 const METADATA_FILE: &str = "metadata.redb";
 /// Markers of containers being frozen (see `capture`).
 const FROZEN_DIR: &str = "frozen";
@@ -48,6 +61,19 @@ pub enum SnapshotError {
     Usage { path: String, source: std::io::Error },
     #[error("no active snapshot {key} of namespace {namespace} in this snapshotter")]
     ContainerSnapshotNotFound { namespace: String, key: String },
+    #[error(
+        "nydus blob layer {key} carries no label {label}: pull with containerd's client and the image handler that adds \
+         the image's details to layers (CRI, nerdctl, or integration/rpull), not `ctr images pull`"
+    )]
+    NydusLabelMissing { key: String, label: &'static str },
+    #[error(
+        "nydus bootstrap layer {key} is RAFS v{version}; only RAFS v6 Nydus images run on this snapshotter for now"
+    )]
+    UnsupportedRafsVersion { key: String, version: String },
+    #[error("the RAFS mount {mountpoint} below snapshot {key} is missing: it could not be mounted again (see the daemon's log)")]
+    RafsNotMounted { key: String, mountpoint: String },
+    #[error(transparent)]
+    Rafs(#[from] RafsMountError),
     #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
@@ -68,6 +94,11 @@ impl Classify for SnapshotError {
             }
             SnapshotError::TargetExists { .. } => ErrorKind::AlreadyExists,
             SnapshotError::ContainerSnapshotNotFound { .. } => ErrorKind::NotFound,
+            SnapshotError::NydusLabelMissing { .. } => ErrorKind::InvalidArgument,
+            SnapshotError::UnsupportedRafsVersion { .. } | SnapshotError::RafsNotMounted { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            SnapshotError::Rafs(e) => e.kind(),
             SnapshotError::Capture(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
@@ -130,6 +161,7 @@ pub struct Snapshotter {
     markers: FrozenMarkers,
     overlay: OverlayFeatures,
     upperdir_label: bool,
+    rafs: RafsMounts,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -177,6 +209,42 @@ fn validate_labels(labels: &Labels) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+fn label_is_true(labels: &Labels, label: &str) -> bool {
+    labels.get(label).is_some_and(|v| v == "true")
+}
+
+/// A Nydus data blob layer this snapshotter committed itself.
+fn is_nydus_blob(record: &Record) -> bool {
+    record.kind == Kind::Committed && label_is_true(&record.labels, nydus::ANNOTATION_BLOB)
+}
+
+/// Where the blob of a Nydus blob layer came from.
+fn blob_origin(record: &Record) -> Option<BlobOrigin> {
+    if !is_nydus_blob(record) {
+        return None;
+    }
+    Some(BlobOrigin {
+        reference: record.labels.get(LABEL_IMAGE_REF)?.clone(),
+        digest: record.labels.get(LABEL_LAYER_DIGEST)?.clone(),
+    })
+}
+
+/// The name of a layer the snapshotter commits itself: the chain id
+/// containerd asked for, under the request's `<ns>/<n>/` prefix when keys
+/// carry one (containerd allocated that `<n>` for this very request, so none
+/// of its later keys can take the name).
+fn adopted_name(style: KeyStyle, key: &str, target: &str) -> String {
+    if style == KeyStyle::Prefixed {
+        let mut parts = key.splitn(3, '/');
+        if let (Some(ns), Some(n), Some(_)) = (parts.next(), parts.next(), parts.next()) {
+            if !ns.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                return format!("{ns}/{n}/{target}");
+            }
+        }
+    }
+    target.to_string()
+}
+
 /// Disk usage of a tree as containerd counts it: allocated blocks and inodes,
 /// hard links once.
 pub fn disk_usage(root: &Path) -> Result<Usage, SnapshotError> {
@@ -219,8 +287,21 @@ impl Fields for InfoFields<'_> {
 
 impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
-    /// metadata references (a crash mid-Prepare or mid-Remove) are deleted.
+    /// metadata references (a crash mid-Prepare or mid-Remove) are deleted,
+    /// and the RAFS mounts of Nydus images in use are mounted again if gone.
+    /// Nydus blobs come from their image's registry; only registries on
+    /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
+        Snapshotter::open_with_blob_source(root, config, sys, Arc::new(RegistryBlobSource::new(Vec::new())))
+    }
+
+    /// [`Snapshotter::open`] with Nydus blobs fetched through `blobs`.
+    pub fn open_with_blob_source(
+        root: &Path,
+        config: &Config,
+        sys: Arc<dyn SystemOps>,
+        blobs: Arc<dyn BlobSource>,
+    ) -> Result<Snapshotter, SnapshotError> {
         // A daemon killed mid-capture may have left a container frozen:
         // thaw before anything else.
         let markers = FrozenMarkers::new(root.join(FROZEN_DIR));
@@ -230,6 +311,7 @@ impl Snapshotter {
         }
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Store::open(&root.join(METADATA_FILE))?;
+        let rafs = RafsMounts::open(root, sys.clone(), blobs)?;
         let snapshotter = Snapshotter {
             store,
             storage,
@@ -237,7 +319,9 @@ impl Snapshotter {
             markers,
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
+            rafs,
         };
+        snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
         info!(
             storage = snapshotter.storage.kind().as_str(),
@@ -285,17 +369,37 @@ impl Snapshotter {
         if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
             self.refuse_existing_target(target, parent)?;
         }
+        if kind == Kind::Active && label_is_true(&labels, nydus::ANNOTATION_BLOB) {
+            let target = self.adopt_nydus_blob(style, key, parent, labels)?;
+            return Err(SnapshotError::TargetExists { target });
+        }
+        if label_is_true(&labels, nydus::ANNOTATION_BOOTSTRAP) {
+            // Refused before anything is fetched or created: the pull fails
+            // with the reason instead of every container start.
+            if let Some(version) = labels.get(nydus::ANNOTATION_FS_VERSION).filter(|v| v.as_str() != "6") {
+                return Err(SnapshotError::UnsupportedRafsVersion {
+                    key: key.to_string(),
+                    version: version.clone(),
+                });
+            }
+        }
+        let chain = self.store.ancestors(parent)?;
+        // Mounted before the record exists (the lease keeps it until the
+        // record has an id), so that the store's write transaction never
+        // waits on a download or a cache build.
+        let lease = self.take_rafs_mount(&chain)?;
         let dir_kind = if kind == Kind::Active {
             DirKind::Active
         } else {
             DirKind::View
         };
-        let created = self.store.create(key, parent, kind, labels, |id, parent_ids| {
-            let owner = match parent_ids.first() {
-                Some(pid) => {
-                    let upper = self.storage.upper_dir(*pid);
-                    let meta = std::fs::metadata(&upper).map_err(|source| SnapshotError::Usage {
-                        path: upper.display().to_string(),
+        let lowers = self.lowers_of(&chain);
+        let created = self.store.create(key, parent, kind, labels, |id, _| {
+            // The nearest lower: for a Nydus image, the root of its RAFS.
+            let owner = match lowers.first() {
+                Some(lower) => {
+                    let meta = std::fs::metadata(lower).map_err(|source| SnapshotError::Usage {
+                        path: lower.display().to_string(),
                         source,
                     })?;
                     Some((meta.uid(), meta.gid()))
@@ -305,7 +409,165 @@ impl Snapshotter {
             self.storage.create_snapshot_dir(id, dir_kind, owner)?;
             Ok::<(), SnapshotError>(())
         })?;
-        Ok(self.mounts_of(created.record.kind, created.record.id, &created.parent_ids))
+        if let Some(lease) = lease {
+            lease.bind(created.record.id);
+        }
+        Ok(self.mounts_of(created.record.kind, created.record.id, &lowers))
+    }
+
+    /// A Nydus data blob is not a tar: containerd cannot apply it. As remote
+    /// snapshotters do, the blob is fetched here and the layer committed
+    /// under the chain id containerd asked for; the AlreadyExists that
+    /// follows makes containerd adopt the layer without downloading or
+    /// applying anything. The layer's directory stays empty: its data is
+    /// served by the RAFS mount of the image's bootstrap. Returns the target.
+    fn adopt_nydus_blob(
+        &self,
+        style: KeyStyle,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<String, SnapshotError> {
+        let required = |label: &'static str| {
+            labels
+                .get(label)
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .ok_or_else(|| SnapshotError::NydusLabelMissing {
+                    key: key.to_string(),
+                    label,
+                })
+        };
+        let target = required(LABEL_SNAPSHOT_REF)?;
+        let digest = required(LABEL_LAYER_DIGEST)?;
+        let reference = required(LABEL_IMAGE_REF)?;
+        digest_hex(&digest)?;
+        // Held until the layer's record references the blob, so a Cleanup
+        // meanwhile cannot take it for garbage.
+        let blob = self.rafs.fetch_blob(&reference, &digest)?;
+        let name = adopted_name(style, key, &target);
+        let created = self.store.create(&name, parent, Kind::Committed, labels, |id, _| {
+            self.storage.create_snapshot_dir(id, DirKind::View, None)?;
+            Ok::<(), SnapshotError>(())
+        })?;
+        drop(blob);
+        info!(
+            key,
+            name,
+            digest,
+            id = created.record.id,
+            "nydus blob layer committed; containerd adopts it on AlreadyExists"
+        );
+        Ok(target)
+    }
+
+    /// The file of a bootstrap layer's bootstrap.
+    fn bootstrap_file(&self, id: u64) -> PathBuf {
+        self.storage.upper_dir(id).join(nydus::BOOTSTRAP_IN_LAYER)
+    }
+
+    /// Whether layer `at` of `chain` (nearest first) is a Nydus bootstrap
+    /// layer: labelled so by the unpacker, or (a Commit that dropped the
+    /// labels) holding a bootstrap right above a blob layer.
+    fn is_nydus_bootstrap(&self, chain: &[(String, Record)], at: usize) -> bool {
+        let record = &chain[at].1;
+        if record.kind != Kind::Committed {
+            return false;
+        }
+        if label_is_true(&record.labels, nydus::ANNOTATION_BOOTSTRAP) {
+            return true;
+        }
+        chain.get(at + 1).is_some_and(|(_, below)| is_nydus_blob(below)) && self.bootstrap_file(record.id).is_file()
+    }
+
+    /// Where in `chain` (nearest first) the nearest Nydus bootstrap layer is.
+    fn bootstrap_index(&self, chain: &[(String, Record)]) -> Option<usize> {
+        (0..chain.len()).find(|at| self.is_nydus_bootstrap(chain, *at))
+    }
+
+    /// The lower directories of a snapshot whose ancestors are `chain`,
+    /// nearest first: each layer's directory down to a Nydus bootstrap
+    /// layer, whose RAFS mount stands for it and for every layer below
+    /// (blob layers, whose directories are empty).
+    fn lowers_of(&self, chain: &[(String, Record)]) -> Vec<PathBuf> {
+        match self.bootstrap_index(chain) {
+            Some(at) => chain[..at]
+                .iter()
+                .map(|(_, r)| self.storage.upper_dir(r.id))
+                .chain(std::iter::once(self.rafs.mountpoint(chain[at].1.id)))
+                .collect(),
+            None => chain.iter().map(|(_, r)| self.storage.upper_dir(r.id)).collect(),
+        }
+    }
+
+    /// Mounts (or counts a user of) the RAFS of the nearest bootstrap layer
+    /// in `chain`, if there is one.
+    fn take_rafs_mount(&self, chain: &[(String, Record)]) -> Result<Option<MountLease<'_>>, SnapshotError> {
+        let Some(at) = self.bootstrap_index(chain) else {
+            return Ok(None);
+        };
+        let bootstrap = &chain[at].1;
+        let origins: Vec<BlobOrigin> = chain[at + 1..].iter().filter_map(|(_, r)| blob_origin(r)).collect();
+        let lease = self
+            .rafs
+            .acquire(bootstrap.id, &self.bootstrap_file(bootstrap.id), &origins)?;
+        Ok(Some(lease))
+    }
+
+    /// Takes the RAFS mounts of active and view snapshots over from a
+    /// previous run: counted again, and mounted again where gone (a reboot,
+    /// or an unmount behind our back). A broken image must not keep the
+    /// daemon from starting: its snapshot's Mounts reports the mount missing.
+    fn recover_rafs_mounts(&self) -> Result<(), SnapshotError> {
+        for (name, record) in self.store.list()? {
+            if record.kind == Kind::Committed {
+                continue;
+            }
+            let taken = self
+                .store
+                .ancestors(&record.parent)
+                .map_err(SnapshotError::from)
+                .and_then(|chain| self.take_rafs_mount(&chain));
+            match taken {
+                Ok(Some(lease)) => lease.bind(record.id),
+                Ok(None) => {}
+                Err(e) => warn!(key = name, error = %e, "cannot mount the Nydus image below snapshot"),
+            }
+        }
+        Ok(())
+    }
+
+    /// What a snapshot held of Nydus images goes with it: its use of a RAFS
+    /// mount, the mount of a bootstrap layer, the blob of a blob layer that
+    /// no other layer has. A failure leaves files or mounts to Cleanup.
+    fn release_nydus(&self, key: &str, record: &Record) {
+        let released = match record.kind {
+            Kind::Active | Kind::View => self.rafs.release(record.id),
+            Kind::Committed if self.rafs.mountpoint(record.id).exists() => self.rafs.forget(record.id),
+            Kind::Committed => Ok(()),
+        };
+        if let Err(e) = released {
+            warn!(key, id = record.id, error = %e, "RAFS mount left for cleanup");
+        }
+        let Some(origin) = blob_origin(record) else {
+            return;
+        };
+        let Ok(hex) = digest_hex(&origin.digest) else {
+            return;
+        };
+        let still_used = self.store.list().map(|all| {
+            all.iter()
+                .any(|(_, r)| blob_origin(r).is_some_and(|o| o.digest == origin.digest))
+        });
+        match still_used {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(e) = self.rafs.remove_blob(hex) {
+                    warn!(key, blob = hex, error = %e, "nydus blob left for cleanup");
+                }
+            }
+            Err(e) => warn!(key, error = %e, "nydus blob left for cleanup"),
+        }
     }
 
     /// containerd's unpacker labels a layer with the chain id it will be
@@ -326,28 +588,41 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Never blocks on more than metadata and a stat: containerd calls it
+    /// on its hot path, so a RAFS mount found missing is reported, not
+    /// mounted here (start-up and the next Prepare mount it).
     pub fn mounts(&self, style: KeyStyle, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         validate_key(style, "key", key)?;
-        let (record, parent_ids) = self.store.get_with_parents(key)?;
+        let record = self.store.get(key)?;
         if record.kind == Kind::Committed {
             return Err(SnapshotError::NoMounts { key: key.to_string() });
         }
-        Ok(self.mounts_of(record.kind, record.id, &parent_ids))
+        let chain = self.store.ancestors(&record.parent)?;
+        if let Some(at) = self.bootstrap_index(&chain) {
+            let mountpoint = self.rafs.mountpoint(chain[at].1.id);
+            if !self.sys.is_mountpoint(&mountpoint).unwrap_or(false) {
+                return Err(SnapshotError::RafsNotMounted {
+                    key: key.to_string(),
+                    mountpoint: mountpoint.display().to_string(),
+                });
+            }
+        }
+        Ok(self.mounts_of(record.kind, record.id, &self.lowers_of(&chain)))
     }
 
-    fn mounts_of(&self, kind: Kind, id: u64, parent_ids: &[u64]) -> Vec<Mount> {
-        let path = |p: std::path::PathBuf| p.display().to_string();
+    fn mounts_of(&self, kind: Kind, id: u64, lowers: &[PathBuf]) -> Vec<Mount> {
+        let path = |p: &Path| p.display().to_string();
         let bind = |source: String, mode: &str| Mount {
             fs_type: "bind".into(),
             source,
             options: vec![mode.into(), "rbind".into()],
         };
-        if parent_ids.is_empty() {
+        if lowers.is_empty() {
             let mode = if kind == Kind::View { "ro" } else { "rw" };
-            return vec![bind(path(self.storage.upper_dir(id)), mode)];
+            return vec![bind(path(&self.storage.upper_dir(id)), mode)];
         }
-        if kind == Kind::View && parent_ids.len() == 1 {
-            return vec![bind(path(self.storage.upper_dir(parent_ids[0])), "ro")];
+        if kind == Kind::View && lowers.len() == 1 {
+            return vec![bind(path(&lowers[0]), "ro")];
         }
         let mut options = Vec::new();
         if self.overlay.index_off {
@@ -360,12 +635,12 @@ impl Snapshotter {
             options.push("redirect_dir=on".to_string());
         }
         if kind == Kind::Active {
-            options.push(format!("workdir={}", path(self.storage.work_dir(id))));
-            options.push(format!("upperdir={}", path(self.storage.upper_dir(id))));
+            options.push(format!("workdir={}", path(&self.storage.work_dir(id))));
+            options.push(format!("upperdir={}", path(&self.storage.upper_dir(id))));
         }
         // Every layer lives under one directory, so containerd can shorten an
         // option string longer than a page to relative paths (128+ layers).
-        let lowers: Vec<String> = parent_ids.iter().map(|p| path(self.storage.upper_dir(*p))).collect();
+        let lowers: Vec<String> = lowers.iter().map(|p| path(p)).collect();
         options.push(format!("lowerdir={}", lowers.join(":")));
         vec![Mount {
             fs_type: "overlay".into(),
@@ -384,6 +659,10 @@ impl Snapshotter {
         }
         let usage = disk_usage(&self.storage.upper_dir(active.id))?;
         self.store.commit_active(key, name, labels, usage)?;
+        // A committed layer is never mounted: its use of a RAFS mount ends.
+        if let Err(e) = self.rafs.release(active.id) {
+            warn!(key, id = active.id, error = %e, "RAFS mount left for cleanup");
+        }
         Ok(())
     }
 
@@ -395,6 +674,7 @@ impl Snapshotter {
         if let Err(e) = self.storage.remove_snapshot_dir(record.id) {
             warn!(key, id = record.id, error = %e, "snapshot directory left for cleanup");
         }
+        self.release_nydus(key, &record);
         Ok(())
     }
 
@@ -532,10 +812,12 @@ impl Snapshotter {
         &self.store
     }
 
-    /// The upper directories below active snapshot `key`, nearest first.
+    /// The lower directories of active snapshot `key`, nearest first (a
+    /// Nydus image's RAFS mount in place of its layers).
     pub fn lower_dirs(&self, key: &str) -> Result<Vec<std::path::PathBuf>, SnapshotError> {
-        let (_, parent_ids) = self.store.get_with_parents(key)?;
-        Ok(parent_ids.iter().map(|id| self.storage.upper_dir(*id)).collect())
+        let record = self.store.get(key)?;
+        let chain = self.store.ancestors(&record.parent)?;
+        Ok(self.lowers_of(&chain))
     }
 
     /// Every capture on disk.
@@ -575,6 +857,19 @@ impl Snapshotter {
         })??;
         if removed > 0 {
             info!(removed, "removed orphaned snapshot directories");
+        }
+        let referenced: BTreeSet<String> = self
+            .store
+            .list()?
+            .iter()
+            .filter_map(|(_, r)| blob_origin(r))
+            .filter_map(|o| digest_hex(&o.digest).ok().map(str::to_string))
+            .collect();
+        // Leftovers of Nydus images must not fail a Cleanup or a start.
+        match self.rafs.sweep(&referenced) {
+            Ok((0, 0)) => {}
+            Ok((mounts, blobs)) => info!(mounts, blobs, "removed unused RAFS mounts and nydus blobs"),
+            Err(e) => warn!(error = %e, "cannot remove unused RAFS mounts or nydus blobs"),
         }
         Ok(removed)
     }
@@ -742,6 +1037,361 @@ mod tests {
             ref_label,
         )
         .unwrap();
+    }
+
+    /// Labels containerd's unpacker sends for a layer of a Nydus image
+    /// pulled with the image handler that adds the image's details.
+    fn nydus_layer_labels(reference: &str, digest: &str, chain_id: &str, kind: &str) -> Labels {
+        let mut l = labels(&[
+            (LABEL_SNAPSHOT_REF, chain_id),
+            (LABEL_IMAGE_REF, reference),
+            (LABEL_LAYER_DIGEST, digest),
+        ]);
+        match kind {
+            "blob" => l.insert(nydus::ANNOTATION_BLOB.into(), "true".into()),
+            _ => {
+                l.insert(nydus::ANNOTATION_FS_VERSION.into(), kind.into());
+                l.insert(nydus::ANNOTATION_BOOTSTRAP.into(), "true".into())
+            }
+        };
+        l
+    }
+
+    struct NydusWorld {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        sys: Arc<RecordingSystem>,
+        source: Arc<crate::rafs_mount::testing::DirBlobSource>,
+        image: crate::rafs_mount::testing::TestImage,
+        s: Snapshotter,
+        /// The committed bootstrap layer.
+        top: String,
+    }
+
+    const NYDUS_REF: &str = "127.0.0.1:5000/nydus/app:1";
+
+    /// Pulls a Nydus image as containerd's unpacker does: each blob layer's
+    /// Prepare answered AlreadyExists, the bootstrap layer applied (its
+    /// bootstrap written into the layer) and committed with its labels.
+    fn pull_nydus_image(compressor: crate::nydus::Compressor, fs_version: u32) -> NydusWorld {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = crate::rafs_mount::testing::build(&tmp.path().join("image"), compressor, fs_version);
+        let root = tmp.path().join("root");
+        let mut config = Config::default();
+        config.storage.backend = BackendChoice::Directory;
+        let sys = Arc::new(RecordingSystem::plain());
+        let source = Arc::new(crate::rafs_mount::testing::DirBlobSource::new(&image.blob_dir));
+        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        let mut parent = String::new();
+        for (i, digest) in image.blob_digests.iter().enumerate() {
+            let chain = format!("sha256:chain{i}");
+            let l = nydus_layer_labels(NYDUS_REF, digest, &chain, "blob");
+            let key = format!("ns/{}/extract-{i} {chain}", 10 + i);
+            let e = s.prepare(KeyStyle::Prefixed, &key, &parent, l.clone()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+            let name = format!("ns/{}/{chain}", 10 + i);
+            let info = s.stat(KeyStyle::Prefixed, &name).unwrap();
+            assert_eq!(
+                (info.kind, info.parent.as_str(), &info.labels),
+                (Kind::Committed, parent.as_str(), &l)
+            );
+            assert!(s.store.get(&key).is_err(), "no active snapshot is left for the Prepare");
+            parent = name;
+        }
+        let chain = "sha256:chain-boot";
+        let l = nydus_layer_labels(NYDUS_REF, "sha256:bootstraplayer", chain, &fs_version.to_string());
+        let key = format!("ns/20/extract-boot {chain}");
+        if fs_version == 5 {
+            let e = s.prepare(KeyStyle::Prefixed, &key, &parent, l).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+            assert!(e.to_string().contains("RAFS v5"), "{e}");
+            return NydusWorld {
+                _tmp: tmp,
+                root,
+                sys,
+                source,
+                image,
+                s,
+                top: String::new(),
+            };
+        }
+        let m = s.prepare(KeyStyle::Prefixed, &key, &parent, l.clone()).unwrap();
+        // The applier unpacks the bootstrap layer over the (empty) blob layers.
+        let blob_uppers: Vec<String> = (0..image.blob_digests.len())
+            .rev()
+            .map(|i| upper(&s, &format!("ns/{}/sha256:chain{i}", 10 + i)))
+            .collect();
+        assert_eq!(
+            m[0].options.last().unwrap(),
+            &format!("lowerdir={}", blob_uppers.join(":"))
+        );
+        let boot_upper = PathBuf::from(upper(&s, &key));
+        std::fs::create_dir_all(boot_upper.join("image")).unwrap();
+        std::fs::copy(&image.bootstrap, boot_upper.join(nydus::BOOTSTRAP_IN_LAYER)).unwrap();
+        let top = format!("ns/21/{chain}");
+        s.commit(KeyStyle::Prefixed, &top, &key, l).unwrap();
+        assert!(
+            sys.calls().is_empty(),
+            "no mount before a container needs one: {:?}",
+            sys.calls()
+        );
+        NydusWorld {
+            _tmp: tmp,
+            root,
+            sys,
+            source,
+            image,
+            s,
+            top,
+        }
+    }
+
+    #[test]
+    fn nydus_blob_layers_are_fetched_and_adopted() {
+        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 6);
+        let fetched = w.source.fetched();
+        let expected: Vec<String> = w
+            .image
+            .blob_digests
+            .iter()
+            .map(|d| format!("{NYDUS_REF} {d}"))
+            .collect();
+        assert_eq!(fetched, expected);
+        for digest in &w.image.blob_digests {
+            let blob = w.root.join("nydus/blobs").join(&digest[7..]);
+            assert_eq!(
+                std::fs::read(&blob).unwrap(),
+                std::fs::read(w.image.blob_dir.join(&digest[7..])).unwrap()
+            );
+        }
+        // The layers' directories hold nothing: the data is in the blobs.
+        let first = w.s.store.get("ns/10/sha256:chain0").unwrap();
+        assert_eq!(std::fs::read_dir(w.s.storage.upper_dir(first.id)).unwrap().count(), 0);
+
+        // Another namespace pulling the same image adopts the same layer
+        // (containerd finds it by its label) and fetches nothing.
+        let l = nydus_layer_labels(NYDUS_REF, &w.image.blob_digests[0], "sha256:chain0", "blob");
+        let e =
+            w.s.prepare(KeyStyle::Prefixed, "other/3/extract-x sha256:chain0", "", l.clone())
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(w.source.fetched().len(), expected.len());
+
+        // Without the image's details nothing says where the blob is.
+        for missing in [LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF] {
+            let mut l = l.clone();
+            l.remove(missing);
+            l.insert(LABEL_SNAPSHOT_REF.into(), "sha256:elsewhere".into());
+            if missing == LABEL_SNAPSHOT_REF {
+                l.remove(LABEL_SNAPSHOT_REF);
+            }
+            let e = w.s.prepare(KeyStyle::Prefixed, "ns/40/extract-y", "", l).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{missing}: {e}");
+            assert!(e.to_string().contains(missing), "{e}");
+        }
+        // A registry that does not have the blob: the Prepare fails, nothing
+        // is created.
+        let l = nydus_layer_labels(
+            NYDUS_REF,
+            &format!("sha256:{}", "e".repeat(64)),
+            "sha256:chain9",
+            "blob",
+        );
+        let e =
+            w.s.prepare(KeyStyle::Prefixed, "ns/41/extract-z sha256:chain9", "", l)
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(w
+            .s
+            .list(&[r#"labels."containerd.io/snapshot.ref"==sha256:chain9"#.into()])
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn containers_of_nydus_images_run_on_the_rafs_mount() {
+        let w = pull_nydus_image(crate::nydus::Compressor::Lz4Block, 6);
+        let s = &w.s;
+        let boot_id = s.store.get(&w.top).unwrap().id;
+        let mountpoint = w.root.join(format!("nydus/mnt/{boot_id}"));
+        let caches: Vec<String> = w
+            .image
+            .blob_digests
+            .iter()
+            .map(|d| format!("device={}", w.root.join("nydus/cache").join(&d[7..]).display()))
+            .collect();
+        let mount_call = format!(
+            "mount -t erofs -o ro,{} {} {}",
+            caches.join(","),
+            PathBuf::from(upper(s, &w.top))
+                .join(nydus::BOOTSTRAP_IN_LAYER)
+                .display(),
+            mountpoint.display()
+        );
+        let m = s
+            .prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
+            .unwrap();
+        assert_eq!(w.sys.calls(), vec![mount_call.clone()]);
+        assert_eq!(m[0].fs_type, "overlay");
+        let c1_upper = upper(s, "ns/30/c1");
+        assert!(
+            m[0].options.contains(&format!("upperdir={c1_upper}")),
+            "{:?}",
+            m[0].options
+        );
+        assert_eq!(
+            m[0].options.last().unwrap(),
+            &format!("lowerdir={}", mountpoint.display())
+        );
+        assert_eq!(s.mounts(KeyStyle::Prefixed, "ns/30/c1").unwrap(), m);
+        assert_eq!(s.lower_dirs("ns/30/c1").unwrap(), vec![mountpoint.clone()]);
+
+        // A view of the image is the RAFS itself, read-only.
+        let v = s.view(KeyStyle::Prefixed, "ns/31/v", &w.top, Labels::new()).unwrap();
+        assert_eq!(v[0].fs_type, "bind");
+        assert_eq!(v[0].source, mountpoint.display().to_string());
+        assert_eq!(v[0].options, vec!["ro", "rbind"]);
+        // An ordinary layer above the bootstrap stacks on the RAFS.
+        s.prepare(KeyStyle::Prefixed, "ns/32/extract-app", &w.top, Labels::new())
+            .unwrap();
+        let app_upper = upper(s, "ns/32/extract-app");
+        s.commit(KeyStyle::Prefixed, "ns/33/app", "ns/32/extract-app", Labels::new())
+            .unwrap();
+        let m = s
+            .prepare(KeyStyle::Prefixed, "ns/34/c2", "ns/33/app", Labels::new())
+            .unwrap();
+        assert_eq!(
+            m[0].options.last().unwrap(),
+            &format!("lowerdir={app_upper}:{}", mountpoint.display())
+        );
+        assert_eq!(w.sys.calls(), vec![mount_call.clone()], "one mount for every user");
+        assert_eq!(
+            s.rafs.users_of(boot_id).len(),
+            3,
+            "c1, v and c2; the committed app layer let go"
+        );
+
+        // The mount goes with its last user.
+        for key in ["ns/30/c1", "ns/31/v"] {
+            s.remove(KeyStyle::Prefixed, key).unwrap();
+            assert_eq!(w.sys.calls().len(), 1, "{key} was not the last user");
+        }
+        s.remove(KeyStyle::Prefixed, "ns/34/c2").unwrap();
+        assert_eq!(
+            w.sys.calls(),
+            vec![mount_call.clone(), format!("umount {}", mountpoint.display())]
+        );
+        assert!(!mountpoint.exists());
+        // A new container mounts it again.
+        s.prepare(KeyStyle::Prefixed, "ns/35/c3", &w.top, Labels::new())
+            .unwrap();
+        assert_eq!(w.sys.calls().last().unwrap(), &mount_call);
+    }
+
+    #[test]
+    fn rafs_mounts_come_back_after_a_restart_and_blobs_go_with_their_layers() {
+        let w = pull_nydus_image(crate::nydus::Compressor::None, 6);
+        let boot_id = w.s.store.get(&w.top).unwrap().id;
+        let mountpoint = w.root.join(format!("nydus/mnt/{boot_id}"));
+        w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
+            .unwrap();
+        let mount_call = w.sys.calls()[0].clone();
+        let mut config = Config::default();
+        config.storage.backend = BackendChoice::Directory;
+        let NydusWorld {
+            _tmp,
+            root,
+            source,
+            image,
+            s,
+            top,
+            ..
+        } = w;
+        drop(s);
+
+        // The host rebooted: the mount is gone (a fresh fake has none); the
+        // container's snapshot is still there, so the daemon mounts again.
+        let sys = Arc::new(RecordingSystem::plain());
+        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        assert_eq!(sys.calls(), vec![mount_call.clone()]);
+        assert_eq!(
+            s.mounts(KeyStyle::Prefixed, "ns/30/c1").unwrap()[0]
+                .options
+                .last()
+                .unwrap(),
+            &format!("lowerdir={}", mountpoint.display())
+        );
+        // Still mounted (the daemon alone restarted): nothing to do.
+        drop(s);
+        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        assert_eq!(sys.calls().len(), 1);
+        assert_eq!(s.rafs.users_of(boot_id), vec![s.store.get("ns/30/c1").unwrap().id]);
+
+        // A mount that cannot come back is reported, not served empty.
+        drop(s);
+        let gone = Arc::new(RecordingSystem::plain());
+        gone.fail_calls_starting_with("mount -t erofs");
+        let s = Snapshotter::open_with_blob_source(&root, &config, gone.clone(), source.clone()).unwrap();
+        let e = s.mounts(KeyStyle::Prefixed, "ns/30/c1").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains(&mountpoint.display().to_string()), "{e}");
+        drop(s);
+
+        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source).unwrap();
+        s.remove(KeyStyle::Prefixed, "ns/30/c1").unwrap();
+        // containerd's garbage collector removes the image's layers, top
+        // first; each blob goes with the last layer that has it.
+        s.remove(KeyStyle::Prefixed, &top).unwrap();
+        let blobs = root.join("nydus/blobs");
+        for i in (0..image.blob_digests.len()).rev() {
+            let hex = &image.blob_digests[i][7..];
+            assert!(blobs.join(hex).is_file());
+            assert!(root.join("nydus/cache").join(hex).is_file());
+            s.remove(KeyStyle::Prefixed, &format!("ns/{}/sha256:chain{i}", 10 + i))
+                .unwrap();
+            assert!(!blobs.join(hex).exists(), "blob {i} went with its layer");
+            assert!(!root.join("nydus/cache").join(hex).exists());
+        }
+        assert_eq!(std::fs::read_dir(root.join("nydus/mnt")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn rafs_v5_images_are_refused_with_the_reason() {
+        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 5);
+        // Pulled without the fs-version label, the bootstrap layer commits,
+        // and the container's Prepare says why it cannot run.
+        let parent = format!(
+            "ns/{}/sha256:chain{}",
+            10 + w.image.blob_digests.len() - 1,
+            w.image.blob_digests.len() - 1
+        );
+        let mut l = nydus_layer_labels(NYDUS_REF, "sha256:bootstraplayer", "sha256:chain-boot", "5");
+        l.remove(nydus::ANNOTATION_FS_VERSION);
+        w.s.prepare(KeyStyle::Prefixed, "ns/20/extract-boot", &parent, l.clone())
+            .unwrap();
+        let boot_upper = PathBuf::from(upper(&w.s, "ns/20/extract-boot"));
+        std::fs::create_dir_all(boot_upper.join("image")).unwrap();
+        std::fs::copy(&w.image.bootstrap, boot_upper.join(nydus::BOOTSTRAP_IN_LAYER)).unwrap();
+        w.s.commit(KeyStyle::Prefixed, "ns/21/boot", "ns/20/extract-boot", l)
+            .unwrap();
+        let e =
+            w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", "ns/21/boot", Labels::new())
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains("RAFS v5"), "{e}");
+        assert!(w.s.store.get("ns/30/c1").is_err());
+        assert!(w.sys.calls().is_empty());
+    }
+
+    #[test]
+    fn adopted_layers_are_named_in_the_requests_namespace() {
+        assert_eq!(
+            adopted_name(KeyStyle::Prefixed, "ns/12/extract-1 sha256:c", "sha256:c"),
+            "ns/12/sha256:c"
+        );
+        assert_eq!(adopted_name(KeyStyle::Prefixed, "odd-key", "sha256:c"), "sha256:c");
+        assert_eq!(adopted_name(KeyStyle::Prefixed, "ns/x/key", "sha256:c"), "sha256:c");
+        assert_eq!(adopted_name(KeyStyle::Namespaced, "ns/12/key", "sha256:c"), "sha256:c");
     }
 
     #[test]

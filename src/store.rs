@@ -212,6 +212,22 @@ impl Store {
         Ok((record, ids))
     }
 
+    /// `parent` and its ancestors with their names, nearest first (empty for
+    /// no parent), read in one transaction.
+    pub fn ancestors(&self, parent: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+        let mut chain = Vec::new();
+        let mut name = parent.to_string();
+        while !name.is_empty() {
+            let record = get_in(&table, &name)?.ok_or(StoreError::ParentNotFound { parent: name.clone() })?;
+            let next = record.parent.clone();
+            chain.push((name, record));
+            name = next;
+        }
+        Ok(chain)
+    }
+
     /// Creates snapshot `key`. `make_dir(id, parent_ids)` runs inside the
     /// transaction; the record is written only if it succeeds.
     pub fn create<E: From<StoreError>>(

@@ -2,8 +2,9 @@
 //! syscalls. Everything above it goes through [`SystemOps`], so storage logic is
 //! unit-tested with [`RecordingSystem`] and privileged tests use [`RealSystem`].
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,15 @@ pub enum SysError {
     Command { command: String, output: String },
     #[error("name {name:?} cannot be a btrfs subvolume name")]
     BadName { name: String },
+    /// The kernel refused a mount; `kernel_log` holds what the filesystem
+    /// said through the mount context (often the only useful detail).
+    #[error("mount {fs_type} at {target}: {errno}{}", if kernel_log.is_empty() { String::new() } else { format!(" ({kernel_log})") })]
+    Mount {
+        fs_type: &'static str,
+        target: String,
+        errno: nix::errno::Errno,
+        kernel_log: String,
+    },
 }
 
 impl Classify for SysError {
@@ -103,6 +113,13 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     /// Attaches `image` to a free loop device (detached automatically on the
     /// last unmount) and mounts it as btrfs at `target`.
     fn mount_btrfs_image(&self, image: &Path, target: &Path) -> Result<(), SysError>;
+    /// Mounts the erofs image in the regular file `source` read-only at
+    /// `target`, with `devices` (regular files too) as its extra devices in
+    /// the order of its device table.
+    fn mount_erofs(&self, source: &Path, devices: &[PathBuf], target: &Path) -> Result<(), SysError>;
+    /// Unmounts `target`; when it is busy, detaches it lazily, so the
+    /// filesystem goes once its last user lets go.
+    fn unmount(&self, target: &Path) -> Result<(), SysError>;
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SysError {
@@ -350,6 +367,137 @@ impl SystemOps for RealSystem {
         .map_err(errno_err("mount btrfs pool at", target))?;
         Ok(())
     }
+
+    fn mount_erofs(&self, source: &Path, devices: &[PathBuf], target: &Path) -> Result<(), SysError> {
+        // mount(2) takes only a block device as erofs source and mount(8) of
+        // util-linux 2.38 mishandles `device=<file>`; the new mount API hands
+        // the kernel the paths as they are, and erofs opens regular files
+        // itself (file-backed mounts).
+        let failed = |errno: nix::errno::Errno, context: Option<&OwnedFd>| SysError::Mount {
+            fs_type: "erofs",
+            target: target.display().to_string(),
+            errno,
+            kernel_log: context.map(read_fs_context_log).unwrap_or_default(),
+        };
+        let fs_name = c"erofs";
+        // SAFETY: fsopen reads the NUL-terminated name and returns a new
+        // descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_fsopen, fs_name.as_ptr(), FSOPEN_CLOEXEC) };
+        if fd < 0 {
+            return Err(failed(nix::errno::Errno::last(), None));
+        }
+        // SAFETY: `fd` was just returned by fsopen and nothing else owns it.
+        let context = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut settings = vec![("source", source)];
+        settings.extend(devices.iter().map(|d| ("device", d.as_path())));
+        for (key, path) in settings {
+            let value = path_cstring(path)?;
+            let key = CString::new(key).expect("option names hold no NUL");
+            // SAFETY: key and value are NUL-terminated strings that outlive
+            // the call; the context descriptor is open.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    context.as_raw_fd(),
+                    FSCONFIG_SET_STRING,
+                    key.as_ptr(),
+                    value.as_ptr(),
+                    0,
+                )
+            };
+            if rc < 0 {
+                return Err(failed(nix::errno::Errno::last(), Some(&context)));
+            }
+        }
+        // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                context.as_raw_fd(),
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_void>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            return Err(failed(nix::errno::Errno::last(), Some(&context)));
+        }
+        // SAFETY: fsmount takes the created context and plain flags and
+        // returns a new descriptor or -1.
+        let mnt = unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                context.as_raw_fd(),
+                FSMOUNT_CLOEXEC,
+                MOUNT_ATTR_RDONLY,
+            )
+        };
+        if mnt < 0 {
+            return Err(failed(nix::errno::Errno::last(), Some(&context)));
+        }
+        // SAFETY: `mnt` was just returned by fsmount and nothing else owns it.
+        let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+        let target_c = path_cstring(target)?;
+        let empty = c"";
+        // SAFETY: both paths are NUL-terminated and outlive the call; `mnt`
+        // is the detached mount to attach at `target`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                mnt.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                target_c.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if rc < 0 {
+            return Err(failed(nix::errno::Errno::last(), None));
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        match nix::mount::umount2(target, nix::mount::MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(errno_err("unmount (lazily)", target)),
+            Err(errno) => Err(errno_err("unmount", target)(errno)),
+        }
+    }
+}
+
+/// Constants of the new mount API from linux/mount.h.
+const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
+const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+fn path_cstring(path: &Path) -> Result<CString, SysError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| SysError::Errno {
+        op: "pass to the kernel",
+        path: path.display().to_string(),
+        errno: nix::errno::Errno::EINVAL,
+    })
+}
+
+/// The messages a filesystem logged on a mount context ("e erofs: ..."),
+/// joined; each read(2) returns one until none is left.
+fn read_fs_context_log(context: &OwnedFd) -> String {
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        // SAFETY: reads at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::read(context.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        messages.push(String::from_utf8_lossy(&buf[..n as usize]).trim().to_string());
+    }
+    messages.join("; ")
 }
 
 /// Binds `image` to a free loop device with autoclear set, so the device is
@@ -429,6 +577,58 @@ mod tests {
         assert_eq!(freeze_poll_delay(0), Duration::from_micros(20));
         assert_eq!(freeze_poll_delay(1), Duration::from_micros(40));
         assert!((0..100).all(|a| freeze_poll_delay(a) <= Duration::from_micros(500)));
+    }
+
+    #[test]
+    fn fake_records_erofs_mounts_as_mount_would_and_forgets_unmounted_ones() {
+        let fake = RecordingSystem::plain();
+        let target = Path::new("/root/nydus/mnt/7");
+        fake.mount_erofs(
+            Path::new("/boot/image.boot"),
+            &[PathBuf::from("/cache/a"), PathBuf::from("/cache/b")],
+            target,
+        )
+        .unwrap();
+        assert!(fake.is_mountpoint(target).unwrap());
+        assert!(!fake.is_mountpoint(Path::new("/root/nydus/mnt")).unwrap());
+        fake.unmount(target).unwrap();
+        assert!(!fake.is_mountpoint(target).unwrap());
+        fake.mount_erofs(Path::new("/boot/image.boot"), &[], target).unwrap();
+        assert!(fake.is_mountpoint(target).unwrap(), "mounted again");
+        assert_eq!(
+            fake.calls(),
+            vec![
+                "mount -t erofs -o ro,device=/cache/a,device=/cache/b /boot/image.boot /root/nydus/mnt/7",
+                "umount /root/nydus/mnt/7",
+                "mount -t erofs -o ro /boot/image.boot /root/nydus/mnt/7",
+            ]
+        );
+        // A path under an erofs mount is not in the btrfs pool.
+        assert_eq!(fake.fs_type(&target.join("x")).unwrap(), FsType::Other(0xEF53));
+    }
+
+    #[test]
+    fn mount_errors_name_the_target_and_what_the_filesystem_said() {
+        let err = SysError::Mount {
+            fs_type: "erofs",
+            target: "/mnt/x".into(),
+            errno: nix::errno::Errno::EINVAL,
+            kernel_log: "e erofs: invalid device".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "mount erofs at /mnt/x: EINVAL: Invalid argument (e erofs: invalid device)"
+        );
+        let err = SysError::Mount {
+            fs_type: "erofs",
+            target: "/mnt/x".into(),
+            errno: nix::errno::Errno::ENOENT,
+            kernel_log: String::new(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "mount erofs at /mnt/x: ENOENT: No such file or directory"
+        );
     }
 
     #[test]
@@ -518,10 +718,23 @@ impl SystemOps for RecordingSystem {
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        // The latest mount or unmount of `path` decides.
+        let at = format!(" {}", path.display());
+        let unmount = format!("umount {}", path.display());
         let mounted = self
             .calls()
             .iter()
-            .any(|c| c.starts_with("mount ") && c.ends_with(&format!(" {}", path.display())));
+            .rev()
+            .find_map(|c| {
+                if c == &unmount {
+                    Some(false)
+                } else if c.starts_with("mount ") && c.ends_with(&at) {
+                    Some(true)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or(false);
         Ok(mounted)
     }
 
@@ -570,5 +783,21 @@ impl SystemOps for RecordingSystem {
     fn mount_btrfs_image(&self, image: &Path, target: &Path) -> Result<(), SysError> {
         self.record(format!("mount {} {}", image.display(), target.display()));
         Ok(())
+    }
+
+    /// Recorded as the mount(8) command line it amounts to.
+    fn mount_erofs(&self, source: &Path, devices: &[PathBuf], target: &Path) -> Result<(), SysError> {
+        let mut options = vec!["ro".to_string()];
+        options.extend(devices.iter().map(|d| format!("device={}", d.display())));
+        self.record_fallible(format!(
+            "mount -t erofs -o {} {} {}",
+            options.join(","),
+            source.display(),
+            target.display()
+        ))
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        self.record_fallible(format!("umount {}", target.display()))
     }
 }

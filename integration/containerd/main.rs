@@ -22,6 +22,7 @@ mod cri;
 mod env;
 mod grpc;
 mod image;
+mod nydus;
 mod stall;
 
 use std::collections::HashMap;

@@ -1,0 +1,374 @@
+//! Privileged checks of RAFS v6 serving against the real kernel: an image is
+//! built with the crate's Nydus builder from two layer directories (for each
+//! compressor), its blobs turned into cache files, and the bootstrap mounted
+//! as erofs through `RealSystem` with the cache files as devices; the mounted
+//! tree must be the layers applied one on the other, byte for byte, and a
+//! cache file that does not fit must be refused with the kernel's reason.
+//! Root only: the tests fail (never skip) without it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
+use seamless_snapshotter::rafs_mount::{build_cache_file, read_chunk_table};
+use seamless_snapshotter::sys::{RealSystem, SysError, SystemOps};
+
+fn require_root_and_erofs() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (erofs mounts, device nodes, ownership): run them as root, as .ci/test does"
+    );
+    let _ = Command::new("modprobe").arg("erofs").status();
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    assert!(
+        filesystems.split_whitespace().any(|f| f == "erofs"),
+        "the kernel has no erofs (CONFIG_EROFS_FS, with file-backed mounts): RAFS v6 images cannot be served"
+    );
+}
+
+/// A mount made by a test, unmounted when dropped, pass or fail.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = RealSystem.unmount(&self.0);
+    }
+}
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, mut state: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn write(path: &Path, data: &[u8], mode: u32, owner: (u32, u32)) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, data).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)).unwrap();
+}
+
+/// The base layer: files across chunk boundaries, an empty file, modes and
+/// owners, a hard link, symlinks, a fifo, a character device, a deep path.
+fn base_layer(dir: &Path) {
+    write(&dir.join("etc/hosts"), b"127.0.0.1 localhost\n", 0o644, (0, 0));
+    write(&dir.join("etc/gone"), b"removed by the upper layer", 0o600, (0, 0));
+    write(
+        &dir.join("usr/bin/big"),
+        &noise(3 * 1024 * 1024 + 12345, 1),
+        0o755,
+        (0, 0),
+    );
+    write(
+        &dir.join("usr/share/text"),
+        &b"a line that compresses well\n".repeat(20_000),
+        0o644,
+        (1000, 1001),
+    );
+    write(&dir.join("usr/share/empty"), b"", 0o400, (0, 0));
+    write(
+        &dir.join("home/user/.profile"),
+        b"export PS1='$ '\n",
+        0o640,
+        (1000, 1000),
+    );
+    write(&dir.join("a/b/c/d/e/deep"), b"deep", 0o644, (0, 0));
+    fs::hard_link(dir.join("usr/share/text"), dir.join("usr/share/text-link")).unwrap();
+    symlink("../share/text", dir.join("usr/bin/text")).unwrap();
+    symlink("/nonexistent/target", dir.join("dangling")).unwrap();
+    nix::unistd::mkfifo(&dir.join("run-fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    nix::sys::stat::mknod(
+        &dir.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    fs::set_permissions(dir.join("home/user"), fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::lchown(dir.join("home/user"), Some(1000), Some(1000)).unwrap();
+}
+
+/// The upper layer: a whiteout, a replaced file, new files (one a copy of
+/// the base's big file).
+fn upper_layer(dir: &Path) {
+    write(&dir.join("etc/.wh.gone"), b"", 0o644, (0, 0));
+    write(&dir.join("etc/hosts"), b"10.0.0.1 replaced\n", 0o644, (0, 0));
+    write(&dir.join("srv/data"), &noise(200_000, 9), 0o600, (33, 33));
+    write(
+        &dir.join("srv/big-copy"),
+        &noise(3 * 1024 * 1024 + 12345, 1),
+        0o644,
+        (0, 0),
+    );
+}
+
+/// A tar of `dir` as an image layer: parents before children, a second
+/// name of an inode as a hard link entry, owners and modes kept.
+fn tar_of(dir: &Path, out: &Path) {
+    let mut builder = tar::Builder::new(fs::File::create(out).unwrap());
+    builder.follow_symlinks(false);
+    let mut seen: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        let mut entries: Vec<PathBuf> = fs::read_dir(&current).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries {
+            let name = path.strip_prefix(dir).unwrap().to_path_buf();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_file() && meta.nlink() > 1 {
+                if let Some(first) = seen.get(&(meta.dev(), meta.ino())) {
+                    let mut header = tar::Header::new_gnu();
+                    header.set_metadata(&meta);
+                    header.set_entry_type(tar::EntryType::Link);
+                    header.set_size(0);
+                    builder.append_link(&mut header, &name, first).unwrap();
+                    continue;
+                }
+                seen.insert((meta.dev(), meta.ino()), name.clone());
+            }
+            if meta.file_type().is_symlink() {
+                // Absolute targets are common in images; the tar crate's
+                // path helpers refuse them.
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                header.set_size(0);
+                header
+                    .set_link_name_literal(fs::read_link(&path).unwrap().as_os_str().as_encoded_bytes())
+                    .unwrap();
+                builder.append_data(&mut header, &name, std::io::empty()).unwrap();
+                continue;
+            }
+            let special = if meta.file_type().is_fifo() {
+                Some(tar::EntryType::Fifo)
+            } else if meta.file_type().is_char_device() {
+                Some(tar::EntryType::Char)
+            } else {
+                None
+            };
+            if let Some(kind) = special {
+                // The tar crate names special files by their host path.
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                header.set_entry_type(kind);
+                header.set_size(0);
+                let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+                header.set_device_major(major).unwrap();
+                header.set_device_minor(minor).unwrap();
+                builder.append_data(&mut header, &name, std::io::empty()).unwrap();
+                continue;
+            }
+            builder.append_path_with_name(&path, &name).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    builder.finish().unwrap();
+}
+
+/// `upper` applied on `base` with OCI whiteouts, as the image's tree.
+fn expected_tree(base: &Path, upper: &Path, out: &Path) {
+    let cp = |from: &Path| {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -a {}", from.display());
+    };
+    fs::create_dir_all(out).unwrap();
+    cp(base);
+    cp(upper);
+    fs::remove_file(out.join("etc/.wh.gone")).unwrap();
+    fs::remove_file(out.join("etc/gone")).unwrap();
+}
+
+/// Every entry under `root`: type, mode, owner, size and content, link
+/// target, device number, link count.
+fn tree_of(root: &Path) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    let mut tree = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let ft = meta.file_type();
+            let what = if ft.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link -> {}", fs::read_link(&path).unwrap().display())
+            } else if ft.is_file() {
+                let data = fs::read(&path).unwrap();
+                format!(
+                    "file {} bytes sha256 {:x} nlink {}",
+                    data.len(),
+                    sha2::Sha256::digest(&data),
+                    meta.nlink()
+                )
+            } else if ft.is_fifo() {
+                "fifo".to_string()
+            } else if ft.is_char_device() {
+                format!("char {}", meta.rdev())
+            } else {
+                "other".to_string()
+            };
+            tree.insert(
+                path.strip_prefix(root).unwrap().display().to_string(),
+                format!(
+                    "{what} mode {:o} owner {}:{}",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            );
+        }
+    }
+    tree
+}
+
+fn diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("missing {k}: {v}")),
+            Some(w) if w != v => out.push(format!("{k}: expected {v}, mounted {w}")),
+            _ => {}
+        }
+    }
+    out.extend(b.keys().filter(|k| !a.contains_key(*k)).map(|k| format!("extra {k}")));
+    out
+}
+
+#[test]
+fn rafs_v6_images_mount_as_erofs_from_blob_cache_files() {
+    require_root_and_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let upper = tmp.path().join("upper");
+    base_layer(&base);
+    upper_layer(&upper);
+    let expected_dir = tmp.path().join("expected");
+    expected_tree(&base, &upper, &expected_dir);
+    let expected = tree_of(&expected_dir);
+    let (base_tar, upper_tar) = (tmp.path().join("base.tar"), tmp.path().join("upper.tar"));
+    tar_of(&base, &base_tar);
+    tar_of(&upper, &upper_tar);
+
+    for compressor in [Compressor::None, Compressor::Lz4Block, Compressor::Zstd] {
+        let work = tmp.path().join(format!("{compressor:?}"));
+        let blob_dir = work.join("blobs");
+        let options = RafsOptions {
+            fs_version: 6,
+            compressor,
+        };
+        let layers: Vec<_> = [&base_tar, &upper_tar]
+            .iter()
+            .enumerate()
+            .map(|(i, tar)| {
+                nydus::build_layer(tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir).unwrap()
+            })
+            .collect();
+        let bootstrap = work.join("image.boot");
+        nydus::merge_layers(None, &layers, None, &bootstrap).unwrap();
+
+        let table = read_chunk_table(&bootstrap).unwrap();
+        assert_eq!(table.len(), 2, "{compressor:?}: one blob per layer");
+        let mut caches = Vec::new();
+        let started = std::time::Instant::now();
+        for blob in &table {
+            let cache = work.join(format!("cache-{}", blob.blob_id));
+            build_cache_file(&blob_dir.join(&blob.blob_id), blob, &cache).unwrap();
+            caches.push(cache);
+        }
+        let built = started.elapsed();
+
+        let target = work.join("mnt");
+        fs::create_dir(&target).unwrap();
+        let started = std::time::Instant::now();
+        RealSystem
+            .mount_erofs(&bootstrap, &caches, &target)
+            .unwrap_or_else(|e| panic!("{compressor:?}: {e}"));
+        let mounted = Mounted(target.clone());
+        eprintln!(
+            "{compressor:?}: cache files built in {:.1} ms, mounted in {:.1} ms",
+            built.as_secs_f64() * 1000.0,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        assert!(RealSystem.is_mountpoint(&target).unwrap());
+        let differences = diff(&expected, &tree_of(&target));
+        assert!(
+            differences.is_empty(),
+            "{compressor:?}: the mounted RAFS differs from the layers applied:\n{}",
+            differences.join("\n")
+        );
+        assert!(
+            fs::write(target.join("new"), b"x").is_err(),
+            "{compressor:?}: the mount is read-only"
+        );
+        drop(mounted);
+        assert!(!RealSystem.is_mountpoint(&target).unwrap());
+
+        // The pushed blobs are not the layout the kernel reads: mounting
+        // with them as devices must not show the files' content.
+        if compressor != Compressor::None {
+            let raw: Vec<PathBuf> = table.iter().map(|b| blob_dir.join(&b.blob_id)).collect();
+            if RealSystem.mount_erofs(&bootstrap, &raw, &target).is_ok() {
+                let _mounted = Mounted(target.clone());
+                let big = fs::read(target.join("usr/bin/big"));
+                assert!(
+                    big.map_or(true, |data| data != fs::read(base.join("usr/bin/big")).unwrap()),
+                    "{compressor:?}: compressed blobs read as plain data"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn erofs_mount_failures_carry_the_kernels_reason() {
+    require_root_and_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("layer");
+    write(&layer.join("file"), &noise(10_000, 3), 0o644, (0, 0));
+    let tar = tmp.path().join("layer.tar");
+    tar_of(&layer, &tar);
+    let options = RafsOptions {
+        fs_version: 6,
+        compressor: Compressor::Zstd,
+    };
+    let blob_dir = tmp.path().join("blobs");
+    let built = nydus::build_layer(&tar, None, &options, &tmp.path().join("layer.boot"), &blob_dir).unwrap();
+    let bootstrap = tmp.path().join("image.boot");
+    nydus::merge_layers(None, &[built], None, &bootstrap).unwrap();
+    let target = tmp.path().join("mnt");
+    fs::create_dir(&target).unwrap();
+    // One device in the bootstrap's table, two given.
+    let cache = tmp.path().join("cache");
+    fs::write(&cache, vec![0; 4096]).unwrap();
+    let err = RealSystem
+        .mount_erofs(&bootstrap, &[cache.clone(), cache], &target)
+        .unwrap_err();
+    let _ = RealSystem.unmount(&target);
+    assert!(matches!(err, SysError::Mount { fs_type: "erofs", .. }), "{err}");
+    assert!(err.to_string().contains(&target.display().to_string()), "{err}");
+    eprintln!("kernel's reason: {err}");
+    let missing = tmp.path().join("missing-device");
+    let err = RealSystem
+        .mount_erofs(&bootstrap, std::slice::from_ref(&missing), &target)
+        .unwrap_err();
+    let _ = RealSystem.unmount(&target);
+    assert!(matches!(err, SysError::Mount { .. }), "{err}");
+    eprintln!("kernel's reasons: {err}");
+}
