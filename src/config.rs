@@ -38,6 +38,19 @@ pub struct Config {
     /// The REST API of seamless commit.
     #[serde(default)]
     pub rest: RestConfig,
+    /// Running Nydus images.
+    #[serde(default)]
+    pub nydus: NydusConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NydusConfig {
+    /// Registries (`host` or `host:port`) whose Nydus blobs are fetched over
+    /// plain HTTP or TLS without verification. Loopback registries always
+    /// are, as docker treats them.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -141,6 +154,7 @@ impl Default for Config {
             snapshotter: SnapshotterConfig::default(),
             commit: CommitConfig::default(),
             rest: RestConfig::default(),
+            nydus: NydusConfig::default(),
         }
     }
 }
@@ -196,6 +210,20 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key: "rest.token_file",
                     reason: "a token file is required when rest.tcp_address is set".into(),
+                });
+            }
+        }
+        for registry in &self.nydus.insecure_registries {
+            let valid = !registry.is_empty()
+                && !registry.contains("://")
+                && !registry.contains('/')
+                && registry
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "nydus.insecure_registries",
+                    reason: format!("{registry:?} is not a registry host such as registry.local:5000"),
                 });
             }
         }
@@ -307,6 +335,14 @@ mod tests {
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("minimum"), "{err}");
         assert!(Config::parse("[storage]\nbackend = \"zfs\"\n", "t").is_err());
+        let err = Config::parse("[nydus]\ninsecure_registries = [\"http://r:5000\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("nydus.insecure_registries"), "{err}");
+        let ok = Config::parse(
+            "[nydus]\ninsecure_registries = [\"registry.local:5000\", \"[::1]:5000\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.nydus.insecure_registries.len(), 2);
     }
 
     #[test]

@@ -292,7 +292,8 @@ impl Snapshotter {
     /// Nydus blobs come from their image's registry; only registries on
     /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
-        Snapshotter::open_with_blob_source(root, config, sys, Arc::new(RegistryBlobSource::new(Vec::new())))
+        let source = RegistryBlobSource::new(config.nydus.insecure_registries.clone());
+        Snapshotter::open_with_blob_source(root, config, sys, Arc::new(source))
     }
 
     /// [`Snapshotter::open`] with Nydus blobs fetched through `blobs`.

@@ -3,7 +3,10 @@
 //! once as RAFS v5. Each pushed image has nydusify's layout (blob layers,
 //! then the bootstrap layer, annotations, diff_ids), its bootstrap loads with
 //! the nydus-rafs parser and describes exactly the container's tree, and a
-//! v6 bootstrap passes `fsck.erofs` with its blobs as devices.
+//! v6 bootstrap passes `fsck.erofs` with its blobs as devices. Each v6 image,
+//! pulled onto seamless and run, has the container's tree, contents
+//! included; a container of the last one is committed again (on a Nydus
+//! base), and that image runs too.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,8 +15,9 @@ use anyhow::{ensure, Context, Result};
 use seamless_snapshotter::nydus;
 use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
-use super::env::{with_env, Options};
-use super::tree_of;
+use super::env::{with_env, Env, Options};
+use super::nydus::{build_rpull, run_container, run_rpull};
+use super::{diff_trees, tree_of};
 
 #[test]
 fn nydus_commits_push_images_the_nydus_tools_read() {
@@ -29,6 +33,8 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
             ..RegistryOptions::default()
         });
         let runtime = tokio::runtime::Runtime::new()?;
+        let rpull = build_rpull()?;
+        let mut last_run = None;
 
         // (changes, target, fs version, compressor, layer plan, commit blobs)
         let steps: [(&str, &str, u32, &str, &str, usize); 4] = [
@@ -122,6 +128,9 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
                 &expected,
                 &work,
             ))?;
+            if fs_version == 6 {
+                last_run = Some(expect_runs_as(env, &rpull, &target, &expected, &format!("nrun{step}"))?);
+            }
             if step == 2 {
                 ensure!(
                     newest < 1_000_000,
@@ -130,8 +139,56 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
                 );
             }
         }
+
+        // A container of a committed Nydus image, committed again: the
+        // base is now a Nydus image, its blobs reused, its bootstrap the
+        // parent.
+        let (ns2, id2) = last_run.context("a v6 image ran")?;
+        env.exec(&ns2, &id2, "echo on-nydus > /data/on-nydus && rm /data/three && sync")?;
+        let expected = tree_of(&env.container_rootfs(&ns2, &id2))?;
+        let target = env.registry_ref("nydus/again:1");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+            .arg("--address")
+            .arg(env.daemon_socket())
+            .arg("--namespace")
+            .arg(&ns2)
+            .args(["seamless-commit", "--container", &id2, "--target", &target])
+            .args(["--target-insecure", "--source-insecure", "--wait", "--work-dir"])
+            .arg(&work)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "commit on a Nydus base: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        runtime.block_on(check_image(&registry, &target, 6, 1, &expected, &work))?;
+        expect_runs_as(env, &rpull, &target, &expected, "again")?;
         Ok(())
     });
+}
+
+/// Pulls `target` onto the snapshotter under test with the CRI labels, runs
+/// it and checks its tree is `expected`; returns the running container.
+fn expect_runs_as(
+    env: &mut Env,
+    rpull: &Path,
+    target: &str,
+    expected: &BTreeMap<String, String>,
+    label: &str,
+) -> Result<(String, String)> {
+    let ns = env.namespace(label);
+    run_rpull(env, rpull, &ns, target)?;
+    let id = env.container_id(label);
+    run_container(env, &ns, target, &id)?;
+    let after = tree_of(&env.container_rootfs(&ns, &id))?;
+    let differences = diff_trees(expected, &after);
+    ensure!(
+        differences.is_empty(),
+        "{target} run on {} differs from the committed container: {differences:?}",
+        env.snapshotter
+    );
+    Ok((ns, id))
 }
 
 /// The image at `target` is laid out as nydusify writes one, and its

@@ -304,7 +304,7 @@ fn decompress(media_type: &str, blob: &Path, tar: &Path) -> Result<()> {
 
 /// Builds `integration/rpull` offline from Debian's containerd sources
 /// (GOPATH mode, as the conformance suite is built), once per source change.
-fn build_rpull() -> Result<PathBuf> {
+pub(crate) fn build_rpull() -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/rpull");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rpull");
     let binary = out_dir.join("rpull");
@@ -349,7 +349,7 @@ fn build_rpull() -> Result<PathBuf> {
     Ok(binary)
 }
 
-fn run_rpull(env: &Env, rpull: &Path, ns: &str, reference: &str) -> Result<String> {
+pub(crate) fn run_rpull(env: &Env, rpull: &Path, ns: &str, reference: &str) -> Result<String> {
     let output = Command::new(rpull)
         .arg("--address")
         .arg(env.containerd_socket())
@@ -375,7 +375,7 @@ fn run_rpull(env: &Env, rpull: &Path, ns: &str, reference: &str) -> Result<Strin
 }
 
 /// `ctr run -d` of a container of `reference` that loops forever.
-fn run_container(env: &Env, ns: &str, reference: &str, id: &str) -> Result<()> {
+pub(crate) fn run_container(env: &Env, ns: &str, reference: &str, id: &str) -> Result<()> {
     env.ctr(
         ns,
         &[
