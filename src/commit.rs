@@ -712,17 +712,7 @@ impl CommitService {
             .manifest
             .layers
             .iter()
-            .map(|descriptor| Reused {
-                layer: LayerSource {
-                    media_type: descriptor.media_type.clone(),
-                    digest: descriptor.digest.clone(),
-                    size: descriptor.size.max(0) as u64,
-                    annotations: descriptor.annotations.clone().unwrap_or_default(),
-                    data: LayerData::InTarget,
-                },
-                from: job.source_image.clone(),
-                insecure: job.options.source_insecure,
-            })
+            .map(|descriptor| Reused::of(descriptor, &job.source_image, job.options.source_insecure))
             .collect();
         reused.extend(commit_layers[..kept].iter().map(|layer| Reused {
             layer: oci_source(layer, LayerData::InTarget),

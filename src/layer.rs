@@ -241,6 +241,14 @@ pub struct LayerBlob {
 /// synced before returning).
 #[tracing::instrument(skip_all, fields(upper = %ctx.upper.display(), incremental = ctx.previous.is_some()))]
 pub fn build_layer(ctx: &BuildContext<'_>, out: &Path) -> Result<LayerBlob, LayerError> {
+    let items = plan_layer(ctx)?;
+    let blob = write_blob(&items, out, ctx.compression)?;
+    info!(digest = %blob.digest, size = blob.size, entries = blob.entries, "layer built");
+    Ok(blob)
+}
+
+/// The entries of the layer for `ctx`, in archive order.
+fn plan_layer(ctx: &BuildContext<'_>) -> Result<Vec<Item>, LayerError> {
     let scoper = ctx.filter.compile()?;
     require_dir(ctx.upper)?;
     if let Some(previous) = ctx.previous {
@@ -258,9 +266,7 @@ pub fn build_layer(ctx: &BuildContext<'_>, out: &Path) -> Result<LayerBlob, Laye
         None => planner.plan_upper_children(ctx.upper, Path::new(""))?,
         Some(previous) => planner.plan_diff(ctx.upper, previous, Path::new(""))?,
     }
-    let blob = write_blob(&planner.items, out, ctx.compression)?;
-    info!(digest = %blob.digest, size = blob.size, entries = blob.entries, "layer built");
-    Ok(blob)
+    Ok(planner.items)
 }
 
 /// Writes the layer for `ctx` as up to `max_parts` tars (named by
@@ -276,20 +282,7 @@ pub fn build_layer_parts(
     min_part_bytes: u64,
     part_path: impl Fn(usize) -> PathBuf,
 ) -> Result<Vec<(LayerBlob, PathBuf)>, LayerError> {
-    let scoper = ctx.filter.compile()?;
-    require_dir(ctx.upper)?;
-    if let Some(previous) = ctx.previous {
-        require_dir(previous)?;
-    }
-    let mut planner = Planner {
-        lowers: ctx.lowers,
-        scoper,
-        items: Vec::new(),
-    };
-    match ctx.previous {
-        None => planner.plan_upper_children(ctx.upper, Path::new(""))?,
-        Some(previous) => planner.plan_diff(ctx.upper, previous, Path::new(""))?,
-    }
+    let items = plan_layer(ctx)?;
     let movable = |item: &Item| match item {
         Item::Entry { node, .. } => {
             let meta = &node.meta;
@@ -297,11 +290,11 @@ pub fn build_layer_parts(
         }
         _ => None,
     };
-    let total: u64 = planner.items.iter().filter_map(movable).sum();
+    let total: u64 = items.iter().filter_map(movable).sum();
     let parts = ((total / min_part_bytes.max(1)) as usize).clamp(1, max_parts.max(1));
     let mut loads = vec![0u64; parts];
     let mut members: Vec<Vec<&Item>> = vec![Vec::new(); parts];
-    for item in &planner.items {
+    for item in &items {
         if matches!(item, Item::Entry { node, .. } if node.is_dir()) {
             for part in &mut members {
                 part.push(item);

@@ -670,32 +670,41 @@ pub fn unpack_bootstrap_layer(layer: &Path, out: &Path) -> Result<(), NydusError
     })
 }
 
+/// One entry of a test tar: path, type, content, link target.
+#[cfg(test)]
+pub(crate) type TestEntry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
+
+/// Writes a tar of `entries` owned by `owner` (uid, gid), directories 0755,
+/// the rest 0644, for tests of the builders.
+#[cfg(test)]
+pub(crate) fn write_test_tar(path: &Path, entries: &[TestEntry<'_>], owner: (u64, u64)) {
+    let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(*kind);
+        h.set_mode(if *kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_uid(owner.0);
+        h.set_gid(owner.1);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if !link.is_empty() {
+            h.set_link_name(link).unwrap();
+        }
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    builder.finish().unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A tar with a directory, files (one big enough for two chunks), a
-    /// symlink, a hard link and, for a second layer, whiteouts.
-    fn write_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], &str)]) {
-        let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
-        for (name, kind, data, link) in entries {
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(*kind);
-            h.set_mode(if *kind == tar::EntryType::Directory {
-                0o755
-            } else {
-                0o644
-            });
-            h.set_uid(1000);
-            h.set_gid(1001);
-            h.set_mtime(1_700_000_000);
-            h.set_size(data.len() as u64);
-            if !link.is_empty() {
-                h.set_link_name(link).unwrap();
-            }
-            builder.append_data(&mut h, name, *data).unwrap();
-        }
-        builder.finish().unwrap();
+    fn write_tar(path: &Path, entries: &[TestEntry<'_>]) {
+        write_test_tar(path, entries, (1000, 1001));
     }
 
     fn paths(tree: &[TreeEntry]) -> Vec<String> {
@@ -835,7 +844,7 @@ mod tests {
         let files: Vec<(String, Vec<u8>)> = (0..8)
             .map(|i| (format!("o/f{i}"), vec![i as u8; 3000 + i * 100]))
             .collect();
-        let mut entries: Vec<(&str, tar::EntryType, &[u8], &str)> = vec![
+        let mut entries: Vec<TestEntry<'_>> = vec![
             ("d/", tar::EntryType::Directory, b"", ""),
             ("d/.wh.gone", tar::EntryType::Regular, b"", ""),
             ("o/", tar::EntryType::Directory, b"", ""),

@@ -50,6 +50,23 @@ pub struct Reused {
     pub insecure: bool,
 }
 
+impl Reused {
+    /// A layer of the image `from` as its manifest describes it.
+    pub fn of(descriptor: &crate::registry::OciDescriptor, from: &str, insecure: bool) -> Reused {
+        Reused {
+            layer: LayerSource {
+                media_type: descriptor.media_type.clone(),
+                digest: descriptor.digest.clone(),
+                size: descriptor.size.max(0) as u64,
+                annotations: descriptor.annotations.clone().unwrap_or_default(),
+                data: LayerData::InTarget,
+            },
+            from: from.to_string(),
+            insecure,
+        }
+    }
+}
+
 /// Reports progress (fraction of the whole job, stage) to the job.
 pub type Progress<'a> = &'a mut (dyn FnMut(f64, &str) + Send);
 
@@ -230,17 +247,7 @@ async fn nydus_base(
         .layers
         .iter()
         .filter(|l| has_annotation(l, nydus::ANNOTATION_BLOB))
-        .map(|l| Reused {
-            layer: LayerSource {
-                media_type: l.media_type.clone(),
-                digest: l.digest.clone(),
-                size: l.size.max(0) as u64,
-                annotations: l.annotations.clone().unwrap_or_default(),
-                data: LayerData::InTarget,
-            },
-            from: input.source_image.clone(),
-            insecure: input.source_insecure,
-        })
+        .map(|l| Reused::of(l, &input.source_image, input.source_insecure))
         .collect();
     Ok((boot, blobs))
 }

@@ -788,26 +788,8 @@ pub(crate) mod testing {
             .collect()
     }
 
-    fn write_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], &str)]) {
-        let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
-        for (name, kind, data, link) in entries {
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(*kind);
-            h.set_mode(if *kind == tar::EntryType::Directory {
-                0o755
-            } else {
-                0o644
-            });
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            h.set_size(data.len() as u64);
-            if !link.is_empty() {
-                h.set_link_name(link).unwrap();
-            }
-            builder.append_data(&mut h, name, *data).unwrap();
-        }
-        builder.finish().unwrap();
+    fn write_tar(path: &Path, entries: &[crate::nydus::TestEntry<'_>]) {
+        crate::nydus::write_test_tar(path, entries, (0, 0));
     }
 
     /// Two layers built on their own and merged, as an OCI image converts:
