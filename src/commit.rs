@@ -304,7 +304,7 @@ pub struct CommitService {
     /// Bounds the background jobs that run at once.
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
-    nydus_cache: Option<PathBuf>,
+    nydus_cache: Option<nydus_image::BaseCache>,
 }
 
 fn unix_nanos(t: SystemTime) -> u128 {
@@ -317,7 +317,7 @@ impl CommitService {
         snapshotter: Arc<Snapshotter>,
         containerd_address: PathBuf,
         background_workers: u32,
-        nydus_cache: Option<PathBuf>,
+        nydus_cache: Option<nydus_image::BaseCache>,
     ) -> Result<CommitService, CommitError> {
         let service = CommitService {
             snapshotter,
@@ -628,7 +628,7 @@ impl CommitService {
                     started: job.started,
                     options: job.options.rafs_options()?,
                     previous_bootstrap: chain.as_ref().and_then(|c| c.bootstrap.clone()),
-                    cache_dir: self.nydus_cache.clone(),
+                    cache: self.nydus_cache.clone(),
                 };
                 nydus_image::assemble(
                     &input,

@@ -43,7 +43,7 @@ pub struct Config {
     pub nydus: NydusConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NydusConfig {
     /// Registries (`host` or `host:port`) whose Nydus blobs are fetched over
@@ -51,6 +51,24 @@ pub struct NydusConfig {
     /// are, as docker treats them.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+    /// Room for OCI base layers converted to Nydus by commits, kept under
+    /// `<root>/nydus-base` so later commits on the same base convert
+    /// nothing; past it the least recently used go.
+    #[serde(default = "default_base_cache_size")]
+    pub base_cache_size: String,
+}
+
+fn default_base_cache_size() -> String {
+    "10GiB".into()
+}
+
+impl Default for NydusConfig {
+    fn default() -> Self {
+        NydusConfig {
+            insecure_registries: Vec::new(),
+            base_cache_size: default_base_cache_size(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -227,6 +245,7 @@ impl Config {
                 });
             }
         }
+        self.nydus_base_cache_bytes()?;
         if !(1..=64).contains(&self.commit.background_workers) {
             return Err(ConfigError::Invalid {
                 key: "commit.background_workers",
@@ -234,6 +253,14 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// `nydus.base_cache_size` in bytes.
+    pub fn nydus_base_cache_bytes(&self) -> Result<u64, ConfigError> {
+        parse_size(&self.nydus.base_cache_size).map_err(|reason| ConfigError::Invalid {
+            key: "nydus.base_cache_size",
+            reason,
+        })
     }
 
     pub fn pool_size(&self) -> Result<PoolSize, ConfigError> {
@@ -343,6 +370,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.nydus.insecure_registries.len(), 2);
+        let err = Config::parse("[nydus]\nbase_cache_size = \"lots\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("nydus.base_cache_size"), "{err}");
+        assert_eq!(Config::default().nydus_base_cache_bytes().unwrap(), 10 << 30);
     }
 
     #[test]

@@ -27,8 +27,20 @@ pub struct Input {
     /// The previous commit's bootstrap layer, for an incremental commit.
     pub previous_bootstrap: Option<CommitLayer>,
     /// Where OCI base layers converted to Nydus are kept for later commits.
-    pub cache_dir: Option<PathBuf>,
+    pub cache: Option<BaseCache>,
 }
+
+/// Where OCI base layers converted to Nydus are kept, and how much room
+/// they may take: past it, the least recently used go first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseCache {
+    pub dir: PathBuf,
+    pub limit_bytes: u64,
+}
+
+/// An entry used this recently may belong to a job still running: it is
+/// never evicted.
+const CACHE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The image to push and the chain's new state.
 #[derive(Debug, Clone)]
@@ -264,8 +276,8 @@ async fn convert_oci_base(
 ) -> Result<(PathBuf, Vec<Reused>), String> {
     let total = base.manifest.layers.len().max(1) as f64;
     let cache_of = |digest: &str| {
-        input.cache_dir.as_ref().map(|dir| {
-            dir.join(format!(
+        input.cache.as_ref().map(|cache| {
+            cache.dir.join(format!(
                 "{}-v{}-{}",
                 digest.trim_start_matches("sha256:"),
                 input.options.fs_version,
@@ -336,6 +348,12 @@ async fn convert_oci_base(
             }
         }
     }
+    if let Some(cache) = &input.cache {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || evict_cached(&cache, std::time::SystemTime::now()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let builds: Vec<LayerBuild> = converted.into_iter().flatten().flatten().collect();
     let boot = work.join("base.boot");
     let out = boot.clone();
@@ -371,9 +389,15 @@ struct CachedPart {
 
 const CACHE_INDEX: &str = "parts.json";
 
-/// The converted parts of a base layer kept in `dir`, if all are there.
+/// The converted parts of a base layer kept in `dir`, if all are there;
+/// marks the entry used now.
 fn load_cached(dir: &Path) -> Option<Vec<LayerBuild>> {
-    let index: Vec<CachedPart> = serde_json::from_slice(&std::fs::read(dir.join(CACHE_INDEX)).ok()?).ok()?;
+    let index_path = dir.join(CACHE_INDEX);
+    let index: Vec<CachedPart> = serde_json::from_slice(&std::fs::read(&index_path).ok()?).ok()?;
+    // The index's mtime is the entry's last use, for eviction.
+    if let Ok(file) = std::fs::File::options().write(true).open(&index_path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
     index
         .into_iter()
         .map(|part| {
@@ -391,6 +415,44 @@ fn load_cached(dir: &Path) -> Option<Vec<LayerBuild>> {
             bootstrap.is_file().then_some(LayerBuild { bootstrap, blob })
         })
         .collect()
+}
+
+/// Removes the least recently used entries of `cache` until the rest fit its
+/// limit, sparing any used within [`CACHE_GRACE`] of `now`.
+fn evict_cached(cache: &BaseCache, now: std::time::SystemTime) {
+    let Ok(entries) = std::fs::read_dir(&cache.dir) else {
+        return;
+    };
+    let mut kept: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let dir = e.path();
+            let used = std::fs::metadata(dir.join(CACHE_INDEX)).ok()?.modified().ok()?;
+            let size = std::fs::read_dir(&dir)
+                .ok()?
+                .filter_map(|f| f.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            Some((used, size, dir))
+        })
+        .collect();
+    let mut total: u64 = kept.iter().map(|(_, size, _)| size).sum();
+    kept.sort();
+    for (used, size, dir) in kept {
+        if total <= cache.limit_bytes {
+            break;
+        }
+        if now.duration_since(used).unwrap_or_default() < CACHE_GRACE {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                total -= size;
+                tracing::info!(entry = %dir.display(), bytes = size, "evicted a converted base layer");
+            }
+            Err(e) => tracing::warn!(entry = %dir.display(), error = %e, "cannot evict a converted base layer"),
+        }
+    }
 }
 
 /// Moves freshly converted parts into the cache directory `dir` (made
@@ -580,6 +642,51 @@ mod tests {
         assert!(load_cached(&dir).is_none());
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("cache")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no staging directory left");
+    }
+
+    #[test]
+    fn the_least_recently_used_entries_go_past_the_limit() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let hours = |h: u64| now - Duration::from_secs(h * 3600);
+        // name, size of its blob, last use
+        for (name, size, used) in [
+            ("old", 1000, hours(5)),
+            ("mid", 1000, hours(3)),
+            ("new", 1000, hours(2)),
+            ("busy", 5000, now),
+        ] {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("blob"), vec![0u8; size]).unwrap();
+            std::fs::write(dir.join(CACHE_INDEX), b"[]").unwrap();
+            let index = std::fs::File::options()
+                .write(true)
+                .open(dir.join(CACHE_INDEX))
+                .unwrap();
+            index.set_modified(used).unwrap();
+        }
+        let cache = |limit_bytes| BaseCache {
+            dir: tmp.path().to_path_buf(),
+            limit_bytes,
+        };
+        let left = || {
+            let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        evict_cached(&cache(1 << 20), now);
+        assert_eq!(left(), ["busy", "mid", "new", "old"], "under the limit: nothing goes");
+        evict_cached(&cache(7100), now);
+        assert_eq!(left(), ["busy", "mid", "new"], "the oldest goes first");
+        evict_cached(&cache(0), now);
+        assert_eq!(left(), ["busy"], "an entry used within the grace period stays");
+        // Loading an entry marks it used.
+        assert!(load_cached(&tmp.path().join("busy")).is_some());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
+use seamless_snapshotter::nydus_image::BaseCache;
 use seamless_snapshotter::rest::{self, RestApi};
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
@@ -70,6 +71,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let root = args.root.clone();
     let workers = config.commit.background_workers;
+    let base_cache_bytes = config.nydus_base_cache_bytes()?;
     let rest_config = config.rest.clone();
     let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
         .await?
@@ -80,7 +82,10 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             snapshotter.clone(),
             args.containerd_address.clone(),
             workers,
-            Some(args.root.join("nydus-base")),
+            Some(BaseCache {
+                dir: args.root.join("nydus-base"),
+                limit_bytes: base_cache_bytes,
+            }),
         )
         .context("opening commit jobs")?,
     );
