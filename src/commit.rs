@@ -17,7 +17,7 @@ use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
 use crate::error::{Classify, ErrorKind};
 use crate::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
-use crate::nydus_image::{self, Reused};
+use crate::nydus_image::{self, Assembled, Reused};
 use crate::registry::{
     LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
 };
@@ -223,7 +223,7 @@ impl CommitOptions {
     fn rafs_options(&self) -> Result<crate::nydus::RafsOptions, String> {
         Ok(crate::nydus::RafsOptions {
             fs_version: self.fs_version,
-            compressor: nydus_image::compressor(&self.compressor)?,
+            compressor: crate::nydus::Compressor::parse(&self.compressor).map_err(|e| e.to_string())?,
         })
     }
 
@@ -641,7 +641,6 @@ impl CommitService {
                     &mut |progress, stage| self.update(job, progress, stage),
                 )
                 .await?
-                .into()
             }
         };
 
@@ -800,27 +799,6 @@ pub struct BuiltLayer {
     pub parts: Vec<(LayerBlob, PathBuf)>,
     /// The history entry's `created_by`.
     pub created_by: String,
-}
-
-/// What a format's assembly hands to the push.
-#[derive(Debug)]
-struct Assembled {
-    /// In manifest order.
-    layers: Vec<LayerSource>,
-    config: Vec<u8>,
-    commit_layers: Vec<CommitLayer>,
-    bootstrap: Option<CommitLayer>,
-}
-
-impl From<nydus_image::Assembled> for Assembled {
-    fn from(a: nydus_image::Assembled) -> Self {
-        Assembled {
-            layers: a.layers,
-            config: a.config,
-            commit_layers: a.commit_layers,
-            bootstrap: Some(a.bootstrap),
-        }
-    }
 }
 
 /// The pushable form of a recorded OCI commit layer.

@@ -670,6 +670,20 @@ pub fn unpack_bootstrap_layer(layer: &Path, out: &Path) -> Result<(), NydusError
     })
 }
 
+/// Incompressible test bytes (xorshift from `state`), so that a blob's size
+/// shows whether it holds the data and a wrong chunk offset shows.
+#[cfg(test)]
+pub(crate) fn noise(len: usize, mut state: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// One entry of a test tar: path, type, content, link target.
 #[cfg(test)]
 pub(crate) type TestEntry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
@@ -715,15 +729,7 @@ mod tests {
     fn layers_stack_on_their_parent_bootstrap() {
         let tmp = tempfile::tempdir().unwrap();
         // Incompressible, so a blob's size shows whether it holds the data.
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let big: Vec<u8> = (0..(CHUNK_SIZE as usize + 4096))
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let big = noise(CHUNK_SIZE as usize + 4096, 0x2545_f491_4f6c_dd1d);
         let base = tmp.path().join("base.tar");
         write_tar(
             &base,

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use crate::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
-use crate::nydus::{self, Compressor, LayerBuild, RafsOptions};
+use crate::nydus::{self, LayerBuild, RafsOptions};
 use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
 /// What the commit hands over to make its Nydus image.
@@ -42,15 +42,17 @@ pub struct BaseCache {
 /// never evicted.
 const CACHE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// The image to push and the chain's new state.
+/// The image to push and the chain's new state, as a format's assembly
+/// (OCI in `commit`, Nydus here) hands it to the push.
 #[derive(Debug, Clone)]
 pub struct Assembled {
     /// In manifest order.
     pub layers: Vec<LayerSource>,
     pub config: Vec<u8>,
-    /// The commit blobs above the base image's.
+    /// The commit layers (blobs, for Nydus) above the base image's.
     pub commit_layers: Vec<CommitLayer>,
-    pub bootstrap: CommitLayer,
+    /// A Nydus image's bootstrap layer.
+    pub bootstrap: Option<CommitLayer>,
 }
 
 /// A layer the image shares with an image already in a registry: fetched
@@ -203,7 +205,7 @@ pub async fn assemble(
         layers,
         config,
         commit_layers,
-        bootstrap,
+        bootstrap: Some(bootstrap),
     })
 }
 
@@ -501,7 +503,7 @@ fn store_cached(dir: &Path, parts: &[LayerBuild]) -> std::io::Result<Vec<LayerBu
 
 /// Writes the uncompressed tar of a layer blob (gzip, zstd or none, by its
 /// media type).
-fn decompress_layer(media_type: &str, from: &Path, to: &Path) -> Result<(), String> {
+pub fn decompress_layer(media_type: &str, from: &Path, to: &Path) -> Result<(), String> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |e: std::io::Error| format!("{path}: {e}")
@@ -512,7 +514,7 @@ fn decompress_layer(media_type: &str, from: &Path, to: &Path) -> Result<(), Stri
         Box::new(flate2::read::GzDecoder::new(input))
     } else if media_type.ends_with("zstd") {
         Box::new(zstd::stream::read::Decoder::new(input).map_err(io(from))?)
-    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+    } else if media_type.ends_with("tar") {
         Box::new(input)
     } else {
         return Err(format!("base layer media type {media_type} is not a tar layer"));
@@ -570,15 +572,27 @@ pub async fn resolve_reused(
 ) -> Result<Vec<LayerSource>, String> {
     let text = |e: crate::registry::RegistryError| e.to_string();
     let total = reused.len().max(1) as f64;
+    // Layers already local are pushed from their file; the rest are checked
+    // against the target in one session.
+    let remote: Vec<&str> = reused
+        .iter()
+        .filter(|r| !matches!(r.layer.data, LayerData::File(_)))
+        .map(|r| r.layer.digest.as_str())
+        .collect();
+    let present = target
+        .blobs_present(target_ref, &remote, &RegistryAuth::Anonymous)
+        .await
+        .map_err(text)?;
+    let in_target: std::collections::HashSet<String> = remote
+        .iter()
+        .zip(present)
+        .filter(|(_, present)| *present)
+        .map(|(digest, _)| digest.to_string())
+        .collect();
     let mut layers = Vec::new();
     for (i, mut reused) in reused.into_iter().enumerate() {
         let local = matches!(reused.layer.data, LayerData::File(_));
-        if !local
-            && !target
-                .has_blob(target_ref, &reused.layer.digest, &RegistryAuth::Anonymous)
-                .await
-                .map_err(text)?
-        {
+        if !local && !in_target.contains(&reused.layer.digest) {
             let path = work.join(format!("reused-{i}"));
             let client = RegistryClient::new(crate::registry::RegistryOptions {
                 insecure: reused.insecure,
@@ -594,11 +608,6 @@ pub async fn resolve_reused(
         progress(0.6 + 0.2 * (i + 1) as f64 / total, "fetching base layers");
     }
     Ok(layers)
-}
-
-/// The compressor option of a commit as a Nydus compressor.
-pub fn compressor(text: &str) -> Result<Compressor, String> {
-    Compressor::parse(text).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -775,18 +775,7 @@ pub(crate) mod testing {
         pub files: BTreeMap<String, Vec<u8>>,
     }
 
-    /// Incompressible bytes, so that chunks of a compressed blob are not all
-    /// tiny and a wrong offset shows.
-    pub fn noise(len: usize, mut state: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
+    use crate::nydus::noise;
 
     fn write_tar(path: &Path, entries: &[crate::nydus::TestEntry<'_>]) {
         crate::nydus::write_test_tar(path, entries, (0, 0));

@@ -297,20 +297,43 @@ impl RegistryClient {
     }
 
     /// Whether the repository of `reference` holds blob `digest`.
-    #[instrument(level = "debug", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest))]
     pub async fn has_blob(&self, reference: &str, digest: &str, auth: &RegistryAuth) -> Result<bool, RegistryError> {
+        let present = self.blobs_present(reference, &[digest], auth).await?;
+        Ok(present.first().copied().unwrap_or(false))
+    }
+
+    /// Which of `digests` the repository of `reference` holds, in order,
+    /// asked over one session.
+    #[instrument(level = "debug", err(level = "info"), skip_all, fields(reference = %reference, blobs = digests.len()))]
+    pub async fn blobs_present(
+        &self,
+        reference: &str,
+        digests: &[&str],
+        auth: &RegistryAuth,
+    ) -> Result<Vec<bool>, RegistryError> {
         let parsed = parse_reference(reference)?;
-        let object = format!("blob {digest}");
-        check_digest_format(&object, digest)?;
+        for digest in digests {
+            check_digest_format(&format!("blob {digest}"), digest)?;
+        }
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
         let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
-        self.with_retries("blob check", digest, &session.registry, || async {
-            session
-                .client
-                .blob_exists(&session.reference, digest)
-                .await
-                .map_err(|err| classify_oci(err, &session.registry, &object))
-        })
-        .await
+        let mut present = Vec::with_capacity(digests.len());
+        for digest in digests {
+            let object = format!("blob {digest}");
+            let exists = self
+                .with_retries("blob check", digest, &session.registry, || async {
+                    session
+                        .client
+                        .blob_exists(&session.reference, digest)
+                        .await
+                        .map_err(|err| classify_oci(err, &session.registry, &object))
+                })
+                .await?;
+            present.push(exists);
+        }
+        Ok(present)
     }
 
     /// The image manifest `reference` names and its config blob.

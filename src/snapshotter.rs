@@ -594,11 +594,10 @@ impl Snapshotter {
     /// mounted here (start-up and the next Prepare mount it).
     pub fn mounts(&self, style: KeyStyle, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         validate_key(style, "key", key)?;
-        let record = self.store.get(key)?;
+        let (record, chain) = self.store.get_with_ancestors(key)?;
         if record.kind == Kind::Committed {
             return Err(SnapshotError::NoMounts { key: key.to_string() });
         }
-        let chain = self.store.ancestors(&record.parent)?;
         if let Some(at) = self.bootstrap_index(&chain) {
             let mountpoint = self.rafs.mountpoint(chain[at].1.id);
             if !self.sys.is_mountpoint(&mountpoint).unwrap_or(false) {
@@ -816,8 +815,7 @@ impl Snapshotter {
     /// The lower directories of active snapshot `key`, nearest first (a
     /// Nydus image's RAFS mount in place of its layers).
     pub fn lower_dirs(&self, key: &str) -> Result<Vec<std::path::PathBuf>, SnapshotError> {
-        let record = self.store.get(key)?;
-        let chain = self.store.ancestors(&record.parent)?;
+        let (_, chain) = self.store.get_with_ancestors(key)?;
         Ok(self.lowers_of(&chain))
     }
 

@@ -156,17 +156,19 @@ fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(table: &T, key: &str) -
     }
 }
 
-fn parent_ids_in<T: ReadableTable<&'static str, &'static [u8]>>(
+/// `parent` and its ancestors with their names, nearest first.
+fn ancestors_in<T: ReadableTable<&'static str, &'static [u8]>>(
     table: &T,
     mut parent: String,
-) -> Result<Vec<u64>, StoreError> {
-    let mut ids = Vec::new();
+) -> Result<Vec<(String, Record)>, StoreError> {
+    let mut chain = Vec::new();
     while !parent.is_empty() {
         let record = get_in(table, &parent)?.ok_or(StoreError::ParentNotFound { parent: parent.clone() })?;
-        ids.push(record.id);
-        parent = record.parent;
+        let next = record.parent.clone();
+        chain.push((parent, record));
+        parent = next;
     }
-    Ok(ids)
+    Ok(chain)
 }
 
 impl Store {
@@ -203,13 +205,14 @@ impl Store {
         get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })
     }
 
-    /// The record of `key` and the ids of its parents, nearest first.
-    pub fn get_with_parents(&self, key: &str) -> Result<(Record, Vec<u64>), StoreError> {
+    /// The record of `key` and its ancestors with their names, nearest
+    /// first, read in one transaction.
+    pub fn get_with_ancestors(&self, key: &str) -> Result<(Record, Vec<(String, Record)>), StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
         let record = get_in(&table, key)?.ok_or(StoreError::NotFound { key: key.to_string() })?;
-        let ids = parent_ids_in(&table, record.parent.clone())?;
-        Ok((record, ids))
+        let chain = ancestors_in(&table, record.parent.clone())?;
+        Ok((record, chain))
     }
 
     /// `parent` and its ancestors with their names, nearest first (empty for
@@ -217,15 +220,7 @@ impl Store {
     pub fn ancestors(&self, parent: &str) -> Result<Vec<(String, Record)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        let mut chain = Vec::new();
-        let mut name = parent.to_string();
-        while !name.is_empty() {
-            let record = get_in(&table, &name)?.ok_or(StoreError::ParentNotFound { parent: name.clone() })?;
-            let next = record.parent.clone();
-            chain.push((name, record));
-            name = next;
-        }
-        Ok(chain)
+        ancestors_in(&table, parent.to_string())
     }
 
     /// Creates snapshot `key`. `make_dir(id, parent_ids)` runs inside the
@@ -255,7 +250,10 @@ impl Store {
                     .into());
                 }
             }
-            let parent_ids = parent_ids_in(&table, parent.to_string())?;
+            let parent_ids: Vec<u64> = ancestors_in(&table, parent.to_string())?
+                .iter()
+                .map(|(_, r)| r.id)
+                .collect();
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let id = meta.get(NEXT_ID).map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
             meta.insert(NEXT_ID, id + 1).map_err(db_err)?;

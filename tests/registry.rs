@@ -418,6 +418,18 @@ async fn blobs_in_the_target_are_referenced_not_uploaded() {
         .has_blob(&first_ref, &absent, &RegistryAuth::Anonymous)
         .await
         .expect("check absent"));
+    let asked = [
+        image.layers[0].digest.as_str(),
+        absent.as_str(),
+        image.layers[1].digest.as_str(),
+    ];
+    assert_eq!(
+        client
+            .blobs_present(&first_ref, &asked, &RegistryAuth::Anonymous)
+            .await
+            .expect("check several"),
+        vec![true, false, true]
+    );
     let err = client
         .has_blob(&first_ref, "sha256:short", &RegistryAuth::Anonymous)
         .await

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
 use seamless_snapshotter::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryOptions};
@@ -240,7 +240,8 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
         let blob = work.join(format!("oci-{i}"));
         runtime.block_on(registry.pull_blob_to(&source, &layer.digest, &blob, &RegistryAuth::Anonymous))?;
         let tar = work.join(format!("oci-{i}.tar"));
-        decompress(&layer.media_type, &blob, &tar)?;
+        seamless_snapshotter::nydus_image::decompress_layer(&layer.media_type, &blob, &tar)
+            .map_err(anyhow::Error::msg)?;
         let built = nydus::build_layer(&tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir)
             .with_context(|| format!("building RAFS of layer {i}"))?;
         builds.push(built);
@@ -286,20 +287,6 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
     let config = serde_json::to_vec(&config)?;
     runtime.block_on(registry.push_image(target, &layers, &config, BTreeMap::new(), &RegistryAuth::Anonymous))?;
     Ok(blob_digests)
-}
-
-/// Writes the tar of an OCI layer blob.
-fn decompress(media_type: &str, blob: &Path, tar: &Path) -> Result<()> {
-    let input = std::fs::File::open(blob)?;
-    let mut output = std::fs::File::create(tar)?;
-    if media_type.ends_with("+gzip") || media_type.ends_with(".gzip") {
-        std::io::copy(&mut flate2::read::GzDecoder::new(input), &mut output)?;
-    } else if media_type.ends_with(".tar") {
-        std::io::copy(&mut { input }, &mut output)?;
-    } else {
-        bail!("layer media type {media_type} is not handled by this test");
-    }
-    Ok(())
 }
 
 /// Builds `integration/rpull` offline from Debian's containerd sources
