@@ -6,6 +6,7 @@
 #   env_up            temp dir, registry, test image pushed, daemon, containerd
 #   IMAGE             the pushed test image reference
 #   ctrn ARGS...      ctr --address <ours> -n $NS ARGS...
+#   SEAMLESS_CONFIG   (optional) a daemon config file passed as --config
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SEAMLESS_BIN=${SEAMLESS_GRPC_BIN:-$REPO/target/debug/containerd-seamless-grpc}
@@ -149,7 +150,8 @@ EOT
 
     env_log "starting containerd-seamless-grpc (root $ENV_DIR/seamless)"
     env_start seamless "$SEAMLESS_BIN" --root "$ENV_DIR/seamless" --address "$ENV_DIR/s.sock" \
-        --containerd-address "$ENV_DIR/c.sock" --log-level "${SEAMLESS_LOG_LEVEL:-info}"
+        --containerd-address "$ENV_DIR/c.sock" --log-level "${SEAMLESS_LOG_LEVEL:-info}" \
+        ${SEAMLESS_CONFIG:+--config "$SEAMLESS_CONFIG"}
     env_wait "containerd-seamless-grpc" 30 "${ENV_PIDS[seamless]}" test -S "$ENV_DIR/s.sock"
 
     mkdir -p "$ENV_DIR/c/root/io.containerd.snapshotter.v1.seamless"

@@ -56,6 +56,25 @@ pub struct NydusConfig {
     /// nothing; past it the least recently used go.
     #[serde(default = "default_base_cache_size")]
     pub base_cache_size: String,
+    /// How the filesystem of a Nydus image is served: "auto" mounts RAFS v6
+    /// images whose blobs are stored uncompressed with the kernel's erofs
+    /// (blobs fetched whole on first use) and serves the others (compressed
+    /// blobs, RAFS v5) over FUSE from the daemon, reading chunks lazily from
+    /// the registry; "erofs" fetches every blob when its layer is pulled and
+    /// mounts with erofs (RAFS v5 is refused); "fuse" serves every image over
+    /// FUSE.
+    #[serde(default)]
+    pub fs_driver: FsDriver,
+}
+
+/// How Nydus images are served; see [`NydusConfig::fs_driver`].
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsDriver {
+    #[default]
+    Auto,
+    Erofs,
+    Fuse,
 }
 
 fn default_base_cache_size() -> String {
@@ -67,6 +86,7 @@ impl Default for NydusConfig {
         NydusConfig {
             insecure_registries: Vec::new(),
             base_cache_size: default_base_cache_size(),
+            fs_driver: FsDriver::default(),
         }
     }
 }
@@ -373,6 +393,11 @@ mod tests {
         let err = Config::parse("[nydus]\nbase_cache_size = \"lots\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("nydus.base_cache_size"), "{err}");
         assert_eq!(Config::default().nydus_base_cache_bytes().unwrap(), 10 << 30);
+        assert_eq!(Config::default().nydus.fs_driver, FsDriver::Auto);
+        let fuse = Config::parse("[nydus]\nfs_driver = \"fuse\"\n", "t").unwrap();
+        assert_eq!(fuse.nydus.fs_driver, FsDriver::Fuse);
+        let err = Config::parse("[nydus]\nfs_driver = \"fscache\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("fs_driver"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod nydus;
 pub mod nydus_image;
+pub mod rafs_fuse;
 pub mod rafs_mount;
 pub mod registry;
 pub mod rest;

@@ -5,15 +5,20 @@
 //! - `cache/<hex>`: each blob's chunks decompressed to their uncompressed
 //!   offsets, the layout in which the kernel's erofs reads a RAFS v6 device,
 //!   and `cache/<hex>.applied`, the bootstraps whose chunks it holds;
-//! - `mnt/<id>`: the read-only erofs mount of the RAFS v6 bootstrap of
-//!   committed snapshot `id`, one cache file per blob as its devices, counted
-//!   by the snapshots that use it and unmounted when the last one goes.
+//! - `fuse-cache/<hex>.*`: the chunks of blob `<hex>` read so far by the
+//!   FUSE server, at their uncompressed offsets, with nydus-storage's chunk
+//!   map and the blob's chunk table;
+//! - `mnt/<id>`: the read-only mount of the bootstrap of committed snapshot
+//!   `id`, counted by the snapshots that use it and unmounted when the last
+//!   one goes. Per [`FsDriver`], either the kernel's erofs with one cache
+//!   file per blob as its devices, or the daemon's FUSE server reading
+//!   chunks lazily (compressed blobs, RAFS v5).
 //!
 //! It decides no snapshot rules: the snapshotter says which bootstrap to
 //! mount for which snapshot, and which blobs are still referenced. Mounts go
-//! through [`SystemOps`], registry access through a [`BlobSource`]. Every call
-//! blocks (downloads, decompression, mounts): callers on an async runtime use
-//! `spawn_blocking`.
+//! through [`SystemOps`] and a [`FuseServer`], registry access through a
+//! [`BlobSource`]. Every call blocks (downloads, decompression, mounts):
+//! callers on an async runtime use `spawn_blocking`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -27,8 +32,10 @@ use nydus_utils::compress;
 use nydus_utils::digest::{self, RafsDigest};
 use tracing::{info, warn};
 
+use crate::config::FsDriver;
 use crate::error::{Classify, ErrorKind};
 use crate::nydus::{self, NydusError};
+use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec};
 use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
 use crate::sys::{SysError, SystemOps};
 
@@ -36,6 +43,7 @@ use crate::sys::{SysError, SystemOps};
 const BLOCK_SIZE: u64 = 4096;
 const BLOBS: &str = "blobs";
 const CACHE: &str = "cache";
+const FUSE_CACHE: &str = "fuse-cache";
 const MOUNTS: &str = "mnt";
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +58,8 @@ pub enum RafsMountError {
     Sys(#[from] SysError),
     #[error(transparent)]
     Nydus(#[from] NydusError),
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
     #[error("fetching nydus blob {digest} of image {reference}: {source}")]
     Fetch {
         reference: String,
@@ -90,6 +100,7 @@ impl Classify for RafsMountError {
             RafsMountError::Io { .. }
             | RafsMountError::Sys(_)
             | RafsMountError::Nydus(_)
+            | RafsMountError::Fuse(_)
             | RafsMountError::CorruptChunk { .. } => ErrorKind::Internal,
         }
     }
@@ -115,6 +126,12 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     /// Writes blob `digest` of image `reference` to the new file `dest`,
     /// verified against the digest; returns its size.
     fn fetch(&self, reference: &str, digest: &str, dest: &Path) -> Result<u64, RegistryError>;
+
+    /// Where the FUSE server reads blobs of image `reference` chunk by
+    /// chunk; None when blobs must be fetched whole first.
+    fn lazy_backend(&self, _reference: &str) -> Option<BlobBackend> {
+        None
+    }
 }
 
 /// Blobs from the registry of the image they belong to, anonymously.
@@ -181,6 +198,24 @@ impl BlobSource for RegistryBlobSource {
                 })?
                 .block_on(pull),
         }
+    }
+
+    fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
+        let parsed = oci_client::Reference::from_str(reference).ok()?;
+        let host = parsed.resolve_registry().to_string();
+        let (scheme, skip_verify) = if is_loopback_registry(parsed.registry()) {
+            ("http", false)
+        } else if self.is_insecure(reference) {
+            ("https", true)
+        } else {
+            ("https", false)
+        };
+        Some(BlobBackend::Registry {
+            host,
+            repository: parsed.repository().to_string(),
+            scheme,
+            skip_verify,
+        })
     }
 }
 
@@ -407,9 +442,12 @@ impl Users {
 pub struct RafsMounts {
     blobs: PathBuf,
     cache: PathBuf,
+    fuse_cache: PathBuf,
     mounts: PathBuf,
     sys: Arc<dyn SystemOps>,
     source: Arc<dyn BlobSource>,
+    driver: FsDriver,
+    fuse: Arc<dyn FuseServer>,
     /// Bootstrap snapshot id -> its users. Held across mounting, unmounting
     /// and cache building, so a mount never goes while one is being taken.
     users: Mutex<HashMap<u64, Users>>,
@@ -463,26 +501,56 @@ impl Drop for MountLease<'_> {
 }
 
 impl RafsMounts {
-    /// Opens (creating 0700) `<root>/nydus`.
+    /// Opens (creating 0700) `<root>/nydus`. FUSE mounts a previous run
+    /// left are dead (their server went with it): they are detached, to be
+    /// mounted again by whoever uses them.
     pub fn open(
         root: &Path,
         sys: Arc<dyn SystemOps>,
         source: Arc<dyn BlobSource>,
+        driver: FsDriver,
+        fuse: Arc<dyn FuseServer>,
     ) -> Result<RafsMounts, RafsMountError> {
         let base = root.join("nydus");
         let mounts = RafsMounts {
             blobs: base.join(BLOBS),
             cache: base.join(CACHE),
+            fuse_cache: base.join(FUSE_CACHE),
             mounts: base.join(MOUNTS),
             sys,
             source,
+            driver,
+            fuse,
             users: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
         };
-        for dir in [&base, &mounts.blobs, &mounts.cache, &mounts.mounts] {
+        for dir in [&base, &mounts.blobs, &mounts.cache, &mounts.fuse_cache, &mounts.mounts] {
             ensure_private_dir(dir)?;
         }
+        mounts.detach_dead_mounts()?;
         Ok(mounts)
+    }
+
+    /// Detaches the FUSE mounts under `mnt/`: this process serves none
+    /// yet, so their server (a previous run) is gone. (A stat would not
+    /// tell: the kernel answers from cached attributes for a while.)
+    fn detach_dead_mounts(&self) -> Result<(), RafsMountError> {
+        for path in self.sys.fuse_mounts_under(&self.mounts)? {
+            self.sys.unmount(&path)?;
+            warn!(mountpoint = %path.display(), "detached a RAFS FUSE mount left by a previous run");
+        }
+        Ok(())
+    }
+
+    /// Whether blobs are fetched when their layer is pulled, rather than
+    /// when (and as far as) an image's files are read.
+    pub fn fetches_at_pull(&self) -> bool {
+        self.driver == FsDriver::Erofs
+    }
+
+    /// Whether RAFS v5 images can run: only over FUSE.
+    pub fn runs_rafs_v5(&self) -> bool {
+        self.driver != FsDriver::Erofs
     }
 
     fn lock_users(&self) -> MutexGuard<'_, HashMap<u64, Users>> {
@@ -556,18 +624,29 @@ impl RafsMounts {
     ) -> Result<MountLease<'_>, RafsMountError> {
         let mut users = self.lock_users();
         let mountpoint = self.mountpoint(bootstrap_id);
-        if !self.sys.is_mountpoint(&mountpoint)? {
-            let devices = self.prepare_devices(bootstrap, origins)?;
-            ensure_private_dir(&mountpoint)?;
-            let started = std::time::Instant::now();
-            self.sys.mount_erofs(bootstrap, &devices, &mountpoint)?;
-            info!(
-                bootstrap = %bootstrap.display(),
-                mountpoint = %mountpoint.display(),
-                blobs = devices.len(),
-                mount_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "mounted RAFS"
-            );
+        if !self.fuse.serves(&mountpoint) && !self.sys.is_mountpoint(&mountpoint)? {
+            if self.serves_over_fuse(bootstrap)? {
+                let backend = self.fuse_backend(bootstrap, origins)?;
+                ensure_private_dir(&mountpoint)?;
+                self.fuse.serve(&FuseSpec {
+                    bootstrap: bootstrap.to_path_buf(),
+                    backend,
+                    cache_dir: self.fuse_cache.clone(),
+                    mountpoint: mountpoint.clone(),
+                })?;
+            } else {
+                let devices = self.prepare_devices(bootstrap, origins)?;
+                ensure_private_dir(&mountpoint)?;
+                let started = std::time::Instant::now();
+                self.sys.mount_erofs(bootstrap, &devices, &mountpoint)?;
+                info!(
+                    bootstrap = %bootstrap.display(),
+                    mountpoint = %mountpoint.display(),
+                    blobs = devices.len(),
+                    mount_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "mounted RAFS"
+                );
+            }
         }
         users.entry(bootstrap_id).or_default().pending += 1;
         Ok(MountLease {
@@ -576,6 +655,70 @@ impl RafsMounts {
             mountpoint,
             bound: false,
         })
+    }
+
+    /// Whether `bootstrap` is served over FUSE rather than mounted with
+    /// erofs, per the driver: "auto" leaves to erofs only what it mounts
+    /// without a decompressed copy of each blob, RAFS v6 with blobs stored
+    /// uncompressed.
+    fn serves_over_fuse(&self, bootstrap: &Path) -> Result<bool, RafsMountError> {
+        let rs = nydus::load_bootstrap(bootstrap)?;
+        let v5 = rs.meta.is_v5();
+        Ok(match self.driver {
+            FsDriver::Fuse => true,
+            FsDriver::Erofs if v5 => {
+                return Err(RafsMountError::UnsupportedVersion {
+                    path: bootstrap.display().to_string(),
+                })
+            }
+            FsDriver::Erofs => false,
+            FsDriver::Auto => {
+                v5 || rs
+                    .superblock
+                    .get_blob_infos()
+                    .iter()
+                    .any(|b| b.compressor() != compress::Algorithm::None)
+            }
+        })
+    }
+
+    /// Where the FUSE server reads the blobs of `bootstrap`: this host's
+    /// blob directory when every blob is here; otherwise the registry of the
+    /// image, chunk by chunk. Blobs of several repositories (or a source
+    /// with no lazy access) are fetched whole first.
+    fn fuse_backend(&self, bootstrap: &Path, origins: &[BlobOrigin]) -> Result<BlobBackend, RafsMountError> {
+        let rs = nydus::load_bootstrap(bootstrap)?;
+        let mut missing = Vec::new();
+        for info in rs.superblock.get_blob_infos() {
+            let blob_id = info.blob_id();
+            if self.blob_path(&blob_id).is_file() {
+                continue;
+            }
+            let origin = origins
+                .iter()
+                .find(|o| o.digest.strip_prefix("sha256:") == Some(blob_id.as_str()))
+                .ok_or(RafsMountError::BlobMissing { blob_id })?;
+            missing.push(origin);
+        }
+        let local = BlobBackend::Local {
+            dir: self.blobs.clone(),
+        };
+        let Some(first) = missing.first() else {
+            return Ok(local);
+        };
+        if let Some(lazy) = self.source.lazy_backend(&first.reference) {
+            if missing
+                .iter()
+                .all(|o| self.source.lazy_backend(&o.reference).as_ref() == Some(&lazy))
+            {
+                return Ok(lazy);
+            }
+        }
+        let _guard = self.lock_fetching();
+        for origin in missing {
+            self.fetch_locked(&origin.reference, &origin.digest)?;
+        }
+        Ok(local)
     }
 
     /// The cache file of every blob of `bootstrap`, in device order, each
@@ -660,7 +803,9 @@ impl RafsMounts {
         }
         users.remove(&bootstrap_id);
         let mountpoint = self.mountpoint(bootstrap_id);
-        if self.sys.is_mountpoint(&mountpoint)? {
+        if self.fuse.stop(&mountpoint)? {
+            // Unmounted by the FUSE server.
+        } else if self.sys.is_mountpoint(&mountpoint)? {
             self.sys.unmount(&mountpoint)?;
             info!(mountpoint = %mountpoint.display(), "unmounted RAFS");
         }
@@ -682,6 +827,12 @@ impl RafsMounts {
         remove_file_if_present(&self.blob_path(blob_id))?;
         remove_file_if_present(&self.applied_path(blob_id))?;
         remove_file_if_present(&self.cache_path(blob_id))?;
+        for entry in fs::read_dir(&self.fuse_cache).map_err(io_err("read directory", &self.fuse_cache))? {
+            let entry = entry.map_err(io_err("read directory", &self.fuse_cache))?;
+            if entry.file_name().to_string_lossy().split('.').next() == Some(blob_id) {
+                remove_file_if_present(&entry.path())?;
+            }
+        }
         info!(blob = blob_id, "removed nydus blob");
         Ok(())
     }
@@ -706,12 +857,13 @@ impl RafsMounts {
         }
         let _fetching = self.lock_fetching();
         let mut removed = BTreeSet::new();
-        for dir in [&self.blobs, &self.cache] {
+        for dir in [&self.blobs, &self.cache, &self.fuse_cache] {
             for entry in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
                 let entry = entry.map_err(io_err("read directory", dir))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                // `<hex>`, `<hex>.applied`, and what a killed download or
-                // list update left (`<hex>.<suffix>`).
+                // `<hex>`, `<hex>.applied`, `<hex>.chunk_map` (and other
+                // files of nydus-storage's cache), and what a killed
+                // download or list update left (`<hex>.<suffix>`).
                 let id = name.split('.').next().unwrap_or_default().to_string();
                 if !referenced.contains(&id) {
                     remove_file_if_present(&entry.path())?;
@@ -763,6 +915,7 @@ pub(crate) mod testing {
 
     use super::BlobSource;
     use crate::nydus::{self, Compressor, RafsOptions};
+    use crate::rafs_fuse::BlobBackend;
     use crate::registry::RegistryError;
 
     pub struct TestImage {
@@ -847,6 +1000,9 @@ pub(crate) mod testing {
     pub struct DirBlobSource {
         pub dir: PathBuf,
         pub fetched: Mutex<Vec<String>>,
+        /// Offer the FUSE server lazy access to the registry the reference
+        /// names (plain HTTP).
+        pub lazy: bool,
     }
 
     impl DirBlobSource {
@@ -854,6 +1010,7 @@ pub(crate) mod testing {
             DirBlobSource {
                 dir: dir.to_path_buf(),
                 fetched: Mutex::new(Vec::new()),
+                lazy: false,
             }
         }
 
@@ -871,6 +1028,17 @@ pub(crate) mod testing {
                 message: source.to_string(),
             })
         }
+
+        fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
+            let (host, rest) = reference.split_once('/')?;
+            let repository = rest.rsplit_once(':').map_or(rest, |(repo, _)| repo);
+            self.lazy.then(|| BlobBackend::Registry {
+                host: host.to_string(),
+                repository: repository.to_string(),
+                scheme: "http",
+                skip_verify: false,
+            })
+        }
     }
 }
 
@@ -879,6 +1047,7 @@ mod tests {
     use super::testing::{self, DirBlobSource};
     use super::*;
     use crate::nydus::Compressor;
+    use crate::rafs_fuse::RecordingFuse;
     use crate::sys::RecordingSystem;
 
     /// Each regular file's content read back from the cache files at the
@@ -979,7 +1148,14 @@ mod tests {
         let sys = Arc::new(RecordingSystem::plain());
         let source = Arc::new(DirBlobSource::new(&image.blob_dir));
         let root = tmp.path().join("root");
-        let mounts = RafsMounts::open(&root, sys.clone(), source.clone()).unwrap();
+        let mounts = RafsMounts::open(
+            &root,
+            sys.clone(),
+            source.clone(),
+            FsDriver::Erofs,
+            Arc::new(RecordingFuse::default()),
+        )
+        .unwrap();
         let reference = "127.0.0.1:5000/app:1";
         let origins: Vec<BlobOrigin> = image
             .blob_digests
@@ -1052,7 +1228,14 @@ mod tests {
         let image = testing::build(&tmp.path().join("image"), Compressor::Zstd, 6);
         let sys = Arc::new(RecordingSystem::plain());
         let root = tmp.path().join("root");
-        let mounts = RafsMounts::open(&root, sys.clone(), Arc::new(DirBlobSource::new(&image.blob_dir))).unwrap();
+        let mounts = RafsMounts::open(
+            &root,
+            sys.clone(),
+            Arc::new(DirBlobSource::new(&image.blob_dir)),
+            FsDriver::Erofs,
+            Arc::new(RecordingFuse::default()),
+        )
+        .unwrap();
         let err = mounts.acquire(3, &image.bootstrap, &[]).unwrap_err();
         assert!(matches!(err, RafsMountError::BlobMissing { .. }), "{err}");
         assert!(sys.calls().is_empty());
@@ -1068,6 +1251,12 @@ mod tests {
         // short.
         fs::create_dir(root.join("nydus/mnt/99")).unwrap();
         fs::write(root.join(format!("nydus/blobs/{}.partial", "0".repeat(64))), b"x").unwrap();
+        // What the FUSE server cached of both blobs.
+        for hex in [&first, &second] {
+            for suffix in ["blob.data", "chunk_map", "blob.meta"] {
+                fs::write(root.join(format!("nydus/fuse-cache/{hex}.{suffix}")), b"x").unwrap();
+            }
+        }
         let (unmounted, removed) = mounts.sweep(&BTreeSet::from([first.clone()])).unwrap();
         assert_eq!((unmounted, removed), (1, 2));
         assert!(root.join("nydus/mnt/3").exists(), "a mount in use stays");
@@ -1076,11 +1265,38 @@ mod tests {
         assert!(!root.join("nydus/blobs").join(&second).exists());
         assert!(!root.join("nydus/cache").join(&second).exists());
         assert_eq!(fs::read_dir(root.join("nydus/blobs")).unwrap().count(), 1);
+        assert_eq!(
+            fs::read_dir(root.join("nydus/fuse-cache")).unwrap().count(),
+            3,
+            "the first blob's stay"
+        );
 
         mounts.remove_blob(&first).unwrap();
         assert!(!root.join("nydus/blobs").join(&first).exists());
         assert!(!root.join("nydus/cache").join(&first).exists());
         assert!(!root.join(format!("nydus/cache/{first}.applied")).exists());
+        assert_eq!(fs::read_dir(root.join("nydus/fuse-cache")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn fuse_mounts_of_a_previous_run_are_detached_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let dead = root.join("nydus/mnt/5");
+        let sys = Arc::new(RecordingSystem::plain());
+        sys.fuse_mounts
+            .lock()
+            .unwrap()
+            .extend([dead.clone(), tmp.path().join("other/fuse")]);
+        RafsMounts::open(
+            &root,
+            sys.clone(),
+            Arc::new(DirBlobSource::new(tmp.path())),
+            FsDriver::Auto,
+            Arc::new(RecordingFuse::default()),
+        )
+        .unwrap();
+        assert_eq!(sys.calls(), vec![format!("umount {}", dead.display())]);
     }
 
     #[test]

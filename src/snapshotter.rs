@@ -21,6 +21,7 @@ use crate::error::{Classify, ErrorKind};
 use crate::filter::{Fields, FilterError, FilterSet};
 use crate::model::{Info, Kind, Labels, Mount, Usage};
 use crate::nydus;
+use crate::rafs_fuse::{FuseServer, InProcessFuse};
 use crate::rafs_mount::{
     digest_hex, BlobOrigin, BlobSource, MountLease, RafsMountError, RafsMounts, RegistryBlobSource,
 };
@@ -67,7 +68,7 @@ pub enum SnapshotError {
     )]
     NydusLabelMissing { key: String, label: &'static str },
     #[error(
-        "nydus bootstrap layer {key} is RAFS v{version}; only RAFS v6 Nydus images run on this snapshotter for now"
+        "nydus bootstrap layer {key} is RAFS v{version}: this snapshotter runs RAFS v6, and v5 unless [nydus] fs_driver is \"erofs\""
     )]
     UnsupportedRafsVersion { key: String, version: String },
     #[error("the RAFS mount {mountpoint} below snapshot {key} is missing: it could not be mounted again (see the daemon's log)")]
@@ -293,15 +294,17 @@ impl Snapshotter {
     /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
         let source = RegistryBlobSource::new(config.nydus.insecure_registries.clone());
-        Snapshotter::open_with_blob_source(root, config, sys, Arc::new(source))
+        Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), Arc::new(InProcessFuse::new()))
     }
 
-    /// [`Snapshotter::open`] with Nydus blobs fetched through `blobs`.
-    pub fn open_with_blob_source(
+    /// [`Snapshotter::open`] with Nydus blobs fetched through `blobs` and
+    /// served over FUSE by `fuse`.
+    pub fn open_with_nydus_io(
         root: &Path,
         config: &Config,
         sys: Arc<dyn SystemOps>,
         blobs: Arc<dyn BlobSource>,
+        fuse: Arc<dyn FuseServer>,
     ) -> Result<Snapshotter, SnapshotError> {
         // A daemon killed mid-capture may have left a container frozen:
         // thaw before anything else.
@@ -312,7 +315,7 @@ impl Snapshotter {
         }
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Store::open(&root.join(METADATA_FILE))?;
-        let rafs = RafsMounts::open(root, sys.clone(), blobs)?;
+        let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
         let snapshotter = Snapshotter {
             store,
             storage,
@@ -377,7 +380,10 @@ impl Snapshotter {
         if label_is_true(&labels, nydus::ANNOTATION_BOOTSTRAP) {
             // Refused before anything is fetched or created: the pull fails
             // with the reason instead of every container start.
-            if let Some(version) = labels.get(nydus::ANNOTATION_FS_VERSION).filter(|v| v.as_str() != "6") {
+            if let Some(version) = labels
+                .get(nydus::ANNOTATION_FS_VERSION)
+                .filter(|v| v.as_str() != "6" && !(v.as_str() == "5" && self.rafs.runs_rafs_v5()))
+            {
                 return Err(SnapshotError::UnsupportedRafsVersion {
                     key: key.to_string(),
                     version: version.clone(),
@@ -444,8 +450,14 @@ impl Snapshotter {
         let reference = required(LABEL_IMAGE_REF)?;
         digest_hex(&digest)?;
         // Held until the layer's record references the blob, so a Cleanup
-        // meanwhile cannot take it for garbage.
-        let blob = self.rafs.fetch_blob(&reference, &digest)?;
+        // meanwhile cannot take it for garbage. Unless the driver wants
+        // blobs whole, nothing is fetched now: the image's files are read
+        // from the registry as they are used.
+        let blob = if self.rafs.fetches_at_pull() {
+            Some(self.rafs.fetch_blob(&reference, &digest)?)
+        } else {
+            None
+        };
         let name = adopted_name(style, key, &target);
         let created = self.store.create(&name, parent, Kind::Committed, labels, |id, _| {
             self.storage.create_snapshot_dir(id, DirKind::View, None)?;
@@ -508,7 +520,22 @@ impl Snapshotter {
             return Ok(None);
         };
         let bootstrap = &chain[at].1;
-        let origins: Vec<BlobOrigin> = chain[at + 1..].iter().filter_map(|(_, r)| blob_origin(r)).collect();
+        // Blob layers shared with an image pulled earlier name that image;
+        // the bootstrap layer's image references every blob below it, so
+        // its repository holds them all, and one repository lets the FUSE
+        // server read every blob lazily.
+        let image_ref = bootstrap.labels.get(LABEL_IMAGE_REF).filter(|r| !r.is_empty());
+        let origins: Vec<BlobOrigin> = chain[at + 1..]
+            .iter()
+            .filter_map(|(_, r)| blob_origin(r))
+            .map(|origin| match image_ref {
+                Some(reference) => BlobOrigin {
+                    reference: reference.clone(),
+                    ..origin
+                },
+                None => origin,
+            })
+            .collect();
         let lease = self
             .rafs
             .acquire(bootstrap.id, &self.bootstrap_file(bootstrap.id), &origins)?;
@@ -878,6 +905,8 @@ impl Snapshotter {
 mod tests {
     use super::*;
     use crate::config::BackendChoice;
+    use crate::config::FsDriver;
+    use crate::rafs_fuse::RecordingFuse;
     use crate::sys::RecordingSystem;
 
     fn open(upperdir_label: bool) -> (tempfile::TempDir, Snapshotter) {
@@ -1061,6 +1090,7 @@ mod tests {
         root: PathBuf,
         sys: Arc<RecordingSystem>,
         source: Arc<crate::rafs_mount::testing::DirBlobSource>,
+        fuse: Arc<RecordingFuse>,
         image: crate::rafs_mount::testing::TestImage,
         s: Snapshotter,
         /// The committed bootstrap layer.
@@ -1072,15 +1102,24 @@ mod tests {
     /// Pulls a Nydus image as containerd's unpacker does: each blob layer's
     /// Prepare answered AlreadyExists, the bootstrap layer applied (its
     /// bootstrap written into the layer) and committed with its labels.
-    fn pull_nydus_image(compressor: crate::nydus::Compressor, fs_version: u32) -> NydusWorld {
+    fn pull_nydus_image(
+        compressor: crate::nydus::Compressor,
+        fs_version: u32,
+        driver: FsDriver,
+        lazy_source: bool,
+    ) -> NydusWorld {
         let tmp = tempfile::tempdir().unwrap();
         let image = crate::rafs_mount::testing::build(&tmp.path().join("image"), compressor, fs_version);
         let root = tmp.path().join("root");
         let mut config = Config::default();
         config.storage.backend = BackendChoice::Directory;
+        config.nydus.fs_driver = driver;
         let sys = Arc::new(RecordingSystem::plain());
-        let source = Arc::new(crate::rafs_mount::testing::DirBlobSource::new(&image.blob_dir));
-        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        let mut source = crate::rafs_mount::testing::DirBlobSource::new(&image.blob_dir);
+        source.lazy = lazy_source;
+        let source = Arc::new(source);
+        let fuse = Arc::new(RecordingFuse::default());
+        let s = Snapshotter::open_with_nydus_io(&root, &config, sys.clone(), source.clone(), fuse.clone()).unwrap();
         let mut parent = String::new();
         for (i, digest) in image.blob_digests.iter().enumerate() {
             let chain = format!("sha256:chain{i}");
@@ -1100,7 +1139,7 @@ mod tests {
         let chain = "sha256:chain-boot";
         let l = nydus_layer_labels(NYDUS_REF, "sha256:bootstraplayer", chain, &fs_version.to_string());
         let key = format!("ns/20/extract-boot {chain}");
-        if fs_version == 5 {
+        if fs_version == 5 && driver == FsDriver::Erofs {
             let e = s.prepare(KeyStyle::Prefixed, &key, &parent, l).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
             assert!(e.to_string().contains("RAFS v5"), "{e}");
@@ -1109,6 +1148,7 @@ mod tests {
                 root,
                 sys,
                 source,
+                fuse,
                 image,
                 s,
                 top: String::new(),
@@ -1139,6 +1179,7 @@ mod tests {
             root,
             sys,
             source,
+            fuse,
             image,
             s,
             top,
@@ -1147,7 +1188,7 @@ mod tests {
 
     #[test]
     fn nydus_blob_layers_are_fetched_and_adopted() {
-        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 6);
+        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 6, FsDriver::Erofs, false);
         let fetched = w.source.fetched();
         let expected: Vec<String> = w
             .image
@@ -1209,7 +1250,7 @@ mod tests {
 
     #[test]
     fn containers_of_nydus_images_run_on_the_rafs_mount() {
-        let w = pull_nydus_image(crate::nydus::Compressor::Lz4Block, 6);
+        let w = pull_nydus_image(crate::nydus::Compressor::Lz4Block, 6, FsDriver::Erofs, false);
         let s = &w.s;
         let boot_id = s.store.get(&w.top).unwrap().id;
         let mountpoint = w.root.join(format!("nydus/mnt/{boot_id}"));
@@ -1289,7 +1330,7 @@ mod tests {
 
     #[test]
     fn rafs_mounts_come_back_after_a_restart_and_blobs_go_with_their_layers() {
-        let w = pull_nydus_image(crate::nydus::Compressor::None, 6);
+        let w = pull_nydus_image(crate::nydus::Compressor::None, 6, FsDriver::Erofs, false);
         let boot_id = w.s.store.get(&w.top).unwrap().id;
         let mountpoint = w.root.join(format!("nydus/mnt/{boot_id}"));
         w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
@@ -1297,6 +1338,8 @@ mod tests {
         let mount_call = w.sys.calls()[0].clone();
         let mut config = Config::default();
         config.storage.backend = BackendChoice::Directory;
+        config.nydus.fs_driver = FsDriver::Erofs;
+        let no_fuse = || Arc::new(RecordingFuse::default());
         let NydusWorld {
             _tmp,
             root,
@@ -1311,7 +1354,7 @@ mod tests {
         // The host rebooted: the mount is gone (a fresh fake has none); the
         // container's snapshot is still there, so the daemon mounts again.
         let sys = Arc::new(RecordingSystem::plain());
-        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        let s = Snapshotter::open_with_nydus_io(&root, &config, sys.clone(), source.clone(), no_fuse()).unwrap();
         assert_eq!(sys.calls(), vec![mount_call.clone()]);
         assert_eq!(
             s.mounts(KeyStyle::Prefixed, "ns/30/c1").unwrap()[0]
@@ -1322,7 +1365,7 @@ mod tests {
         );
         // Still mounted (the daemon alone restarted): nothing to do.
         drop(s);
-        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source.clone()).unwrap();
+        let s = Snapshotter::open_with_nydus_io(&root, &config, sys.clone(), source.clone(), no_fuse()).unwrap();
         assert_eq!(sys.calls().len(), 1);
         assert_eq!(s.rafs.users_of(boot_id), vec![s.store.get("ns/30/c1").unwrap().id]);
 
@@ -1330,13 +1373,13 @@ mod tests {
         drop(s);
         let gone = Arc::new(RecordingSystem::plain());
         gone.fail_calls_starting_with("mount -t erofs");
-        let s = Snapshotter::open_with_blob_source(&root, &config, gone.clone(), source.clone()).unwrap();
+        let s = Snapshotter::open_with_nydus_io(&root, &config, gone.clone(), source.clone(), no_fuse()).unwrap();
         let e = s.mounts(KeyStyle::Prefixed, "ns/30/c1").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
         assert!(e.to_string().contains(&mountpoint.display().to_string()), "{e}");
         drop(s);
 
-        let s = Snapshotter::open_with_blob_source(&root, &config, sys.clone(), source).unwrap();
+        let s = Snapshotter::open_with_nydus_io(&root, &config, sys.clone(), source, no_fuse()).unwrap();
         s.remove(KeyStyle::Prefixed, "ns/30/c1").unwrap();
         // containerd's garbage collector removes the image's layers, top
         // first; each blob goes with the last layer that has it.
@@ -1355,8 +1398,72 @@ mod tests {
     }
 
     #[test]
+    fn compressed_and_v5_images_are_served_lazily_over_fuse() {
+        for (compressor, fs_version) in [
+            (crate::nydus::Compressor::Lz4Block, 6),
+            (crate::nydus::Compressor::Zstd, 5),
+        ] {
+            let w = pull_nydus_image(compressor, fs_version, FsDriver::Auto, true);
+            assert!(w.source.fetched().is_empty(), "nothing is fetched at pull time");
+            assert_eq!(std::fs::read_dir(w.root.join("nydus/blobs")).unwrap().count(), 0);
+            let boot = w.s.store.get(&w.top).unwrap();
+            let mountpoint = w.root.join(format!("nydus/mnt/{}", boot.id));
+            let m =
+                w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
+                    .unwrap();
+            assert_eq!(
+                m[0].options.last().unwrap(),
+                &format!("lowerdir={}", mountpoint.display())
+            );
+            let expected = crate::rafs_fuse::FuseSpec {
+                bootstrap: w.s.storage.upper_dir(boot.id).join(nydus::BOOTSTRAP_IN_LAYER),
+                backend: crate::rafs_fuse::BlobBackend::Registry {
+                    host: "127.0.0.1:5000".into(),
+                    repository: "nydus/app".into(),
+                    scheme: "http",
+                    skip_verify: false,
+                },
+                cache_dir: w.root.join("nydus/fuse-cache"),
+                mountpoint: mountpoint.clone(),
+            };
+            assert_eq!(*w.fuse.served.lock().unwrap(), vec![expected], "v{fs_version}");
+            assert!(w.sys.calls().is_empty(), "no erofs mount: {:?}", w.sys.calls());
+            assert!(w.source.fetched().is_empty(), "chunks are read as they are used");
+            // Counted like any mount: served once, stopped with the last user.
+            w.s.prepare(KeyStyle::Prefixed, "ns/31/c2", &w.top, Labels::new())
+                .unwrap();
+            assert_eq!(w.fuse.served.lock().unwrap().len(), 1);
+            w.s.remove(KeyStyle::Prefixed, "ns/30/c1").unwrap();
+            assert!(w.fuse.stopped.lock().unwrap().is_empty());
+            w.s.remove(KeyStyle::Prefixed, "ns/31/c2").unwrap();
+            assert_eq!(*w.fuse.stopped.lock().unwrap(), vec![mountpoint.clone()]);
+            assert!(!mountpoint.exists());
+        }
+
+        // A source without lazy access: the blobs are fetched whole, then
+        // read from this host.
+        let w = pull_nydus_image(crate::nydus::Compressor::Lz4Block, 6, FsDriver::Auto, false);
+        w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
+            .unwrap();
+        assert_eq!(w.source.fetched().len(), w.image.blob_digests.len());
+        assert_eq!(
+            w.fuse.served.lock().unwrap()[0].backend,
+            crate::rafs_fuse::BlobBackend::Local {
+                dir: w.root.join("nydus/blobs")
+            }
+        );
+
+        // Blobs stored uncompressed: "auto" mounts them with erofs.
+        let w = pull_nydus_image(crate::nydus::Compressor::None, 6, FsDriver::Auto, true);
+        w.s.prepare(KeyStyle::Prefixed, "ns/30/c1", &w.top, Labels::new())
+            .unwrap();
+        assert!(w.fuse.served.lock().unwrap().is_empty());
+        assert!(w.sys.calls()[0].starts_with("mount -t erofs"), "{:?}", w.sys.calls());
+    }
+
+    #[test]
     fn rafs_v5_images_are_refused_with_the_reason() {
-        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 5);
+        let w = pull_nydus_image(crate::nydus::Compressor::Zstd, 5, FsDriver::Erofs, false);
         // Pulled without the fs-version label, the bootstrap layer commits,
         // and the container's Prepare says why it cannot run.
         let parent = format!(

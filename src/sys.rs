@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,6 +120,9 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     /// Unmounts `target`; when it is busy, detaches it lazily, so the
     /// filesystem goes once its last user lets go.
     fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    /// The mount points strictly under `dir` whose filesystem is FUSE, as
+    /// this process's mount table lists them.
+    fn fuse_mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError>;
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SysError {
@@ -466,6 +469,47 @@ impl SystemOps for RealSystem {
             Err(errno) => Err(errno_err("unmount", target)(errno)),
         }
     }
+
+    fn fuse_mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError> {
+        let table = Path::new("/proc/self/mountinfo");
+        let text = std::fs::read_to_string(table).map_err(io_err("read", table))?;
+        Ok(fuse_mounts_in(&text, dir))
+    }
+}
+
+/// The FUSE mount points strictly under `dir` in mountinfo `text`.
+fn fuse_mounts_in(text: &str, dir: &Path) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let point = unescape_mountinfo(line.split(' ').nth(4)?);
+            let fs_type = line.split(" - ").nth(1)?.split(' ').next()?;
+            let fuse = fs_type == "fuse" || fs_type.starts_with("fuse.");
+            (fuse && point.starts_with(dir) && point != dir).then_some(point)
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo`.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Constants of the new mount API from linux/mount.h.
@@ -632,6 +676,23 @@ mod tests {
     }
 
     #[test]
+    fn fuse_mounts_are_read_from_mountinfo() {
+        let text = "\
+36 25 0:32 / /var/lib/x/nydus/mnt/7 rw,nosuid,nodev,noatime - fuse.rafs seamless-rafs ro,user_id=0\n\
+37 25 0:33 / /var/lib/x/nydus/mnt/8 ro - erofs /var/lib/x/boot ro\n\
+38 25 0:34 / /var/lib/x/nydus/mnt/with\\040space rw - fuse rafs rw\n\
+39 25 0:35 / /var/lib/x/nydus/mnt rw - fuse.rafs x rw\n\
+40 25 0:36 / /elsewhere/mnt/9 rw - fuse.sshfs x rw\n";
+        assert_eq!(
+            fuse_mounts_in(text, Path::new("/var/lib/x/nydus/mnt")),
+            vec![
+                PathBuf::from("/var/lib/x/nydus/mnt/7"),
+                PathBuf::from("/var/lib/x/nydus/mnt/with space")
+            ]
+        );
+    }
+
+    #[test]
     fn ioctl_argument_layouts_match_the_kernel() {
         assert_eq!(std::mem::size_of::<BtrfsVolArgs>(), 4096);
         assert_eq!(std::mem::size_of::<BtrfsVolArgsV2>(), 4096);
@@ -648,6 +709,8 @@ pub struct RecordingSystem {
     pub snapshot_delay: Mutex<Option<Duration>>,
     pub btrfs: bool,
     pub free: u64,
+    /// What `fuse_mounts_under` finds: FUSE mounts a previous run left.
+    pub fuse_mounts: Mutex<Vec<PathBuf>>,
 }
 
 impl RecordingSystem {
@@ -798,6 +861,19 @@ impl SystemOps for RecordingSystem {
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        self.fuse_mounts
+            .lock()
+            .expect("fuse_mounts lock poisoned")
+            .retain(|m| m != target);
         self.record_fallible(format!("umount {}", target.display()))
+    }
+
+    fn fuse_mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError> {
+        let mounts = self.fuse_mounts.lock().expect("fuse_mounts lock poisoned");
+        Ok(mounts
+            .iter()
+            .filter(|m| m.starts_with(dir) && *m != dir)
+            .cloned()
+            .collect())
     }
 }

@@ -4,6 +4,8 @@
 //! as erofs through `RealSystem` with the cache files as devices; the mounted
 //! tree must be the layers applied one on the other, byte for byte, and a
 //! cache file that does not fit must be refused with the kernel's reason.
+//! The same images, RAFS v5 too, served over FUSE by the daemon's in-process
+//! server: the same tree, chunks read only as files are.
 //! Root only: the tests fail (never skip) without it.
 
 use std::collections::BTreeMap;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
+use seamless_snapshotter::rafs_fuse::{BlobBackend, FuseServer, FuseSpec, InProcessFuse};
 use seamless_snapshotter::rafs_mount::{build_cache_file, read_chunk_table};
 use seamless_snapshotter::sys::{RealSystem, SysError, SystemOps};
 
@@ -371,4 +374,92 @@ fn erofs_mount_failures_carry_the_kernels_reason() {
     let _ = RealSystem.unmount(&target);
     assert!(matches!(err, SysError::Mount { .. }), "{err}");
     eprintln!("kernel's reasons: {err}");
+}
+
+/// Bytes the files of `dir` take on disk (sparse files count what is written).
+fn allocated_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn rafs_images_are_served_over_fuse_reading_chunks_as_files_are_read() {
+    require_root_and_erofs();
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the kernel has no FUSE (modprobe fuse)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let upper = tmp.path().join("upper");
+    base_layer(&base);
+    upper_layer(&upper);
+    let expected_dir = tmp.path().join("expected");
+    expected_tree(&base, &upper, &expected_dir);
+    let expected = tree_of(&expected_dir);
+    let (base_tar, upper_tar) = (tmp.path().join("base.tar"), tmp.path().join("upper.tar"));
+    tar_of(&base, &base_tar);
+    tar_of(&upper, &upper_tar);
+    let server = InProcessFuse::new();
+
+    for (fs_version, compressor) in [(6, Compressor::Lz4Block), (5, Compressor::Zstd), (5, Compressor::None)] {
+        let what = format!("v{fs_version} {compressor:?}");
+        let work = tmp.path().join(format!("fuse-{fs_version}-{compressor:?}"));
+        let blob_dir = work.join("blobs");
+        let options = RafsOptions { fs_version, compressor };
+        let layers: Vec<_> = [&base_tar, &upper_tar]
+            .iter()
+            .enumerate()
+            .map(|(i, tar)| {
+                nydus::build_layer(tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir).unwrap()
+            })
+            .collect();
+        let bootstrap = work.join("image.boot");
+        nydus::merge_layers(None, &layers, None, &bootstrap).unwrap();
+        let mountpoint = work.join("mnt");
+        fs::create_dir(&mountpoint).unwrap();
+        let cache_dir = work.join("fuse-cache");
+        let spec = FuseSpec {
+            bootstrap: bootstrap.clone(),
+            backend: BlobBackend::Local { dir: blob_dir.clone() },
+            cache_dir: cache_dir.clone(),
+            mountpoint: mountpoint.clone(),
+        };
+        let started = std::time::Instant::now();
+        server.serve(&spec).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mounted = Mounted(mountpoint.clone());
+        eprintln!("{what}: served in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
+        assert!(server.serves(&mountpoint));
+        assert!(RealSystem.is_mountpoint(&mountpoint).unwrap());
+
+        // A small file read: the 3 MB files' chunks stay unread.
+        assert_eq!(fs::read(mountpoint.join("etc/hosts")).unwrap(), b"10.0.0.1 replaced\n");
+        let cached = allocated_bytes(&cache_dir);
+        assert!(
+            cached < 1 << 20,
+            "{what}: reading one small file cached {cached} bytes of the blobs"
+        );
+
+        let differences = diff(&expected, &tree_of(&mountpoint));
+        assert!(
+            differences.is_empty(),
+            "{what}: the served RAFS differs from the layers applied:\n{}",
+            differences.join("\n")
+        );
+        assert!(
+            allocated_bytes(&cache_dir) >= 3 << 20,
+            "{what}: the chunks read are kept in the cache"
+        );
+        assert!(
+            fs::write(mountpoint.join("new"), b"x").is_err(),
+            "{what}: the mount is read-only"
+        );
+        assert!(server.stop(&mountpoint).unwrap());
+        assert!(!server.serves(&mountpoint));
+        assert!(!RealSystem.is_mountpoint(&mountpoint).unwrap(), "{what}: unmounted");
+        assert!(!server.stop(&mountpoint).unwrap(), "stopping twice is a no-op");
+        drop(mounted);
+    }
 }

@@ -8,9 +8,15 @@
 # kind: pull (ctr images pull for OCI; integration/rpull, which passes the
 # CRI labels a remote snapshotter needs, for Nydus), run a container that
 # reads one file and exits; timed from the pull to the container's exit.
-# The image and its content are removed after each start (cold again).
+# The image and its content are removed after each start (cold again; the
+# daemon drops the blobs and their chunk cache with the layers).
+#
+# NYDUS_FS_DRIVER [auto] is the daemon's [nydus] fs_driver: "auto" serves
+# these lz4 blobs over FUSE, reading chunks from the registry as files are
+# read; "erofs" fetches each blob whole and mounts it with the kernel.
 #
 # Environment: STARTUP_ITERS [10], STARTUP_MB [256], STARTUP_FILES [2000],
+# NYDUS_FS_DRIVER [auto],
 # SEAMLESS_GRPC_BIN / CHECKPOINTCTL_BIN (integration/lib.sh: target/debug).
 # Needs root and what integration/lib.sh needs, plus golang-go and
 # golang-github-containerd-containerd-dev (to build rpull offline).
@@ -22,16 +28,21 @@ NS=seamless-startup
 source "$HERE/../../integration/lib.sh"
 
 ITERS=${STARTUP_ITERS:-10}
+DRIVER=${NYDUS_FS_DRIVER:-auto}
 MB=${STARTUP_MB:-256}
 FILES=${STARTUP_FILES:-2000}
 die() { echo "nydus-start: $*" >&2; exit 1; }
 for v in ITERS MB FILES; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
+[[ $DRIVER =~ ^(auto|erofs|fuse)$ ]] || die "NYDUS_FS_DRIVER must be auto, erofs or fuse, got '$DRIVER'"
 command -v go >/dev/null || die "go not found: apt-get install golang-go"
 [[ -d /usr/share/gocode/src/github.com/containerd/containerd ]] ||
     die "containerd Go sources missing: apt-get install golang-github-containerd-containerd-dev"
 
+SEAMLESS_CONFIG=$(mktemp /tmp/nydus-start-config.XXXXXX)
+printf 'version = 1\n[nydus]\nfs_driver = "%s"\n' "$DRIVER" >"$SEAMLESS_CONFIG"
+export SEAMLESS_CONFIG
 env_up
 RPULL=$ENV_DIR/rpull
 (cd "$REPO/integration/rpull" && GO111MODULE=off GOFLAGS= GOPROXY=off CGO_ENABLED=0 \
@@ -84,5 +95,6 @@ oci=$(median oci)
 nydus=$(median nydus)
 echo "cold start (pull + run to exit) of a ${MB} MiB, $FILES-file image, $ITERS interleaved iterations, median seconds"
 printf '%-44s %8.3f s\n' "OCI (zstd) on overlayfs (ctr pull + run)" "$oci"
-printf '%-44s %8.3f s\n' "Nydus RAFS v6 lz4 on seamless (rpull + run)" "$nydus"
+printf '%-44s %8.3f s\n' "Nydus RAFS v6 lz4 on seamless, $DRIVER (rpull + run)" "$nydus"
 printf 'nydus/oci ratio: %.2f\n' "$(echo "$nydus / $oci" | bc -l)"
+rm -f "$SEAMLESS_CONFIG"

@@ -3,21 +3,28 @@
 //! once as RAFS v5. Each pushed image has nydusify's layout (blob layers,
 //! then the bootstrap layer, annotations, diff_ids), its bootstrap loads with
 //! the nydus-rafs parser and describes exactly the container's tree, and a
-//! v6 bootstrap passes `fsck.erofs` with its blobs as devices. Each v6 image,
+//! v6 bootstrap passes `fsck.erofs` with its blobs as devices. Each image,
 //! pulled onto seamless and run, has the container's tree, contents
-//! included; a container of the last one is committed again (on a Nydus
-//! base), and that image runs too.
+//! included; a container of the last v6 one is committed again (on a Nydus
+//! base), and that image runs too. Their blobs being compressed, the daemon
+//! serves them over FUSE ("auto" driver), reading chunks from the registry
+//! only as files are read: the pull fetches no blob, and a container start
+//! leaves a 3 MB file it does not read out of the chunk cache. After a
+//! kill -9 of the daemon, new containers of the image run again.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use seamless_snapshotter::nydus;
 use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
+use nix::sys::signal::Signal;
+
 use super::env::{with_env, Env, Options};
-use super::nydus::{build_rpull, run_container, run_rpull};
-use super::{diff_trees, tree_of};
+use super::nydus::{build_rpull, rafs_mounts, run_container, run_rpull};
+use super::{diff_trees, retry, tree_of, REDIAL_TIMEOUT};
 
 #[test]
 fn nydus_commits_push_images_the_nydus_tools_read() {
@@ -120,7 +127,7 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
                     .count();
                 ensure!(kept >= 1, "no converted base layer kept under the daemon root");
             }
-            let newest = runtime.block_on(check_image(
+            let (newest_digest, newest) = runtime.block_on(check_image(
                 &registry,
                 &target,
                 fs_version,
@@ -128,8 +135,12 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
                 &expected,
                 &work,
             ))?;
+            // The first commit's blob holds /data/big, which starting a
+            // container does not read.
+            let unread = (step == 0).then_some(newest_digest.as_str());
+            let run = expect_runs_as(env, &rpull, &target, &expected, &format!("nrun{step}"), unread)?;
             if fs_version == 6 {
-                last_run = Some(expect_runs_as(env, &rpull, &target, &expected, &format!("nrun{step}"))?);
+                last_run = Some(run);
             }
             if step == 2 {
                 ensure!(
@@ -163,7 +174,26 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
             String::from_utf8_lossy(&out.stderr)
         );
         runtime.block_on(check_image(&registry, &target, 6, 1, &expected, &work))?;
-        expect_runs_as(env, &rpull, &target, &expected, "again")?;
+        let (ns3, _) = expect_runs_as(env, &rpull, &target, &expected, "again", None)?;
+
+        // kill -9: the FUSE mounts die with the daemon. The restarted daemon
+        // detaches them and serves the image again to new containers.
+        env.signal_daemon(Signal::SIGKILL)?;
+        env.start_daemon().context("restarting the daemon after SIGKILL")?;
+        let mut attempt = 0;
+        let id3 = retry(REDIAL_TIMEOUT, "a container of the Nydus image after a restart", || {
+            attempt += 1;
+            let id = env.container_id(&format!("after-kill{attempt}"));
+            run_container(env, &ns3, &target, &id).inspect_err(|_| {
+                let _ = env.ctr(&ns3, &["containers", "delete", &id]);
+            })?;
+            Ok(id)
+        })?;
+        let out = env.exec(&ns3, &id3, "cat /data/on-nydus /data/sub/file")?;
+        ensure!(
+            out == "on-nydus\nhello\n",
+            "the image's files after the restart: {out:?}"
+        );
         Ok(())
     });
 }
@@ -176,17 +206,54 @@ fn expect_runs_as(
     target: &str,
     expected: &BTreeMap<String, String>,
     label: &str,
+    unread_blob: Option<&str>,
 ) -> Result<(String, String)> {
     let ns = env.namespace(label);
     run_rpull(env, rpull, &ns, target)?;
+    let blobs_dir = env.daemon_root().join("nydus/blobs");
+    let fetched = std::fs::read_dir(&blobs_dir)?.count();
+    ensure!(fetched == 0, "{target}: the pull fetched {fetched} blobs whole");
     let id = env.container_id(label);
     run_container(env, &ns, target, &id)?;
+    let served: Vec<_> = rafs_mounts(env)?
+        .into_iter()
+        .filter(|(_, t)| t != "fuse.rafs")
+        .collect();
+    ensure!(
+        served.is_empty(),
+        "{target}: compressed blobs are served over FUSE, yet mounted {served:?}"
+    );
+    let cached = |digest: &str| -> Result<u64> {
+        let path = env
+            .daemon_root()
+            .join("nydus/fuse-cache")
+            .join(format!("{}.blob.data", digest.trim_start_matches("sha256:")));
+        Ok(std::fs::metadata(&path).map(|m| m.blocks() * 512).unwrap_or(0))
+    };
+    if let Some(digest) = unread_blob {
+        let before = cached(digest)?;
+        ensure!(
+            before < 1 << 20,
+            "{target}: starting the container cached {before} bytes of blob {digest}, whose 3 MB file it never reads"
+        );
+    }
     let after = tree_of(&env.container_rootfs(&ns, &id))?;
     let differences = diff_trees(expected, &after);
     ensure!(
         differences.is_empty(),
         "{target} run on {} differs from the committed container: {differences:?}",
         env.snapshotter
+    );
+    if let Some(digest) = unread_blob {
+        let read = cached(digest)?;
+        ensure!(
+            read >= 3_000_000,
+            "{target}: reading the whole tree cached only {read} bytes of blob {digest}"
+        );
+    }
+    ensure!(
+        std::fs::read_dir(&blobs_dir)?.count() == 0,
+        "{target}: chunks are read from the registry, no blob is fetched whole"
     );
     Ok((ns, id))
 }
@@ -200,7 +267,7 @@ async fn check_image(
     commit_blobs: usize,
     expected: &BTreeMap<String, String>,
     work: &Path,
-) -> Result<i64> {
+) -> Result<(String, i64)> {
     let pulled = registry
         .pull_manifest_and_config(target, &RegistryAuth::Anonymous)
         .await?;
@@ -297,7 +364,7 @@ async fn check_image(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(blobs.last().map_or(0, |b| b.size))
+    Ok(blobs.last().map_or((String::new(), 0), |b| (b.digest.clone(), b.size)))
 }
 
 /// path -> "kind mode owner [target]" of a bootstrap's entries.

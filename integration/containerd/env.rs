@@ -58,6 +58,8 @@ pub struct Options {
     /// Load containerd's CRI plugin with `snapshotter = "seamless"`; the other
     /// tests disable it (they do not need it, and it adds a stream server).
     pub cri: bool,
+    /// `[nydus] fs_driver` of the daemon; None keeps the default ("auto").
+    pub nydus_fs_driver: Option<&'static str>,
 }
 
 /// A row of `ctr snapshots ls`.
@@ -85,6 +87,8 @@ pub struct Env {
     daemon: Option<Child>,
     containerd: Option<Child>,
     namespaces: BTreeSet<String>,
+    /// `[nydus] fs_driver` written into the daemon's configuration.
+    nydus_fs_driver: Option<&'static str>,
     image: Option<BuiltImage>,
     exec_counter: AtomicU64,
 }
@@ -102,6 +106,7 @@ impl Env {
             daemon: None,
             containerd: None,
             namespaces: BTreeSet::new(),
+            nydus_fs_driver: None,
             image: None,
             exec_counter: AtomicU64::new(0),
         }
@@ -115,6 +120,7 @@ impl Env {
             .tempdir_in("/tmp")
             .context("creating the test directory")?;
         self.dir = Some(dir);
+        self.nydus_fs_driver = options.nydus_fs_driver;
         self.start_registry()?;
         self.start_daemon()?;
         self.start_containerd(options)?;
@@ -261,7 +267,11 @@ impl Env {
         ensure!(self.daemon.is_none(), "the daemon is already running");
         let config = self.dir().join("seamless.toml");
         // A small pool: several tests run at once, each with its own.
-        std::fs::write(&config, "version = 1\n[storage]\npool_size = \"2GiB\"\n")?;
+        let mut text = "version = 1\n[storage]\npool_size = \"2GiB\"\n".to_string();
+        if let Some(driver) = self.nydus_fs_driver {
+            text.push_str(&format!("[nydus]\nfs_driver = \"{driver}\"\n"));
+        }
+        std::fs::write(&config, text)?;
         let log = self.log_file("daemon.log")?;
         writeln!(&log, "===== test harness: starting {DAEMON_BIN}")?;
         let child = Command::new(DAEMON_BIN)

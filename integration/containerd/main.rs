@@ -265,93 +265,100 @@ fn daemon_sigterm_exits_cleanly_and_restarts() {
 /// finds every layer and unpacks nothing.
 #[test]
 fn namespaces_share_committed_layers() {
-    with_env("share", Options { cri: true }, |env| {
-        let second = env.namespace("b");
-        let chain = env.image().chain_ids.clone();
-        let image_id = cri::pull_image(&env.containerd_socket(), &env.image_ref())?;
-        ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
-        expect_snapshots(env, "k8s.io", &[], "after the CRI pull")?;
-        let before = daemon_snapshots(env)?;
+    with_env(
+        "share",
+        Options {
+            cri: true,
+            ..Options::default()
+        },
+        |env| {
+            let second = env.namespace("b");
+            let chain = env.image().chain_ids.clone();
+            let image_id = cri::pull_image(&env.containerd_socket(), &env.image_ref())?;
+            ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
+            expect_snapshots(env, "k8s.io", &[], "after the CRI pull")?;
+            let before = daemon_snapshots(env)?;
 
-        // The unpacker works under a lease, which keeps what it adopts from
-        // the garbage collector until the image references it.
-        let lease = "sit-unpack";
-        env.ctr(&second, &["leases", "create", "--id", lease])?;
-        let mut snapshots =
-            Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &second)?.with_lease(lease);
-        for (layer, chain_id) in chain.iter().enumerate() {
-            let parent = if layer == 0 { "" } else { chain[layer - 1].as_str() };
-            let found = snapshots.stat(chain_id);
-            ensure!(
-                found.is_err(),
-                "{chain_id} exists in {second} before its unpack: {found:?}"
-            );
-            let key = format!("extract-{layer}-test {chain_id}");
-            let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), chain_id.clone())]);
-            match snapshots.prepare(&key, parent, labels) {
-                Err(e) if grpc::code_of(&e) == Some(tonic::Code::AlreadyExists) => {}
-                Err(e) => bail!("Prepare of layer {layer} with the chain id label should be AlreadyExists: {e:?}"),
-                Ok(mounts) => {
-                    bail!(
+            // The unpacker works under a lease, which keeps what it adopts from
+            // the garbage collector until the image references it.
+            let lease = "sit-unpack";
+            env.ctr(&second, &["leases", "create", "--id", lease])?;
+            let mut snapshots =
+                Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &second)?.with_lease(lease);
+            for (layer, chain_id) in chain.iter().enumerate() {
+                let parent = if layer == 0 { "" } else { chain[layer - 1].as_str() };
+                let found = snapshots.stat(chain_id);
+                ensure!(
+                    found.is_err(),
+                    "{chain_id} exists in {second} before its unpack: {found:?}"
+                );
+                let key = format!("extract-{layer}-test {chain_id}");
+                let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), chain_id.clone())]);
+                match snapshots.prepare(&key, parent, labels) {
+                    Err(e) if grpc::code_of(&e) == Some(tonic::Code::AlreadyExists) => {}
+                    Err(e) => bail!("Prepare of layer {layer} with the chain id label should be AlreadyExists: {e:?}"),
+                    Ok(mounts) => {
+                        bail!(
                         "Prepare of layer {layer} ({chain_id}) unpacks again instead of reusing the layer: {mounts:?}"
                     )
+                    }
                 }
+                let info = snapshots
+                    .stat(chain_id)
+                    .with_context(|| format!("layer {layer} after adoption"))?;
+                ensure!(
+                    grpc::is_committed(&info),
+                    "adopted layer {layer} is not committed: {info:?}"
+                );
             }
-            let info = snapshots
-                .stat(chain_id)
-                .with_context(|| format!("layer {layer} after adoption"))?;
-            ensure!(
-                grpc::is_committed(&info),
-                "adopted layer {layer} is not committed: {info:?}"
-            );
-        }
-        env.pull(&second)?;
-        env.ctr(&second, &["leases", "delete", "--sync", lease])?;
-        expect_snapshots(env, &second, &[], "after adopting the layers and pulling")?;
+            env.pull(&second)?;
+            env.ctr(&second, &["leases", "delete", "--sync", lease])?;
+            expect_snapshots(env, &second, &[], "after adopting the layers and pulling")?;
 
-        let after = daemon_snapshots(env)?;
-        ensure!(
+            let after = daemon_snapshots(env)?;
+            ensure!(
             after == before,
             "adopting the layers in a second namespace must not create snapshots in the daemon:\n  before {before:#?}\n  after  {after:#?}"
         );
-        ensure!(
-            env.snapshotter != "seamless"
-                || (after.len() == chain.len()
-                    && after
-                        .iter()
-                        .all(|s| s.starts_with("k8s.io/") && s.contains("(committed"))),
-            "the daemon should hold exactly the {} committed layers of k8s.io: {after:#?}",
-            chain.len()
-        );
+            ensure!(
+                env.snapshotter != "seamless"
+                    || (after.len() == chain.len()
+                        && after
+                            .iter()
+                            .all(|s| s.starts_with("k8s.io/") && s.contains("(committed"))),
+                "the daemon should hold exactly the {} committed layers of k8s.io: {after:#?}",
+                chain.len()
+            );
 
-        let id = env.container_id("c1");
-        env.run_container(&second, &id)?;
-        check_image_content(env, &second, &id)?;
+            let id = env.container_id("c1");
+            env.run_container(&second, &id)?;
+            check_image_content(env, &second, &id)?;
 
-        // k8s.io lets go of the image; the second namespace still holds the
-        // layers, so garbage collection must keep them.
-        // CRI names the image by tag, repo digest and id: remove them all.
-        let names = env.ctr("k8s.io", &["images", "ls", "-q"])?;
-        let mut rm = vec!["images", "rm", "--sync"];
-        rm.extend(names.split_whitespace());
-        env.ctr("k8s.io", &rm)?;
-        let left = env.snapshots("k8s.io")?;
-        ensure!(
-            left.is_empty(),
-            "k8s.io still has snapshots after removing the image: {left:?}"
-        );
-        expect_snapshots(env, &second, &[&id], "after k8s.io removed the image")?;
-        let id2 = env.container_id("c2");
-        env.run_container(&second, &id2)?;
-        let out = env.exec(&second, &id2, &format!("cat {}", image::GREETING.0))?;
-        ensure!(
-            out == image::GREETING.1,
-            "a container of the second namespace after k8s.io let go: {out:?}"
-        );
-        env.remove_container(&second, &id)?;
-        env.remove_container(&second, &id2)?;
-        Ok(())
-    });
+            // k8s.io lets go of the image; the second namespace still holds the
+            // layers, so garbage collection must keep them.
+            // CRI names the image by tag, repo digest and id: remove them all.
+            let names = env.ctr("k8s.io", &["images", "ls", "-q"])?;
+            let mut rm = vec!["images", "rm", "--sync"];
+            rm.extend(names.split_whitespace());
+            env.ctr("k8s.io", &rm)?;
+            let left = env.snapshots("k8s.io")?;
+            ensure!(
+                left.is_empty(),
+                "k8s.io still has snapshots after removing the image: {left:?}"
+            );
+            expect_snapshots(env, &second, &[&id], "after k8s.io removed the image")?;
+            let id2 = env.container_id("c2");
+            env.run_container(&second, &id2)?;
+            let out = env.exec(&second, &id2, &format!("cat {}", image::GREETING.0))?;
+            ensure!(
+                out == image::GREETING.1,
+                "a container of the second namespace after k8s.io let go: {out:?}"
+            );
+            env.remove_container(&second, &id)?;
+            env.remove_container(&second, &id2)?;
+            Ok(())
+        },
+    );
 }
 
 /// Kubernetes' path: containerd's CRI plugin loads with
@@ -361,113 +368,120 @@ fn namespaces_share_committed_layers() {
 /// to the daemon, keeps them.
 #[test]
 fn cri_plugin_uses_seamless_and_keeps_cri_labels() {
-    with_env("cri", Options { cri: true }, |env| {
-        let ns = env.namespace("k8s");
-        let plugins = env.ctr_global(&["plugins", "ls"])?;
-        let cri = plugins
-            .lines()
-            .find(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() >= 3 && cols[0] == "io.containerd.grpc.v1" && cols[1] == "cri"
-            })
-            .with_context(|| format!("the CRI plugin is not listed:\n{plugins}"))?;
-        ensure!(
-            cri.split_whitespace().last() == Some("ok"),
-            "the CRI plugin did not load with snapshotter {:?}: {cri}",
-            env.snapshotter
-        );
+    with_env(
+        "cri",
+        Options {
+            cri: true,
+            ..Options::default()
+        },
+        |env| {
+            let ns = env.namespace("k8s");
+            let plugins = env.ctr_global(&["plugins", "ls"])?;
+            let cri = plugins
+                .lines()
+                .find(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() >= 3 && cols[0] == "io.containerd.grpc.v1" && cols[1] == "cri"
+                })
+                .with_context(|| format!("the CRI plugin is not listed:\n{plugins}"))?;
+            ensure!(
+                cri.split_whitespace().last() == Some("ok"),
+                "the CRI plugin did not load with snapshotter {:?}: {cri}",
+                env.snapshotter
+            );
 
-        let fs = cri::image_fs_mountpoints(&env.containerd_socket())?;
-        let expected_fs = format!("io.containerd.snapshotter.v1.{}", env.snapshotter);
-        ensure!(
-            fs.iter().any(|m| m.ends_with(&expected_fs)),
-            "CRI ImageFsInfo should report {expected_fs}, it reports {fs:?}"
-        );
+            let fs = cri::image_fs_mountpoints(&env.containerd_socket())?;
+            let expected_fs = format!("io.containerd.snapshotter.v1.{}", env.snapshotter);
+            ensure!(
+                fs.iter().any(|m| m.ends_with(&expected_fs)),
+                "CRI ImageFsInfo should report {expected_fs}, it reports {fs:?}"
+            );
 
-        let reference = env.image_ref();
-        let image_id = cri::pull_image(&env.containerd_socket(), &reference)?;
-        ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
-        let built = env.image();
-        let layer_digests = built.diff_ids.join(",");
-        if env.snapshotter == "seamless" {
-            let all = Snapshots::daemon(&env.daemon_socket())?.list(&[])?;
-            for (layer, chain_id) in built.chain_ids.iter().enumerate() {
-                let info = all
-                    .iter()
-                    .find(|i| i.labels.get("containerd.io/snapshot.ref") == Some(chain_id))
-                    .with_context(|| {
-                        format!(
-                            "CRI pulled, but the daemon has no snapshot for chain id {chain_id}: {:?}",
-                            all.iter().map(|i| &i.name).collect::<Vec<_>>()
-                        )
-                    })?;
-                ensure!(grpc::is_committed(info), "layer {layer} is not committed: {info:?}");
-                let expected = [
-                    ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-                    (
-                        "containerd.io/snapshot/cri.manifest-digest",
-                        built.manifest_digest.as_str(),
-                    ),
-                    (
-                        "containerd.io/snapshot/cri.layer-digest",
-                        built.diff_ids[layer].as_str(),
-                    ),
-                ];
-                for (key, value) in expected {
-                    ensure!(
-                        info.labels.get(key).map(String::as_str) == Some(value),
-                        "layer {layer} ({}) should carry {key}={value} from the CRI pull; labels: {:?}",
-                        info.name,
-                        info.labels
-                    );
+            let reference = env.image_ref();
+            let image_id = cri::pull_image(&env.containerd_socket(), &reference)?;
+            ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
+            let built = env.image();
+            let layer_digests = built.diff_ids.join(",");
+            if env.snapshotter == "seamless" {
+                let all = Snapshots::daemon(&env.daemon_socket())?.list(&[])?;
+                for (layer, chain_id) in built.chain_ids.iter().enumerate() {
+                    let info = all
+                        .iter()
+                        .find(|i| i.labels.get("containerd.io/snapshot.ref") == Some(chain_id))
+                        .with_context(|| {
+                            format!(
+                                "CRI pulled, but the daemon has no snapshot for chain id {chain_id}: {:?}",
+                                all.iter().map(|i| &i.name).collect::<Vec<_>>()
+                            )
+                        })?;
+                    ensure!(grpc::is_committed(info), "layer {layer} is not committed: {info:?}");
+                    let expected = [
+                        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+                        (
+                            "containerd.io/snapshot/cri.manifest-digest",
+                            built.manifest_digest.as_str(),
+                        ),
+                        (
+                            "containerd.io/snapshot/cri.layer-digest",
+                            built.diff_ids[layer].as_str(),
+                        ),
+                    ];
+                    for (key, value) in expected {
+                        ensure!(
+                            info.labels.get(key).map(String::as_str) == Some(value),
+                            "layer {layer} ({}) should carry {key}={value} from the CRI pull; labels: {:?}",
+                            info.name,
+                            info.labels
+                        );
+                    }
                 }
             }
-        }
 
-        // A Prepare with CRI labels through containerd's snapshots service...
-        let labels: HashMap<String, String> = [
-            ("containerd.io/snapshot/cri.image-ref", reference.clone()),
-            (
-                "containerd.io/snapshot/cri.manifest-digest",
-                built.manifest_digest.clone(),
-            ),
-            ("containerd.io/snapshot/cri.layer-digest", built.diff_ids[0].clone()),
-            ("containerd.io/snapshot/cri.image-layers", layer_digests.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let mut through_containerd = Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &ns)?;
-        // Nothing else references the snapshot: keep the garbage collector off it.
-        let mut with_root = labels.clone();
-        with_root.insert("containerd.io/gc.root".to_string(), "2023-11-14T22:13:20Z".to_string());
-        through_containerd.prepare("cri-prepare", "", with_root)?;
-        let info = through_containerd.stat("cri-prepare")?;
-        ensure!(grpc::is_active(&info), "cri-prepare should be active: {info:?}");
-        expect_labels(&info, &labels, "Stat through containerd")?;
+            // A Prepare with CRI labels through containerd's snapshots service...
+            let labels: HashMap<String, String> = [
+                ("containerd.io/snapshot/cri.image-ref", reference.clone()),
+                (
+                    "containerd.io/snapshot/cri.manifest-digest",
+                    built.manifest_digest.clone(),
+                ),
+                ("containerd.io/snapshot/cri.layer-digest", built.diff_ids[0].clone()),
+                ("containerd.io/snapshot/cri.image-layers", layer_digests.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let mut through_containerd = Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &ns)?;
+            // Nothing else references the snapshot: keep the garbage collector off it.
+            let mut with_root = labels.clone();
+            with_root.insert("containerd.io/gc.root".to_string(), "2023-11-14T22:13:20Z".to_string());
+            through_containerd.prepare("cri-prepare", "", with_root)?;
+            let info = through_containerd.stat("cri-prepare")?;
+            ensure!(grpc::is_active(&info), "cri-prepare should be active: {info:?}");
+            expect_labels(&info, &labels, "Stat through containerd")?;
 
-        if env.snapshotter == "seamless" {
-            let mut daemon = Snapshots::daemon(&env.daemon_socket())?;
-            let suffix = "/cri-prepare";
-            let backend = daemon
-                .list(&[])?
-                .into_iter()
-                .find(|i| i.name.starts_with(&format!("{ns}/")) && i.name.ends_with(suffix))
-                .with_context(|| format!("the daemon has no snapshot named {ns}/<n>{suffix}"))?;
-            expect_labels(&backend, &labels, "the daemon's view of the Prepare through containerd")?;
+            if env.snapshotter == "seamless" {
+                let mut daemon = Snapshots::daemon(&env.daemon_socket())?;
+                let suffix = "/cri-prepare";
+                let backend = daemon
+                    .list(&[])?
+                    .into_iter()
+                    .find(|i| i.name.starts_with(&format!("{ns}/")) && i.name.ends_with(suffix))
+                    .with_context(|| format!("the daemon has no snapshot named {ns}/<n>{suffix}"))?;
+                expect_labels(&backend, &labels, "the daemon's view of the Prepare through containerd")?;
 
-            // ...and straight to the daemon, as a remote snapshotter client
-            // would do it.
-            let key = format!("{ns}/9999/cri-direct");
-            daemon.prepare(&key, "", labels.clone())?;
-            let info = daemon.stat(&key)?;
-            ensure!(grpc::is_active(&info), "{key} should be active: {info:?}");
-            expect_labels(&info, &labels, "Stat straight from the daemon")?;
-            daemon.remove(&key)?;
-        }
-        through_containerd.remove("cri-prepare")?;
-        Ok(())
-    });
+                // ...and straight to the daemon, as a remote snapshotter client
+                // would do it.
+                let key = format!("{ns}/9999/cri-direct");
+                daemon.prepare(&key, "", labels.clone())?;
+                let info = daemon.stat(&key)?;
+                ensure!(grpc::is_active(&info), "{key} should be active: {info:?}");
+                expect_labels(&info, &labels, "Stat straight from the daemon")?;
+                daemon.remove(&key)?;
+            }
+            through_containerd.remove("cri-prepare")?;
+            Ok(())
+        },
+    );
 }
 
 /// The core of seamless commit against a real runc container: resolved

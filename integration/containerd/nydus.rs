@@ -31,7 +31,14 @@ const GC_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
 fn nydus_image_runs_on_a_rafs_lower_with_our_upper() {
-    with_env("nydus", Options::default(), |env| {
+    // Mounted with erofs, blobs fetched at pull time: such mounts outlive
+    // the daemon, which the kill -9 below checks. commit_nydus covers the
+    // default, lazy FUSE serving.
+    let options = Options {
+        nydus_fs_driver: Some("erofs"),
+        ..Options::default()
+    };
+    with_env("nydus", options, |env| {
         ensure!(
             env.snapshotter == "seamless",
             "Nydus images need the seamless snapshotter (it fetches their blobs), not {}",
@@ -204,7 +211,7 @@ fn nydus_image_runs_on_a_rafs_lower_with_our_upper() {
 }
 
 /// The RAFS mounts of the daemon: mount point and filesystem type.
-fn rafs_mounts(env: &Env) -> Result<Vec<(PathBuf, String)>> {
+pub(super) fn rafs_mounts(env: &Env) -> Result<Vec<(PathBuf, String)>> {
     let under = env.daemon_root().join("nydus/mnt");
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info
