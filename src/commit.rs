@@ -444,37 +444,17 @@ impl CommitService {
     #[instrument(skip_all, fields(namespace = %options.namespace, container = %options.container, target = %options.target))]
     pub async fn commit(self: &Arc<Self>, options: CommitOptions) -> Result<Started, CommitError> {
         options.validate()?;
-        let containerd = Containerd::connect(&self.containerd_address).await?;
-        let container = containerd.resolve(&options.namespace, &options.container).await?;
-        if container.snapshotter != SNAPSHOTTER_NAME {
-            return Err(CommitError::WrongSnapshotter {
-                namespace: container.namespace,
-                container: container.id,
-                snapshotter: container.snapshotter,
-            });
-        }
-        let (snapshot_key, id) = self
-            .snapshotter
-            .container_snapshot(&options.namespace, &container.snapshot_key)?;
-        let slot = format!("{}/{}", options.namespace, container.id);
-        if !self.in_progress.lock().expect("in-progress lock").insert(slot.clone()) {
-            return Err(CommitError::InProgress {
-                container: container.id,
-            });
-        }
-        let release = SlotGuard {
-            service: self.clone(),
-            slot: slot.clone(),
-        };
-        let freezer = crate::cgroup::freezer_of(container.pid)?;
         let now = SystemTime::now();
         let snapshot_id = format!("snapshot-{}", unix_nanos(now));
-        let snapshotter = self.snapshotter.clone();
-        let capture_name = snapshot_id.clone();
-        let captured =
-            tokio::task::spawn_blocking(move || snapshotter.capture(id, &capture_name, &freezer, PAUSE_TIMEOUT))
-                .await
-                .map_err(|e| CommitError::Task(e.to_string()))??;
+        let CapturedContainer {
+            container,
+            snapshot_key,
+            snapshot_id: id,
+            captured,
+            slot: release,
+        } = self
+            .capture(&options.namespace, &options.container, &snapshot_id)
+            .await?;
         let job = Job {
             snapshot_id: snapshot_id.clone(),
             container: container.id.clone(),
@@ -512,6 +492,57 @@ impl CommitService {
             service.run_job(job).await;
         });
         Ok(started)
+    }
+
+    /// Resolves container `container` (id or unique prefix) of `namespace`
+    /// and captures its writable layer as `capture_name`, pausing it for
+    /// milliseconds. One capture at a time per container, whoever asks
+    /// (commit or checkpoint): the slot is held until the result is dropped.
+    pub async fn capture(
+        self: &Arc<Self>,
+        namespace: &str,
+        container: &str,
+        capture_name: &str,
+    ) -> Result<CapturedContainer, CommitError> {
+        let containerd = Containerd::connect(&self.containerd_address).await?;
+        let container = containerd.resolve(namespace, container).await?;
+        if container.snapshotter != SNAPSHOTTER_NAME {
+            return Err(CommitError::WrongSnapshotter {
+                namespace: container.namespace,
+                container: container.id,
+                snapshotter: container.snapshotter,
+            });
+        }
+        let (snapshot_key, id) = self
+            .snapshotter
+            .container_snapshot(namespace, &container.snapshot_key)?;
+        let slot = format!("{namespace}/{}", container.id);
+        if !self.in_progress.lock().expect("in-progress lock").insert(slot.clone()) {
+            return Err(CommitError::InProgress {
+                container: container.id,
+            });
+        }
+        let slot = SlotGuard {
+            service: self.clone(),
+            slot,
+        };
+        let freezer = crate::cgroup::freezer_of(container.pid)?;
+        let snapshotter = self.snapshotter.clone();
+        let name = capture_name.to_string();
+        let captured = tokio::task::spawn_blocking(move || snapshotter.capture(id, &name, &freezer, PAUSE_TIMEOUT))
+            .await
+            .map_err(|e| CommitError::Task(e.to_string()))??;
+        Ok(CapturedContainer {
+            container,
+            snapshot_key,
+            snapshot_id: id,
+            captured,
+            slot,
+        })
+    }
+
+    pub fn snapshotter(&self) -> &Arc<Snapshotter> {
+        &self.snapshotter
     }
 
     fn update(&self, job: &mut Job, progress: f64, stage: &str) {
@@ -875,8 +906,20 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 /// Frees a container's commit slot when its job ends (or never starts).
+/// A container captured by [`CommitService::capture`].
 #[derive(Debug)]
-struct SlotGuard {
+pub struct CapturedContainer {
+    pub container: crate::containerd::ContainerInfo,
+    /// The container's snapshot key and the snapshotter's id for it.
+    pub snapshot_key: String,
+    pub snapshot_id: u64,
+    pub captured: crate::capture::Captured,
+    /// Keeps other captures of the container out until dropped.
+    pub slot: SlotGuard,
+}
+
+#[derive(Debug)]
+pub struct SlotGuard {
     service: Arc<CommitService>,
     slot: String,
 }

@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod cgroup;
 pub mod chain;
+pub mod checkpoint;
 pub mod client;
 pub mod commit;
 pub mod config;

@@ -156,7 +156,7 @@ pub enum KeyStyle {
 
 #[derive(Debug)]
 pub struct Snapshotter {
-    store: Store,
+    store: Arc<Store>,
     storage: Storage,
     sys: Arc<dyn SystemOps>,
     markers: FrozenMarkers,
@@ -314,7 +314,7 @@ impl Snapshotter {
             warn!(thawed, "thawed containers left frozen by a previous run");
         }
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
-        let store = Store::open(&root.join(METADATA_FILE))?;
+        let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
         let snapshotter = Snapshotter {
             store,
@@ -837,6 +837,11 @@ impl Snapshotter {
     /// (commit jobs).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The metadata store, for records other modules keep beside snapshots.
+    pub fn shared_store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// The lower directories of active snapshot `key`, nearest first (a

@@ -24,6 +24,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// "<namespace>/<container>" -> JSON of the container's commit chain (owned by `commit`).
 const CHAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("chains");
+/// "<storage>|<checkpoint id>" -> JSON of a checkpoint (owned by `checkpoint`).
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 const NEXT_ID: &str = "next_id";
 const SCHEMA: &str = "schema";
 const SCHEMA_VERSION: u64 = 1;
@@ -35,6 +37,8 @@ pub enum RecordKind {
     Jobs,
     /// Commit chains, by "<namespace>/<container>".
     Chains,
+    /// The checkpoint catalogue, by "<storage>|<checkpoint id>".
+    Checkpoints,
 }
 
 impl RecordKind {
@@ -42,6 +46,7 @@ impl RecordKind {
         match self {
             RecordKind::Jobs => JOBS,
             RecordKind::Chains => CHAINS,
+            RecordKind::Checkpoints => CHECKPOINTS,
         }
     }
 }
@@ -180,6 +185,7 @@ impl Store {
             txn.open_table(CHILDREN).map_err(db_err)?;
             txn.open_table(JOBS).map_err(db_err)?;
             txn.open_table(CHAINS).map_err(db_err)?;
+            txn.open_table(CHECKPOINTS).map_err(db_err)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let found = meta.get(SCHEMA).map_err(db_err)?.map(|v| v.value());
             match found {

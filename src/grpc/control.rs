@@ -7,11 +7,15 @@ use std::time::UNIX_EPOCH;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::status::commit_status;
+use super::status::{commit_status, to_status};
+use crate::checkpoint::{self, CheckpointError, CheckpointService, CreateRequest, PrunePolicy, StorageSpec};
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
 use crate::proto::{
-    CommitJob, GetCommitRequest, SeamlessCommitRequest, SeamlessCommitResponse, VersionRequest, VersionResponse,
+    Checkpoint, CommitJob, CreateCheckpointRequest, Diff, GetCommitRequest, InspectCheckpointRequest,
+    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, PruneCheckpointsRequest,
+    PruneCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest,
+    VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -19,6 +23,7 @@ use crate::snapshotter::Snapshotter;
 pub struct ControlService {
     snapshotter: Arc<Snapshotter>,
     commits: Arc<CommitService>,
+    checkpoints: Arc<CheckpointService>,
     root: PathBuf,
 }
 
@@ -26,9 +31,46 @@ impl ControlService {
     pub fn new(snapshotter: Arc<Snapshotter>, commits: Arc<CommitService>, root: PathBuf) -> Self {
         ControlService {
             snapshotter,
+            checkpoints: Arc::new(CheckpointService::new(commits.clone(), &root)),
             commits,
             root,
         }
+    }
+}
+
+fn checkpoint_status(err: CheckpointError) -> Status {
+    match err {
+        CheckpointError::Capture(e) => commit_status(e),
+        other => to_status(other),
+    }
+}
+
+fn storage_from_wire(storage: Option<Storage>) -> StorageSpec {
+    let storage = storage.unwrap_or_default();
+    StorageSpec {
+        backend: storage.backend,
+        path: storage.path,
+    }
+}
+
+fn checkpoint_to_wire(c: checkpoint::Checkpoint) -> Checkpoint {
+    Checkpoint {
+        id: c.id,
+        namespace: c.namespace,
+        container: c.container,
+        image: c.image,
+        created_unix: c.created_unix,
+        size: c.size,
+        content_size: c.content_size,
+        labels: c.labels.into_iter().collect(),
+        parent: c.parent.unwrap_or_default(),
+        status: c.status,
+        compression: c.compression.as_str().to_string(),
+        changed_entries: c.changed_entries,
+        removed_entries: c.removed_entries,
+        fs_only: c.fs_only,
+        pause_time_ns: c.pause_ns,
+        delta_digest: format!("sha256:{}", c.delta_digest),
     }
 }
 
@@ -108,5 +150,101 @@ impl Control for ControlService {
         let id = request.into_inner().snapshot_id;
         let job = self.commits.job(&id).map_err(commit_status)?;
         Ok(Response::new(job_to_wire(job)))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(container = %request.get_ref().container))]
+    async fn create_checkpoint(
+        &self,
+        request: Request<CreateCheckpointRequest>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        let r = request.into_inner();
+        let created = self
+            .checkpoints
+            .create(CreateRequest {
+                storage: storage_from_wire(r.storage),
+                namespace: r.namespace,
+                container: r.container,
+                labels: r.labels,
+                parent: Some(r.parent).filter(|p| !p.is_empty()),
+                compression: r.compression,
+                pre_freeze: r.pre_freeze,
+                memory_limit: r.memory_limit,
+            })
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(checkpoint_to_wire(created)))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        let r = request.into_inner();
+        let listed = self
+            .checkpoints
+            .list(&storage_from_wire(r.storage), &r.namespace, &r.container, &r.filter)
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ListCheckpointsResponse {
+            checkpoints: listed.into_iter().map(checkpoint_to_wire).collect(),
+        }))
+    }
+
+    async fn inspect_checkpoint(
+        &self,
+        request: Request<InspectCheckpointRequest>,
+    ) -> Result<Response<InspectCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let other = Some(r.diff_with.as_str()).filter(|o| !o.is_empty());
+        let found = self
+            .checkpoints
+            .inspect(&storage_from_wire(r.storage), &r.namespace, &r.id, other, r.verify)
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(InspectCheckpointResponse {
+            checkpoint: Some(checkpoint_to_wire(found.checkpoint)),
+            chain: found.chain,
+            blobs: found.blobs as u64,
+            diff: found.diff.map(|d| Diff {
+                added: d.added,
+                changed: d.changed,
+                removed: d.removed,
+                size_delta: d.size_delta,
+            }),
+            verification: found
+                .verification
+                .map(|(checked, failures)| Verification { checked, failures }),
+        }))
+    }
+
+    async fn prune_checkpoints(
+        &self,
+        request: Request<PruneCheckpointsRequest>,
+    ) -> Result<Response<PruneCheckpointsResponse>, Status> {
+        let r = request.into_inner();
+        let policy = PrunePolicy {
+            keep_latest: r.has_keep_latest.then_some(r.keep_latest),
+            keep_days: r.has_keep_days.then_some(r.keep_days),
+            exclude_labels: r.exclude_labels,
+            max_storage: r.has_max_storage.then_some(r.max_storage),
+            prune_dangling: r.prune_dangling,
+        };
+        let plan = self
+            .checkpoints
+            .prune(
+                &storage_from_wire(r.storage),
+                &r.namespace,
+                &r.container,
+                policy,
+                r.dry_run,
+            )
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(PruneCheckpointsResponse {
+            removed: plan.removed,
+            folded: plan.folded,
+            freed_bytes: plan.freed_bytes,
+            dry_run: r.dry_run,
+        }))
     }
 }

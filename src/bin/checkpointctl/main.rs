@@ -5,8 +5,14 @@
 //! the error type and the only mapping from errors to exit codes. It must not
 //! hold subcommand logic.
 
+mod checkpoints;
+mod create;
 mod daemon;
+mod info;
+mod list;
+mod prune;
 mod seamless_commit;
+mod settings;
 mod version;
 
 use seamless_snapshotter::commit::rfc3339;
@@ -35,6 +41,18 @@ struct Cli {
     /// containerd namespace of the container.
     #[arg(long, global = true, env = "CONTAINERD_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// Configuration file (YAML) [default: ~/.checkpointctl.yaml].
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    /// How much checkpointctl says on stderr.
+    #[arg(long, global = true, value_parser = settings::LOG_LEVELS)]
+    log_level: Option<String>,
+    /// Where checkpoints are stored (overrides storage.backend of the config).
+    #[arg(long, global = true, value_parser = settings::BACKENDS)]
+    storage_backend: Option<String>,
+    /// CRIU binary for process-state checkpoints (overrides criu_path).
+    #[arg(long, global = true)]
+    criu_path: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,8 +61,24 @@ struct Cli {
 enum Command {
     /// Capture a running container's writable layer and build and push an image from it.
     SeamlessCommit(seamless_commit::Args),
+    /// Checkpoint a running container's filesystem (a pause of milliseconds).
+    Create(create::Args),
+    /// List checkpoints, oldest first.
+    List(list::Args),
+    /// Show a checkpoint; compare it with another, or verify its data.
+    Info(info::Args),
+    /// Delete a container's checkpoints that no rule keeps.
+    Prune(prune::Args),
     /// Print the daemon's version, storage and root.
     Version,
+}
+
+/// What every checkpoint subcommand needs: the daemon, the namespace and
+/// the storage (flags over the config file).
+pub struct Context {
+    pub address: PathBuf,
+    pub namespace: String,
+    pub storage: seamless_snapshotter::proto::Storage,
 }
 
 /// Everything that can fail after the arguments parsed. Each variant names
@@ -70,6 +104,14 @@ pub enum CliError {
     },
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    /// A usage error found after parsing (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Something checked and found wrong, already reported (exit code 1).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {
@@ -98,9 +140,26 @@ fn run(cli: Cli) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
+    let (config, required) = match &cli.config {
+        Some(path) => (Some(path.clone()), true),
+        None => (settings::default_path(), false),
+    };
+    let settings = match &config {
+        Some(path) => settings::Settings::load(path, required)?,
+        None => settings::Settings::default(),
+    };
+    let context = Context {
+        address: cli.address.clone(),
+        namespace: cli.namespace.clone(),
+        storage: settings.storage(cli.storage_backend.as_deref()),
+    };
     runtime.block_on(async {
         match cli.command {
             Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, args).await,
+            Command::Create(args) => create::run(&context, args).await,
+            Command::List(args) => list::run(&context, args).await,
+            Command::Info(args) => info::run(&context, args).await,
+            Command::Prune(args) => prune::run(&context, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })
@@ -123,7 +182,8 @@ fn exit_code(err: &CliError) -> u8 {
             })
         }
         CliError::JobFailed { code, .. } => commit_code_exit(code).unwrap_or(1),
-        CliError::WaitTimeout { .. } | CliError::Runtime(_) => 1,
+        CliError::Settings(_) | CliError::Usage(_) => 2,
+        CliError::WaitTimeout { .. } | CliError::Runtime(_) | CliError::Failed(_) => 1,
     }
 }
 

@@ -545,6 +545,34 @@ mod tests {
             };
             Ok(tonic::Response::new(job.expect("script is not empty")))
         }
+
+        async fn create_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::CreateCheckpointRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::Checkpoint>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn list_checkpoints(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ListCheckpointsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ListCheckpointsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn inspect_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::InspectCheckpointRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::InspectCheckpointResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn prune_checkpoints(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::PruneCheckpointsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::PruneCheckpointsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {

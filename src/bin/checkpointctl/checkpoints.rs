@@ -1,0 +1,146 @@
+//! What the checkpoint subcommands share: the machine-readable view of a
+//! checkpoint (`-o json|yaml`, stable field names), human sizes, and ids
+//! as scripts pass them (`jq '.[-1].id'` prints them in JSON quotes).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use seamless_snapshotter::commit::rfc3339;
+use seamless_snapshotter::proto::Checkpoint;
+
+use crate::CliError;
+
+/// A checkpoint as `list -o json|yaml` and `info --metadata` print it.
+#[derive(Debug, Serialize)]
+pub struct View {
+    pub id: String,
+    pub namespace: String,
+    pub container: String,
+    pub image: String,
+    /// ISO 8601, UTC: YYYY-MM-DDTHH:MM:SSZ.
+    pub created: String,
+    /// Bytes of storage its own data takes.
+    pub size: u64,
+    /// Bytes of file content in its change.
+    pub content_size: u64,
+    pub labels: BTreeMap<String, String>,
+    pub parent: Option<String>,
+    pub status: String,
+    pub compression: String,
+    pub changed_entries: u64,
+    pub removed_entries: u64,
+    pub fs_only: bool,
+    pub pause_ms: f64,
+    pub delta_digest: String,
+}
+
+impl View {
+    pub fn of(c: &Checkpoint) -> View {
+        View {
+            id: c.id.clone(),
+            namespace: c.namespace.clone(),
+            container: c.container.clone(),
+            image: c.image.clone(),
+            created: created(c),
+            size: c.size,
+            content_size: c.content_size,
+            labels: c.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            parent: Some(c.parent.clone()).filter(|p| !p.is_empty()),
+            status: c.status.clone(),
+            compression: c.compression.clone(),
+            changed_entries: c.changed_entries,
+            removed_entries: c.removed_entries,
+            fs_only: c.fs_only,
+            pause_ms: (c.pause_time_ns as f64 / 1e4).round() / 100.0,
+            delta_digest: c.delta_digest.clone(),
+        }
+    }
+}
+
+pub fn created(c: &Checkpoint) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(c.created_unix.max(0) as u64))
+}
+
+/// `k=v` and bare `k` labels, sorted, comma-separated.
+pub fn labels_text(c: &Checkpoint) -> String {
+    let labels: BTreeMap<_, _> = c.labels.iter().collect();
+    labels
+        .into_iter()
+        .map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// 1.5 MB, 320 B: powers of 1024, one decimal.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// An id as given: surrounding white space and JSON double quotes go.
+pub fn checkpoint_id(raw: &str) -> Result<String, CliError> {
+    let trimmed = raw.trim();
+    let id = trimmed
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(trimmed);
+    if id.is_empty() {
+        return Err(CliError::Usage("a checkpoint id is required".into()));
+    }
+    Ok(id.to_string())
+}
+
+pub fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing plain data to JSON cannot fail.
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+pub fn to_yaml<T: Serialize>(value: &T) -> String {
+    serde_yaml_ng::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_out_of_json_quotes() {
+        assert_eq!(checkpoint_id("\"cp-20261201-101112\"\n").unwrap(), "cp-20261201-101112");
+        assert_eq!(checkpoint_id(" cp-20261201-101112 ").unwrap(), "cp-20261201-101112");
+        assert!(checkpoint_id("\"\"").is_err());
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_size(320), "320 B");
+        assert_eq!(human_size(1536), "1.5 KB");
+        assert_eq!(human_size(5 << 30), "5.0 GB");
+    }
+
+    #[test]
+    fn views_carry_iso_dates_and_null_parents() {
+        let c = Checkpoint {
+            id: "cp-20261201-101112".into(),
+            created_unix: 1_764_583_872,
+            pause_time_ns: 1_234_567,
+            ..Checkpoint::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&to_json(&View::of(&c))).unwrap();
+        assert_eq!(json["created"], "2025-12-01T10:11:12Z");
+        assert!(json["parent"].is_null());
+        assert_eq!(json["pause_ms"], 1.23);
+        assert!(to_yaml(&View::of(&c)).contains("id: cp-20261201-101112"));
+    }
+}

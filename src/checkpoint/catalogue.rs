@@ -1,0 +1,1099 @@
+//! The catalogue of one storage: checkpoints' metadata (in the daemon's
+//! store, for listing, and beside the data, so the storage describes
+//! itself), their changes and the content-addressed blobs they reference.
+//!
+//! Layout in the object store:
+//! - `blobs/sha256/<hex>.<raw|gz|zst>`: a file's content, named by the
+//!   sha256 of the uncompressed bytes, so identical files are stored once
+//!   across checkpoints and containers;
+//! - `deltas/<id>-<n>.json.zst`: a checkpoint's change ([`Delta`]);
+//! - `checkpoints/<id>.json`: its metadata, written last: a checkpoint
+//!   exists once this object does.
+//!
+//! Blocking: callers on a runtime use `spawn_blocking`. Writers of one
+//! storage are serialized by the caller.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::filter::{Filter, Subject};
+use super::objects::{ObjectError, ObjectStore};
+use super::tree::{self, Delta, Entry, Tree, TreeDiff, TreeError};
+use crate::store::{RecordKind, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("checkpoint catalogue: {0}")]
+    Store(#[from] StoreError),
+    #[error("checkpoint {id} not found in {storage}")]
+    NotFound { storage: String, id: String },
+    #[error("checkpoint {id}: {message}")]
+    Corrupt { id: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// How blobs are compressed at rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn parse(text: &str) -> Result<Compression, CatalogueError> {
+        match text {
+            "" | "zstd" => Ok(Compression::Zstd),
+            "gzip" => Ok(Compression::Gzip),
+            "none" => Ok(Compression::None),
+            other => Err(CatalogueError::Invalid(format!(
+                "compression {other:?} is not one of none, gzip, zstd"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Compression::None => "raw",
+            Compression::Gzip => "gz",
+            Compression::Zstd => "zst",
+        }
+    }
+
+    fn from_extension(ext: &str) -> Option<Compression> {
+        match ext {
+            "raw" => Some(Compression::None),
+            "gz" => Some(Compression::Gzip),
+            "zst" => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// A checkpoint's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub id: String,
+    pub namespace: String,
+    pub container: String,
+    pub image: String,
+    pub created_unix: i64,
+    /// Bytes of storage its own data took when it was made (new blobs and
+    /// its change); folding a parent into it adds the parent's.
+    pub size: u64,
+    /// Bytes of file content in its change.
+    pub content_size: u64,
+    pub labels: BTreeMap<String, String>,
+    pub parent: Option<String>,
+    pub status: String,
+    pub compression: Compression,
+    pub changed_entries: u64,
+    pub removed_entries: u64,
+    pub fs_only: bool,
+    pub pause_ns: u64,
+    /// Object key of its change, and the sha256 of that object.
+    pub delta_key: String,
+    pub delta_digest: String,
+}
+
+impl Checkpoint {
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        Duration::from_secs(now.saturating_sub(self.created_unix).max(0) as u64)
+    }
+}
+
+struct Subjected<'a>(&'a Checkpoint, SystemTime);
+
+impl Subject for Subjected<'_> {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn age(&self) -> Duration {
+        self.0.age(self.1)
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        &self.0.labels
+    }
+    fn status(&self) -> &str {
+        &self.0.status
+    }
+}
+
+/// Parses `k=v` or bare `k` labels.
+pub fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, CatalogueError> {
+    let mut out = BTreeMap::new();
+    for label in labels {
+        let (key, value) = label.split_once('=').unwrap_or((label.as_str(), ""));
+        let valid_key = !key.is_empty()
+            && key.len() <= 128
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !valid_key {
+            return Err(CatalogueError::Invalid(format!(
+                "label {label:?}: the key must be 1-128 letters, digits or -_./"
+            )));
+        }
+        if value.len() > 4096 || value.chars().any(char::is_control) {
+            return Err(CatalogueError::Invalid(format!(
+                "label {label:?}: the value must be printable and at most 4096 bytes"
+            )));
+        }
+        out.insert(key.to_string(), value.to_string());
+    }
+    Ok(out)
+}
+
+/// `cp-YYYYMMDD-HHMMSS[-n]`.
+pub fn validate_id(id: &str) -> Result<(), CatalogueError> {
+    let valid = id.len() <= 40
+        && id.starts_with("cp-")
+        && id[3..].bytes().all(|b| b.is_ascii_digit() || b == b'-')
+        && id.len() >= "cp-YYYYMMDD-HHMMSS".len();
+    if valid {
+        Ok(())
+    } else {
+        Err(CatalogueError::Invalid(format!(
+            "checkpoint id {:?} is not of the form cp-YYYYMMDD-HHMMSS[-n]",
+            id.chars().take(60).collect::<String>()
+        )))
+    }
+}
+
+/// What a create stores.
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint {
+    pub namespace: String,
+    pub container: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    pub parent: Option<String>,
+    pub compression: Compression,
+    pub pause: Duration,
+}
+
+/// The rules of a prune.
+#[derive(Debug, Clone, Default)]
+pub struct PrunePolicy {
+    pub keep_latest: Option<u32>,
+    pub keep_days: Option<u32>,
+    pub exclude_labels: Vec<String>,
+    pub max_storage: Option<u64>,
+    pub prune_dangling: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrunePlan {
+    /// Oldest first.
+    pub removed: Vec<String>,
+    pub folded: Vec<String>,
+    pub freed_bytes: u64,
+}
+
+/// The catalogue of one storage.
+pub struct Catalogue {
+    /// Identifies the storage in the daemon's store ("local", "nfs:<path>").
+    storage_id: String,
+    objects: Arc<dyn ObjectStore>,
+    store: Arc<Store>,
+    /// Scratch space for compressing blobs before upload.
+    work: std::path::PathBuf,
+}
+
+fn record_key(storage_id: &str, id: &str) -> String {
+    format!("{storage_id}|{id}")
+}
+
+fn blob_key(digest: &str, compression: Compression) -> String {
+    format!("blobs/sha256/{digest}.{}", compression.extension())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    tree::hex(&Sha256::digest(data))
+}
+
+impl Catalogue {
+    pub fn new(storage_id: String, objects: Arc<dyn ObjectStore>, store: Arc<Store>, work: &Path) -> Catalogue {
+        Catalogue {
+            storage_id,
+            objects,
+            store,
+            work: work.to_path_buf(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        self.objects.describe()
+    }
+
+    /// Every checkpoint of this storage, oldest first.
+    pub fn all(&self) -> Result<Vec<Checkpoint>, CatalogueError> {
+        let prefix = format!("{}|", self.storage_id);
+        let mut out = Vec::new();
+        for (key, bytes) in self.store.list_records(RecordKind::Checkpoints)? {
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let checkpoint: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Corrupt {
+                id: key.clone(),
+                message: format!("unreadable record: {e}"),
+            })?;
+            out.push(checkpoint);
+        }
+        out.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        Ok(out)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Checkpoint, CatalogueError> {
+        validate_id(id)?;
+        let bytes = self
+            .store
+            .get_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?
+            .ok_or_else(|| CatalogueError::NotFound {
+                storage: self.describe(),
+                id: id.to_string(),
+            })?;
+        serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Corrupt {
+            id: id.to_string(),
+            message: format!("unreadable record: {e}"),
+        })
+    }
+
+    /// Checkpoints of `namespace` (and `container` if not empty) that pass
+    /// `filter`, oldest first.
+    pub fn list(
+        &self,
+        namespace: &str,
+        container: &str,
+        filter: Option<&Filter>,
+    ) -> Result<Vec<Checkpoint>, CatalogueError> {
+        let now = SystemTime::now();
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|c| c.namespace == namespace && (container.is_empty() || c.container == container))
+            .filter(|c| filter.is_none_or(|f| f.matches(&Subjected(c, now))))
+            .collect())
+    }
+
+    /// A new id for a checkpoint made at `now`: `cp-YYYYMMDD-HHMMSS`, with
+    /// `-2`, `-3`... when taken.
+    pub fn new_id(&self, now: SystemTime) -> Result<String, CatalogueError> {
+        let stamp = crate::commit::rfc3339(now);
+        // 2026-12-01T10:11:12Z -> 20261201-101112
+        let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
+        let base = format!("cp-{}-{}", &digits[..8], &digits[8..14]);
+        let taken: BTreeSet<String> = self.all()?.into_iter().map(|c| c.id).collect();
+        if !taken.contains(&base) {
+            return Ok(base);
+        }
+        Ok((2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|id| !taken.contains(id))
+            .unwrap_or(base))
+    }
+
+    fn read_delta(&self, checkpoint: &Checkpoint) -> Result<Delta, CatalogueError> {
+        let stored = self.objects.get(&checkpoint.delta_key)?;
+        let corrupt = |message: String| CatalogueError::Corrupt {
+            id: checkpoint.id.clone(),
+            message,
+        };
+        if sha256_hex(&stored) != checkpoint.delta_digest {
+            return Err(corrupt(format!("{} does not match its digest", checkpoint.delta_key)));
+        }
+        let json = zstd::decode_all(&stored[..]).map_err(|e| corrupt(format!("{}: {e}", checkpoint.delta_key)))?;
+        serde_json::from_slice(&json).map_err(|e| corrupt(format!("{}: {e}", checkpoint.delta_key)))
+    }
+
+    /// Stores `delta` for checkpoint `id` under a key no other version of
+    /// it used; returns (key, digest, size).
+    fn write_delta(&self, id: &str, delta: &Delta) -> Result<(String, String, u64), CatalogueError> {
+        let json = serde_json::to_vec(delta).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
+        let stored = zstd::encode_all(&json[..], 3).map_err(|e| CatalogueError::Io {
+            op: "compress",
+            path: id.to_string(),
+            source: e,
+        })?;
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let key = format!("deltas/{id}-{nanos}.json.zst");
+        self.objects.put(&key, &stored)?;
+        Ok((key, sha256_hex(&stored), stored.len() as u64))
+    }
+
+    /// Makes `checkpoint` exist: its metadata beside the data (the commit
+    /// point), then in the daemon's store.
+    fn publish(&self, checkpoint: &Checkpoint) -> Result<(), CatalogueError> {
+        let json = serde_json::to_vec_pretty(checkpoint).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
+        self.objects
+            .put(&format!("checkpoints/{}.json", checkpoint.id), &json)?;
+        self.store.put_record(
+            RecordKind::Checkpoints,
+            &record_key(&self.storage_id, &checkpoint.id),
+            &json,
+        )?;
+        Ok(())
+    }
+
+    fn unpublish(&self, id: &str) -> Result<(), CatalogueError> {
+        self.objects.delete(&format!("checkpoints/{id}.json"))?;
+        self.store
+            .remove_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?;
+        Ok(())
+    }
+
+    /// The chain of `checkpoint`: its ancestors, oldest first, then itself.
+    pub fn chain(&self, checkpoint: &Checkpoint) -> Result<Vec<Checkpoint>, CatalogueError> {
+        let mut chain = vec![checkpoint.clone()];
+        let mut seen = BTreeSet::from([checkpoint.id.clone()]);
+        while let Some(parent) = chain.last().and_then(|c| c.parent.clone()) {
+            if !seen.insert(parent.clone()) {
+                return Err(CatalogueError::Corrupt {
+                    id: checkpoint.id.clone(),
+                    message: format!("its chain loops at {parent}"),
+                });
+            }
+            let found = self.get(&parent).map_err(|e| match e {
+                CatalogueError::NotFound { .. } => CatalogueError::Corrupt {
+                    id: checkpoint.id.clone(),
+                    message: format!("its parent {parent} is missing"),
+                },
+                other => other,
+            })?;
+            chain.push(found);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// The writable layer `checkpoint` holds.
+    pub fn tree_of(&self, checkpoint: &Checkpoint) -> Result<Tree, CatalogueError> {
+        let mut tree = Tree::new();
+        for link in self.chain(checkpoint)? {
+            self.read_delta(&link)?.apply(&mut tree);
+        }
+        Ok(tree)
+    }
+
+    /// Stores the writable layer captured at `upper` as a checkpoint.
+    pub fn create(&self, id: &str, upper: &Path, new: &NewCheckpoint) -> Result<Checkpoint, CatalogueError> {
+        validate_id(id)?;
+        let parent = match &new.parent {
+            Some(parent_id) => {
+                let parent = self.get(parent_id)?;
+                if parent.namespace != new.namespace || parent.container != new.container {
+                    return Err(CatalogueError::Invalid(format!(
+                        "parent {parent_id} is a checkpoint of {}/{}, not of {}/{}",
+                        parent.namespace, parent.container, new.namespace, new.container
+                    )));
+                }
+                Some(parent)
+            }
+            None => None,
+        };
+        let parent_tree = match &parent {
+            Some(p) => Some(self.tree_of(p)?),
+            None => None,
+        };
+        std::fs::create_dir_all(&self.work).map_err(|source| CatalogueError::Io {
+            op: "create directory",
+            path: self.work.display().to_string(),
+            source,
+        })?;
+        let mut stored_bytes = 0u64;
+        let mut store_blob = |path: &Path, digest: &str, _entry: &Entry| -> Result<(), TreeError> {
+            // Stored already, in any compression: referenced as it is.
+            for compression in [new.compression, Compression::Zstd, Compression::Gzip, Compression::None] {
+                let key = blob_key(digest, compression);
+                match self.objects.size(&key) {
+                    Ok(Some(_)) => return Ok(()),
+                    Ok(None) => {}
+                    Err(e) => return Err(to_tree_error(e, &key)),
+                }
+            }
+            let key = blob_key(digest, new.compression);
+            stored_bytes += self
+                .upload(path, &key, new.compression)
+                .map_err(|e| to_tree_error(e, &key))?;
+            Ok(())
+        };
+        let tree = tree::read_tree(upper, parent_tree.as_ref(), &mut store_blob)?;
+        // Files the parent had unchanged are not read again, but their blob
+        // may be stored with another compression: make sure it is here.
+        let empty = Tree::new();
+        let mut delta = Delta::between(parent_tree.as_ref().unwrap_or(&empty), &tree);
+        for (path, entry) in &delta.changed {
+            let Some(digest) = &entry.digest else { continue };
+            if delta.stored.contains_key(digest) {
+                continue;
+            }
+            let wanted = blob_key(digest, new.compression);
+            let mut found = None;
+            for compression in [new.compression, Compression::Zstd, Compression::Gzip, Compression::None] {
+                let key = blob_key(digest, compression);
+                if self.objects.size(&key)?.is_some() {
+                    found = Some(key);
+                    break;
+                }
+            }
+            let key = match found {
+                Some(key) => key,
+                None => {
+                    stored_bytes += self.upload(&upper.join(path), &wanted, new.compression)?;
+                    wanted
+                }
+            };
+            delta.stored.insert(digest.clone(), key);
+        }
+        let (delta_key, delta_digest, delta_size) = self.write_delta(id, &delta)?;
+        let checkpoint = Checkpoint {
+            id: id.to_string(),
+            namespace: new.namespace.clone(),
+            container: new.container.clone(),
+            image: new.image.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64,
+            size: stored_bytes + delta_size,
+            content_size: delta.content_bytes(),
+            labels: new.labels.clone(),
+            parent: new.parent.clone(),
+            status: "ready".into(),
+            compression: new.compression,
+            changed_entries: delta.changed.len() as u64,
+            removed_entries: delta.removed.len() as u64,
+            fs_only: true,
+            pause_ns: new.pause.as_nanos() as u64,
+            delta_key,
+            delta_digest,
+        };
+        self.publish(&checkpoint)?;
+        Ok(checkpoint)
+    }
+
+    /// Compresses `path` into blob `key`; returns the stored size.
+    fn upload(&self, path: &Path, key: &str, compression: Compression) -> Result<u64, CatalogueError> {
+        let io = |op: &'static str, p: &Path| {
+            let p = p.display().to_string();
+            move |source| CatalogueError::Io { op, path: p, source }
+        };
+        if compression == Compression::None {
+            self.objects.put_file(key, path)?;
+            return Ok(std::fs::metadata(path).map_err(io("stat", path))?.len());
+        }
+        let staged = StagedFile::create(&self.work).map_err(io("create a file in", &self.work))?;
+        {
+            let mut input = std::fs::File::open(path).map_err(io("open", path))?;
+            let output = staged.file.try_clone().map_err(io("open", &staged.path))?;
+            match compression {
+                Compression::Zstd => {
+                    let mut encoder = zstd::Encoder::new(output, 3).map_err(io("compress", path))?;
+                    std::io::copy(&mut input, &mut encoder).map_err(io("compress", path))?;
+                    encoder.finish().map_err(io("compress", path))?;
+                }
+                Compression::Gzip => {
+                    let mut encoder = flate2::write::GzEncoder::new(output, flate2::Compression::default());
+                    std::io::copy(&mut input, &mut encoder).map_err(io("compress", path))?;
+                    encoder
+                        .finish()
+                        .map_err(io("compress", path))?
+                        .flush()
+                        .map_err(io("write", path))?;
+                }
+                Compression::None => unreachable!("stored as is above"),
+            }
+        }
+        self.objects.put_file(key, &staged.path)?;
+        Ok(std::fs::metadata(&staged.path).map_err(io("stat", &staged.path))?.len())
+    }
+
+    /// Reads blob `key` back, decompressed, and checks it against the
+    /// digest in its name.
+    fn check_blob(&self, key: &str) -> Result<(), String> {
+        let name = key.rsplit('/').next().unwrap_or_default();
+        let (digest, ext) = name.split_once('.').ok_or("not a blob name")?;
+        let compression = Compression::from_extension(ext).ok_or("unknown compression")?;
+        let reader = self.objects.open(key).map_err(|e| e.to_string())?;
+        let mut reader: Box<dyn Read> = match compression {
+            Compression::None => reader,
+            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
+            Compression::Zstd => Box::new(zstd::Decoder::new(reader).map_err(|e| e.to_string())?),
+        };
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| format!("cannot be read: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual = tree::hex(&hasher.finalize());
+        if actual != digest {
+            return Err(format!("content hashes to sha256:{actual}"));
+        }
+        Ok(())
+    }
+
+    /// Blob keys `checkpoint`'s own change references.
+    fn blob_keys(&self, checkpoint: &Checkpoint, delta: &Delta) -> BTreeSet<String> {
+        delta
+            .digests()
+            .iter()
+            .map(|d| {
+                delta
+                    .stored
+                    .get(d)
+                    .cloned()
+                    .unwrap_or_else(|| blob_key(d, checkpoint.compression))
+            })
+            .collect()
+    }
+
+    /// Re-hashes every blob and change `checkpoint` needs (its whole
+    /// chain). Returns how many objects were checked and the failures.
+    pub fn verify(&self, checkpoint: &Checkpoint) -> Result<(u64, Vec<String>), CatalogueError> {
+        let mut failures = Vec::new();
+        let mut keys = BTreeSet::new();
+        let mut checked = 0;
+        for link in self.chain(checkpoint)? {
+            checked += 1;
+            match self.read_delta(&link) {
+                Ok(delta) => {
+                    // What the tree needs, whichever checkpoint stored it.
+                    keys.extend(self.blob_keys(&link, &delta));
+                }
+                Err(e) => failures.push(format!("{}: {e}", link.delta_key)),
+            }
+        }
+        for key in keys {
+            checked += 1;
+            if let Err(reason) = self.check_blob(&key) {
+                failures.push(format!("{key}: {reason}"));
+            }
+        }
+        Ok((checked, failures))
+    }
+
+    pub fn diff(&self, from: &Checkpoint, to: &Checkpoint) -> Result<TreeDiff, CatalogueError> {
+        Ok(tree::diff(&self.tree_of(from)?, &self.tree_of(to)?))
+    }
+
+    /// Blob keys the tree of `checkpoint` needs.
+    pub fn blobs_needed(&self, checkpoint: &Checkpoint) -> Result<usize, CatalogueError> {
+        let mut keys = BTreeSet::new();
+        for link in self.chain(checkpoint)? {
+            let delta = self.read_delta(&link)?;
+            keys.extend(self.blob_keys(&link, &delta));
+        }
+        Ok(keys.len())
+    }
+
+    /// What `policy` removes of the checkpoints of `namespace`/`container`,
+    /// and, unless `dry_run`, removes it: each removed checkpoint with a
+    /// kept child is folded into that child first, so every kept checkpoint
+    /// stays restorable; then whatever no checkpoint references goes.
+    pub fn prune(
+        &self,
+        namespace: &str,
+        container: &str,
+        policy: &PrunePolicy,
+        dry_run: bool,
+    ) -> Result<PrunePlan, CatalogueError> {
+        if policy.keep_latest.is_none()
+            && policy.keep_days.is_none()
+            && policy.max_storage.is_none()
+            && !policy.prune_dangling
+        {
+            return Err(CatalogueError::Invalid(
+                "nothing to prune by: give --keep-latest, --keep-days, --max-storage or --prune-dangling".into(),
+            ));
+        }
+        let all = self.all()?;
+        let ids: BTreeSet<&str> = all.iter().map(|c| c.id.as_str()).collect();
+        let mine: Vec<&Checkpoint> = all
+            .iter()
+            .filter(|c| c.namespace == namespace && c.container == container)
+            .collect();
+        let now = SystemTime::now();
+        let excluded = |c: &Checkpoint| policy.exclude_labels.iter().any(|l| c.labels.contains_key(l));
+        // Dangling: a parent that is gone, or above one that is.
+        let mut dangling = BTreeSet::new();
+        for c in &mine {
+            let mut at = (*c).clone();
+            let mut hops = 0;
+            while let Some(parent) = &at.parent {
+                if !ids.contains(parent.as_str()) || hops > all.len() {
+                    dangling.insert(c.id.clone());
+                    break;
+                }
+                at = all
+                    .iter()
+                    .find(|x| &x.id == parent)
+                    .cloned()
+                    .expect("present: checked above");
+                hops += 1;
+            }
+        }
+        let by_rule = policy.keep_latest.is_some() || policy.keep_days.is_some();
+        let mut doomed: BTreeSet<String> = BTreeSet::new();
+        let newest_first: Vec<&&Checkpoint> = mine.iter().rev().collect();
+        for (rank, c) in newest_first.iter().enumerate() {
+            if policy.prune_dangling && dangling.contains(&c.id) {
+                doomed.insert(c.id.clone());
+                continue;
+            }
+            if !by_rule || excluded(c) {
+                continue;
+            }
+            let latest = policy.keep_latest.is_some_and(|n| (rank as u32) < n);
+            let recent = policy
+                .keep_days
+                .is_some_and(|d| c.age(now) < Duration::from_secs(u64::from(d) * 86_400));
+            if !latest && !recent {
+                doomed.insert(c.id.clone());
+            }
+        }
+        // Storage: the oldest go first until the storage fits.
+        if let Some(limit) = policy.max_storage {
+            for c in &mine {
+                if self.usage_without(&all, &doomed)? <= limit {
+                    break;
+                }
+                if !excluded(c) {
+                    doomed.insert(c.id.clone());
+                }
+            }
+        }
+        let before = self.usage_without(&all, &BTreeSet::new())?;
+        let after = self.usage_without(&all, &doomed)?;
+        let removed: Vec<String> = mine
+            .iter()
+            .filter(|c| doomed.contains(&c.id))
+            .map(|c| c.id.clone())
+            .collect();
+        let folded: Vec<String> = all
+            .iter()
+            .filter(|c| !doomed.contains(&c.id) && c.parent.as_ref().is_some_and(|p| doomed.contains(p)))
+            .map(|c| c.id.clone())
+            .collect();
+        let plan = PrunePlan {
+            removed,
+            folded,
+            freed_bytes: before.saturating_sub(after),
+        };
+        if dry_run {
+            return Ok(plan);
+        }
+        self.remove_all(&all, &doomed)?;
+        self.collect_garbage()?;
+        Ok(plan)
+    }
+
+    /// Removes `doomed` from the catalogue, folding each into its kept
+    /// children (oldest first, so a child of several removed ancestors
+    /// gets their composition).
+    fn remove_all(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<(), CatalogueError> {
+        let mut current: HashMap<String, Checkpoint> = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
+        for victim in all.iter().filter(|c| doomed.contains(&c.id)) {
+            let victim = current
+                .get(&victim.id)
+                .cloned()
+                .expect("every checkpoint is in the map");
+            let children: Vec<Checkpoint> = current
+                .values()
+                .filter(|c| c.parent.as_deref() == Some(victim.id.as_str()))
+                .cloned()
+                .collect();
+            if !children.is_empty() {
+                // A dangling victim has no tree to hand down: its children
+                // dangle too (and were doomed with it under --prune-dangling).
+                let victim_delta = self.read_delta(&victim)?;
+                for child in children {
+                    let composed = victim_delta.then(&self.read_delta(&child)?);
+                    let (delta_key, delta_digest, delta_size) = self.write_delta(&child.id, &composed)?;
+                    let updated = Checkpoint {
+                        parent: victim.parent.clone(),
+                        size: child.size + victim.size,
+                        content_size: composed.content_bytes(),
+                        changed_entries: composed.changed.len() as u64,
+                        removed_entries: composed.removed.len() as u64,
+                        delta_key,
+                        delta_digest,
+                        ..child.clone()
+                    };
+                    let _ = delta_size;
+                    self.publish(&updated)?;
+                    current.insert(updated.id.clone(), updated);
+                }
+            }
+            self.unpublish(&victim.id)?;
+            current.remove(&victim.id);
+        }
+        Ok(())
+    }
+
+    /// Bytes the storage would hold without `doomed` (folded as a prune
+    /// folds them): metadata, changes and the blobs still referenced.
+    fn usage_without(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<u64, CatalogueError> {
+        let sizes: HashMap<String, u64> = self.objects.list("blobs/")?.into_iter().collect();
+        let mut keys = BTreeSet::new();
+        let mut total = 0u64;
+        for c in all.iter().filter(|c| !doomed.contains(&c.id)) {
+            // A kept checkpoint's tree keeps every blob of its chain.
+            let delta_blobs = match self.chain(c) {
+                Ok(chain) => {
+                    for link in &chain {
+                        keys.extend(self.blob_keys(link, &self.read_delta(link)?));
+                    }
+                    chain.len()
+                }
+                Err(_) => {
+                    keys.extend(self.blob_keys(c, &self.read_delta(c)?));
+                    1
+                }
+            };
+            let _ = delta_blobs;
+            total += self.objects.size(&c.delta_key)?.unwrap_or(0);
+            total += self.objects.size(&format!("checkpoints/{}.json", c.id))?.unwrap_or(0);
+        }
+        total += keys.iter().filter_map(|k| sizes.get(k)).sum::<u64>();
+        Ok(total)
+    }
+
+    /// Deletes every blob and change no checkpoint references: what prunes
+    /// and merges free, and what an interrupted create left.
+    pub fn collect_garbage(&self) -> Result<u64, CatalogueError> {
+        let all = self.all()?;
+        let mut keep = BTreeSet::new();
+        for c in &all {
+            keep.insert(c.delta_key.clone());
+            keep.extend(self.blob_keys(c, &self.read_delta(c)?));
+        }
+        let mut freed = 0;
+        for prefix in ["blobs/", "deltas/"] {
+            for (key, size) in self.objects.list(prefix)? {
+                if !keep.contains(&key) {
+                    self.objects.delete(&key)?;
+                    freed += size;
+                }
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// A private scratch file, deleted when dropped.
+struct StagedFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl StagedFile {
+    fn create(dir: &Path) -> std::io::Result<StagedFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("blob-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(StagedFile { path, file })
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn to_tree_error(e: impl std::fmt::Display, key: &str) -> TreeError {
+    TreeError::Io {
+        op: "store blob",
+        path: key.to_string(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::objects::DirStore;
+    use std::fs;
+
+    struct World {
+        _tmp: tempfile::TempDir,
+        upper: std::path::PathBuf,
+        objects: std::path::PathBuf,
+        catalogue: Catalogue,
+    }
+
+    fn world() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let objects = tmp.path().join("objects");
+        let store = Arc::new(Store::open(&tmp.path().join("meta.redb")).unwrap());
+        let catalogue = Catalogue::new(
+            "local".into(),
+            Arc::new(DirStore::open(&objects, "local").unwrap()),
+            store,
+            &tmp.path().join("work"),
+        );
+        let upper = tmp.path().join("upper");
+        fs::create_dir_all(upper.join("data")).unwrap();
+        World {
+            _tmp: tmp,
+            upper,
+            objects,
+            catalogue,
+        }
+    }
+
+    fn new(parent: Option<&str>, labels: &[&str], compression: Compression) -> NewCheckpoint {
+        NewCheckpoint {
+            namespace: "ns".into(),
+            container: "c1".into(),
+            image: "img".into(),
+            labels: parse_labels(&labels.iter().map(|l| l.to_string()).collect::<Vec<_>>()).unwrap(),
+            parent: parent.map(str::to_string),
+            compression,
+            pause: Duration::from_millis(2),
+        }
+    }
+
+    fn blob_count(w: &World) -> usize {
+        fs::read_dir(w.objects.join("blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn incremental_checkpoints_store_only_what_changed_and_restore_whole_trees() {
+        let w = world();
+        let big = vec![7u8; 300_000];
+        fs::write(w.upper.join("data/big"), &big).unwrap();
+        fs::write(w.upper.join("data/small"), b"one").unwrap();
+        fs::write(w.upper.join("data/gone"), b"bye").unwrap();
+        let first = w
+            .catalogue
+            .create(
+                "cp-20261201-100000",
+                &w.upper,
+                &new(None, &["golden"], Compression::Zstd),
+            )
+            .unwrap();
+        assert_eq!(blob_count(&w), 3);
+        assert!(first.size > 0 && first.size < 300_000, "compressed: {}", first.size);
+        assert_eq!(first.content_size, 300_000 + 3 + 3);
+
+        fs::write(w.upper.join("data/small"), b"two").unwrap();
+        fs::remove_file(w.upper.join("data/gone")).unwrap();
+        fs::write(w.upper.join("data/copy"), &big).unwrap();
+        let second = w
+            .catalogue
+            .create(
+                "cp-20261201-100100",
+                &w.upper,
+                &new(Some(&first.id), &["env=prod"], Compression::Zstd),
+            )
+            .unwrap();
+        assert_eq!(
+            blob_count(&w),
+            4,
+            "only the new content of small is stored; the copy is deduplicated"
+        );
+        assert_eq!(second.removed_entries, 1);
+        assert_eq!(second.parent.as_deref(), Some(first.id.as_str()));
+        let tree = w.catalogue.tree_of(&second).unwrap();
+        assert!(tree.contains_key("data/copy") && !tree.contains_key("data/gone"));
+        assert_eq!(w.catalogue.chain(&second).unwrap().len(), 2);
+        let d = w.catalogue.diff(&first, &second).unwrap();
+        assert_eq!(
+            (d.added.clone(), d.removed.clone()),
+            (vec!["data/copy".to_string()], vec!["data/gone".to_string()])
+        );
+        assert!(d.changed.contains(&"data/small".to_string()), "{d:?}");
+        assert_eq!(d.size_delta, 300_000 - 3);
+
+        // Listing, with filters.
+        let f = Filter::parse("label=golden").unwrap();
+        let listed = w.catalogue.list("ns", "", Some(&f)).unwrap();
+        assert_eq!(
+            listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            vec![first.id.as_str()]
+        );
+        let f = Filter::parse("label=env=prod && age<1h").unwrap();
+        assert_eq!(w.catalogue.list("ns", "c1", Some(&f)).unwrap().len(), 1);
+        assert_eq!(w.catalogue.list("other", "", None).unwrap().len(), 0);
+
+        // Verify passes, then names a damaged blob.
+        let (checked, failures) = w.catalogue.verify(&second).unwrap();
+        assert!(checked >= 5 && failures.is_empty(), "{checked} {failures:?}");
+        let small_digest = tree["data/small"].digest.clone().unwrap();
+        let small_key = w.objects.join(format!("blobs/sha256/{small_digest}.zst"));
+        fs::write(&small_key, zstd::encode_all(&b"tampered"[..], 3).unwrap()).unwrap();
+        let (_, failures) = w.catalogue.verify(&second).unwrap();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0].contains(&small_digest) && failures[0].contains("hashes to"),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn prune_folds_removed_parents_into_kept_children_and_frees_their_data() {
+        let w = world();
+        let mut ids = Vec::new();
+        let mut trees = Vec::new();
+        for i in 0..4 {
+            fs::write(w.upper.join(format!("data/f{i}")), vec![i as u8; 50_000 + i]).unwrap();
+            if i == 2 {
+                fs::remove_file(w.upper.join("data/f0")).unwrap();
+            }
+            let parent = ids.last().map(String::as_str);
+            let labels: &[&str] = if i == 1 { &["keep"] } else { &[] };
+            let c = w
+                .catalogue
+                .create(
+                    &format!("cp-20261201-10000{i}"),
+                    &w.upper,
+                    &new(parent, labels, Compression::Gzip),
+                )
+                .unwrap();
+            trees.push(w.catalogue.tree_of(&c).unwrap());
+            ids.push(c.id);
+        }
+        let keep_one = PrunePolicy {
+            keep_latest: Some(1),
+            exclude_labels: vec!["keep".into()],
+            ..PrunePolicy::default()
+        };
+        let plan = w.catalogue.prune("ns", "c1", &keep_one, true).unwrap();
+        assert_eq!(plan.removed, vec![ids[0].clone(), ids[2].clone()]);
+        assert_eq!(plan.folded, vec![ids[1].clone(), ids[3].clone()]);
+        assert!(plan.freed_bytes > 0, "the removed changes go: {plan:?}");
+        assert_eq!(w.catalogue.all().unwrap().len(), 4, "a dry run changes nothing");
+
+        let done = w.catalogue.prune("ns", "c1", &keep_one, false).unwrap();
+        assert_eq!(done, plan);
+        let left = w.catalogue.all().unwrap();
+        assert_eq!(
+            left.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            vec![ids[1].clone(), ids[3].clone()]
+        );
+        assert_eq!(left[0].parent, None);
+        assert_eq!(left[1].parent.as_deref(), Some(ids[1].as_str()));
+        assert_eq!(
+            w.catalogue.tree_of(&left[0]).unwrap(),
+            trees[1],
+            "folded trees are unchanged"
+        );
+        assert_eq!(w.catalogue.tree_of(&left[1]).unwrap(), trees[3]);
+        for c in &left {
+            assert!(w.catalogue.verify(c).unwrap().1.is_empty());
+        }
+        assert_eq!(blob_count(&w), 4, "the kept first tree still has f0");
+
+        let err = w
+            .catalogue
+            .prune("ns", "c1", &PrunePolicy::default(), true)
+            .unwrap_err();
+        assert!(err.to_string().contains("--keep-latest"), "{err}");
+
+        // Storage limit: the oldest goes until the rest fits.
+        let plan = w
+            .catalogue
+            .prune(
+                "ns",
+                "c1",
+                &PrunePolicy {
+                    max_storage: Some(1),
+                    ..PrunePolicy::default()
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(plan.removed.len(), 2);
+        assert_eq!(blob_count(&w), 0);
+        assert!(fs::read_dir(w.objects.join("deltas")).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn labels_ids_and_compressions_are_checked() {
+        assert_eq!(
+            parse_labels(&["a=b".into(), "bare".into(), "k=v=w".into()]).unwrap(),
+            BTreeMap::from([
+                ("a".to_string(), "b".to_string()),
+                ("bare".to_string(), String::new()),
+                ("k".to_string(), "v=w".to_string())
+            ])
+        );
+        assert!(parse_labels(&["=x".into()]).is_err());
+        assert!(parse_labels(&["a b=c".into()]).is_err());
+        validate_id("cp-20261201-101112").unwrap();
+        validate_id("cp-20261201-101112-3").unwrap();
+        for bad in [
+            "",
+            "cp-1",
+            "../cp-20261201-101112",
+            "cp-20261201-1011xx",
+            "\"cp-20261201-101112\"",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Compression::parse("").unwrap(), Compression::Zstd);
+        assert!(Compression::parse("lz4")
+            .unwrap_err()
+            .to_string()
+            .contains("none, gzip, zstd"));
+        let w = world();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_583_872);
+        let id = w.catalogue.new_id(at).unwrap();
+        assert_eq!(id, "cp-20251201-101112");
+        w.catalogue
+            .create(&id, &w.upper, &new(None, &[], Compression::None))
+            .unwrap();
+        assert_eq!(w.catalogue.new_id(at).unwrap(), "cp-20251201-101112-2");
+        let err = w.catalogue.create(
+            "cp-20251201-101113",
+            &w.upper,
+            &new(Some("cp-20200101-000000"), &[], Compression::None),
+        );
+        assert!(matches!(err, Err(CatalogueError::NotFound { .. })), "{err:?}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The checkpoint catalogue: checkpoints of containers' writable layers,
+//! taken with the seamless capture (a pause of milliseconds), stored
+//! content-addressed on a storage backend and listed from the daemon's
+//! metadata store. Owns the rules of the catalogue (ids, labels, chains,
+//! prune policies) and which storage a request names; knows nothing of
+//! gRPC. Process state (CRIU) is not part of it yet: every checkpoint is of
+//! the filesystem only.
+
+pub mod catalogue;
+pub mod filter;
+pub mod objects;
+pub mod tree;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tracing::{info, instrument, warn};
+
+use crate::commit::{CommitError, CommitService};
+use crate::error::{Classify, ErrorKind};
+pub use catalogue::{Catalogue, CatalogueError, Checkpoint, Compression, NewCheckpoint, PrunePlan, PrunePolicy};
+use filter::Filter;
+use objects::{DirStore, ObjectStore};
+use tree::TreeDiff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    #[error(transparent)]
+    Capture(#[from] CommitError),
+    #[error(transparent)]
+    Filter(#[from] filter::FilterError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage backend {backend}: {reason}")]
+    Storage { backend: String, reason: String },
+    #[error("checkpoint task failed: {0}")]
+    Task(String),
+}
+
+impl Classify for CheckpointError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CheckpointError::Catalogue(CatalogueError::NotFound { .. }) => ErrorKind::NotFound,
+            CheckpointError::Catalogue(CatalogueError::Invalid(_))
+            | CheckpointError::Filter(_)
+            | CheckpointError::Invalid(_) => ErrorKind::InvalidArgument,
+            CheckpointError::Catalogue(CatalogueError::Object(e)) => match e {
+                objects::ObjectError::InvalidKey { .. } => ErrorKind::InvalidArgument,
+                objects::ObjectError::NotFound { .. } => ErrorKind::FailedPrecondition,
+                objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
+            },
+            CheckpointError::Capture(e) => e.kind(),
+            CheckpointError::Storage { .. } => ErrorKind::FailedPrecondition,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Which storage a request names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageSpec {
+    /// "local" (default), "nfs" or "s3".
+    pub backend: String,
+    /// nfs: the mounted directory (absolute).
+    pub path: String,
+}
+
+/// A request to checkpoint a container.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub storage: StorageSpec,
+    pub namespace: String,
+    pub container: String,
+    pub labels: Vec<String>,
+    pub parent: Option<String>,
+    pub compression: String,
+    /// Accepted for the process-state checkpoints to come; the capture
+    /// always flushes the container's writes before it freezes.
+    pub pre_freeze: bool,
+    pub memory_limit: u64,
+}
+
+/// What `inspect` reports.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub checkpoint: Checkpoint,
+    pub chain: Vec<String>,
+    pub blobs: usize,
+    pub diff: Option<TreeDiff>,
+    pub verification: Option<(u64, Vec<String>)>,
+}
+
+pub struct CheckpointService {
+    commits: Arc<CommitService>,
+    root: PathBuf,
+    /// Serializes what writes or collects a storage's objects, so a prune
+    /// never collects the blobs of a create under way.
+    writing: tokio::sync::Mutex<()>,
+    created: Mutex<u64>,
+}
+
+impl std::fmt::Debug for CheckpointService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointService").field("root", &self.root).finish()
+    }
+}
+
+impl CheckpointService {
+    pub fn new(commits: Arc<CommitService>, root: &Path) -> CheckpointService {
+        CheckpointService {
+            commits,
+            root: root.to_path_buf(),
+            writing: tokio::sync::Mutex::new(()),
+            created: Mutex::new(0),
+        }
+    }
+
+    /// The catalogue of the storage `spec` names.
+    pub fn catalogue(&self, spec: &StorageSpec) -> Result<Catalogue, CheckpointError> {
+        let (id, objects): (String, Arc<dyn ObjectStore>) = match spec.backend.as_str() {
+            "" | "local" => (
+                "local".into(),
+                Arc::new(DirStore::open(&self.root.join("checkpoints"), "local").map_err(CatalogueError::from)?),
+            ),
+            "nfs" => {
+                let path = Path::new(&spec.path);
+                if spec.path.is_empty() || !path.is_absolute() || spec.path.split('/').any(|p| p == "..") {
+                    return Err(CheckpointError::Invalid(format!(
+                        "nfs storage needs the absolute path of the mounted export, got {:?}",
+                        spec.path
+                    )));
+                }
+                if !path.is_dir() {
+                    return Err(CheckpointError::Storage {
+                        backend: "nfs".into(),
+                        reason: format!("{} is not a directory (is the export mounted?)", path.display()),
+                    });
+                }
+                (
+                    format!("nfs:{}", spec.path),
+                    Arc::new(DirStore::open(&path.join("seamless-checkpoints"), "nfs").map_err(CatalogueError::from)?),
+                )
+            }
+            "s3" => {
+                return Err(CheckpointError::Storage {
+                    backend: "s3".into(),
+                    reason: "not supported by this daemon yet; use local or nfs".into(),
+                })
+            }
+            other => {
+                return Err(CheckpointError::Invalid(format!(
+                    "storage backend {other:?} is not one of local, s3, nfs"
+                )))
+            }
+        };
+        Ok(Catalogue::new(
+            id,
+            objects,
+            self.commits.snapshotter().shared_store(),
+            &self.root.join("checkpoint-work"),
+        ))
+    }
+
+    /// Captures the container and stores its writable layer.
+    #[instrument(skip_all, fields(namespace = %request.namespace, container = %request.container))]
+    pub async fn create(&self, request: CreateRequest) -> Result<Checkpoint, CheckpointError> {
+        crate::containerd::validate_namespace(&request.namespace)
+            .map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        let labels = catalogue::parse_labels(&request.labels)?;
+        let compression = Compression::parse(&request.compression)?;
+        if let Some(parent) = &request.parent {
+            catalogue::validate_id(parent)?;
+        }
+        let catalogue = self.catalogue(&request.storage)?;
+        let _writing = self.writing.lock().await;
+        let id = catalogue.new_id(SystemTime::now())?;
+        let capture_name = {
+            let mut n = self.created.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            format!("checkpoint-{}-{n}", std::process::id())
+        };
+        let captured = self
+            .commits
+            .capture(&request.namespace, &request.container, &capture_name)
+            .await?;
+        if let Some(parent) = &request.parent {
+            let found = catalogue.get(parent)?;
+            if found.container != captured.container.id || found.namespace != request.namespace {
+                let _ = self.commits.snapshotter().remove_capture(&captured.captured.snapshot);
+                return Err(CheckpointError::Invalid(format!(
+                    "parent {parent} is a checkpoint of {}/{}, not of {}/{}",
+                    found.namespace, found.container, request.namespace, captured.container.id
+                )));
+            }
+        }
+        let new = NewCheckpoint {
+            namespace: request.namespace.clone(),
+            container: captured.container.id.clone(),
+            image: captured.container.image.clone(),
+            labels,
+            parent: request.parent.clone(),
+            compression,
+            pause: captured.captured.pause,
+        };
+        let capture = captured.captured.snapshot.clone();
+        let snapshotter = self.commits.snapshotter().clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = catalogue.create(&id, &capture.join("fs"), &new);
+            if let Err(e) = snapshotter.remove_capture(&capture) {
+                warn!(capture = %capture.display(), error = %e, "capture left for the next start");
+            }
+            result
+        })
+        .await
+        .map_err(|e| CheckpointError::Task(e.to_string()))?;
+        drop(captured);
+        let checkpoint = result?;
+        info!(
+            id = checkpoint.id,
+            size = checkpoint.size,
+            parent = checkpoint.parent.as_deref().unwrap_or(""),
+            pause_ms = checkpoint.pause_ns as f64 / 1e6,
+            "checkpoint created"
+        );
+        Ok(checkpoint)
+    }
+
+    pub async fn list(
+        &self,
+        storage: &StorageSpec,
+        namespace: &str,
+        container: &str,
+        filter: &str,
+    ) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let filter = if filter.trim().is_empty() {
+            None
+        } else {
+            Some(Filter::parse(filter)?)
+        };
+        let catalogue = self.catalogue(storage)?;
+        let (namespace, container) = (namespace.to_string(), container.to_string());
+        tokio::task::spawn_blocking(move || catalogue.list(&namespace, &container, filter.as_ref()))
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))?
+            .map_err(CheckpointError::from)
+    }
+
+    pub async fn inspect(
+        &self,
+        storage: &StorageSpec,
+        namespace: &str,
+        id: &str,
+        diff_with: Option<&str>,
+        verify: bool,
+    ) -> Result<Inspection, CheckpointError> {
+        let catalogue = self.catalogue(storage)?;
+        let (namespace, id, other) = (namespace.to_string(), id.to_string(), diff_with.map(str::to_string));
+        tokio::task::spawn_blocking(move || {
+            let checkpoint = visible(&catalogue, &namespace, &id)?;
+            let chain = catalogue.chain(&checkpoint)?.into_iter().map(|c| c.id).collect();
+            let blobs = catalogue.blobs_needed(&checkpoint)?;
+            let diff = match other {
+                Some(other) => {
+                    let other = visible(&catalogue, &namespace, &other)?;
+                    Some(catalogue.diff(&other, &checkpoint)?)
+                }
+                None => None,
+            };
+            let verification = if verify {
+                Some(catalogue.verify(&checkpoint)?)
+            } else {
+                None
+            };
+            Ok(Inspection {
+                checkpoint,
+                chain,
+                blobs,
+                diff,
+                verification,
+            })
+        })
+        .await
+        .map_err(|e| CheckpointError::Task(e.to_string()))?
+    }
+
+    pub async fn prune(
+        &self,
+        storage: &StorageSpec,
+        namespace: &str,
+        container: &str,
+        policy: PrunePolicy,
+        dry_run: bool,
+    ) -> Result<PrunePlan, CheckpointError> {
+        if container.is_empty() {
+            return Err(CheckpointError::Invalid("prune needs a container id".into()));
+        }
+        let catalogue = self.catalogue(storage)?;
+        let _writing = self.writing.lock().await;
+        let (namespace, container) = (namespace.to_string(), container.to_string());
+        let plan = tokio::task::spawn_blocking(move || catalogue.prune(&namespace, &container, &policy, dry_run))
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))??;
+        if !dry_run {
+            info!(removed = ?plan.removed, folded = ?plan.folded, freed = plan.freed_bytes, "checkpoints pruned");
+        }
+        Ok(plan)
+    }
+}
+
+/// Checkpoint `id`, if it belongs to `namespace`: other namespaces' are
+/// reported as not found.
+fn visible(catalogue: &Catalogue, namespace: &str, id: &str) -> Result<Checkpoint, CatalogueError> {
+    let checkpoint = catalogue.get(id)?;
+    if checkpoint.namespace != namespace {
+        return Err(CatalogueError::NotFound {
+            storage: catalogue.describe(),
+            id: id.to_string(),
+        });
+    }
+    Ok(checkpoint)
+}

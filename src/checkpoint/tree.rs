@@ -1,0 +1,546 @@
+//! The filesystem side of a checkpoint as data: a [`Tree`] (every entry of
+//! a container's writable layer, by path) and a [`Delta`] (what changed
+//! from the parent's tree). Owns reading a captured upper directory into a
+//! tree, and the algebra of deltas: applying, composing (what merge and
+//! prune use to fold a checkpoint into its child) and comparing. It never
+//! reads or writes file contents beyond hashing them: blobs are the
+//! catalogue's.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Extended attributes overlayfs keeps for itself: they describe the upper
+/// directory's relation to its lowers, not the container's files.
+const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
+const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("file name {path:?} is not UTF-8; checkpoints store UTF-8 paths only")]
+    NonUtf8 { path: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Char,
+    Block,
+    Socket,
+    /// An overlay whiteout: the path is deleted from the image below.
+    Whiteout,
+}
+
+/// One entry of a writable layer. `ctime_ns` only detects change (a file
+/// whose ctime, size and mtime are those of the parent's entry is not read
+/// again); it is never restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: EntryKind,
+    /// Permission bits, setuid, setgid and sticky included.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// sha256 (hex) of a regular file's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Another path of the same inode, listed before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardlink: Option<String>,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rdev: u64,
+    /// A directory that hides the image's directory below it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opaque: bool,
+    /// Extended attributes, values in hex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Entry {
+    /// Whether `self` describes the same content and metadata as `other`,
+    /// as far as restoring is concerned.
+    pub fn same_as(&self, other: &Entry) -> bool {
+        self == other
+    }
+
+    /// Whether the file's data may be taken from `parent` without reading
+    /// it: same inode metadata, ctime included.
+    fn unchanged_since(&self, parent: &Entry) -> bool {
+        self.kind == EntryKind::File
+            && parent.kind == EntryKind::File
+            && self.size == parent.size
+            && self.mtime_ns == parent.mtime_ns
+            && self.ctime_ns == parent.ctime_ns
+            && parent.digest.is_some()
+    }
+}
+
+/// Every entry of a writable layer by relative path ("etc/hosts"); the
+/// layer's root itself is "".
+pub type Tree = BTreeMap<String, Entry>;
+
+/// What a checkpoint stores of its filesystem: the entries that differ
+/// from its parent's tree (all of them for a checkpoint without parent),
+/// and the paths of the parent's tree that are gone (with what is under
+/// them). Applying removes first, then sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub changed: Tree,
+    pub removed: BTreeSet<String>,
+    /// Where the content of each digest of `changed` is stored (an object
+    /// key of the catalogue's): checkpoints folded together may have
+    /// stored their files differently.
+    #[serde(default)]
+    pub stored: BTreeMap<String, String>,
+}
+
+fn is_under(path: &str, dir: &str) -> bool {
+    path == dir || dir.is_empty() || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
+}
+
+fn remove_subtree(tree: &mut Tree, dir: &str) {
+    let doomed: Vec<String> = tree
+        .range(dir.to_string()..)
+        .take_while(|(p, _)| p.starts_with(dir))
+        .filter(|(p, _)| is_under(p, dir))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for path in doomed {
+        tree.remove(&path);
+    }
+}
+
+impl Delta {
+    /// The delta that turns `parent` into `current`.
+    pub fn between(parent: &Tree, current: &Tree) -> Delta {
+        let mut removed = BTreeSet::new();
+        for path in parent.keys() {
+            if current.contains_key(path) {
+                continue;
+            }
+            // A removed directory covers what was under it.
+            if removed.iter().any(|r: &String| is_under(path, r)) {
+                continue;
+            }
+            removed.insert(path.clone());
+        }
+        let changed = current
+            .iter()
+            .filter(|(path, entry)| parent.get(*path).is_none_or(|p| !p.same_as(entry)))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        Delta {
+            changed,
+            removed,
+            stored: BTreeMap::new(),
+        }
+    }
+
+    pub fn apply(&self, tree: &mut Tree) {
+        for path in &self.removed {
+            remove_subtree(tree, path);
+        }
+        for (path, entry) in &self.changed {
+            tree.insert(path.clone(), entry.clone());
+        }
+    }
+
+    /// One delta doing what `self` then `next` do: folding a checkpoint
+    /// into its child keeps the child's tree exactly.
+    pub fn then(&self, next: &Delta) -> Delta {
+        let mut changed = self.changed.clone();
+        for path in &next.removed {
+            remove_subtree(&mut changed, path);
+        }
+        for (path, entry) in &next.changed {
+            changed.insert(path.clone(), entry.clone());
+        }
+        let removed = self.removed.union(&next.removed).cloned().collect();
+        let mut stored = self.stored.clone();
+        stored.extend(next.stored.iter().map(|(d, k)| (d.clone(), k.clone())));
+        let mut composed = Delta {
+            changed,
+            removed,
+            stored,
+        };
+        let used = composed.digests();
+        composed.stored.retain(|digest, _| used.contains(digest));
+        composed
+    }
+
+    /// The content digests the delta's files reference.
+    pub fn digests(&self) -> BTreeSet<String> {
+        self.changed.values().filter_map(|e| e.digest.clone()).collect()
+    }
+
+    /// Bytes of file content the delta's entries hold (hard links once).
+    pub fn content_bytes(&self) -> u64 {
+        self.changed
+            .values()
+            .filter(|e| e.kind == EntryKind::File && e.hardlink.is_none())
+            .map(|e| e.size)
+            .sum()
+    }
+}
+
+/// How two trees differ, path by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeDiff {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    /// Content bytes of `to` minus those of `from`.
+    pub size_delta: i64,
+}
+
+pub fn diff(from: &Tree, to: &Tree) -> TreeDiff {
+    let bytes = |t: &Tree| -> i64 {
+        t.values()
+            .filter(|e| e.kind == EntryKind::File && e.hardlink.is_none())
+            .map(|e| e.size as i64)
+            .sum()
+    };
+    let mut out = TreeDiff {
+        size_delta: bytes(to) - bytes(from),
+        ..TreeDiff::default()
+    };
+    for (path, entry) in to {
+        match from.get(path) {
+            None => out.added.push(path.clone()),
+            Some(old) if !content_equal(old, entry) => out.changed.push(path.clone()),
+            Some(_) => {}
+        }
+    }
+    out.removed = from.keys().filter(|p| !to.contains_key(*p)).cloned().collect();
+    out
+}
+
+/// Equal as a user sees them: ctime is not part of a file.
+fn content_equal(a: &Entry, b: &Entry) -> bool {
+    Entry {
+        ctime_ns: 0,
+        ..a.clone()
+    } == Entry {
+        ctime_ns: 0,
+        ..b.clone()
+    }
+}
+
+/// Reads the writable layer at `root` into a tree. Regular files are
+/// hashed unless `parent` has them unchanged (same size, mtime and ctime);
+/// `on_file` sees each file hashed (its path and digest), so the caller can
+/// store its content.
+pub fn read_tree(
+    root: &Path,
+    parent: Option<&Tree>,
+    on_file: &mut dyn FnMut(&Path, &str, &Entry) -> Result<(), TreeError>,
+) -> Result<Tree, TreeError> {
+    let mut tree = Tree::new();
+    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    let mut pending = vec![(root.to_path_buf(), String::new())];
+    while let Some((path, rel)) = pending.pop() {
+        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        let ft = meta.file_type();
+        let xattrs_all = read_xattrs(&path)?;
+        let opaque = ft.is_dir()
+            && OPAQUE_XATTRS
+                .iter()
+                .any(|name| xattrs_all.get(*name).map(String::as_str) == Some("79"));
+        let xattrs: BTreeMap<String, String> = xattrs_all
+            .into_iter()
+            .filter(|(k, _)| !OVERLAY_XATTR_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .collect();
+        let kind = if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_file() {
+            EntryKind::File
+        } else if ft.is_symlink() {
+            EntryKind::Symlink
+        } else if ft.is_fifo() {
+            EntryKind::Fifo
+        } else if ft.is_char_device() && meta.rdev() == 0 {
+            EntryKind::Whiteout
+        } else if ft.is_char_device() {
+            EntryKind::Char
+        } else if ft.is_block_device() {
+            EntryKind::Block
+        } else {
+            EntryKind::Socket
+        };
+        let mut entry = Entry {
+            kind,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            size: 0,
+            digest: None,
+            hardlink: None,
+            target: None,
+            rdev: if matches!(kind, EntryKind::Char | EntryKind::Block) {
+                meta.rdev()
+            } else {
+                0
+            },
+            opaque,
+            xattrs,
+        };
+        match kind {
+            EntryKind::Dir => {
+                let mut children = Vec::new();
+                for child in fs::read_dir(&path).map_err(io_err("read directory", &path))? {
+                    let child = child.map_err(io_err("read directory", &path))?;
+                    let name = child.file_name();
+                    let name = name.to_str().ok_or_else(|| TreeError::NonUtf8 {
+                        path: child.path().display().to_string(),
+                    })?;
+                    let child_rel = if rel.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{rel}/{name}")
+                    };
+                    children.push((child.path(), child_rel));
+                }
+                // Popped in name order, so hard links name their first path.
+                children.sort_by(|a, b| b.1.cmp(&a.1));
+                pending.extend(children);
+            }
+            EntryKind::Symlink => {
+                let target = fs::read_link(&path).map_err(io_err("read link", &path))?;
+                entry.target = Some(target.to_str().map(str::to_string).ok_or_else(|| TreeError::NonUtf8 {
+                    path: path.display().to_string(),
+                })?);
+            }
+            EntryKind::File => {
+                entry.size = meta.len();
+                let inode = (meta.dev(), meta.ino());
+                if meta.nlink() > 1 {
+                    if let Some(first) = inodes.get(&inode) {
+                        entry.hardlink = Some(first.clone());
+                        entry.digest = tree.get(first).and_then(|e: &Entry| e.digest.clone());
+                        tree.insert(rel, entry);
+                        continue;
+                    }
+                    inodes.insert(inode, rel.clone());
+                }
+                let known = parent
+                    .and_then(|p| p.get(&rel))
+                    .filter(|p| entry.unchanged_since(p))
+                    .and_then(|p| p.digest.clone());
+                let digest = match known {
+                    Some(digest) => digest,
+                    None => {
+                        let digest = hash_file(&path)?;
+                        on_file(&path, &digest, &entry)?;
+                        digest
+                    }
+                };
+                entry.digest = Some(digest);
+            }
+            _ => {}
+        }
+        tree.insert(rel, entry);
+    }
+    Ok(tree)
+}
+
+pub fn hash_file(path: &Path) -> Result<String, TreeError> {
+    let mut file = fs::File::open(path).map_err(io_err("open", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err("read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_xattrs(path: &Path) -> Result<BTreeMap<String, String>, TreeError> {
+    let mut out = BTreeMap::new();
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        // Filesystems without xattrs have none to keep.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) => return Err(io_err("list xattrs of", path)(e)),
+    };
+    for name in names {
+        let Some(key) = name.to_str() else { continue };
+        if let Some(value) = xattr::get(path, &name).map_err(io_err("read xattr of", path))? {
+            out.insert(key.to_string(), hex(&value));
+        }
+    }
+    Ok(out)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TreeError {
+    let path = path.display().to_string();
+    move |source| TreeError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(digest: &str, size: u64) -> Entry {
+        Entry {
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            size,
+            digest: Some(digest.into()),
+            hardlink: None,
+            target: None,
+            rdev: 0,
+            opaque: false,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    fn dir() -> Entry {
+        Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            digest: None,
+            size: 0,
+            ..file("", 0)
+        }
+    }
+
+    fn tree(entries: &[(&str, Entry)]) -> Tree {
+        entries.iter().map(|(p, e)| (p.to_string(), e.clone())).collect()
+    }
+
+    #[test]
+    fn deltas_apply_and_compose_to_the_same_tree() {
+        let t0 = tree(&[
+            ("", dir()),
+            ("a", dir()),
+            ("a/x", file("1", 1)),
+            ("a/y", file("2", 2)),
+            ("b", file("3", 3)),
+        ]);
+        let t1 = tree(&[("", dir()), ("b", file("4", 4)), ("c", dir()), ("c/z", file("5", 5))]);
+        let t2 = tree(&[
+            ("", dir()),
+            ("a", dir()),
+            ("a/x", file("6", 6)),
+            ("b", file("4", 4)),
+            ("c", dir()),
+        ]);
+        let d1 = Delta::between(&t0, &t1);
+        assert_eq!(d1.removed, BTreeSet::from(["a".to_string()]), "a covers a/x and a/y");
+        assert_eq!(d1.changed.keys().collect::<Vec<_>>(), vec!["b", "c", "c/z"]);
+        let d2 = Delta::between(&t1, &t2);
+        let mut applied = t0.clone();
+        d1.apply(&mut applied);
+        assert_eq!(applied, t1);
+        d2.apply(&mut applied);
+        assert_eq!(applied, t2);
+
+        let folded = d1.then(&d2);
+        let mut once = t0.clone();
+        folded.apply(&mut once);
+        assert_eq!(once, t2, "composition keeps the child's tree");
+        // From nothing, a full delta is the tree.
+        let full = Delta::between(&Tree::new(), &t0);
+        let mut from_empty = Tree::new();
+        full.then(&d1).then(&d2).apply(&mut from_empty);
+        assert_eq!(from_empty, t2);
+        assert_eq!(full.digests().len(), 3);
+        assert_eq!(full.content_bytes(), 6);
+
+        let d = diff(&t0, &t2);
+        assert_eq!(d.added, vec!["c"]);
+        assert_eq!(d.changed, vec!["a/x", "b"]);
+        assert_eq!(d.removed, vec!["a/y"]);
+        assert_eq!(d.size_delta, (6 + 4) - (1 + 2 + 3));
+    }
+
+    #[test]
+    fn is_under_matches_whole_components() {
+        assert!(is_under("a/b", "a"));
+        assert!(is_under("a", "a"));
+        assert!(!is_under("ab", "a"));
+        assert!(is_under("anything", ""));
+        let mut t = tree(&[("a", dir()), ("a/b", dir()), ("ab", dir()), ("a-c", dir())]);
+        remove_subtree(&mut t, "a");
+        assert_eq!(t.keys().collect::<Vec<_>>(), vec!["a-c", "ab"]);
+    }
+
+    #[test]
+    fn trees_are_read_with_links_whiteouts_and_unchanged_files_not_rehashed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("upper");
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::write(root.join("d/f"), b"content").unwrap();
+        fs::hard_link(root.join("d/f"), root.join("g")).unwrap();
+        std::os::unix::fs::symlink("d/f", root.join("link")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut hashed = Vec::new();
+        let t = read_tree(&root, None, &mut |_, digest, _| {
+            hashed.push(digest.to_string());
+            Ok(())
+        })
+        .unwrap();
+        let sha = hex(&Sha256::digest(b"content"));
+        assert_eq!(hashed, vec![sha.clone()], "one inode hashed once");
+        assert_eq!(t["d/f"].digest.as_deref(), Some(sha.as_str()));
+        assert_eq!(t["g"].hardlink.as_deref(), Some("d/f"));
+        assert_eq!(t["link"].target.as_deref(), Some("d/f"));
+        assert_eq!(t["fifo"].kind, EntryKind::Fifo);
+        assert_eq!(t["d/e"].kind, EntryKind::Dir);
+        assert!(t.contains_key(""));
+
+        let mut again = 0;
+        let t2 = read_tree(&root, Some(&t), &mut |_, _, _| {
+            again += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(again, 0, "unchanged files are not read again");
+        assert_eq!(t2, t);
+        fs::write(root.join("d/f"), b"changed").unwrap();
+        let t3 = read_tree(&root, Some(&t), &mut |_, _, _| Ok(())).unwrap();
+        assert_ne!(t3["d/f"].digest, t["d/f"].digest);
+        let delta = Delta::between(&t, &t3);
+        assert!(delta.changed.contains_key("d/f") && delta.removed.is_empty());
+    }
+}
