@@ -304,35 +304,9 @@ impl Config {
 /// mkfs.btrfs refuses much smaller devices, and a tiny pool fills at once.
 pub const MIN_POOL_BYTES: u64 = 256 << 20;
 
-/// Parses sizes such as `512MiB`, `20GiB`, `1G`, `4096` (bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    if digits.is_empty() {
-        return Err(format!(
-            "{text:?} is not a size: expected a number followed by B, KiB, MiB, GiB or TiB"
-        ));
-    }
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: the number is too large"))?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "K" | "KB" | "KiB" => 10,
-        "M" | "MB" | "MiB" => 20,
-        "G" | "GB" | "GiB" => 30,
-        "T" | "TB" | "TiB" => 40,
-        other => {
-            return Err(format!(
-                "{text:?} is not a size: unknown unit {other:?} (use B, KiB, MiB, GiB or TiB)"
-            ))
-        }
-    };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
+/// Sizes such as 512MiB or 10GB (powers of 1024), as every size setting and
+/// flag reads them.
+pub use crate::checkpoint::filter::parse_size;
 
 #[cfg(test)]
 mod tests {

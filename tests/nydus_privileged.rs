@@ -254,37 +254,67 @@ fn diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<Strin
     out
 }
 
+/// The two layers as directories and tars, and the tree they make.
+struct Layers {
+    base: PathBuf,
+    expected: BTreeMap<String, String>,
+    tars: [PathBuf; 2],
+}
+
+fn layers(dir: &Path) -> Layers {
+    let base = dir.join("base");
+    let upper = dir.join("upper");
+    base_layer(&base);
+    upper_layer(&upper);
+    let expected_dir = dir.join("expected");
+    expected_tree(&base, &upper, &expected_dir);
+    let tars = [dir.join("base.tar"), dir.join("upper.tar")];
+    tar_of(&base, &tars[0]);
+    tar_of(&upper, &tars[1]);
+    Layers {
+        base,
+        expected: tree_of(&expected_dir),
+        tars,
+    }
+}
+
+/// An image of `tars` built layer by layer and merged, as a conversion
+/// does: blobs in `work/blobs`, the bootstrap returned.
+fn build_image(tars: &[&PathBuf], fs_version: u32, compressor: Compressor, work: &Path) -> PathBuf {
+    let options = RafsOptions { fs_version, compressor };
+    let built: Vec<_> = tars
+        .iter()
+        .enumerate()
+        .map(|(i, tar)| {
+            nydus::build_layer(
+                tar,
+                None,
+                &options,
+                &work.join(format!("layer-{i}.boot")),
+                &work.join("blobs"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let bootstrap = work.join("image.boot");
+    nydus::merge_layers(None, &built, None, &bootstrap).unwrap();
+    bootstrap
+}
+
 #[test]
 fn rafs_v6_images_mount_as_erofs_from_blob_cache_files() {
     require_root_and_erofs();
     let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path().join("base");
-    let upper = tmp.path().join("upper");
-    base_layer(&base);
-    upper_layer(&upper);
-    let expected_dir = tmp.path().join("expected");
-    expected_tree(&base, &upper, &expected_dir);
-    let expected = tree_of(&expected_dir);
-    let (base_tar, upper_tar) = (tmp.path().join("base.tar"), tmp.path().join("upper.tar"));
-    tar_of(&base, &base_tar);
-    tar_of(&upper, &upper_tar);
+    let Layers {
+        base,
+        expected,
+        tars: [base_tar, upper_tar],
+    } = layers(tmp.path());
 
     for compressor in [Compressor::None, Compressor::Lz4Block, Compressor::Zstd] {
         let work = tmp.path().join(format!("{compressor:?}"));
         let blob_dir = work.join("blobs");
-        let options = RafsOptions {
-            fs_version: 6,
-            compressor,
-        };
-        let layers: Vec<_> = [&base_tar, &upper_tar]
-            .iter()
-            .enumerate()
-            .map(|(i, tar)| {
-                nydus::build_layer(tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir).unwrap()
-            })
-            .collect();
-        let bootstrap = work.join("image.boot");
-        nydus::merge_layers(None, &layers, None, &bootstrap).unwrap();
+        let bootstrap = build_image(&[&base_tar, &upper_tar], 6, compressor, &work);
 
         let table = read_chunk_table(&bootstrap).unwrap();
         assert_eq!(table.len(), 2, "{compressor:?}: one blob per layer");
@@ -392,32 +422,18 @@ fn rafs_images_are_served_over_fuse_reading_chunks_as_files_are_read() {
         "/dev/fuse is missing: the kernel has no FUSE (modprobe fuse)"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path().join("base");
-    let upper = tmp.path().join("upper");
-    base_layer(&base);
-    upper_layer(&upper);
-    let expected_dir = tmp.path().join("expected");
-    expected_tree(&base, &upper, &expected_dir);
-    let expected = tree_of(&expected_dir);
-    let (base_tar, upper_tar) = (tmp.path().join("base.tar"), tmp.path().join("upper.tar"));
-    tar_of(&base, &base_tar);
-    tar_of(&upper, &upper_tar);
+    let Layers {
+        base: _,
+        expected,
+        tars: [base_tar, upper_tar],
+    } = layers(tmp.path());
     let server = InProcessFuse::new();
 
     for (fs_version, compressor) in [(6, Compressor::Lz4Block), (5, Compressor::Zstd), (5, Compressor::None)] {
         let what = format!("v{fs_version} {compressor:?}");
         let work = tmp.path().join(format!("fuse-{fs_version}-{compressor:?}"));
         let blob_dir = work.join("blobs");
-        let options = RafsOptions { fs_version, compressor };
-        let layers: Vec<_> = [&base_tar, &upper_tar]
-            .iter()
-            .enumerate()
-            .map(|(i, tar)| {
-                nydus::build_layer(tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir).unwrap()
-            })
-            .collect();
-        let bootstrap = work.join("image.boot");
-        nydus::merge_layers(None, &layers, None, &bootstrap).unwrap();
+        let bootstrap = build_image(&[&base_tar, &upper_tar], fs_version, compressor, &work);
         let mountpoint = work.join("mnt");
         fs::create_dir(&mountpoint).unwrap();
         let cache_dir = work.join("fuse-cache");
