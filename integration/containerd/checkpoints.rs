@@ -298,6 +298,38 @@ fn checkpoint_catalogue_through_checkpointctl() {
         let diff = cli.ok(&["info", &format!("--diff={id4}"), &id3])?;
         ensure!(diff.lines().any(|l| l == "D /data/e"), "{diff}");
 
+        // Merge: a new chain on id3 squashed into its newest checkpoint.
+        env.exec(&ns, &web, "echo five > /data/small && sync")?;
+        let id5 = cli.ok(&["create", &web, "--parent", &id3])?.trim().to_string();
+        env.exec(&ns, &web, "echo six > /data/small && rm /data/c && sync")?;
+        let id6 = cli
+            .ok(&["create", &web, "--parent", &id5, "-l", "tip"])?
+            .trim()
+            .to_string();
+        let tree_before = cli.ok(&["info", &format!("--diff={id4}"), &id6])?;
+        let dry = cli.ok(&["merge", &web, "-s", "incremental", "--dry-run"])?;
+        ensure!(
+            dry.contains(&format!("would merge {id3} into its child"))
+                && dry.contains(&format!("would merge {id5} into its child"))
+                && dry.contains(&format!("keep {id6}: "))
+                && dry.contains(&format!("keep {id4}: ")),
+            "{dry}"
+        );
+        ensure!(
+            cli.ids(&["list", "-o", "json"])?.len() == 4,
+            "a dry run changes nothing"
+        );
+        let (code, _, _) = cli.run(&["merge", &web, "-s", "time-based"])?;
+        ensure!(code == 2, "time-based without a period rule is refused");
+        let done = cli.ok(&["merge", &web, "-s", "incremental"])?;
+        ensure!(done.contains("2 checkpoints merged"), "{done}");
+        ensure!(cli.ids(&["list", "-o", "json"])? == vec![id4.clone(), id6.clone()]);
+        ensure!(
+            cli.ok(&["info", &format!("--diff={id4}"), &id6])? == tree_before,
+            "the merged checkpoint holds the same tree"
+        );
+        ensure!(cli.ok(&["info", "--verify", &id6])?.contains("objects verified"));
+
         // Exit codes: unknown container 3, unknown checkpoint 3, bad arguments 2.
         let (code, _, err) = cli.run(&["create", "no-such-container"])?;
         ensure!(code == 3, "unknown container: {code} {err}");

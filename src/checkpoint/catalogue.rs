@@ -217,6 +217,51 @@ pub struct PrunePlan {
     pub freed_bytes: u64,
 }
 
+/// How a merge decides which checkpoints stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeStrategy {
+    /// The newest checkpoint of each of the last `keep_daily` days and
+    /// `keep_hourly` hours that have one (restic's `forget` rules, OR-ed).
+    TimeBased,
+    /// Every chain squashed into its newest checkpoint.
+    Incremental,
+    /// Checkpoints with labels stay; unlabelled ones are squashed.
+    Tagged,
+}
+
+impl MergeStrategy {
+    pub fn parse(text: &str) -> Result<MergeStrategy, CatalogueError> {
+        match text {
+            "time-based" => Ok(MergeStrategy::TimeBased),
+            "incremental" => Ok(MergeStrategy::Incremental),
+            "tagged" => Ok(MergeStrategy::Tagged),
+            other => Err(CatalogueError::Invalid(format!(
+                "merge strategy {other:?} is not one of time-based, incremental, tagged"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MergePolicy {
+    pub strategy: MergeStrategy,
+    pub keep_daily: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    /// Checkpoints with any of these labels always stay.
+    pub retain_labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergePlan {
+    /// Checkpoints that stay, oldest first, and why.
+    pub kept: Vec<(String, String)>,
+    /// Checkpoints squashed into their children, oldest first.
+    pub merged: Vec<String>,
+    /// Kept checkpoints whose change grew by what was squashed into them.
+    pub rebased: Vec<String>,
+    pub freed_bytes: u64,
+}
+
 /// The catalogue of one storage.
 pub struct Catalogue {
     /// Identifies the storage in the daemon's store ("local", "nfs:<path>").
@@ -721,71 +766,186 @@ impl Catalogue {
         Ok(plan)
     }
 
-    /// Removes `doomed` from the catalogue, folding each into its kept
-    /// children (oldest first, so a child of several removed ancestors
-    /// gets their composition).
-    fn remove_all(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<(), CatalogueError> {
-        let mut current: HashMap<String, Checkpoint> = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
-        for victim in all.iter().filter(|c| doomed.contains(&c.id)) {
-            let victim = current
-                .get(&victim.id)
-                .cloned()
-                .expect("every checkpoint is in the map");
-            let children: Vec<Checkpoint> = current
-                .values()
-                .filter(|c| c.parent.as_deref() == Some(victim.id.as_str()))
-                .cloned()
-                .collect();
-            if !children.is_empty() {
-                // A dangling victim has no tree to hand down: its children
-                // dangle too (and were doomed with it under --prune-dangling).
-                let victim_delta = self.read_delta(&victim)?;
-                for child in children {
-                    let composed = victim_delta.then(&self.read_delta(&child)?);
-                    let (delta_key, delta_digest, delta_size) = self.write_delta(&child.id, &composed)?;
-                    let updated = Checkpoint {
-                        parent: victim.parent.clone(),
-                        size: child.size + victim.size,
-                        content_size: composed.content_bytes(),
-                        changed_entries: composed.changed.len() as u64,
-                        removed_entries: composed.removed.len() as u64,
-                        delta_key,
-                        delta_digest,
-                        ..child.clone()
-                    };
-                    let _ = delta_size;
-                    self.publish(&updated)?;
-                    current.insert(updated.id.clone(), updated);
-                }
+    /// Squashes the chains of `namespace`/`container` per `policy`: every
+    /// checkpoint a rule retains stays, as does the newest of each chain
+    /// (nothing comes after it to squash it into); each other one is folded
+    /// into its children, whose trees stay exactly what they were.
+    pub fn merge(
+        &self,
+        namespace: &str,
+        container: &str,
+        policy: &MergePolicy,
+        dry_run: bool,
+    ) -> Result<MergePlan, CatalogueError> {
+        if policy.strategy == MergeStrategy::TimeBased && policy.keep_daily.is_none() && policy.keep_hourly.is_none() {
+            return Err(CatalogueError::Invalid(
+                "the time-based strategy needs --keep-daily or --keep-hourly (or automerge.keep_daily in the config)"
+                    .into(),
+            ));
+        }
+        let all = self.all()?;
+        let mine: Vec<&Checkpoint> = all
+            .iter()
+            .filter(|c| c.namespace == namespace && c.container == container)
+            .collect();
+        let mut reasons: BTreeMap<String, String> = BTreeMap::new();
+        let has_children = |id: &str| all.iter().any(|c| c.parent.as_deref() == Some(id));
+        for c in &mine {
+            if !has_children(&c.id) {
+                reasons.insert(c.id.clone(), "newest of its chain".into());
             }
-            self.unpublish(&victim.id)?;
-            current.remove(&victim.id);
+            if let Some(label) = policy.retain_labels.iter().find(|l| c.labels.contains_key(*l)) {
+                reasons.insert(c.id.clone(), format!("label {label}"));
+            }
+            if policy.strategy == MergeStrategy::Tagged && !c.labels.is_empty() {
+                reasons.entry(c.id.clone()).or_insert_with(|| "labelled".into());
+            }
+        }
+        if policy.strategy == MergeStrategy::TimeBased {
+            let mut keep_period = |count: Option<u32>, width: i64, name: &str| {
+                let Some(count) = count else { return };
+                let mut periods = BTreeSet::new();
+                for c in mine.iter().rev() {
+                    let period = c.created_unix.div_euclid(width);
+                    if periods.contains(&period) {
+                        continue;
+                    }
+                    if periods.len() as u32 >= count {
+                        break;
+                    }
+                    periods.insert(period);
+                    reasons
+                        .entry(c.id.clone())
+                        .or_insert_with(|| format!("newest of its {name}"));
+                }
+            };
+            keep_period(policy.keep_daily, 86_400, "day");
+            keep_period(policy.keep_hourly, 3_600, "hour");
+        }
+        let merged: BTreeSet<String> = mine
+            .iter()
+            .filter(|c| !reasons.contains_key(&c.id))
+            .map(|c| c.id.clone())
+            .collect();
+        let before = self.usage_without(&all, &BTreeSet::new())?;
+        let plan = MergePlan {
+            kept: mine
+                .iter()
+                .filter_map(|c| reasons.get(&c.id).map(|r| (c.id.clone(), r.clone())))
+                .collect(),
+            merged: mine
+                .iter()
+                .filter(|c| merged.contains(&c.id))
+                .map(|c| c.id.clone())
+                .collect(),
+            rebased: all
+                .iter()
+                .filter(|c| !merged.contains(&c.id) && c.parent.as_ref().is_some_and(|p| merged.contains(p)))
+                .map(|c| c.id.clone())
+                .collect(),
+            freed_bytes: 0,
+        };
+        let after = self.usage_without(&all, &merged)?;
+        let plan = MergePlan {
+            freed_bytes: before.saturating_sub(after),
+            ..plan
+        };
+        if dry_run || merged.is_empty() {
+            return Ok(plan);
+        }
+        self.remove_all(&all, &merged)?;
+        self.collect_garbage()?;
+        Ok(plan)
+    }
+
+    /// What the catalogue would hold without `doomed`: every other
+    /// checkpoint with its change, each removed one folded into its
+    /// children (oldest first, so a child of several removed ancestors gets
+    /// their composition). Nothing is written. Ordered oldest first.
+    fn without(
+        &self,
+        all: &[Checkpoint],
+        doomed: &BTreeSet<String>,
+    ) -> Result<Vec<(Checkpoint, Delta)>, CatalogueError> {
+        let mut current: Vec<(Checkpoint, Delta, bool)> = Vec::with_capacity(all.len());
+        for c in all {
+            current.push((c.clone(), self.read_delta(c)?, false));
+        }
+        for victim_index in 0..current.len() {
+            if !doomed.contains(&current[victim_index].0.id) {
+                continue;
+            }
+            let (victim, victim_delta, _) = current[victim_index].clone();
+            for (child, delta, changed) in current.iter_mut() {
+                if child.parent.as_deref() != Some(victim.id.as_str()) {
+                    continue;
+                }
+                *delta = victim_delta.then(delta);
+                child.parent = victim.parent.clone();
+                child.size += victim.size;
+                child.content_size = delta.content_bytes();
+                child.changed_entries = delta.changed.len() as u64;
+                child.removed_entries = delta.removed.len() as u64;
+                *changed = true;
+            }
+        }
+        Ok(current
+            .into_iter()
+            .filter(|(c, _, _)| !doomed.contains(&c.id))
+            .map(|(c, d, changed)| {
+                let c = if changed {
+                    Checkpoint {
+                        // Marks a change to write: no stored object has it.
+                        delta_key: String::new(),
+                        ..c
+                    }
+                } else {
+                    c
+                };
+                (c, d)
+            })
+            .collect())
+    }
+
+    /// Removes `doomed` from the catalogue, folding each into its kept
+    /// children. Each rewritten child is published (its new change under a
+    /// new key first, then its metadata) before any removed one goes, so a
+    /// crash leaves every checkpoint restorable.
+    fn remove_all(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<(), CatalogueError> {
+        for (checkpoint, delta) in self.without(all, doomed)? {
+            if !checkpoint.delta_key.is_empty() {
+                continue;
+            }
+            let (delta_key, delta_digest, _) = self.write_delta(&checkpoint.id, &delta)?;
+            self.publish(&Checkpoint {
+                delta_key,
+                delta_digest,
+                ..checkpoint
+            })?;
+        }
+        for id in all.iter().map(|c| &c.id).filter(|id| doomed.contains(*id)) {
+            self.unpublish(id)?;
         }
         Ok(())
     }
 
-    /// Bytes the storage would hold without `doomed` (folded as a prune
-    /// folds them): metadata, changes and the blobs still referenced.
+    /// Bytes the storage would hold without `doomed`, folded as
+    /// [`Catalogue::without`] folds them: metadata, changes and the blobs
+    /// still referenced.
     fn usage_without(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<u64, CatalogueError> {
         let sizes: HashMap<String, u64> = self.objects.list("blobs/")?.into_iter().collect();
         let mut keys = BTreeSet::new();
         let mut total = 0u64;
-        for c in all.iter().filter(|c| !doomed.contains(&c.id)) {
-            // A kept checkpoint's tree keeps every blob of its chain.
-            let delta_blobs = match self.chain(c) {
-                Ok(chain) => {
-                    for link in &chain {
-                        keys.extend(self.blob_keys(link, &self.read_delta(link)?));
-                    }
-                    chain.len()
-                }
-                Err(_) => {
-                    keys.extend(self.blob_keys(c, &self.read_delta(c)?));
-                    1
-                }
+        for (c, delta) in self.without(all, doomed)? {
+            keys.extend(self.blob_keys(&c, &delta));
+            total += if c.delta_key.is_empty() {
+                let json = serde_json::to_vec(&delta).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
+                zstd::encode_all(&json[..], 3)
+                    .map(|z| z.len() as u64)
+                    .unwrap_or(json.len() as u64)
+            } else {
+                self.objects.size(&c.delta_key)?.unwrap_or(0)
             };
-            let _ = delta_blobs;
-            total += self.objects.size(&c.delta_key)?.unwrap_or(0);
             total += self.objects.size(&format!("checkpoints/{}.json", c.id))?.unwrap_or(0);
         }
         total += keys.iter().filter_map(|k| sizes.get(k)).sum::<u64>();
@@ -1051,6 +1211,127 @@ mod tests {
         assert_eq!(plan.removed.len(), 2);
         assert_eq!(blob_count(&w), 0);
         assert!(fs::read_dir(w.objects.join("deltas")).unwrap().next().is_none());
+    }
+
+    /// Five checkpoints of one chain, `f` rewritten each time; the
+    /// second and fourth labelled. Returns ids and trees.
+    fn chain_of_five(w: &World, created: &[i64; 5]) -> (Vec<String>, Vec<Tree>) {
+        let mut ids: Vec<String> = Vec::new();
+        let mut trees = Vec::new();
+        for (i, at) in created.iter().enumerate() {
+            fs::write(w.upper.join("data/f"), vec![i as u8 + 1; 40_000]).unwrap();
+            fs::write(w.upper.join(format!("data/g{i}")), [i as u8]).unwrap();
+            let labels: &[&str] = if i % 2 == 1 { &["tag"] } else { &[] };
+            let c = w
+                .catalogue
+                .create(
+                    &format!("cp-20261201-10000{i}"),
+                    &w.upper,
+                    &new(ids.last().map(String::as_str), labels, Compression::Zstd),
+                )
+                .unwrap();
+            let c = Checkpoint { created_unix: *at, ..c };
+            w.catalogue.publish(&c).unwrap();
+            trees.push(w.catalogue.tree_of(&c).unwrap());
+            ids.push(c.id);
+        }
+        (ids, trees)
+    }
+
+    #[test]
+    fn merges_squash_chains_keeping_what_rules_retain_restorable() {
+        let hour = 3_600;
+        let day = 86_400;
+        let base = 1_764_547_200; // a midnight
+                                  // Two on day 0 (hours 1 and 2), one on day 1, two on day 2.
+        let created = [
+            base + hour,
+            base + 2 * hour,
+            base + day,
+            base + 2 * day,
+            base + 2 * day + hour,
+        ];
+        let policy = |strategy, keep_daily, keep_hourly| MergePolicy {
+            strategy,
+            keep_daily,
+            keep_hourly,
+            retain_labels: vec![],
+        };
+
+        let w = world();
+        let (ids, trees) = chain_of_five(&w, &created);
+        let plan = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::TimeBased, Some(2), None), true)
+            .unwrap();
+        // Newest of each of the last two days that have one: 4 (day 2), 2 (day 1).
+        assert_eq!(plan.merged, vec![ids[0].clone(), ids[1].clone(), ids[3].clone()]);
+        assert_eq!(plan.rebased, vec![ids[2].clone(), ids[4].clone()]);
+        assert!(plan.freed_bytes > 0, "f's squashed versions go: {plan:?}");
+        assert_eq!(w.catalogue.all().unwrap().len(), 5, "a dry run changes nothing");
+        let hourly = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::TimeBased, None, Some(3)), true)
+            .unwrap();
+        assert_eq!(
+            hourly.merged,
+            vec![ids[0].clone(), ids[1].clone()],
+            "the three newest hours with one: {hourly:?}"
+        );
+        let err = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::TimeBased, None, None), true);
+        assert!(err.is_err());
+
+        let blobs_before = blob_count(&w);
+        let done = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::TimeBased, Some(2), None), false)
+            .unwrap();
+        assert_eq!(done.merged, plan.merged);
+        let left = w.catalogue.all().unwrap();
+        assert_eq!(
+            left.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            vec![ids[2].clone(), ids[4].clone()]
+        );
+        assert_eq!(w.catalogue.tree_of(&left[0]).unwrap(), trees[2]);
+        assert_eq!(w.catalogue.tree_of(&left[1]).unwrap(), trees[4]);
+        for c in &left {
+            assert!(w.catalogue.verify(c).unwrap().1.is_empty());
+        }
+        assert_eq!(blob_count(&w), blobs_before - 3, "versions 1, 2 and 4 of f are gone");
+
+        // Tagged: labelled ones and the newest stay.
+        let w = world();
+        let (ids, trees) = chain_of_five(&w, &created);
+        let done = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::Tagged, None, None), false)
+            .unwrap();
+        assert_eq!(done.merged, vec![ids[0].clone(), ids[2].clone()]);
+        let kept: Vec<&str> = done.kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, vec![ids[1].as_str(), ids[3].as_str(), ids[4].as_str()]);
+        for (c, tree) in w.catalogue.all().unwrap().iter().zip([&trees[1], &trees[3], &trees[4]]) {
+            assert_eq!(&w.catalogue.tree_of(c).unwrap(), tree);
+        }
+
+        // Incremental: one checkpoint per chain, unless a label retains more.
+        let w = world();
+        let (ids, trees) = chain_of_five(&w, &created);
+        let mut retain = policy(MergeStrategy::Incremental, None, None);
+        retain.retain_labels = vec!["tag".into()];
+        let plan = w.catalogue.merge("ns", "c1", &retain, true).unwrap();
+        assert_eq!(plan.merged, vec![ids[0].clone(), ids[2].clone()]);
+        let done = w
+            .catalogue
+            .merge("ns", "c1", &policy(MergeStrategy::Incremental, None, None), false)
+            .unwrap();
+        assert_eq!(done.merged.len(), 4);
+        let left = w.catalogue.all().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].parent, None);
+        assert_eq!(w.catalogue.tree_of(&left[0]).unwrap(), trees[4]);
+        assert!(w.catalogue.verify(&left[0]).unwrap().1.is_empty());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 pub mod catalogue;
 pub mod filter;
 pub mod objects;
+pub mod s3;
+pub mod sealed;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +21,10 @@ use tracing::{info, instrument, warn};
 
 use crate::commit::{CommitError, CommitService};
 use crate::error::{Classify, ErrorKind};
-pub use catalogue::{Catalogue, CatalogueError, Checkpoint, Compression, NewCheckpoint, PrunePlan, PrunePolicy};
+pub use catalogue::{
+    Catalogue, CatalogueError, Checkpoint, Compression, MergePlan, MergePolicy, MergeStrategy, NewCheckpoint,
+    PrunePlan, PrunePolicy,
+};
 use filter::Filter;
 use objects::{DirStore, ObjectStore};
 use tree::TreeDiff;
@@ -305,6 +310,31 @@ impl CheckpointService {
             .map_err(|e| CheckpointError::Task(e.to_string()))??;
         if !dry_run {
             info!(removed = ?plan.removed, folded = ?plan.folded, freed = plan.freed_bytes, "checkpoints pruned");
+        }
+        Ok(plan)
+    }
+}
+
+impl CheckpointService {
+    pub async fn merge(
+        &self,
+        storage: &StorageSpec,
+        namespace: &str,
+        container: &str,
+        policy: MergePolicy,
+        dry_run: bool,
+    ) -> Result<MergePlan, CheckpointError> {
+        if container.is_empty() {
+            return Err(CheckpointError::Invalid("merge needs a container id".into()));
+        }
+        let catalogue = self.catalogue(storage)?;
+        let _writing = self.writing.lock().await;
+        let (namespace, container) = (namespace.to_string(), container.to_string());
+        let plan = tokio::task::spawn_blocking(move || catalogue.merge(&namespace, &container, &policy, dry_run))
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))??;
+        if !dry_run {
+            info!(merged = ?plan.merged, rebased = ?plan.rebased, freed = plan.freed_bytes, "checkpoints merged");
         }
         Ok(plan)
     }

@@ -8,14 +8,17 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::status::{commit_status, to_status};
-use crate::checkpoint::{self, CheckpointError, CheckpointService, CreateRequest, PrunePolicy, StorageSpec};
+use crate::checkpoint::{
+    self, CatalogueError, CheckpointError, CheckpointService, CreateRequest, MergePolicy, MergeStrategy, PrunePolicy,
+    StorageSpec,
+};
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
 use crate::proto::{
     Checkpoint, CommitJob, CreateCheckpointRequest, Diff, GetCommitRequest, InspectCheckpointRequest,
-    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest,
-    VersionResponse,
+    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, MergeCheckpointsRequest,
+    MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse, SeamlessCommitRequest,
+    SeamlessCommitResponse, Storage, Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -243,6 +246,44 @@ impl Control for ControlService {
         Ok(Response::new(PruneCheckpointsResponse {
             removed: plan.removed,
             folded: plan.folded,
+            freed_bytes: plan.freed_bytes,
+            dry_run: r.dry_run,
+        }))
+    }
+
+    async fn merge_checkpoints(
+        &self,
+        request: Request<MergeCheckpointsRequest>,
+    ) -> Result<Response<MergeCheckpointsResponse>, Status> {
+        let r = request.into_inner();
+        let strategy =
+            MergeStrategy::parse(&r.strategy).map_err(|e| checkpoint_status(CheckpointError::Catalogue(e)))?;
+        if r.aggressive {
+            return Err(checkpoint_status(CheckpointError::Catalogue(CatalogueError::Invalid(
+                "--aggressive (chunk-level deduplication) is not supported by this daemon yet".into(),
+            ))));
+        }
+        let policy = MergePolicy {
+            strategy,
+            keep_daily: r.has_keep_daily.then_some(r.keep_daily),
+            keep_hourly: r.has_keep_hourly.then_some(r.keep_hourly),
+            retain_labels: r.retain_labels,
+        };
+        let plan = self
+            .checkpoints
+            .merge(
+                &storage_from_wire(r.storage),
+                &r.namespace,
+                &r.container,
+                policy,
+                r.dry_run,
+            )
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(MergeCheckpointsResponse {
+            kept: plan.kept.into_iter().map(|(id, why)| format!("{id}: {why}")).collect(),
+            merged: plan.merged,
+            rebased: plan.rebased,
             freed_bytes: plan.freed_bytes,
             dry_run: r.dry_run,
         }))

@@ -10,6 +10,7 @@ mod create;
 mod daemon;
 mod info;
 mod list;
+mod merge;
 mod prune;
 mod seamless_commit;
 mod settings;
@@ -69,6 +70,8 @@ enum Command {
     Info(info::Args),
     /// Delete a container's checkpoints that no rule keeps.
     Prune(prune::Args),
+    /// Squash a container's checkpoint chains, keeping what rules retain restorable.
+    Merge(merge::Args),
     /// Print the daemon's version, storage and root.
     Version,
 }
@@ -160,6 +163,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
             Command::Prune(args) => prune::run(&context, args).await,
+            Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

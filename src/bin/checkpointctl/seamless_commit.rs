@@ -573,6 +573,13 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::PruneCheckpointsResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        async fn merge_checkpoints(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::MergeCheckpointsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::MergeCheckpointsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
