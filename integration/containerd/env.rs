@@ -1011,7 +1011,7 @@ pub fn socket_is_live(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }

@@ -64,13 +64,27 @@ impl Classify for CheckpointError {
     }
 }
 
-/// Which storage a request names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which storage a request names. Debug leaves the secrets out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct StorageSpec {
     /// "local" (default), "nfs" or "s3".
     pub backend: String,
     /// nfs: the mounted directory (absolute).
     pub path: String,
+    pub s3: s3::S3Config,
+    /// 64 hex characters: objects are sealed at rest with this key.
+    pub encryption_key: String,
+}
+
+impl std::fmt::Debug for StorageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSpec")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("s3", &self.s3)
+            .field("encrypted", &!self.encryption_key.is_empty())
+            .finish()
+    }
 }
 
 /// A request to checkpoint a container.
@@ -150,10 +164,18 @@ impl CheckpointService {
                 )
             }
             "s3" => {
-                return Err(CheckpointError::Storage {
+                let mut config = spec.s3.clone();
+                if config.prefix.is_empty() {
+                    config.prefix = "seamless-checkpoints".into();
+                }
+                config.validate().map_err(|reason| CheckpointError::Storage {
                     backend: "s3".into(),
-                    reason: "not supported by this daemon yet; use local or nfs".into(),
-                })
+                    reason,
+                })?;
+                (
+                    format!("s3:{}/{}/{}", config.endpoint, config.bucket, config.prefix),
+                    Arc::new(s3::S3Store::new(&config).map_err(CatalogueError::from)?),
+                )
             }
             other => {
                 return Err(CheckpointError::Invalid(format!(
@@ -161,11 +183,24 @@ impl CheckpointService {
                 )))
             }
         };
+        let work = self.root.join("checkpoint-work");
+        let objects: Arc<dyn ObjectStore> = if spec.encryption_key.is_empty() {
+            objects
+        } else {
+            std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Storage {
+                backend: spec.backend.clone(),
+                reason: format!("creating {}: {e}", work.display()),
+            })?;
+            Arc::new(
+                sealed::SealedStore::new(objects, &spec.encryption_key, &work)
+                    .map_err(|e| CheckpointError::Invalid(format!("storage encryption key: {e}")))?,
+            )
+        };
         Ok(Catalogue::new(
             id,
             objects,
             self.commits.snapshotter().shared_store(),
-            &self.root.join("checkpoint-work"),
+            &work,
         ))
     }
 

@@ -92,11 +92,9 @@ impl S3Config {
             if authority.contains('@') {
                 return Err("endpoint must not carry credentials: set access_key and secret_key".into());
             }
+            // Not repeated: a query may carry a token.
             if authority.is_empty() || rest.contains(['?', '#']) {
-                return Err(format!(
-                    "endpoint {:?} is not a server URL (a host, an optional port and path)",
-                    self.endpoint
-                ));
+                return Err("endpoint is not a server URL (a host, an optional port and path)".into());
             }
         }
         if self.access_key.is_empty() != self.secret_key.is_empty() {
@@ -420,8 +418,10 @@ impl Bucket {
         }
     }
 
-    /// `text` without the secret key, should a server ever echo it.
+    /// `text` on one line (servers answer in indented XML), and without
+    /// the secret key, should a server ever echo it.
     fn scrub(&self, text: String) -> String {
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
         if self.secret.is_empty() {
             return text;
         }

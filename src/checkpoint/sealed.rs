@@ -35,7 +35,8 @@ const VERSION: u8 = 1;
 /// XChaCha20's 24-byte nonce less STREAM's counter (4) and flag (1).
 const NONCE_PREFIX_LEN: usize = 19;
 const HEADER_LEN: usize = MAGIC.len() + 1 + NONCE_PREFIX_LEN;
-/// Plaintext bytes per segment: what a reader or writer holds at once.
+/// Plaintext bytes per segment in format version 1: what a reader or
+/// writer holds at once.
 const SEGMENT: usize = 1 << 20;
 const TAG_LEN: usize = 16;
 
@@ -74,6 +75,9 @@ pub struct SealedStore {
     cipher: XChaCha20Poly1305,
     staging: PathBuf,
     staged: AtomicU64,
+    /// `SEGMENT`, but in tests, whose stores seal small objects in many
+    /// segments rather than large ones in unoptimized code.
+    segment: usize,
 }
 
 impl fmt::Debug for SealedStore {
@@ -99,7 +103,14 @@ impl SealedStore {
             cipher: XChaCha20Poly1305::new(&key),
             staging: staging.to_path_buf(),
             staged: AtomicU64::new(0),
+            segment: SEGMENT,
         })
+    }
+
+    #[cfg(test)]
+    fn with_segment(mut self, segment: usize) -> SealedStore {
+        self.segment = segment;
+        self
     }
 
     /// Writes the sealed form of `input` to `output`, a segment at a time.
@@ -110,15 +121,15 @@ impl SealedStore {
         output.write_all(&header).map_err(Failure::Write)?;
         let aad = associated_data(&header, key);
         let mut encryptor = Encryptor::from_aead(self.cipher.clone(), &StreamNonce::from(prefix));
-        let mut segment = Vec::with_capacity(SEGMENT + TAG_LEN);
+        let mut segment = Vec::with_capacity(self.segment + TAG_LEN);
         loop {
             segment.clear();
-            segment.resize(SEGMENT, 0);
+            segment.resize(self.segment, 0);
             let n = read_full(input, &mut segment).map_err(Failure::Read)?;
             segment.truncate(n);
             // Only the STREAM counter's end (4 PiB) fails here.
             let too_large = |_| Failure::Seal(SealError::TooLarge);
-            if n == SEGMENT {
+            if n == self.segment {
                 encryptor.encrypt_next_in_place(&aad, &mut segment).map_err(too_large)?;
                 output.write_all(&segment).map_err(Failure::Write)?;
             } else {
@@ -154,7 +165,8 @@ impl SealedStore {
             decryptor: None,
             started: false,
             aad: Vec::new(),
-            segment: Vec::new(),
+            segment_len: self.segment,
+            plain: Vec::new(),
             offset: 0,
             poisoned: false,
         }
@@ -168,7 +180,7 @@ impl ObjectStore for SealedStore {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
         validate_key(key)?;
-        let mut sealed = Vec::with_capacity(sealed_len(data.len()));
+        let mut sealed = Vec::with_capacity(sealed_len(data.len(), self.segment));
         self.seal(key, &mut &data[..], &mut sealed)
             .map_err(|failure| match failure {
                 Failure::Seal(e) => object_error(key, e),
@@ -193,9 +205,9 @@ impl ObjectStore for SealedStore {
     fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
         let sealed = self.inner.get(key)?;
         let mut opener = self.opener(key, &sealed[..]);
-        let mut plain = Vec::with_capacity(plaintext_len(sealed.len() as u64).unwrap_or(0) as usize);
+        let mut plain = Vec::with_capacity(plaintext_len(sealed.len() as u64, self.segment).unwrap_or(0) as usize);
         while opener.next_segment().map_err(|f| f.into_object_error(key))? {
-            plain.extend_from_slice(&opener.segment);
+            plain.extend_from_slice(&opener.plain);
         }
         Ok(plain)
     }
@@ -210,7 +222,7 @@ impl ObjectStore for SealedStore {
 
     fn size(&self, key: &str) -> Result<Option<u64>, ObjectError> {
         match self.inner.size(key)? {
-            Some(sealed) => plaintext_len(sealed)
+            Some(sealed) => plaintext_len(sealed, self.segment)
                 .map(Some)
                 .ok_or_else(|| object_error(key, SealError::NotSealed)),
             None => Ok(None),
@@ -225,7 +237,7 @@ impl ObjectStore for SealedStore {
         self.inner
             .list(prefix)?
             .into_iter()
-            .map(|(key, sealed)| match plaintext_len(sealed) {
+            .map(|(key, sealed)| match plaintext_len(sealed, self.segment) {
                 Some(size) => Ok((key, size)),
                 None => Err(object_error(&key, SealError::NotSealed)),
             })
@@ -259,8 +271,9 @@ struct Opener<R> {
     decryptor: Option<Decryptor>,
     started: bool,
     aad: Vec<u8>,
+    segment_len: usize,
     /// The current segment's plaintext, from `offset` on not yet read.
-    segment: Vec<u8>,
+    plain: Vec<u8>,
     offset: usize,
     /// A failed segment leaves the stream's position unknown: every later
     /// read fails too.
@@ -268,7 +281,7 @@ struct Opener<R> {
 }
 
 impl<R: Read> Opener<R> {
-    /// Decrypts the next segment into `segment`; false at the end.
+    /// Decrypts the next segment into `plain`; false at the end.
     fn next_segment(&mut self) -> Result<bool, Failure> {
         if self.poisoned {
             return Err(Failure::Seal(SealError::Poisoned));
@@ -277,7 +290,7 @@ impl<R: Read> Opener<R> {
         if more.is_err() {
             self.poisoned = true;
             self.decryptor = None;
-            self.segment.clear();
+            self.plain.clear();
         }
         more
     }
@@ -287,25 +300,25 @@ impl<R: Read> Opener<R> {
             self.start()?;
         }
         self.offset = 0;
-        self.segment.clear();
+        self.plain.clear();
         if self.decryptor.is_none() {
             return Ok(false);
         }
-        self.segment.resize(SEGMENT + TAG_LEN, 0);
-        let n = read_full(&mut self.source, &mut self.segment).map_err(Failure::Read)?;
-        self.segment.truncate(n);
+        self.plain.resize(self.segment_len + TAG_LEN, 0);
+        let n = read_full(&mut self.source, &mut self.plain).map_err(Failure::Read)?;
+        self.plain.truncate(n);
         let damaged = |_| Failure::Seal(SealError::Undecryptable);
-        if n == SEGMENT + TAG_LEN {
+        if n == self.segment_len + TAG_LEN {
             if let Some(decryptor) = self.decryptor.as_mut() {
                 decryptor
-                    .decrypt_next_in_place(&self.aad, &mut self.segment)
+                    .decrypt_next_in_place(&self.aad, &mut self.plain)
                     .map_err(damaged)?;
             }
         } else if n < TAG_LEN {
             return Err(Failure::Seal(SealError::Truncated));
         } else if let Some(decryptor) = self.decryptor.take() {
             decryptor
-                .decrypt_last_in_place(&self.aad, &mut self.segment)
+                .decrypt_last_in_place(&self.aad, &mut self.plain)
                 .map_err(damaged)?;
         }
         Ok(true)
@@ -338,7 +351,7 @@ impl<R: Read> Read for Opener<R> {
         if buf.is_empty() {
             return Ok(0);
         }
-        while self.offset == self.segment.len() {
+        while self.offset == self.plain.len() {
             match self.next_segment() {
                 Ok(true) => {}
                 Ok(false) => return Ok(0),
@@ -348,7 +361,7 @@ impl<R: Read> Read for Opener<R> {
                 }
             }
         }
-        let rest = &self.segment[self.offset..];
+        let rest = &self.plain[self.offset..];
         let n = rest.len().min(buf.len());
         buf[..n].copy_from_slice(&rest[..n]);
         self.offset += n;
@@ -400,18 +413,18 @@ fn associated_data(header: &[u8; HEADER_LEN], key: &str) -> Vec<u8> {
     aad
 }
 
-/// The stored size of `plain` bytes sealed.
-fn sealed_len(plain: usize) -> usize {
-    HEADER_LEN + plain + TAG_LEN * (plain / SEGMENT + 1)
+/// The stored size of `plain` bytes sealed in segments of `segment`.
+fn sealed_len(plain: usize, segment: usize) -> usize {
+    HEADER_LEN + plain + TAG_LEN * (plain / segment + 1)
 }
 
-/// The plaintext size of an object stored in `sealed` bytes, or None when
-/// no sealed object has that size.
-fn plaintext_len(sealed: u64) -> Option<u64> {
+/// The plaintext size of an object stored in `sealed` bytes, in segments
+/// of `segment`, or None when no sealed object has that size.
+fn plaintext_len(sealed: u64, segment: usize) -> Option<u64> {
     let body = sealed.checked_sub(HEADER_LEN as u64)?;
-    let stride = (SEGMENT + TAG_LEN) as u64;
+    let stride = (segment + TAG_LEN) as u64;
     let last = (body % stride).checked_sub(TAG_LEN as u64)?;
-    Some(body / stride * SEGMENT as u64 + last)
+    Some(body / stride * segment as u64 + last)
 }
 
 /// Reads until `buf` is full or the input ends; the bytes read.
@@ -454,6 +467,8 @@ mod tests {
     const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
     const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
     const UNREADABLE: &str = "cannot be decrypted: wrong encryption key or damaged data";
+    /// The segment size of most tests: many segments, little to encrypt.
+    const SMALL: usize = 1000;
 
     struct Fixture {
         tmp: tempfile::TempDir,
@@ -461,10 +476,12 @@ mod tests {
         sealed: SealedStore,
     }
 
-    fn fixture() -> Fixture {
+    fn fixture(segment: usize) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let raw = Arc::new(DirStore::open(&tmp.path().join("store"), "local").unwrap());
-        let sealed = SealedStore::new(raw.clone(), KEY, &tmp.path().join("staging")).unwrap();
+        let sealed = SealedStore::new(raw.clone(), KEY, &tmp.path().join("staging"))
+            .unwrap()
+            .with_segment(segment);
         Fixture { tmp, raw, sealed }
     }
 
@@ -490,7 +507,8 @@ mod tests {
 
     fn read_all(mut reader: impl Read) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 70_001];
+        // Reads that end inside segments and span them.
+        let mut buf = vec![0u8; 777];
         loop {
             match reader.read(&mut buf)? {
                 0 => return Ok(out),
@@ -508,17 +526,9 @@ mod tests {
 
     #[test]
     fn objects_round_trip_and_are_stored_sealed() {
-        let f = fixture();
-        let sizes = [
-            0,
-            5,
-            100,
-            SEGMENT - 1,
-            SEGMENT,
-            SEGMENT + 1,
-            2 * SEGMENT + 12_345,
-            3 * SEGMENT,
-        ];
+        let f = fixture(SMALL);
+        // One short segment; one full and an empty last; full, full, short; ...
+        let sizes = [0, 5, 100, SMALL - 1, SMALL, SMALL + 1, 2 * SMALL + 3, 37 * SMALL + 123];
         for (i, size) in sizes.into_iter().enumerate() {
             let data = plaintext(size);
             let put = format!("blobs/put/{i}");
@@ -533,7 +543,7 @@ mod tests {
                 assert!(read == data, "open {key} ({size} bytes): read {}", read.len());
                 assert_eq!(f.sealed.size(key).unwrap(), Some(size as u64), "{key}");
                 let stored = f.raw.get(key).unwrap();
-                assert_eq!(stored.len(), sealed_len(size), "{key}");
+                assert_eq!(stored.len(), sealed_len(size, SMALL), "{key}");
                 assert!(
                     !stored.windows(22).any(|w| w == b"secret container state"),
                     "{key} is stored in the clear"
@@ -560,12 +570,35 @@ mod tests {
     }
 
     #[test]
+    fn objects_round_trip_in_segments_of_the_format() {
+        let f = fixture(SEGMENT);
+        let data = plaintext(SEGMENT + 1);
+        let source = f.tmp.path().join("source");
+        std::fs::write(&source, &data).unwrap();
+        f.sealed.put_file("blobs/a", &source).unwrap();
+        assert_eq!(
+            f.raw.size("blobs/a").unwrap(),
+            Some((HEADER_LEN + SEGMENT + 1 + 2 * TAG_LEN) as u64)
+        );
+        assert_eq!(f.sealed.size("blobs/a").unwrap(), Some(data.len() as u64));
+        assert!(read_all(f.sealed.open("blobs/a").unwrap()).unwrap() == data);
+        f.sealed.put("blobs/b", &data[..SEGMENT]).unwrap();
+        assert_eq!(
+            f.raw.size("blobs/b").unwrap(),
+            Some((HEADER_LEN + SEGMENT + 2 * TAG_LEN) as u64)
+        );
+        assert!(f.sealed.get("blobs/b").unwrap()[..] == data[..SEGMENT]);
+    }
+
+    #[test]
     fn a_wrong_key_is_a_clear_error() {
-        let f = fixture();
-        let data = plaintext(SEGMENT + 10);
+        let f = fixture(SMALL);
+        let data = plaintext(3 * SMALL + 10);
         f.sealed.put("blobs/a", &data).unwrap();
         f.sealed.put("checkpoints/empty.json", b"").unwrap();
-        let wrong = SealedStore::new(f.raw.clone(), OTHER_KEY, &f.tmp.path().join("staging")).unwrap();
+        let wrong = SealedStore::new(f.raw.clone(), OTHER_KEY, &f.tmp.path().join("staging"))
+            .unwrap()
+            .with_segment(SMALL);
         for key in ["blobs/a", "checkpoints/empty.json"] {
             for err in [wrong.get(key).unwrap_err(), open_error(&wrong, key)] {
                 assert_eq!(err.to_string(), format!("object {key}: {UNREADABLE}"));
@@ -581,27 +614,34 @@ mod tests {
 
     #[test]
     fn damaged_objects_never_read_as_data() {
-        let f = fixture();
-        let data = plaintext(2 * SEGMENT + 500);
-        let stored_len = sealed_len(data.len());
-        // Seals `data` as `key` anew, then `damage`s it where it is stored
-        // (the same key: under another one it would not open at all).
+        let f = fixture(SMALL);
+        let data = plaintext(3 * SMALL + 500);
+        let stored_len = sealed_len(data.len(), SMALL);
+        // `damage` done to `key` as stored (under another key it would not
+        // open at all), from a copy sealed once per key.
+        let sealed: std::cell::RefCell<std::collections::HashMap<String, Vec<u8>>> = Default::default();
         let damaged = |key: &str, damage: &dyn Fn(&mut Vec<u8>)| {
-            f.sealed.put(key, &data).unwrap();
-            let mut stored = f.raw.get(key).unwrap();
+            let mut stored = sealed
+                .borrow_mut()
+                .entry(key.to_string())
+                .or_insert_with(|| {
+                    f.sealed.put(key, &data).unwrap();
+                    f.raw.get(key).unwrap()
+                })
+                .clone();
             damage(&mut stored);
             f.raw.put(key, &stored).unwrap();
         };
 
         // A byte flipped in the second segment: the first still reads, and
         // then the reader fails rather than hand out the damaged one.
-        damaged("blobs/flipped", &|s| s[HEADER_LEN + SEGMENT + TAG_LEN + 100] ^= 0x01);
+        damaged("blobs/flipped", &|s| s[HEADER_LEN + SMALL + TAG_LEN + 100] ^= 0x01);
         let err = f.sealed.get("blobs/flipped").unwrap_err();
         assert_eq!(err.to_string(), format!("object blobs/flipped: {UNREADABLE}"));
         let mut reader = f.sealed.open("blobs/flipped").unwrap();
-        let mut first = vec![0u8; SEGMENT];
+        let mut first = vec![0u8; SMALL];
         reader.read_exact(&mut first).unwrap();
-        assert!(first[..] == data[..SEGMENT]);
+        assert!(first[..] == data[..SMALL]);
         let err = reader.read(&mut first).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert_eq!(err.to_string(), format!("object blobs/flipped: {UNREADABLE}"));
@@ -612,11 +652,16 @@ mod tests {
         for at in [HEADER_LEN - 1, HEADER_LEN + 3, stored_len - 1] {
             damaged("blobs/flipped", &|s| s[at] ^= 0x80);
             assert!(f.sealed.get("blobs/flipped").is_err(), "byte {at}");
-            assert!(f.sealed.open("blobs/flipped").is_err(), "byte {at}");
+            let read = f
+                .sealed
+                .open("blobs/flipped")
+                .map_err(|e| e.to_string())
+                .and_then(|r| read_all(r).map_err(|e| e.to_string()));
+            assert!(read.is_err(), "byte {at}");
         }
 
         // Cut anywhere, at a segment's end too, or lengthened.
-        let segment_end = HEADER_LEN + SEGMENT + TAG_LEN;
+        let segment_end = HEADER_LEN + SMALL + TAG_LEN;
         let cuts = [
             0,
             5,
@@ -626,7 +671,7 @@ mod tests {
             HEADER_LEN + 1000,
             segment_end,
             segment_end + 1,
-            2 * segment_end - HEADER_LEN,
+            3 * segment_end - 2 * HEADER_LEN,
             stored_len - 1,
         ];
         for cut in cuts {
@@ -670,7 +715,7 @@ mod tests {
 
     #[test]
     fn keys_are_checked_and_never_printed() {
-        let f = fixture();
+        let f = fixture(SMALL);
         assert!(format!("{:?}", f.sealed).contains("<redacted>"));
         for shown in [format!("{:?}", f.sealed), f.sealed.describe()] {
             assert!(!shown.contains(KEY) && !shown.contains("0d0e0f"), "{shown}");

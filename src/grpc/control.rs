@@ -53,6 +53,15 @@ fn storage_from_wire(storage: Option<Storage>) -> StorageSpec {
     StorageSpec {
         backend: storage.backend,
         path: storage.path,
+        s3: checkpoint::s3::S3Config {
+            bucket: storage.bucket,
+            region: storage.region,
+            endpoint: storage.endpoint,
+            access_key: storage.access_key,
+            secret_key: storage.secret_key,
+            prefix: String::new(),
+        },
+        encryption_key: storage.encryption_key,
     }
 }
 
