@@ -26,6 +26,8 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const CHAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("chains");
 /// "<storage>|<checkpoint id>" -> JSON of a checkpoint (owned by `checkpoint`).
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+/// Schedule id -> JSON of a recurring checkpoint (owned by `checkpoint`).
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 const NEXT_ID: &str = "next_id";
 const SCHEMA: &str = "schema";
 const SCHEMA_VERSION: u64 = 1;
@@ -39,6 +41,8 @@ pub enum RecordKind {
     Chains,
     /// The checkpoint catalogue, by "<storage>|<checkpoint id>".
     Checkpoints,
+    /// Recurring checkpoints, by schedule id.
+    Schedules,
 }
 
 impl RecordKind {
@@ -47,6 +51,7 @@ impl RecordKind {
             RecordKind::Jobs => JOBS,
             RecordKind::Chains => CHAINS,
             RecordKind::Checkpoints => CHECKPOINTS,
+            RecordKind::Schedules => SCHEDULES,
         }
     }
 }
@@ -186,6 +191,7 @@ impl Store {
             txn.open_table(JOBS).map_err(db_err)?;
             txn.open_table(CHAINS).map_err(db_err)?;
             txn.open_table(CHECKPOINTS).map_err(db_err)?;
+            txn.open_table(SCHEDULES).map_err(db_err)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let found = meta.get(SCHEMA).map_err(db_err)?.map(|v| v.value());
             match found {

@@ -8,7 +8,7 @@
 //! directory (this kernel has no NFS client).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -378,8 +378,10 @@ fn checkpoint_catalogue_through_checkpointctl() {
             .trim()
             .to_string();
         ensure!(nfs.ids(&["--storage-backend", "nfs", "list", "-o", "json"])? == vec![on_nfs.clone()]);
+        // By label, not id: ids are unique per storage, so the nfs one may
+        // repeat a local id taken in the same second.
         ensure!(
-            !cli.ids(&["list", "-o", "json"])?.contains(&on_nfs),
+            cli.ids(&["list", "--filter", "label=remote", "-o", "json"])?.is_empty(),
             "local storage is another catalogue"
         );
         ensure!(
@@ -394,6 +396,228 @@ fn checkpoint_catalogue_through_checkpointctl() {
         check_no_leftovers(env)?;
         Ok(())
     });
+}
+
+/// skopeo, which reads the archives as any OCI tool would; a missing one
+/// fails the test (never skipped).
+fn skopeo() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("skopeo"))
+        .find(|p| p.is_file())
+        .context("skopeo is missing: run .ci/setup, or `apt-get install skopeo` (it checks the exported OCI archives)")
+}
+
+/// `info --export` of a 3-deep chain of a running container: a private
+/// OCI archive that `ctr images import` names and `skopeo` inspects;
+/// `import` of it into nfs storage recreates the chain (ids, parents,
+/// labels, trees; verified), refuses it a second time, and a truncated
+/// archive is refused leaving nothing listed.
+#[test]
+fn checkpoint_archives_export_and_import() {
+    with_env("checkpoint-archives", Options::default(), |env| {
+        let skopeo = skopeo()?;
+        let ns = env.namespace("arc");
+        env.pull(&ns)?;
+        let web = env.container_id("arcweb");
+        env.run_container(&ns, &web)?;
+        let config = env.dir().join("checkpointctl.yaml");
+        std::fs::write(&config, "storage:\n  backend: local\n")?;
+        let cli = Cli {
+            env,
+            ns: ns.clone(),
+            config,
+        };
+        env.exec(
+            &ns,
+            &web,
+            "mkdir -p /data/dir && head -c 300000 /dev/urandom > /data/big && echo one > /data/small && \
+             echo bye > /data/dir/gone && ln -s big /data/link && ln /data/big /data/big-link && \
+             mkfifo /data/pipe && chmod 0640 /data/small && sync",
+        )?;
+        let id1 = cli
+            .ok(&["create", &web, "--compression", "none", "-l", "golden"])?
+            .trim()
+            .to_string();
+        env.exec(
+            &ns,
+            &web,
+            "echo two > /data/small && rm -r /data/dir && cp /data/big /data/copy && sync",
+        )?;
+        let id2 = cli
+            .ok(&["create", &web, "-p", &id1, "--compression", "gzip", "-l", "stage=2"])?
+            .trim()
+            .to_string();
+        env.exec(&ns, &web, "echo three > /data/third && rm /data/pipe && sync")?;
+        let id3 = cli.ok(&["create", &web, "-p", &id2])?.trim().to_string();
+        let chain = vec![id1.clone(), id2.clone(), id3.clone()];
+
+        let out = env.dir().join("out");
+        std::fs::create_dir_all(&out)?;
+        let archive = out.join("web.tar");
+        let archive_arg = archive.display().to_string();
+        let text = cli.ok(&["info", &id3, "--export", &archive_arg])?;
+        ensure!(
+            text.contains(&format!("Layers:      {id1} -> {id2} -> {id3}")),
+            "{text}"
+        );
+        let mode = std::fs::metadata(&archive)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "the archive is {mode:o}, not 0600");
+        let (code, _, err) = cli.run(&["info", &id3, "--export", &archive_arg])?;
+        ensure!(
+            code != 0 && err.contains("exists already"),
+            "no clobbering: {code} {err}"
+        );
+        cli.ok(&["info", &id3, "--export", &archive_arg, "--force"])?;
+        let (code, _, err) = cli.run(&["info", &id3, "--export", "/no/such/dir/x.tar"])?;
+        ensure!(code == 2, "a missing directory is a usage error: {code} {err}");
+
+        // Any OCI tool reads it: containerd names the image, skopeo inspects it.
+        env.ctr(&ns, &["images", "import", &archive_arg])?;
+        let reference = format!("seamless-checkpoint/{}:{id3}", web.to_ascii_lowercase());
+        let images = env.ctr(&ns, &["images", "ls", "-q"])?;
+        ensure!(
+            images.lines().any(|l| l.trim() == reference),
+            "ctr images import named no {reference}:\n{images}"
+        );
+        // Unpacked by containerd, the layers give the container's files (a
+        // whiteout or opaque marker in the wrong layer would hide some).
+        let rootfs = env.dir().join("imported-rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        let rootfs_arg = rootfs.display().to_string();
+        env.ctr(&ns, &["images", "mount", &reference, &rootfs_arg])?;
+        let unpacked = (|| -> Result<()> {
+            let data = rootfs.join("data");
+            ensure!(std::fs::read(data.join("small"))? == b"two\n");
+            ensure!(std::fs::read(data.join("third"))? == b"three\n");
+            ensure!(std::fs::metadata(data.join("big"))?.len() == 300_000);
+            ensure!(std::fs::read(data.join("copy"))? == std::fs::read(data.join("big"))?);
+            ensure!(std::fs::read_link(data.join("link"))? == Path::new("big"));
+            ensure!(std::fs::metadata(data.join("big-link"))?.ino() == std::fs::metadata(data.join("big"))?.ino());
+            for gone in ["pipe", "dir"] {
+                ensure!(
+                    std::fs::symlink_metadata(data.join(gone)).is_err(),
+                    "/data/{gone} is back"
+                );
+            }
+            Ok(())
+        })();
+        env.ctr(&ns, &["images", "unmount", &rootfs_arg])?;
+        unpacked.context("the files of the imported image")?;
+        let inspected = Command::new(&skopeo)
+            .args(["inspect", &format!("oci-archive:{archive_arg}")])
+            .output()?;
+        ensure!(
+            inspected.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&inspected.stderr)
+        );
+        let inspected: serde_json::Value = serde_json::from_slice(&inspected.stdout)?;
+        ensure!(
+            inspected["Layers"].as_array().map(Vec::len) == Some(3) && inspected["Os"] == "linux",
+            "{inspected}"
+        );
+
+        // Imported into other storage: the same chain, tree for tree.
+        let export_dir = env.dir().join("nfs-export");
+        std::fs::create_dir_all(&export_dir)?;
+        let nfs_config = env.dir().join("nfs.yaml");
+        std::fs::write(
+            &nfs_config,
+            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export_dir.display()),
+        )?;
+        let nfs = Cli {
+            env,
+            ns: ns.clone(),
+            config: nfs_config,
+        };
+        let imported: Vec<String> = nfs.ok(&["import", &archive_arg])?.lines().map(str::to_string).collect();
+        ensure!(imported == chain, "import printed {imported:?}, not {chain:?}");
+        let comparable = |c: &serde_json::Value| {
+            let mut c = c.clone();
+            // Storage-specific: what the blobs took there, and the change object.
+            for key in ["size", "delta_digest"] {
+                c.as_object_mut().map(|o| o.remove(key));
+            }
+            c
+        };
+        let here = cli.json(&["list", "-o", "json", &web])?;
+        let there = nfs.json(&["list", "-o", "json", &web])?;
+        ensure!(
+            here.iter().map(comparable).collect::<Vec<_>>() == there.iter().map(comparable).collect::<Vec<_>>(),
+            "the imported checkpoints differ:\n{here:?}\n{there:?}"
+        );
+        for id in &chain {
+            let verified = nfs.ok(&["info", "--verify", id])?;
+            ensure!(verified.contains("objects verified"), "{verified}");
+            let here = comparable(&serde_json::from_str(&cli.ok(&["info", "--metadata", id])?)?);
+            let there = comparable(&serde_json::from_str(&nfs.ok(&["info", "--metadata", id])?)?);
+            ensure!(here == there, "{id}: {here} vs {there}");
+        }
+        for (from, to) in [(&id1, &id3), (&id2, &id3), (&id1, &id2)] {
+            let diff = |c: &Cli| c.ok(&["info", &format!("--diff={from}"), to]);
+            let (here, there) = (diff(&cli)?, diff(&nfs)?);
+            ensure!(here == there, "{from} -> {to} differs:\n{here}\n{there}");
+        }
+        let diff = nfs.ok(&["info", &format!("--diff={id1}"), &id3])?;
+        for line in [
+            "A /data/third",
+            "A /data/copy",
+            "M /data/small",
+            "D /data/pipe",
+            "D /data/dir/gone",
+        ] {
+            ensure!(diff.lines().any(|l| l == line), "no {line:?} in\n{diff}");
+        }
+        let (code, _, err) = nfs.run(&["import", &archive_arg])?;
+        ensure!(
+            code != 0 && err.contains("exists already"),
+            "imported twice: {code} {err}"
+        );
+
+        // A truncated archive: refused, nothing listed, nothing left.
+        let bytes = std::fs::read(&archive)?;
+        let truncated = out.join("truncated.tar");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
+        let fresh_dir = env.dir().join("nfs-fresh");
+        std::fs::create_dir_all(&fresh_dir)?;
+        let fresh_config = env.dir().join("fresh.yaml");
+        std::fs::write(
+            &fresh_config,
+            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", fresh_dir.display()),
+        )?;
+        let fresh = Cli {
+            env,
+            ns: ns.clone(),
+            config: fresh_config,
+        };
+        let (code, out_text, err) = fresh.run(&["import", &truncated.display().to_string()])?;
+        ensure!(
+            code != 0 && err.contains("damaged") && out_text.is_empty(),
+            "a truncated archive: {code} {out_text} {err}"
+        );
+        ensure!(fresh.ids(&["list", "-o", "json"])?.is_empty(), "nothing is listed");
+        let blobs = fresh_dir.join("seamless-checkpoints/blobs");
+        ensure!(
+            !blobs.exists() || walk_files(&blobs)?.is_empty(),
+            "the failed import left blobs"
+        );
+        check_no_leftovers(env)?;
+        Ok(())
+    });
+}
+
+fn walk_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            out.extend(walk_files(&entry.path())?);
+        } else {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
 }
 
 /// A namespace that exists nowhere.

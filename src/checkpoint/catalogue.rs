@@ -280,6 +280,26 @@ fn blob_key(digest: &str, compression: Compression) -> String {
     format!("blobs/sha256/{digest}.{}", compression.extension())
 }
 
+/// The key of the blob holding the content `digest` names in `delta`,
+/// the change of `checkpoint`.
+pub(super) fn content_key(checkpoint: &Checkpoint, delta: &Delta, digest: &str) -> String {
+    delta
+        .stored
+        .get(digest)
+        .cloned()
+        .unwrap_or_else(|| blob_key(digest, checkpoint.compression))
+}
+
+/// Where [`Catalogue::store_blob`] put a file's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct StoredBlob {
+    pub key: String,
+    /// Bytes written to the storage: 0 when the content was there already.
+    pub written: u64,
+    /// Whether this call stored it (it was not there before).
+    pub new: bool,
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     tree::hex(&Sha256::digest(data))
 }
@@ -365,7 +385,7 @@ impl Catalogue {
             .unwrap_or(base))
     }
 
-    fn read_delta(&self, checkpoint: &Checkpoint) -> Result<Delta, CatalogueError> {
+    pub(super) fn read_delta(&self, checkpoint: &Checkpoint) -> Result<Delta, CatalogueError> {
         let stored = self.objects.get(&checkpoint.delta_key)?;
         let corrupt = |message: String| CatalogueError::Corrupt {
             id: checkpoint.id.clone(),
@@ -380,7 +400,7 @@ impl Catalogue {
 
     /// Stores `delta` for checkpoint `id` under a key no other version of
     /// it used; returns (key, digest, size).
-    fn write_delta(&self, id: &str, delta: &Delta) -> Result<(String, String, u64), CatalogueError> {
+    pub(super) fn write_delta(&self, id: &str, delta: &Delta) -> Result<(String, String, u64), CatalogueError> {
         let json = serde_json::to_vec(delta).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
         let stored = zstd::encode_all(&json[..], 3).map_err(|e| CatalogueError::Io {
             op: "compress",
@@ -398,7 +418,7 @@ impl Catalogue {
 
     /// Makes `checkpoint` exist: its metadata beside the data (the commit
     /// point), then in the daemon's store.
-    fn publish(&self, checkpoint: &Checkpoint) -> Result<(), CatalogueError> {
+    pub(super) fn publish(&self, checkpoint: &Checkpoint) -> Result<(), CatalogueError> {
         let json = serde_json::to_vec_pretty(checkpoint).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
         self.objects
             .put(&format!("checkpoints/{}.json", checkpoint.id), &json)?;
@@ -410,7 +430,7 @@ impl Catalogue {
         Ok(())
     }
 
-    fn unpublish(&self, id: &str) -> Result<(), CatalogueError> {
+    pub(super) fn unpublish(&self, id: &str) -> Result<(), CatalogueError> {
         self.objects.delete(&format!("checkpoints/{id}.json"))?;
         self.store
             .remove_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?;
@@ -470,26 +490,13 @@ impl Catalogue {
             Some(p) => Some(self.tree_of(p)?),
             None => None,
         };
-        std::fs::create_dir_all(&self.work).map_err(|source| CatalogueError::Io {
-            op: "create directory",
-            path: self.work.display().to_string(),
-            source,
-        })?;
+        self.scratch_dir()?;
         let mut stored_bytes = 0u64;
         let mut store_blob = |path: &Path, digest: &str, _entry: &Entry| -> Result<(), TreeError> {
-            // Stored already, in any compression: referenced as it is.
-            for compression in [new.compression, Compression::Zstd, Compression::Gzip, Compression::None] {
-                let key = blob_key(digest, compression);
-                match self.objects.size(&key) {
-                    Ok(Some(_)) => return Ok(()),
-                    Ok(None) => {}
-                    Err(e) => return Err(to_tree_error(e, &key)),
-                }
-            }
-            let key = blob_key(digest, new.compression);
-            stored_bytes += self
-                .upload(path, &key, new.compression)
-                .map_err(|e| to_tree_error(e, &key))?;
+            let stored = self
+                .store_blob(path, digest, new.compression)
+                .map_err(|e| to_tree_error(e, &blob_key(digest, new.compression)))?;
+            stored_bytes += stored.written;
             Ok(())
         };
         let tree = tree::read_tree(upper, parent_tree.as_ref(), &mut store_blob)?;
@@ -502,23 +509,9 @@ impl Catalogue {
             if delta.stored.contains_key(digest) {
                 continue;
             }
-            let wanted = blob_key(digest, new.compression);
-            let mut found = None;
-            for compression in [new.compression, Compression::Zstd, Compression::Gzip, Compression::None] {
-                let key = blob_key(digest, compression);
-                if self.objects.size(&key)?.is_some() {
-                    found = Some(key);
-                    break;
-                }
-            }
-            let key = match found {
-                Some(key) => key,
-                None => {
-                    stored_bytes += self.upload(&upper.join(path), &wanted, new.compression)?;
-                    wanted
-                }
-            };
-            delta.stored.insert(digest.clone(), key);
+            let stored = self.store_blob(&upper.join(path), digest, new.compression)?;
+            stored_bytes += stored.written;
+            delta.stored.insert(digest.clone(), stored.key);
         }
         let (delta_key, delta_digest, delta_size) = self.write_delta(id, &delta)?;
         let checkpoint = Checkpoint {
@@ -547,6 +540,80 @@ impl Catalogue {
         Ok(checkpoint)
     }
 
+    /// The scratch directory of this storage's writers, created if need be.
+    pub(super) fn scratch_dir(&self) -> Result<&Path, CatalogueError> {
+        std::fs::create_dir_all(&self.work).map_err(|source| CatalogueError::Io {
+            op: "create directory",
+            path: self.work.display().to_string(),
+            source,
+        })?;
+        Ok(&self.work)
+    }
+
+    /// The key `digest`'s content is stored under already, in any
+    /// compression (`preferred` first), if it is.
+    pub(super) fn find_blob(&self, digest: &str, preferred: Compression) -> Result<Option<String>, CatalogueError> {
+        let others = [Compression::Zstd, Compression::Gzip, Compression::None];
+        for compression in std::iter::once(preferred).chain(others.into_iter().filter(|c| *c != preferred)) {
+            let key = blob_key(digest, compression);
+            if self.objects.size(&key)?.is_some() {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores the file at `path`, whose content hashes to `digest`, as a
+    /// blob compressed with `compression`, unless that content is stored
+    /// already (in any compression): identical content is stored once.
+    pub(super) fn store_blob(
+        &self,
+        path: &Path,
+        digest: &str,
+        compression: Compression,
+    ) -> Result<StoredBlob, CatalogueError> {
+        if let Some(key) = self.find_blob(digest, compression)? {
+            return Ok(StoredBlob {
+                key,
+                written: 0,
+                new: false,
+            });
+        }
+        let key = blob_key(digest, compression);
+        let written = self.upload(path, &key, compression)?;
+        Ok(StoredBlob {
+            key,
+            written,
+            new: true,
+        })
+    }
+
+    /// Deletes object `key` (a blob or change nothing references).
+    pub(super) fn delete_object(&self, key: &str) -> Result<(), CatalogueError> {
+        Ok(self.objects.delete(key)?)
+    }
+
+    /// A reader of the content blob `key` holds, decompressed as the
+    /// extension of its name says.
+    pub(super) fn open_content(&self, key: &str) -> Result<Box<dyn Read>, CatalogueError> {
+        let compression = key
+            .rsplit('/')
+            .next()
+            .and_then(|name| name.split_once('.'))
+            .and_then(|(_, ext)| Compression::from_extension(ext))
+            .ok_or_else(|| CatalogueError::Invalid(format!("{key} is not the key of a blob")))?;
+        let reader = self.objects.open(key)?;
+        Ok(match compression {
+            Compression::None => reader,
+            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
+            Compression::Zstd => Box::new(zstd::Decoder::new(reader).map_err(|source| CatalogueError::Io {
+                op: "decompress",
+                path: key.to_string(),
+                source,
+            })?),
+        })
+    }
+
     /// Compresses `path` into blob `key`; returns the stored size.
     fn upload(&self, path: &Path, key: &str, compression: Compression) -> Result<u64, CatalogueError> {
         let io = |op: &'static str, p: &Path| {
@@ -557,7 +624,8 @@ impl Catalogue {
             self.objects.put_file(key, path)?;
             return Ok(std::fs::metadata(path).map_err(io("stat", path))?.len());
         }
-        let staged = StagedFile::create(&self.work).map_err(io("create a file in", &self.work))?;
+        let work = self.scratch_dir()?;
+        let staged = StagedFile::create(work).map_err(io("create a file in", work))?;
         {
             let mut input = std::fs::File::open(path).map_err(io("open", path))?;
             let output = staged.file.try_clone().map_err(io("open", &staged.path))?;
@@ -587,14 +655,8 @@ impl Catalogue {
     /// digest in its name.
     fn check_blob(&self, key: &str) -> Result<(), String> {
         let name = key.rsplit('/').next().unwrap_or_default();
-        let (digest, ext) = name.split_once('.').ok_or("not a blob name")?;
-        let compression = Compression::from_extension(ext).ok_or("unknown compression")?;
-        let reader = self.objects.open(key).map_err(|e| e.to_string())?;
-        let mut reader: Box<dyn Read> = match compression {
-            Compression::None => reader,
-            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
-            Compression::Zstd => Box::new(zstd::Decoder::new(reader).map_err(|e| e.to_string())?),
-        };
+        let (digest, _) = name.split_once('.').ok_or("not a blob name")?;
+        let mut reader = self.open_content(key).map_err(|e| e.to_string())?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -616,13 +678,7 @@ impl Catalogue {
         delta
             .digests()
             .iter()
-            .map(|d| {
-                delta
-                    .stored
-                    .get(d)
-                    .cloned()
-                    .unwrap_or_else(|| blob_key(d, checkpoint.compression))
-            })
+            .map(|d| content_key(checkpoint, delta, d))
             .collect()
     }
 
@@ -975,17 +1031,22 @@ impl Catalogue {
 }
 
 /// A private scratch file, deleted when dropped.
-struct StagedFile {
-    path: std::path::PathBuf,
-    file: std::fs::File,
+pub(super) struct StagedFile {
+    pub path: std::path::PathBuf,
+    pub file: std::fs::File,
 }
 
 impl StagedFile {
     fn create(dir: &Path) -> std::io::Result<StagedFile> {
+        StagedFile::create_named(dir, "blob")
+    }
+
+    /// A new scratch file in `dir`, named `<prefix>-<pid>-<n>`.
+    pub(super) fn create_named(dir: &Path, prefix: &str) -> std::io::Result<StagedFile> {
         use std::os::unix::fs::OpenOptionsExt;
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("blob-{}-{n}", std::process::id()));
+        let path = dir.join(format!("{prefix}-{}-{n}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -6,10 +6,12 @@
 //! gRPC. Process state (CRIU) is not part of it yet: every checkpoint is of
 //! the filesystem only.
 
+pub mod archive;
 pub mod catalogue;
 pub mod filter;
 pub mod objects;
 pub mod s3;
+pub mod schedule;
 pub mod sealed;
 pub mod tree;
 
@@ -34,6 +36,8 @@ pub enum CheckpointError {
     #[error(transparent)]
     Catalogue(#[from] CatalogueError),
     #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
+    #[error(transparent)]
     Capture(#[from] CommitError),
     #[error(transparent)]
     Filter(#[from] filter::FilterError),
@@ -47,20 +51,35 @@ pub enum CheckpointError {
 
 impl Classify for CheckpointError {
     fn kind(&self) -> ErrorKind {
+        use archive::ArchiveError;
         match self {
-            CheckpointError::Catalogue(CatalogueError::NotFound { .. }) => ErrorKind::NotFound,
-            CheckpointError::Catalogue(CatalogueError::Invalid(_))
-            | CheckpointError::Filter(_)
-            | CheckpointError::Invalid(_) => ErrorKind::InvalidArgument,
-            CheckpointError::Catalogue(CatalogueError::Object(e)) => match e {
-                objects::ObjectError::InvalidKey { .. } => ErrorKind::InvalidArgument,
-                objects::ObjectError::NotFound { .. } => ErrorKind::FailedPrecondition,
-                objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
+            CheckpointError::Catalogue(e) | CheckpointError::Archive(ArchiveError::Catalogue(e)) => catalogue_kind(e),
+            CheckpointError::Archive(e) => match e {
+                ArchiveError::Path { .. } => ErrorKind::InvalidArgument,
+                ArchiveError::Exists { .. } | ArchiveError::Taken { .. } => ErrorKind::AlreadyExists,
+                ArchiveError::Damaged { .. } | ArchiveError::Foreign { .. } | ArchiveError::Unexportable { .. } => {
+                    ErrorKind::FailedPrecondition
+                }
+                ArchiveError::Catalogue(_) | ArchiveError::Io { .. } => ErrorKind::Internal,
             },
+            CheckpointError::Filter(_) | CheckpointError::Invalid(_) => ErrorKind::InvalidArgument,
             CheckpointError::Capture(e) => e.kind(),
             CheckpointError::Storage { .. } => ErrorKind::FailedPrecondition,
-            _ => ErrorKind::Internal,
+            CheckpointError::Task(_) => ErrorKind::Internal,
         }
+    }
+}
+
+fn catalogue_kind(e: &CatalogueError) -> ErrorKind {
+    match e {
+        CatalogueError::NotFound { .. } => ErrorKind::NotFound,
+        CatalogueError::Invalid(_) => ErrorKind::InvalidArgument,
+        CatalogueError::Object(e) => match e {
+            objects::ObjectError::InvalidKey { .. } => ErrorKind::InvalidArgument,
+            objects::ObjectError::NotFound { .. } => ErrorKind::FailedPrecondition,
+            objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
+        },
+        _ => ErrorKind::Internal,
     }
 }
 
@@ -100,6 +119,18 @@ pub struct CreateRequest {
     /// always flushes the container's writes before it freezes.
     pub pre_freeze: bool,
     pub memory_limit: u64,
+}
+
+/// A request to write a checkpoint's chain as an OCI archive.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub storage: StorageSpec,
+    pub namespace: String,
+    pub id: String,
+    /// Absolute path on the daemon's host; see [`archive::validate_target`].
+    pub path: PathBuf,
+    /// Replace a regular file already at `path`.
+    pub overwrite: bool,
 }
 
 /// What `inspect` reports.
@@ -351,6 +382,49 @@ impl CheckpointService {
 }
 
 impl CheckpointService {
+    /// Writes the chain of checkpoint `id` as an OCI archive. Reads only:
+    /// it does not hold up creates, and a prune or merge that removes part
+    /// of the chain meanwhile makes it fail, never write a wrong archive
+    /// (every blob is checked against its digest on the way).
+    #[instrument(skip_all, fields(id = %request.id, path = %request.path.display()))]
+    pub async fn export(&self, request: ExportRequest) -> Result<archive::Exported, CheckpointError> {
+        let catalogue = self.catalogue(&request.storage)?;
+        let exported = tokio::task::spawn_blocking(move || {
+            let checkpoint = visible(&catalogue, &request.namespace, &request.id)?;
+            archive::export(&catalogue, &checkpoint, &request.path, request.overwrite).map_err(CheckpointError::from)
+        })
+        .await
+        .map_err(|e| CheckpointError::Task(e.to_string()))??;
+        info!(
+            layers = ?exported.layers,
+            bytes = exported.bytes,
+            reference = %exported.reference,
+            "checkpoint exported"
+        );
+        Ok(exported)
+    }
+
+    /// Recreates the chain an archive holds as checkpoints of `storage`, in
+    /// `namespace`, oldest first; a writer like create, so a prune never
+    /// collects the blobs of an import under way.
+    #[instrument(skip_all, fields(namespace = %namespace, path = %path.display()))]
+    pub async fn import(
+        &self,
+        storage: &StorageSpec,
+        namespace: &str,
+        path: &Path,
+    ) -> Result<Vec<Checkpoint>, CheckpointError> {
+        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        let catalogue = self.catalogue(storage)?;
+        let _writing = self.writing.lock().await;
+        let (namespace, path) = (namespace.to_string(), path.to_path_buf());
+        let imported = tokio::task::spawn_blocking(move || archive::import(&catalogue, &path, &namespace))
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))??;
+        info!(ids = ?imported.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), "checkpoints imported");
+        Ok(imported)
+    }
+
     pub async fn merge(
         &self,
         storage: &StorageSpec,

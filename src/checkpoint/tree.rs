@@ -121,7 +121,7 @@ pub struct Delta {
     pub stored: BTreeMap<String, String>,
 }
 
-fn is_under(path: &str, dir: &str) -> bool {
+pub fn is_under(path: &str, dir: &str) -> bool {
     path == dir || dir.is_empty() || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
 }
 

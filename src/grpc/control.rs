@@ -9,13 +9,14 @@ use tracing::instrument;
 
 use super::status::{commit_status, to_status};
 use crate::checkpoint::{
-    self, CatalogueError, CheckpointError, CheckpointService, CreateRequest, MergePolicy, MergeStrategy, PrunePolicy,
-    StorageSpec,
+    self, CatalogueError, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy,
+    PrunePolicy, StorageSpec,
 };
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
 use crate::proto::{
-    Checkpoint, CommitJob, CreateCheckpointRequest, Diff, GetCommitRequest, InspectCheckpointRequest,
+    Checkpoint, CommitJob, CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse,
+    GetCommitRequest, ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest,
     InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, MergeCheckpointsRequest,
     MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse, SeamlessCommitRequest,
     SeamlessCommitResponse, Storage, Verification, VersionRequest, VersionResponse,
@@ -295,6 +296,52 @@ impl Control for ControlService {
             rebased: plan.rebased,
             freed_bytes: plan.freed_bytes,
             dry_run: r.dry_run,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(id = %request.get_ref().id))]
+    async fn export_checkpoint(
+        &self,
+        request: Request<ExportCheckpointRequest>,
+    ) -> Result<Response<ExportCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let exported = self
+            .checkpoints
+            .export(ExportRequest {
+                storage: storage_from_wire(r.storage),
+                namespace: r.namespace,
+                id: r.id,
+                path: PathBuf::from(r.path),
+                overwrite: r.overwrite,
+            })
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ExportCheckpointResponse {
+            path: exported.path.display().to_string(),
+            bytes: exported.bytes,
+            layers: exported.layers,
+            reference: exported.reference,
+            manifest_digest: exported.manifest_digest,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(path = %request.get_ref().path))]
+    async fn import_checkpoint(
+        &self,
+        request: Request<ImportCheckpointRequest>,
+    ) -> Result<Response<ImportCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let imported = self
+            .checkpoints
+            .import(
+                &storage_from_wire(r.storage),
+                &r.namespace,
+                std::path::Path::new(&r.path),
+            )
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ImportCheckpointResponse {
+            checkpoints: imported.into_iter().map(checkpoint_to_wire).collect(),
         }))
     }
 }

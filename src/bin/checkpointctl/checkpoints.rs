@@ -3,6 +3,7 @@
 //! as scripts pass them (`jq '.[-1].id'` prints them in JSON quotes).
 
 use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -102,6 +103,28 @@ pub fn checkpoint_id(raw: &str) -> Result<String, CliError> {
     Ok(id.to_string())
 }
 
+/// A file to create, as the daemon needs it: absolute, through the real
+/// path of its directory (which must exist), so `..` and symlinks are
+/// resolved here, where the path was typed.
+pub fn new_file_path(raw: &Path) -> Result<PathBuf, CliError> {
+    let usage = |reason: String| CliError::Usage(format!("{}: {reason}", raw.display()));
+    let name = match raw.components().next_back() {
+        Some(Component::Normal(name)) if !raw.as_os_str().as_encoded_bytes().ends_with(b"/") => name,
+        _ => return Err(usage("does not name a file".into())),
+    };
+    let dir = match raw.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir).map_err(|e| usage(format!("its directory {}: {e}", dir.display())))?;
+    Ok(dir.join(name))
+}
+
+/// An existing file, as the daemon needs it: its absolute real path.
+pub fn existing_file_path(raw: &Path) -> Result<PathBuf, CliError> {
+    std::fs::canonicalize(raw).map_err(|e| CliError::Usage(format!("{}: {e}", raw.display())))
+}
+
 pub fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing plain data to JSON cannot fail.
     serde_json::to_string_pretty(value).unwrap_or_default()
@@ -120,6 +143,25 @@ mod tests {
         assert_eq!(checkpoint_id("\"cp-20261201-101112\"\n").unwrap(), "cp-20261201-101112");
         assert_eq!(checkpoint_id(" cp-20261201-101112 ").unwrap(), "cp-20261201-101112");
         assert!(checkpoint_id("\"\"").is_err());
+    }
+
+    #[test]
+    fn file_paths_become_absolute_and_real() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(real.join("sub")).unwrap();
+        let through_dots = real.join("sub/../out.tar");
+        assert_eq!(new_file_path(&through_dots).unwrap(), real.join("out.tar"));
+        assert!(new_file_path(&real.join("missing/out.tar")).is_err());
+        assert!(new_file_path(&real.join("sub/")).is_err());
+        assert!(new_file_path(&real.join("sub/..")).is_err());
+        assert!(new_file_path(Path::new("relative.tar")).unwrap().is_absolute());
+        std::fs::write(real.join("a.tar"), b"").unwrap();
+        assert_eq!(
+            existing_file_path(&real.join("sub/../a.tar")).unwrap(),
+            real.join("a.tar")
+        );
+        assert!(existing_file_path(&real.join("b.tar")).is_err());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `checkpointctl info`: one checkpoint; with `--metadata` everything
 //! stored about it (JSON), `--diff` its difference from another, `--verify`
-//! every blob it needs re-hashed (exit 1 naming each one that fails).
+//! every blob it needs re-hashed (exit 1 naming each one that fails),
+//! `--export` its chain written as an OCI image archive.
 
-use seamless_snapshotter::proto::InspectCheckpointRequest;
+use std::path::PathBuf;
 
-use crate::checkpoints::{checkpoint_id, created, human_size, labels_text, to_json, View};
+use seamless_snapshotter::proto::{ExportCheckpointRequest, InspectCheckpointRequest};
+
+use crate::checkpoints::{checkpoint_id, created, human_size, labels_text, new_file_path, to_json, View};
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -20,10 +23,22 @@ pub struct Args {
     /// Re-hash every blob against its digest.
     #[arg(long)]
     verify: bool,
+    /// Write the checkpoint and its chain as an OCI image archive (a tar
+    /// file, 0600, one layer per checkpoint) that `ctr images import`,
+    /// `skopeo` and `checkpointctl import` read. The daemon writes it:
+    /// PATH is on the daemon's host and its directory must exist.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["metadata", "diff", "verify"])]
+    export: Option<PathBuf>,
+    /// With --export: replace a regular file already at PATH (atomically).
+    #[arg(long, requires = "export")]
+    force: bool,
 }
 
 pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
     let id = checkpoint_id(&args.id)?;
+    if let Some(path) = &args.export {
+        return export(context, &id, path, args.force).await;
+    }
     let other = args.diff.as_deref().map(checkpoint_id).transpose()?;
     let mut client = daemon::connect(&context.address).await?;
     let found = client
@@ -112,4 +127,64 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         println!("checkpoint {id}: {} objects verified", verification.checked);
     }
     Ok(())
+}
+
+async fn export(context: &Context, id: &str, path: &std::path::Path, force: bool) -> Result<(), CliError> {
+    let path = new_file_path(path)?;
+    let mut client = daemon::connect(&context.address).await?;
+    let exported = client
+        .export_checkpoint(ExportCheckpointRequest {
+            storage: Some(context.storage.clone()),
+            namespace: context.namespace.clone(),
+            id: id.to_string(),
+            path: path.display().to_string(),
+            overwrite: force,
+        })
+        .await
+        .map_err(|status| CliError::rpc(format!("export of checkpoint {id} to {}", path.display()), status))?
+        .into_inner();
+    let rows = [
+        ("Archive", format!("{} ({})", exported.path, human_size(exported.bytes))),
+        ("Layers", exported.layers.join(" -> ")),
+        ("Image", exported.reference),
+        ("Manifest", exported.manifest_digest),
+    ];
+    for (key, value) in rows {
+        println!("{:<13}{value}", format!("{key}:"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Info {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn export_stands_alone_and_force_needs_it() {
+        let parsed = Info::try_parse_from(["info", "cp-20261201-101112", "--export", "x.tar", "--force"]).unwrap();
+        assert_eq!(parsed.args.export.as_deref(), Some(std::path::Path::new("x.tar")));
+        assert!(parsed.args.force);
+        for bad in [
+            &["info", "cp-20261201-101112", "--force"][..],
+            &["info", "cp-20261201-101112", "--export", "x.tar", "--verify"],
+            &[
+                "info",
+                "cp-20261201-101112",
+                "--export",
+                "x.tar",
+                "--diff",
+                "cp-20261201-101000",
+            ],
+        ] {
+            let err = Info::try_parse_from(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
 }

@@ -8,6 +8,7 @@
 mod checkpoints;
 mod create;
 mod daemon;
+mod import;
 mod info;
 mod list;
 mod merge;
@@ -66,8 +67,10 @@ enum Command {
     Create(create::Args),
     /// List checkpoints, oldest first.
     List(list::Args),
-    /// Show a checkpoint; compare it with another, or verify its data.
+    /// Show a checkpoint; compare it with another, verify its data, or export it as an OCI archive.
     Info(info::Args),
+    /// Recreate the checkpoints of an archive that `info --export` wrote.
+    Import(import::Args),
     /// Delete a container's checkpoints that no rule keeps.
     Prune(prune::Args),
     /// Squash a container's checkpoint chains, keeping what rules retain restorable.
@@ -162,6 +165,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Create(args) => create::run(&context, args).await,
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
+            Command::Import(args) => import::run(&context, args).await,
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Version => version::run(&cli.address).await,

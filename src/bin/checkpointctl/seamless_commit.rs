@@ -580,6 +580,20 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::MergeCheckpointsResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        async fn export_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ExportCheckpointRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ExportCheckpointResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn import_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ImportCheckpointRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ImportCheckpointResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
