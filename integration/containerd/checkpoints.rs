@@ -17,17 +17,17 @@ use sha2::{Digest, Sha256};
 
 use super::env::{with_env, Env, Options};
 
-struct Cli<'a> {
-    env: &'a Env,
+struct Cli {
+    socket: std::path::PathBuf,
     ns: String,
     config: std::path::PathBuf,
 }
 
-impl Cli<'_> {
+impl Cli {
     fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
         let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
             .arg("--address")
-            .arg(self.env.daemon_socket())
+            .arg(&self.socket)
             .arg("--namespace")
             .arg(&self.ns)
             .arg("-c")
@@ -81,7 +81,7 @@ fn checkpoint_catalogue_through_checkpointctl() {
         let config = env.dir().join("checkpointctl.yaml");
         std::fs::write(&config, "storage:\n  backend: local\nlogging: {level: info}\n")?;
         let cli = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config: config.clone(),
         };
@@ -354,7 +354,7 @@ fn checkpoint_catalogue_through_checkpointctl() {
 
         // Another namespace sees none of them.
         let other = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: env_namespace_for_test(&ns),
             config: config.clone(),
         };
@@ -369,7 +369,7 @@ fn checkpoint_catalogue_through_checkpointctl() {
             format!("storage:\n  nfs: {{path: {}}}\n", export.display()),
         )?;
         let nfs = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config: nfs_config,
         };
@@ -424,7 +424,7 @@ fn checkpoint_archives_export_and_import() {
         let config = env.dir().join("checkpointctl.yaml");
         std::fs::write(&config, "storage:\n  backend: local\n")?;
         let cli = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config,
         };
@@ -527,7 +527,7 @@ fn checkpoint_archives_export_and_import() {
             format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export_dir.display()),
         )?;
         let nfs = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config: nfs_config,
         };
@@ -587,7 +587,7 @@ fn checkpoint_archives_export_and_import() {
             format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", fresh_dir.display()),
         )?;
         let fresh = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config: fresh_config,
         };
@@ -711,7 +711,7 @@ fn checkpoints_on_s3_sealed_at_rest() {
             ),
         )?;
         let cli = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config,
         };
@@ -750,7 +750,7 @@ fn checkpoints_on_s3_sealed_at_rest() {
         let text = std::fs::read_to_string(&cli.config)?.replace(&key, &"11".repeat(32));
         std::fs::write(&wrong, text)?;
         let wrong_cli = Cli {
-            env,
+            socket: env.daemon_socket(),
             ns: ns.clone(),
             config: wrong,
         };
@@ -768,4 +768,86 @@ fn checkpoints_on_s3_sealed_at_rest() {
         drop(s3);
         Ok(())
     });
+}
+
+/// `create --interval`: a checkpoint now, then one every interval, each on
+/// the previous one; listed and removable with `schedule`, and kept by the
+/// daemon across a kill -9.
+#[test]
+fn recurring_checkpoints_survive_a_restart() {
+    with_env("checkpoints-schedule", Options::default(), |env| {
+        let ns = env.namespace("sched");
+        env.pull(&ns)?;
+        let web = env.container_id("sched");
+        env.run_container(&ns, &web)?;
+        let config = env.dir().join("checkpointctl.yaml");
+        std::fs::write(&config, "")?;
+        let cli = Cli {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config,
+        };
+        let (code, _, _) = cli.run(&["create", &web, "--interval", "0s"])?;
+        ensure!(code == 2, "an interval under the minimum is refused");
+        let out = cli.ok(&["create", &web, "--interval", "2s", "-l", "auto"])?;
+        let mut lines = out.lines();
+        let first = lines.next().unwrap_or_default().to_string();
+        ensure!(is_checkpoint_id(&first), "{out}");
+        let schedule_id = lines
+            .next()
+            .and_then(|l| l.strip_prefix("schedule "))
+            .and_then(|l| l.split(':').next())
+            .context("no schedule line")?
+            .to_string();
+
+        let listed = wait_for(env, &cli, &web, 3)?;
+        ensure!(listed[0]["id"] == first.as_str(), "{listed:?}");
+        for pair in listed.windows(2) {
+            ensure!(
+                pair[1]["parent"] == pair[0]["id"],
+                "each on the previous one: {listed:?}"
+            );
+        }
+        let schedules = cli.json(&["schedule", "ls", "-o", "json"])?;
+        ensure!(
+            schedules.len() == 1 && schedules[0]["id"] == schedule_id.as_str(),
+            "{schedules:?}"
+        );
+        ensure!(schedules[0]["runs"].as_u64() >= Some(3), "{schedules:?}");
+
+        // kill -9: the schedule is the daemon's, on disk.
+        env.signal_daemon(nix::sys::signal::Signal::SIGKILL)?;
+        env.start_daemon()?;
+        let before = cli.json(&["list", "-f", "label=auto", "-o", "json"])?.len();
+        wait_for(env, &cli, &web, before + 2)?;
+
+        cli.ok(&["schedule", "rm", &schedule_id])?;
+        ensure!(cli.json(&["schedule", "ls", "-o", "json"])?.is_empty());
+        let stopped = cli.json(&["list", "-f", "label=auto", "-o", "json"])?.len();
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let later = cli.json(&["list", "-f", "label=auto", "-o", "json"])?.len();
+        ensure!(later <= stopped + 1, "a removed schedule stops: {stopped} then {later}");
+        let (code, _, _) = cli.run(&["schedule", "rm", "sched-0-0"])?;
+        ensure!(code == 3, "an unknown schedule");
+        Ok(())
+    });
+}
+
+/// Waits until `count` checkpoints labelled auto exist, writing to the
+/// container meanwhile so each has a change.
+fn wait_for(env: &Env, cli: &Cli, container: &str, count: usize) -> Result<Vec<serde_json::Value>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        env.exec(&cli.ns, container, "date >> /tick && sync")?;
+        let listed = cli.json(&["list", "-f", "label=auto", "-o", "json"])?;
+        if listed.len() >= count {
+            return Ok(listed);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{count} scheduled checkpoints expected, {} after 30 s",
+            listed.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }

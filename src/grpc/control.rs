@@ -17,9 +17,11 @@ use crate::proto::control_server::Control;
 use crate::proto::{
     Checkpoint, CommitJob, CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse,
     GetCommitRequest, ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest,
-    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, MergeCheckpointsRequest,
-    MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse, SeamlessCommitRequest,
-    SeamlessCommitResponse, Storage, Verification, VersionRequest, VersionResponse,
+    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest,
+    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, PruneCheckpointsRequest,
+    PruneCheckpointsResponse, RemoveScheduleRequest, RemoveScheduleResponse, Schedule, ScheduleCheckpointsRequest,
+    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest,
+    VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -35,7 +37,11 @@ impl ControlService {
     pub fn new(snapshotter: Arc<Snapshotter>, commits: Arc<CommitService>, root: PathBuf) -> Self {
         ControlService {
             snapshotter,
-            checkpoints: Arc::new(CheckpointService::new(commits.clone(), &root)),
+            checkpoints: {
+                let checkpoints = Arc::new(CheckpointService::new(commits.clone(), &root));
+                checkpoints.start_scheduler();
+                checkpoints
+            },
             commits,
             root,
         }
@@ -63,6 +69,41 @@ fn storage_from_wire(storage: Option<Storage>) -> StorageSpec {
             prefix: String::new(),
         },
         encryption_key: storage.encryption_key,
+    }
+}
+
+fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
+    CreateRequest {
+        storage: storage_from_wire(r.storage),
+        namespace: r.namespace,
+        container: r.container,
+        labels: r.labels,
+        parent: Some(r.parent).filter(|p| !p.is_empty()),
+        compression: r.compression,
+        pre_freeze: r.pre_freeze,
+        memory_limit: r.memory_limit,
+    }
+}
+
+fn schedule_to_wire(s: checkpoint::schedule::Schedule) -> Schedule {
+    Schedule {
+        id: s.id,
+        namespace: s.namespace,
+        container: s.container,
+        interval_secs: s.interval_secs,
+        labels: s.labels,
+        compression: s.compression,
+        backend: if s.storage.backend.is_empty() {
+            "local".into()
+        } else {
+            s.storage.backend
+        },
+        created_unix: s.created_unix,
+        last_run_unix: s.last_run_unix,
+        last_checkpoint: s.last_checkpoint.unwrap_or_default(),
+        last_error: s.last_error.unwrap_or_default(),
+        runs: s.runs,
+        failures: s.failures,
     }
 }
 
@@ -170,22 +211,54 @@ impl Control for ControlService {
         &self,
         request: Request<CreateCheckpointRequest>,
     ) -> Result<Response<Checkpoint>, Status> {
-        let r = request.into_inner();
         let created = self
             .checkpoints
-            .create(CreateRequest {
-                storage: storage_from_wire(r.storage),
-                namespace: r.namespace,
-                container: r.container,
-                labels: r.labels,
-                parent: Some(r.parent).filter(|p| !p.is_empty()),
-                compression: r.compression,
-                pre_freeze: r.pre_freeze,
-                memory_limit: r.memory_limit,
-            })
+            .create(create_request_from_wire(request.into_inner()))
             .await
             .map_err(checkpoint_status)?;
         Ok(Response::new(checkpoint_to_wire(created)))
+    }
+
+    async fn schedule_checkpoints(
+        &self,
+        request: Request<ScheduleCheckpointsRequest>,
+    ) -> Result<Response<ScheduleCheckpointsResponse>, Status> {
+        let r = request.into_inner();
+        let checkpoint = r.checkpoint.unwrap_or_default();
+        let (schedule, first) = self
+            .checkpoints
+            .schedule(
+                create_request_from_wire(checkpoint),
+                std::time::Duration::from_secs(r.interval_secs),
+            )
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ScheduleCheckpointsResponse {
+            schedule: Some(schedule_to_wire(schedule)),
+            first: Some(checkpoint_to_wire(first)),
+        }))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<ListSchedulesRequest>,
+    ) -> Result<Response<ListSchedulesResponse>, Status> {
+        let namespace = request.into_inner().namespace;
+        let schedules = self.checkpoints.list_schedules(&namespace).map_err(checkpoint_status)?;
+        Ok(Response::new(ListSchedulesResponse {
+            schedules: schedules.into_iter().map(schedule_to_wire).collect(),
+        }))
+    }
+
+    async fn remove_schedule(
+        &self,
+        request: Request<RemoveScheduleRequest>,
+    ) -> Result<Response<RemoveScheduleResponse>, Status> {
+        let r = request.into_inner();
+        self.checkpoints
+            .remove_schedule(&r.namespace, &r.id)
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(RemoveScheduleResponse {}))
     }
 
     async fn list_checkpoints(

@@ -1,7 +1,7 @@
 //! `checkpointctl create`: checkpoint a running container's filesystem.
 
 use seamless_snapshotter::checkpoint::filter::{parse_duration, parse_size};
-use seamless_snapshotter::proto::CreateCheckpointRequest;
+use seamless_snapshotter::proto::{CreateCheckpointRequest, ScheduleCheckpointsRequest};
 
 use crate::checkpoints::checkpoint_id;
 use crate::{daemon, CliError, Context};
@@ -10,7 +10,8 @@ use crate::{daemon, CliError, Context};
 pub struct Args {
     /// Container id or unique id prefix.
     container: String,
-    /// Repeat the checkpoint at this interval (e.g. 30m, 1h).
+    /// Repeat the checkpoint at this interval (e.g. 30m, 1h): the daemon
+    /// keeps the schedule across restarts (see `checkpointctl schedule`).
     #[arg(short = 'i', long)]
     interval: Option<String>,
     /// Label the checkpoint: k=v or a bare k (repeatable).
@@ -37,29 +38,54 @@ pub struct Args {
 pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
     let memory_limit =
         parse_size(&args.memory_limit).map_err(|reason| CliError::Usage(format!("--memory-limit: {reason}")))?;
-    if let Some(interval) = &args.interval {
-        parse_duration(interval).map_err(|reason| CliError::Usage(format!("--interval: {reason}")))?;
+    let interval = args
+        .interval
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|reason| CliError::Usage(format!("--interval: {reason}")))?;
+    let parent = args.parent.as_deref().map(checkpoint_id).transpose()?;
+    if interval.is_some() && parent.is_some() {
         return Err(CliError::Usage(
-            "--interval: recurring checkpoints are not supported by this version yet".into(),
+            "--interval and --parent exclude each other: a schedule builds each checkpoint on its previous one".into(),
         ));
     }
-    let parent = args.parent.as_deref().map(checkpoint_id).transpose()?;
+    let request = CreateCheckpointRequest {
+        storage: Some(context.storage.clone()),
+        namespace: context.namespace.clone(),
+        container: args.container.clone(),
+        labels: args.labels,
+        parent: parent.unwrap_or_default(),
+        compression: args.compression,
+        pre_freeze: args.pre_freeze,
+        memory_limit,
+        fs_only: args.fs_only,
+    };
     let mut client = daemon::connect(&context.address).await?;
-    let created = client
-        .create_checkpoint(CreateCheckpointRequest {
-            storage: Some(context.storage.clone()),
-            namespace: context.namespace.clone(),
-            container: args.container.clone(),
-            labels: args.labels,
-            parent: parent.unwrap_or_default(),
-            compression: args.compression,
-            pre_freeze: args.pre_freeze,
-            memory_limit,
-            fs_only: args.fs_only,
-        })
-        .await
-        .map_err(|status| CliError::rpc(format!("checkpoint of container {}", args.container), status))?
-        .into_inner();
-    println!("{}", created.id);
+    let action = format!("checkpoint of container {}", args.container);
+    match interval {
+        None => {
+            let created = client
+                .create_checkpoint(request)
+                .await
+                .map_err(|status| CliError::rpc(action, status))?
+                .into_inner();
+            println!("{}", created.id);
+        }
+        Some(interval) => {
+            let scheduled = client
+                .schedule_checkpoints(ScheduleCheckpointsRequest {
+                    checkpoint: Some(request),
+                    interval_secs: interval.as_secs(),
+                })
+                .await
+                .map_err(|status| CliError::rpc(action, status))?
+                .into_inner();
+            let first = scheduled.first.unwrap_or_default();
+            let schedule = scheduled.schedule.unwrap_or_default();
+            println!("{}", first.id);
+            println!("schedule {}: every {}s", schedule.id, schedule.interval_secs);
+        }
+    }
     Ok(())
 }

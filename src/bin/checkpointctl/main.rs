@@ -13,6 +13,7 @@ mod info;
 mod list;
 mod merge;
 mod prune;
+mod schedule;
 mod seamless_commit;
 mod settings;
 mod version;
@@ -75,6 +76,8 @@ enum Command {
     Prune(prune::Args),
     /// Squash a container's checkpoint chains, keeping what rules retain restorable.
     Merge(merge::Args),
+    /// List or stop the recurring checkpoints `create --interval` registers.
+    Schedule(schedule::Args),
     /// Print the daemon's version, storage and root.
     Version,
 }
@@ -168,6 +171,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Import(args) => import::run(&context, args).await,
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
+            Command::Schedule(args) => schedule::run(&context, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

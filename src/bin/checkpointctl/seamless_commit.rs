@@ -594,6 +594,27 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::ImportCheckpointResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        async fn schedule_checkpoints(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ScheduleCheckpointsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ScheduleCheckpointsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn list_schedules(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ListSchedulesRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ListSchedulesResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn remove_schedule(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::RemoveScheduleRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::RemoveScheduleResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
