@@ -90,7 +90,7 @@ fn checkpoint_catalogue_through_checkpointctl() {
         env.exec(
             &ns,
             &web,
-            "mkdir -p /data && head -c 1000000 /dev/urandom > /data/big && echo one > /data/small && \
+            "mkdir -p /data && head -c 2000000 /dev/urandom > /data/big && echo one > /data/small && \
              echo gone-later > /data/gone && sync",
         )?;
         let id1 = cli
@@ -329,6 +329,20 @@ fn checkpoint_catalogue_through_checkpointctl() {
             "the merged checkpoint holds the same tree"
         );
         ensure!(cli.ok(&["info", "--verify", &id6])?.contains("objects verified"));
+        // Aggressive: large files become shared chunks; every tree stays.
+        let chunked = cli.ok(&["merge", &web, "-s", "tagged", "--aggressive"])?;
+        ensure!(chunked.contains("0 checkpoints merged"), "{chunked}");
+        ensure!(
+            env.daemon_root().join("checkpoints/chunks/sha256").read_dir()?.count() > 1,
+            "the 2 MB file is stored as chunks"
+        );
+        for id in [&id4, &id6] {
+            ensure!(cli.ok(&["info", "--verify", id])?.contains("objects verified"), "{id}");
+        }
+        ensure!(
+            cli.ok(&["info", &format!("--diff={id4}"), &id6])? == tree_before,
+            "chunking changes no tree"
+        );
 
         // Exit codes: unknown container 3, unknown checkpoint 3, bad arguments 2.
         let (code, _, err) = cli.run(&["create", "no-such-container"])?;

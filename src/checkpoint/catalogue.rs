@@ -249,6 +249,62 @@ pub struct MergePolicy {
     pub keep_hourly: Option<u32>,
     /// Checkpoints with any of these labels always stay.
     pub retain_labels: Vec<String>,
+    /// Also split the large files of what stays into content-defined
+    /// chunks, stored once across checkpoints and files.
+    pub aggressive: bool,
+}
+
+/// Files from this size are split into chunks by an aggressive merge.
+const CHUNKED_MIN_BYTES: u64 = 1 << 20;
+/// Content-defined chunk sizes: min, average, max.
+const CHUNK_SIZES: (usize, usize, usize) = (64 << 10, 256 << 10, 1 << 20);
+
+/// A file stored as chunks: `blobs/sha256/<digest>.chunks` lists them, each
+/// `chunks/sha256/<hex>.zst`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChunkList {
+    chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChunkRef {
+    digest: String,
+    size: u64,
+}
+
+fn chunk_key(hex: &str) -> String {
+    format!("chunks/sha256/{hex}.zst")
+}
+
+fn is_chunked(key: &str) -> bool {
+    key.ends_with(".chunks")
+}
+
+/// The content of a chunked file: its chunks, decompressed, one after the
+/// other.
+struct ChunkedReader {
+    objects: Arc<dyn ObjectStore>,
+    pending: std::collections::VecDeque<String>,
+    current: Option<Box<dyn Read>>,
+}
+
+impl Read for ChunkedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(reader) = &mut self.current {
+                let n = reader.read(buf)?;
+                if n > 0 || buf.is_empty() {
+                    return Ok(n);
+                }
+                self.current = None;
+            }
+            let Some(key) = self.pending.pop_front() else {
+                return Ok(0);
+            };
+            let raw = self.objects.open(&key).map_err(std::io::Error::other)?;
+            self.current = Some(Box::new(zstd::Decoder::new(raw)?));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -560,7 +616,8 @@ impl Catalogue {
                 return Ok(Some(key));
             }
         }
-        Ok(None)
+        let chunked = format!("blobs/sha256/{digest}.chunks");
+        Ok(self.objects.size(&chunked)?.map(|_| chunked))
     }
 
     /// Stores the file at `path`, whose content hashes to `digest`, as a
@@ -596,6 +653,14 @@ impl Catalogue {
     /// A reader of the content blob `key` holds, decompressed as the
     /// extension of its name says.
     pub(super) fn open_content(&self, key: &str) -> Result<Box<dyn Read>, CatalogueError> {
+        if is_chunked(key) {
+            let list = self.read_chunk_list(key)?;
+            return Ok(Box::new(ChunkedReader {
+                objects: self.objects.clone(),
+                pending: list.chunks.iter().map(|c| chunk_key(&c.digest)).collect(),
+                current: None,
+            }));
+        }
         let compression = key
             .rsplit('/')
             .next()
@@ -901,17 +966,121 @@ impl Catalogue {
                 .collect(),
             freed_bytes: 0,
         };
-        let after = self.usage_without(&all, &merged)?;
-        let plan = MergePlan {
+        if dry_run {
+            // Chunking is not simulated: a dry run reports what folding frees.
+            let after = self.usage_without(&all, &merged)?;
+            return Ok(MergePlan {
+                freed_bytes: before.saturating_sub(after),
+                ..plan
+            });
+        }
+        if !merged.is_empty() {
+            self.remove_all(&all, &merged)?;
+        }
+        if policy.aggressive {
+            self.chunk_large_files()?;
+        }
+        self.collect_garbage()?;
+        let after = self.usage_without(&self.all()?, &BTreeSet::new())?;
+        Ok(MergePlan {
             freed_bytes: before.saturating_sub(after),
             ..plan
-        };
-        if dry_run || merged.is_empty() {
-            return Ok(plan);
+        })
+    }
+
+    /// Splits every stored file of at least [`CHUNKED_MIN_BYTES`] into
+    /// content-defined chunks, each stored once whatever files share it,
+    /// and points every change that referenced the whole file at its chunk
+    /// list. The whole files are left for the garbage collection: until it
+    /// runs, both forms are complete.
+    fn chunk_large_files(&self) -> Result<(), CatalogueError> {
+        let all = self.all()?;
+        let mut renamed: HashMap<String, String> = HashMap::new();
+        let mut deltas = Vec::with_capacity(all.len());
+        for c in &all {
+            let delta = self.read_delta(c)?;
+            for key in self.blob_keys(c, &delta) {
+                if is_chunked(&key) || renamed.contains_key(&key) {
+                    continue;
+                }
+                if self.objects.size(&key)?.unwrap_or(0) < CHUNKED_MIN_BYTES {
+                    continue;
+                }
+                let chunked = self.split_into_chunks(&key)?;
+                renamed.insert(key, chunked);
+            }
+            deltas.push(delta);
         }
-        self.remove_all(&all, &merged)?;
-        self.collect_garbage()?;
-        Ok(plan)
+        for (c, mut delta) in all.into_iter().zip(deltas) {
+            let mut changed = false;
+            for digest in delta.digests() {
+                let key = content_key(&c, &delta, &digest);
+                if let Some(chunked) = renamed.get(&key) {
+                    delta.stored.insert(digest, chunked.clone());
+                    changed = true;
+                }
+            }
+            if changed {
+                let (delta_key, delta_digest, _) = self.write_delta(&c.id, &delta)?;
+                self.publish(&Checkpoint {
+                    delta_key,
+                    delta_digest,
+                    ..c
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the content of blob `key` as chunks; returns the key of the
+    /// chunk list.
+    fn split_into_chunks(&self, key: &str) -> Result<String, CatalogueError> {
+        let name = key.rsplit('/').next().unwrap_or_default();
+        let digest = name.split_once('.').map(|(d, _)| d).unwrap_or(name).to_string();
+        let (min, avg, max) = CHUNK_SIZES;
+        let mut list = ChunkList { chunks: Vec::new() };
+        for chunk in fastcdc::v2020::StreamCDC::new(self.open_content(key)?, min, avg, max) {
+            let chunk = chunk.map_err(|e| CatalogueError::Io {
+                op: "split into chunks",
+                path: key.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let hex = sha256_hex(&chunk.data);
+            let stored = chunk_key(&hex);
+            if self.objects.size(&stored)?.is_none() {
+                let packed = zstd::encode_all(&chunk.data[..], 3).map_err(|source| CatalogueError::Io {
+                    op: "compress",
+                    path: stored.clone(),
+                    source,
+                })?;
+                self.objects.put(&stored, &packed)?;
+            }
+            list.chunks.push(ChunkRef {
+                digest: hex,
+                size: chunk.length as u64,
+            });
+        }
+        let chunked = format!("blobs/sha256/{digest}.chunks");
+        let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
+        self.objects.put(&chunked, &json)?;
+        Ok(chunked)
+    }
+
+    fn read_chunk_list(&self, key: &str) -> Result<ChunkList, CatalogueError> {
+        let bytes = self.objects.get(key)?;
+        serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Corrupt {
+            id: key.to_string(),
+            message: format!("unreadable chunk list: {e}"),
+        })
+    }
+
+    /// The chunk objects `keys` (blob keys) need.
+    fn chunks_of(&self, keys: &BTreeSet<String>) -> Result<BTreeSet<String>, CatalogueError> {
+        let mut chunks = BTreeSet::new();
+        for key in keys.iter().filter(|k| is_chunked(k)) {
+            chunks.extend(self.read_chunk_list(key)?.chunks.iter().map(|c| chunk_key(&c.digest)));
+        }
+        Ok(chunks)
     }
 
     /// What the catalogue would hold without `doomed`: every other
@@ -989,7 +1158,8 @@ impl Catalogue {
     /// [`Catalogue::without`] folds them: metadata, changes and the blobs
     /// still referenced.
     fn usage_without(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<u64, CatalogueError> {
-        let sizes: HashMap<String, u64> = self.objects.list("blobs/")?.into_iter().collect();
+        let mut sizes: HashMap<String, u64> = self.objects.list("blobs/")?.into_iter().collect();
+        sizes.extend(self.objects.list("chunks/")?);
         let mut keys = BTreeSet::new();
         let mut total = 0u64;
         for (c, delta) in self.without(all, doomed)? {
@@ -1004,7 +1174,8 @@ impl Catalogue {
             };
             total += self.objects.size(&format!("checkpoints/{}.json", c.id))?.unwrap_or(0);
         }
-        total += keys.iter().filter_map(|k| sizes.get(k)).sum::<u64>();
+        let chunks = self.chunks_of(&keys)?;
+        total += keys.iter().chain(&chunks).filter_map(|k| sizes.get(k)).sum::<u64>();
         Ok(total)
     }
 
@@ -1017,8 +1188,10 @@ impl Catalogue {
             keep.insert(c.delta_key.clone());
             keep.extend(self.blob_keys(c, &self.read_delta(c)?));
         }
+        let chunks = self.chunks_of(&keep)?;
+        keep.extend(chunks);
         let mut freed = 0;
-        for prefix in ["blobs/", "deltas/"] {
+        for prefix in ["blobs/", "deltas/", "chunks/"] {
             for (key, size) in self.objects.list(prefix)? {
                 if !keep.contains(&key) {
                     self.objects.delete(&key)?;
@@ -1317,6 +1490,7 @@ mod tests {
             keep_daily,
             keep_hourly,
             retain_labels: vec![],
+            aggressive: false,
         };
 
         let w = world();
@@ -1393,6 +1567,104 @@ mod tests {
         assert_eq!(left[0].parent, None);
         assert_eq!(w.catalogue.tree_of(&left[0]).unwrap(), trees[4]);
         assert!(w.catalogue.verify(&left[0]).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn aggressive_merges_share_chunks_across_versions_of_a_file() {
+        let w = world();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        let mut big = noise(3 << 20);
+        fs::write(w.upper.join("data/big"), &big).unwrap();
+        let first = w
+            .catalogue
+            .create("cp-20261201-100000", &w.upper, &new(None, &["v1"], Compression::Zstd))
+            .unwrap();
+        // 64 KiB in the middle change: a new blob of the whole file.
+        big.splice(1_500_000..1_500_000 + 65_536, noise(65_536));
+        fs::write(w.upper.join("data/big"), &big).unwrap();
+        let second = w
+            .catalogue
+            .create(
+                "cp-20261201-100100",
+                &w.upper,
+                &new(Some(&first.id), &["v2"], Compression::Zstd),
+            )
+            .unwrap();
+        let trees = [
+            w.catalogue.tree_of(&first).unwrap(),
+            w.catalogue.tree_of(&second).unwrap(),
+        ];
+        let stored = |w: &World| -> u64 {
+            ["blobs", "chunks"]
+                .iter()
+                .flat_map(|d| walk(&w.objects.join(d)))
+                .map(|p| fs::metadata(p).unwrap().len())
+                .sum()
+        };
+        let before = stored(&w);
+        assert!(before > 6_000_000, "two whole versions: {before}");
+        let tagged = MergePolicy {
+            strategy: MergeStrategy::Tagged,
+            keep_daily: None,
+            keep_hourly: None,
+            retain_labels: vec![],
+            aggressive: true,
+        };
+        let plan = w.catalogue.merge("ns", "c1", &tagged, false).unwrap();
+        assert!(plan.merged.is_empty(), "both are labelled: {plan:?}");
+        let after = stored(&w);
+        assert!(
+            after < 3_800_000,
+            "the versions share all chunks but those around the change: {before} -> {after}"
+        );
+        assert!(plan.freed_bytes > 2_000_000, "{plan:?}");
+        let left = w.catalogue.all().unwrap();
+        for (c, tree) in left.iter().zip(&trees) {
+            assert_eq!(&w.catalogue.tree_of(c).unwrap(), tree);
+            let (_, failures) = w.catalogue.verify(c).unwrap();
+            assert!(failures.is_empty(), "{failures:?}");
+        }
+        // The content reads back whole through its chunks.
+        let digest = trees[1]["data/big"].digest.clone().unwrap();
+        let mut content = Vec::new();
+        w.catalogue
+            .open_content(&format!("blobs/sha256/{digest}.chunks"))
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        assert_eq!(content, big);
+        // Stored again unchanged, the file is found in its chunked form.
+        let third = w
+            .catalogue
+            .create("cp-20261201-100200", &w.upper, &new(None, &[], Compression::Zstd))
+            .unwrap();
+        assert!(
+            third.size < 100_000,
+            "deduplicated against the chunk list: {}",
+            third.size
+        );
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                out.extend(walk(&entry.path()));
+            } else {
+                out.push(entry.path());
+            }
+        }
+        out
     }
 
     #[test]

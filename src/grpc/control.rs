@@ -9,8 +9,8 @@ use tracing::instrument;
 
 use super::status::{commit_status, to_status};
 use crate::checkpoint::{
-    self, CatalogueError, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy,
-    PrunePolicy, StorageSpec,
+    self, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy, PrunePolicy,
+    StorageSpec,
 };
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
@@ -341,16 +341,12 @@ impl Control for ControlService {
         let r = request.into_inner();
         let strategy =
             MergeStrategy::parse(&r.strategy).map_err(|e| checkpoint_status(CheckpointError::Catalogue(e)))?;
-        if r.aggressive {
-            return Err(checkpoint_status(CheckpointError::Catalogue(CatalogueError::Invalid(
-                "--aggressive (chunk-level deduplication) is not supported by this daemon yet".into(),
-            ))));
-        }
         let policy = MergePolicy {
             strategy,
             keep_daily: r.has_keep_daily.then_some(r.keep_daily),
             keep_hourly: r.has_keep_hourly.then_some(r.keep_hourly),
             retain_labels: r.retain_labels,
+            aggressive: r.aggressive,
         };
         let plan = self
             .checkpoints

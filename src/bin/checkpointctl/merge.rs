@@ -27,7 +27,9 @@ pub struct Args {
     /// Checkpoints with any of these labels stay (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "LABELS")]
     retain_labels: Vec<String>,
-    /// Deduplicate chunks across checkpoints.
+    /// Also split large files into content-defined chunks, each stored once
+    /// across checkpoints and files (versions of a file share what did not
+    /// change).
     #[arg(long)]
     aggressive: bool,
     /// Print the plan, change nothing.
