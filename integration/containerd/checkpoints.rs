@@ -254,6 +254,28 @@ fn checkpoint_catalogue_through_checkpointctl() {
         );
         std::fs::write(&blob, original)?;
 
+        // Rules that keep everything here: all are recent, small, whole.
+        for rule in [
+            &["--keep-days", "1"][..],
+            &["--max-storage", "1GB"][..],
+            &["--prune-dangling"][..],
+        ] {
+            let mut args = vec!["prune", web.as_str(), "--dry-run"];
+            args.extend_from_slice(rule);
+            let out = cli.ok(&args)?;
+            ensure!(out.contains("0 checkpoints would be removed"), "{rule:?}: {out}");
+        }
+        let by_labels = cli.ids(&["list", "--sort", "labels", "-o", "json"])?;
+        ensure!(
+            by_labels == vec![id3.clone(), id4.clone(), id1.clone(), id2.clone()],
+            "unlabelled, critical, golden,prod, staging: {by_labels:?}"
+        );
+        let (code, _, err) = cli.run(&["--log-level", "debug", "list"])?;
+        ensure!(
+            code == 0 && err.contains("connecting to the daemon"),
+            "debug logs on stderr: {err}"
+        );
+
         // Prune: a dry run, then folding removed parents into kept children.
         let dry = cli.ok(&[
             "prune",

@@ -11,6 +11,7 @@ use crate::CliError;
 /// Connects eagerly, so a missing socket or a refused connection is reported
 /// here, naming the socket, rather than on the first call.
 pub async fn connect(socket: &Path) -> Result<ControlClient<Channel>, CliError> {
+    tracing::debug!(socket = %socket.display(), "connecting to the daemon");
     match client::connect(socket).await {
         Ok(channel) => Ok(ControlClient::new(channel)),
         Err(ClientError::Unreachable { message, .. }) => Err(CliError::Unreachable {

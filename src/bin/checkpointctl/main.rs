@@ -157,6 +157,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Some(path) => settings::Settings::load(path, required)?,
         None => settings::Settings::default(),
     };
+    init_logging(
+        cli.log_level
+            .as_deref()
+            .or(settings.logging.level.as_deref())
+            .unwrap_or("warn"),
+    );
     let context = Context {
         address: cli.address.clone(),
         namespace: cli.namespace.clone(),
@@ -177,11 +183,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
     })
 }
 
+/// Diagnostics on stderr at `level` (debug, info, warn, error); what the
+/// commands print for people and scripts goes to stdout regardless.
+fn init_logging(level: &str) {
+    let level = match level {
+        "debug" => tracing::Level::DEBUG,
+        "info" => tracing::Level::INFO,
+        "error" => tracing::Level::ERROR,
+        _ => tracing::Level::WARN,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .try_init();
+}
+
 /// 0 ok, 1 general, 2 bad arguments, 3 container not found, 4 permission,
 /// 5 network. The daemon's commit error code (the message prefix) decides
 /// first, then the gRPC code.
 fn exit_code(err: &CliError) -> u8 {
     match err {
+        // A socket the user may not open (0660 root) is a permission problem.
+        CliError::Unreachable { reason, .. } if reason.contains("Permission denied") => 4,
         CliError::Unreachable { .. } => 5,
         CliError::Rpc { status, .. } => {
             let prefix = status.message().split_once(": ").map(|(code, _)| code);
@@ -295,6 +319,11 @@ mod tests {
             reason: "No such file or directory (os error 2)".into(),
         };
         assert_eq!(exit_code(&unreachable), 5);
+        let denied = CliError::Unreachable {
+            socket: "/run/x.sock".into(),
+            reason: "Permission denied (os error 13)".into(),
+        };
+        assert_eq!(exit_code(&denied), 4);
         assert_eq!(
             unreachable.to_string(),
             "cannot reach the daemon at /run/x.sock: No such file or directory (os error 2)"

@@ -58,10 +58,10 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         .await
         .map_err(|status| CliError::rpc(format!("prune of container {}", args.container), status))?
         .into_inner();
-    let (remove, fold, free) = if plan.dry_run {
-        ("would remove", "would fold its removed parent into", "would free")
+    let (remove, fold) = if plan.dry_run {
+        ("would remove", "would fold its removed parent into")
     } else {
-        ("removed", "folded its removed parent into", "freed")
+        ("removed", "folded its removed parent into")
     };
     for id in &plan.removed {
         println!("{remove} {id}");
@@ -69,10 +69,18 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
     for id in &plan.folded {
         println!("{fold} {id}");
     }
-    println!(
-        "{} checkpoints {remove}, {free} {}",
-        plan.removed.len(),
-        human_size(plan.freed_bytes)
-    );
+    if plan.dry_run {
+        println!(
+            "{} checkpoints would be removed, {} would be freed",
+            plan.removed.len(),
+            human_size(plan.freed_bytes)
+        );
+    } else {
+        println!(
+            "{} checkpoints removed, {} freed",
+            plan.removed.len(),
+            human_size(plan.freed_bytes)
+        );
+    }
     Ok(())
 }
