@@ -1668,6 +1668,43 @@ mod tests {
     }
 
     #[test]
+    fn what_an_interrupted_create_leaves_is_collected_by_the_next_prune() {
+        let w = world();
+        fs::write(w.upper.join("data/kept"), b"kept").unwrap();
+        let kept = w
+            .catalogue
+            .create("cp-20261201-100000", &w.upper, &new(None, &[], Compression::Zstd))
+            .unwrap();
+        // Killed after uploading a blob and a change, before the metadata:
+        // no checkpoint lists them.
+        let objects = DirStore::open(&w.objects, "local").unwrap();
+        objects
+            .put(&format!("blobs/sha256/{}.zst", "ab".repeat(32)), b"orphan")
+            .unwrap();
+        objects.put("deltas/cp-20261201-100100-1.json.zst", b"orphan").unwrap();
+        assert_eq!(w.catalogue.all().unwrap().len(), 1, "nothing half-written is listed");
+        let plan = w
+            .catalogue
+            .prune(
+                "ns",
+                "c1",
+                &PrunePolicy {
+                    keep_latest: Some(5),
+                    ..PrunePolicy::default()
+                },
+                false,
+            )
+            .unwrap();
+        assert!(plan.removed.is_empty());
+        assert!(objects
+            .size(&format!("blobs/sha256/{}.zst", "ab".repeat(32)))
+            .unwrap()
+            .is_none());
+        assert!(objects.size("deltas/cp-20261201-100100-1.json.zst").unwrap().is_none());
+        assert!(w.catalogue.verify(&kept).unwrap().1.is_empty(), "the kept one is whole");
+    }
+
+    #[test]
     fn labels_ids_and_compressions_are_checked() {
         assert_eq!(
             parse_labels(&["a=b".into(), "bare".into(), "k=v=w".into()]).unwrap(),

@@ -159,7 +159,25 @@ impl std::fmt::Debug for CheckpointService {
 }
 
 impl CheckpointService {
+    /// Scratch files a previous run left in `<root>/checkpoint-work` (a
+    /// daemon killed mid-create or mid-export) are deleted: no work is under
+    /// way yet.
     pub fn new(commits: Arc<CommitService>, root: &Path) -> CheckpointService {
+        let work = root.join("checkpoint-work");
+        if let Ok(entries) = std::fs::read_dir(&work) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => warn!(path = %path.display(), "removed a checkpoint scratch file left by a previous run"),
+                    Err(e) => warn!(path = %path.display(), error = %e, "cannot remove a checkpoint scratch file"),
+                }
+            }
+        }
         CheckpointService {
             commits,
             root: root.to_path_buf(),
