@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::filter::{Filter, Subject};
 use super::objects::{ObjectError, ObjectStore};
-use super::tree::{self, Delta, Entry, Tree, TreeDiff, TreeError};
+use super::tree::{self, Delta, Tree, TreeDiff, TreeError};
 use crate::store::{RecordKind, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -547,15 +547,9 @@ impl Catalogue {
             None => None,
         };
         self.scratch_dir()?;
-        let mut stored_bytes = 0u64;
-        let mut store_blob = |path: &Path, digest: &str, _entry: &Entry| -> Result<(), TreeError> {
-            let stored = self
-                .store_blob(path, digest, new.compression)
-                .map_err(|e| to_tree_error(e, &blob_key(digest, new.compression)))?;
-            stored_bytes += stored.written;
-            Ok(())
-        };
-        let tree = tree::read_tree(upper, parent_tree.as_ref(), &mut store_blob)?;
+        let mut tree = tree::read_tree_unhashed(upper, parent_tree.as_ref())?;
+        let mut stored_bytes = self.hash_and_store(upper, &mut tree, new.compression)?;
+        tree::fill_hardlink_digests(&mut tree);
         // Files the parent had unchanged are not read again, but their blob
         // may be stored with another compression: make sure it is here.
         let empty = Tree::new();
@@ -594,6 +588,58 @@ impl Catalogue {
         };
         self.publish(&checkpoint)?;
         Ok(checkpoint)
+    }
+
+    /// Hashes the files of `tree` that have no digest yet and stores their
+    /// content (unless stored already), on as many threads as there are
+    /// cores; returns the bytes written.
+    fn hash_and_store(&self, upper: &Path, tree: &mut Tree, compression: Compression) -> Result<u64, CatalogueError> {
+        let todo: Vec<String> = tree
+            .iter()
+            .filter(|(_, e)| e.kind == tree::EntryKind::File && e.hardlink.is_none() && e.digest.is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        // Per worker: (path, digest) of each file it hashed, and bytes written.
+        type Hashed = Result<(Vec<(String, String)>, u64), CatalogueError>;
+        let results: Vec<Hashed> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers.min(todo.len().max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut digests = Vec::new();
+                        let mut written = 0;
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(rel) = todo.get(i) else { break };
+                            let path = upper.join(rel);
+                            let digest = tree::hash_file(&path)?;
+                            written += self.store_blob(&path, &digest, compression)?.written;
+                            digests.push((rel.clone(), digest));
+                        }
+                        Ok((digests, written))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CatalogueError::Invalid("a hashing thread panicked".into())))
+                })
+                .collect()
+        });
+        let mut written = 0;
+        for result in results {
+            let (digests, bytes) = result?;
+            written += bytes;
+            for (rel, digest) in digests {
+                if let Some(entry) = tree.get_mut(&rel) {
+                    entry.digest = Some(digest);
+                }
+            }
+        }
+        Ok(written)
     }
 
     /// The scratch directory of this storage's writers, created if need be.
@@ -1234,14 +1280,6 @@ impl StagedFile {
 impl Drop for StagedFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn to_tree_error(e: impl std::fmt::Display, key: &str) -> TreeError {
-    TreeError::Io {
-        op: "store blob",
-        path: key.to_string(),
-        source: std::io::Error::other(e.to_string()),
     }
 }
 

@@ -257,11 +257,36 @@ fn content_equal(a: &Entry, b: &Entry) -> bool {
 /// hashed unless `parent` has them unchanged (same size, mtime and ctime);
 /// `on_file` sees each file hashed (its path and digest), so the caller can
 /// store its content.
-pub fn read_tree(
-    root: &Path,
-    parent: Option<&Tree>,
-    on_file: &mut dyn FnMut(&Path, &str, &Entry) -> Result<(), TreeError>,
-) -> Result<Tree, TreeError> {
+/// Sees each file hashed: its path, digest and entry.
+pub type OnFile<'a> = &'a mut dyn FnMut(&Path, &str, &Entry) -> Result<(), TreeError>;
+
+pub fn read_tree(root: &Path, parent: Option<&Tree>, on_file: OnFile<'_>) -> Result<Tree, TreeError> {
+    walk_tree(root, parent, Some(on_file))
+}
+
+/// [`read_tree`] without reading any file: regular files the parent does
+/// not have unchanged are left without digest (and so are their hard
+/// links), for the caller to hash, in parallel if it likes, and
+/// [`fill_hardlink_digests`] after.
+pub fn read_tree_unhashed(root: &Path, parent: Option<&Tree>) -> Result<Tree, TreeError> {
+    walk_tree(root, parent, None)
+}
+
+/// Hard links take the digest of the path they link to.
+pub fn fill_hardlink_digests(tree: &mut Tree) {
+    let links: Vec<(String, String)> = tree
+        .iter()
+        .filter_map(|(path, e)| e.hardlink.clone().map(|first| (path.clone(), first)))
+        .collect();
+    for (path, first) in links {
+        let digest = tree.get(&first).and_then(|e| e.digest.clone());
+        if let Some(entry) = tree.get_mut(&path) {
+            entry.digest = digest;
+        }
+    }
+}
+
+fn walk_tree(root: &Path, parent: Option<&Tree>, mut on_file: Option<OnFile<'_>>) -> Result<Tree, TreeError> {
     let mut tree = Tree::new();
     let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
     let mut pending = vec![(root.to_path_buf(), String::new())];
@@ -355,15 +380,15 @@ pub fn read_tree(
                     .and_then(|p| p.get(&rel))
                     .filter(|p| entry.unchanged_since(p))
                     .and_then(|p| p.digest.clone());
-                let digest = match known {
-                    Some(digest) => digest,
-                    None => {
+                entry.digest = match (known, on_file.as_mut()) {
+                    (Some(digest), _) => Some(digest),
+                    (None, Some(on_file)) => {
                         let digest = hash_file(&path)?;
                         on_file(&path, &digest, &entry)?;
-                        digest
+                        Some(digest)
                     }
+                    (None, None) => None,
                 };
-                entry.digest = Some(digest);
             }
             _ => {}
         }
