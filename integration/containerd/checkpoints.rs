@@ -397,18 +397,7 @@ fn checkpoint_catalogue_through_checkpointctl() {
         ensure!(other.ids(&["list", "-o", "json"])?.is_empty());
 
         // nfs: a mounted export, here a local directory.
-        let export = env.dir().join("export");
-        std::fs::create_dir_all(&export)?;
-        let nfs_config = env.dir().join("nfs.yaml");
-        std::fs::write(
-            &nfs_config,
-            format!("storage:\n  nfs: {{path: {}}}\n", export.display()),
-        )?;
-        let nfs = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: nfs_config,
-        };
+        let (nfs, export) = nfs_cli(env, &ns, "export")?;
         let on_nfs = nfs
             .ok(&["--storage-backend", "nfs", "create", &web, "-l", "remote"])?
             .trim()
@@ -555,18 +544,7 @@ fn checkpoint_archives_export_and_import() {
         );
 
         // Imported into other storage: the same chain, tree for tree.
-        let export_dir = env.dir().join("nfs-export");
-        std::fs::create_dir_all(&export_dir)?;
-        let nfs_config = env.dir().join("nfs.yaml");
-        std::fs::write(
-            &nfs_config,
-            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export_dir.display()),
-        )?;
-        let nfs = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: nfs_config,
-        };
+        let (nfs, _) = nfs_cli(env, &ns, "nfs-export")?;
         let imported: Vec<String> = nfs.ok(&["import", &archive_arg])?.lines().map(str::to_string).collect();
         ensure!(imported == chain, "import printed {imported:?}, not {chain:?}");
         let comparable = |c: &serde_json::Value| {
@@ -886,4 +864,23 @@ fn wait_for(env: &Env, cli: &Cli, container: &str, count: usize) -> Result<Vec<s
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+/// A CLI whose config names `nfs` storage on a new local directory
+/// `<test dir>/<name>` (this kernel has no NFS client); returns the
+/// directory too.
+fn nfs_cli(env: &Env, ns: &str, name: &str) -> Result<(Cli, std::path::PathBuf)> {
+    let export = env.dir().join(name);
+    std::fs::create_dir_all(&export)?;
+    let config = env.dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export.display()),
+    )?;
+    let cli = Cli {
+        socket: env.daemon_socket(),
+        ns: ns.to_string(),
+        config,
+    };
+    Ok((cli, export))
 }

@@ -1610,25 +1610,14 @@ mod tests {
     #[test]
     fn aggressive_merges_share_chunks_across_versions_of_a_file() {
         let w = world();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut noise = |len: usize| -> Vec<u8> {
-            (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect()
-        };
-        let mut big = noise(3 << 20);
+        let mut big = crate::nydus::noise(3 << 20, 0x9e37_79b9_7f4a_7c15);
         fs::write(w.upper.join("data/big"), &big).unwrap();
         let first = w
             .catalogue
             .create("cp-20261201-100000", &w.upper, &new(None, &["v1"], Compression::Zstd))
             .unwrap();
         // 64 KiB in the middle change: a new blob of the whole file.
-        big.splice(1_500_000..1_500_000 + 65_536, noise(65_536));
+        big.splice(1_500_000..1_500_000 + 65_536, crate::nydus::noise(65_536, 7));
         fs::write(w.upper.join("data/big"), &big).unwrap();
         let second = w
             .catalogue

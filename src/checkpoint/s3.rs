@@ -645,19 +645,6 @@ mod tests {
             .ok()
     }
 
-    /// Bytes that no run of zeros or repeated text hides a bug in.
-    fn pattern(len: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn objects_round_trip_through_an_s3_server() {
         let moto = Moto::start();
@@ -694,7 +681,7 @@ mod tests {
 
         // A file of several parts, uploaded without reading it whole.
         let large = tmp.path().join("large");
-        let data = pattern((20 << 20) + 12_345, 7);
+        let data = crate::nydus::noise((20 << 20) + 12_345, 7);
         std::fs::write(&large, &data).unwrap();
         store.put_file("blobs/sha256/large", &large).unwrap();
         assert!(moto.log().contains("?uploads"), "no multipart upload:\n{}", moto.log());
