@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use nydus_rafs::metadata::RafsSuper;
 use nydus_utils::compress;
 use nydus_utils::digest::{self, RafsDigest};
 use tracing::{info, warn};
@@ -625,8 +626,9 @@ impl RafsMounts {
         let mut users = self.lock_users();
         let mountpoint = self.mountpoint(bootstrap_id);
         if !self.fuse.serves(&mountpoint) && !self.sys.is_mountpoint(&mountpoint)? {
-            if self.serves_over_fuse(bootstrap)? {
-                let backend = self.fuse_backend(bootstrap, origins)?;
+            let rs = nydus::load_bootstrap(bootstrap)?;
+            if self.serves_over_fuse(&rs, bootstrap)? {
+                let backend = self.fuse_backend(&rs, origins)?;
                 ensure_private_dir(&mountpoint)?;
                 self.fuse.serve(&FuseSpec {
                     bootstrap: bootstrap.to_path_buf(),
@@ -661,8 +663,7 @@ impl RafsMounts {
     /// erofs, per the driver: "auto" leaves to erofs only what it mounts
     /// without a decompressed copy of each blob, RAFS v6 with blobs stored
     /// uncompressed.
-    fn serves_over_fuse(&self, bootstrap: &Path) -> Result<bool, RafsMountError> {
-        let rs = nydus::load_bootstrap(bootstrap)?;
+    fn serves_over_fuse(&self, rs: &RafsSuper, bootstrap: &Path) -> Result<bool, RafsMountError> {
         let v5 = rs.meta.is_v5();
         Ok(match self.driver {
             FsDriver::Fuse => true,
@@ -686,8 +687,7 @@ impl RafsMounts {
     /// blob directory when every blob is here; otherwise the registry of the
     /// image, chunk by chunk. Blobs of several repositories (or a source
     /// with no lazy access) are fetched whole first.
-    fn fuse_backend(&self, bootstrap: &Path, origins: &[BlobOrigin]) -> Result<BlobBackend, RafsMountError> {
-        let rs = nydus::load_bootstrap(bootstrap)?;
+    fn fuse_backend(&self, rs: &RafsSuper, origins: &[BlobOrigin]) -> Result<BlobBackend, RafsMountError> {
         let mut missing = Vec::new();
         for info in rs.superblock.get_blob_infos() {
             let blob_id = info.blob_id();

@@ -74,17 +74,8 @@ fn is_checkpoint_id(text: &str) -> bool {
 #[test]
 fn checkpoint_catalogue_through_checkpointctl() {
     with_env("checkpoints", Options::default(), |env| {
-        let ns = env.namespace("cp");
-        env.pull(&ns)?;
-        let web = env.container_id("web");
-        env.run_container(&ns, &web)?;
-        let config = env.dir().join("checkpointctl.yaml");
-        std::fs::write(&config, "storage:\n  backend: local\nlogging: {level: info}\n")?;
-        let cli = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: config.clone(),
-        };
+        let (web, cli) = container_and_cli(env, "web", "storage:\n  backend: local\nlogging: {level: info}\n")?;
+        let (ns, config) = (cli.ns.clone(), cli.config.clone());
 
         // Whole, then incremental checkpoints; one branch off the first.
         env.exec(
@@ -442,17 +433,8 @@ fn skopeo() -> Result<std::path::PathBuf> {
 fn checkpoint_archives_export_and_import() {
     with_env("checkpoint-archives", Options::default(), |env| {
         let skopeo = skopeo()?;
-        let ns = env.namespace("arc");
-        env.pull(&ns)?;
-        let web = env.container_id("arcweb");
-        env.run_container(&ns, &web)?;
-        let config = env.dir().join("checkpointctl.yaml");
-        std::fs::write(&config, "storage:\n  backend: local\n")?;
-        let cli = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config,
-        };
+        let (web, cli) = container_and_cli(env, "arcweb", "storage:\n  backend: local\n")?;
+        let ns = cli.ns.clone();
         env.exec(
             &ns,
             &web,
@@ -710,25 +692,17 @@ fn checkpoints_on_s3_sealed_at_rest() {
         let s3 = start_s3(env)?;
         let endpoint = format!("http://127.0.0.1:{}", s3.port);
         curl(&["-X", "PUT", &format!("{endpoint}/ckpt")])?;
-        let ns = env.namespace("s3");
-        env.pull(&ns)?;
-        let web = env.container_id("s3web");
-        env.run_container(&ns, &web)?;
         let secret = "s3cr3t-value-that-must-not-leak";
         let key = "5e".repeat(32);
-        let config = env.dir().join("s3.yaml");
-        std::fs::write(
-            &config,
-            format!(
+        let (web, cli) = container_and_cli(
+            env,
+            "s3web",
+            &format!(
                 "storage:\n  backend: s3\n  s3: {{bucket: ckpt, region: us-east-1, endpoint: {endpoint}, \
                  access_key: AKIATESTKEY, secret_key: {secret}}}\n  encryption_key: \"{key}\"\n"
             ),
         )?;
-        let cli = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config,
-        };
+        let ns = cli.ns.clone();
         env.exec(&ns, &web, "mkdir -p /data && printf 'plaintext-marker\\n' > /data/known && head -c 300000 /dev/urandom > /data/r && sync")?;
         let first = cli
             .ok(&["create", &web, "--compression", "none", "-l", "s3"])?
@@ -790,17 +764,7 @@ fn checkpoints_on_s3_sealed_at_rest() {
 #[test]
 fn recurring_checkpoints_survive_a_restart() {
     with_env("checkpoints-schedule", Options::default(), |env| {
-        let ns = env.namespace("sched");
-        env.pull(&ns)?;
-        let web = env.container_id("sched");
-        env.run_container(&ns, &web)?;
-        let config = env.dir().join("checkpointctl.yaml");
-        std::fs::write(&config, "")?;
-        let cli = Cli {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config,
-        };
+        let (web, cli) = container_and_cli(env, "sched", "")?;
         let (code, _, _) = cli.run(&["create", &web, "--interval", "0s"])?;
         ensure!(code == 2, "an interval under the minimum is refused");
         let out = cli.ok(&["create", &web, "--interval", "2s", "-l", "auto"])?;
@@ -883,4 +847,21 @@ fn nfs_cli(env: &Env, ns: &str, name: &str) -> Result<(Cli, std::path::PathBuf)>
         config,
     };
     Ok((cli, export))
+}
+
+/// A running container of the test image in a namespace of its own, and a
+/// CLI for it whose config file (`<test dir>/<label>.yaml`) is `config`.
+fn container_and_cli(env: &mut Env, label: &str, config: &str) -> Result<(String, Cli)> {
+    let ns = env.namespace(label);
+    env.pull(&ns)?;
+    let id = env.container_id(label);
+    env.run_container(&ns, &id)?;
+    let path = env.dir().join(format!("{label}.yaml"));
+    std::fs::write(&path, config)?;
+    let cli = Cli {
+        socket: env.daemon_socket(),
+        ns,
+        config: path,
+    };
+    Ok((id, cli))
 }

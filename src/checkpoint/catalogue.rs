@@ -318,6 +318,16 @@ pub struct MergePlan {
     pub freed_bytes: u64,
 }
 
+/// What a storage holds, read once for the plans of a prune or merge.
+struct Holdings {
+    /// Each checkpoint's change, by id.
+    deltas: HashMap<String, Delta>,
+    /// Every object's size, by key.
+    sizes: HashMap<String, u64>,
+    /// The chunk keys of each chunked blob.
+    chunk_lists: HashMap<String, Vec<String>>,
+}
+
 /// The catalogue of one storage.
 pub struct Catalogue {
     /// Identifies the storage in the daemon's store ("local", "nfs:<path>").
@@ -431,14 +441,22 @@ impl Catalogue {
         // 2026-12-01T10:11:12Z -> 20261201-101112
         let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
         let base = format!("cp-{}-{}", &digits[..8], &digits[8..14]);
-        let taken: BTreeSet<String> = self.all()?.into_iter().map(|c| c.id).collect();
-        if !taken.contains(&base) {
+        let taken = |id: &str| -> Result<bool, CatalogueError> {
+            Ok(self
+                .store
+                .get_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?
+                .is_some())
+        };
+        if !taken(&base)? {
             return Ok(base);
         }
-        Ok((2..)
-            .map(|n| format!("{base}-{n}"))
-            .find(|id| !taken.contains(id))
-            .unwrap_or(base))
+        for n in 2.. {
+            let id = format!("{base}-{n}");
+            if !taken(&id)? {
+                return Ok(id);
+            }
+        }
+        unreachable!("some suffix is free")
     }
 
     pub(super) fn read_delta(&self, checkpoint: &Checkpoint) -> Result<Delta, CatalogueError> {
@@ -548,7 +566,7 @@ impl Catalogue {
         };
         self.scratch_dir()?;
         let mut tree = tree::read_tree_unhashed(upper, parent_tree.as_ref())?;
-        let mut stored_bytes = self.hash_and_store(upper, &mut tree, new.compression)?;
+        let (mut stored_bytes, mut stored_keys) = self.hash_and_store(upper, &mut tree, new.compression)?;
         tree::fill_hardlink_digests(&mut tree);
         // Files the parent had unchanged are not read again, but their blob
         // may be stored with another compression: make sure it is here.
@@ -559,9 +577,17 @@ impl Catalogue {
             if delta.stored.contains_key(digest) {
                 continue;
             }
-            let stored = self.store_blob(&upper.join(path), digest, new.compression)?;
-            stored_bytes += stored.written;
-            delta.stored.insert(digest.clone(), stored.key);
+            // Hashed just now, its key is known; otherwise (content the
+            // parent had) it is looked up, and stored if need be.
+            let key = match stored_keys.remove(digest) {
+                Some(key) => key,
+                None => {
+                    let stored = self.store_blob(&upper.join(path), digest, new.compression)?;
+                    stored_bytes += stored.written;
+                    stored.key
+                }
+            };
+            delta.stored.insert(digest.clone(), key);
         }
         let (delta_key, delta_digest, delta_size) = self.write_delta(id, &delta)?;
         let checkpoint = Checkpoint {
@@ -592,8 +618,13 @@ impl Catalogue {
 
     /// Hashes the files of `tree` that have no digest yet and stores their
     /// content (unless stored already), on as many threads as there are
-    /// cores; returns the bytes written.
-    fn hash_and_store(&self, upper: &Path, tree: &mut Tree, compression: Compression) -> Result<u64, CatalogueError> {
+    /// cores; returns the bytes written and the key of each digest.
+    fn hash_and_store(
+        &self,
+        upper: &Path,
+        tree: &mut Tree,
+        compression: Compression,
+    ) -> Result<(u64, HashMap<String, String>), CatalogueError> {
         let todo: Vec<String> = tree
             .iter()
             .filter(|(_, e)| e.kind == tree::EntryKind::File && e.hardlink.is_none() && e.digest.is_none())
@@ -601,8 +632,8 @@ impl Catalogue {
             .collect();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        // Per worker: (path, digest) of each file it hashed, and bytes written.
-        type Hashed = Result<(Vec<(String, String)>, u64), CatalogueError>;
+        // Per worker: (path, digest, key) of each file it hashed, and bytes written.
+        type Hashed = Result<(Vec<(String, String, String)>, u64), CatalogueError>;
         let results: Vec<Hashed> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers.min(todo.len().max(1)))
                 .map(|_| {
@@ -614,8 +645,9 @@ impl Catalogue {
                             let Some(rel) = todo.get(i) else { break };
                             let path = upper.join(rel);
                             let digest = tree::hash_file(&path)?;
-                            written += self.store_blob(&path, &digest, compression)?.written;
-                            digests.push((rel.clone(), digest));
+                            let stored = self.store_blob(&path, &digest, compression)?;
+                            written += stored.written;
+                            digests.push((rel.clone(), digest, stored.key));
                         }
                         Ok((digests, written))
                     })
@@ -630,16 +662,18 @@ impl Catalogue {
                 .collect()
         });
         let mut written = 0;
+        let mut keys = HashMap::new();
         for result in results {
             let (digests, bytes) = result?;
             written += bytes;
-            for (rel, digest) in digests {
+            for (rel, digest, key) in digests {
                 if let Some(entry) = tree.get_mut(&rel) {
-                    entry.digest = Some(digest);
+                    entry.digest = Some(digest.clone());
                 }
+                keys.insert(digest, key);
             }
         }
-        Ok(written)
+        Ok((written, keys))
     }
 
     /// The scratch directory of this storage's writers, created if need be.
@@ -897,10 +931,11 @@ impl Catalogue {
                 doomed.insert(c.id.clone());
             }
         }
+        let holdings = self.holdings(&all)?;
         // Storage: the oldest go first until the storage fits.
         if let Some(limit) = policy.max_storage {
             for c in &mine {
-                if self.usage_without(&all, &doomed)? <= limit {
+                if self.usage_without(&all, &holdings, &doomed)? <= limit {
                     break;
                 }
                 if !excluded(c) {
@@ -908,8 +943,8 @@ impl Catalogue {
                 }
             }
         }
-        let before = self.usage_without(&all, &BTreeSet::new())?;
-        let after = self.usage_without(&all, &doomed)?;
+        let before = self.usage_without(&all, &holdings, &BTreeSet::new())?;
+        let after = self.usage_without(&all, &holdings, &doomed)?;
         let removed: Vec<String> = mine
             .iter()
             .filter(|c| doomed.contains(&c.id))
@@ -928,7 +963,7 @@ impl Catalogue {
         if dry_run {
             return Ok(plan);
         }
-        self.remove_all(&all, &doomed)?;
+        self.remove_all(&all, &holdings, &doomed)?;
         self.collect_garbage()?;
         Ok(plan)
     }
@@ -994,7 +1029,8 @@ impl Catalogue {
             .filter(|c| !reasons.contains_key(&c.id))
             .map(|c| c.id.clone())
             .collect();
-        let before = self.usage_without(&all, &BTreeSet::new())?;
+        let holdings = self.holdings(&all)?;
+        let before = self.usage_without(&all, &holdings, &BTreeSet::new())?;
         let plan = MergePlan {
             kept: mine
                 .iter()
@@ -1014,20 +1050,21 @@ impl Catalogue {
         };
         if dry_run {
             // Chunking is not simulated: a dry run reports what folding frees.
-            let after = self.usage_without(&all, &merged)?;
+            let after = self.usage_without(&all, &holdings, &merged)?;
             return Ok(MergePlan {
                 freed_bytes: before.saturating_sub(after),
                 ..plan
             });
         }
         if !merged.is_empty() {
-            self.remove_all(&all, &merged)?;
+            self.remove_all(&all, &holdings, &merged)?;
         }
         if policy.aggressive {
             self.chunk_large_files()?;
         }
         self.collect_garbage()?;
-        let after = self.usage_without(&self.all()?, &BTreeSet::new())?;
+        let now_all = self.all()?;
+        let after = self.usage_without(&now_all, &self.holdings(&now_all)?, &BTreeSet::new())?;
         Ok(MergePlan {
             freed_bytes: before.saturating_sub(after),
             ..plan
@@ -1136,11 +1173,20 @@ impl Catalogue {
     fn without(
         &self,
         all: &[Checkpoint],
+        holdings: &Holdings,
         doomed: &BTreeSet<String>,
     ) -> Result<Vec<(Checkpoint, Delta)>, CatalogueError> {
         let mut current: Vec<(Checkpoint, Delta, bool)> = Vec::with_capacity(all.len());
         for c in all {
-            current.push((c.clone(), self.read_delta(c)?, false));
+            let delta = holdings
+                .deltas
+                .get(&c.id)
+                .cloned()
+                .ok_or_else(|| CatalogueError::Corrupt {
+                    id: c.id.clone(),
+                    message: "its change was not read".into(),
+                })?;
+            current.push((c.clone(), delta, false));
         }
         for victim_index in 0..current.len() {
             if !doomed.contains(&current[victim_index].0.id) {
@@ -1182,8 +1228,13 @@ impl Catalogue {
     /// children. Each rewritten child is published (its new change under a
     /// new key first, then its metadata) before any removed one goes, so a
     /// crash leaves every checkpoint restorable.
-    fn remove_all(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<(), CatalogueError> {
-        for (checkpoint, delta) in self.without(all, doomed)? {
+    fn remove_all(
+        &self,
+        all: &[Checkpoint],
+        holdings: &Holdings,
+        doomed: &BTreeSet<String>,
+    ) -> Result<(), CatalogueError> {
+        for (checkpoint, delta) in self.without(all, holdings, doomed)? {
             if !checkpoint.delta_key.is_empty() {
                 continue;
             }
@@ -1203,12 +1254,16 @@ impl Catalogue {
     /// Bytes the storage would hold without `doomed`, folded as
     /// [`Catalogue::without`] folds them: metadata, changes and the blobs
     /// still referenced.
-    fn usage_without(&self, all: &[Checkpoint], doomed: &BTreeSet<String>) -> Result<u64, CatalogueError> {
-        let mut sizes: HashMap<String, u64> = self.objects.list("blobs/")?.into_iter().collect();
-        sizes.extend(self.objects.list("chunks/")?);
+    fn usage_without(
+        &self,
+        all: &[Checkpoint],
+        holdings: &Holdings,
+        doomed: &BTreeSet<String>,
+    ) -> Result<u64, CatalogueError> {
+        let size = |key: &str| holdings.sizes.get(key).copied().unwrap_or(0);
         let mut keys = BTreeSet::new();
         let mut total = 0u64;
-        for (c, delta) in self.without(all, doomed)? {
+        for (c, delta) in self.without(all, holdings, doomed)? {
             keys.extend(self.blob_keys(&c, &delta));
             total += if c.delta_key.is_empty() {
                 let json = serde_json::to_vec(&delta).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
@@ -1216,13 +1271,45 @@ impl Catalogue {
                     .map(|z| z.len() as u64)
                     .unwrap_or(json.len() as u64)
             } else {
-                self.objects.size(&c.delta_key)?.unwrap_or(0)
+                size(&c.delta_key)
             };
-            total += self.objects.size(&format!("checkpoints/{}.json", c.id))?.unwrap_or(0);
+            total += size(&format!("checkpoints/{}.json", c.id));
         }
-        let chunks = self.chunks_of(&keys)?;
-        total += keys.iter().chain(&chunks).filter_map(|k| sizes.get(k)).sum::<u64>();
+        let chunks: BTreeSet<&String> = keys
+            .iter()
+            .filter_map(|k| holdings.chunk_lists.get(k))
+            .flatten()
+            .collect();
+        total += keys.iter().map(|k| size(k)).sum::<u64>() + chunks.into_iter().map(|k| size(k)).sum::<u64>();
         Ok(total)
+    }
+
+    /// Reads what the plans of a prune or merge need, once: every
+    /// checkpoint's change, every object's size, every chunk list.
+    fn holdings(&self, all: &[Checkpoint]) -> Result<Holdings, CatalogueError> {
+        let mut deltas = HashMap::with_capacity(all.len());
+        for c in all {
+            deltas.insert(c.id.clone(), self.read_delta(c)?);
+        }
+        let mut sizes = HashMap::new();
+        for prefix in ["blobs/", "chunks/", "deltas/", "checkpoints/"] {
+            sizes.extend(self.objects.list(prefix)?);
+        }
+        let mut chunk_lists = HashMap::new();
+        for key in sizes.keys().filter(|k| is_chunked(k)) {
+            let chunks = self
+                .read_chunk_list(key)?
+                .chunks
+                .iter()
+                .map(|c| chunk_key(&c.digest))
+                .collect();
+            chunk_lists.insert(key.clone(), chunks);
+        }
+        Ok(Holdings {
+            deltas,
+            sizes,
+            chunk_lists,
+        })
     }
 
     /// Deletes every blob and change no checkpoint references: what prunes
