@@ -13,13 +13,15 @@ pub enum CgroupError {
     Read { path: String, source: std::io::Error },
     #[error("process {pid} has no freezer: neither a cgroup v1 freezer nor a cgroup v2 hierarchy is mounted for it")]
     NoFreezer { pid: u32 },
+    #[error("process {pid} has no memory cgroup: neither a cgroup v1 memory hierarchy nor a cgroup v2 one is mounted for it")]
+    NoMemoryCgroup { pid: u32 },
 }
 
 impl Classify for CgroupError {
     fn kind(&self) -> ErrorKind {
         match self {
             CgroupError::Read { .. } => ErrorKind::NotFound,
-            CgroupError::NoFreezer { .. } => ErrorKind::FailedPrecondition,
+            CgroupError::NoFreezer { .. } | CgroupError::NoMemoryCgroup { .. } => ErrorKind::FailedPrecondition,
         }
     }
 }
@@ -57,6 +59,79 @@ pub fn resolve(cgroups: &str, mountinfo: &str) -> Option<Freezer> {
     let path = v2?;
     let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
     Some(Freezer::V2(join_cgroup(&m.mount_point, &m.root, &path)))
+}
+
+/// Where a process's memory accounting is: cgroup v1's memory hierarchy,
+/// or the unified one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryCgroup {
+    V1(PathBuf),
+    V2(PathBuf),
+}
+
+impl MemoryCgroup {
+    /// Anonymous memory of the cgroup (what a CRIU dump writes, roughly),
+    /// and its limit if it has one, in bytes.
+    pub fn usage(&self) -> Result<(u64, Option<u64>), CgroupError> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let (dir, anon_key, limit_file) = match self {
+            MemoryCgroup::V1(dir) => (dir, "total_rss", "memory.limit_in_bytes"),
+            MemoryCgroup::V2(dir) => (dir, "anon", "memory.max"),
+        };
+        let stat = read(dir.join("memory.stat"))?;
+        let anon = stat
+            .lines()
+            .find_map(|line| line.strip_prefix(anon_key)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0);
+        // v1 says "no limit" with a huge number, v2 with "max".
+        let limit = read(dir.join(limit_file))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|limit| *limit < (1 << 62));
+        Ok((anon, limit))
+    }
+}
+
+/// The memory cgroup of process `pid`.
+pub fn memory_of(pid: u32) -> Result<MemoryCgroup, CgroupError> {
+    let read = |path: String| std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source });
+    let cgroups = read(format!("/proc/{pid}/cgroup"))?;
+    let mountinfo = read("/proc/self/mountinfo".to_string())?;
+    resolve_memory(&cgroups, &mountinfo).ok_or(CgroupError::NoMemoryCgroup { pid })
+}
+
+/// Pure part of [`memory_of`].
+pub fn resolve_memory(cgroups: &str, mountinfo: &str) -> Option<MemoryCgroup> {
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path.to_string());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            v1 = Some(path.to_string());
+        }
+    }
+    let mounts = parse_mounts(mountinfo);
+    if let Some(path) = v1 {
+        if let Some(m) = mounts
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "memory"))
+        {
+            return Some(MemoryCgroup::V1(join_cgroup(&m.mount_point, &m.root, &path)));
+        }
+    }
+    let path = v2?;
+    let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
+    Some(MemoryCgroup::V2(join_cgroup(&m.mount_point, &m.root, &path)))
 }
 
 struct MountEntry {
@@ -121,6 +196,36 @@ mod tests {
             resolve(cgroups, HYBRID_MOUNTS),
             Some(Freezer::V1(PathBuf::from("/sys/fs/cgroup/freezer/ns1/ctr1")))
         );
+    }
+
+    #[test]
+    fn memory_cgroup_on_hybrid_and_unified_hosts() {
+        let cgroups = "12:memory:/ns/c1\n5:freezer:/ns/c1\n0::/ns/c1\n";
+        assert_eq!(
+            resolve_memory(cgroups, HYBRID_MOUNTS),
+            Some(MemoryCgroup::V1(PathBuf::from("/sys/fs/cgroup/memory/ns/c1")))
+        );
+        let unified = "30 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            resolve_memory("0::/ns/c1\n", unified),
+            Some(MemoryCgroup::V2(PathBuf::from("/sys/fs/cgroup/ns/c1")))
+        );
+        assert_eq!(resolve_memory("0::/ns/c1\n", ""), None);
+    }
+
+    #[test]
+    fn memory_usage_reads_anonymous_memory_and_limit() {
+        let dir = std::env::temp_dir().join(format!("seamless-memcg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.stat"), "cache 4096\nrss 100\ntotal_rss 8192\n").unwrap();
+        std::fs::write(dir.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(MemoryCgroup::V1(dir.clone()).usage().unwrap(), (8192, None));
+        std::fs::write(dir.join("memory.stat"), "anon 12288\nfile 5\n").unwrap();
+        std::fs::write(dir.join("memory.max"), "1048576\n").unwrap();
+        assert_eq!(MemoryCgroup::V2(dir.clone()).usage().unwrap(), (12288, Some(1048576)));
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        assert_eq!(MemoryCgroup::V2(dir.clone()).usage().unwrap(), (12288, None));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -545,6 +545,10 @@ impl CommitService {
         &self.snapshotter
     }
 
+    pub fn containerd_address(&self) -> &std::path::Path {
+        &self.containerd_address
+    }
+
     fn update(&self, job: &mut Job, progress: f64, stage: &str) {
         job.state = JobState::Processing;
         job.progress = progress;

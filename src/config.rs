@@ -41,6 +41,51 @@ pub struct Config {
     /// Running Nydus images.
     #[serde(default)]
     pub nydus: NydusConfig,
+    /// Process-state checkpoints: which runc and criu dump and restore.
+    #[serde(default)]
+    pub criu: CriuConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CriuConfig {
+    /// The runc containerd's shims run (a path, or a name looked up on PATH).
+    #[serde(default = "default_runc")]
+    pub runc: String,
+    /// runc's state root of containerd's shims (`<runc_root>/<namespace>`).
+    #[serde(default = "default_runc_root")]
+    pub runc_root: String,
+    /// criu binary for runc; empty: runc finds `criu` on PATH.
+    #[serde(default)]
+    pub criu_path: String,
+}
+
+fn default_runc() -> String {
+    "runc".into()
+}
+
+fn default_runc_root() -> String {
+    "/run/containerd/runc".into()
+}
+
+impl Default for CriuConfig {
+    fn default() -> Self {
+        CriuConfig {
+            runc: default_runc(),
+            runc_root: default_runc_root(),
+            criu_path: String::new(),
+        }
+    }
+}
+
+impl CriuConfig {
+    pub fn settings(&self) -> crate::criu::CriuSettings {
+        crate::criu::CriuSettings {
+            runc: self.runc.clone().into(),
+            runc_root: self.runc_root.clone().into(),
+            criu: Some(&self.criu_path).filter(|p| !p.is_empty()).map(Into::into),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -193,6 +238,7 @@ impl Default for Config {
             commit: CommitConfig::default(),
             rest: RestConfig::default(),
             nydus: NydusConfig::default(),
+            criu: CriuConfig::default(),
         }
     }
 }
@@ -233,6 +279,24 @@ impl Config {
             });
         }
         self.pool_size()?;
+        for (key, value, empty_ok) in [
+            ("criu.runc", &self.criu.runc, false),
+            ("criu.runc_root", &self.criu.runc_root, false),
+            ("criu.criu_path", &self.criu.criu_path, true),
+        ] {
+            let ok = if value.is_empty() {
+                empty_ok
+            } else {
+                key == "criu.runc" && !value.contains('/')
+                    || value.starts_with('/') && !value.split('/').any(|p| p == "..")
+            };
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{value:?} must be an absolute path without '..'"),
+                });
+            }
+        }
         if !self.rest.tcp_address.is_empty() {
             let addr: std::net::SocketAddr = self.rest.tcp_address.parse().map_err(|_| ConfigError::Invalid {
                 key: "rest.tcp_address",

@@ -5,15 +5,26 @@
 use std::path::Path;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
 use containerd_client::services::v1::tasks_client::TasksClient;
-use containerd_client::services::v1::{GetRequest, ListContainersRequest};
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
+    ListContainersRequest, MetricsRequest, PauseTaskRequest, StartRequest,
+};
 use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{Code, Request};
+use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::v1::Status as TaskStatus;
+use containerd_client::types::Mount;
 
 use crate::error::{Classify, ErrorKind};
 
 const NAMESPACE_HEADER: &str = "containerd-namespace";
+const LEASE_HEADER: &str = "containerd-lease";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
@@ -37,6 +48,23 @@ pub enum ContainerdError {
     },
     #[error("containerd {call}: {message}")]
     Call { call: &'static str, message: String },
+    #[error("containerd {call}: {message}")]
+    Exists { call: &'static str, message: String },
+    #[error("containerd {call}: {message}")]
+    Missing { call: &'static str, message: String },
+}
+
+/// Maps a containerd status, keeping "not found" and "already exists"
+/// apart from other failures.
+fn call_error(call: &'static str) -> impl FnOnce(Status) -> ContainerdError {
+    move |s| {
+        let message = s.message().to_string();
+        match s.code() {
+            Code::NotFound => ContainerdError::Missing { call, message },
+            Code::AlreadyExists => ContainerdError::Exists { call, message },
+            _ => ContainerdError::Call { call, message },
+        }
+    }
 }
 
 impl Classify for ContainerdError {
@@ -47,6 +75,8 @@ impl Classify for ContainerdError {
             ContainerdError::NotFound { .. } => ErrorKind::NotFound,
             ContainerdError::NotRunning { .. } => ErrorKind::FailedPrecondition,
             ContainerdError::Call { .. } => ErrorKind::Internal,
+            ContainerdError::Exists { .. } => ErrorKind::AlreadyExists,
+            ContainerdError::Missing { .. } => ErrorKind::NotFound,
         }
     }
 }
@@ -191,6 +221,305 @@ impl Containerd {
             snapshot_key: container.snapshot_key,
             pid,
         })
+    }
+}
+
+/// A task as containerd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskState {
+    pub pid: u32,
+    /// "running", "paused", "stopped", "created", ...
+    pub status: String,
+}
+
+impl Containerd {
+    pub async fn container(&self, namespace: &str, id: &str) -> Result<Container, ContainerdError> {
+        ContainersClient::new(self.channel.clone())
+            .get(namespaced(GetContainerRequest { id: id.to_string() }, namespace)?)
+            .await
+            .map_err(call_error("get container"))?
+            .into_inner()
+            .container
+            .ok_or(ContainerdError::Call {
+                call: "get container",
+                message: "empty answer".into(),
+            })
+    }
+
+    pub async fn container_exists(&self, namespace: &str, id: &str) -> Result<bool, ContainerdError> {
+        match self.container(namespace, id).await {
+            Ok(_) => Ok(true),
+            Err(ContainerdError::Missing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_container(&self, namespace: &str, container: Container) -> Result<(), ContainerdError> {
+        ContainersClient::new(self.channel.clone())
+            .create(namespaced(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("create container"))?;
+        Ok(())
+    }
+
+    pub async fn delete_container(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        ContainersClient::new(self.channel.clone())
+            .delete(namespaced(DeleteContainerRequest { id: id.to_string() }, namespace)?)
+            .await
+            .map_err(call_error("delete container"))?;
+        Ok(())
+    }
+
+    /// The name of the snapshot `key` was prepared on.
+    pub async fn snapshot_parent(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<String, ContainerdError> {
+        let info = SnapshotsClient::new(self.channel.clone())
+            .stat(namespaced(
+                StatSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key: key.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("stat snapshot"))?
+            .into_inner()
+            .info
+            .unwrap_or_default();
+        Ok(info.parent)
+    }
+
+    /// A lease that keeps what is made under it from containerd's garbage
+    /// collection until [`Containerd::delete_lease`].
+    pub async fn create_lease(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        let mut labels = std::collections::HashMap::new();
+        // Expires by itself if the daemon dies before deleting it.
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            crate::commit::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)),
+        );
+        LeasesClient::new(self.channel.clone())
+            .create(namespaced(
+                CreateLeaseRequest {
+                    id: id.to_string(),
+                    labels,
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("create lease"))?;
+        Ok(())
+    }
+
+    pub async fn delete_lease(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        LeasesClient::new(self.channel.clone())
+            .delete(namespaced(
+                DeleteLeaseRequest {
+                    id: id.to_string(),
+                    sync: false,
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("delete lease"))?;
+        Ok(())
+    }
+
+    /// Prepares active snapshot `key` on `parent` under lease `lease`.
+    pub async fn prepare_snapshot(
+        &self,
+        namespace: &str,
+        lease: &str,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+    ) -> Result<Vec<Mount>, ContainerdError> {
+        let mut request = namespaced(
+            PrepareSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+                parent: parent.to_string(),
+                labels: Default::default(),
+            },
+            namespace,
+        )?;
+        let value = lease.parse().map_err(|_| ContainerdError::Call {
+            call: "prepare snapshot",
+            message: format!("lease id {lease:?} is not a valid header"),
+        })?;
+        request.metadata_mut().insert(LEASE_HEADER, value);
+        Ok(SnapshotsClient::new(self.channel.clone())
+            .prepare(request)
+            .await
+            .map_err(call_error("prepare snapshot"))?
+            .into_inner()
+            .mounts)
+    }
+
+    pub async fn snapshot_mounts(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<Vec<Mount>, ContainerdError> {
+        Ok(SnapshotsClient::new(self.channel.clone())
+            .mounts(namespaced(
+                MountsRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key: key.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("snapshot mounts"))?
+            .into_inner()
+            .mounts)
+    }
+
+    pub async fn remove_snapshot(&self, namespace: &str, snapshotter: &str, key: &str) -> Result<(), ContainerdError> {
+        SnapshotsClient::new(self.channel.clone())
+            .remove(namespaced(
+                RemoveSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key: key.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("remove snapshot"))?;
+        Ok(())
+    }
+
+    /// Creates the task; returns its init pid.
+    pub async fn create_task(&self, namespace: &str, request: CreateTaskRequest) -> Result<u32, ContainerdError> {
+        Ok(TasksClient::new(self.channel.clone())
+            .create(namespaced(request, namespace)?)
+            .await
+            .map_err(call_error("create task"))?
+            .into_inner()
+            .pid)
+    }
+
+    pub async fn start_task(&self, namespace: &str, id: &str) -> Result<u32, ContainerdError> {
+        Ok(TasksClient::new(self.channel.clone())
+            .start(namespaced(
+                StartRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("start task"))?
+            .into_inner()
+            .pid)
+    }
+
+    pub async fn pause_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        TasksClient::new(self.channel.clone())
+            .pause(namespaced(
+                PauseTaskRequest {
+                    container_id: id.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("pause task"))?;
+        Ok(())
+    }
+
+    /// The container's task, or None when it has none.
+    pub async fn task(&self, namespace: &str, id: &str) -> Result<Option<TaskState>, ContainerdError> {
+        let answer = TasksClient::new(self.channel.clone())
+            .get(namespaced(
+                GetRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                },
+                namespace,
+            )?)
+            .await;
+        match answer {
+            Ok(r) => Ok(r.into_inner().process.map(|p| TaskState {
+                pid: p.pid,
+                status: TaskStatus::from_i32(p.status)
+                    .unwrap_or(TaskStatus::Unknown)
+                    .as_str_name()
+                    .to_lowercase(),
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(call_error("get task")(s)),
+        }
+    }
+
+    /// Kills the task's processes (SIGKILL) and deletes it, waiting until
+    /// its init process is gone; a container without task is left as is.
+    pub async fn remove_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        let Some(task) = self.task(namespace, id).await? else {
+            return Ok(());
+        };
+        if task.status != "stopped" {
+            let killed = TasksClient::new(self.channel.clone())
+                .kill(namespaced(
+                    KillRequest {
+                        container_id: id.to_string(),
+                        exec_id: String::new(),
+                        signal: 9,
+                        all: true,
+                    },
+                    namespace,
+                )?)
+                .await;
+            if let Err(s) = killed {
+                if s.code() != Code::NotFound && s.code() != Code::FailedPrecondition {
+                    return Err(call_error("kill task")(s));
+                }
+            }
+            for _ in 0..200 {
+                match self.task(namespace, id).await? {
+                    Some(t) if t.status != "stopped" => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+                    _ => break,
+                }
+            }
+        }
+        match TasksClient::new(self.channel.clone())
+            .delete(namespaced(
+                DeleteTaskRequest {
+                    container_id: id.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(call_error("delete task")(s)),
+        }
+    }
+
+    /// Whether containerd produces metrics (cgroup statistics) for the task.
+    pub async fn task_metrics(&self, namespace: &str, id: &str) -> Result<usize, ContainerdError> {
+        Ok(TasksClient::new(self.channel.clone())
+            .metrics(namespaced(
+                MetricsRequest {
+                    filters: vec![format!("id=={id}")],
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("task metrics"))?
+            .into_inner()
+            .metrics
+            .len())
     }
 }
 

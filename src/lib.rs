@@ -14,6 +14,7 @@ pub mod client;
 pub mod commit;
 pub mod config;
 pub mod containerd;
+pub mod criu;
 pub mod error;
 pub mod filter;
 pub mod grpc;

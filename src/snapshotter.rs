@@ -163,6 +163,7 @@ pub struct Snapshotter {
     overlay: OverlayFeatures,
     upperdir_label: bool,
     rafs: RafsMounts,
+    criu: crate::criu::CriuSettings,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -324,6 +325,7 @@ impl Snapshotter {
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
+            criu: config.criu.settings(),
         };
         snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
@@ -337,6 +339,11 @@ impl Snapshotter {
             warn!("storage is plain directories: a writable layer cannot be snapshotted in O(1) here; use a btrfs root or the pool for seamless commit");
         }
         Ok(snapshotter)
+    }
+
+    /// Which runc and criu process-state checkpoints use.
+    pub fn criu_settings(&self) -> &crate::criu::CriuSettings {
+        &self.criu
     }
 
     pub fn storage_kind(&self) -> StorageKind {

@@ -82,6 +82,8 @@ fn main() {
                 parent: None,
                 compression: Compression::Zstd,
                 pause: Duration::from_millis(2),
+                process: None,
+                container_key: None,
             },
         )
         .expect("create");

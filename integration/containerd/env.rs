@@ -46,6 +46,8 @@ const REQUIRED_COMMANDS: &[&str] = &[
     "docker-registry",
     "mkfs.btrfs",
     "umount",
+    // Process-state checkpoints (packaging/criu/install.sh provides one).
+    "criu",
 ];
 
 const CTR_TIMEOUT: Duration = Duration::from_secs(90);

@@ -24,6 +24,7 @@ mod env;
 mod grpc;
 mod image;
 mod nydus;
+mod restore;
 mod stall;
 
 use std::collections::HashMap;

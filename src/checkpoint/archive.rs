@@ -277,16 +277,6 @@ fn parse_pax_time(text: &str) -> Option<i64> {
     Some(if negative { -total } else { total })
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     tree::hex(&Sha256::digest(data))
 }
@@ -992,7 +982,8 @@ fn append_member<W: Write>(
                 if name.is_empty() || name.contains(['=', '\0']) {
                     return Err(unexportable(format!("xattr name {name:?} cannot be a PAX record")));
                 }
-                let value = unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
+                let value =
+                    tree::unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
                 records.push((format!("{XATTR_RECORD}{name}"), value));
             }
             if matches!(member.kind, tar::EntryType::Char | tar::EntryType::Block) {
@@ -1334,6 +1325,8 @@ pub fn import(catalogue: &Catalogue, source: &Path, namespace: &str) -> Result<V
             let (delta_key, delta_digest, delta_size) = catalogue.write_delta(&plan.id, &delta)?;
             created_keys.push(delta_key.clone());
             made.push(Checkpoint {
+                process: None,
+                container_key: None,
                 id: plan.id.clone(),
                 namespace: namespace.to_string(),
                 container: container.clone(),
@@ -1780,6 +1773,8 @@ mod tests {
             parent: parent.map(str::to_string),
             compression,
             pause: Duration::from_micros(1_500),
+            process: None,
+            container_key: None,
         }
     }
 
@@ -2172,6 +2167,8 @@ mod tests {
                 pause_ns: 0,
                 delta_key,
                 delta_digest,
+                process: None,
+                container_key: None,
             };
             w.catalogue.publish(&checkpoint).unwrap();
             chain.push(checkpoint);
@@ -2377,7 +2374,7 @@ mod tests {
             image_reference("Web_1", "cp-20261201-101112"),
             "seamless-checkpoint/web_1:cp-20261201-101112"
         );
-        assert_eq!(unhex("00ff"), Some(vec![0, 255]));
-        assert_eq!(unhex("0"), None);
+        assert_eq!(tree::unhex("00ff"), Some(vec![0, 255]));
+        assert_eq!(tree::unhex("0"), None);
     }
 }

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -120,9 +121,55 @@ pub struct Checkpoint {
     /// Object key of its change, and the sha256 of that object.
     pub delta_key: String,
     pub delta_digest: String,
+    /// The processes' state (CRIU images), when not `fs_only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessState>,
+    /// Blob of the container's record (spec, runtime, snapshot parent) that
+    /// restore recreates it from; checkpoints of older versions have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_key: Option<String>,
+}
+
+/// A CRIU dump of a checkpoint's processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessState {
+    /// Blob keys of tar archives of CRIU image directories, oldest first:
+    /// each is the parent (`--prev-images-dir`) of the next; the last is
+    /// this checkpoint's dump. Blobs are shared, not copied, with the
+    /// checkpoints whose dumps they are.
+    pub images: Vec<String>,
+    pub dump_log_key: String,
+    pub stats: crate::criu::DumpStats,
+    /// Anonymous memory of the container when dumped.
+    pub memory_bytes: u64,
+    /// Uncompressed bytes of this dump's own images.
+    pub images_size: u64,
+    /// Bytes its images added to the storage (chunks no earlier dump had).
+    #[serde(default)]
+    pub stored_bytes: u64,
+    pub pre_dump: bool,
+    pub pre_dump_pages_written: u64,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub leave_running: bool,
+    pub criu_version: String,
+    /// "<pid>:<start time>" of the container's init process when dumped:
+    /// a later dump reuses these pages only for the same process.
+    #[serde(default)]
+    pub process_identity: String,
 }
 
 impl Checkpoint {
+    /// Blobs this checkpoint references besides its change's files.
+    pub fn own_blob_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.container_key.iter().cloned().collect();
+        if let Some(process) = &self.process {
+            keys.extend(process.images.iter().cloned());
+            keys.push(process.dump_log_key.clone());
+        }
+        keys
+    }
+
     pub fn age(&self, now: SystemTime) -> Duration {
         let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
         Duration::from_secs(now.saturating_sub(self.created_unix).max(0) as u64)
@@ -197,6 +244,8 @@ pub struct NewCheckpoint {
     pub parent: Option<String>,
     pub compression: Compression,
     pub pause: Duration,
+    pub process: Option<ProcessState>,
+    pub container_key: Option<String>,
 }
 
 /// The rules of a prune.
@@ -258,6 +307,9 @@ pub struct MergePolicy {
 const CHUNKED_MIN_BYTES: u64 = 1 << 20;
 /// Content-defined chunk sizes: min, average, max.
 const CHUNK_SIZES: (usize, usize, usize) = (64 << 10, 256 << 10, 1 << 20);
+/// Chunk sizes of CRIU images: smaller, since dirtied pages are scattered
+/// and each one changes the chunk it falls in.
+pub(super) const IMAGE_CHUNK_SIZES: (usize, usize, usize) = (16 << 10, 64 << 10, 256 << 10);
 
 /// A file stored as chunks: `blobs/sha256/<digest>.chunks` lists them, each
 /// `chunks/sha256/<hex>.zst`.
@@ -329,6 +381,7 @@ struct Holdings {
 }
 
 /// The catalogue of one storage.
+#[derive(Clone)]
 pub struct Catalogue {
     /// Identifies the storage in the daemon's store ("local", "nfs:<path>").
     storage_id: String,
@@ -536,6 +589,55 @@ impl Catalogue {
     }
 
     /// The writable layer `checkpoint` holds.
+    /// The whole tree of `checkpoint` and where each file content of it is
+    /// stored (its blob key, by digest): what a restore writes back.
+    pub fn restore_plan(&self, checkpoint: &Checkpoint) -> Result<(Tree, HashMap<String, String>), CatalogueError> {
+        let mut tree = Tree::new();
+        let mut keys = HashMap::new();
+        for link in self.chain(checkpoint)? {
+            let delta = self.read_delta(&link)?;
+            delta.apply(&mut tree);
+            for digest in delta.digests() {
+                let key = content_key(&link, &delta, &digest);
+                keys.insert(digest, key);
+            }
+        }
+        Ok((tree, keys))
+    }
+
+    /// Copies blob `key`'s content into `out`, checking it against the
+    /// digest the key names.
+    pub fn copy_verified(&self, key: &str, digest: &str, out: &mut impl Write) -> Result<u64, CatalogueError> {
+        let mut reader = self.open_content(key)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(|source| CatalogueError::Io {
+                op: "read blob",
+                path: key.to_string(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|source| CatalogueError::Io {
+                op: "write content of",
+                path: key.to_string(),
+                source,
+            })?;
+            total += n as u64;
+        }
+        let actual = tree::hex(&hasher.finalize());
+        if actual != digest {
+            return Err(CatalogueError::Invalid(format!(
+                "blob {key}: content hashes to sha256:{actual}, not sha256:{digest}"
+            )));
+        }
+        Ok(total)
+    }
+
     pub fn tree_of(&self, checkpoint: &Checkpoint) -> Result<Tree, CatalogueError> {
         let mut tree = Tree::new();
         for link in self.chain(checkpoint)? {
@@ -599,7 +701,8 @@ impl Catalogue {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs() as i64,
-            size: stored_bytes + delta_size,
+            // Process images are stored before: their new chunks count here.
+            size: stored_bytes + delta_size + new.process.as_ref().map_or(0, |p| p.stored_bytes),
             content_size: delta.content_bytes(),
             labels: new.labels.clone(),
             parent: new.parent.clone(),
@@ -607,10 +710,12 @@ impl Catalogue {
             compression: new.compression,
             changed_entries: delta.changed.len() as u64,
             removed_entries: delta.removed.len() as u64,
-            fs_only: true,
+            fs_only: new.process.is_none(),
             pause_ns: new.pause.as_nanos() as u64,
             delta_key,
             delta_digest,
+            process: new.process.clone(),
+            container_key: new.container_key.clone(),
         };
         self.publish(&checkpoint)?;
         Ok(checkpoint)
@@ -798,6 +903,52 @@ impl Catalogue {
 
     /// Reads blob `key` back, decompressed, and checks it against the
     /// digest in its name.
+    /// Writes the content of blob `key` to a new file at `target`, checking
+    /// it against the digest the key names; a mismatch leaves no file.
+    pub(super) fn fetch_verified(&self, key: &str, target: &Path) -> Result<u64, CatalogueError> {
+        let invalid = |reason: String| CatalogueError::Invalid(format!("blob {key}: {reason}"));
+        let name = key.rsplit('/').next().unwrap_or_default();
+        let (digest, _) = name.split_once('.').ok_or_else(|| invalid("not a blob name".into()))?;
+        let io = |op: &'static str| {
+            move |source| CatalogueError::Io {
+                op,
+                path: target.display().to_string(),
+                source,
+            }
+        };
+        let mut reader = self.open_content(key)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(target)
+            .map_err(io("create"))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        let copied: Result<(), CatalogueError> = (|| {
+            loop {
+                let n = reader.read(&mut buf).map_err(io("read blob into"))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io("write"))?;
+                total += n as u64;
+            }
+            let actual = tree::hex(&hasher.finalize());
+            if actual != digest {
+                return Err(invalid(format!("content hashes to sha256:{actual}")));
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(target);
+            return Err(e);
+        }
+        Ok(total)
+    }
+
     fn check_blob(&self, key: &str) -> Result<(), String> {
         let name = key.rsplit('/').next().unwrap_or_default();
         let (digest, _) = name.split_once('.').ok_or("not a blob name")?;
@@ -818,8 +969,16 @@ impl Catalogue {
         Ok(())
     }
 
-    /// Blob keys `checkpoint`'s own change references.
+    /// Every blob `checkpoint` needs of its own: its change's files, its
+    /// process images and dump log, its container record.
     fn blob_keys(&self, checkpoint: &Checkpoint, delta: &Delta) -> BTreeSet<String> {
+        let mut keys = self.delta_blob_keys(checkpoint, delta);
+        keys.extend(checkpoint.own_blob_keys());
+        keys
+    }
+
+    /// The blobs of the files `delta` (the change of `checkpoint`) sets.
+    fn delta_blob_keys(&self, checkpoint: &Checkpoint, delta: &Delta) -> BTreeSet<String> {
         delta
             .digests()
             .iter()
@@ -1082,7 +1241,8 @@ impl Catalogue {
         let mut deltas = Vec::with_capacity(all.len());
         for c in &all {
             let delta = self.read_delta(c)?;
-            for key in self.blob_keys(c, &delta) {
+            // Process images stay whole: restore reads them as they are.
+            for key in self.delta_blob_keys(c, &delta) {
                 if is_chunked(&key) || renamed.contains_key(&key) {
                     continue;
                 }
@@ -1147,6 +1307,58 @@ impl Catalogue {
         let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
         self.objects.put(&chunked, &json)?;
         Ok(chunked)
+    }
+
+    /// Stores the file at `path` (content `digest`) as content-defined
+    /// chunks of `sizes`, each stored once whatever else shares it, unless
+    /// it is stored already. Returns its key and the bytes written.
+    pub(super) fn store_chunked(
+        &self,
+        path: &Path,
+        digest: &str,
+        sizes: (usize, usize, usize),
+    ) -> Result<StoredBlob, CatalogueError> {
+        let chunked = format!("blobs/sha256/{digest}.chunks");
+        if self.objects.size(&chunked)?.is_some() {
+            return Ok(StoredBlob {
+                key: chunked,
+                written: 0,
+                new: false,
+            });
+        }
+        let io = |op: &'static str| {
+            move |source| CatalogueError::Io {
+                op,
+                path: path.display().to_string(),
+                source,
+            }
+        };
+        let file = std::fs::File::open(path).map_err(io("open"))?;
+        let (min, avg, max) = sizes;
+        let mut list = ChunkList { chunks: Vec::new() };
+        let mut written = 0;
+        for chunk in fastcdc::v2020::StreamCDC::new(std::io::BufReader::new(file), min, avg, max) {
+            let chunk = chunk.map_err(|e| io("split into chunks")(std::io::Error::other(e.to_string())))?;
+            let hex = sha256_hex(&chunk.data);
+            let stored = chunk_key(&hex);
+            if self.objects.size(&stored)?.is_none() {
+                let packed = zstd::encode_all(&chunk.data[..], 3).map_err(io("compress"))?;
+                written += packed.len() as u64;
+                self.objects.put(&stored, &packed)?;
+            }
+            list.chunks.push(ChunkRef {
+                digest: hex,
+                size: chunk.length as u64,
+            });
+        }
+        let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
+        written += json.len() as u64;
+        self.objects.put(&chunked, &json)?;
+        Ok(StoredBlob {
+            key: chunked,
+            written,
+            new: true,
+        })
     }
 
     fn read_chunk_list(&self, key: &str) -> Result<ChunkList, CatalogueError> {
@@ -1412,6 +1624,8 @@ mod tests {
             parent: parent.map(str::to_string),
             compression,
             pause: Duration::from_millis(2),
+            process: None,
+            container_key: None,
         }
     }
 

@@ -3,13 +3,16 @@
 //! content-addressed on a storage backend and listed from the daemon's
 //! metadata store. Owns the rules of the catalogue (ids, labels, chains,
 //! prune policies) and which storage a request names; knows nothing of
-//! gRPC. Process state (CRIU) is not part of it yet: every checkpoint is of
-//! the filesystem only.
+//! gRPC. A checkpoint holds the filesystem and, unless asked for the
+//! filesystem only, the processes' state as CRIU dumps them (through runc),
+//! from which `restore` recreates the container.
 
 pub mod archive;
 pub mod catalogue;
 pub mod filter;
 pub mod objects;
+pub mod process;
+pub mod restore;
 pub mod s3;
 pub mod schedule;
 pub mod sealed;
@@ -47,6 +50,33 @@ pub enum CheckpointError {
     Storage { backend: String, reason: String },
     #[error("checkpoint task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+    #[error(transparent)]
+    Containerd(#[from] crate::containerd::ContainerdError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(
+        "container {container} has {used} bytes of memory ({used_mib} MiB), over the memory limit of {limit} bytes \
+         ({limit_mib} MiB): nothing was dumped; raise --memory-limit or checkpoint with --fs-only"
+    )]
+    MemoryLimit {
+        container: String,
+        used: u64,
+        used_mib: u64,
+        limit: u64,
+        limit_mib: u64,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("restore failed at step {step:?}: {reason}{log}")]
+    Restore {
+        step: &'static str,
+        reason: String,
+        /// Where restore.log was kept, with a leading separator, or empty.
+        log: String,
+        kind: ErrorKind,
+    },
 }
 
 impl Classify for CheckpointError {
@@ -66,6 +96,18 @@ impl Classify for CheckpointError {
             CheckpointError::Capture(e) => e.kind(),
             CheckpointError::Storage { .. } => ErrorKind::FailedPrecondition,
             CheckpointError::Task(_) => ErrorKind::Internal,
+            CheckpointError::Process(e) => match e {
+                process::ProcessError::Catalogue(e) => catalogue_kind(e),
+                process::ProcessError::Criu(e) => e.kind(),
+                process::ProcessError::BadImages { .. } | process::ProcessError::Record(_) => {
+                    ErrorKind::FailedPrecondition
+                }
+                process::ProcessError::Io { .. } => ErrorKind::Internal,
+            },
+            CheckpointError::Containerd(e) => e.kind(),
+            CheckpointError::Cgroup(e) => e.kind(),
+            CheckpointError::MemoryLimit { .. } | CheckpointError::Unsupported(_) => ErrorKind::FailedPrecondition,
+            CheckpointError::Restore { kind, .. } => *kind,
         }
     }
 }
@@ -115,10 +157,32 @@ pub struct CreateRequest {
     pub labels: Vec<String>,
     pub parent: Option<String>,
     pub compression: String,
-    /// Accepted for the process-state checkpoints to come; the capture
-    /// always flushes the container's writes before it freezes.
+    /// Accepted; the capture always flushes the container's writes before
+    /// it freezes (keeping the container frozen across the memory dump as
+    /// well is not done yet).
     pub pre_freeze: bool,
+    /// Bytes; 0: no limit.
     pub memory_limit: u64,
+    pub fs_only: bool,
+    /// Keep the container running after the dump.
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub pre_dump: bool,
+}
+
+impl CreateRequest {
+    /// The first option asked for that only a process dump has.
+    fn process_option(&self) -> Option<&'static str> {
+        [
+            (self.pre_dump, "--pre-dump"),
+            (self.tcp_established, "--tcp-established"),
+            (self.file_locks, "--file-locks"),
+            (!self.leave_running, "--leave-running=false"),
+        ]
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
+    }
 }
 
 /// A request to write a checkpoint's chain as an OCI archive.
@@ -253,7 +317,8 @@ impl CheckpointService {
         ))
     }
 
-    /// Captures the container and stores its writable layer.
+    /// Captures the container's writable layer and, unless `fs_only`, dumps
+    /// its processes; stores both.
     #[instrument(skip_all, fields(namespace = %request.namespace, container = %request.container))]
     pub async fn create(&self, request: CreateRequest) -> Result<Checkpoint, CheckpointError> {
         crate::containerd::validate_namespace(&request.namespace)
@@ -263,9 +328,50 @@ impl CheckpointService {
         if let Some(parent) = &request.parent {
             catalogue::validate_id(parent)?;
         }
+        if request.fs_only {
+            if let Some(option) = request.process_option() {
+                return Err(CheckpointError::Invalid(format!(
+                    "{option} is an option of process-state checkpoints; it cannot go with --fs-only"
+                )));
+            }
+        }
         let catalogue = self.catalogue(&request.storage)?;
+        let settings = self.commits.snapshotter().criu_settings().clone();
+        // Without the kernel's dirty-page tracking CRIU cannot tell which
+        // pages changed since an earlier dump: no pre-dump, and every dump
+        // holds all the memory.
+        let dirty_tracking = !request.fs_only && {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || settings.dirty_tracking())
+                .await
+                .map_err(|e| CheckpointError::Task(e.to_string()))?
+        };
+        if request.pre_dump && !dirty_tracking {
+            return Err(CheckpointError::Unsupported(
+                "--pre-dump needs the kernel to track dirtied pages (CONFIG_MEM_SOFT_DIRTY), and this kernel does \
+                 not (`criu check --feature mem_dirty_track` fails): checkpoint without --pre-dump"
+                    .into(),
+            ));
+        }
+        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
         let _writing = self.writing.lock().await;
         let id = catalogue.new_id(SystemTime::now())?;
+        // The memory limit is checked before anything is captured or dumped.
+        let mut memory_bytes = 0;
+        if !request.fs_only {
+            let found = containerd.resolve(&request.namespace, &request.container).await?;
+            let (anon, _) = crate::cgroup::memory_of(found.pid)?.usage()?;
+            if request.memory_limit > 0 && anon > request.memory_limit {
+                return Err(CheckpointError::MemoryLimit {
+                    container: found.id,
+                    used: anon,
+                    used_mib: anon >> 20,
+                    limit: request.memory_limit,
+                    limit_mib: request.memory_limit >> 20,
+                });
+            }
+            memory_bytes = anon;
+        }
         let capture_name = {
             let mut n = self.created.lock().unwrap_or_else(|p| p.into_inner());
             *n += 1;
@@ -275,32 +381,84 @@ impl CheckpointService {
             .commits
             .capture(&request.namespace, &request.container, &capture_name)
             .await?;
-        if let Some(parent) = &request.parent {
-            let found = catalogue.get(parent)?;
-            if found.container != captured.container.id || found.namespace != request.namespace {
-                let _ = self.commits.snapshotter().remove_capture(&captured.captured.snapshot);
-                return Err(CheckpointError::Invalid(format!(
-                    "parent {parent} is a checkpoint of {}/{}, not of {}/{}",
-                    found.namespace, found.container, request.namespace, captured.container.id
-                )));
+        let capture = captured.captured.snapshot.clone();
+        let snapshotter = self.commits.snapshotter().clone();
+        let remove_capture = {
+            let snapshotter = snapshotter.clone();
+            let capture = capture.clone();
+            move || {
+                if let Err(e) = snapshotter.remove_capture(&capture) {
+                    warn!(capture = %capture.display(), error = %e, "capture left for the next start");
+                }
             }
-        }
-        let new = NewCheckpoint {
+        };
+        let container_id = captured.container.id.clone();
+        let prepared = self
+            .prepare_create(&containerd, &catalogue, &request, &container_id, captured.container.pid)
+            .await;
+        let (parent, record) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                remove_capture();
+                return Err(e);
+            }
+        };
+        let mut new = NewCheckpoint {
             namespace: request.namespace.clone(),
-            container: captured.container.id.clone(),
+            container: container_id.clone(),
             image: captured.container.image.clone(),
             labels,
             parent: request.parent.clone(),
             compression,
             pause: captured.captured.pause,
+            process: None,
+            container_key: None,
         };
-        let capture = captured.captured.snapshot.clone();
-        let snapshotter = self.commits.snapshotter().clone();
+        let work = self
+            .root
+            .join("checkpoint-work")
+            .join(format!("criu-{id}-{}", std::process::id()));
         let result = tokio::task::spawn_blocking(move || {
-            let result = catalogue.create(&id, &capture.join("fs"), &new);
-            if let Err(e) = snapshotter.remove_capture(&capture) {
-                warn!(capture = %capture.display(), error = %e, "capture left for the next start");
-            }
+            let result = (|| {
+                let json = serde_json::to_vec(&record).map_err(|e| CheckpointError::Task(e.to_string()))?;
+                new.container_key = Some(process::store_bytes(&catalogue, &json, Compression::Zstd, "record")?);
+                if !request.fs_only {
+                    std::fs::create_dir_all(&work)
+                        .map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
+                    // Pages the parent's dump holds are reused only when it
+                    // dumped this very process, and the kernel tracks what
+                    // it dirtied since.
+                    let parent_images = parent
+                        .as_ref()
+                        .filter(|_| dirty_tracking)
+                        .and_then(|p| p.process.as_ref())
+                        .filter(|p| !p.process_identity.is_empty() && p.process_identity == record.process_identity)
+                        .map(|p| p.images.clone())
+                        .unwrap_or_default();
+                    let dumped = process::dump_and_store(
+                        &catalogue,
+                        &process::DumpInput {
+                            settings: &settings,
+                            namespace: &request.namespace,
+                            container: &record.id,
+                            work: &work,
+                            parent_images,
+                            pre_dump: request.pre_dump,
+                            leave_running: request.leave_running,
+                            tcp_established: request.tcp_established,
+                            file_locks: request.file_locks,
+                            memory_bytes,
+                            process_identity: record.process_identity.clone(),
+                        },
+                    );
+                    if let Err(e) = std::fs::remove_dir_all(&work) {
+                        warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
+                    }
+                    new.process = Some(dumped?);
+                }
+                Ok::<_, CheckpointError>(catalogue.create(&id, &capture.join("fs"), &new)?)
+            })();
+            remove_capture();
             result
         })
         .await
@@ -312,9 +470,45 @@ impl CheckpointService {
             size = checkpoint.size,
             parent = checkpoint.parent.as_deref().unwrap_or(""),
             pause_ms = checkpoint.pause_ns as f64 / 1e6,
+            frozen_ms = checkpoint
+                .process
+                .as_ref()
+                .map(|p| p.stats.frozen_time_us as f64 / 1e3)
+                .unwrap_or(0.0),
             "checkpoint created"
         );
         Ok(checkpoint)
+    }
+
+    /// Checks the parent and reads what restore will need of the container.
+    async fn prepare_create(
+        &self,
+        containerd: &crate::containerd::Containerd,
+        catalogue: &Catalogue,
+        request: &CreateRequest,
+        container_id: &str,
+        pid: u32,
+    ) -> Result<(Option<Checkpoint>, process::ContainerRecord), CheckpointError> {
+        let parent = match &request.parent {
+            Some(parent) => {
+                let found = catalogue.get(parent)?;
+                if found.container != container_id || found.namespace != request.namespace {
+                    return Err(CheckpointError::Invalid(format!(
+                        "parent {parent} is a checkpoint of {}/{}, not of {}/{container_id}",
+                        found.namespace, found.container, request.namespace
+                    )));
+                }
+                Some(found)
+            }
+            None => None,
+        };
+        let container = containerd.container(&request.namespace, container_id).await?;
+        let snapshot_parent = containerd
+            .snapshot_parent(&request.namespace, &container.snapshotter, &container.snapshot_key)
+            .await?;
+        let record =
+            process::ContainerRecord::from_container(&container, snapshot_parent, process::process_identity(pid))?;
+        Ok((parent, record))
     }
 
     pub async fn list(
@@ -370,6 +564,30 @@ impl CheckpointService {
                 diff,
                 verification,
             })
+        })
+        .await
+        .map_err(|e| CheckpointError::Task(e.to_string()))?
+    }
+
+    /// CRIU's log of the dump of checkpoint `id` (empty for a filesystem-only
+    /// checkpoint).
+    pub async fn dump_log(&self, storage: &StorageSpec, namespace: &str, id: &str) -> Result<String, CheckpointError> {
+        let catalogue = self.catalogue(storage)?;
+        let (namespace, id) = (namespace.to_string(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let checkpoint = visible(&catalogue, &namespace, &id)?;
+            let Some(process) = checkpoint.process else {
+                return Ok(String::new());
+            };
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut catalogue.open_content(&process.dump_log_key)?, &mut text).map_err(
+                |source| CatalogueError::Io {
+                    op: "read",
+                    path: process.dump_log_key.clone(),
+                    source,
+                },
+            )?;
+            Ok(text)
         })
         .await
         .map_err(|e| CheckpointError::Task(e.to_string()))?

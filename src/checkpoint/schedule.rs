@@ -98,6 +98,20 @@ pub struct Schedule {
     pub last_error: Option<String>,
     pub runs: u64,
     pub failures: u64,
+    /// Filesystem only; schedules of versions before process state were.
+    #[serde(default = "filesystem_only")]
+    pub fs_only: bool,
+    /// Options of the process dumps (see [`CreateRequest`]).
+    #[serde(default)]
+    pub memory_limit: u64,
+    #[serde(default)]
+    pub tcp_established: bool,
+    #[serde(default)]
+    pub file_locks: bool,
+}
+
+fn filesystem_only() -> bool {
+    true
 }
 
 impl Schedule {
@@ -208,6 +222,10 @@ impl CheckpointService {
             last_error: None,
             runs: 1,
             failures: 0,
+            fs_only: request.fs_only,
+            memory_limit: request.memory_limit,
+            tcp_established: request.tcp_established,
+            file_locks: request.file_locks,
         };
         self.save_schedule(&schedule)?;
         info!(
@@ -242,7 +260,12 @@ impl CheckpointService {
                 parent,
                 compression: schedule.compression.clone(),
                 pre_freeze: false,
-                memory_limit: 0,
+                memory_limit: schedule.memory_limit,
+                fs_only: schedule.fs_only,
+                leave_running: true,
+                tcp_established: schedule.tcp_established,
+                file_locks: schedule.file_locks,
+                pre_dump: false,
             };
             schedule.last_run_unix = unix(SystemTime::now());
             match self.create(request).await {
@@ -328,6 +351,10 @@ mod tests {
             last_error: None,
             runs: 1,
             failures: 0,
+            fs_only: false,
+            memory_limit: 0,
+            tcp_established: false,
+            file_locks: false,
         };
         assert!(!s.is_due(1059));
         assert!(s.is_due(1060));

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::status::{commit_status, to_status};
+use crate::checkpoint::restore::{self, RestoreRequest};
 use crate::checkpoint::{
     self, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy, PrunePolicy,
     StorageSpec,
@@ -18,10 +19,10 @@ use crate::proto::{
     Checkpoint, CommitJob, CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse,
     GetCommitRequest, ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest,
     InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest,
-    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, RemoveScheduleRequest, RemoveScheduleResponse, Schedule, ScheduleCheckpointsRequest,
-    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest,
-    VersionResponse,
+    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest,
+    PruneCheckpointsResponse, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest,
+    RestoreCheckpointResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
+    SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -82,6 +83,11 @@ fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
         compression: r.compression,
         pre_freeze: r.pre_freeze,
         memory_limit: r.memory_limit,
+        fs_only: r.fs_only,
+        leave_running: !r.exit_after,
+        tcp_established: r.tcp_established,
+        file_locks: r.file_locks,
+        pre_dump: r.pre_dump,
     }
 }
 
@@ -125,6 +131,26 @@ fn checkpoint_to_wire(c: checkpoint::Checkpoint) -> Checkpoint {
         fs_only: c.fs_only,
         pause_time_ns: c.pause_ns,
         delta_digest: format!("sha256:{}", c.delta_digest),
+        process: c.process.map(|p| ProcessState {
+            frozen_time_us: p.stats.frozen_time_us,
+            freezing_time_us: p.stats.freezing_time_us,
+            memdump_time_us: p.stats.memdump_time_us,
+            memwrite_time_us: p.stats.memwrite_time_us,
+            pages_scanned: p.stats.pages_scanned,
+            pages_skipped_parent: p.stats.pages_skipped_parent,
+            pages_written: p.stats.pages_written,
+            memory_bytes: p.memory_bytes,
+            images_size: p.images_size,
+            stored_bytes: p.stored_bytes,
+            images: p.images,
+            dump_log_key: p.dump_log_key,
+            pre_dump: p.pre_dump,
+            pre_dump_pages_written: p.pre_dump_pages_written,
+            tcp_established: p.tcp_established,
+            file_locks: p.file_locks,
+            leave_running: p.leave_running,
+            criu_version: p.criu_version,
+        }),
     }
 }
 
@@ -250,6 +276,51 @@ impl Control for ControlService {
         }))
     }
 
+    async fn restore_checkpoint(
+        &self,
+        request: Request<RestoreCheckpointRequest>,
+    ) -> Result<Response<RestoreCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let restored = self
+            .checkpoints
+            .restore(RestoreRequest {
+                storage: storage_from_wire(r.storage),
+                namespace: r.namespace,
+                id: r.id,
+                name: Some(r.name).filter(|n| !n.is_empty()),
+                resume: r.resume,
+                parallel: if r.parallel == 0 {
+                    restore::DEFAULT_PARALLEL
+                } else {
+                    r.parallel as usize
+                },
+                validate: r.validate,
+            })
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(RestoreCheckpointResponse {
+            container: restored.container,
+            pid: restored.pid,
+            status: restored.status,
+            process_restored: restored.process_restored,
+            checks: restored
+                .checks
+                .into_iter()
+                .map(|c| RestoreCheck {
+                    name: c.name,
+                    ok: c.ok,
+                    detail: c.detail,
+                })
+                .collect(),
+            duration_ns: restored.duration.as_nanos() as u64,
+            restore_log: restored
+                .restore_log
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            blobs_fetched: restored.blobs_fetched,
+        }))
+    }
+
     async fn remove_schedule(
         &self,
         request: Request<RemoveScheduleRequest>,
@@ -282,11 +353,20 @@ impl Control for ControlService {
     ) -> Result<Response<InspectCheckpointResponse>, Status> {
         let r = request.into_inner();
         let other = Some(r.diff_with.as_str()).filter(|o| !o.is_empty());
+        let storage = storage_from_wire(r.storage);
         let found = self
             .checkpoints
-            .inspect(&storage_from_wire(r.storage), &r.namespace, &r.id, other, r.verify)
+            .inspect(&storage, &r.namespace, &r.id, other, r.verify)
             .await
             .map_err(checkpoint_status)?;
+        let dump_log = if r.dump_log {
+            self.checkpoints
+                .dump_log(&storage, &r.namespace, &r.id)
+                .await
+                .map_err(checkpoint_status)?
+        } else {
+            String::new()
+        };
         Ok(Response::new(InspectCheckpointResponse {
             checkpoint: Some(checkpoint_to_wire(found.checkpoint)),
             chain: found.chain,
@@ -300,6 +380,7 @@ impl Control for ControlService {
             verification: found
                 .verification
                 .map(|(checked, failures)| Verification { checked, failures }),
+            dump_log,
         }))
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use seamless_snapshotter::commit::rfc3339;
-use seamless_snapshotter::proto::Checkpoint;
+use seamless_snapshotter::proto::{Checkpoint, ProcessState};
 
 use crate::CliError;
 
@@ -35,6 +35,72 @@ pub struct View {
     pub fs_only: bool,
     pub pause_ms: f64,
     pub delta_digest: String,
+    /// The CRIU dump; null for a filesystem-only checkpoint.
+    pub process: Option<ProcessView>,
+}
+
+/// A checkpoint's process state: what CRIU reported of the dump.
+#[derive(Debug, Serialize)]
+pub struct ProcessView {
+    pub criu_version: String,
+    /// Anonymous memory of the container when dumped.
+    pub memory_bytes: u64,
+    /// Bytes this dump's own images take uncompressed.
+    pub images_size: u64,
+    /// Bytes the images added to the storage (new chunks of memory).
+    pub stored_bytes: u64,
+    /// How long the processes were frozen for the final dump.
+    pub frozen_ms: f64,
+    pub freezing_ms: f64,
+    pub memdump_ms: f64,
+    pub memwrite_ms: f64,
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    /// Pages left to the parent images (the pre-dump's or the parent checkpoint's).
+    pub pages_skipped_parent: u64,
+    pub pre_dump: bool,
+    pub pre_dump_pages_written: u64,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub leave_running: bool,
+    /// Storage keys of the image sets a restore reads, oldest first.
+    pub images: Vec<String>,
+    pub dump_log_key: String,
+}
+
+impl ProcessView {
+    pub fn of(p: &ProcessState) -> ProcessView {
+        ProcessView {
+            criu_version: p.criu_version.clone(),
+            memory_bytes: p.memory_bytes,
+            images_size: p.images_size,
+            stored_bytes: p.stored_bytes,
+            frozen_ms: micros_as_ms(p.frozen_time_us),
+            freezing_ms: micros_as_ms(p.freezing_time_us),
+            memdump_ms: micros_as_ms(p.memdump_time_us),
+            memwrite_ms: micros_as_ms(p.memwrite_time_us),
+            pages_scanned: p.pages_scanned,
+            pages_written: p.pages_written,
+            pages_skipped_parent: p.pages_skipped_parent,
+            pre_dump: p.pre_dump,
+            pre_dump_pages_written: p.pre_dump_pages_written,
+            tcp_established: p.tcp_established,
+            file_locks: p.file_locks,
+            leave_running: p.leave_running,
+            images: p.images.clone(),
+            dump_log_key: p.dump_log_key.clone(),
+        }
+    }
+}
+
+/// Milliseconds to two decimals.
+fn micros_as_ms(us: u64) -> f64 {
+    (us as f64 / 10.0).round() / 100.0
+}
+
+/// The process state of a checkpoint that has one.
+pub fn process_state(c: &Checkpoint) -> Option<&ProcessState> {
+    c.process.as_ref().filter(|_| !c.fs_only)
 }
 
 impl View {
@@ -56,6 +122,7 @@ impl View {
             fs_only: c.fs_only,
             pause_ms: (c.pause_time_ns as f64 / 1e4).round() / 100.0,
             delta_digest: c.delta_digest.clone(),
+            process: process_state(c).map(ProcessView::of),
         }
     }
 }
@@ -184,5 +251,30 @@ mod tests {
         assert!(json["parent"].is_null());
         assert_eq!(json["pause_ms"], 1.23);
         assert!(to_yaml(&View::of(&c)).contains("id: cp-20261201-101112"));
+    }
+
+    #[test]
+    fn views_carry_process_state_unless_filesystem_only() {
+        let process = ProcessState {
+            frozen_time_us: 41_237,
+            pages_written: 12,
+            criu_version: "4.1.1".into(),
+            ..ProcessState::default()
+        };
+        let with = Checkpoint {
+            process: Some(process.clone()),
+            ..Checkpoint::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&to_json(&View::of(&with))).unwrap();
+        assert_eq!(json["process"]["frozen_ms"], 41.24);
+        assert_eq!(json["process"]["pages_written"], 12);
+        assert_eq!(json["process"]["criu_version"], "4.1.1");
+        let fs_only = Checkpoint {
+            fs_only: true,
+            process: Some(process),
+            ..Checkpoint::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&to_json(&View::of(&fs_only))).unwrap();
+        assert!(json["process"].is_null(), "{json}");
     }
 }

@@ -1,22 +1,29 @@
-//! `checkpointctl info`: one checkpoint; with `--metadata` everything
-//! stored about it (JSON), `--diff` its difference from another, `--verify`
-//! every blob it needs re-hashed (exit 1 naming each one that fails),
-//! `--export` its chain written as an OCI image archive.
+//! `checkpointctl info`: one checkpoint (with what CRIU reported of its
+//! process state, if it has one); with `--metadata` everything stored about
+//! it (JSON, CRIU's dump.log included), `--diff` its difference from another,
+//! `--verify` every blob it needs re-hashed (exit 1 naming each one that
+//! fails), `--export` its chain written as an OCI image archive.
 
 use std::path::PathBuf;
 
-use seamless_snapshotter::proto::{ExportCheckpointRequest, InspectCheckpointRequest};
+use seamless_snapshotter::proto::{ExportCheckpointRequest, InspectCheckpointRequest, ProcessState};
 
-use crate::checkpoints::{checkpoint_id, created, human_size, labels_text, new_file_path, to_json, View};
+use crate::checkpoints::{
+    checkpoint_id, created, human_size, labels_text, new_file_path, process_state, to_json, View,
+};
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Checkpoint id (JSON quotes are fine).
     id: String,
-    /// Print everything stored about the checkpoint, as JSON.
+    /// Print everything stored about the checkpoint, as JSON: its process
+    /// state and the last lines of CRIU's dump.log included.
     #[arg(long)]
     metadata: bool,
+    /// With --metadata: the whole dump.log, not its last 40 lines.
+    #[arg(long, requires = "metadata")]
+    full_log: bool,
     /// Files added, changed and removed since OTHER_ID, and the size delta.
     #[arg(long, value_name = "OTHER_ID")]
     diff: Option<String>,
@@ -48,6 +55,8 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
             id: id.clone(),
             diff_with: other.clone().unwrap_or_default(),
             verify: args.verify,
+            // Fetched from the storage: only when it is printed.
+            dump_log: args.metadata,
         })
         .await
         .map_err(|status| CliError::rpc(format!("checkpoint {id}"), status))?
@@ -60,11 +69,19 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
             view: View,
             chain: &'a [String],
             blobs: u64,
+            /// The last DUMP_LOG_LINES lines unless --full-log; null without one.
+            dump_log: Option<&'a str>,
         }
+        let log = if args.full_log {
+            found.dump_log.as_str()
+        } else {
+            last_lines(&found.dump_log, DUMP_LOG_LINES)
+        };
         let metadata = Metadata {
             view: View::of(&c),
             chain: &found.chain,
             blobs: found.blobs,
+            dump_log: Some(log).filter(|l| !l.is_empty()),
         };
         println!("{}", to_json(&metadata));
     } else if other.is_none() && !args.verify {
@@ -95,6 +112,9 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         ];
         for (key, value) in rows {
             println!("{:<13}{value}", format!("{key}:"));
+        }
+        if let Some(process) = process_state(&c) {
+            print!("{}", render_process(process));
         }
     }
     if let (Some(other), Some(diff)) = (&other, &found.diff) {
@@ -127,6 +147,81 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         println!("checkpoint {id}: {} objects verified", verification.checked);
     }
     Ok(())
+}
+
+/// Lines of dump.log that `--metadata` shows without `--full-log`: CRIU
+/// writes the reason of a failure last.
+const DUMP_LOG_LINES: usize = 40;
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> &str {
+    if n == 0 {
+        return "";
+    }
+    // A final newline ends the last line; it does not start another.
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    match body.rmatch_indices('\n').nth(n - 1) {
+        Some((at, _)) => &text[at + 1..],
+        None => text,
+    }
+}
+
+/// The "Process state" section of the text view.
+fn render_process(p: &ProcessState) -> String {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1e3);
+    let on = |set: bool| if set { "yes" } else { "no" };
+    let rows = [
+        ("CRIU", p.criu_version.clone()),
+        (
+            "Memory",
+            format!(
+                "{} (images {}, {} new in storage)",
+                human_size(p.memory_bytes),
+                human_size(p.images_size),
+                human_size(p.stored_bytes)
+            ),
+        ),
+        ("Frozen", ms(p.frozen_time_us)),
+        (
+            "Dump times",
+            format!(
+                "freezing {}, memdump {}, memwrite {}",
+                ms(p.freezing_time_us),
+                ms(p.memdump_time_us),
+                ms(p.memwrite_time_us)
+            ),
+        ),
+        (
+            "Pages",
+            format!(
+                "{} scanned, {} written, {} skipped (parent)",
+                p.pages_scanned, p.pages_written, p.pages_skipped_parent
+            ),
+        ),
+        (
+            "Pre-dump",
+            if p.pre_dump {
+                format!("yes, {} pages written", p.pre_dump_pages_written)
+            } else {
+                "no".into()
+            },
+        ),
+        (
+            "Options",
+            format!(
+                "tcp-established={}, file-locks={}, leave-running={}",
+                on(p.tcp_established),
+                on(p.file_locks),
+                on(p.leave_running)
+            ),
+        ),
+        ("Image sets", p.images.len().to_string()),
+    ];
+    let mut out = String::from("Process state:\n");
+    for (key, value) in rows {
+        out.push_str(&format!("  {:<13}{value}\n", format!("{key}:")));
+    }
+    out
 }
 
 async fn export(context: &Context, id: &str, path: &std::path::Path, force: bool) -> Result<(), CliError> {
@@ -186,5 +281,64 @@ mod tests {
             let err = Info::try_parse_from(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn full_log_needs_metadata() {
+        assert!(Info::try_parse_from(["info", "cp-1", "--metadata", "--full-log"]).is_ok());
+        let err = Info::try_parse_from(["info", "cp-1", "--full-log"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn dump_logs_are_cut_to_their_last_lines() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+        assert_eq!(last_lines("a\nb\n", 2), "a\nb\n");
+        assert_eq!(last_lines("a\nb\n", 40), "a\nb\n");
+        assert_eq!(last_lines("", 40), "");
+        assert_eq!(last_lines("a\nb\n", 0), "");
+        let long: String = (1..=100).map(|i| format!("({i:02}) line\n")).collect();
+        let tail = last_lines(&long, DUMP_LOG_LINES);
+        assert_eq!(tail.lines().count(), 40);
+        assert!(
+            tail.starts_with("(61) line\n") && tail.ends_with("(100) line\n"),
+            "{tail}"
+        );
+    }
+
+    #[test]
+    fn the_process_section_reads_like_the_rest() {
+        let p = ProcessState {
+            frozen_time_us: 41_237,
+            freezing_time_us: 1_200,
+            memdump_time_us: 30_000,
+            memwrite_time_us: 10_037,
+            pages_scanned: 1_200,
+            pages_written: 300,
+            pages_skipped_parent: 900,
+            memory_bytes: 512 << 20,
+            images_size: 1_536,
+            images: vec!["a".into(), "b".into()],
+            pre_dump: true,
+            pre_dump_pages_written: 850,
+            leave_running: true,
+            criu_version: "4.1.1".into(),
+            ..ProcessState::default()
+        };
+        assert_eq!(
+            render_process(&p),
+            "\
+Process state:
+  CRIU:        4.1.1
+  Memory:      512.0 MB (images 1.5 KB, 0 B new in storage)
+  Frozen:      41.24 ms
+  Dump times:  freezing 1.20 ms, memdump 30.00 ms, memwrite 10.04 ms
+  Pages:       1200 scanned, 300 written, 900 skipped (parent)
+  Pre-dump:    yes, 850 pages written
+  Options:     tcp-established=no, file-locks=no, leave-running=yes
+  Image sets:  2
+"
+        );
     }
 }

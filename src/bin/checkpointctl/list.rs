@@ -1,13 +1,15 @@
 //! `checkpointctl list`: checkpoints as a table, a tree of chains, JSON or
 //! YAML. JSON and YAML are arrays of [`View`], oldest first (or in the
-//! `--sort` order), and their field names are stable.
+//! `--sort` order), and their field names are stable. The table's TYPE is
+//! `fs` for a filesystem-only checkpoint, `fs+proc` for one with process
+//! state.
 
 use std::collections::BTreeMap;
 
 use seamless_snapshotter::checkpoint::filter::Filter;
 use seamless_snapshotter::proto::{Checkpoint, ListCheckpointsRequest};
 
-use crate::checkpoints::{created, human_size, labels_text, to_json, to_yaml, View};
+use crate::checkpoints::{created, human_size, labels_text, process_state, to_json, to_yaml, View};
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -66,14 +68,25 @@ fn sort(checkpoints: &mut [Checkpoint], by: &str) {
     }
 }
 
-const HEADERS: [&str; 7] = ["ID", "CONTAINER", "CREATED", "SIZE", "PARENT", "STATUS", "LABELS"];
+const COLUMNS: usize = 8;
+const HEADERS: [&str; COLUMNS] = [
+    "ID",
+    "CONTAINER",
+    "CREATED",
+    "SIZE",
+    "TYPE",
+    "PARENT",
+    "STATUS",
+    "LABELS",
+];
 
-fn row(c: &Checkpoint, id: String) -> [String; 7] {
+fn row(c: &Checkpoint, id: String) -> [String; COLUMNS] {
     [
         id,
         c.container.clone(),
         created(c),
         human_size(c.size),
+        if process_state(c).is_some() { "fs+proc" } else { "fs" }.into(),
         if c.parent.is_empty() {
             "-".into()
         } else {
@@ -84,7 +97,7 @@ fn row(c: &Checkpoint, id: String) -> [String; 7] {
     ]
 }
 
-fn render_rows(rows: &[[String; 7]]) -> String {
+fn render_rows(rows: &[[String; COLUMNS]]) -> String {
     let mut widths = HEADERS.map(str::len);
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -132,7 +145,7 @@ fn render_tree(checkpoints: &[Checkpoint]) -> String {
         prefix: &str,
         branch: &str,
         children: &BTreeMap<&str, Vec<&'a Checkpoint>>,
-        rows: &mut Vec<[String; 7]>,
+        rows: &mut Vec<[String; COLUMNS]>,
     ) {
         rows.push(row(c, format!("{prefix}{branch}{}", c.id)));
         let kids = children.get(c.id.as_str()).map(Vec::as_slice).unwrap_or_default();
@@ -207,5 +220,20 @@ mod tests {
         assert!(lines[0].starts_with("ID    CONTAINER  CREATED"), "{table}");
         assert_eq!(lines[0].find("CONTAINER"), lines[1].find("web"), "{table}");
         assert!(lines[2].contains("4.9 KB") && lines[2].contains("cp-a"), "{table}");
+    }
+
+    #[test]
+    fn the_type_column_marks_process_state() {
+        let with_process = Checkpoint {
+            process: Some(seamless_snapshotter::proto::ProcessState::default()),
+            ..cp("cp-b", "cp-a", 2, 10)
+        };
+        let table = render_table(&[cp("cp-a", "", 1, 10), with_process]);
+        let at = table.find("TYPE").unwrap();
+        let types: Vec<&str> = table
+            .lines()
+            .map(|l| l[at..].split_whitespace().next().unwrap_or_default())
+            .collect();
+        assert_eq!(types, vec!["TYPE", "fs", "fs+proc"], "{table}");
     }
 }

@@ -13,6 +13,7 @@ mod info;
 mod list;
 mod merge;
 mod prune;
+mod restore;
 mod schedule;
 mod seamless_commit;
 mod settings;
@@ -64,12 +65,14 @@ struct Cli {
 enum Command {
     /// Capture a running container's writable layer and build and push an image from it.
     SeamlessCommit(seamless_commit::Args),
-    /// Checkpoint a running container's filesystem (a pause of milliseconds).
+    /// Checkpoint a running container: its filesystem (a pause of milliseconds) and its processes.
     Create(create::Args),
     /// List checkpoints, oldest first.
     List(list::Args),
     /// Show a checkpoint; compare it with another, verify its data, or export it as an OCI archive.
     Info(info::Args),
+    /// Create a new container from a checkpoint, here or on another node.
+    Restore(restore::Args),
     /// Recreate the checkpoints of an archive that `info --export` wrote.
     Import(import::Args),
     /// Delete a container's checkpoints that no rule keeps.
@@ -174,6 +177,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Create(args) => create::run(&context, args).await,
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
+            Command::Restore(args) => restore::run(&context, &settings, args).await,
             Command::Import(args) => import::run(&context, args).await,
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
@@ -355,6 +359,16 @@ mod tests {
     #[test]
     fn usage_errors_exit_2() {
         let err = Cli::try_parse_from(["checkpointctl", "seamless-commit", "--target", "r/x:1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn restore_takes_ids_as_jq_prints_them() {
+        let cli = Cli::try_parse_from(["checkpointctl", "restore", "\"cp-20261201-101112\"", "-t", "b"]).unwrap();
+        let Command::Restore(_) = cli.command else {
+            panic!("{:?} is not restore", cli.command);
+        };
+        let err = Cli::try_parse_from(["checkpointctl", "restore"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
 

@@ -615,6 +615,13 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::RemoveScheduleResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        async fn restore_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::RestoreCheckpointRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::RestoreCheckpointResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {

@@ -2,8 +2,10 @@
 //! `-c` names another) and how the global flags override it. A file with an
 //! unknown key or a bad value is refused with the key's path and the reason;
 //! secrets (S3 keys, the encryption key) are never printed: `Debug` hides
-//! them.
+//! them. `nodes:` names the daemons of other hosts that `restore -t NODE`
+//! may address.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -17,6 +19,16 @@ pub enum SettingsError {
     Read { path: String, reason: String },
     #[error("config file {path}: key {key}: {reason}")]
     Invalid { path: String, key: String, reason: String },
+    #[error("unknown node {node:?}: {}", defined_nodes(known))]
+    UnknownNode { node: String, known: Vec<String> },
+}
+
+fn defined_nodes(known: &[String]) -> String {
+    if known.is_empty() {
+        "the config file defines no nodes (nodes: {NAME: {address: /path/to.sock}})".into()
+    } else {
+        format!("the config file defines {}", known.join(", "))
+    }
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -31,6 +43,38 @@ pub struct Settings {
     /// CRIU binary, for process-state checkpoints.
     #[serde(default)]
     pub criu_path: Option<String>,
+    /// Other hosts' daemons by name, for `restore --target-node`.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeSettings>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// The unix socket of the node's daemon: an absolute path or
+    /// unix:///absolute/path.
+    pub address: SocketAddress,
+}
+
+/// An absolute unix socket path, as `/path` or `unix:///path`: checked
+/// while the file is read, so a bad one is reported with its key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(try_from = "String")]
+pub struct SocketAddress(PathBuf);
+
+impl TryFrom<String> for SocketAddress {
+    type Error = String;
+
+    fn try_from(address: String) -> Result<SocketAddress, String> {
+        let path = address.strip_prefix("unix://").unwrap_or(&address);
+        if path.starts_with('/') {
+            Ok(SocketAddress(PathBuf::from(path)))
+        } else {
+            Err(format!(
+                "{address:?} is not an absolute unix socket path or unix:///path"
+            ))
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -145,11 +189,12 @@ impl Settings {
         let settings: Settings = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let reason = e.inner().to_string();
-            // The YAML error may lead with the path already.
-            let reason = reason
-                .strip_prefix(&format!("{key}: "))
-                .map(str::to_string)
-                .unwrap_or(reason);
+            // The YAML error may lead with the path already, or with the
+            // path of the map around a value that failed its own check.
+            let reason = match reason.split_once(": ") {
+                Some((lead, rest)) if key == lead || key.starts_with(&format!("{lead}.")) => rest.to_string(),
+                _ => reason,
+            };
             if key == "." {
                 SettingsError::Read {
                     path: path.to_string(),
@@ -200,6 +245,17 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The daemon socket of node `name` of `nodes:`.
+    pub fn node_socket(&self, name: &str) -> Result<&Path, SettingsError> {
+        match self.nodes.get(name) {
+            Some(node) => Ok(&node.address.0),
+            None => Err(SettingsError::UnknownNode {
+                node: name.to_string(),
+                known: self.nodes.keys().cloned().collect(),
+            }),
+        }
     }
 
     /// The storage a request names: `--storage-backend` over the file.
@@ -266,15 +322,55 @@ logging: {level: info, max_size: 100MB}
                 "64 hexadecimal",
             ),
             ("colour: blue\n", "colour", "unknown field"),
+            (
+                "nodes: {b: {adress: /run/b.sock}}\n",
+                "nodes.b",
+                "unknown field `adress`",
+            ),
+            ("nodes: {b: {}}\n", "nodes.b", "missing field `address`"),
+            (
+                "nodes: {b: {address: b.sock}}\n",
+                "nodes.b.address",
+                "not an absolute unix socket path",
+            ),
+            (
+                "nodes: {b: {address: \"tcp://10.0.0.2:9000\"}}\n",
+                "nodes.b.address",
+                "not an absolute unix socket path",
+            ),
+            ("nodes: [b]\n", "nodes", "expected a map"),
         ];
         for (text, key, reason) in cases {
             let err = Settings::parse(text, "t.yaml").unwrap_err();
             let message = err.to_string();
             assert!(message.contains(&format!("key {key}")), "{text}: {message}");
+            // The reason does not repeat the path.
+            let top = key.split('.').next().unwrap();
+            assert!(!message.contains(&format!(": {top}")), "{text}: {message}");
             assert!(message.contains(reason), "{text}: {message}");
         }
         let err = Settings::parse("storage: [", "t.yaml").unwrap_err();
         assert!(err.to_string().starts_with("config file t.yaml"), "{err}");
+    }
+
+    #[test]
+    fn nodes_name_their_daemon_sockets() {
+        let text = "\
+nodes:
+  node-b: {address: /run/containerd-seamless/b.sock}
+  node-c:
+    address: unix:///run/c.sock
+";
+        let s = Settings::parse(text, "t.yaml").unwrap();
+        assert_eq!(
+            s.node_socket("node-b").unwrap(),
+            Path::new("/run/containerd-seamless/b.sock")
+        );
+        assert_eq!(s.node_socket("node-c").unwrap(), Path::new("/run/c.sock"));
+        let err = s.node_socket("node-d").unwrap_err().to_string();
+        assert_eq!(err, "unknown node \"node-d\": the config file defines node-b, node-c");
+        let err = Settings::default().node_socket("node-b").unwrap_err().to_string();
+        assert!(err.contains("defines no nodes"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,340 @@
+//! Process-state checkpoints and restore, with real containerd, runc and
+//! CRIU: a counter loop (its count lives only in the shell's memory) is
+//! checkpointed, stopped and removed, restored under a new name, and keeps
+//! counting from where it was; the same through an incremental chain
+//! (`--parent`, `--pre-dump`); restored paused without `--resume`; the
+//! memory limit refused with both numbers; failures leave nothing behind.
+
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::env::{with_env, Env, Options};
+
+/// Counts every 0.3 s into /count; the count is only in memory, so a
+/// restarted container would count from 1 again.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.3; done";
+
+struct Ctl {
+    socket: std::path::PathBuf,
+    ns: String,
+}
+
+impl Ctl {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkpointctl"));
+        cmd.arg("--address").arg(&self.socket).arg("--namespace").arg(&self.ns);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = self.command().args(args).output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.run(args)?;
+        ensure!(code == 0, "checkpointctl {args:?} exited {code}: {out}{err}");
+        Ok(out)
+    }
+
+    /// Checkpoint `id` as `list -o json` shows it.
+    fn listed(&self, id: &str) -> Result<serde_json::Value> {
+        let out = self.ok(&["list", "-o", "json"])?;
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+        all.into_iter()
+            .find(|c| c["id"] == id)
+            .with_context(|| format!("{id} is not listed: {out}"))
+    }
+}
+
+fn start_counter(env: &Env, ns: &str, id: &str) -> Result<()> {
+    env.ctr(
+        ns,
+        &[
+            "run",
+            "-d",
+            "--null-io",
+            "--snapshotter",
+            "seamless",
+            &env.image_ref(),
+            id,
+            "/bin/sh",
+            "-c",
+            COUNTER,
+        ],
+    )?;
+    Ok(())
+}
+
+fn count(env: &Env, ns: &str, id: &str) -> Result<u64> {
+    let out = env.exec(ns, id, "cat /count")?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("/count of {id} holds {out:?}"))
+}
+
+fn wait_count(env: &Env, ns: &str, id: &str, at_least: u64) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(n) = count(env, ns, id) {
+            if n >= at_least {
+                return Ok(n);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{id} did not count to {at_least} in 30 s");
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills and removes the container, waiting until its processes are gone
+/// (CRIU cannot restore over pids still in use).
+fn remove_container(env: &Env, ns: &str, id: &str) -> Result<()> {
+    let _ = env.ctr(ns, &["tasks", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.ctr(ns, &["tasks", "rm", id]).is_err() {
+        ensure!(Instant::now() < deadline, "the task of {id} did not stop");
+        sleep(Duration::from_millis(100));
+    }
+    env.ctr(ns, &["containers", "rm", id])?;
+    Ok(())
+}
+
+fn task_status(env: &Env, ns: &str, id: &str) -> Result<String> {
+    let tasks = env.ctr(ns, &["tasks", "ls"])?;
+    Ok(tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("none")
+        .to_string())
+}
+
+/// After a restore: the count goes on from `from` (not from 1) and keeps
+/// increasing.
+fn continues_from(env: &Env, ns: &str, id: &str, from: u64, most: u64) -> Result<()> {
+    let first = count(env, ns, id)?;
+    ensure!(
+        first >= from && first <= most,
+        "restored {id} counts {first}: expected between {from} (the checkpoint) and {most}, not a fresh start"
+    );
+    sleep(Duration::from_millis(1500));
+    let later = count(env, ns, id)?;
+    ensure!(
+        later > first,
+        "restored {id} stopped counting at {first} (then {later})"
+    );
+    Ok(())
+}
+
+#[test]
+fn counter_continues_after_restore() {
+    with_env("restore", Options::default(), |env| {
+        let ns = env.namespace("c");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let id = env.container_id("counter");
+        start_counter(env, &ns, &id)?;
+        wait_count(env, &ns, &id, 4)?;
+
+        // Refused before anything is dumped, saying both numbers.
+        let (code, _, err) = ctl.run(&["create", &id, "--memory-limit", "4k"])?;
+        ensure!(code != 0, "a 4 KiB memory limit was not refused");
+        ensure!(
+            err.contains("4096") && err.contains("memory limit"),
+            "the refusal names both numbers: {err}"
+        );
+
+        let before = count(env, &ns, &id)?;
+        let checkpoint = ctl.ok(&["create", &id, "-l", "golden"])?.trim().to_string();
+        let after = count(env, &ns, &id)?;
+        ensure!(
+            task_status(env, &ns, &id)? == "RUNNING",
+            "the container keeps running after a checkpoint"
+        );
+
+        let info = ctl.listed(&checkpoint)?;
+        let process = info
+            .get("process")
+            .filter(|p| !p.is_null())
+            .with_context(|| format!("no process state in {info}"))?;
+        ensure!(
+            process["pages_written"].as_u64().unwrap_or(0) > 0,
+            "CRIU statistics are recorded: {process}"
+        );
+        let metadata = ctl.ok(&["info", &checkpoint, "--metadata"])?;
+        ensure!(
+            metadata.contains("dump_log")
+                && metadata.contains("Dumping finished successfully")
+                && metadata.contains("frozen"),
+            "info --metadata shows the dump statistics and log: {metadata}"
+        );
+
+        // The container goes on counting, then is removed altogether.
+        wait_count(env, &ns, &id, after + 6)?;
+        remove_container(env, &ns, &id)?;
+
+        // The disaster-recovery pipeline of the issue.
+        let restored = format!("{id}-r");
+        let pipeline = format!(
+            "{ctl} list --filter=label=golden -o json | jq '.[-1].id' | xargs {ctl} restore --resume --validate --name {restored}",
+            ctl = format!(
+                "{} --address {} --namespace {}",
+                env!("CARGO_BIN_EXE_checkpointctl"),
+                env.daemon_socket().display(),
+                ns
+            )
+        );
+        let out = Command::new("sh").arg("-c").arg(&pipeline).output()?;
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(out.status.success(), "restore pipeline failed: {printed}");
+        ensure!(
+            printed.contains(&restored) && printed.contains("ok") && !printed.contains("FAIL"),
+            "restore reports its checks: {printed}"
+        );
+        ensure!(
+            task_status(env, &ns, &restored)? == "RUNNING",
+            "restored with --resume runs"
+        );
+        continues_from(env, &ns, &restored, before, after + 3)?;
+
+        // Without --resume: restored paused, counting nothing until resumed.
+        let paused = format!("{id}-p");
+        ctl.ok(&["restore", &checkpoint, "--name", &paused])?;
+        ensure!(
+            task_status(env, &ns, &paused)? == "PAUSED",
+            "restored without --resume is paused"
+        );
+        env.ctr(&ns, &["tasks", "resume", &paused])?;
+        sleep(Duration::from_millis(700));
+        continues_from(env, &ns, &paused, before, after + 5)?;
+
+        // A name in use is refused and nothing of the attempt is left.
+        let (code, _, err) = ctl.run(&["restore", &checkpoint, "--name", &paused])?;
+        ensure!(code != 0 && err.contains("already exists"), "{err}");
+        let containers = env.ctr(&ns, &["containers", "ls", "-q"])?;
+        ensure!(
+            containers.lines().filter(|l| !l.trim().is_empty()).count() == 2,
+            "only the two restored containers exist: {containers}"
+        );
+        Ok(())
+    });
+}
+
+/// Whether this kernel tracks dirtied pages for CRIU (CONFIG_MEM_SOFT_DIRTY):
+/// pre-dumps need it.
+fn dirty_tracking() -> bool {
+    Command::new("criu")
+        .args(["check", "--feature", "mem_dirty_track"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn incremental_chain_restores_and_stores_only_changed_memory() {
+    with_env("restore-chain", Options::default(), |env| {
+        let ns = env.namespace("c");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let id = env.container_id("counter");
+        // 8 MB of incompressible text held in the shell's memory, then the
+        // counter.
+        let script = format!("big=$(head -c 4000000 /dev/urandom | od -An -x); {COUNTER}");
+        env.ctr(
+            &ns,
+            &[
+                "run",
+                "-d",
+                "--null-io",
+                "--snapshotter",
+                "seamless",
+                &env.image_ref(),
+                &id,
+                "/bin/sh",
+                "-c",
+                &script,
+            ],
+        )?;
+        wait_count(env, &ns, &id, 3)?;
+        let first = ctl.ok(&["create", &id])?.trim().to_string();
+        wait_count(env, &ns, &id, count(env, &ns, &id)? + 2)?;
+        let second = ctl.ok(&["create", &id, "--parent", &first])?.trim().to_string();
+        let (one, two) = (ctl.listed(&first)?, ctl.listed(&second)?);
+        let stored = |c: &serde_json::Value| c["process"]["stored_bytes"].as_u64().unwrap_or(0);
+        ensure!(
+            stored(&one) > 4_000_000,
+            "the first dump stores the whole memory: {}",
+            one["process"]
+        );
+        ensure!(
+            stored(&two) * 4 < stored(&one),
+            "the second dump stores only what changed: {} then {} bytes",
+            stored(&one),
+            stored(&two)
+        );
+
+        // Pre-dumps need the kernel's dirty-page tracking.
+        if dirty_tracking() {
+            let pre = ctl
+                .ok(&["create", &id, "--parent", &second, "--pre-dump"])?
+                .trim()
+                .to_string();
+            let process = &ctl.listed(&pre)?["process"];
+            ensure!(
+                process["pre_dump"] == true && process["pages_skipped_parent"].as_u64().unwrap_or(0) > 0,
+                "the final dump after a pre-dump writes only dirtied pages: {process}"
+            );
+        } else {
+            let (code, _, err) = ctl.run(&["create", &id, "--parent", &second, "--pre-dump"])?;
+            ensure!(
+                code != 0 && err.contains("CONFIG_MEM_SOFT_DIRTY") && err.contains("--pre-dump"),
+                "--pre-dump is refused clearly on a kernel without dirty tracking: {err}"
+            );
+        }
+
+        wait_count(env, &ns, &id, count(env, &ns, &id)? + 2)?;
+        let before = count(env, &ns, &id)?;
+        let third = ctl
+            .ok(&["create", &id, "--parent", &second, "--leave-running=false"])?
+            .trim()
+            .to_string();
+        // --leave-running=false: CRIU stopped the processes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while task_status(env, &ns, &id)? != "STOPPED" {
+            ensure!(
+                Instant::now() < deadline,
+                "the container still runs after --leave-running=false"
+            );
+            sleep(Duration::from_millis(100));
+        }
+        ensure!(
+            ctl.listed(&third)?["process"]["leave_running"] == false,
+            "the metadata says the container was stopped"
+        );
+        remove_container(env, &ns, &id)?;
+        let restored = format!("{id}-r");
+        ctl.ok(&["restore", &third, "--name", &restored, "--resume", "--parallel", "2"])?;
+        continues_from(env, &ns, &restored, before, before + 4)?;
+        let big = env.exec(&ns, &restored, "ps -o rss,args | grep -c 'sh -c big'")?;
+        ensure!(big.trim() != "0", "the restored shell is the original one: {big}");
+        Ok(())
+    });
+}

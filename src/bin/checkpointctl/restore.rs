@@ -1,0 +1,459 @@
+//! `checkpointctl restore`: a new container from a checkpoint, made by the
+//! daemon of this host or, with `--target-node`, of a node of the config
+//! file (which must then read the same shared storage). Prints what was
+//! restored and each check; exit 1 when a check failed.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use seamless_snapshotter::proto::{RestoreCheckpointRequest, RestoreCheckpointResponse};
+
+use crate::checkpoints::{checkpoint_id, to_json, to_yaml};
+use crate::settings::Settings;
+use crate::{daemon, CliError, Context};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Checkpoint id (JSON quotes are fine: `jq '.[-1].id' | xargs checkpointctl restore`).
+    #[arg(value_name = "CHECKPOINT_ID")]
+    id: String,
+    /// Id of the new container [default: <original>-restored].
+    #[arg(long)]
+    name: Option<String>,
+    /// Restore the processes running; otherwise they are restored paused.
+    #[arg(long)]
+    resume: bool,
+    /// Blobs fetched, verified and unpacked at a time.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    parallel: u32,
+    /// Check the restored container afterwards (status, process, API, logs, stats).
+    #[arg(long)]
+    validate: bool,
+    /// Restore on this node of the config file's `nodes:` (its daemon reads
+    /// the same storage, which must be s3 or nfs).
+    #[arg(short = 't', long, value_name = "NODE")]
+    target_node: Option<String>,
+    /// Move addresses of SRC_CIDR into DST_CIDR, as SRC_CIDR:DST_CIDR or
+    /// SRC_CIDR->DST_CIDR (IPv4, one prefix length; repeatable).
+    #[arg(long = "network-remap", value_name = "SPEC", value_parser = NetworkRemap::from_str)]
+    network_remaps: Vec<NetworkRemap>,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json", "yaml"])]
+    output: String,
+}
+
+/// An IPv4 network: an address with no bits set beyond its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Ipv4Cidr, String> {
+        let (address, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+        let address: Ipv4Addr = address
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR: {address:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{text:?} is not an IPv4 CIDR: prefix {prefix:?} is not 0 to 32"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        let network = Ipv4Addr::from(u32::from(address) & mask);
+        if network != address {
+            return Err(format!(
+                "{text:?} has bits set beyond its prefix (the network is {network}/{prefix})"
+            ));
+        }
+        Ok(Ipv4Cidr { network, prefix })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// `--network-remap`: the restored container's addresses in `from` move to
+/// the same host part in `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkRemap {
+    from: Ipv4Cidr,
+    to: Ipv4Cidr,
+}
+
+impl FromStr for NetworkRemap {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<NetworkRemap, String> {
+        let (from, to) = spec
+            .split_once("->")
+            .or_else(|| spec.split_once(':'))
+            .ok_or_else(|| format!("{spec:?} is not SRC_CIDR:DST_CIDR or SRC_CIDR->DST_CIDR"))?;
+        let (from, to): (Ipv4Cidr, Ipv4Cidr) = (from.trim().parse()?, to.trim().parse()?);
+        if from.prefix != to.prefix {
+            return Err(format!(
+                "{spec:?} maps a /{} network onto a /{}: both need the same prefix length",
+                from.prefix, to.prefix
+            ));
+        }
+        if from == to {
+            return Err(format!("{spec:?} maps {from} onto itself"));
+        }
+        Ok(NetworkRemap { from, to })
+    }
+}
+
+impl fmt::Display for NetworkRemap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}->{}", self.from, self.to)
+    }
+}
+
+pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(), CliError> {
+    let id = checkpoint_id(&args.id)?;
+    let socket = daemon_socket(context, settings, args.target_node.as_deref())?;
+    if !args.network_remaps.is_empty() {
+        let remaps: Vec<String> = args.network_remaps.iter().map(ToString::to_string).collect();
+        return Err(CliError::Failed(format!(
+            "--network-remap is not supported by this daemon yet ({}); nothing was restored",
+            remaps.join(", ")
+        )));
+    }
+    let mut client = daemon::connect(&socket).await?;
+    let restored = client
+        .restore_checkpoint(RestoreCheckpointRequest {
+            storage: Some(context.storage.clone()),
+            namespace: context.namespace.clone(),
+            id: id.clone(),
+            name: args.name.clone().unwrap_or_default(),
+            resume: args.resume,
+            parallel: args.parallel,
+            validate: args.validate,
+        })
+        .await
+        .map_err(|status| CliError::rpc(restore_action(&id, args.target_node.as_deref()), status))?
+        .into_inner();
+    let view = View::of(&id, args.target_node.as_deref(), &restored);
+    match args.output.as_str() {
+        "json" => println!("{}", to_json(&view)),
+        "yaml" => print!("{}", to_yaml(&view)),
+        _ => print!("{}", render_text(&id, &restored)),
+    }
+    failed_checks(&restored)
+}
+
+fn restore_action(id: &str, node: Option<&str>) -> String {
+    match node {
+        Some(node) => format!("restore of checkpoint {id} on node {node}"),
+        None => format!("restore of checkpoint {id}"),
+    }
+}
+
+/// The daemon that restores: the global --address, or the socket of
+/// `--target-node`, which must share the storage with this host.
+fn daemon_socket(context: &Context, settings: &Settings, node: Option<&str>) -> Result<PathBuf, CliError> {
+    let Some(node) = node else {
+        return Ok(context.address.clone());
+    };
+    let socket = settings.node_socket(node)?;
+    if matches!(context.storage.backend.as_str(), "" | "local") {
+        return Err(CliError::Usage(format!(
+            "restoring on node {node} needs shared storage (s3 or nfs): local checkpoints are only \
+             on the host that took them; set storage.backend or --storage-backend"
+        )));
+    }
+    Ok(socket.to_path_buf())
+}
+
+/// A restore as `-o json|yaml` prints it: the daemon's answer with the
+/// checkpoint and the node it was asked of.
+#[derive(Debug, Serialize)]
+struct View<'a> {
+    checkpoint: &'a str,
+    /// Null for the daemon of --address.
+    node: Option<&'a str>,
+    container: &'a str,
+    pid: u32,
+    status: &'a str,
+    process_restored: bool,
+    checks: Vec<CheckView<'a>>,
+    duration_ns: u64,
+    restore_log: &'a str,
+    blobs_fetched: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CheckView<'a> {
+    name: &'a str,
+    ok: bool,
+    detail: &'a str,
+}
+
+impl<'a> View<'a> {
+    fn of(checkpoint: &'a str, node: Option<&'a str>, r: &'a RestoreCheckpointResponse) -> View<'a> {
+        View {
+            checkpoint,
+            node,
+            container: &r.container,
+            pid: r.pid,
+            status: &r.status,
+            process_restored: r.process_restored,
+            checks: r
+                .checks
+                .iter()
+                .map(|c| CheckView {
+                    name: &c.name,
+                    ok: c.ok,
+                    detail: &c.detail,
+                })
+                .collect(),
+            duration_ns: r.duration_ns,
+            restore_log: &r.restore_log,
+            blobs_fetched: r.blobs_fetched,
+        }
+    }
+}
+
+fn render_text(id: &str, r: &RestoreCheckpointResponse) -> String {
+    let mut out = format!(
+        "restored {id} as container {} (pid {}, status {}) in {:.2}s\n",
+        r.container,
+        r.pid,
+        r.status,
+        r.duration_ns as f64 / 1e9
+    );
+    for check in &r.checks {
+        let mark = if check.ok { "ok" } else { "FAIL" };
+        let detail = if check.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", check.detail)
+        };
+        out.push_str(&format!("  {mark:<4}  {}{detail}\n", check.name));
+    }
+    if !r.restore_log.is_empty() {
+        out.push_str(&format!("restore log: {}\n", r.restore_log));
+    }
+    out
+}
+
+/// Exit 1, once everything is printed, when a check failed.
+fn failed_checks(r: &RestoreCheckpointResponse) -> Result<(), CliError> {
+    let failed: Vec<&str> = r.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Failed(format!(
+        "restored container {} failed {} of {} checks: {}",
+        r.container,
+        failed.len(),
+        r.checks.len(),
+        failed.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use seamless_snapshotter::proto::{RestoreCheck, Storage};
+
+    #[derive(Debug, Parser)]
+    struct Restore {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Restore::try_parse_from([&["restore"], argv].concat()).map(|r| r.args)
+    }
+
+    fn cidr(text: &str) -> Ipv4Cidr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn network_remaps_take_either_arrow_and_one_prefix_length() {
+        for spec in [
+            "10.0.0.0/24:10.1.0.0/24",
+            "10.0.0.0/24->10.1.0.0/24",
+            " 10.0.0.0/24 -> 10.1.0.0/24 ",
+        ] {
+            let remap: NetworkRemap = spec.parse().unwrap();
+            assert_eq!(remap.from, cidr("10.0.0.0/24"), "{spec}");
+            assert_eq!(remap.to, cidr("10.1.0.0/24"), "{spec}");
+            assert_eq!(remap.to_string(), "10.0.0.0/24->10.1.0.0/24");
+        }
+        assert!("0.0.0.0/0->0.0.0.0/0".parse::<NetworkRemap>().is_err());
+        assert!("192.168.1.7/32:192.168.2.9/32".parse::<NetworkRemap>().is_ok());
+    }
+
+    #[test]
+    fn bad_network_remaps_say_why() {
+        let cases = [
+            ("10.0.0.0/24", "is not SRC_CIDR:DST_CIDR"),
+            ("10.0.0.0/24=>10.1.0.0/24", "is not SRC_CIDR:DST_CIDR"),
+            ("10.0.0.0/24:10.1.0.0/16", "same prefix length"),
+            ("10.0.0.0:10.1.0.0", "is not an IPv4 CIDR (a.b.c.d/n)"),
+            ("10.0.0.0/33:10.1.0.0/33", "is not 0 to 32"),
+            ("10.0.0.0/x:10.1.0.0/24", "is not 0 to 32"),
+            ("10.0.0.5/24:10.1.0.0/24", "the network is 10.0.0.0/24"),
+            ("10.0.0/24:10.1.0.0/24", "is not an IPv4 address"),
+            ("fd00::/64->fd01::/64", "is not an IPv4 CIDR"),
+            ("10.0.0.0/24:10.1.0.0/24:10.2.0.0/24", "is not 0 to 32"),
+            ("10.0.0.0/24->10.0.0.0/24", "onto itself"),
+        ];
+        for (spec, reason) in cases {
+            let err = spec.parse::<NetworkRemap>().unwrap_err();
+            assert!(err.contains(reason), "{spec}: {err}");
+        }
+        let err = parse(&["cp-1", "--network-remap", "10.0.0.0/24:10.1.0.0/16"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn arguments_have_defaults_and_bounds() {
+        let args = parse(&["cp-1"]).unwrap();
+        assert_eq!(args.parallel, 3);
+        assert!(args.name.is_none() && !args.resume && !args.validate && args.target_node.is_none());
+        assert_eq!(args.output, "text");
+        let args = parse(&[
+            "\"cp-1\"",
+            "--name",
+            "web2",
+            "--resume",
+            "--parallel",
+            "64",
+            "-t",
+            "node-b",
+            "--network-remap",
+            "10.0.0.0/24:10.1.0.0/24",
+            "--network-remap=10.2.0.0/16->10.3.0.0/16",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(checkpoint_id(&args.id).unwrap(), "cp-1");
+        assert_eq!(args.parallel, 64);
+        assert_eq!(args.target_node.as_deref(), Some("node-b"));
+        assert_eq!(args.network_remaps.len(), 2);
+        for bad in ["0", "65", "-1", "many"] {
+            let err = parse(&["cp-1", "--parallel", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "--parallel {bad}");
+        }
+        assert_eq!(parse(&[]).unwrap_err().exit_code(), 2);
+    }
+
+    fn context(backend: &str) -> Context {
+        Context {
+            address: "/run/here.sock".into(),
+            namespace: "default".into(),
+            storage: Storage {
+                backend: backend.into(),
+                ..Storage::default()
+            },
+        }
+    }
+
+    #[test]
+    fn target_nodes_need_shared_storage_and_a_known_name() {
+        let settings = Settings::parse("nodes: {node-b: {address: unix:///run/b.sock}}\n", "t.yaml").unwrap();
+        let socket = |backend: &str, node| daemon_socket(&context(backend), &settings, node);
+        assert_eq!(socket("local", None).unwrap(), PathBuf::from("/run/here.sock"));
+        assert_eq!(socket("s3", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
+        assert_eq!(socket("nfs", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
+        let err = socket("local", Some("node-b")).unwrap_err();
+        assert!(matches!(err, CliError::Usage(_)), "{err:?}");
+        assert!(err.to_string().contains("needs shared storage (s3 or nfs)"), "{err}");
+        let err = socket("s3", Some("node-c")).unwrap_err();
+        assert!(matches!(err, CliError::Settings(_)), "{err:?}");
+        assert!(err.to_string().contains("defines node-b"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn network_remaps_are_refused_before_anything_is_restored() {
+        let args = parse(&["cp-1", "--network-remap", "10.0.0.0/24:10.1.0.0/24"]).unwrap();
+        // The address does not exist: the refusal comes before connecting.
+        let err = run(&context("local"), &Settings::default(), args).await.unwrap_err();
+        assert!(matches!(err, CliError::Failed(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("--network-remap is not supported by this daemon yet"),
+            "{err}"
+        );
+    }
+
+    fn restored(checks: &[(&str, bool, &str)]) -> RestoreCheckpointResponse {
+        RestoreCheckpointResponse {
+            container: "web-restored".into(),
+            pid: 4242,
+            status: "running".into(),
+            process_restored: true,
+            checks: checks
+                .iter()
+                .map(|(name, ok, detail)| RestoreCheck {
+                    name: name.to_string(),
+                    ok: *ok,
+                    detail: detail.to_string(),
+                })
+                .collect(),
+            duration_ns: 1_234_567_890,
+            restore_log: "/var/lib/seamless/restore/web-restored/restore.log".into(),
+            blobs_fetched: 7,
+        }
+    }
+
+    #[test]
+    fn text_output_lists_each_check() {
+        let r = restored(&[
+            ("status", true, "running"),
+            ("api", false, "GET / refused"),
+            ("logs", true, ""),
+        ]);
+        assert_eq!(
+            render_text("cp-1", &r),
+            "\
+restored cp-1 as container web-restored (pid 4242, status running) in 1.23s
+  ok    status: running
+  FAIL  api: GET / refused
+  ok    logs
+restore log: /var/lib/seamless/restore/web-restored/restore.log
+"
+        );
+        let err = failed_checks(&r).unwrap_err();
+        assert!(matches!(err, CliError::Failed(_)));
+        assert_eq!(
+            err.to_string(),
+            "restored container web-restored failed 1 of 3 checks: api"
+        );
+        assert!(failed_checks(&restored(&[("status", true, "")])).is_ok());
+        assert!(failed_checks(&restored(&[])).is_ok());
+    }
+
+    #[test]
+    fn json_output_keeps_the_response_field_names() {
+        let r = restored(&[("status", true, "running")]);
+        let json: serde_json::Value = serde_json::from_str(&to_json(&View::of("cp-1", None, &r))).unwrap();
+        assert_eq!(json["checkpoint"], "cp-1");
+        assert!(json["node"].is_null());
+        assert_eq!(json["container"], "web-restored");
+        assert_eq!(json["pid"], 4242);
+        assert_eq!(json["process_restored"], true);
+        assert_eq!(json["checks"][0]["name"], "status");
+        assert_eq!(json["checks"][0]["ok"], true);
+        assert_eq!(json["duration_ns"], 1_234_567_890u64);
+        assert_eq!(json["blobs_fetched"], 7);
+    }
+}
