@@ -15,13 +15,17 @@ pub enum CgroupError {
     NoFreezer { pid: u32 },
     #[error("process {pid} has no memory cgroup: neither a cgroup v1 memory hierarchy nor a cgroup v2 one is mounted for it")]
     NoMemoryCgroup { pid: u32 },
+    #[error("process {pid} has no CPU accounting: neither a cgroup v1 cpuacct hierarchy nor a cgroup v2 one is mounted for it")]
+    NoCpuCgroup { pid: u32 },
 }
 
 impl Classify for CgroupError {
     fn kind(&self) -> ErrorKind {
         match self {
             CgroupError::Read { .. } => ErrorKind::NotFound,
-            CgroupError::NoFreezer { .. } | CgroupError::NoMemoryCgroup { .. } => ErrorKind::FailedPrecondition,
+            CgroupError::NoFreezer { .. } | CgroupError::NoMemoryCgroup { .. } | CgroupError::NoCpuCgroup { .. } => {
+                ErrorKind::FailedPrecondition
+            }
         }
     }
 }
@@ -70,6 +74,19 @@ pub enum MemoryCgroup {
 }
 
 impl MemoryCgroup {
+    /// Memory the cgroup uses (page cache included), bytes.
+    pub fn current(&self) -> Result<u64, CgroupError> {
+        let path = match self {
+            MemoryCgroup::V1(dir) => dir.join("memory.usage_in_bytes"),
+            MemoryCgroup::V2(dir) => dir.join("memory.current"),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(text.trim().parse().unwrap_or(0))
+    }
+
     /// Anonymous memory of the cgroup (what a CRIU dump writes, roughly),
     /// and its limit if it has one, in bytes.
     pub fn usage(&self) -> Result<(u64, Option<u64>), CgroupError> {
@@ -107,6 +124,15 @@ pub fn memory_of(pid: u32) -> Result<MemoryCgroup, CgroupError> {
 
 /// Pure part of [`memory_of`].
 pub fn resolve_memory(cgroups: &str, mountinfo: &str) -> Option<MemoryCgroup> {
+    Some(match resolve_controller(cgroups, mountinfo, "memory")? {
+        (true, dir) => MemoryCgroup::V1(dir),
+        (false, dir) => MemoryCgroup::V2(dir),
+    })
+}
+
+/// The directory of a process's cgroup for `controller`: in the v1
+/// hierarchy that has it (true), else in the unified one (false).
+fn resolve_controller(cgroups: &str, mountinfo: &str, controller: &str) -> Option<(bool, PathBuf)> {
     let mut v1 = None;
     let mut v2 = None;
     for line in cgroups.lines() {
@@ -116,7 +142,7 @@ pub fn resolve_memory(cgroups: &str, mountinfo: &str) -> Option<MemoryCgroup> {
         };
         if id == "0" && controllers.is_empty() {
             v2 = Some(path.to_string());
-        } else if controllers.split(',').any(|c| c == "memory") {
+        } else if controllers.split(',').any(|c| c == controller) {
             v1 = Some(path.to_string());
         }
     }
@@ -124,14 +150,36 @@ pub fn resolve_memory(cgroups: &str, mountinfo: &str) -> Option<MemoryCgroup> {
     if let Some(path) = v1 {
         if let Some(m) = mounts
             .iter()
-            .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "memory"))
+            .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == controller))
         {
-            return Some(MemoryCgroup::V1(join_cgroup(&m.mount_point, &m.root, &path)));
+            return Some((true, join_cgroup(&m.mount_point, &m.root, &path)));
         }
     }
     let path = v2?;
     let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
-    Some(MemoryCgroup::V2(join_cgroup(&m.mount_point, &m.root, &path)))
+    Some((false, join_cgroup(&m.mount_point, &m.root, &path)))
+}
+
+/// Cumulative CPU time of process `pid`'s cgroup, nanoseconds.
+pub fn cpu_usage_ns(pid: u32) -> Result<u64, CgroupError> {
+    let read = |path: String| std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source });
+    let cgroups = read(format!("/proc/{pid}/cgroup"))?;
+    let mountinfo = read("/proc/self/mountinfo".to_string())?;
+    match resolve_controller(&cgroups, &mountinfo, "cpuacct") {
+        Some((true, dir)) => Ok(read(dir.join("cpuacct.usage").display().to_string())?
+            .trim()
+            .parse()
+            .unwrap_or(0)),
+        Some((false, dir)) => Ok(parse_usage_usec(&read(dir.join("cpu.stat").display().to_string())?) * 1000),
+        None => Err(CgroupError::NoCpuCgroup { pid }),
+    }
+}
+
+fn parse_usage_usec(cpu_stat: &str) -> u64 {
+    cpu_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 struct MountEntry {
@@ -211,6 +259,22 @@ mod tests {
             Some(MemoryCgroup::V2(PathBuf::from("/sys/fs/cgroup/ns/c1")))
         );
         assert_eq!(resolve_memory("0::/ns/c1\n", ""), None);
+    }
+
+    #[test]
+    fn cpu_accounting_on_both_hierarchies() {
+        let mounts = "41 35 0:36 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                      45 35 0:40 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            resolve_controller("4:cpu,cpuacct:/ns/c\n0::/ns/c\n", mounts, "cpuacct"),
+            Some((true, PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/ns/c")))
+        );
+        assert_eq!(
+            resolve_controller("0::/ns/c\n", mounts, "cpuacct"),
+            Some((false, PathBuf::from("/sys/fs/cgroup/unified/ns/c")))
+        );
+        assert_eq!(parse_usage_usec("usage_usec 1500\nuser_usec 1000\n"), 1500);
+        assert!(cpu_usage_ns(std::process::id()).is_ok());
     }
 
     #[test]

@@ -233,6 +233,22 @@ pub struct TaskState {
 }
 
 impl Containerd {
+    /// Every container of `namespace`: id and labels.
+    pub async fn list_containers(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>, ContainerdError> {
+        Ok(ContainersClient::new(self.channel.clone())
+            .list(namespaced(ListContainersRequest { filters: vec![] }, namespace)?)
+            .await
+            .map_err(call_error("list containers"))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| (c.id, c.labels.into_iter().collect()))
+            .collect())
+    }
+
     pub async fn container(&self, namespace: &str, id: &str) -> Result<Container, ContainerdError> {
         ContainersClient::new(self.channel.clone())
             .get(namespaced(GetContainerRequest { id: id.to_string() }, namespace)?)

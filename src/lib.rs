@@ -29,6 +29,7 @@ pub mod registry;
 pub mod rest;
 pub mod server;
 pub mod snapshotter;
+pub mod stats;
 pub mod storage;
 pub mod store;
 pub mod sys;

@@ -569,6 +569,17 @@ impl CheckpointService {
         .map_err(|e| CheckpointError::Task(e.to_string()))?
     }
 
+    /// Usage samples of containers of `namespace` (see [`crate::stats`]).
+    pub async fn container_stats(
+        &self,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<Vec<crate::stats::Sample>, CheckpointError> {
+        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        Ok(crate::stats::sample(&containerd, namespace, containers).await?)
+    }
+
     /// CRIU's log of the dump of checkpoint `id` (empty for a filesystem-only
     /// checkpoint).
     pub async fn dump_log(&self, storage: &StorageSpec, namespace: &str, id: &str) -> Result<String, CheckpointError> {

@@ -16,13 +16,14 @@ use crate::checkpoint::{
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
 use crate::proto::{
-    Checkpoint, CommitJob, CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse,
-    GetCommitRequest, ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest,
-    InspectCheckpointResponse, ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest,
-    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest,
-    RestoreCheckpointResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
-    SeamlessCommitRequest, SeamlessCommitResponse, Storage, Verification, VersionRequest, VersionResponse,
+    Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse, CreateCheckpointRequest,
+    Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest, ImportCheckpointRequest,
+    ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse, MergeCheckpointsRequest,
+    MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse, RemoveScheduleRequest,
+    RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse, Schedule,
+    ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage,
+    Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -318,6 +319,33 @@ impl Control for ControlService {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             blobs_fetched: restored.blobs_fetched,
+        }))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<ContainerStatsRequest>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        let r = request.into_inner();
+        let samples = self
+            .checkpoints
+            .container_stats(&r.namespace, &r.containers)
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ContainerStatsResponse {
+            containers: samples
+                .into_iter()
+                .map(|s| ContainerSample {
+                    id: s.id,
+                    labels: s.labels.into_iter().collect(),
+                    cpu_usage_ns: s.cpu_usage_ns,
+                    sampled_unix_ns: s.sampled_unix_ns,
+                    memory_bytes: s.memory_bytes,
+                    memory_limit_bytes: s.memory_limit_bytes,
+                    memory_limited: s.memory_limited,
+                    status: s.status,
+                })
+                .collect(),
         }))
     }
 

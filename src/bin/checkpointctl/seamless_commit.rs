@@ -622,6 +622,13 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::RestoreCheckpointResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        async fn container_stats(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ContainerStatsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ContainerStatsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
