@@ -235,6 +235,113 @@ pub fn capture_upper(
     })
 }
 
+/// A container kept frozen after its capture (for a memory dump that must
+/// match the captured disk); thawed by [`FrozenHold::thaw`] or when
+/// dropped. Its marker makes a restarted daemon thaw it if this one dies.
+pub struct FrozenHold {
+    sys: Arc<dyn SystemOps>,
+    markers: FrozenMarkers,
+    marker: Option<PathBuf>,
+    freezer: Freezer,
+    start: Instant,
+}
+
+impl std::fmt::Debug for FrozenHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrozenHold").field("freezer", &self.freezer).finish()
+    }
+}
+
+impl FrozenHold {
+    /// Thaws the container; returns how long it was frozen.
+    pub fn thaw(mut self) -> Result<Duration, CaptureError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<Duration, CaptureError> {
+        let Some(marker) = self.marker.take() else {
+            return Ok(self.start.elapsed());
+        };
+        let thawed = self.sys.thaw_cgroup(&self.freezer);
+        let frozen = self.start.elapsed();
+        thawed.map_err(|source| CaptureError::Thaw {
+            cgroup: self.freezer.dir().display().to_string(),
+            source,
+        })?;
+        self.markers.clear(&marker);
+        info!(
+            frozen_us = frozen.as_micros() as u64,
+            "thawed the container held frozen"
+        );
+        Ok(frozen)
+    }
+}
+
+impl Drop for FrozenHold {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            warn!(error = %e, "cannot thaw the container held frozen; a restarted daemon thaws it");
+        }
+    }
+}
+
+/// Like [`capture_upper`], but the container stays frozen after the
+/// snapshot until the returned hold is thawed.
+#[allow(clippy::too_many_arguments)]
+pub fn capture_upper_and_hold(
+    sys: &Arc<dyn SystemOps>,
+    markers: &FrozenMarkers,
+    name: &str,
+    subvolume: &Path,
+    dest: &Path,
+    freezer: &Freezer,
+    pause_timeout: Duration,
+    method: CaptureMethod,
+) -> Result<(Captured, FrozenHold), CaptureError> {
+    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
+        path: subvolume.display().to_string(),
+        source,
+    })?;
+    let marker = markers.record(name, freezer)?;
+    let start = Instant::now();
+    let hold = FrozenHold {
+        sys: sys.clone(),
+        markers: markers.clone(),
+        marker: Some(marker),
+        freezer: freezer.clone(),
+        start,
+    };
+    if let Err(source) = sys.freeze_cgroup(freezer, start + pause_timeout) {
+        drop(hold);
+        return Err(CaptureError::PauseTimeout {
+            cgroup: freezer.dir().display().to_string(),
+            timeout: pause_timeout,
+            source,
+        });
+    }
+    let snapshot = match method {
+        CaptureMethod::Snapshot => sys.snapshot_readonly(subvolume, dest),
+        CaptureMethod::Copy => std::fs::create_dir(dest)
+            .map_err(|source| SysError::Io {
+                op: "mkdir",
+                path: dest.display().to_string(),
+                source,
+            })
+            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
+    };
+    // Dropping the hold on error thaws.
+    snapshot.map_err(|source| CaptureError::Snapshot {
+        source_dir: subvolume.display().to_string(),
+        source,
+    })?;
+    let captured = Captured {
+        pause: start.elapsed(),
+        snapshot: dest.to_path_buf(),
+    };
+    info!(snapshot = %dest.display(), "captured writable layer; container held frozen");
+    Ok((captured, hold))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +386,73 @@ mod tests {
             0,
             "marker cleared"
         );
+    }
+
+    #[test]
+    fn a_held_capture_stays_frozen_until_thawed_or_dropped() {
+        let (tmp, fake, markers) = setup();
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        let dest = tmp.path().join("cap");
+        let (got, hold) = capture_upper_and_hold(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &dest,
+            &freezer,
+            Duration::from_secs(1),
+            CaptureMethod::Snapshot,
+        )
+        .unwrap();
+        assert_eq!(got.snapshot, dest);
+        assert_eq!(
+            fake.calls(),
+            vec![
+                "syncfs /s/1".to_string(),
+                "freeze /cg/ctr".to_string(),
+                format!("snapshot readonly /s/1 {}", dest.display()),
+            ],
+            "still frozen"
+        );
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
+            1,
+            "a restarted daemon would thaw it"
+        );
+        hold.thaw().unwrap();
+        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+
+        // Dropped (the dump failed, say): thawed all the same, also when
+        // the snapshot itself fails.
+        let (_, hold) = capture_upper_and_hold(
+            &sys,
+            &markers,
+            "c2",
+            Path::new("/s/2"),
+            &tmp.path().join("cap2"),
+            &freezer,
+            Duration::from_secs(1),
+            CaptureMethod::Snapshot,
+        )
+        .unwrap();
+        drop(hold);
+        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        fake.fail_calls_starting_with("snapshot");
+        assert!(capture_upper_and_hold(
+            &sys,
+            &markers,
+            "c3",
+            Path::new("/s/3"),
+            &tmp.path().join("cap3"),
+            &freezer,
+            Duration::from_secs(1),
+            CaptureMethod::Snapshot,
+        )
+        .is_err());
+        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
     }
 
     #[test]

@@ -452,6 +452,7 @@ impl CommitService {
             snapshot_id: id,
             captured,
             slot: release,
+            ..
         } = self
             .capture(&options.namespace, &options.container, &snapshot_id)
             .await?;
@@ -504,6 +505,18 @@ impl CommitService {
         container: &str,
         capture_name: &str,
     ) -> Result<CapturedContainer, CommitError> {
+        self.capture_with(namespace, container, capture_name, false).await
+    }
+
+    /// [`CommitService::capture`]; with `hold`, the container stays frozen
+    /// after the capture (see [`CapturedContainer::hold`]).
+    pub async fn capture_with(
+        self: &Arc<Self>,
+        namespace: &str,
+        container: &str,
+        capture_name: &str,
+        hold: bool,
+    ) -> Result<CapturedContainer, CommitError> {
         let containerd = Containerd::connect(&self.containerd_address).await?;
         let container = containerd.resolve(namespace, container).await?;
         if container.snapshotter != SNAPSHOTTER_NAME {
@@ -529,15 +542,26 @@ impl CommitService {
         let freezer = crate::cgroup::freezer_of(container.pid)?;
         let snapshotter = self.snapshotter.clone();
         let name = capture_name.to_string();
-        let captured = tokio::task::spawn_blocking(move || snapshotter.capture(id, &name, &freezer, PAUSE_TIMEOUT))
-            .await
-            .map_err(|e| CommitError::Task(e.to_string()))??;
+        let (captured, hold) = tokio::task::spawn_blocking(move || {
+            if hold {
+                snapshotter
+                    .capture_and_hold(id, &name, &freezer, PAUSE_TIMEOUT)
+                    .map(|(c, h)| (c, Some(h)))
+            } else {
+                snapshotter
+                    .capture(id, &name, &freezer, PAUSE_TIMEOUT)
+                    .map(|c| (c, None))
+            }
+        })
+        .await
+        .map_err(|e| CommitError::Task(e.to_string()))??;
         Ok(CapturedContainer {
             container,
             snapshot_key,
             snapshot_id: id,
             captured,
             slot,
+            hold,
         })
     }
 
@@ -920,6 +944,8 @@ pub struct CapturedContainer {
     pub captured: crate::capture::Captured,
     /// Keeps other captures of the container out until dropped.
     pub slot: SlotGuard,
+    /// The container, still frozen, when asked to be held.
+    pub hold: Option<crate::capture::FrozenHold>,
 }
 
 #[derive(Debug)]

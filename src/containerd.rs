@@ -14,7 +14,7 @@ use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
-    ListContainersRequest, MetricsRequest, PauseTaskRequest, StartRequest,
+    ListContainersRequest, MetricsRequest, PauseTaskRequest, ResumeTaskRequest, StartRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
@@ -450,6 +450,19 @@ impl Containerd {
             )?)
             .await
             .map_err(call_error("pause task"))?;
+        Ok(())
+    }
+
+    pub async fn resume_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        TasksClient::new(self.channel.clone())
+            .resume(namespaced(
+                ResumeTaskRequest {
+                    container_id: id.to_string(),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("resume task"))?;
         Ok(())
     }
 

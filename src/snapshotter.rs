@@ -840,6 +840,41 @@ impl Snapshotter {
         Ok(captured)
     }
 
+    /// Like [`Snapshotter::capture`], but the container stays frozen after
+    /// the snapshot until the returned hold is thawed or dropped.
+    pub fn capture_and_hold(
+        &self,
+        id: u64,
+        capture_name: &str,
+        freezer: &Freezer,
+        pause_timeout: std::time::Duration,
+    ) -> Result<(Captured, crate::capture::FrozenHold), SnapshotError> {
+        validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
+        if capture_name.contains('/') {
+            return Err(SnapshotError::InvalidKey {
+                what: "capture name",
+                key: capture_name.to_string(),
+                reason: "must be a single path element",
+            });
+        }
+        let dest = self.storage.captures_dir().join(capture_name);
+        let method = if self.storage.supports_capture() {
+            CaptureMethod::Snapshot
+        } else {
+            CaptureMethod::Copy
+        };
+        Ok(crate::capture::capture_upper_and_hold(
+            &self.sys,
+            &self.markers,
+            capture_name,
+            &self.storage.snapshot_dir(id),
+            &dest,
+            freezer,
+            pause_timeout,
+            method,
+        )?)
+    }
+
     /// The metadata store, for records other modules keep beside snapshots
     /// (commit jobs).
     pub fn store(&self) -> &Store {

@@ -163,6 +163,24 @@ fn counter_continues_after_restore() {
             task_status(env, &ns, &id)? == "RUNNING",
             "the container keeps running after a checkpoint"
         );
+        // --pre-freeze: frozen from the disk capture to the end of the
+        // dump, then thawed.
+        let frozen_before = count(env, &ns, &id)?;
+        let held = ctl.ok(&["create", &id, "--pre-freeze"])?.trim().to_string();
+        let frozen_after = count(env, &ns, &id)?;
+        ensure!(
+            task_status(env, &ns, &id)? == "RUNNING",
+            "a pre-frozen container is thawed after its dump"
+        );
+        let listed = ctl.listed(&held)?;
+        let (pause, frozen) = (
+            listed["pause_ms"].as_f64().unwrap_or(0.0),
+            listed["process"]["frozen_ms"].as_f64().unwrap_or(f64::MAX),
+        );
+        ensure!(
+            pause >= frozen,
+            "the pause of a pre-frozen checkpoint covers CRIU's frozen time: {pause} ms < {frozen} ms"
+        );
 
         let info = ctl.listed(&checkpoint)?;
         let process = info
@@ -211,18 +229,19 @@ fn counter_continues_after_restore() {
             task_status(env, &ns, &restored)? == "RUNNING",
             "restored with --resume runs"
         );
-        continues_from(env, &ns, &restored, before, after + 3)?;
+        continues_from(env, &ns, &restored, before, after + 6)?;
 
-        // Without --resume: restored paused, counting nothing until resumed.
+        // Without --resume: restored paused, counting nothing until resumed
+        // (the pre-frozen checkpoint: its disk and memory are of one instant).
         let paused = format!("{id}-p");
-        ctl.ok(&["restore", &checkpoint, "--name", &paused])?;
+        ctl.ok(&["restore", &held, "--name", &paused])?;
         ensure!(
             task_status(env, &ns, &paused)? == "PAUSED",
             "restored without --resume is paused"
         );
         env.ctr(&ns, &["tasks", "resume", &paused])?;
         sleep(Duration::from_millis(700));
-        continues_from(env, &ns, &paused, before, after + 5)?;
+        continues_from(env, &ns, &paused, frozen_before, frozen_after + 5)?;
 
         // A name in use is refused and nothing of the attempt is left.
         let (code, _, err) = ctl.run(&["restore", &checkpoint, "--name", &paused])?;

@@ -157,9 +157,10 @@ pub struct CreateRequest {
     pub labels: Vec<String>,
     pub parent: Option<String>,
     pub compression: String,
-    /// Accepted; the capture always flushes the container's writes before
-    /// it freezes (keeping the container frozen across the memory dump as
-    /// well is not done yet).
+    /// Keep the container frozen from the capture of its disk to the end of
+    /// the memory dump, so that both are of one instant (files a process
+    /// holds open for writing must be the size CRIU recorded). Without
+    /// it, the disk is captured first, then the processes dumped.
     pub pre_freeze: bool,
     /// Bytes; 0: no limit.
     pub memory_limit: u64,
@@ -377,10 +378,15 @@ impl CheckpointService {
             *n += 1;
             format!("checkpoint-{}-{n}", std::process::id())
         };
-        let captured = self
+        // --pre-freeze: the container stays frozen from the capture of its
+        // disk to the end of its memory dump, so that both are of one
+        // instant (CRIU finds it frozen and leaves it so).
+        let hold = request.pre_freeze && !request.fs_only;
+        let mut captured = self
             .commits
-            .capture(&request.namespace, &request.container, &capture_name)
+            .capture_with(&request.namespace, &request.container, &capture_name, hold)
             .await?;
+        let held = captured.hold.take();
         let capture = captured.captured.snapshot.clone();
         let snapshotter = self.commits.snapshotter().clone();
         let remove_capture = {
@@ -399,6 +405,7 @@ impl CheckpointService {
         let (parent, record) = match prepared {
             Ok(p) => p,
             Err(e) => {
+                drop(held);
                 remove_capture();
                 return Err(e);
             }
@@ -451,6 +458,10 @@ impl CheckpointService {
                             process_identity: record.process_identity.clone(),
                         },
                     );
+                    if let Some(held) = held {
+                        // The pause is the whole frozen time.
+                        new.pause = held.thaw().map_err(|e| CheckpointError::Task(e.to_string()))?;
+                    }
                     if let Err(e) = std::fs::remove_dir_all(&work) {
                         warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
                     }

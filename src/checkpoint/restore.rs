@@ -359,7 +359,19 @@ impl CheckpointService {
                 .start_task(ns, name)
                 .await
                 .map_err(|e| failed(step, ErrorKind::Internal)(e.into()))?;
-            if !request.resume {
+            // A dump of a container held frozen (--pre-freeze) restores
+            // frozen, as CRIU found it.
+            let frozen = containerd
+                .task(ns, name)
+                .await
+                .map_err(|e| failed("status", ErrorKind::Internal)(e.into()))?
+                .is_some_and(|t| t.status == "paused");
+            if request.resume && frozen {
+                containerd
+                    .resume_task(ns, name)
+                    .await
+                    .map_err(|e| failed("resume", ErrorKind::Internal)(e.into()))?;
+            } else if !request.resume && !frozen {
                 containerd
                     .pause_task(ns, name)
                     .await
