@@ -20,12 +20,17 @@ const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0
 struct Ctl {
     socket: std::path::PathBuf,
     ns: String,
+    /// A checkpointctl config file, if any.
+    config: Option<std::path::PathBuf>,
 }
 
 impl Ctl {
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkpointctl"));
         cmd.arg("--address").arg(&self.socket).arg("--namespace").arg(&self.ns);
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
         cmd
     }
 
@@ -143,6 +148,7 @@ fn counter_continues_after_restore() {
         let ctl = Ctl {
             socket: env.daemon_socket(),
             ns: ns.clone(),
+            config: None,
         };
         let id = env.container_id("counter");
         start_counter(env, &ns, &id)?;
@@ -272,6 +278,7 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
         let ctl = Ctl {
             socket: env.daemon_socket(),
             ns: ns.clone(),
+            config: None,
         };
         let id = env.container_id("counter");
         // 8 MB of incompressible text held in the shell's memory, then the
@@ -355,5 +362,85 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
         let big = env.exec(&ns, &restored, "ps -o rss,args | grep -c 'sh -c big'")?;
         ensure!(big.trim() != "0", "the restored shell is the original one: {big}");
         Ok(())
+    });
+}
+
+#[test]
+fn restore_on_another_node_through_shared_storage() {
+    with_env("restore-node1", Options::default(), |env| {
+        // A second host: its own registry, containerd and daemon.
+        let mut node2 = Env::new("restore-node2");
+        node2.start(Options::default()).context("starting the second node")?;
+        let ns = env.namespace("c");
+        env.pull(&ns)?;
+        node2.pull(&ns)?;
+        // Shared storage both daemons mount (a local directory standing in
+        // for the NFS export: this kernel has no NFS client).
+        let shared = env.dir().join("shared-export");
+        std::fs::create_dir_all(&shared)?;
+        let config = env.dir().join("nodes.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "storage:\n  backend: nfs\n  nfs: {{path: {}}}\nnodes:\n  node2: {{address: {}}}\n",
+                shared.display(),
+                node2.daemon_socket().display()
+            ),
+        )?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config: Some(config),
+        };
+        let id = env.container_id("counter");
+        start_counter(env, &ns, &id)?;
+        wait_count(env, &ns, &id, 4)?;
+        let before = count(env, &ns, &id)?;
+        let checkpoint = ctl.ok(&["create", &id, "--leave-running=false"])?.trim().to_string();
+
+        let (code, _, err) = ctl.run(&["restore", &checkpoint, "-t", "node9"])?;
+        ensure!(
+            code == 2 && err.contains("node2"),
+            "an unknown node lists the known ones: {err}"
+        );
+        let local_config = env.dir().join("local.yaml");
+        std::fs::write(
+            &local_config,
+            format!("nodes:\n  node2: {{address: {}}}\n", node2.daemon_socket().display()),
+        )?;
+        let local = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config: Some(local_config),
+        };
+        let (code, _, err) = local.run(&["restore", &checkpoint, "-t", "node2"])?;
+        ensure!(code != 0 && err.contains("shared storage"), "{err}");
+
+        let restored = format!("{id}-moved");
+        let out = ctl.ok(&[
+            "restore",
+            &checkpoint,
+            "-t",
+            "node2",
+            "--name",
+            &restored,
+            "--resume",
+            "--validate",
+        ])?;
+        ensure!(out.contains(&restored), "{out}");
+        let result = (|| {
+            ensure!(
+                task_status(&node2, &ns, &restored)? == "RUNNING",
+                "restored on the second node"
+            );
+            ensure!(
+                task_status(env, &ns, &restored)? == "none",
+                "nothing was restored on the first node"
+            );
+            continues_from(&node2, &ns, &restored, before, before + 12)
+        })();
+        let cleaned = remove_container(&node2, &ns, &restored);
+        result?;
+        cleaned
     });
 }

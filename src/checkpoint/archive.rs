@@ -44,7 +44,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::catalogue::{self, Catalogue, CatalogueError, Checkpoint, Compression, StagedFile};
+use super::catalogue::{
+    self, Catalogue, CatalogueError, Checkpoint, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
+};
 use super::tree::{self, Delta, Entry, EntryKind, Tree};
 
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -570,10 +572,45 @@ pub fn export(
     let mut layers = Vec::with_capacity(chain.len());
     // The tree below each layer: what decides where opaque markers go.
     let mut below = Tree::new();
+    // Process images, dump logs and container records travel as blobs of
+    // the layout, named in their layer's annotations.
+    let mut process_blobs: BTreeMap<String, StagedFile> = BTreeMap::new();
     for link in &chain {
         let delta = catalogue.read_delta(link)?;
-        layers.push(build_layer(catalogue, link, &delta, &below, &scratch)?);
+        let mut layer = build_layer(catalogue, link, &delta, &below, &scratch)?;
         delta.apply(&mut below);
+        let mut fetch = |key: &str| -> Result<String, ArchiveError> {
+            let hex = key
+                .rsplit('/')
+                .next()
+                .and_then(|name| name.split_once('.'))
+                .map(|(hex, _)| hex.to_string())
+                .ok_or_else(|| CatalogueError::Invalid(format!("{key} is not the key of a blob")))?;
+            if !process_blobs.contains_key(&hex) {
+                let mut staged =
+                    StagedFile::create_named(&scratch, "process").map_err(io_err("create a file in", &scratch))?;
+                catalogue.copy_verified(key, &hex, &mut staged.file)?;
+                process_blobs.insert(hex.clone(), staged);
+            }
+            Ok(format!("sha256:{hex}"))
+        };
+        if let Some(key) = &link.container_key {
+            let digest = fetch(key)?;
+            layer
+                .descriptor
+                .annotations
+                .insert(annotation("container-record"), digest);
+        }
+        if let Some(process) = &link.process {
+            let mut carried = process.clone();
+            carried.images = process.images.iter().map(|k| fetch(k)).collect::<Result<_, _>>()?;
+            carried.dump_log_key = fetch(&process.dump_log_key)?;
+            layer
+                .descriptor
+                .annotations
+                .insert(annotation("process"), to_json_text(&carried)?);
+        }
+        layers.push(layer);
     }
     let created = rfc3339_of(checkpoint.created_unix);
     let config = ImageConfig {
@@ -683,6 +720,24 @@ pub fn export(
                 mtime,
                 layer.descriptor.size,
                 BufReader::new(file).take(layer.descriptor.size),
+            )
+            .map_err(write)?;
+        }
+        for (hex, staged) in &process_blobs {
+            if !written.insert(format!("sha256:{hex}")) {
+                continue;
+            }
+            let size = std::fs::metadata(&staged.path)
+                .map_err(io_err("stat", &staged.path))?
+                .len();
+            let file = File::open(&staged.path).map_err(io_err("open", &staged.path))?;
+            append_layout_member(
+                &mut builder,
+                &format!("blobs/sha256/{hex}"),
+                tar::EntryType::Regular,
+                mtime,
+                size,
+                BufReader::new(file).take(size),
             )
             .map_err(write)?;
         }
@@ -1324,15 +1379,18 @@ pub fn import(catalogue: &Catalogue, source: &Path, namespace: &str) -> Result<V
             let delta = complete_layer(catalogue, &layout, plan, content, &mut tree)?;
             let (delta_key, delta_digest, delta_size) = catalogue.write_delta(&plan.id, &delta)?;
             created_keys.push(delta_key.clone());
+            let (process, container_key, process_bytes) =
+                import_process(catalogue, &layout, plan, &scratch, &mut created_keys)?;
             made.push(Checkpoint {
-                process: None,
-                container_key: None,
+                fs_only: process.is_none(),
+                process,
+                container_key,
                 id: plan.id.clone(),
                 namespace: namespace.to_string(),
                 container: container.clone(),
                 image: image.clone(),
                 created_unix: plan.created_unix,
-                size: stored_bytes + delta_size,
+                size: stored_bytes + delta_size + process_bytes,
                 content_size: delta.content_bytes(),
                 labels: plan.labels.clone(),
                 parent: made.last().map(|c| c.id.clone()),
@@ -1340,7 +1398,6 @@ pub fn import(catalogue: &Catalogue, source: &Path, namespace: &str) -> Result<V
                 compression: plan.compression,
                 changed_entries: delta.changed.len() as u64,
                 removed_entries: delta.removed.len() as u64,
-                fs_only: true,
                 pause_ns: plan.pause_ns,
                 delta_key,
                 delta_digest,
@@ -1363,6 +1420,61 @@ pub fn import(catalogue: &Catalogue, source: &Path, namespace: &str) -> Result<V
         }
     }
     result
+}
+
+/// The process state and container record a layer's annotations name,
+/// stored in the catalogue from the layout's blobs (each checked against
+/// its digest); returns them and the bytes stored.
+fn import_process(
+    catalogue: &Catalogue,
+    layout: &Layout,
+    plan: &LayerPlan,
+    scratch: &Path,
+    created_keys: &mut Vec<String>,
+) -> Result<(Option<ProcessState>, Option<String>, u64), ArchiveError> {
+    let annotations = &plan.descriptor.annotations;
+    let mut stored_bytes = 0;
+    let mut store = |digest: &str, chunked: bool| -> Result<String, ArchiveError> {
+        let name = layout.blob_name(digest)?;
+        let hex = digest.trim_start_matches("sha256:").to_string();
+        let (mut reader, _) = layout.open(&name)?;
+        let mut staged = StagedFile::create_named(scratch, "process").map_err(io_err("create a file in", scratch))?;
+        let mut hashing = Hashing::new(&mut staged.file);
+        io::copy(&mut reader, &mut hashing).map_err(io_err("read", &layout.path))?;
+        let (_, actual, _) = hashing.into_parts();
+        if actual != hex {
+            return Err(layout.damaged(format!("{name} hashes to sha256:{actual}")));
+        }
+        let stored = if chunked {
+            catalogue.store_chunked(&staged.path, &hex, IMAGE_CHUNK_SIZES)?
+        } else {
+            catalogue.store_blob(&staged.path, &hex, Compression::Zstd)?
+        };
+        if stored.new {
+            created_keys.push(stored.key.clone());
+        }
+        stored_bytes += stored.written;
+        Ok(stored.key)
+    };
+    let container_key = match annotations.get(&annotation("container-record")) {
+        Some(digest) => Some(store(digest, false)?),
+        None => None,
+    };
+    let process = match annotations.get(&annotation("process")) {
+        Some(text) => {
+            let mut process: ProcessState = serde_json::from_str(text)
+                .map_err(|e| layout.damaged(format!("checkpoint {}: process annotation: {e}", plan.id)))?;
+            process.images = process
+                .images
+                .iter()
+                .map(|digest| store(digest, true))
+                .collect::<Result<_, _>>()?;
+            process.dump_log_key = store(&process.dump_log_key, false)?;
+            Some(process)
+        }
+        None => None,
+    };
+    Ok((process, container_key, stored_bytes))
 }
 
 /// The layers of `manifest`, with the metadata of their checkpoints.
@@ -1865,6 +1977,87 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn process_state_travels_with_the_archive() {
+        let w = world();
+        let upper = w.root.join("upper");
+        fs::create_dir_all(&upper).unwrap();
+        fs::write(upper.join("count"), b"7").unwrap();
+        let images = w.root.join("images");
+        fs::create_dir_all(&images).unwrap();
+        fs::write(images.join("pages-1.img"), vec![5u8; 300_000]).unwrap();
+        fs::write(images.join("inventory.img"), b"inv").unwrap();
+        let (image_key, _, _) = super::super::process::store_images(&w.catalogue, &images).unwrap();
+        let log_key = super::super::process::store_bytes(
+            &w.catalogue,
+            b"Dumping finished successfully\n",
+            Compression::Zstd,
+            "log",
+        )
+        .unwrap();
+        let record_key =
+            super::super::process::store_bytes(&w.catalogue, br#"{"id":"web"}"#, Compression::Zstd, "record").unwrap();
+        let mut made = new(None, &["golden"], Compression::Zstd);
+        made.process = Some(ProcessState {
+            images: vec![image_key.clone()],
+            dump_log_key: log_key.clone(),
+            memory_bytes: 300_000,
+            criu_version: "4.1.1".into(),
+            ..ProcessState::default()
+        });
+        made.container_key = Some(record_key.clone());
+        let checkpoint = w.catalogue.create("cp-20261201-110000", &upper, &made).unwrap();
+        assert!(!checkpoint.fs_only);
+        let archive = w.root.join("proc.tar");
+        export(&w.catalogue, &checkpoint, &archive, false).unwrap();
+
+        let other = world();
+        let imported = import(&other.catalogue, &archive, "ns2").unwrap();
+        let back = &imported[0];
+        assert!(!back.fs_only);
+        let process = back.process.as_ref().unwrap();
+        assert_eq!(process.images, vec![image_key], "the same content, chunked the same");
+        assert_eq!(process.memory_bytes, 300_000);
+        assert_eq!(process.criu_version, "4.1.1");
+        assert_eq!(process.dump_log_key, log_key);
+        assert_eq!(back.container_key.as_deref(), Some(record_key.as_str()));
+        let (checked, failures) = other.catalogue.verify(back).unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(checked >= 4, "the process blobs are verified too: {checked}");
+        let restored = other.root.join("restored");
+        let dirs = super::super::process::unpack_images(&other.catalogue, &process.images, &restored, 1).unwrap();
+        assert_eq!(fs::read(dirs[0].join("pages-1.img")).unwrap(), vec![5u8; 300_000]);
+
+        // A process blob that does not match its digest: nothing imported.
+        let members = layout_members(&archive);
+        let manifest_name = members
+            .keys()
+            .find(|k| {
+                k.starts_with("blobs/")
+                    && serde_json::from_slice::<Manifest>(&members[*k]).is_ok_and(|m| !m.layers.is_empty())
+            })
+            .unwrap()
+            .clone();
+        let manifest: Manifest = serde_json::from_slice(&members[&manifest_name]).unwrap();
+        let record = manifest.layers[0].annotations[&annotation("container-record")].clone();
+        let damaged = w.root.join("damaged.tar");
+        let mut builder = tar::Builder::new(fs::File::create(&damaged).unwrap());
+        for (name, data) in &members {
+            let mut data = data.clone();
+            if name == &format!("blobs/sha256/{}", record.trim_start_matches("sha256:")) {
+                data[0] ^= 1;
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o600);
+            builder.append_data(&mut header, name, &data[..]).unwrap();
+        }
+        builder.finish().unwrap();
+        let third = world();
+        assert!(import(&third.catalogue, &damaged, "ns3").is_err());
+        assert!(third.catalogue.all().unwrap().is_empty());
     }
 
     #[test]

@@ -437,8 +437,73 @@ impl Catalogue {
         self.objects.describe()
     }
 
+    /// Whether other daemons may write this storage (nfs, s3): its
+    /// checkpoints' metadata objects are then the truth, and this daemon's
+    /// index of them is refreshed from them before it is read.
+    fn shared(&self) -> bool {
+        self.storage_id != "local"
+    }
+
+    /// Reads metadata object `checkpoints/<id>.json`, if it exists.
+    fn read_published(&self, id: &str) -> Result<Option<(Checkpoint, Vec<u8>)>, CatalogueError> {
+        let key = format!("checkpoints/{id}.json");
+        let bytes = match self.objects.get(&key) {
+            Ok(bytes) => bytes,
+            Err(super::objects::ObjectError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let checkpoint: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| CatalogueError::Corrupt {
+            id: id.to_string(),
+            message: format!("unreadable metadata object {key}: {e}"),
+        })?;
+        if checkpoint.id != id {
+            return Err(CatalogueError::Corrupt {
+                id: id.to_string(),
+                message: format!("{key} describes checkpoint {}", checkpoint.id),
+            });
+        }
+        Ok(Some((checkpoint, bytes)))
+    }
+
+    /// Makes this daemon's index of a shared storage what the storage
+    /// holds: checkpoints other daemons made, changed (by their prunes and
+    /// merges) or removed.
+    fn refresh(&self) -> Result<(), CatalogueError> {
+        let prefix = format!("{}|", self.storage_id);
+        let indexed: BTreeSet<String> = self
+            .store
+            .list_records(RecordKind::Checkpoints)?
+            .into_iter()
+            .filter_map(|(key, _)| key.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        let mut published = BTreeSet::new();
+        for (key, _) in self.objects.list("checkpoints/")? {
+            let Some(id) = key.strip_prefix("checkpoints/").and_then(|k| k.strip_suffix(".json")) else {
+                continue;
+            };
+            if validate_id(id).is_err() {
+                continue;
+            }
+            if let Some((_, bytes)) = self.read_published(id)? {
+                let record = record_key(&self.storage_id, id);
+                if self.store.get_record(RecordKind::Checkpoints, &record)?.as_deref() != Some(&bytes[..]) {
+                    self.store.put_record(RecordKind::Checkpoints, &record, &bytes)?;
+                }
+                published.insert(id.to_string());
+            }
+        }
+        for gone in indexed.difference(&published) {
+            self.store
+                .remove_record(RecordKind::Checkpoints, &record_key(&self.storage_id, gone))?;
+        }
+        Ok(())
+    }
+
     /// Every checkpoint of this storage, oldest first.
     pub fn all(&self) -> Result<Vec<Checkpoint>, CatalogueError> {
+        if self.shared() {
+            self.refresh()?;
+        }
         let prefix = format!("{}|", self.storage_id);
         let mut out = Vec::new();
         for (key, bytes) in self.store.list_records(RecordKind::Checkpoints)? {
@@ -457,6 +522,22 @@ impl Catalogue {
 
     pub fn get(&self, id: &str) -> Result<Checkpoint, CatalogueError> {
         validate_id(id)?;
+        if self.shared() {
+            let record = record_key(&self.storage_id, id);
+            return match self.read_published(id)? {
+                Some((checkpoint, bytes)) => {
+                    self.store.put_record(RecordKind::Checkpoints, &record, &bytes)?;
+                    Ok(checkpoint)
+                }
+                None => {
+                    self.store.remove_record(RecordKind::Checkpoints, &record)?;
+                    Err(CatalogueError::NotFound {
+                        storage: self.describe(),
+                        id: id.to_string(),
+                    })
+                }
+            };
+        }
         let bytes = self
             .store
             .get_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?
@@ -495,6 +576,9 @@ impl Catalogue {
         let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
         let base = format!("cp-{}-{}", &digits[..8], &digits[8..14]);
         let taken = |id: &str| -> Result<bool, CatalogueError> {
+            if self.shared() && self.objects.size(&format!("checkpoints/{id}.json"))?.is_some() {
+                return Ok(true);
+            }
             Ok(self
                 .store
                 .get_record(RecordKind::Checkpoints, &record_key(&self.storage_id, id))?
@@ -1633,6 +1717,55 @@ mod tests {
         fs::read_dir(w.objects.join("blobs/sha256"))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn daemons_sharing_a_storage_see_each_others_checkpoints() {
+        let w = world();
+        let shared = w._tmp.path().join("export");
+        // Two daemons: each its own metadata store, one shared directory.
+        let daemon = |n: u32| {
+            Catalogue::new(
+                "nfs:/export".into(),
+                Arc::new(DirStore::open(&shared, "nfs").unwrap()),
+                Arc::new(Store::open(&w._tmp.path().join(format!("meta{n}.redb"))).unwrap()),
+                &w._tmp.path().join(format!("work{n}")),
+            )
+        };
+        let (a, b) = (daemon(1), daemon(2));
+        fs::write(w.upper.join("data/f"), b"one").unwrap();
+        let first = a
+            .create("cp-20261201-100000", &w.upper, &new(None, &[], Compression::Zstd))
+            .unwrap();
+        assert_eq!(b.get(&first.id).unwrap(), first, "made by the other daemon");
+        assert_eq!(b.all().unwrap(), vec![first.clone()]);
+        assert_eq!(
+            b.new_id(SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_119_200))
+                .unwrap(),
+            "cp-20261201-100000-2",
+            "an id the other daemon took is not reused"
+        );
+        fs::write(w.upper.join("data/f"), b"two").unwrap();
+        let second = b
+            .create(
+                "cp-20261201-100100",
+                &w.upper,
+                &new(Some(&first.id), &[], Compression::Zstd),
+            )
+            .unwrap();
+        assert_eq!(a.all().unwrap().len(), 2);
+        assert_eq!(a.tree_of(&a.get(&second.id).unwrap()).unwrap()["data/f"].size, 3);
+        // Removed by one daemon: gone for the other, and its garbage
+        // collection keeps what the other's checkpoints need.
+        a.unpublish(&second.id).unwrap();
+        assert_eq!(
+            b.all().unwrap().iter().map(|c| &c.id).collect::<Vec<_>>(),
+            vec![&first.id]
+        );
+        assert!(matches!(b.get(&second.id), Err(CatalogueError::NotFound { .. })));
+        a.collect_garbage().unwrap();
+        let (_, failures) = b.verify(&b.get(&first.id).unwrap()).unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
     }
 
     #[test]
