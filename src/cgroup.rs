@@ -40,29 +40,10 @@ pub fn freezer_of(pid: u32) -> Result<Freezer, CgroupError> {
 
 /// Pure part of [`freezer_of`].
 pub fn resolve(cgroups: &str, mountinfo: &str) -> Option<Freezer> {
-    let mut v1 = None;
-    let mut v2 = None;
-    for line in cgroups.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if id == "0" && controllers.is_empty() {
-            v2 = Some(path.to_string());
-        } else if controllers.split(',').any(|c| c == "freezer") {
-            v1 = Some(path.to_string());
-        }
-    }
-    let mounts = parse_mounts(mountinfo);
-    if let Some(path) = v1 {
-        let m = mounts
-            .iter()
-            .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "freezer"))?;
-        return Some(Freezer::V1(join_cgroup(&m.mount_point, &m.root, &path)));
-    }
-    let path = v2?;
-    let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
-    Some(Freezer::V2(join_cgroup(&m.mount_point, &m.root, &path)))
+    Some(match resolve_controller(cgroups, mountinfo, "freezer")? {
+        (true, dir) => Freezer::V1(dir),
+        (false, dir) => Freezer::V2(dir),
+    })
 }
 
 /// Where a process's memory accounting is: cgroup v1's memory hierarchy,

@@ -806,20 +806,7 @@ impl Snapshotter {
         freezer: &Freezer,
         pause_timeout: std::time::Duration,
     ) -> Result<Captured, SnapshotError> {
-        validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
-        if capture_name.contains('/') {
-            return Err(SnapshotError::InvalidKey {
-                what: "capture name",
-                key: capture_name.to_string(),
-                reason: "must be a single path element",
-            });
-        }
-        let dest = self.storage.captures_dir().join(capture_name);
-        let method = if self.storage.supports_capture() {
-            CaptureMethod::Snapshot
-        } else {
-            CaptureMethod::Copy
-        };
+        let (dest, method) = self.capture_target(capture_name)?;
         let captured = capture_upper(
             &self.sys,
             &self.markers,
@@ -840,6 +827,24 @@ impl Snapshotter {
         Ok(captured)
     }
 
+    /// Where capture `capture_name` goes, and how this storage takes it.
+    fn capture_target(&self, capture_name: &str) -> Result<(std::path::PathBuf, CaptureMethod), SnapshotError> {
+        validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
+        if capture_name.contains('/') {
+            return Err(SnapshotError::InvalidKey {
+                what: "capture name",
+                key: capture_name.to_string(),
+                reason: "must be a single path element",
+            });
+        }
+        let method = if self.storage.supports_capture() {
+            CaptureMethod::Snapshot
+        } else {
+            CaptureMethod::Copy
+        };
+        Ok((self.storage.captures_dir().join(capture_name), method))
+    }
+
     /// Like [`Snapshotter::capture`], but the container stays frozen after
     /// the snapshot until the returned hold is thawed or dropped.
     pub fn capture_and_hold(
@@ -849,20 +854,7 @@ impl Snapshotter {
         freezer: &Freezer,
         pause_timeout: std::time::Duration,
     ) -> Result<(Captured, crate::capture::FrozenHold), SnapshotError> {
-        validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
-        if capture_name.contains('/') {
-            return Err(SnapshotError::InvalidKey {
-                what: "capture name",
-                key: capture_name.to_string(),
-                reason: "must be a single path element",
-            });
-        }
-        let dest = self.storage.captures_dir().join(capture_name);
-        let method = if self.storage.supports_capture() {
-            CaptureMethod::Snapshot
-        } else {
-            CaptureMethod::Copy
-        };
+        let (dest, method) = self.capture_target(capture_name)?;
         Ok(crate::capture::capture_upper_and_hold(
             &self.sys,
             &self.markers,

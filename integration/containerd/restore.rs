@@ -60,6 +60,11 @@ impl Ctl {
 }
 
 fn start_counter(env: &Env, ns: &str, id: &str) -> Result<()> {
+    start_script(env, ns, id, COUNTER)
+}
+
+/// `ctr run -d` of `script` on the snapshotter.
+fn start_script(env: &Env, ns: &str, id: &str, script: &str) -> Result<()> {
     env.ctr(
         ns,
         &[
@@ -72,7 +77,7 @@ fn start_counter(env: &Env, ns: &str, id: &str) -> Result<()> {
             id,
             "/bin/sh",
             "-c",
-            COUNTER,
+            script,
         ],
     )?;
     Ok(())
@@ -284,21 +289,7 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
         // 8 MB of incompressible text held in the shell's memory, then the
         // counter.
         let script = format!("big=$(head -c 4000000 /dev/urandom | od -An -x); {COUNTER}");
-        env.ctr(
-            &ns,
-            &[
-                "run",
-                "-d",
-                "--null-io",
-                "--snapshotter",
-                "seamless",
-                &env.image_ref(),
-                &id,
-                "/bin/sh",
-                "-c",
-                &script,
-            ],
-        )?;
+        start_script(env, &ns, &id, &script)?;
         wait_count(env, &ns, &id, 3)?;
         let first = ctl.ok(&["create", &id])?.trim().to_string();
         wait_count(env, &ns, &id, count(env, &ns, &id)? + 2)?;
