@@ -17,6 +17,7 @@
 //! `namespaces_share_committed_layers` fails by design (only remote-style
 //! snapshotters answer AlreadyExists to `containerd.io/snapshot.ref`).
 
+mod automanage;
 mod checkpoints;
 mod commit_nydus;
 mod cri;

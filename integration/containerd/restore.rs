@@ -407,6 +407,20 @@ fn restore_on_another_node_through_shared_storage() {
         let (code, _, err) = local.run(&["restore", &checkpoint, "-t", "node2"])?;
         ensure!(code != 0 && err.contains("shared storage"), "{err}");
 
+        // Without the image's layers on the node, the restore fails at its
+        // snapshot step and leaves no container behind.
+        node2.ctr(&ns, &["images", "rm", "--sync", &node2.image_ref()])?;
+        let (code, _, err) = ctl.run(&["restore", &checkpoint, "-t", "node2", "--name", "early"])?;
+        ensure!(
+            code != 0 && err.contains("snapshot") && err.contains("pull the image first"),
+            "a restore without the image's layers names its step: {err}"
+        );
+        ensure!(
+            node2.ctr(&ns, &["containers", "ls", "-q"])?.trim().is_empty(),
+            "a failed restore leaves no container"
+        );
+        node2.pull(&ns)?;
+
         let restored = format!("{id}-moved");
         let out = ctl.ok(&[
             "restore",

@@ -5,6 +5,7 @@
 //! the error type and the only mapping from errors to exit codes. It must not
 //! hold subcommand logic.
 
+mod automanage;
 mod checkpoints;
 mod create;
 mod daemon;
@@ -12,6 +13,7 @@ mod import;
 mod info;
 mod list;
 mod merge;
+mod policy;
 mod prune;
 mod restore;
 mod schedule;
@@ -81,6 +83,9 @@ enum Command {
     Merge(merge::Args),
     /// List or stop the recurring checkpoints `create --interval` registers.
     Schedule(schedule::Args),
+    /// Checkpoint containers when CPU or memory crosses a threshold or an
+    /// interval is due, then merge and prune, as a policy file says.
+    Automanage(automanage::Args),
     /// Print the daemon's version, storage and root.
     Version,
 }
@@ -148,6 +153,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
+    // Detaching starts a new process: before any runtime exists.
+    if let Command::Automanage(args) = &cli.command {
+        if automanage::should_detach(args) {
+            return automanage::detach(args);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,11 +171,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Some(path) => settings::Settings::load(path, required)?,
         None => settings::Settings::default(),
     };
+    // automanage's decisions are its output: logged at info.
+    let default_level = match cli.command {
+        Command::Automanage(_) => "info",
+        _ => "warn",
+    };
     init_logging(
         cli.log_level
             .as_deref()
             .or(settings.logging.level.as_deref())
-            .unwrap_or("warn"),
+            .unwrap_or(default_level),
     );
     let context = Context {
         address: cli.address.clone(),
@@ -182,6 +198,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Schedule(args) => schedule::run(&context, args).await,
+            Command::Automanage(args) => automanage::run(&context, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })
