@@ -262,6 +262,20 @@ fn counter_continues_after_restore() {
             containers.lines().filter(|l| !l.trim().is_empty()).count() == 2,
             "only the two restored containers exist: {containers}"
         );
+
+        // A filesystem-only checkpoint: the files come back, the processes
+        // start afresh (created, or started with --resume).
+        env.exec(&ns, &restored, "echo kept > /marker && sync")?;
+        let fs_only = ctl.ok(&["create", &restored, "--fs-only"])?.trim().to_string();
+        ensure!(ctl.listed(&fs_only)?["process"].is_null(), "no process state");
+        let fresh = format!("{id}-f");
+        ctl.ok(&["restore", &fs_only, "--name", &fresh])?;
+        ensure!(task_status(env, &ns, &fresh)? == "none", "not started without --resume");
+        env.ctr(&ns, &["tasks", "start", "-d", &fresh])?;
+        ensure!(
+            env.exec(&ns, &fresh, "cat /marker")?.trim() == "kept",
+            "the files are restored"
+        );
         Ok(())
     });
 }

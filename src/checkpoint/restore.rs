@@ -313,6 +313,16 @@ impl CheckpointService {
             .await
             .map_err(|e| failed("container", ErrorKind::Internal)(e.into()))?;
         made.container = Some(name.to_string());
+        if !fetched.process && !request.resume {
+            // The filesystem alone, not started: a container without task,
+            // which `ctr tasks start` or `nerdctl start` starts.
+            if let Some(lease) = made.lease.take() {
+                if let Err(e) = containerd.delete_lease(ns, &lease).await {
+                    warn!(lease, error = %e, "restore lease left to expire");
+                }
+            }
+            return Ok((0, "created".into()));
+        }
         let mounts = containerd
             .snapshot_mounts(ns, &record.snapshotter, name)
             .await
@@ -351,32 +361,29 @@ impl CheckpointService {
             .map_err(|e| failed("task", ErrorKind::Internal)(e.into()))?;
         made.task = true;
         let step = if fetched.process { "restore processes" } else { "start" };
-        let mut pid = 0;
         // A checkpoint's processes are restored when the task starts; left
-        // paused unless resumed. A filesystem-only one starts only if asked.
-        if fetched.process || request.resume {
-            pid = containerd
-                .start_task(ns, name)
+        // paused unless resumed.
+        let mut pid = containerd
+            .start_task(ns, name)
+            .await
+            .map_err(|e| failed(step, ErrorKind::Internal)(e.into()))?;
+        // A dump of a container held frozen (--pre-freeze) restores
+        // frozen, as CRIU found it.
+        let frozen = containerd
+            .task(ns, name)
+            .await
+            .map_err(|e| failed("status", ErrorKind::Internal)(e.into()))?
+            .is_some_and(|t| t.status == "paused");
+        if request.resume && frozen {
+            containerd
+                .resume_task(ns, name)
                 .await
-                .map_err(|e| failed(step, ErrorKind::Internal)(e.into()))?;
-            // A dump of a container held frozen (--pre-freeze) restores
-            // frozen, as CRIU found it.
-            let frozen = containerd
-                .task(ns, name)
+                .map_err(|e| failed("resume", ErrorKind::Internal)(e.into()))?;
+        } else if !request.resume && !frozen {
+            containerd
+                .pause_task(ns, name)
                 .await
-                .map_err(|e| failed("status", ErrorKind::Internal)(e.into()))?
-                .is_some_and(|t| t.status == "paused");
-            if request.resume && frozen {
-                containerd
-                    .resume_task(ns, name)
-                    .await
-                    .map_err(|e| failed("resume", ErrorKind::Internal)(e.into()))?;
-            } else if !request.resume && !frozen {
-                containerd
-                    .pause_task(ns, name)
-                    .await
-                    .map_err(|e| failed("pause", ErrorKind::Internal)(e.into()))?;
-            }
+                .map_err(|e| failed("pause", ErrorKind::Internal)(e.into()))?;
         }
         if let Some(lease) = made.lease.take() {
             if let Err(e) = containerd.delete_lease(ns, &lease).await {
@@ -695,6 +702,11 @@ async fn validate(containerd: &Containerd, ns: &str, name: &str, resume: bool, p
                 },
             );
         }
+        Ok(None) if expected == "created" => check(
+            "status",
+            true,
+            "the container is created without a task (start it with ctr tasks start)".into(),
+        ),
         Ok(None) => check("status", false, "the container has no task".into()),
         Err(e) => check("api", false, e.to_string()),
     }
@@ -726,6 +738,10 @@ async fn validate(containerd: &Containerd, ns: &str, name: &str, resume: bool, p
             }
         }
         Err(e) => check("logs", false, e.to_string()),
+    }
+    if expected == "created" {
+        check("stats", true, "not started: no process to measure yet".into());
+        return checks;
     }
     match containerd.task_metrics(ns, name).await {
         Ok(n) if n > 0 => check("stats", true, "containerd reports the task's cgroup metrics".into()),
