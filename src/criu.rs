@@ -195,9 +195,20 @@ pub fn log_tail(path: &Path) -> String {
         return String::new();
     };
     let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-    let mut out = format!("\n{} (last lines):", path.display());
-    for line in tail {
+    let tail_from = lines.len().saturating_sub(LOG_TAIL_LINES);
+    // CRIU's errors come before the clean-up it logs last.
+    let errors: Vec<&str> = lines[..tail_from]
+        .iter()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .take(LOG_TAIL_LINES)
+        .copied()
+        .collect();
+    let mut out = format!("\n{}:", path.display());
+    for line in errors
+        .iter()
+        .chain(["..."].iter().filter(|_| !errors.is_empty()))
+        .chain(&lines[tail_from..])
+    {
         out.push_str("\n  ");
         out.push_str(line);
     }

@@ -463,3 +463,155 @@ fn restore_on_another_node_through_shared_storage() {
         cleaned
     });
 }
+
+/// Network namespaces of the test's own, deleted when dropped.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `curl` of `url` from inside network namespace `netns`.
+fn fetch_in(netns: &str, url: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sf", "--max-time", "5", url])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "curl {url} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn network_remap_moves_addresses_routes_sockets_and_hosts() {
+    with_env("restore-remap", Options::default(), |env| {
+        let ns = env.namespace("c");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config: None,
+        };
+        // The container's network namespace and a peer's, joined by a veth
+        // pair: addresses only inside the test's own namespaces.
+        let pid = std::process::id();
+        let (inner, peer) = (format!("seam-{pid}-c"), format!("seam-{pid}-p"));
+        let _netns = Netns(vec![inner.clone(), peer.clone()]);
+        ip(&["netns", "add", &inner])?;
+        ip(&["netns", "add", &peer])?;
+        ip(&[
+            "-n", &inner, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns", &peer,
+        ])?;
+        ip(&["-n", &inner, "link", "set", "lo", "up"])?;
+        ip(&["-n", &inner, "addr", "add", "10.201.0.2/24", "dev", "eth0"])?;
+        ip(&["-n", &inner, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &peer, "addr", "add", "10.201.0.1/24", "dev", "peer0"])?;
+        ip(&["-n", &peer, "link", "set", "peer0", "up"])?;
+        ip(&["-n", &inner, "route", "add", "default", "via", "10.201.0.1"])?;
+
+        let id = env.container_id("web");
+        env.ctr(
+            &ns,
+            &[
+                "run",
+                "-d",
+                "--null-io",
+                "--snapshotter",
+                "seamless",
+                "--with-ns",
+                &format!("network:/var/run/netns/{inner}"),
+                &env.image_ref(),
+                &id,
+                "/bin/sh",
+                "-c",
+                "echo '10.201.0.2 self' >> /etc/hosts && mkdir -p /www && echo hello > /www/index.html && \
+                 exec httpd -f -p 10.201.0.2:8080 -h /www",
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fetch_in(&peer, "http://10.201.0.2:8080/index.html").is_err() {
+            ensure!(Instant::now() < deadline, "httpd did not answer on 10.201.0.2");
+            sleep(Duration::from_millis(200));
+        }
+        let checkpoint = ctl.ok(&["create", &id, "--leave-running=false"])?.trim().to_string();
+        remove_container(env, &ns, &id)?;
+
+        // The new network: the peer is now on 10.202.0.0/24.
+        ip(&["-n", &peer, "addr", "add", "10.202.0.1/24", "dev", "peer0"])?;
+        let restored = format!("{id}-r");
+        ctl.ok(&[
+            "restore",
+            &checkpoint,
+            "--name",
+            &restored,
+            "--resume",
+            "--network-remap",
+            "10.201.0.0/24->10.202.0.0/24",
+        ])?;
+        let result = (|| {
+            let addrs = ip(&["-n", &inner, "-4", "addr", "show", "dev", "eth0"])?;
+            ensure!(
+                addrs.contains("10.202.0.2/24") && !addrs.contains("10.201.0.2"),
+                "the namespace's address moved: {addrs}"
+            );
+            let routes = ip(&["-n", &inner, "-4", "route", "show", "default"])?;
+            ensure!(routes.contains("via 10.202.0.1"), "the default route moved: {routes}");
+            // The listening socket was bound to 10.201.0.2: it is now bound
+            // to 10.202.0.2, in the restored httpd.
+            ensure!(
+                fetch_in(&peer, "http://10.202.0.2:8080/index.html")?.trim() == "hello",
+                "the restored server answers on its new address"
+            );
+            let hosts = env.exec(&ns, &restored, "cat /etc/hosts")?;
+            ensure!(
+                hosts.contains("10.202.0.2 self") && !hosts.contains("10.201.0.2"),
+                "/etc/hosts moved: {hosts}"
+            );
+            Ok(())
+        })();
+        let removed = remove_container(env, &ns, &restored);
+        result?;
+        removed?;
+
+        // A container with a network namespace of its own: refused, saying
+        // why, and nothing is left.
+        let own = env.container_id("own");
+        start_counter(env, &ns, &own)?;
+        wait_count(env, &ns, &own, 2)?;
+        let plain = ctl.ok(&["create", &own])?.trim().to_string();
+        let (code, _, err) = ctl.run(&[
+            "restore",
+            &plain,
+            "--name",
+            "own-moved",
+            "--network-remap",
+            "10.201.0.0/24:10.202.0.0/24",
+        ])?;
+        ensure!(
+            code != 0 && err.contains("network") && err.contains("of its own"),
+            "remapping a namespace CRIU dumps itself is refused: {err}"
+        );
+        ensure!(
+            !env.ctr(&ns, &["containers", "ls", "-q"])?.contains("own-moved"),
+            "nothing is left of the refused restore"
+        );
+        Ok(())
+    });
+}

@@ -7,18 +7,22 @@
 # containerd's runc shims find it. Safe to run again. Root only.
 #
 # Debian 12's criu 3.17.1 fails on kernels from 6.13 on ("vdso: Unexpected rt
-# vDSO area bounds"); CRIU 4.x fixes it.
+# vDSO area bounds"); CRIU 4.x fixes it. Our patches (*.patch here) fix what
+# 4.1.1 still gets wrong on newer kernels.
 set -euo pipefail
 
 PREFIX=${SEAMLESS_CRIU_PREFIX:-/opt/seamless-criu}
 VERSION=4.1.1
 LINK=/usr/local/sbin/criu
+HERE=$(cd "$(dirname "$0")" && pwd)
+# What the build is: the version and our patches (packaging/criu/*.patch).
+BUILD="$VERSION+$(cat "$HERE"/*.patch | sha256sum | cut -c1-16)"
 
 works() { "$1" check >/dev/null 2>&1; }
 
-if [ -x "$PREFIX/sbin/criu" ] && works "$PREFIX/sbin/criu"; then
+if [ -x "$PREFIX/sbin/criu" ] && [ "$(cat "$PREFIX/BUILD" 2>/dev/null)" = "$BUILD" ] && works "$PREFIX/sbin/criu"; then
   ln -sf "$PREFIX/sbin/criu" "$LINK"
-  echo "criu: using $PREFIX/sbin/criu ($("$PREFIX/sbin/criu" --version | head -1))"
+  echo "criu: using $PREFIX/sbin/criu ($BUILD)"
   exit 0
 fi
 for candidate in $(type -ap criu 2>/dev/null); do
@@ -31,7 +35,7 @@ done
 deps=(
   build-essential libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
   libprotobuf-c-dev libprotobuf-dev pkgconf protobuf-c-compiler protobuf-compiler uuid-dev
-  python3-protobuf libaio-dev xz-utils
+  python3-protobuf libaio-dev xz-utils patch
 )
 missing=()
 for p in "${deps[@]}"; do
@@ -72,8 +76,13 @@ hash=$(echo "$line" | awk '{print $4}')
 echo "criu: building into $PREFIX"
 tar -C "$work" -xf "$tarball"
 cd "$work/criu-$VERSION"
+for p in "$HERE"/*.patch; do
+  echo "criu: applying $(basename "$p")"
+  patch -s -p1 < "$p"
+done
 make -s -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; exit 1; }
 install -D -m 0755 criu/criu "$PREFIX/sbin/criu"
+echo "$BUILD" > "$PREFIX/BUILD"
 works "$PREFIX/sbin/criu" || { "$PREFIX/sbin/criu" check >&2 || true; echo "criu: the built criu fails 'criu check'" >&2; exit 1; }
 ln -sf "$PREFIX/sbin/criu" "$LINK"
 echo "criu: installed $("$PREFIX/sbin/criu" --version | head -1) at $PREFIX/sbin/criu, linked from $LINK"

@@ -12,6 +12,7 @@ pub mod catalogue;
 pub mod filter;
 pub mod objects;
 pub mod process;
+pub mod remap;
 pub mod restore;
 pub mod s3;
 pub mod schedule;

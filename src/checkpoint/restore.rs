@@ -16,6 +16,7 @@ use tracing::{info, instrument, warn};
 
 use super::catalogue::{Catalogue, Checkpoint};
 use super::process::{self, ContainerRecord};
+use super::remap::{self, Remap};
 use super::tree::{Entry, EntryKind, Tree};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::containerd::Containerd;
@@ -36,6 +37,8 @@ pub struct RestoreRequest {
     pub resume: bool,
     pub parallel: usize,
     pub validate: bool,
+    /// Addresses to move (`--network-remap`).
+    pub network_remap: Vec<Remap>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +109,8 @@ struct Made {
     snapshot: Option<(String, String)>,
     container: Option<String>,
     task: bool,
+    /// A network namespace whose addresses were moved, and how.
+    renumbered: Option<(PathBuf, Vec<Remap>)>,
 }
 
 impl CheckpointService {
@@ -157,16 +162,19 @@ impl CheckpointService {
             .as_nanos();
         let work = self.root.join("restore-work").join(format!("{name}-{stamp}"));
         let fetched = {
-            let (catalogue, checkpoint, work, parallel, validate) = (
+            let (catalogue, checkpoint, work, parallel, validate, remaps) = (
                 catalogue.clone(),
                 checkpoint.clone(),
                 work.clone(),
                 request.parallel,
                 request.validate,
+                request.network_remap.clone(),
             );
-            tokio::task::spawn_blocking(move || fetch(&catalogue, &checkpoint, &record_key, &work, parallel, validate))
-                .await
-                .map_err(|e| CheckpointError::Task(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                fetch(&catalogue, &checkpoint, &record_key, &work, parallel, validate, &remaps)
+            })
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))?
         };
         let fetched = match fetched {
             Ok(f) => f,
@@ -292,10 +300,14 @@ impl CheckpointService {
         let upper = snapshotter.upper_dir(snapshot_id);
         {
             let (catalogue, checkpoint) = (catalogue.clone(), checkpoint.clone());
-            tokio::task::spawn_blocking(move || write_checkpoint_tree(&catalogue, &checkpoint, &upper))
-                .await
-                .map_err(|e| CheckpointError::Task(e.to_string()))?
-                .map_err(failed("filesystem", ErrorKind::Internal))?;
+            let remaps = request.network_remap.clone();
+            tokio::task::spawn_blocking(move || {
+                write_checkpoint_tree(&catalogue, &checkpoint, &upper)?;
+                remap_hosts_file(&upper, &remaps)
+            })
+            .await
+            .map_err(|e| CheckpointError::Task(e.to_string()))?
+            .map_err(failed("filesystem", ErrorKind::Internal))?;
         }
         let criu_config = match &fetched.criu_config {
             Some(text) => {
@@ -322,6 +334,17 @@ impl CheckpointService {
                 }
             }
             return Ok((0, "created".into()));
+        }
+        if let (Some(netns), false) = (&fetched.netns, request.network_remap.is_empty()) {
+            let (path, remaps) = (netns.clone(), request.network_remap.clone());
+            let moved = tokio::task::spawn_blocking(move || remap::renumber_netns(&path, &remaps))
+                .await
+                .map_err(|e| CheckpointError::Task(e.to_string()))?
+                .map_err(network_failure)?;
+            made.renumbered = Some((netns.clone(), request.network_remap.clone()));
+            for m in &moved {
+                info!(device = m.device, from = %m.from, to = %m.to, netns = %netns.display(), "address remapped");
+            }
         }
         let mounts = containerd
             .snapshot_mounts(ns, &record.snapshotter, name)
@@ -459,6 +482,36 @@ async fn undo(containerd: &Containerd, ns: &str, name: &str, made: Made) {
     if let Some(lease) = made.lease {
         let _ = containerd.delete_lease(ns, &lease).await;
     }
+    if let Some((netns, remaps)) = made.renumbered {
+        let back: Vec<Remap> = remaps.iter().map(Remap::reversed).collect();
+        let undone = tokio::task::spawn_blocking(move || remap::renumber_netns(&netns, &back)).await;
+        if !matches!(undone, Ok(Ok(_))) {
+            warn!(
+                container = name,
+                "cannot move the network namespace's addresses back after a failed restore"
+            );
+        }
+    }
+}
+
+/// Moves the addresses of the container's own /etc/hosts (in its writable
+/// layer) by `remaps`.
+fn remap_hosts_file(upper: &Path, remaps: &[Remap]) -> Result<(), CheckpointError> {
+    if remaps.is_empty() {
+        return Ok(());
+    }
+    let hosts = upper.join("etc/hosts");
+    let is_file = fs::symlink_metadata(&hosts).is_ok_and(|m| m.file_type().is_file());
+    if !is_file {
+        return Ok(());
+    }
+    let text = fs::read_to_string(&hosts).map_err(CheckpointError::from_io(&hosts))?;
+    let (rewritten, moved) = remap::rewrite_hosts(&text, remaps);
+    if moved > 0 {
+        fs::write(&hosts, rewritten).map_err(CheckpointError::from_io(&hosts))?;
+        info!(entries = moved, "/etc/hosts entries remapped");
+    }
+    Ok(())
 }
 
 /// What a restore takes from storage before it creates anything.
@@ -469,6 +522,8 @@ struct Fetched {
     process: bool,
     criu_config: Option<String>,
     blobs: u64,
+    /// The network namespace the container joined by path.
+    netns: Option<PathBuf>,
 }
 
 fn fetch(
@@ -478,6 +533,7 @@ fn fetch(
     work: &Path,
     parallel: usize,
     validate: bool,
+    remaps: &[Remap],
 ) -> Result<Fetched, CheckpointError> {
     fs::create_dir_all(work).map_err(CheckpointError::from_io(work))?;
     fs::set_permissions(work, fs::Permissions::from_mode(0o700)).map_err(CheckpointError::from_io(work))?;
@@ -506,13 +562,59 @@ fn fetch(
         }
         None => (None, None),
     };
+    let netns = network_namespace_path(&record)?;
+    if !remaps.is_empty() {
+        if let Some(images) = &images {
+            if netns.is_none() {
+                return Err(network_failure(
+                    "the container had a network namespace of its own, which CRIU restores as it was dumped: only a \
+                     container that joined a network namespace by path (CNI, CRI, ctr run --with-ns) can be remapped"
+                        .into(),
+                ));
+            }
+            let moved = remap::rewrite_images(images, remaps).map_err(network_failure)?;
+            info!(sockets = moved, "socket addresses remapped in the CRIU images");
+        }
+    }
     Ok(Fetched {
         record,
         process: images.is_some(),
         images,
         criu_config,
         blobs,
+        netns,
     })
+}
+
+fn network_failure(reason: String) -> CheckpointError {
+    CheckpointError::Restore {
+        step: "network",
+        reason,
+        log: String::new(),
+        kind: ErrorKind::FailedPrecondition,
+    }
+}
+
+/// The network namespace the container joined by path, if it did.
+fn network_namespace_path(record: &ContainerRecord) -> Result<Option<PathBuf>, CheckpointError> {
+    let namespaces = record.spec["linux"]["namespaces"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(path) = namespaces
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+        return Err(CheckpointError::Invalid(format!(
+            "the container's network namespace {path:?} is not an absolute path"
+        )));
+    }
+    Ok(Some(PathBuf::from(path)))
 }
 
 /// Writes the whole tree of `checkpoint` into the empty upper directory

@@ -296,6 +296,12 @@ impl Control for ControlService {
                     r.parallel as usize
                 },
                 validate: r.validate,
+                network_remap: r
+                    .network_remap
+                    .iter()
+                    .map(|spec| checkpoint::remap::Remap::parse(spec))
+                    .collect::<Result<_, _>>()
+                    .map_err(|reason| Status::invalid_argument(format!("network remap: {reason}")))?,
             })
             .await
             .map_err(checkpoint_status)?;
