@@ -371,7 +371,7 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
 }
 
 #[test]
-fn restore_on_another_node_through_shared_storage() {
+fn restore_on_another_node_through_shared_storage_or_streamed() {
     with_env("restore-node1", Options::default(), |env| {
         // A second host: its own registry, containerd and daemon.
         let mut node2 = Env::new("restore-node2");
@@ -400,14 +400,7 @@ fn restore_on_another_node_through_shared_storage() {
         let id = env.container_id("counter");
         start_counter(env, &ns, &id)?;
         wait_count(env, &ns, &id, 4)?;
-        let before = count(env, &ns, &id)?;
-        let checkpoint = ctl.ok(&["create", &id, "--leave-running=false"])?.trim().to_string();
-
-        let (code, _, err) = ctl.run(&["restore", &checkpoint, "-t", "node9"])?;
-        ensure!(
-            code == 2 && err.contains("node2"),
-            "an unknown node lists the known ones: {err}"
-        );
+        // A checkpoint in this daemon's own storage: streamed to the node.
         let local_config = env.dir().join("local.yaml");
         std::fs::write(
             &local_config,
@@ -418,8 +411,34 @@ fn restore_on_another_node_through_shared_storage() {
             ns: ns.clone(),
             config: Some(local_config),
         };
-        let (code, _, err) = local.run(&["restore", &checkpoint, "-t", "node2"])?;
-        ensure!(code != 0 && err.contains("shared storage"), "{err}");
+        let local_before = count(env, &ns, &id)?;
+        let local_checkpoint = local.ok(&["create", &id])?.trim().to_string();
+
+        let before = count(env, &ns, &id)?;
+        let checkpoint = ctl.ok(&["create", &id, "--leave-running=false"])?.trim().to_string();
+
+        let (code, _, err) = ctl.run(&["restore", &checkpoint, "-t", "node9"])?;
+        ensure!(
+            code == 2 && err.contains("node2"),
+            "an unknown node lists the known ones: {err}"
+        );
+        let sent = format!("{id}-sent");
+        let out = local.ok(&["restore", &local_checkpoint, "-t", "node2", "--name", &sent, "--resume"])?;
+        ensure!(out.contains("sent checkpoint"), "{out}");
+        let streamed = (|| {
+            ensure!(
+                task_status(&node2, &ns, &sent)? == "RUNNING",
+                "restored on the node it was sent to"
+            );
+            continues_from(&node2, &ns, &sent, local_before, before + 4)?;
+            // Sent again: the node keeps what it has and restores it.
+            let again = format!("{id}-again");
+            local.ok(&["restore", &local_checkpoint, "-t", "node2", "--name", &again])?;
+            remove_container(&node2, &ns, &again)
+        })();
+        let cleaned = remove_container(&node2, &ns, &sent);
+        streamed?;
+        cleaned?;
 
         // Without the image's layers on the node, the restore fails at its
         // snapshot step and leaves no container behind.

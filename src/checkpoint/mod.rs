@@ -663,6 +663,17 @@ impl CheckpointService {
         Ok(exported)
     }
 
+    /// A private scratch path for a streamed archive.
+    pub fn stream_scratch(&self, what: &str) -> Result<PathBuf, CheckpointError> {
+        let work = self.root.join("checkpoint-work");
+        std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Ok(work.join(format!("{what}-{}-{stamp}.tar", std::process::id())))
+    }
+
     /// Recreates the chain an archive holds as checkpoints of `storage`, in
     /// `namespace`, oldest first; a writer like create, so a prune never
     /// collects the blobs of an import under way.

@@ -16,14 +16,15 @@ use crate::checkpoint::{
 use crate::commit::{CommitError, CommitOptions, CommitService, Job};
 use crate::proto::control_server::Control;
 use crate::proto::{
-    Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse, CreateCheckpointRequest,
-    Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest, ImportCheckpointRequest,
-    ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse, ListCheckpointsRequest,
-    ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse, MergeCheckpointsRequest,
-    MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse, RemoveScheduleRequest,
-    RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse, Schedule,
-    ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, Storage,
-    Verification, VersionRequest, VersionResponse,
+    ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
+    CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest,
+    ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse,
+    ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse,
+    MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse,
+    ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest,
+    RestoreCheckpointResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
+    SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest,
+    VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -325,6 +326,94 @@ impl Control for ControlService {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             blobs_fetched: restored.blobs_fetched,
+        }))
+    }
+
+    type SendCheckpointStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ArchiveChunk, Status>> + Send + 'static>>;
+
+    async fn send_checkpoint(
+        &self,
+        request: Request<SendCheckpointRequest>,
+    ) -> Result<Response<Self::SendCheckpointStream>, Status> {
+        let r = request.into_inner();
+        let path = self.checkpoints.stream_scratch("send").map_err(checkpoint_status)?;
+        let exported = self
+            .checkpoints
+            .export(ExportRequest {
+                storage: storage_from_wire(r.storage),
+                namespace: r.namespace,
+                id: r.id,
+                path: path.clone(),
+                overwrite: false,
+            })
+            .await
+            .map_err(checkpoint_status)?;
+        let mut file = tokio::fs::File::open(&exported.path)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", exported.path.display())))?;
+        // Unlinked while open: the archive goes when the stream does.
+        let _ = tokio::fs::remove_file(&exported.path).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let mut data = vec![0u8; 1 << 20];
+                let chunk = match file.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        data.truncate(n);
+                        Ok(ArchiveChunk { data })
+                    }
+                    Err(e) => Err(Status::internal(format!("reading the archive: {e}"))),
+                };
+                let failed = chunk.is_err();
+                // The receiver went away: nothing more to send.
+                if tx.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn receive_checkpoint(
+        &self,
+        request: Request<tonic::Streaming<ReceiveCheckpointRequest>>,
+    ) -> Result<Response<ImportCheckpointResponse>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = request.into_inner();
+        let path = self.checkpoints.stream_scratch("receive").map_err(checkpoint_status)?;
+        let received = async {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .await
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            let mut target = None;
+            while let Some(message) = stream.message().await? {
+                if target.is_none() {
+                    target = Some((storage_from_wire(message.storage), message.namespace));
+                }
+                file.write_all(&message.data)
+                    .await
+                    .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            }
+            file.flush()
+                .await
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            let (storage, namespace) = target.ok_or_else(|| Status::invalid_argument("no archive was sent"))?;
+            self.checkpoints
+                .import(&storage, &namespace, &path)
+                .await
+                .map_err(checkpoint_status)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(Response::new(ImportCheckpointResponse {
+            checkpoints: received?.into_iter().map(checkpoint_to_wire).collect(),
         }))
     }
 

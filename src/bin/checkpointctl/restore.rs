@@ -47,6 +47,15 @@ pub struct Args {
 pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(), CliError> {
     let id = checkpoint_id(&args.id)?;
     let socket = daemon_socket(context, settings, args.target_node.as_deref())?;
+    if let (true, Some(node)) = (
+        needs_sending(context, args.target_node.as_deref()),
+        args.target_node.as_deref(),
+    ) {
+        let sent = send_checkpoint(context, &id, node, &socket).await?;
+        if sent > 0 && args.output == "text" {
+            println!("sent checkpoint {id} to node {node} ({sent} bytes)");
+        }
+    }
     let mut client = daemon::connect(&socket).await?;
     let restored = client
         .restore_checkpoint(RestoreCheckpointRequest {
@@ -84,14 +93,64 @@ fn daemon_socket(context: &Context, settings: &Settings, node: Option<&str>) -> 
     let Some(node) = node else {
         return Ok(context.address.clone());
     };
-    let socket = settings.node_socket(node)?;
-    if matches!(context.storage.backend.as_str(), "" | "local") {
-        return Err(CliError::Usage(format!(
-            "restoring on node {node} needs shared storage (s3 or nfs): local checkpoints are only \
-             on the host that took them; set storage.backend or --storage-backend"
-        )));
+    Ok(settings.node_socket(node)?.to_path_buf())
+}
+
+/// Whether the checkpoint must be sent to the node: its storage is this
+/// daemon's own (local), which the node's daemon cannot read.
+fn needs_sending(context: &Context, node: Option<&str>) -> bool {
+    node.is_some() && matches!(context.storage.backend.as_str(), "" | "local")
+}
+
+/// Streams checkpoint `id` (its chain, process state included) from the
+/// daemon of --address into the local storage of the daemon at `target`;
+/// one the node already holds is left as it is. Returns the bytes sent.
+async fn send_checkpoint(context: &Context, id: &str, node: &str, target: &std::path::Path) -> Result<u64, CliError> {
+    use seamless_snapshotter::proto::{ReceiveCheckpointRequest, SendCheckpointRequest};
+    let action = || format!("sending checkpoint {id} to node {node}");
+    let mut source = daemon::connect(&context.address).await?;
+    let mut chunks = source
+        .send_checkpoint(SendCheckpointRequest {
+            storage: Some(context.storage.clone()),
+            namespace: context.namespace.clone(),
+            id: id.to_string(),
+        })
+        .await
+        .map_err(|status| CliError::rpc(action(), status))?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (storage, namespace) = (context.storage.clone(), context.namespace.clone());
+    let pump = tokio::spawn(async move {
+        let mut first = true;
+        let mut sent = 0u64;
+        while let Some(chunk) = chunks.message().await? {
+            sent += chunk.data.len() as u64;
+            let message = ReceiveCheckpointRequest {
+                storage: first.then(|| storage.clone()),
+                namespace: if first { namespace.clone() } else { String::new() },
+                data: chunk.data,
+            };
+            first = false;
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+        Ok::<u64, tonic::Status>(sent)
+    });
+    let mut receiver = daemon::connect(target).await?;
+    let received = receiver
+        .receive_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let sent = pump
+        .await
+        .map_err(|e| CliError::Failed(format!("{}: {e}", action())))?
+        .map_err(|status| CliError::rpc(action(), status))?;
+    match received {
+        Ok(_) => Ok(sent),
+        // Sent before: the node restores what it holds.
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(0),
+        Err(status) => Err(CliError::rpc(action(), status)),
     }
-    Ok(socket.to_path_buf())
 }
 
 /// A restore as `-o json|yaml` prints it: the daemon's answer with the
@@ -250,15 +309,16 @@ mod tests {
     }
 
     #[test]
-    fn target_nodes_need_shared_storage_and_a_known_name() {
+    fn target_nodes_are_known_and_local_checkpoints_are_sent() {
         let settings = Settings::parse("nodes: {node-b: {address: unix:///run/b.sock}}\n", "t.yaml").unwrap();
         let socket = |backend: &str, node| daemon_socket(&context(backend), &settings, node);
         assert_eq!(socket("local", None).unwrap(), PathBuf::from("/run/here.sock"));
         assert_eq!(socket("s3", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
         assert_eq!(socket("nfs", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
-        let err = socket("local", Some("node-b")).unwrap_err();
-        assert!(matches!(err, CliError::Usage(_)), "{err:?}");
-        assert!(err.to_string().contains("needs shared storage (s3 or nfs)"), "{err}");
+        assert_eq!(socket("local", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
+        assert!(needs_sending(&context("local"), Some("node-b")));
+        assert!(!needs_sending(&context("nfs"), Some("node-b")));
+        assert!(!needs_sending(&context("local"), None));
         let err = socket("s3", Some("node-c")).unwrap_err();
         assert!(matches!(err, CliError::Settings(_)), "{err:?}");
         assert!(err.to_string().contains("defines node-b"), "{err}");

@@ -629,6 +629,28 @@ mod tests {
         ) -> Result<tonic::Response<seamless_snapshotter::proto::ContainerStatsResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("not scripted"))
         }
+
+        type SendCheckpointStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<seamless_snapshotter::proto::ArchiveChunk, tonic::Status>>
+                    + Send
+                    + 'static,
+            >,
+        >;
+
+        async fn send_checkpoint(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::SendCheckpointRequest>,
+        ) -> Result<tonic::Response<Self::SendCheckpointStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
+        async fn receive_checkpoint(
+            &self,
+            _: tonic::Request<tonic::Streaming<seamless_snapshotter::proto::ReceiveCheckpointRequest>>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ImportCheckpointResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
     }
 
     async fn wait_on_script(script: Vec<CommitJob>, timeout: Duration) -> Result<CommitJob, CliError> {
