@@ -357,7 +357,13 @@ impl CheckpointService {
         }
         let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
         let _writing = self.writing.lock().await;
-        let id = catalogue.new_id(SystemTime::now())?;
+        // Storage calls block (S3 drives its client on this thread).
+        let id = {
+            let catalogue = catalogue.clone();
+            tokio::task::spawn_blocking(move || catalogue.new_id(SystemTime::now()))
+                .await
+                .map_err(|e| CheckpointError::Task(e.to_string()))??
+        };
         // The memory limit is checked before anything is captured or dumped.
         let mut memory_bytes = 0;
         if !request.fs_only {
@@ -503,7 +509,12 @@ impl CheckpointService {
     ) -> Result<(Option<Checkpoint>, process::ContainerRecord), CheckpointError> {
         let parent = match &request.parent {
             Some(parent) => {
-                let found = catalogue.get(parent)?;
+                let found = {
+                    let (catalogue, parent) = (catalogue.clone(), parent.clone());
+                    tokio::task::spawn_blocking(move || catalogue.get(&parent))
+                        .await
+                        .map_err(|e| CheckpointError::Task(e.to_string()))??
+                };
                 if found.container != container_id || found.namespace != request.namespace {
                     return Err(CheckpointError::Invalid(format!(
                         "parent {parent} is a checkpoint of {}/{}, not of {}/{container_id}",

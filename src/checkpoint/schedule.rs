@@ -245,12 +245,16 @@ impl CheckpointService {
             let storage = StorageSpec::from(&schedule.storage);
             // The previous checkpoint may have been pruned or merged away:
             // then this one is whole.
-            let parent = match &schedule.last_checkpoint {
-                Some(id) => match self.catalogue(&storage) {
-                    Ok(catalogue) => catalogue.get(id).ok().map(|_| id.clone()),
-                    Err(_) => None,
-                },
-                None => None,
+            let parent = match (&schedule.last_checkpoint, self.catalogue(&storage)) {
+                (Some(id), Ok(catalogue)) => {
+                    let id = id.clone();
+                    // Storage calls block (S3 drives its client on this thread).
+                    tokio::task::spawn_blocking(move || catalogue.get(&id).ok().map(|_| id))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
             };
             let request = CreateRequest {
                 storage,
