@@ -1434,7 +1434,9 @@ fn import_process(
 ) -> Result<(Option<ProcessState>, Option<String>, u64), ArchiveError> {
     let annotations = &plan.descriptor.annotations;
     let mut stored_bytes = 0;
-    let mut store = |digest: &str, chunked: bool| -> Result<String, ArchiveError> {
+    // As create stored them: images chunked with zstd, else whole in the
+    // checkpoint's compression; logs and records zstd.
+    let mut store = |digest: &str, chunked: bool, compression: Compression| -> Result<String, ArchiveError> {
         let name = layout.blob_name(digest)?;
         let hex = digest.trim_start_matches("sha256:").to_string();
         let (mut reader, _) = layout.open(&name)?;
@@ -1448,7 +1450,7 @@ fn import_process(
         let stored = if chunked {
             catalogue.store_chunked(&staged.path, &hex, IMAGE_CHUNK_SIZES)?
         } else {
-            catalogue.store_blob(&staged.path, &hex, Compression::Zstd)?
+            catalogue.store_blob(&staged.path, &hex, compression)?
         };
         if stored.new {
             created_keys.push(stored.key.clone());
@@ -1457,7 +1459,7 @@ fn import_process(
         Ok(stored.key)
     };
     let container_key = match annotations.get(&annotation("container-record")) {
-        Some(digest) => Some(store(digest, false)?),
+        Some(digest) => Some(store(digest, false, Compression::Zstd)?),
         None => None,
     };
     let process = match annotations.get(&annotation("process")) {
@@ -1467,9 +1469,9 @@ fn import_process(
             process.images = process
                 .images
                 .iter()
-                .map(|digest| store(digest, true))
+                .map(|digest| store(digest, plan.compression == Compression::Zstd, plan.compression))
                 .collect::<Result<_, _>>()?;
-            process.dump_log_key = store(&process.dump_log_key, false)?;
+            process.dump_log_key = store(&process.dump_log_key, false, Compression::Zstd)?;
             Some(process)
         }
         None => None,
@@ -1989,7 +1991,7 @@ mod tests {
         fs::create_dir_all(&images).unwrap();
         fs::write(images.join("pages-1.img"), vec![5u8; 300_000]).unwrap();
         fs::write(images.join("inventory.img"), b"inv").unwrap();
-        let (image_key, _, _) = super::super::process::store_images(&w.catalogue, &images).unwrap();
+        let (image_key, _, _) = super::super::process::store_images(&w.catalogue, &images, Compression::Zstd).unwrap();
         let log_key = super::super::process::store_bytes(
             &w.catalogue,
             b"Dumping finished successfully\n",

@@ -463,6 +463,7 @@ impl CheckpointService {
                             file_locks: request.file_locks,
                             memory_bytes,
                             process_identity: record.process_identity.clone(),
+                            compression,
                         },
                     );
                     if let Some(held) = held {

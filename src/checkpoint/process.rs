@@ -192,11 +192,16 @@ pub(super) fn store_bytes(
 }
 
 /// Stores the image directory `dir` (flat: CRIU writes no subdirectories;
-/// the `parent` link is left out) as a tar, in content-defined chunks each
-/// stored once: memory pages a later dump finds unchanged cost nothing
-/// again, even where the kernel cannot tell CRIU which pages changed.
+/// the `parent` link is left out) as a tar. With zstd (the default), in
+/// content-defined chunks each stored once: memory pages a later dump finds
+/// unchanged cost nothing again, even where the kernel cannot tell CRIU
+/// which pages changed. With none or gzip, as one blob so compressed.
 /// Returns its key, the bytes of the files and the bytes written.
-pub(super) fn store_images(catalogue: &Catalogue, dir: &Path) -> Result<(String, u64, u64), ProcessError> {
+pub(super) fn store_images(
+    catalogue: &Catalogue,
+    dir: &Path,
+    compression: Compression,
+) -> Result<(String, u64, u64), ProcessError> {
     let scratch = catalogue.scratch_dir()?.to_path_buf();
     let staged = StagedFile::create_named(&scratch, "criu").map_err(io_err("create scratch file in", &scratch))?;
     let mut names: Vec<(String, PathBuf)> = Vec::new();
@@ -233,7 +238,10 @@ pub(super) fn store_images(catalogue: &Catalogue, dir: &Path) -> Result<(String,
         .and_then(|mut w| w.flush())
         .map_err(io_err("write", &staged.path))?;
     let digest = tree::hash_file(&staged.path).map_err(|e| ProcessError::Record(e.to_string()))?;
-    let stored = catalogue.store_chunked(&staged.path, &digest, IMAGE_CHUNK_SIZES)?;
+    let stored = match compression {
+        Compression::Zstd => catalogue.store_chunked(&staged.path, &digest, IMAGE_CHUNK_SIZES)?,
+        other => catalogue.store_blob(&staged.path, &digest, other)?,
+    };
     Ok((stored.key, size, stored.written))
 }
 
@@ -328,6 +336,8 @@ pub(super) struct DumpInput<'a> {
     pub file_locks: bool,
     pub memory_bytes: u64,
     pub process_identity: String,
+    /// How the images are stored (see [`store_images`]).
+    pub compression: Compression,
 }
 
 /// Dumps the container's processes (after a pre-dump if asked) and stores
@@ -367,7 +377,7 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
         append_log(&mut log, "pre-dump", &pre_work);
         dumped?;
         pre_dump_pages_written = crate::criu::read_stats(&pre_work, &pre)?.pages_written;
-        let (key, _, written) = store_images(catalogue, &pre)?;
+        let (key, _, written) = store_images(catalogue, &pre, input.compression)?;
         stored_bytes += written;
         images.push(key);
         previous = Some(pre);
@@ -390,7 +400,7 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
     append_log(&mut log, "dump", &dump_work);
     dumped?;
     let stats = crate::criu::read_stats(&dump_work, &dump)?;
-    let (key, images_size, written) = store_images(catalogue, &dump)?;
+    let (key, images_size, written) = store_images(catalogue, &dump, input.compression)?;
     stored_bytes += written;
     images.push(key);
     let dump_log_key = store_bytes(catalogue, log.as_bytes(), Compression::Zstd, "dump-log")?;
@@ -536,9 +546,12 @@ mod tests {
             if i == 1 {
                 std::os::unix::fs::symlink(tmp.path().join("dump0"), dir.join(PARENT_LINK)).unwrap();
             }
-            let (key, size, written) = store_images(&catalogue, &dir).unwrap();
+            // The first chunked, the second one gzip blob.
+            let compression = [Compression::Zstd, Compression::Gzip][i];
+            let (key, size, written) = store_images(&catalogue, &dir, compression).unwrap();
             assert_eq!(size, pages.len() as u64 + 3);
             assert!(written > 0);
+            assert!(key.ends_with([".chunks", ".gz"][i]), "{key}");
             keys.push(key);
         }
         let out = tmp.path().join("restore");
