@@ -168,6 +168,26 @@ impl Watchdog {
     }
 }
 
+/// Takes the read-only copy of `subvolume` at `dest` while frozen: a btrfs
+/// snapshot, or a copy of its upper where snapshots are not possible.
+fn take_snapshot(
+    sys: &Arc<dyn SystemOps>,
+    subvolume: &Path,
+    dest: &Path,
+    method: CaptureMethod,
+) -> Result<(), SysError> {
+    match method {
+        CaptureMethod::Snapshot => sys.snapshot_readonly(subvolume, dest),
+        CaptureMethod::Copy => std::fs::create_dir(dest)
+            .map_err(|source| SysError::Io {
+                op: "mkdir",
+                path: dest.display().to_string(),
+                source,
+            })
+            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
+    }
+}
+
 /// Captures `subvolume` (the snapshot directory holding the container's
 /// upper `fs` and `work`) at `dest`, which then holds the frozen upper as
 /// `dest/fs`; `freezer` is frozen only around the snapshot (or the copy).
@@ -191,16 +211,9 @@ pub fn capture_upper(
     let watchdog = Watchdog::arm(sys.clone(), freezer.clone(), pause_timeout);
     let start = Instant::now();
     let frozen = sys.freeze_cgroup(freezer, start + pause_timeout);
-    let snapshot = match (&frozen, method) {
-        (Ok(()), CaptureMethod::Snapshot) => sys.snapshot_readonly(subvolume, dest),
-        (Ok(()), CaptureMethod::Copy) => std::fs::create_dir(dest)
-            .map_err(|source| SysError::Io {
-                op: "mkdir",
-                path: dest.display().to_string(),
-                source,
-            })
-            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
-        (Err(_), _) => Ok(()),
+    let snapshot = match &frozen {
+        Ok(()) => take_snapshot(sys, subvolume, dest, method),
+        Err(_) => Ok(()),
     };
     let thawed = sys.thaw_cgroup(freezer);
     let pause = start.elapsed();
@@ -319,18 +332,8 @@ pub fn capture_upper_and_hold(
             source,
         });
     }
-    let snapshot = match method {
-        CaptureMethod::Snapshot => sys.snapshot_readonly(subvolume, dest),
-        CaptureMethod::Copy => std::fs::create_dir(dest)
-            .map_err(|source| SysError::Io {
-                op: "mkdir",
-                path: dest.display().to_string(),
-                source,
-            })
-            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
-    };
     // Dropping the hold on error thaws.
-    snapshot.map_err(|source| CaptureError::Snapshot {
+    take_snapshot(sys, subvolume, dest, method).map_err(|source| CaptureError::Snapshot {
         source_dir: subvolume.display().to_string(),
         source,
     })?;

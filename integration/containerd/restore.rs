@@ -59,6 +59,18 @@ impl Ctl {
     }
 }
 
+/// A new namespace with the test image pulled, and a CLI for it.
+fn pulled_namespace(env: &mut Env) -> Result<(String, Ctl)> {
+    let ns = env.namespace("c");
+    env.pull(&ns)?;
+    let ctl = Ctl {
+        socket: env.daemon_socket(),
+        ns: ns.clone(),
+        config: None,
+    };
+    Ok((ns, ctl))
+}
+
 fn start_counter(env: &Env, ns: &str, id: &str) -> Result<()> {
     start_script(env, ns, id, COUNTER)
 }
@@ -148,13 +160,7 @@ fn continues_from(env: &Env, ns: &str, id: &str, from: u64, most: u64) -> Result
 #[test]
 fn counter_continues_after_restore() {
     with_env("restore", Options::default(), |env| {
-        let ns = env.namespace("c");
-        env.pull(&ns)?;
-        let ctl = Ctl {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: None,
-        };
+        let (ns, ctl) = pulled_namespace(env)?;
         let id = env.container_id("counter");
         start_counter(env, &ns, &id)?;
         wait_count(env, &ns, &id, 4)?;
@@ -292,13 +298,7 @@ fn dirty_tracking() -> bool {
 #[test]
 fn incremental_chain_restores_and_stores_only_changed_memory() {
     with_env("restore-chain", Options::default(), |env| {
-        let ns = env.namespace("c");
-        env.pull(&ns)?;
-        let ctl = Ctl {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: None,
-        };
+        let (ns, ctl) = pulled_namespace(env)?;
         let id = env.container_id("counter");
         // 8 MB of incompressible text held in the shell's memory, then the
         // counter.
@@ -521,13 +521,7 @@ fn fetch_in(netns: &str, url: &str) -> Result<String> {
 #[test]
 fn network_remap_moves_addresses_routes_sockets_and_hosts() {
     with_env("restore-remap", Options::default(), |env| {
-        let ns = env.namespace("c");
-        env.pull(&ns)?;
-        let ctl = Ctl {
-            socket: env.daemon_socket(),
-            ns: ns.clone(),
-            config: None,
-        };
+        let (ns, ctl) = pulled_namespace(env)?;
         // The container's network namespace and a peer's, joined by a veth
         // pair: addresses only inside the test's own namespaces.
         let pid = std::process::id();

@@ -580,12 +580,9 @@ pub fn export(
         let mut layer = build_layer(catalogue, link, &delta, &below, &scratch)?;
         delta.apply(&mut below);
         let mut fetch = |key: &str| -> Result<String, ArchiveError> {
-            let hex = key
-                .rsplit('/')
-                .next()
-                .and_then(|name| name.split_once('.'))
-                .map(|(hex, _)| hex.to_string())
-                .ok_or_else(|| CatalogueError::Invalid(format!("{key} is not the key of a blob")))?;
+            let hex = catalogue::blob_digest(key)
+                .ok_or_else(|| CatalogueError::Invalid(format!("{key} is not the key of a blob")))?
+                .to_string();
             if !process_blobs.contains_key(&hex) {
                 let mut staged =
                     StagedFile::create_named(&scratch, "process").map_err(io_err("create a file in", &scratch))?;

@@ -395,6 +395,11 @@ fn record_key(storage_id: &str, id: &str) -> String {
     format!("{storage_id}|{id}")
 }
 
+/// The sha256 (hex) a blob key (`blobs/sha256/<hex>.<form>`) names.
+pub(super) fn blob_digest(key: &str) -> Option<&str> {
+    key.rsplit('/').next()?.split_once('.').map(|(hex, _)| hex)
+}
+
 fn blob_key(digest: &str, compression: Compression) -> String {
     format!("blobs/sha256/{digest}.{}", compression.extension())
 }
@@ -465,6 +470,15 @@ impl Catalogue {
         Ok(Some((checkpoint, bytes)))
     }
 
+    /// Records metadata read from the storage in this daemon's index,
+    /// writing only when it differs (a read is far cheaper than a write).
+    fn index(&self, record: &str, bytes: &[u8]) -> Result<(), CatalogueError> {
+        if self.store.get_record(RecordKind::Checkpoints, record)?.as_deref() != Some(bytes) {
+            self.store.put_record(RecordKind::Checkpoints, record, bytes)?;
+        }
+        Ok(())
+    }
+
     /// Makes this daemon's index of a shared storage what the storage
     /// holds: checkpoints other daemons made, changed (by their prunes and
     /// merges) or removed.
@@ -485,10 +499,7 @@ impl Catalogue {
                 continue;
             }
             if let Some((_, bytes)) = self.read_published(id)? {
-                let record = record_key(&self.storage_id, id);
-                if self.store.get_record(RecordKind::Checkpoints, &record)?.as_deref() != Some(&bytes[..]) {
-                    self.store.put_record(RecordKind::Checkpoints, &record, &bytes)?;
-                }
+                self.index(&record_key(&self.storage_id, id), &bytes)?;
                 published.insert(id.to_string());
             }
         }
@@ -526,7 +537,7 @@ impl Catalogue {
             let record = record_key(&self.storage_id, id);
             return match self.read_published(id)? {
                 Some((checkpoint, bytes)) => {
-                    self.store.put_record(RecordKind::Checkpoints, &record, &bytes)?;
+                    self.index(&record, &bytes)?;
                     Ok(checkpoint)
                 }
                 None => {
@@ -990,52 +1001,26 @@ impl Catalogue {
     /// Writes the content of blob `key` to a new file at `target`, checking
     /// it against the digest the key names; a mismatch leaves no file.
     pub(super) fn fetch_verified(&self, key: &str, target: &Path) -> Result<u64, CatalogueError> {
-        let invalid = |reason: String| CatalogueError::Invalid(format!("blob {key}: {reason}"));
-        let name = key.rsplit('/').next().unwrap_or_default();
-        let (digest, _) = name.split_once('.').ok_or_else(|| invalid("not a blob name".into()))?;
-        let io = |op: &'static str| {
-            move |source| CatalogueError::Io {
-                op,
-                path: target.display().to_string(),
-                source,
-            }
-        };
-        let mut reader = self.open_content(key)?;
+        let digest = blob_digest(key).ok_or_else(|| CatalogueError::Invalid(format!("{key} is not a blob name")))?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(target)
-            .map_err(io("create"))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        let copied: Result<(), CatalogueError> = (|| {
-            loop {
-                let n = reader.read(&mut buf).map_err(io("read blob into"))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n]).map_err(io("write"))?;
-                total += n as u64;
-            }
-            let actual = tree::hex(&hasher.finalize());
-            if actual != digest {
-                return Err(invalid(format!("content hashes to sha256:{actual}")));
-            }
-            Ok(())
-        })();
-        if let Err(e) = copied {
+            .map_err(|source| CatalogueError::Io {
+                op: "create",
+                path: target.display().to_string(),
+                source,
+            })?;
+        let copied = self.copy_verified(key, digest, &mut file);
+        if copied.is_err() {
             let _ = std::fs::remove_file(target);
-            return Err(e);
         }
-        Ok(total)
+        copied
     }
 
     fn check_blob(&self, key: &str) -> Result<(), String> {
-        let name = key.rsplit('/').next().unwrap_or_default();
-        let (digest, _) = name.split_once('.').ok_or("not a blob name")?;
+        let digest = blob_digest(key).ok_or("not a blob name")?;
         let mut reader = self.open_content(key).map_err(|e| e.to_string())?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];

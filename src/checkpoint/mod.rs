@@ -216,6 +216,9 @@ pub struct CheckpointService {
     /// never collects the blobs of a create under way.
     writing: tokio::sync::Mutex<()>,
     created: Mutex<u64>,
+    /// Whether the kernel tracks dirtied pages for CRIU: a property of the
+    /// kernel, asked of `criu check` (160 ms) once.
+    dirty_tracking: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for CheckpointService {
@@ -249,6 +252,7 @@ impl CheckpointService {
             root: root.to_path_buf(),
             writing: tokio::sync::Mutex::new(()),
             created: Mutex::new(0),
+            dirty_tracking: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -342,12 +346,18 @@ impl CheckpointService {
         // Without the kernel's dirty-page tracking CRIU cannot tell which
         // pages changed since an earlier dump: no pre-dump, and every dump
         // holds all the memory.
-        let dirty_tracking = !request.fs_only && {
-            let settings = settings.clone();
-            tokio::task::spawn_blocking(move || settings.dirty_tracking())
-                .await
-                .map_err(|e| CheckpointError::Task(e.to_string()))?
-        };
+        let dirty_tracking = !request.fs_only
+            && *self
+                .dirty_tracking
+                .get_or_try_init(|| {
+                    let settings = settings.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || settings.dirty_tracking())
+                            .await
+                            .map_err(|e| CheckpointError::Task(e.to_string()))
+                    }
+                })
+                .await?;
         if request.pre_dump && !dirty_tracking {
             return Err(CheckpointError::Unsupported(
                 "--pre-dump needs the kernel to track dirtied pages (CONFIG_MEM_SOFT_DIRTY), and this kernel does \

@@ -82,7 +82,7 @@ fn failed(step: &'static str, kind: ErrorKind) -> impl FnOnce(CheckpointError) -
     move |e| match e {
         already @ CheckpointError::Restore { .. } => already,
         other => {
-            let kind = match other.kind_of() {
+            let kind = match crate::error::Classify::kind(&other) {
                 ErrorKind::Internal => kind,
                 k => k,
             };
@@ -93,12 +93,6 @@ fn failed(step: &'static str, kind: ErrorKind) -> impl FnOnce(CheckpointError) -
                 kind,
             }
         }
-    }
-}
-
-impl CheckpointError {
-    fn kind_of(&self) -> ErrorKind {
-        crate::error::Classify::kind(self)
     }
 }
 
