@@ -5,11 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
+use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::proto::control_client::ControlClient;
 use crate::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest};
+use crate::remote::{BearerToken, RemoteTarget};
+
+/// A Control client of a daemon here (unix socket, no token) or on another
+/// host (TLS, with its token on every call).
+pub type DaemonClient = ControlClient<InterceptedService<Channel, BearerToken>>;
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_ADDRESS: &str = "/run/containerd-seamless/containerd-seamless-grpc.sock";
@@ -63,6 +69,44 @@ pub async fn connect(socket: &Path) -> Result<Channel, ClientError> {
         .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(path.clone())))
         .await
         .map_err(|e| unreachable(root_cause(&e)))
+}
+
+/// Connects to the daemon of another host over TLS now, so a refused
+/// connection, a certificate that does not check out or a missing token file
+/// is reported here, naming the address and the reason.
+pub async fn connect_remote(target: &RemoteTarget) -> Result<DaemonClient, ClientError> {
+    let unreachable = |message: String| ClientError::Unreachable {
+        address: target.address.clone(),
+        message,
+    };
+    let remote = target.connector().map_err(|e| unreachable(e.to_string()))?;
+    let authority = if remote.host.contains(':') {
+        format!("[{}]:{}", remote.host, remote.port)
+    } else {
+        format!("{}:{}", remote.host, remote.port)
+    };
+    // The connector does TLS itself; tonic only needs the authority.
+    let endpoint = Endpoint::try_from(format!("http://{authority}"))
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let (connector, server_name) = (remote.connector, remote.server_name);
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (connector, server_name, authority) = (connector.clone(), server_name.clone(), authority.clone());
+            async move {
+                let tcp = TcpStream::connect(authority.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(server_name, tcp).await
+            }
+        }))
+        .await
+        .map_err(|e| unreachable(root_cause(&e)))?;
+    Ok(ControlClient::with_interceptor(channel, remote.token))
+}
+
+/// A client of the local daemon's channel, with no token.
+pub fn local_client(channel: Channel) -> DaemonClient {
+    ControlClient::with_interceptor(channel, BearerToken::none())
 }
 
 /// tonic's transport error says only "transport error"; the reason (no such

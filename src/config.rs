@@ -38,6 +38,9 @@ pub struct Config {
     /// The REST API of seamless commit.
     #[serde(default)]
     pub rest: RestConfig,
+    /// The Control API over TCP with TLS, for checkpointctl on other hosts.
+    #[serde(default)]
+    pub remote: RemoteConfig,
     /// Running Nydus images.
     #[serde(default)]
     pub nydus: NydusConfig,
@@ -152,6 +155,26 @@ pub struct RestConfig {
     pub token_file: String,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// TCP address ("0.0.0.0:7443") on which the Control API is also served
+    /// to checkpointctl on other hosts (`restore --target-node`); empty
+    /// means none. Needs `tls_cert`, `tls_key` and `token_file`.
+    #[serde(default)]
+    pub address: String,
+    /// PEM certificate chain the daemon presents, leaf first.
+    #[serde(default)]
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`; must be mode 0600.
+    #[serde(default)]
+    pub tls_key: String,
+    /// File holding the bearer token every call must carry (its first
+    /// line); must be mode 0600. Never logged.
+    #[serde(default)]
+    pub token_file: String,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CommitConfig {
@@ -237,6 +260,7 @@ impl Default for Config {
             snapshotter: SnapshotterConfig::default(),
             commit: CommitConfig::default(),
             rest: RestConfig::default(),
+            remote: RemoteConfig::default(),
             nydus: NydusConfig::default(),
             criu: CriuConfig::default(),
         }
@@ -271,6 +295,52 @@ impl Config {
     }
 
     /// Returns the first reason this configuration cannot be used.
+    /// `[remote]`: an address, and with it absolute paths of all three files.
+    fn validate_remote(&self) -> Result<(), ConfigError> {
+        let remote = &self.remote;
+        if remote.address.is_empty() {
+            for (key, value) in [
+                ("remote.tls_cert", &remote.tls_cert),
+                ("remote.tls_key", &remote.tls_key),
+                ("remote.token_file", &remote.token_file),
+            ] {
+                if !value.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        reason: "set without remote.address, which turns the TCP API on".into(),
+                    });
+                }
+            }
+            return Ok(());
+        }
+        remote
+            .address
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| ConfigError::Invalid {
+                key: "remote.address",
+                reason: format!("{:?} is not an address such as 0.0.0.0:7443", remote.address),
+            })?;
+        for (key, value) in [
+            ("remote.tls_cert", &remote.tls_cert),
+            ("remote.tls_key", &remote.tls_key),
+            ("remote.token_file", &remote.token_file),
+        ] {
+            if value.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "required when remote.address is set: the TCP API always uses TLS and a token".into(),
+                });
+            }
+            if !value.starts_with('/') || value.split('/').any(|p| p == "..") {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{value:?} must be an absolute path without '..'"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.version != CONFIG_VERSION {
             return Err(ConfigError::Invalid {
@@ -315,6 +385,7 @@ impl Config {
                 });
             }
         }
+        self.validate_remote()?;
         for registry in &self.nydus.insecure_registries {
             let valid = !registry.is_empty()
                 && !registry.contains("://")
@@ -410,6 +481,25 @@ mod tests {
         assert!(err.to_string().contains("config key version"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"12 parsecs\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("storage.pool_size"), "{err}");
+        let err = Config::parse("[remote]\naddress = \"0.0.0.0:7443\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("remote.tls_cert"), "{err}");
+        let err = Config::parse("[remote]\naddress = \"node-b\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("remote.address"), "{err}");
+        let err = Config::parse("[remote]\ntoken_file = \"/t\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("without remote.address"), "{err}");
+        let err = Config::parse(
+            "[remote]\naddress = \"0.0.0.0:7443\"\ntls_cert = \"/c\"\ntls_key = \"k\"\ntoken_file = \"/t\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("remote.tls_key"), "{err}");
+        let remote = Config::parse(
+            "[remote]\naddress = \"[::]:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntoken_file = \"/t\"\n",
+            "t",
+        )
+        .unwrap()
+        .remote;
+        assert_eq!(remote.address, "[::]:7443");
         let err = Config::parse("[rest]\ntcp_address = \"0.0.0.0:8089\"\ntoken_file = \"/t\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("loopback"), "{err}");
         let err = Config::parse("[rest]\ntcp_address = \"127.0.0.1:8089\"\n", "t").unwrap_err();

@@ -26,6 +26,7 @@ pub mod nydus_image;
 pub mod rafs_fuse;
 pub mod rafs_mount;
 pub mod registry;
+pub mod remote;
 pub mod rest;
 pub mod server;
 pub mod snapshotter;

@@ -1,5 +1,6 @@
 //! The daemon's server: binds the unix socket safely and serves every gRPC
-//! service on it until `shutdown` resolves, then drains in-flight requests.
+//! service on it (and the Control API on the TLS listener of `remote`, when
+//! configured) until `shutdown` resolves, then drains in-flight requests.
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -9,12 +10,14 @@ use std::sync::Arc;
 use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::codegen::InterceptedService;
 use tracing::info;
 
 use crate::commit::CommitService;
 use crate::grpc::control::ControlService;
 use crate::grpc::snapshots::SnapshotsService;
 use crate::proto::control_server::ControlServer;
+use crate::remote::RemoteListener;
 use crate::snapshotter::Snapshotter;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum ServerError {
     NotASocket { path: String },
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("serving gRPC over TCP: {0}")]
+    Remote(String),
 }
 
 /// Binds `path` as a 0660 unix socket, replacing a stale socket but never a
@@ -62,18 +67,43 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-/// Serves until `shutdown` completes; in-flight requests finish first.
+/// Serves until `shutdown` completes; in-flight requests finish first. The
+/// unix socket serves containerd's Snapshots and the Control API; `remote`,
+/// when configured, serves the Control API alone, over TLS with its token.
 pub async fn run(
     listener: UnixListener,
+    remote: Option<RemoteListener>,
     snapshotter: Arc<Snapshotter>,
     commits: Arc<CommitService>,
     root: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter.clone())))
-        .add_service(ControlServer::new(ControlService::new(snapshotter, commits, root)))
+    // One service behind both listeners: it owns the checkpoint scheduler.
+    let control = Arc::new(ControlService::new(snapshotter.clone(), commits, root));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let remote_served = remote.map(|remote| {
+        let service = InterceptedService::new(ControlServer::from_arc(control.clone()), remote.token_check());
+        let mut stopped = stopped.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(remote.into_incoming(), async move {
+                    let _ = stopped.wait_for(|stopped| *stopped).await;
+                }),
+        )
+    });
+    let local = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter)))
+        .add_service(ControlServer::from_arc(control))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    let _ = stop.send(true);
+    if let Some(served) = remote_served {
+        match served.await {
+            Ok(result) => result?,
+            Err(e) => return Err(ServerError::Remote(e.to_string())),
+        }
+    }
+    local?;
     Ok(())
 }

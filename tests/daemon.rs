@@ -11,9 +11,11 @@ use std::time::Duration;
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use seamless_snapshotter::commit::CommitService;
+use seamless_snapshotter::config::RemoteConfig;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::proto::control_client::ControlClient;
 use seamless_snapshotter::proto::VersionRequest;
+use seamless_snapshotter::remote::{RemoteListener, RemoteTarget};
 use seamless_snapshotter::server;
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
@@ -34,15 +36,26 @@ struct Daemon {
 
 impl Daemon {
     async fn start(root: &Path, socket: &Path) -> Daemon {
+        Daemon::start_with_remote(root, socket, None).await
+    }
+
+    async fn start_with_remote(root: &Path, socket: &Path, remote: Option<RemoteListener>) -> Daemon {
         let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem)).expect("open snapshotter");
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
         let commits =
             Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 4, None).unwrap());
-        let task = tokio::spawn(server::run(listener, snapshotter, commits, root.to_path_buf(), async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(server::run(
+            listener,
+            remote,
+            snapshotter,
+            commits,
+            root.to_path_buf(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Daemon { stop: Some(stop), task }
     }
 
@@ -601,4 +614,137 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     .await;
     assert_eq!(status, 200, "{body}");
     let _ = stop.send(());
+}
+
+/// Certificates, keys and a token made by tests/tls/make-certs.sh in `dir`.
+fn make_certificates(dir: &Path) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/make-certs.sh");
+    let status = std::process::Command::new(script)
+        .arg(dir)
+        .status()
+        .expect("run make-certs.sh (needs openssl)");
+    assert!(status.success(), "make-certs.sh failed: {status}");
+}
+
+#[tokio::test]
+async fn the_control_api_over_tcp_wants_tls_and_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_certificates(&tls);
+    let file = |name: &str| tls.join(name).display().to_string();
+    let config = RemoteConfig {
+        address: "127.0.0.1:0".into(),
+        tls_cert: file("server.crt"),
+        tls_key: file("server.key"),
+        token_file: file("token"),
+    };
+    // A key others may read is refused, naming it.
+    std::fs::set_permissions(tls.join("server.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = RemoteListener::bind(&config)
+        .await
+        .err()
+        .expect("an exposed key is refused")
+        .to_string();
+    assert!(err.contains("remote.tls_key") && err.contains("0640"), "{err}");
+    std::fs::set_permissions(tls.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let remote = RemoteListener::bind(&config).await.expect("bind the TLS listener");
+    let port = remote.local_addr().unwrap().port();
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
+    let target = RemoteTarget {
+        address: format!("https://127.0.0.1:{port}"),
+        ca_file: Some(tls.join("ca.crt")),
+        token_file: tls.join("token"),
+        server_name: None,
+    };
+
+    let mut client = seamless_snapshotter::client::connect_remote(&target)
+        .await
+        .expect("connect over TLS");
+    let version = client
+        .version(VersionRequest {})
+        .await
+        .expect("version with the token")
+        .into_inner();
+    assert_eq!(version.version, env!("CARGO_PKG_VERSION"));
+    // The certificate's DNS name works as well as its address.
+    let by_name = RemoteTarget {
+        address: format!("https://localhost:{port}"),
+        ..target.clone()
+    };
+    let mut client = seamless_snapshotter::client::connect_remote(&by_name)
+        .await
+        .expect("connect by name");
+    client.version(VersionRequest {}).await.expect("version by name");
+    // Plain HTTP/2 to the TLS port gets nothing.
+    let plain = tonic::transport::Endpoint::try_from(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    if let Ok(channel) = plain.connect().await {
+        let status = ControlClient::new(channel)
+            .version(VersionRequest {})
+            .await
+            .unwrap_err();
+        assert_ne!(
+            status.code(),
+            Code::Unauthenticated,
+            "plain text must not reach the API: {status:?}"
+        );
+    }
+
+    let wrong_token = tmp.path().join("wrong-token");
+    std::fs::write(&wrong_token, "not-the-token\n").unwrap();
+    std::fs::set_permissions(&wrong_token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut client = seamless_snapshotter::client::connect_remote(&RemoteTarget {
+        token_file: wrong_token,
+        ..target.clone()
+    })
+    .await
+    .expect("TLS succeeds before the token is checked");
+    let status = client.version(VersionRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut tokenless = ControlClient::new(
+        tonic::transport::Endpoint::try_from(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_with_connector(tower::service_fn({
+                let target = target.clone();
+                move |_: tonic::transport::Uri| {
+                    let remote = target.connector().unwrap();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                        remote.connector.connect(remote.server_name, tcp).await
+                    }
+                }
+            }))
+            .await
+            .expect("TLS without a token"),
+    );
+    let status = tokenless.version(VersionRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    for (target, reason) in [
+        (
+            RemoteTarget {
+                ca_file: Some(tls.join("other-ca.crt")),
+                ..target.clone()
+            },
+            "UnknownIssuer",
+        ),
+        (
+            RemoteTarget {
+                server_name: Some("node-b.example".into()),
+                ..target.clone()
+            },
+            "not valid for name \"node-b.example\"",
+        ),
+    ] {
+        let err = seamless_snapshotter::client::connect_remote(&target)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(reason) && err.contains(&target.address), "{err}");
+    }
+    daemon.stop().await;
 }

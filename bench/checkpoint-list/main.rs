@@ -126,6 +126,7 @@ fn main() {
         let listener = server::bind_socket(&socket).expect("bind");
         runtime.spawn(server::run(
             listener,
+            None,
             snapshotter.clone(),
             commits,
             root.clone(),

@@ -46,6 +46,8 @@ const REQUIRED_COMMANDS: &[&str] = &[
     "docker-registry",
     "mkfs.btrfs",
     "umount",
+    // Certificates of the TCP Control API (tests/tls/make-certs.sh).
+    "openssl",
     // Process-state checkpoints (packaging/criu/install.sh provides one).
     "criu",
 ];
@@ -91,6 +93,8 @@ pub struct Env {
     namespaces: BTreeSet<String>,
     /// `[nydus] fs_driver` written into the daemon's configuration.
     nydus_fs_driver: Option<&'static str>,
+    /// More of the daemon's configuration (TOML sections), set before start.
+    daemon_config: String,
     image: Option<BuiltImage>,
     exec_counter: AtomicU64,
 }
@@ -109,9 +113,16 @@ impl Env {
             containerd: None,
             namespaces: BTreeSet::new(),
             nydus_fs_driver: None,
+            daemon_config: String::new(),
             image: None,
             exec_counter: AtomicU64::new(0),
         }
+    }
+
+    /// Adds `toml` (whole sections) to the daemon's configuration file.
+    pub fn with_daemon_config(mut self, toml: &str) -> Env {
+        self.daemon_config.push_str(toml);
+        self
     }
 
     pub fn start(&mut self, options: Options) -> Result<()> {
@@ -273,6 +284,7 @@ impl Env {
         if let Some(driver) = self.nydus_fs_driver {
             text.push_str(&format!("[nydus]\nfs_driver = \"{driver}\"\n"));
         }
+        text.push_str(&self.daemon_config);
         std::fs::write(&config, text)?;
         let log = self.log_file("daemon.log")?;
         writeln!(&log, "===== test harness: starting {DAEMON_BIN}")?;

@@ -5,6 +5,7 @@
 //! (`--parent`, `--pre-dump`); restored paused without `--resume`; the
 //! memory limit refused with both numbers; failures leave nothing behind.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -373,8 +374,19 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
 #[test]
 fn restore_on_another_node_through_shared_storage_or_streamed() {
     with_env("restore-node1", Options::default(), |env| {
-        // A second host: its own registry, containerd and daemon.
-        let mut node2 = Env::new("restore-node2");
+        // A second host: its own registry, containerd and daemon, which also
+        // serves its Control API on TCP with TLS and a token.
+        let tls = env.dir().join("tls");
+        let made = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/make-certs.sh"))
+            .arg(&tls)
+            .status()?;
+        ensure!(made.success(), "tests/tls/make-certs.sh failed: {made}");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut node2 = Env::new("restore-node2").with_daemon_config(&format!(
+            "[remote]\naddress = \"127.0.0.1:{port}\"\ntls_cert = \"{0}/server.crt\"\n\
+             tls_key = \"{0}/server.key\"\ntoken_file = \"{0}/token\"\n",
+            tls.display()
+        ));
         node2.start(Options::default()).context("starting the second node")?;
         let ns = env.namespace("c");
         env.pull(&ns)?;
@@ -400,11 +412,21 @@ fn restore_on_another_node_through_shared_storage_or_streamed() {
         let id = env.container_id("counter");
         start_counter(env, &ns, &id)?;
         wait_count(env, &ns, &id, 4)?;
-        // A checkpoint in this daemon's own storage: streamed to the node.
+        // A checkpoint in this daemon's own storage: streamed to the node,
+        // over TLS with the node's token. "node2-stranger" holds a token of
+        // its own, which the node refuses.
+        let stranger_token = env.dir().join("stranger.token");
+        std::fs::write(&stranger_token, "not-the-node-token\n")?;
+        std::fs::set_permissions(&stranger_token, std::fs::Permissions::from_mode(0o600))?;
         let local_config = env.dir().join("local.yaml");
         std::fs::write(
             &local_config,
-            format!("nodes:\n  node2: {{address: {}}}\n", node2.daemon_socket().display()),
+            format!(
+                "nodes:\n  node2: {{address: \"https://127.0.0.1:{port}\", ca_file: {0}/ca.crt, token_file: {0}/token}}\n  \
+                 node2-stranger: {{address: \"https://localhost:{port}\", ca_file: {0}/ca.crt, token_file: {1}}}\n",
+                tls.display(),
+                stranger_token.display()
+            ),
         )?;
         let local = Ctl {
             socket: env.daemon_socket(),
@@ -421,6 +443,11 @@ fn restore_on_another_node_through_shared_storage_or_streamed() {
         ensure!(
             code == 2 && err.contains("node2"),
             "an unknown node lists the known ones: {err}"
+        );
+        let (code, _, err) = local.run(&["restore", &local_checkpoint, "-t", "node2-stranger"])?;
+        ensure!(
+            code == 4 && err.contains("bearer token"),
+            "a node refuses a wrong token (exit {code}): {err}"
         );
         let sent = format!("{id}-sent");
         let out = local.ok(&["restore", &local_checkpoint, "-t", "node2", "--name", &sent, "--resume"])?;

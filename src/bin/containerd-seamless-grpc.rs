@@ -10,6 +10,7 @@ use clap::Parser;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
 use seamless_snapshotter::nydus_image::BaseCache;
+use seamless_snapshotter::remote::RemoteListener;
 use seamless_snapshotter::rest::{self, RestApi};
 use seamless_snapshotter::snapshotter::Snapshotter;
 use seamless_snapshotter::sys::RealSystem;
@@ -73,6 +74,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let workers = config.commit.background_workers;
     let base_cache_bytes = config.nydus_base_cache_bytes()?;
     let rest_config = config.rest.clone();
+    let remote_config = config.remote.clone();
     let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
@@ -103,6 +105,14 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             let token = text.lines().next().unwrap_or_default().trim().to_string();
             anyhow::ensure!(!token.is_empty(), "rest.token_file {file} holds no token");
             Some(token)
+        }
+    };
+    let remote = match remote_config.address.as_str() {
+        "" => None,
+        address => {
+            let remote = RemoteListener::bind(&remote_config).await?;
+            info!(address, tls_cert = %remote_config.tls_cert, "Control API also on TCP: TLS, bearer token required");
+            Some(remote)
         }
     };
     info!(
@@ -154,7 +164,15 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             when_stopped(stopped.clone()),
         ));
     }
-    let served = server::run(listener, snapshotter, commits, args.root.clone(), when_stopped(stopped)).await;
+    let served = server::run(
+        listener,
+        remote,
+        snapshotter,
+        commits,
+        args.root.clone(),
+        when_stopped(stopped),
+    )
+    .await;
     let _ = std::fs::remove_file(&rest_socket);
     let _ = std::fs::remove_file(&args.address);
     served?;

@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::MissedTickBehavior;
-use tonic::transport::Channel;
 
-use seamless_snapshotter::proto::control_client::ControlClient;
+use seamless_snapshotter::client::DaemonClient;
 use seamless_snapshotter::proto::{
     ContainerSample, ContainerStatsRequest, CreateCheckpointRequest, InspectCheckpointRequest, ListCheckpointsRequest,
     MergeCheckpointsRequest, PruneCheckpointsRequest, Storage,
@@ -441,7 +440,7 @@ fn ticker(period: Duration, first: Duration) -> tokio::time::Interval {
 }
 
 struct Manager {
-    client: ControlClient<Channel>,
+    client: DaemonClient,
     namespace: String,
     storage: Storage,
     watches: HashMap<String, Watch>,

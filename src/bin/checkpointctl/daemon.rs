@@ -1,27 +1,42 @@
-//! The connection to containerd-seamless-grpc over its unix socket.
+//! The connection to containerd-seamless-grpc: over its unix socket, or
+//! over TLS with a token to the daemon of another node.
 
 use std::path::Path;
 
-use seamless_snapshotter::client::{self, ClientError};
-use seamless_snapshotter::proto::control_client::ControlClient;
-use tonic::transport::Channel;
+use seamless_snapshotter::client::{self, ClientError, DaemonClient};
 
+use crate::settings::{NodeAddress, NodeSettings};
 use crate::CliError;
+
+fn unreachable(address: String, err: ClientError) -> CliError {
+    let reason = match err {
+        ClientError::Unreachable { message, .. } => message,
+        other => other.to_string(),
+    };
+    CliError::Unreachable { address, reason }
+}
 
 /// Connects eagerly, so a missing socket or a refused connection is reported
 /// here, naming the socket, rather than on the first call.
-pub async fn connect(socket: &Path) -> Result<ControlClient<Channel>, CliError> {
+pub async fn connect(socket: &Path) -> Result<DaemonClient, CliError> {
     tracing::debug!(socket = %socket.display(), "connecting to the daemon");
     match client::connect(socket).await {
-        Ok(channel) => Ok(ControlClient::new(channel)),
-        Err(ClientError::Unreachable { message, .. }) => Err(CliError::Unreachable {
-            socket: socket.to_path_buf(),
-            reason: message,
-        }),
-        Err(other) => Err(CliError::Unreachable {
-            socket: socket.to_path_buf(),
-            reason: other.to_string(),
-        }),
+        Ok(channel) => Ok(client::local_client(channel)),
+        Err(err) => Err(unreachable(socket.display().to_string(), err)),
+    }
+}
+
+/// Connects to the daemon of a node of the config file: its unix socket, or
+/// its TLS address with its token on every call. Eager, like `connect`.
+pub async fn connect_node(node: &NodeSettings) -> Result<DaemonClient, CliError> {
+    match &node.address {
+        NodeAddress::Unix(socket) => connect(socket).await,
+        NodeAddress::Https(address) => {
+            tracing::debug!(%address, "connecting to the node's daemon over TLS");
+            client::connect_remote(&node.remote_target(address))
+                .await
+                .map_err(|err| unreachable(address.clone(), err))
+        }
     }
 }
 

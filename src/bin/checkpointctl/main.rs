@@ -102,8 +102,8 @@ pub struct Context {
 /// what failed; `exit_code` is the only place that turns one into a status.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach the daemon at {}: {reason}", socket.display())]
-    Unreachable { socket: PathBuf, reason: String },
+    #[error("cannot reach the daemon at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
     // Boxed: a Status is large and this error travels up every call.
     #[error("{action}: {}", status.message())]
     Rpc { action: String, status: Box<tonic::Status> },
@@ -233,7 +233,8 @@ fn exit_code(err: &CliError) -> u8 {
             prefix.and_then(commit_code_exit).unwrap_or(match status.code() {
                 Code::InvalidArgument => 2,
                 Code::NotFound => 3,
-                Code::PermissionDenied => 4,
+                // A node that refused the token.
+                Code::PermissionDenied | Code::Unauthenticated => 4,
                 Code::Unavailable => 5,
                 _ => 1,
             })
@@ -336,12 +337,12 @@ mod tests {
     #[test]
     fn local_failures_have_their_own_codes() {
         let unreachable = CliError::Unreachable {
-            socket: "/run/x.sock".into(),
+            address: "/run/x.sock".into(),
             reason: "No such file or directory (os error 2)".into(),
         };
         assert_eq!(exit_code(&unreachable), 5);
         let denied = CliError::Unreachable {
-            socket: "/run/x.sock".into(),
+            address: "/run/x.sock".into(),
             reason: "Permission denied (os error 13)".into(),
         };
         assert_eq!(exit_code(&denied), 4);

@@ -3,15 +3,13 @@
 //! file (which must then read the same shared storage). Prints what was
 //! restored and each check; exit 1 when a check failed.
 
-use std::path::PathBuf;
-
 use serde::Serialize;
 
 use seamless_snapshotter::checkpoint::remap::Remap;
 use seamless_snapshotter::proto::{RestoreCheckpointRequest, RestoreCheckpointResponse};
 
 use crate::checkpoints::{checkpoint_id, to_json, to_yaml};
-use crate::settings::Settings;
+use crate::settings::{NodeSettings, Settings};
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -46,17 +44,22 @@ pub struct Args {
 
 pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(), CliError> {
     let id = checkpoint_id(&args.id)?;
-    let socket = daemon_socket(context, settings, args.target_node.as_deref())?;
-    if let (true, Some(node)) = (
-        needs_sending(context, args.target_node.as_deref()),
-        args.target_node.as_deref(),
-    ) {
-        let sent = send_checkpoint(context, &id, node, &socket).await?;
+    let node = match args.target_node.as_deref() {
+        Some(name) => Some((name, settings.node(name)?)),
+        None => None,
+    };
+    if let (true, Some((name, node))) = (needs_sending(context, args.target_node.as_deref()), node) {
+        let sent = send_checkpoint(context, &id, name, node).await?;
         if sent > 0 && args.output == "text" {
-            println!("sent checkpoint {id} to node {node} ({sent} bytes)");
+            println!("sent checkpoint {id} to node {name} ({sent} bytes)");
         }
     }
-    let mut client = daemon::connect(&socket).await?;
+    // The daemon that restores: the global --address, or the node's, which
+    // reads the same storage or has just been sent the checkpoint.
+    let mut client = match node {
+        Some((_, node)) => daemon::connect_node(node).await?,
+        None => daemon::connect(&context.address).await?,
+    };
     let restored = client
         .restore_checkpoint(RestoreCheckpointRequest {
             storage: Some(context.storage.clone()),
@@ -87,15 +90,6 @@ fn restore_action(id: &str, node: Option<&str>) -> String {
     }
 }
 
-/// The daemon that restores: the global --address, or the socket of
-/// `--target-node`, which must share the storage with this host.
-fn daemon_socket(context: &Context, settings: &Settings, node: Option<&str>) -> Result<PathBuf, CliError> {
-    let Some(node) = node else {
-        return Ok(context.address.clone());
-    };
-    Ok(settings.node_socket(node)?.to_path_buf())
-}
-
 /// Whether the checkpoint must be sent to the node: its storage is this
 /// daemon's own (local), which the node's daemon cannot read.
 fn needs_sending(context: &Context, node: Option<&str>) -> bool {
@@ -103,9 +97,9 @@ fn needs_sending(context: &Context, node: Option<&str>) -> bool {
 }
 
 /// Streams checkpoint `id` (its chain, process state included) from the
-/// daemon of --address into the local storage of the daemon at `target`;
-/// one the node already holds is left as it is. Returns the bytes sent.
-async fn send_checkpoint(context: &Context, id: &str, node: &str, target: &std::path::Path) -> Result<u64, CliError> {
+/// daemon of --address into the local storage of `node`'s daemon; one the
+/// node already holds is left as it is. Returns the bytes sent.
+async fn send_checkpoint(context: &Context, id: &str, node: &str, target: &NodeSettings) -> Result<u64, CliError> {
     use seamless_snapshotter::proto::{ReceiveCheckpointRequest, SendCheckpointRequest};
     let action = || format!("sending checkpoint {id} to node {node}");
     let mut source = daemon::connect(&context.address).await?;
@@ -137,7 +131,7 @@ async fn send_checkpoint(context: &Context, id: &str, node: &str, target: &std::
         }
         Ok::<u64, tonic::Status>(sent)
     });
-    let mut receiver = daemon::connect(target).await?;
+    let mut receiver = daemon::connect_node(target).await?;
     let received = receiver
         .receive_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
@@ -311,15 +305,10 @@ mod tests {
     #[test]
     fn target_nodes_are_known_and_local_checkpoints_are_sent() {
         let settings = Settings::parse("nodes: {node-b: {address: unix:///run/b.sock}}\n", "t.yaml").unwrap();
-        let socket = |backend: &str, node| daemon_socket(&context(backend), &settings, node);
-        assert_eq!(socket("local", None).unwrap(), PathBuf::from("/run/here.sock"));
-        assert_eq!(socket("s3", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
-        assert_eq!(socket("nfs", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
-        assert_eq!(socket("local", Some("node-b")).unwrap(), PathBuf::from("/run/b.sock"));
         assert!(needs_sending(&context("local"), Some("node-b")));
         assert!(!needs_sending(&context("nfs"), Some("node-b")));
         assert!(!needs_sending(&context("local"), None));
-        let err = socket("s3", Some("node-c")).unwrap_err();
+        let err = CliError::from(settings.node("node-c").unwrap_err());
         assert!(matches!(err, CliError::Settings(_)), "{err:?}");
         assert!(err.to_string().contains("defines node-b"), "{err}");
     }

@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::ValueEnum;
-use seamless_snapshotter::proto::control_client::ControlClient;
+use seamless_snapshotter::client::DaemonClient;
 use seamless_snapshotter::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest, SeamlessCommitResponse};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::{daemon, CliError};
 
@@ -150,11 +149,7 @@ pub async fn run(socket: &Path, namespace: &str, args: Args) -> Result<(), CliEr
 
 /// Polls until the job completes (returned), fails or outlives `timeout`
 /// (errors). Progress goes to stderr, one line per change.
-async fn wait_for_job(
-    client: &mut ControlClient<Channel>,
-    snapshot_id: &str,
-    timeout: Duration,
-) -> Result<CommitJob, CliError> {
+async fn wait_for_job(client: &mut DaemonClient, snapshot_id: &str, timeout: Duration) -> Result<CommitJob, CliError> {
     let deadline = Instant::now() + timeout;
     let mut last_progress = String::new();
     loop {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use seamless_snapshotter::checkpoint::filter::parse_size;
 use seamless_snapshotter::proto::Storage;
+use seamless_snapshotter::remote::{parse_https_address, RemoteTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -51,29 +52,92 @@ pub struct Settings {
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
-    /// The unix socket of the node's daemon: an absolute path or
-    /// unix:///absolute/path.
-    pub address: SocketAddress,
+    /// The node's daemon: its unix socket (an absolute path or
+    /// unix:///absolute/path), or https://HOST:PORT of its `[remote]` API.
+    pub address: NodeAddress,
+    /// https only: PEM CA certificates that signed the node's certificate;
+    /// the system's roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// https only, and required there: the file holding the node's bearer
+    /// token (its first line; mode 0600).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// https only: the name the node's certificate is for, when not HOST.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
-/// An absolute unix socket path, as `/path` or `unix:///path`: checked
-/// while the file is read, so a bad one is reported with its key.
+impl NodeSettings {
+    /// What the TLS client needs for the node at `address`.
+    pub fn remote_target(&self, address: &str) -> RemoteTarget {
+        RemoteTarget {
+            address: address.to_string(),
+            ca_file: self.ca_file.clone(),
+            token_file: self.token_file.clone().unwrap_or_default(),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+/// Where a node's daemon listens: checked while the file is read, so a bad
+/// address is reported with its key.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(try_from = "String")]
-pub struct SocketAddress(PathBuf);
+pub enum NodeAddress {
+    /// An absolute unix socket path, as `/path` or `unix:///path`.
+    Unix(PathBuf),
+    /// `https://HOST:PORT`.
+    Https(String),
+}
 
-impl TryFrom<String> for SocketAddress {
+impl TryFrom<String> for NodeAddress {
     type Error = String;
 
-    fn try_from(address: String) -> Result<SocketAddress, String> {
+    fn try_from(address: String) -> Result<NodeAddress, String> {
+        if address.starts_with("https://") {
+            parse_https_address(&address).map_err(|e| e.to_string())?;
+            return Ok(NodeAddress::Https(address));
+        }
         let path = address.strip_prefix("unix://").unwrap_or(&address);
         if path.starts_with('/') {
-            Ok(SocketAddress(PathBuf::from(path)))
+            Ok(NodeAddress::Unix(PathBuf::from(path)))
         } else {
             Err(format!(
-                "{address:?} is not an absolute unix socket path or unix:///path"
+                "{address:?} is not an absolute unix socket path, unix:///path or https://HOST:PORT"
             ))
         }
+    }
+}
+
+impl NodeSettings {
+    /// The TLS settings go with an https address, and it needs a token;
+    /// files are absolute paths. Errors are (key, reason).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let https = matches!(self.address, NodeAddress::Https(_));
+        for (key, set) in [
+            ("ca_file", self.ca_file.is_some()),
+            ("token_file", self.token_file.is_some()),
+            ("server_name", self.server_name.is_some()),
+        ] {
+            if set && !https {
+                return Err((key, "only for an https://HOST:PORT address".into()));
+            }
+        }
+        if https && self.token_file.is_none() {
+            return Err((
+                "token_file",
+                "required for an https:// address: the node's daemon wants its token on every call".into(),
+            ));
+        }
+        for (key, path) in [("ca_file", &self.ca_file), ("token_file", &self.token_file)] {
+            if let Some(path) = path {
+                if !path.is_absolute() {
+                    return Err((key, format!("{} is not an absolute path", path.display())));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,6 +301,10 @@ impl Settings {
                 "must be 64 hexadecimal characters (32 bytes)".into(),
             ));
         }
+        for (name, node) in &self.nodes {
+            node.validate()
+                .map_err(|(key, reason)| invalid(&format!("nodes.{name}.{key}"), reason))?;
+        }
         let endpoint = &self.storage.s3.endpoint;
         if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(invalid(
@@ -247,10 +315,10 @@ impl Settings {
         Ok(())
     }
 
-    /// The daemon socket of node `name` of `nodes:`.
-    pub fn node_socket(&self, name: &str) -> Result<&Path, SettingsError> {
+    /// Node `name` of `nodes:`.
+    pub fn node(&self, name: &str) -> Result<&NodeSettings, SettingsError> {
         match self.nodes.get(name) {
-            Some(node) => Ok(&node.address.0),
+            Some(node) => Ok(node),
             None => Err(SettingsError::UnknownNode {
                 node: name.to_string(),
                 known: self.nodes.keys().cloned().collect(),
@@ -336,7 +404,27 @@ logging: {level: info, max_size: 100MB}
             (
                 "nodes: {b: {address: \"tcp://10.0.0.2:9000\"}}\n",
                 "nodes.b.address",
-                "not an absolute unix socket path",
+                "https://HOST:PORT",
+            ),
+            (
+                "nodes: {b: {address: \"https://10.0.0.2\"}}\n",
+                "nodes.b.address",
+                "has no :PORT",
+            ),
+            (
+                "nodes: {b: {address: \"https://10.0.0.2:7443\"}}\n",
+                "nodes.b.token_file",
+                "required for an https:// address",
+            ),
+            (
+                "nodes: {b: {address: \"https://10.0.0.2:7443\", token_file: b.token}}\n",
+                "nodes.b.token_file",
+                "not an absolute path",
+            ),
+            (
+                "nodes: {b: {address: /run/b.sock, ca_file: /etc/ca.pem}}\n",
+                "nodes.b.ca_file",
+                "only for an https://HOST:PORT address",
             ),
             ("nodes: [b]\n", "nodes", "expected a map"),
         ];
@@ -354,22 +442,46 @@ logging: {level: info, max_size: 100MB}
     }
 
     #[test]
-    fn nodes_name_their_daemon_sockets() {
+    fn nodes_name_their_daemons() {
         let text = "\
 nodes:
   node-b: {address: /run/containerd-seamless/b.sock}
   node-c:
     address: unix:///run/c.sock
+  node-e:
+    address: https://node-e.example:7443
+    ca_file: /etc/checkpointctl/ca.pem
+    token_file: /etc/checkpointctl/node-e.token
+    server_name: seamless.node-e.example
 ";
         let s = Settings::parse(text, "t.yaml").unwrap();
         assert_eq!(
-            s.node_socket("node-b").unwrap(),
-            Path::new("/run/containerd-seamless/b.sock")
+            s.node("node-b").unwrap().address,
+            NodeAddress::Unix("/run/containerd-seamless/b.sock".into())
         );
-        assert_eq!(s.node_socket("node-c").unwrap(), Path::new("/run/c.sock"));
-        let err = s.node_socket("node-d").unwrap_err().to_string();
-        assert_eq!(err, "unknown node \"node-d\": the config file defines node-b, node-c");
-        let err = Settings::default().node_socket("node-b").unwrap_err().to_string();
+        assert_eq!(
+            s.node("node-c").unwrap().address,
+            NodeAddress::Unix("/run/c.sock".into())
+        );
+        let node_e = s.node("node-e").unwrap();
+        let NodeAddress::Https(address) = &node_e.address else {
+            panic!("{:?}", node_e.address)
+        };
+        assert_eq!(
+            node_e.remote_target(address),
+            RemoteTarget {
+                address: "https://node-e.example:7443".into(),
+                ca_file: Some("/etc/checkpointctl/ca.pem".into()),
+                token_file: "/etc/checkpointctl/node-e.token".into(),
+                server_name: Some("seamless.node-e.example".into()),
+            }
+        );
+        let err = s.node("node-d").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unknown node \"node-d\": the config file defines node-b, node-c, node-e"
+        );
+        let err = Settings::default().node("node-b").unwrap_err().to_string();
         assert!(err.contains("defines no nodes"), "{err}");
     }
 
