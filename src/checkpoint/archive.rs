@@ -285,49 +285,7 @@ fn sha256_hex(data: &[u8]) -> String {
 
 // ----- streams ---------------------------------------------------------------
 
-/// Hashes (sha256) and counts what passes through, either way.
-struct Hashing<T> {
-    inner: T,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<T> Hashing<T> {
-    fn new(inner: T) -> Hashing<T> {
-        Hashing {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    /// The stream, and the hex digest and count of what passed.
-    fn into_parts(self) -> (T, String, u64) {
-        (self.inner, tree::hex(&self.hasher.finalize()), self.bytes)
-    }
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
+use super::tree::Hashing;
 
 enum LayerEncoder<W: Write> {
     Plain(W),

@@ -13,18 +13,19 @@
 //! Blocking: callers on a runtime use `spawn_blocking`. Writers of one
 //! storage are serialized by the caller.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::filter::{Filter, Subject};
-use super::objects::{ObjectError, ObjectStore};
+use super::objects::{ObjectError, ObjectStore, PutBatch};
 use super::tree::{self, Delta, Tree, TreeDiff, TreeError};
 use crate::store::{RecordKind, Store, StoreError};
 
@@ -332,30 +333,115 @@ fn is_chunked(key: &str) -> bool {
     key.ends_with(".chunks")
 }
 
+/// Chunks fetched and decompressed ahead of the reader.
+const CHUNKS_AHEAD: usize = 8;
+
+type ChunkReply = std::io::Result<Vec<u8>>;
+
 /// The content of a chunked file: its chunks, decompressed, one after the
-/// other.
+/// other. A few threads fetch and decompress the next ones while the caller
+/// reads, at most `CHUNKS_AHEAD` at a time; they stop when it is dropped.
 struct ChunkedReader {
-    objects: Arc<dyn ObjectStore>,
+    jobs: std::sync::mpsc::Sender<(String, std::sync::mpsc::SyncSender<ChunkReply>)>,
     pending: std::collections::VecDeque<String>,
-    current: Option<Box<dyn Read>>,
+    in_flight: std::collections::VecDeque<std::sync::mpsc::Receiver<ChunkReply>>,
+    current: Vec<u8>,
+    offset: usize,
+}
+
+impl ChunkedReader {
+    fn new(objects: Arc<dyn ObjectStore>, keys: std::collections::VecDeque<String>) -> ChunkedReader {
+        let (jobs, queue) = std::sync::mpsc::channel::<(String, std::sync::mpsc::SyncSender<ChunkReply>)>();
+        let queue = Arc::new(Mutex::new(queue));
+        let fetchers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 4)
+            .min(keys.len());
+        for _ in 0..fetchers {
+            let (objects, queue) = (objects.clone(), queue.clone());
+            std::thread::spawn(move || loop {
+                let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((key, reply)) = job else { return };
+                let chunk = objects
+                    .open(&key)
+                    .map_err(std::io::Error::other)
+                    .and_then(zstd::decode_all);
+                let _ = reply.send(chunk);
+            });
+        }
+        let mut reader = ChunkedReader {
+            jobs,
+            pending: keys,
+            in_flight: Default::default(),
+            current: Vec::new(),
+            offset: 0,
+        };
+        reader.dispatch();
+        reader
+    }
+
+    fn dispatch(&mut self) {
+        while self.in_flight.len() < CHUNKS_AHEAD {
+            let Some(key) = self.pending.pop_front() else { return };
+            let (reply, answer) = std::sync::mpsc::sync_channel(1);
+            // The fetchers live as long as `jobs`; a send cannot fail before.
+            let _ = self.jobs.send((key, reply));
+            self.in_flight.push_back(answer);
+        }
+    }
 }
 
 impl Read for ChunkedReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
-            if let Some(reader) = &mut self.current {
-                let n = reader.read(buf)?;
-                if n > 0 || buf.is_empty() {
-                    return Ok(n);
-                }
-                self.current = None;
+            if self.offset < self.current.len() || buf.is_empty() {
+                let n = buf.len().min(self.current.len() - self.offset);
+                buf[..n].copy_from_slice(&self.current[self.offset..self.offset + n]);
+                self.offset += n;
+                return Ok(n);
             }
-            let Some(key) = self.pending.pop_front() else {
+            let Some(answer) = self.in_flight.pop_front() else {
                 return Ok(0);
             };
-            let raw = self.objects.open(&key).map_err(std::io::Error::other)?;
-            self.current = Some(Box::new(zstd::Decoder::new(raw)?));
+            self.dispatch();
+            self.current = answer
+                .recv()
+                .map_err(|_| std::io::Error::other("a chunk fetcher stopped"))??;
+            self.offset = 0;
         }
+    }
+}
+
+/// Blob content that is hashed as it is read; `finish` reads the rest and
+/// checks the digest. What was read must not be trusted before then.
+pub(super) struct VerifiedReader {
+    key: String,
+    digest: String,
+    inner: tree::Hashing<Box<dyn Read>>,
+}
+
+impl Read for VerifiedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl VerifiedReader {
+    /// Reads what the consumer left and checks the whole; returns its size.
+    pub(super) fn finish(mut self) -> Result<u64, CatalogueError> {
+        std::io::copy(&mut self.inner, &mut std::io::sink()).map_err(|source| CatalogueError::Io {
+            op: "read blob",
+            path: self.key.clone(),
+            source,
+        })?;
+        let (_, actual, size) = self.inner.into_parts();
+        if actual != self.digest {
+            return Err(CatalogueError::Invalid(format!(
+                "blob {}: content hashes to sha256:{actual}, not sha256:{}",
+                self.key, self.digest
+            )));
+        }
+        Ok(size)
     }
 }
 
@@ -703,34 +789,22 @@ impl Catalogue {
     /// Copies blob `key`'s content into `out`, checking it against the
     /// digest the key names.
     pub fn copy_verified(&self, key: &str, digest: &str, out: &mut impl Write) -> Result<u64, CatalogueError> {
-        let mut reader = self.open_content(key)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = reader.read(&mut buf).map_err(|source| CatalogueError::Io {
-                op: "read blob",
-                path: key.to_string(),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|source| CatalogueError::Io {
-                op: "write content of",
-                path: key.to_string(),
-                source,
-            })?;
-            total += n as u64;
-        }
-        let actual = tree::hex(&hasher.finalize());
-        if actual != digest {
-            return Err(CatalogueError::Invalid(format!(
-                "blob {key}: content hashes to sha256:{actual}, not sha256:{digest}"
-            )));
-        }
-        Ok(total)
+        let mut reader = self.open_verified(key, digest)?;
+        std::io::copy(&mut reader, out).map_err(|source| CatalogueError::Io {
+            op: "copy content of",
+            path: key.to_string(),
+            source,
+        })?;
+        reader.finish()
+    }
+
+    /// Blob `key`'s content, checked against `digest` by `finish`.
+    pub(super) fn open_verified(&self, key: &str, digest: &str) -> Result<VerifiedReader, CatalogueError> {
+        Ok(VerifiedReader {
+            key: key.to_string(),
+            digest: digest.to_string(),
+            inner: tree::Hashing::new(self.open_content(key)?),
+        })
     }
 
     pub fn tree_of(&self, checkpoint: &Checkpoint) -> Result<Tree, CatalogueError> {
@@ -935,11 +1009,8 @@ impl Catalogue {
     pub(super) fn open_content(&self, key: &str) -> Result<Box<dyn Read>, CatalogueError> {
         if is_chunked(key) {
             let list = self.read_chunk_list(key)?;
-            return Ok(Box::new(ChunkedReader {
-                objects: self.objects.clone(),
-                pending: list.chunks.iter().map(|c| chunk_key(&c.digest)).collect(),
-                current: None,
-            }));
+            let keys = list.chunks.iter().map(|c| chunk_key(&c.digest)).collect();
+            return Ok(Box::new(ChunkedReader::new(self.objects.clone(), keys)));
         }
         let compression = key
             .rsplit('/')
@@ -1021,21 +1092,8 @@ impl Catalogue {
 
     fn check_blob(&self, key: &str) -> Result<(), String> {
         let digest = blob_digest(key).ok_or("not a blob name")?;
-        let mut reader = self.open_content(key).map_err(|e| e.to_string())?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).map_err(|e| format!("cannot be read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let actual = tree::hex(&hasher.finalize());
-        if actual != digest {
-            return Err(format!("content hashes to sha256:{actual}"));
-        }
-        Ok(())
+        let reader = self.open_verified(key, digest).map_err(|e| e.to_string())?;
+        reader.finish().map(drop).map_err(|e| e.to_string())
     }
 
     /// Every blob `checkpoint` needs of its own: its change's files, its
@@ -1404,22 +1462,76 @@ impl Catalogue {
         };
         let file = std::fs::File::open(path).map_err(io("open"))?;
         let (min, avg, max) = sizes;
-        let mut list = ChunkList { chunks: Vec::new() };
-        let mut written = 0;
-        for chunk in fastcdc::v2020::StreamCDC::new(std::io::BufReader::new(file), min, avg, max) {
-            let chunk = chunk.map_err(|e| io("split into chunks")(std::io::Error::other(e.to_string())))?;
-            let hex = sha256_hex(&chunk.data);
-            let stored = chunk_key(&hex);
-            if self.objects.size(&stored)?.is_none() {
-                let packed = zstd::encode_all(&chunk.data[..], 3).map_err(io("compress"))?;
-                written += packed.len() as u64;
-                self.objects.put(&stored, &packed)?;
+        let batch = self.objects.batch();
+        // One thread splits the file; the others hash, compress and write
+        // chunks as they come, a bounded number in flight.
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
+        let work_rx = Mutex::new(work_rx);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(usize, ChunkRef, u64), CatalogueError>>();
+        let failed = AtomicBool::new(false);
+        // Chunks seen in this file: a repeated one is written once.
+        let seen = Mutex::new(HashSet::new());
+        let (chunks, mut written) = std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let done_tx = done_tx.clone();
+                let (work_rx, seen, failed, batch) = (&work_rx, &seen, &failed, &batch);
+                scope.spawn(move || loop {
+                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((index, data)) = next else { return };
+                    let stored = self.store_chunk(&data, seen, &**batch).map(|(digest, written)| {
+                        let size = data.len() as u64;
+                        (index, ChunkRef { digest, size }, written)
+                    });
+                    if stored.is_err() {
+                        failed.store(true, AtomicOrdering::Relaxed);
+                    }
+                    if done_tx.send(stored).is_err() {
+                        return;
+                    }
+                });
             }
-            list.chunks.push(ChunkRef {
-                digest: hex,
-                size: chunk.length as u64,
-            });
-        }
+            drop(done_tx);
+            let mut split = Ok(());
+            for (index, chunk) in
+                fastcdc::v2020::StreamCDC::new(std::io::BufReader::new(file), min, avg, max).enumerate()
+            {
+                if failed.load(AtomicOrdering::Relaxed) {
+                    break;
+                }
+                match chunk {
+                    Ok(chunk) => {
+                        if work_tx.send((index, chunk.data)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        split = Err(io("split into chunks")(std::io::Error::other(e.to_string())));
+                        break;
+                    }
+                }
+            }
+            drop(work_tx);
+            let mut chunks: Vec<Option<ChunkRef>> = Vec::new();
+            let mut written = 0u64;
+            for stored in done_rx {
+                let (index, chunk, bytes) = stored?;
+                if chunks.len() <= index {
+                    chunks.resize(index + 1, None);
+                }
+                chunks[index] = Some(chunk);
+                written += bytes;
+            }
+            split?;
+            // Every index up to the last one was sent and answered.
+            let chunks: Option<Vec<ChunkRef>> = chunks.into_iter().collect();
+            let chunks =
+                chunks.ok_or_else(|| CatalogueError::Invalid(format!("chunks of {} went missing", path.display())))?;
+            Ok::<_, CatalogueError>((chunks, written))
+        })?;
+        // The chunks are durable before the list that names them.
+        batch.commit()?;
+        let list = ChunkList { chunks };
         let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
         written += json.len() as u64;
         self.objects.put(&chunked, &json)?;
@@ -1428,6 +1540,29 @@ impl Catalogue {
             written,
             new: true,
         })
+    }
+
+    /// Hashes `data` and, unless this file or the storage already has it,
+    /// compresses it into `batch`. Returns its digest and the bytes written.
+    fn store_chunk(
+        &self,
+        data: &[u8],
+        seen: &Mutex<HashSet<String>>,
+        batch: &dyn PutBatch,
+    ) -> Result<(String, u64), CatalogueError> {
+        let hex = sha256_hex(data);
+        let first = seen.lock().unwrap_or_else(|p| p.into_inner()).insert(hex.clone());
+        let key = chunk_key(&hex);
+        if !first || self.objects.size(&key)?.is_some() {
+            return Ok((hex, 0));
+        }
+        let packed = zstd::encode_all(data, 3).map_err(|source| CatalogueError::Io {
+            op: "compress",
+            path: key.clone(),
+            source,
+        })?;
+        batch.put(&key, &packed)?;
+        Ok((hex, packed.len() as u64))
     }
 
     fn read_chunk_list(&self, key: &str) -> Result<ChunkList, CatalogueError> {

@@ -6,6 +6,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,31 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> Result<(), ObjectError>;
     /// Keys under `prefix` (a `/`-terminated folder), with their sizes.
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError>;
+    /// A batch of puts that become durable and visible together at
+    /// `commit`, each still whole or absent: where a durable write costs a
+    /// disk flush (files), a batch of thousands of chunks costs two.
+    fn batch(&self) -> Box<dyn PutBatch + '_>;
+}
+
+/// Puts made visible together by `commit`; dropping the batch uncommitted
+/// discards them. `put` may be called from several threads at once.
+pub trait PutBatch: Send + Sync {
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError>;
+    fn commit(self: Box<Self>) -> Result<(), ObjectError>;
+}
+
+/// A batch whose every put is an ordinary, immediately durable put: for
+/// stores where each write is durable anyway (S3).
+pub struct ImmediateBatch<'a>(pub &'a dyn ObjectStore);
+
+impl PutBatch for ImmediateBatch<'_> {
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+        self.0.put(key, data)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), ObjectError> {
+        Ok(())
+    }
 }
 
 /// Keys are relative paths of plain components: no `..`, no empty or
@@ -146,6 +172,83 @@ impl DirStore {
             key: key.to_string(),
         }
     }
+
+    /// Flushes everything written to the store's filesystem (one call,
+    /// whatever the number of files).
+    fn sync_filesystem(&self) -> Result<(), ObjectError> {
+        let root = File::open(&self.root).map_err(io_err("open", &self.root))?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|errno| io_err("sync the filesystem of", &self.root)(std::io::Error::from(errno)))
+    }
+}
+
+/// DirStore's batch: each put writes a temporary file without flushing it;
+/// `commit` flushes the filesystem once, renames every temporary over its
+/// object, and flushes once more for the renames. A crash before the first
+/// flush leaves only temporaries, never an object with missing data.
+struct DirBatch<'a> {
+    store: &'a DirStore,
+    /// (temporary, object) of each put.
+    pending: std::sync::Mutex<Vec<(PathBuf, PathBuf)>>,
+}
+
+impl DirBatch<'_> {
+    fn take_pending(&self) -> Vec<(PathBuf, PathBuf)> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+impl PutBatch for DirBatch<'_> {
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+        let path = self.store.path(key)?;
+        let dir = path.parent().unwrap_or(&self.store.root).to_path_buf();
+        create_private_dir(&dir)?;
+        let tmp = self.store.temporary(&dir);
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))
+            .and_then(|mut file| file.write_all(data).map_err(io_err("write", &tmp)));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((tmp, path));
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), ObjectError> {
+        let pending = self.take_pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let result = (|| {
+            self.store.sync_filesystem()?;
+            for (tmp, path) in &pending {
+                fs::rename(tmp, path).map_err(io_err("rename", tmp))?;
+            }
+            self.store.sync_filesystem()
+        })();
+        if result.is_err() {
+            for (tmp, _) in &pending {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for DirBatch<'_> {
+    fn drop(&mut self) {
+        for (tmp, _) in self.take_pending() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 impl ObjectStore for DirStore {
@@ -198,6 +301,13 @@ impl ObjectStore for DirStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("remove", &path)(e)),
         }
+    }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(DirBatch {
+            store: self,
+            pending: Default::default(),
+        })
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError> {
@@ -285,6 +395,50 @@ mod tests {
         let err = store.get("blobs/sha256/ab").unwrap_err();
         assert!(err.is_not_found(), "{err}");
         assert!(err.to_string().contains("local storage"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_shows_its_objects_only_once_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(&tmp.path().join("store"), "local").unwrap();
+        let files_under = |dir: &str| -> usize {
+            fs::read_dir(tmp.path().join("store").join(dir))
+                .map(|entries| entries.count())
+                .unwrap_or(0)
+        };
+        let batch = store.batch();
+        std::thread::scope(|scope| {
+            for n in 0..4 {
+                let batch = &batch;
+                scope.spawn(move || {
+                    batch
+                        .put(&format!("chunks/sha256/c{n}"), format!("chunk {n}").as_bytes())
+                        .unwrap()
+                });
+            }
+        });
+        assert!(batch.put("../escape", b"x").is_err());
+        assert!(
+            store.list("chunks/").unwrap().is_empty(),
+            "nothing visible before commit"
+        );
+        assert_eq!(store.size("chunks/sha256/c0").unwrap(), None);
+        batch.commit().unwrap();
+        assert_eq!(store.list("chunks/").unwrap().len(), 4);
+        assert_eq!(store.get("chunks/sha256/c3").unwrap(), b"chunk 3");
+        assert_eq!(files_under("chunks/sha256"), 4, "no temporaries left");
+        let mode = fs::metadata(tmp.path().join("store/chunks/sha256/c2"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A batch dropped uncommitted leaves nothing behind.
+        let batch = store.batch();
+        batch.put("chunks/sha256/d0", b"dropped").unwrap();
+        drop(batch);
+        assert_eq!(store.size("chunks/sha256/d0").unwrap(), None);
+        assert_eq!(files_under("chunks/sha256"), 4);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::Container;
 use serde::{Deserialize, Serialize};
 
-use super::catalogue::{Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES};
+use super::catalogue::{
+    blob_digest, Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
+};
 use super::tree;
 use crate::criu::{CriuSettings, DumpRequest};
 
@@ -219,7 +221,8 @@ pub(super) fn store_images(
     }
     names.sort();
     let mut size = 0;
-    let mut builder = tar::Builder::new(std::io::BufWriter::new(&staged.file));
+    // Hashed as it is written: the file is read once more, by the store.
+    let mut builder = tar::Builder::new(tree::Hashing::new(std::io::BufWriter::new(&staged.file)));
     builder.mode(tar::HeaderMode::Deterministic);
     for (name, path) in &names {
         let mut file = fs::File::open(path).map_err(io_err("open", path))?;
@@ -233,11 +236,9 @@ pub(super) fn store_images(
             .map_err(io_err("archive", path))?;
         size += len;
     }
-    builder
-        .into_inner()
-        .and_then(|mut w| w.flush())
-        .map_err(io_err("write", &staged.path))?;
-    let digest = tree::hash_file(&staged.path).map_err(|e| ProcessError::Record(e.to_string()))?;
+    let hashing = builder.into_inner().map_err(io_err("write", &staged.path))?;
+    let (mut writer, digest, _) = hashing.into_parts();
+    writer.flush().map_err(io_err("write", &staged.path))?;
     let stored = match compression {
         Compression::Zstd => catalogue.store_chunked(&staged.path, &digest, IMAGE_CHUNK_SIZES)?,
         other => catalogue.store_blob(&staged.path, &digest, other)?,
@@ -289,16 +290,17 @@ fn unpack_one(catalogue: &Catalogue, key: &str, dir: &Path) -> Result<(), Proces
         reason,
     };
     fs::create_dir(dir).map_err(io_err("create", dir))?;
-    let archive = dir.with_extension("tar");
-    catalogue.fetch_verified(key, &archive)?;
-    let unpacked = (|| {
-        let file = fs::File::open(&archive).map_err(io_err("open", &archive))?;
-        let mut tar = tar::Archive::new(std::io::BufReader::new(file));
-        for entry in tar.entries().map_err(io_err("read", &archive))? {
-            let mut entry = entry.map_err(io_err("read", &archive))?;
+    let digest = blob_digest(key).ok_or_else(|| bad("not the key of a blob".into()))?;
+    // Unpacked as it streams in; the digest is checked at the end, and the
+    // caller discards the directory when anything failed.
+    let mut reader = catalogue.open_verified(key, digest)?;
+    {
+        let mut tar = tar::Archive::new(&mut reader);
+        for entry in tar.entries().map_err(io_err("read", dir))? {
+            let mut entry = entry.map_err(io_err("read", dir))?;
             let name = entry
                 .path()
-                .map_err(io_err("read", &archive))?
+                .map_err(io_err("read", dir))?
                 .to_string_lossy()
                 .into_owned();
             let plain = !name.is_empty() && !name.contains('/') && name != "." && name != ".." && name != PARENT_LINK;
@@ -314,10 +316,9 @@ fn unpack_one(catalogue: &Catalogue, key: &str, dir: &Path) -> Result<(), Proces
                 .map_err(io_err("create", &target))?;
             std::io::copy(&mut entry, &mut out).map_err(io_err("write", &target))?;
         }
-        Ok(())
-    })();
-    let _ = fs::remove_file(&archive);
-    unpacked
+    }
+    reader.finish()?;
+    Ok(())
 }
 
 /// What one process-state dump is asked for.

@@ -20,7 +20,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload, RetryConfig, WriteMultipart};
 use tokio_stream::{Stream, StreamExt};
 
-use super::objects::{validate_key, ObjectError, ObjectStore};
+use super::objects::{validate_key, ImmediateBatch, ObjectError, ObjectStore, PutBatch};
 
 /// Files up to this size go in one PUT; larger ones in parts of at least
 /// this size, so that an upload holds a few parts in memory, never the file.
@@ -287,6 +287,11 @@ impl ObjectStore for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.bucket.failure("delete", key, e)),
         }
+    }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        // Every S3 put is durable when it returns.
+        Box::new(ImmediateBatch(self))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError> {

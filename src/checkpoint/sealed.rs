@@ -28,7 +28,7 @@ use aead_stream::{DecryptorBE32, EncryptorBE32, StreamBE32};
 use chacha20poly1305::aead::Generate;
 use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305};
 
-use super::objects::{validate_key, ObjectError, ObjectStore};
+use super::objects::{validate_key, ObjectError, ObjectStore, PutBatch};
 
 const MAGIC: &[u8; 8] = b"seamseal";
 const VERSION: u8 = 1;
@@ -173,12 +173,9 @@ impl SealedStore {
     }
 }
 
-impl ObjectStore for SealedStore {
-    fn describe(&self) -> String {
-        format!("{} (encrypted)", self.inner.describe())
-    }
-
-    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+impl SealedStore {
+    /// `data` sealed for `key`, as `put` stores it.
+    fn sealed(&self, key: &str, data: &[u8]) -> Result<Vec<u8>, ObjectError> {
         validate_key(key)?;
         let mut sealed = Vec::with_capacity(sealed_len(data.len(), self.segment));
         self.seal(key, &mut &data[..], &mut sealed)
@@ -186,7 +183,33 @@ impl ObjectStore for SealedStore {
                 Failure::Seal(e) => object_error(key, e),
                 Failure::Read(e) | Failure::Write(e) => io_error("seal", Path::new(key))(e),
             })?;
-        self.inner.put(key, &sealed)
+        Ok(sealed)
+    }
+}
+
+/// A batch of the inner store, of sealed objects.
+struct SealedBatch<'a> {
+    store: &'a SealedStore,
+    inner: Box<dyn PutBatch + 'a>,
+}
+
+impl PutBatch for SealedBatch<'_> {
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+        self.inner.put(key, &self.store.sealed(key, data)?)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), ObjectError> {
+        self.inner.commit()
+    }
+}
+
+impl ObjectStore for SealedStore {
+    fn describe(&self) -> String {
+        format!("{} (encrypted)", self.inner.describe())
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+        self.inner.put(key, &self.sealed(key, data)?)
     }
 
     fn put_file(&self, key: &str, source: &Path) -> Result<(), ObjectError> {
@@ -231,6 +254,13 @@ impl ObjectStore for SealedStore {
 
     fn delete(&self, key: &str) -> Result<(), ObjectError> {
         self.inner.delete(key)
+    }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(SealedBatch {
+            store: self,
+            inner: self.inner.batch(),
+        })
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ObjectError> {
@@ -537,7 +567,12 @@ mod tests {
             let source = f.tmp.path().join(format!("source-{i}"));
             std::fs::write(&source, &data).unwrap();
             f.sealed.put_file(&from_file, &source).unwrap();
-            for key in [&put, &from_file] {
+            let batched = format!("blobs/batch/{i}");
+            let batch = f.sealed.batch();
+            batch.put(&batched, &data).unwrap();
+            assert_eq!(f.sealed.size(&batched).unwrap(), None, "not before commit");
+            batch.commit().unwrap();
+            for key in [&put, &from_file, &batched] {
                 assert!(f.sealed.get(key).unwrap() == data, "get {key} ({size} bytes)");
                 let read = read_all(f.sealed.open(key).unwrap()).unwrap();
                 assert!(read == data, "open {key} ({size} bytes): read {}", read.len());
@@ -553,7 +588,7 @@ mod tests {
             assert_ne!(f.raw.get(&put).unwrap(), f.raw.get(&from_file).unwrap());
         }
         let listed = f.sealed.list("blobs/").unwrap();
-        assert_eq!(listed.len(), 2 * sizes.len());
+        assert_eq!(listed.len(), 3 * sizes.len());
         for (key, size) in listed {
             let i: usize = key.rsplit('/').next().unwrap().parse().unwrap();
             assert_eq!(size, sizes[i] as u64, "{key}");

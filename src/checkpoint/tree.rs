@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -395,6 +395,50 @@ fn walk_tree(root: &Path, parent: Option<&Tree>, mut on_file: Option<OnFile<'_>>
         tree.insert(rel, entry);
     }
     Ok(tree)
+}
+
+/// Hashes (sha256) and counts what passes through, either way.
+pub(crate) struct Hashing<T> {
+    pub(crate) inner: T,
+    pub(crate) hasher: Sha256,
+    pub(crate) bytes: u64,
+}
+
+impl<T> Hashing<T> {
+    pub(crate) fn new(inner: T) -> Hashing<T> {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The stream, and the hex digest and count of what passed.
+    pub(crate) fn into_parts(self) -> (T, String, u64) {
+        (self.inner, hex(&self.hasher.finalize()), self.bytes)
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
 }
 
 pub fn hash_file(path: &Path) -> Result<String, TreeError> {
