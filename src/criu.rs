@@ -197,12 +197,7 @@ pub fn log_tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let tail_from = lines.len().saturating_sub(LOG_TAIL_LINES);
     // CRIU's errors come before the clean-up it logs last.
-    let errors: Vec<&str> = lines[..tail_from]
-        .iter()
-        .filter(|l| l.contains("Error (") || l.contains("Error:"))
-        .take(LOG_TAIL_LINES)
-        .copied()
-        .collect();
+    let errors = error_lines(&lines[..tail_from]);
     let mut out = format!("\n{}:", path.display());
     for line in errors
         .iter()
@@ -213,6 +208,23 @@ pub fn log_tail(path: &Path) -> String {
         out.push_str(line);
     }
     out
+}
+
+/// CRIU's error lines of the log at `path` (the first few), which say why it
+/// failed; empty when there is no log or no error in it.
+pub fn log_errors(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    error_lines(&lines).into_iter().map(str::to_string).collect()
+}
+
+fn error_lines<'a>(lines: &[&'a str]) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .take(LOG_TAIL_LINES)
+        .copied()
+        .collect()
 }
 
 /// CRIU's statistics of a dump (times in microseconds).
@@ -362,6 +374,29 @@ pub fn restore_options(
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn logs_are_quoted_by_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("restore.log");
+        let mut text = String::from("(00.001) Version: 4.1.1\n");
+        text.push_str("(00.020) Error (criu/sk-inet.c:912): inet: Can't bind inet socket (id 7): Address in use\n");
+        for n in 0..30 {
+            text.push_str(&format!("(00.1{n:02}) cleaning up {n}\n"));
+        }
+        std::fs::write(&log, &text).unwrap();
+        assert_eq!(
+            log_errors(&log),
+            vec!["(00.020) Error (criu/sk-inet.c:912): inet: Can't bind inet socket (id 7): Address in use"]
+        );
+        let tail = log_tail(&log);
+        assert!(
+            tail.contains("Address in use") && tail.contains("cleaning up 29"),
+            "{tail}"
+        );
+        assert!(!tail.contains("cleaning up 0\n"), "only the tail: {tail}");
+        assert!(log_errors(&dir.path().join("absent.log")).is_empty());
+    }
 
     #[test]
     fn dump_arguments_follow_the_request() {

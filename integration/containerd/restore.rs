@@ -371,6 +371,86 @@ fn incremental_chain_restores_and_stores_only_changed_memory() {
     });
 }
 
+/// A TCP connection over loopback: the sender counts into it, the receiver
+/// writes each number it reads into /count. A count that goes on after a
+/// restore went through the same connection: nc does not reconnect. (The
+/// listener's stdin must stay open: at its end busybox nc closes the
+/// connection.)
+const TCP_COUNTER: &str = "sleep 1000000 | nc -l -p 7000 | while read n; do echo $n > /count; done & \
+    sleep 0.5; i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done | nc 127.0.0.1 7000";
+
+#[test]
+fn an_established_tcp_connection_survives_restore() {
+    with_env("restore-tcp", Options::default(), |env| {
+        let (ns, ctl) = pulled_namespace(env)?;
+        let id = env.container_id("tcp");
+        // A network namespace joined by path, as CNI gives one: the restore
+        // joins it again. (One runc creates is restored empty, its loopback
+        // down, where no connection can be rebuilt.)
+        let netns = format!("seam-{}-t", std::process::id());
+        let _netns = Netns(vec![netns.clone()]);
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        env.ctr(
+            &ns,
+            &[
+                "run",
+                "-d",
+                "--null-io",
+                "--snapshotter",
+                "seamless",
+                "--with-ns",
+                &format!("network:/var/run/netns/{netns}"),
+                &env.image_ref(),
+                &id,
+                "/bin/sh",
+                "-c",
+                TCP_COUNTER,
+            ],
+        )?;
+        wait_count(env, &ns, &id, 4)?;
+
+        // Without --tcp-established CRIU refuses, saying so, and the
+        // container is left running, not frozen.
+        let (code, _, err) = ctl.run(&["create", &id])?;
+        ensure!(
+            code != 0 && err.contains("tcp-established"),
+            "a connected socket needs --tcp-established (exit {code}): {err}"
+        );
+        ensure!(
+            task_status(env, &ns, &id)? == "RUNNING",
+            "a failed dump leaves the container running"
+        );
+        let resumed = count(env, &ns, &id)?;
+        wait_count(env, &ns, &id, resumed + 3)?;
+
+        let before = count(env, &ns, &id)?;
+        let checkpoint = ctl
+            .ok(&["create", &id, "--tcp-established", "--leave-running=false"])?
+            .trim()
+            .to_string();
+        let listed = ctl.listed(&checkpoint)?;
+        ensure!(
+            listed["process"]["tcp_established"] == serde_json::Value::Bool(true),
+            "the checkpoint records its TCP option: {listed}"
+        );
+        remove_container(env, &ns, &id)?;
+
+        let restored = format!("{id}-r");
+        ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
+        let result = (|| {
+            ensure!(
+                task_status(env, &ns, &restored)? == "RUNNING",
+                "the restored container runs"
+            );
+            continues_from(env, &ns, &restored, before, before + 12)
+        })();
+        let cleaned = remove_container(env, &ns, &restored);
+        result?;
+        cleaned
+    });
+}
+
 #[test]
 fn restore_on_another_node_through_shared_storage_or_streamed() {
     with_env("restore-node1", Options::default(), |env| {

@@ -200,7 +200,15 @@ impl CheckpointService {
                     (CheckpointError::Restore { step, reason, kind, .. }, Some(log)) => CheckpointError::Restore {
                         step,
                         reason,
-                        log: format!("; CRIU's log is kept at {}", log.display()),
+                        log: {
+                            let errors = crate::criu::log_errors(log);
+                            let said = if errors.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; CRIU says: {}", errors.join(" | "))
+                            };
+                            format!("{said}; CRIU's log is kept at {}", log.display())
+                        },
                         kind,
                     },
                     (e, _) => e,
