@@ -82,8 +82,15 @@ bench_down() {
         env_down
     )
     rmdir /sys/fs/cgroup/*/"$NS" 2>/dev/null
+    # containerd 1.6 leaves a ctrd-checkpoint directory (the whole dump) in
+    # $TMPDIR after some `ctr containers checkpoint` runs: remove this run's.
+    for dir in "${TMPDIR:-/tmp}"/ctrd-checkpoint*; do
+        [[ -d $dir && $dir -nt $BENCH_STARTED ]] && rm -rf "$dir"
+    done
+    rm -f "$BENCH_STARTED"
     exit "$rc"
 }
+BENCH_STARTED=$(mktemp)
 env_up
 trap bench_down EXIT
 env_log "criu $(criu --version | awk '/^Version/ {print $2}'), $(runc --version | head -1), $(ctr --version)"
