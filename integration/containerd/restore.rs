@@ -257,9 +257,19 @@ fn counter_continues_after_restore() {
             task_status(env, &ns, &paused)? == "PAUSED",
             "restored without --resume is paused"
         );
-        env.ctr(&ns, &["tasks", "resume", &paused])?;
+        let out = ctl.ok(&["resume", &paused])?;
+        ensure!(out.contains(&format!("resumed container {paused}")), "{out}");
+        ensure!(task_status(env, &ns, &paused)? == "RUNNING", "resumed: {out}");
         sleep(Duration::from_millis(700));
         continues_from(env, &ns, &paused, frozen_before, frozen_after + 5)?;
+        let again = ctl.ok(&["resume", &paused, "-o", "json"])?;
+        let again: serde_json::Value = serde_json::from_str(&again)?;
+        ensure!(
+            again["previous_status"] == "running" && again["status"] == "running",
+            "resuming a running container changes nothing: {again}"
+        );
+        let (code, _, err) = ctl.run(&["resume", "no-such-container"])?;
+        ensure!(code == 3 && err.contains("no-such-container"), "exit {code}: {err}");
 
         // A name in use is refused and nothing of the attempt is left.
         let (code, _, err) = ctl.run(&["restore", &checkpoint, "--name", &paused])?;
@@ -278,6 +288,11 @@ fn counter_continues_after_restore() {
         let fresh = format!("{id}-f");
         ctl.ok(&["restore", &fs_only, "--name", &fresh])?;
         ensure!(task_status(env, &ns, &fresh)? == "none", "not started without --resume");
+        let (code, _, err) = ctl.run(&["resume", &fresh])?;
+        ensure!(
+            code != 0 && err.contains("has no task"),
+            "a container without processes cannot be resumed (exit {code}): {err}"
+        );
         env.ctr(&ns, &["tasks", "start", "-d", &fresh])?;
         ensure!(
             env.exec(&ns, &fresh, "cat /marker")?.trim() == "kept",

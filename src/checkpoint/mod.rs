@@ -614,6 +614,43 @@ impl CheckpointService {
         Ok(crate::stats::sample(&containerd, namespace, containers).await?)
     }
 
+    /// Lets the processes of a container restored paused run: resumes its
+    /// paused task or starts a created one; a running one is left alone.
+    /// Returns the task's pid, its status now and before.
+    pub async fn resume_container(
+        &self,
+        namespace: &str,
+        container: &str,
+    ) -> Result<(u32, String, String), CheckpointError> {
+        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        if container.is_empty() {
+            return Err(CheckpointError::Invalid("a container id is required".into()));
+        }
+        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        containerd.container(namespace, container).await?;
+        let Some(before) = containerd.task(namespace, container).await? else {
+            return Err(CheckpointError::Unsupported(format!(
+                "container {container} has no task (restored without processes); \
+                 `checkpointctl restore --resume` starts one"
+            )));
+        };
+        match before.status.as_str() {
+            "paused" => containerd.resume_task(namespace, container).await?,
+            "created" => drop(containerd.start_task(namespace, container).await?),
+            "running" => {}
+            other => {
+                return Err(CheckpointError::Unsupported(format!(
+                    "the task of container {container} is {other}: only a paused or created task can be resumed"
+                )))
+            }
+        }
+        let now = containerd.task(namespace, container).await?.ok_or_else(|| {
+            CheckpointError::Task(format!("the task of container {container} went away while resuming"))
+        })?;
+        info!(namespace, container, from = %before.status, to = %now.status, pid = now.pid, "container resumed");
+        Ok((now.pid, now.status, before.status))
+    }
+
     /// CRIU's log of the dump of checkpoint `id` (empty for a filesystem-only
     /// checkpoint).
     pub async fn dump_log(&self, storage: &StorageSpec, namespace: &str, id: &str) -> Result<String, CheckpointError> {

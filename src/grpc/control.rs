@@ -22,9 +22,9 @@ use crate::proto::{
     ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse,
     MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse,
     ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest,
-    RestoreCheckpointResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
-    SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest,
-    VersionResponse,
+    RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest,
+    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage,
+    Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -414,6 +414,23 @@ impl Control for ControlService {
         let _ = tokio::fs::remove_file(&path).await;
         Ok(Response::new(ImportCheckpointResponse {
             checkpoints: received?.into_iter().map(checkpoint_to_wire).collect(),
+        }))
+    }
+
+    async fn resume_container(
+        &self,
+        request: Request<ResumeContainerRequest>,
+    ) -> Result<Response<ResumeContainerResponse>, Status> {
+        let r = request.into_inner();
+        let (pid, status, previous_status) = self
+            .checkpoints
+            .resume_container(&r.namespace, &r.container)
+            .await
+            .map_err(checkpoint_status)?;
+        Ok(Response::new(ResumeContainerResponse {
+            pid,
+            status,
+            previous_status,
         }))
     }
 

@@ -16,6 +16,7 @@ mod merge;
 mod policy;
 mod prune;
 mod restore;
+mod resume;
 mod schedule;
 mod seamless_commit;
 mod settings;
@@ -75,6 +76,8 @@ enum Command {
     Info(info::Args),
     /// Create a new container from a checkpoint, here or on another node.
     Restore(restore::Args),
+    /// Let a container that restore left paused run.
+    Resume(resume::Args),
     /// Recreate the checkpoints of an archive that `info --export` wrote.
     Import(import::Args),
     /// Delete a container's checkpoints that no rule keeps.
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
             Command::Restore(args) => restore::run(&context, &settings, args).await,
+            Command::Resume(args) => resume::run(&context, &settings, args).await,
             Command::Import(args) => import::run(&context, args).await,
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,

@@ -625,6 +625,13 @@ mod tests {
             Err(tonic::Status::unimplemented("not scripted"))
         }
 
+        async fn resume_container(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ResumeContainerRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ResumeContainerResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+
         type SendCheckpointStream = std::pin::Pin<
             Box<
                 dyn tokio_stream::Stream<Item = Result<seamless_snapshotter::proto::ArchiveChunk, tonic::Status>>
