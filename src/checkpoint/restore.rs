@@ -155,6 +155,7 @@ impl CheckpointService {
             .unwrap_or_default()
             .as_nanos();
         let work = self.root.join("restore-work").join(format!("{name}-{stamp}"));
+        let fetch_started = Instant::now();
         let fetched = {
             let (catalogue, checkpoint, work, parallel, validate, remaps) = (
                 catalogue.clone(),
@@ -177,6 +178,7 @@ impl CheckpointService {
                 return Err(failed("fetch", ErrorKind::FailedPrecondition)(e));
             }
         };
+        let fetch_time = fetch_started.elapsed();
         let mut made = Made::default();
         let result = self
             .create_restored(
@@ -239,6 +241,7 @@ impl CheckpointService {
             status = restored.status,
             process = restored.process_restored,
             seconds = restored.duration.as_secs_f64(),
+            fetch_seconds = fetch_time.as_secs_f64(),
             "checkpoint restored"
         );
         Ok(restored)
