@@ -1946,7 +1946,8 @@ mod tests {
         fs::create_dir_all(&images).unwrap();
         fs::write(images.join("pages-1.img"), vec![5u8; 300_000]).unwrap();
         fs::write(images.join("inventory.img"), b"inv").unwrap();
-        let (image_key, _, _) = super::super::process::store_images(&w.catalogue, &images, Compression::Zstd).unwrap();
+        let (image_key, _, _) =
+            super::super::process::store_images(&w.catalogue, &images, Compression::Zstd, false).unwrap();
         let log_key = super::super::process::store_bytes(
             &w.catalogue,
             b"Dumping finished successfully\n",

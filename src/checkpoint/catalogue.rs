@@ -342,36 +342,57 @@ type ChunkReply = std::io::Result<Vec<u8>>;
 /// other. A few threads fetch and decompress the next ones while the caller
 /// reads, at most `CHUNKS_AHEAD` at a time; they stop when it is dropped.
 struct ChunkedReader {
-    jobs: std::sync::mpsc::Sender<(String, std::sync::mpsc::SyncSender<ChunkReply>)>,
-    pending: std::collections::VecDeque<String>,
+    jobs: std::sync::mpsc::Sender<(ChunkRef, std::sync::mpsc::SyncSender<ChunkReply>)>,
+    pending: std::collections::VecDeque<ChunkRef>,
     in_flight: std::collections::VecDeque<std::sync::mpsc::Receiver<ChunkReply>>,
     current: Vec<u8>,
     offset: usize,
 }
 
 impl ChunkedReader {
-    fn new(objects: Arc<dyn ObjectStore>, keys: std::collections::VecDeque<String>) -> ChunkedReader {
-        let (jobs, queue) = std::sync::mpsc::channel::<(String, std::sync::mpsc::SyncSender<ChunkReply>)>();
+    fn new(objects: Arc<dyn ObjectStore>, chunks: std::collections::VecDeque<ChunkRef>) -> ChunkedReader {
+        let (jobs, queue) = std::sync::mpsc::channel::<(ChunkRef, std::sync::mpsc::SyncSender<ChunkReply>)>();
         let queue = Arc::new(Mutex::new(queue));
         let fetchers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(2, 4)
-            .min(keys.len());
+            .min(chunks.len());
         for _ in 0..fetchers {
             let (objects, queue) = (objects.clone(), queue.clone());
-            std::thread::spawn(move || loop {
-                let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let Ok((key, reply)) = job else { return };
-                let chunk = objects
-                    .open(&key)
-                    .map_err(std::io::Error::other)
-                    .and_then(zstd::decode_all);
-                let _ = reply.send(chunk);
+            std::thread::spawn(move || {
+                // One context per fetcher, not one per chunk.
+                let mut decompressor = zstd::bulk::Decompressor::new();
+                loop {
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((chunk, reply)) = job else { return };
+                    let data = objects
+                        .get(&chunk_key(&chunk.digest))
+                        .map_err(std::io::Error::other)
+                        .and_then(|packed| {
+                            // No chunk is larger than CHUNK_SIZES' maximum: a list
+                            // that says otherwise is damaged, not a reason to
+                            // allocate what it says.
+                            let capacity = usize::try_from(chunk.size)
+                                .ok()
+                                .filter(|size| *size <= CHUNK_SIZES.2)
+                                .ok_or_else(|| {
+                                    std::io::Error::other(format!(
+                                        "the chunk list names chunk {} of {} bytes, more than any chunk",
+                                        chunk.digest, chunk.size
+                                    ))
+                                })?;
+                            decompressor
+                                .as_mut()
+                                .map_err(|e| std::io::Error::other(e.to_string()))?
+                                .decompress(&packed, capacity)
+                        });
+                    let _ = reply.send(data);
+                }
             });
         }
         let mut reader = ChunkedReader {
             jobs,
-            pending: keys,
+            pending: chunks,
             in_flight: Default::default(),
             current: Vec::new(),
             offset: 0,
@@ -382,10 +403,10 @@ impl ChunkedReader {
 
     fn dispatch(&mut self) {
         while self.in_flight.len() < CHUNKS_AHEAD {
-            let Some(key) = self.pending.pop_front() else { return };
+            let Some(chunk) = self.pending.pop_front() else { return };
             let (reply, answer) = std::sync::mpsc::sync_channel(1);
             // The fetchers live as long as `jobs`; a send cannot fail before.
-            let _ = self.jobs.send((key, reply));
+            let _ = self.jobs.send((chunk, reply));
             self.in_flight.push_back(answer);
         }
     }
@@ -1009,8 +1030,7 @@ impl Catalogue {
     pub(super) fn open_content(&self, key: &str) -> Result<Box<dyn Read>, CatalogueError> {
         if is_chunked(key) {
             let list = self.read_chunk_list(key)?;
-            let keys = list.chunks.iter().map(|c| chunk_key(&c.digest)).collect();
-            return Ok(Box::new(ChunkedReader::new(self.objects.clone(), keys)));
+            return Ok(Box::new(ChunkedReader::new(self.objects.clone(), list.chunks.into())));
         }
         let compression = key
             .rsplit('/')
@@ -1407,33 +1427,8 @@ impl Catalogue {
     fn split_into_chunks(&self, key: &str) -> Result<String, CatalogueError> {
         let name = key.rsplit('/').next().unwrap_or_default();
         let digest = name.split_once('.').map(|(d, _)| d).unwrap_or(name).to_string();
-        let (min, avg, max) = CHUNK_SIZES;
-        let mut list = ChunkList { chunks: Vec::new() };
-        for chunk in fastcdc::v2020::StreamCDC::new(self.open_content(key)?, min, avg, max) {
-            let chunk = chunk.map_err(|e| CatalogueError::Io {
-                op: "split into chunks",
-                path: key.to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            let hex = sha256_hex(&chunk.data);
-            let stored = chunk_key(&hex);
-            if self.objects.size(&stored)?.is_none() {
-                let packed = zstd::encode_all(&chunk.data[..], 3).map_err(|source| CatalogueError::Io {
-                    op: "compress",
-                    path: stored.clone(),
-                    source,
-                })?;
-                self.objects.put(&stored, &packed)?;
-            }
-            list.chunks.push(ChunkRef {
-                digest: hex,
-                size: chunk.length as u64,
-            });
-        }
-        let chunked = format!("blobs/sha256/{digest}.chunks");
-        let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
-        self.objects.put(&chunked, &json)?;
-        Ok(chunked)
+        let stored = self.store_chunks_from(self.open_content(key)?, CHUNK_SIZES, key, || Ok(digest))?;
+        Ok(stored.key)
     }
 
     /// Stores the file at `path` (content `digest`) as content-defined
@@ -1453,15 +1448,42 @@ impl Catalogue {
                 new: false,
             });
         }
+        let file = std::fs::File::open(path).map_err(|source| CatalogueError::Io {
+            op: "open",
+            path: path.display().to_string(),
+            source,
+        })?;
+        let digest = digest.to_string();
+        self.store_chunks_from(
+            std::io::BufReader::new(file),
+            sizes,
+            &path.display().to_string(),
+            || Ok(digest),
+        )
+    }
+
+    /// Splits what `reader` yields into content-defined chunks of `sizes`
+    /// and stores each one the storage lacks: hashed and compressed on every
+    /// core, written as one batch. Then stores the list naming them, under
+    /// the digest `digest` gives once everything was read (the reader may be
+    /// a stream still being produced). `what` names the source in errors.
+    /// Returns the list's key and the bytes written.
+    pub(super) fn store_chunks_from(
+        &self,
+        reader: impl Read,
+        sizes: (usize, usize, usize),
+        what: &str,
+        digest: impl FnOnce() -> Result<String, CatalogueError>,
+    ) -> Result<StoredBlob, CatalogueError> {
         let io = |op: &'static str| {
             move |source| CatalogueError::Io {
                 op,
-                path: path.display().to_string(),
+                path: what.to_string(),
                 source,
             }
         };
-        let file = std::fs::File::open(path).map_err(io("open"))?;
         let (min, avg, max) = sizes;
+        let started = std::time::Instant::now();
         let batch = self.objects.batch();
         // One thread splits the file; the others hash, compress and write
         // chunks as they come, a bounded number in flight.
@@ -1476,26 +1498,37 @@ impl Catalogue {
             for _ in 0..workers {
                 let done_tx = done_tx.clone();
                 let (work_rx, seen, failed, batch) = (&work_rx, &seen, &failed, &batch);
-                scope.spawn(move || loop {
-                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((index, data)) = next else { return };
-                    let stored = self.store_chunk(&data, seen, &**batch).map(|(digest, written)| {
-                        let size = data.len() as u64;
-                        (index, ChunkRef { digest, size }, written)
+                scope.spawn(move || {
+                    // One context per worker: making one per chunk cost more
+                    // than compressing it.
+                    let mut compressor = zstd::bulk::Compressor::new(3).map_err(|source| CatalogueError::Io {
+                        op: "start compressing",
+                        path: what.to_string(),
+                        source,
                     });
-                    if stored.is_err() {
-                        failed.store(true, AtomicOrdering::Relaxed);
-                    }
-                    if done_tx.send(stored).is_err() {
-                        return;
+                    loop {
+                        let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((index, data)) = next else { return };
+                        let stored = match &mut compressor {
+                            Ok(compressor) => self.store_chunk(&data, seen, &**batch, compressor),
+                            Err(e) => Err(CatalogueError::Invalid(e.to_string())),
+                        };
+                        let stored = stored.map(|(digest, written)| {
+                            let size = data.len() as u64;
+                            (index, ChunkRef { digest, size }, written)
+                        });
+                        if stored.is_err() {
+                            failed.store(true, AtomicOrdering::Relaxed);
+                        }
+                        if done_tx.send(stored).is_err() {
+                            return;
+                        }
                     }
                 });
             }
             drop(done_tx);
             let mut split = Ok(());
-            for (index, chunk) in
-                fastcdc::v2020::StreamCDC::new(std::io::BufReader::new(file), min, avg, max).enumerate()
-            {
+            for (index, chunk) in fastcdc::v2020::StreamCDC::new(reader, min, avg, max).enumerate() {
                 if failed.load(AtomicOrdering::Relaxed) {
                     break;
                 }
@@ -1525,12 +1558,21 @@ impl Catalogue {
             split?;
             // Every index up to the last one was sent and answered.
             let chunks: Option<Vec<ChunkRef>> = chunks.into_iter().collect();
-            let chunks =
-                chunks.ok_or_else(|| CatalogueError::Invalid(format!("chunks of {} went missing", path.display())))?;
+            let chunks = chunks.ok_or_else(|| CatalogueError::Invalid(format!("chunks of {what} went missing")))?;
             Ok::<_, CatalogueError>((chunks, written))
         })?;
         // The chunks are durable before the list that names them.
+        let split_time = started.elapsed();
         batch.commit()?;
+        tracing::info!(
+            source = what,
+            chunks = chunks.len(),
+            written,
+            split_seconds = split_time.as_secs_f64(),
+            sync_seconds = (started.elapsed() - split_time).as_secs_f64(),
+            "chunks stored"
+        );
+        let chunked = format!("blobs/sha256/{}.chunks", digest()?);
         let list = ChunkList { chunks };
         let json = serde_json::to_vec(&list).map_err(|e| CatalogueError::Invalid(e.to_string()))?;
         written += json.len() as u64;
@@ -1549,6 +1591,7 @@ impl Catalogue {
         data: &[u8],
         seen: &Mutex<HashSet<String>>,
         batch: &dyn PutBatch,
+        compressor: &mut zstd::bulk::Compressor<'static>,
     ) -> Result<(String, u64), CatalogueError> {
         let hex = sha256_hex(data);
         let first = seen.lock().unwrap_or_else(|p| p.into_inner()).insert(hex.clone());
@@ -1556,7 +1599,7 @@ impl Catalogue {
         if !first || self.objects.size(&key)?.is_some() {
             return Ok((hex, 0));
         }
-        let packed = zstd::encode_all(data, 3).map_err(|source| CatalogueError::Io {
+        let packed = compressor.compress(data).map_err(|source| CatalogueError::Io {
             op: "compress",
             path: key.clone(),
             source,
