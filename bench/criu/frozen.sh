@@ -14,17 +14,12 @@ NS=seamless-bench-frozen
 MB=${FROZEN_BENCH_MB:-1000}
 # shellcheck source=integration/lib.sh
 source "$HERE/../../integration/lib.sh"
+# shellcheck source=bench/criu/memory.sh
+source "$HERE/memory.sh"
 env_up
 ctrn images pull --plain-http --snapshotter seamless "$IMAGE" >/dev/null
 id=frozen-$$
-rootfs=$ENV_DIR/c/state/io.containerd.runtime.v2.task/$NS/$id/rootfs
-ctrn run -d --null-io --snapshotter seamless "$IMAGE" "$id" /bin/sh -c \
-    "x=\$(head -c $((MB * 750000)) /dev/urandom | base64); touch /ready; while true; do sleep 1000; done"
-for ((i = 0; i < 3000; i++)); do
-    [[ -e $rootfs/ready ]] && break
-    sleep 0.1
-done
-[[ -e $rootfs/ready ]] || env_die "$id did not fill its memory in 300 s"
+start_memory_container "$id" "$MB"
 stats() { python3 "$HERE/read_stats_dump.py" "$1" | jq -r '"frozen \(.frozen_ms) ms, memdump \(.memdump_ms) ms, memwrite \(.memwrite_ms) ms"'; }
 by_hand() { # dir
     mkdir -p "$1/img" "$1/work"

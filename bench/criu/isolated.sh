@@ -12,17 +12,12 @@ NS=seamless-bench-isolated
 MB=${ISOLATED_BENCH_MB:-1000}
 # shellcheck source=integration/lib.sh
 source "$HERE/../../integration/lib.sh"
+# shellcheck source=bench/criu/memory.sh
+source "$HERE/memory.sh"
 env_up
 ctrn images pull --plain-http --snapshotter seamless "$IMAGE" >/dev/null
 id=isolated-$$
-rootfs=$ENV_DIR/c/state/io.containerd.runtime.v2.task/$NS/$id/rootfs
-ctrn run -d --null-io --snapshotter seamless "$IMAGE" "$id" /bin/sh -c \
-    "x=\$(head -c $((MB * 750000)) /dev/urandom | base64); touch /ready; while true; do sleep 1000; done"
-for ((i = 0; i < 3000; i++)); do
-    [[ -e $rootfs/ready ]] && break
-    sleep 0.1
-done
-[[ -e $rootfs/ready ]] || env_die "$id did not fill its memory in 300 s"
+start_memory_container "$id" "$MB"
 log=$ENV_DIR/seamless.log
 field() { grep -o "$1=[0-9.]*" | head -1 | cut -d= -f2; } # name < line
 now() { date +%s.%N; }

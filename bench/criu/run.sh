@@ -58,6 +58,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NS=seamless-bench-criu
 # shellcheck source=integration/lib.sh
 source "$HERE/../../integration/lib.sh"
+# shellcheck source=bench/criu/memory.sh
+source "$HERE/memory.sh"
 
 SIZES=${CRIU_BENCH_SIZES:-"100:6 1000:6"}
 die() { echo "criu bench: $*" >&2; exit 1; }
@@ -237,17 +239,8 @@ for spec in $SIZES; do
     mb=${spec%%:*}
     runs=${spec##*:}
     id=mem${mb}m-$$
-    rootfs=$ENV_DIR/c/state/io.containerd.runtime.v2.task/$NS/$id/rootfs
     env_log "$id: filling $mb MB of anonymous memory"
-    # base64 writes 4 bytes per 3 (plus a newline per 76): 750,000 random
-    # bytes per MB.
-    ctrn run -d --null-io --snapshotter seamless "$IMAGE" "$id" /bin/sh -c \
-        "x=\$(head -c $((mb * 750000)) /dev/urandom | base64); touch /ready; while true; do sleep 1000; done"
-    for ((i = 0; i < 3000; i++)); do
-        [[ -e $rootfs/ready ]] && break
-        sleep 0.1
-    done
-    [[ -e $rootfs/ready ]] || die "$id did not fill its memory in 300 s"
+    start_memory_container "$id" "$mb"
     anon=$(anon_bytes "$id")
     [[ $anon -ge $((mb * 1000000)) ]] || die "$id holds $anon bytes of anonymous memory, not $mb MB"
     sample "$mb" 0 memory_bytes "$anon"

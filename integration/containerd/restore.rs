@@ -78,21 +78,20 @@ fn start_counter(env: &Env, ns: &str, id: &str) -> Result<()> {
 
 /// `ctr run -d` of `script` on the snapshotter.
 fn start_script(env: &Env, ns: &str, id: &str, script: &str) -> Result<()> {
-    env.ctr(
-        ns,
-        &[
-            "run",
-            "-d",
-            "--null-io",
-            "--snapshotter",
-            "seamless",
-            &env.image_ref(),
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ],
-    )?;
+    start_script_in(env, ns, id, script, None)
+}
+
+/// Runs `script` in container `id`, in the network namespace `netns` (a
+/// name of `ip netns`) when given, as CNI would give one.
+fn start_script_in(env: &Env, ns: &str, id: &str, script: &str, netns: Option<&str>) -> Result<()> {
+    let with_ns = netns.map(|netns| format!("network:/var/run/netns/{netns}"));
+    let mut args = vec!["run", "-d", "--null-io", "--snapshotter", "seamless"];
+    if let Some(with_ns) = &with_ns {
+        args.extend(["--with-ns", with_ns]);
+    }
+    let image = env.image_ref();
+    args.extend([image.as_str(), id, "/bin/sh", "-c", script]);
+    env.ctr(ns, &args)?;
     Ok(())
 }
 
@@ -406,23 +405,7 @@ fn an_established_tcp_connection_survives_restore() {
         let _netns = Netns(vec![netns.clone()]);
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        env.ctr(
-            &ns,
-            &[
-                "run",
-                "-d",
-                "--null-io",
-                "--snapshotter",
-                "seamless",
-                "--with-ns",
-                &format!("network:/var/run/netns/{netns}"),
-                &env.image_ref(),
-                &id,
-                "/bin/sh",
-                "-c",
-                TCP_COUNTER,
-            ],
-        )?;
+        start_script_in(env, &ns, &id, TCP_COUNTER, Some(&netns))?;
         wait_count(env, &ns, &id, 4)?;
 
         // Without --tcp-established CRIU refuses, saying so, and the
@@ -662,23 +645,13 @@ fn network_remap_moves_addresses_routes_sockets_and_hosts() {
         ip(&["-n", &inner, "route", "add", "default", "via", "10.201.0.1"])?;
 
         let id = env.container_id("web");
-        env.ctr(
+        start_script_in(
+            env,
             &ns,
-            &[
-                "run",
-                "-d",
-                "--null-io",
-                "--snapshotter",
-                "seamless",
-                "--with-ns",
-                &format!("network:/var/run/netns/{inner}"),
-                &env.image_ref(),
-                &id,
-                "/bin/sh",
-                "-c",
-                "echo '10.201.0.2 self' >> /etc/hosts && mkdir -p /www && echo hello > /www/index.html && \
-                 exec httpd -f -p 10.201.0.2:8080 -h /www",
-            ],
+            &id,
+            "echo '10.201.0.2 self' >> /etc/hosts && mkdir -p /www && echo hello > /www/index.html && \
+             exec httpd -f -p 10.201.0.2:8080 -h /www",
+            Some(&inner),
         )?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while fetch_in(&peer, "http://10.201.0.2:8080/index.html").is_err() {
