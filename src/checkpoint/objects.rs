@@ -136,29 +136,46 @@ impl DirStore {
         dir.join(format!(".tmp-{}-{n}", std::process::id()))
     }
 
+    /// Writes object `key` into a new temporary beside it with `fill`, not
+    /// flushed; returns the temporary, the object's path and the open file.
+    /// A failed fill leaves nothing.
+    fn write_temporary(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut File, &Path) -> Result<(), ObjectError>,
+    ) -> Result<(PathBuf, PathBuf, File), ObjectError> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        create_private_dir(&dir)?;
+        let tmp = self.temporary(&dir);
+        let filled = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))
+            .and_then(|mut file| fill(&mut file, &tmp).map(|()| file));
+        match filled {
+            Ok(file) => Ok((tmp, path, file)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
     fn write_with(
         &self,
         key: &str,
         fill: impl FnOnce(&mut File, &Path) -> Result<(), ObjectError>,
     ) -> Result<(), ObjectError> {
-        let path = self.path(key)?;
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        create_private_dir(&dir)?;
-        let tmp = self.temporary(&dir);
+        let (tmp, path, file) = self.write_temporary(key, fill)?;
+        let dir = path.parent().unwrap_or(&self.root);
         let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            fill(&mut file, &tmp)?;
             file.sync_all().map_err(io_err("sync", &tmp))?;
             fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
             // The rename itself reaches the disk with the directory.
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("sync", &dir))
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -200,21 +217,9 @@ impl DirBatch<'_> {
 
 impl PutBatch for DirBatch<'_> {
     fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
-        let path = self.store.path(key)?;
-        let dir = path.parent().unwrap_or(&self.store.root).to_path_buf();
-        create_private_dir(&dir)?;
-        let tmp = self.store.temporary(&dir);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))
-            .and_then(|mut file| file.write_all(data).map_err(io_err("write", &tmp)));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let (tmp, path, _) = self
+            .store
+            .write_temporary(key, |file, tmp| file.write_all(data).map_err(io_err("write", tmp)))?;
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
