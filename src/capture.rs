@@ -74,6 +74,28 @@ impl FrozenMarkers {
         FrozenMarkers { dir }
     }
 
+    /// For work that may freeze the container itself (CRIU's dump): a hold
+    /// that does not freeze, but thaws `freezer` when released or dropped,
+    /// and whose marker makes a restarted daemon thaw it if this one dies
+    /// first. So a dump killed on its timeout, or with the daemon, cannot
+    /// leave the container frozen.
+    pub fn thaw_on_release(
+        &self,
+        sys: &Arc<dyn SystemOps>,
+        name: &str,
+        freezer: &Freezer,
+    ) -> Result<FrozenHold, CaptureError> {
+        let marker = self.record(name, freezer)?;
+        Ok(FrozenHold {
+            sys: sys.clone(),
+            markers: self.clone(),
+            marker: Some(marker),
+            freezer: freezer.clone(),
+            start: Instant::now(),
+            watchdog: None,
+        })
+    }
+
     fn marker_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaptureError {
         let path = path.display().to_string();
         move |source| CaptureError::Marker { path, source }
@@ -257,6 +279,9 @@ pub struct FrozenHold {
     marker: Option<PathBuf>,
     freezer: Freezer,
     start: Instant,
+    /// Thaws the container if the hold outlives its limit (a dump that
+    /// hangs past its own timeout, a caller that forgets it).
+    watchdog: Option<Watchdog>,
 }
 
 impl std::fmt::Debug for FrozenHold {
@@ -272,6 +297,11 @@ impl FrozenHold {
     }
 
     fn release(&mut self) -> Result<Duration, CaptureError> {
+        if let Some(watchdog) = self.watchdog.take() {
+            if watchdog.disarm() {
+                warn!(cgroup = %self.freezer.dir().display(), "the hold had outlived its limit: the watchdog thawed the container");
+            }
+        }
         let Some(marker) = self.marker.take() else {
             return Ok(self.start.elapsed());
         };
@@ -299,7 +329,9 @@ impl Drop for FrozenHold {
 }
 
 /// Like [`capture_upper`], but the container stays frozen after the
-/// snapshot until the returned hold is thawed.
+/// snapshot until the returned hold is thawed, and at most `hold_limit`:
+/// a watchdog thaws it then, as the capture's own watchdog does a pause
+/// past its timeout.
 #[allow(clippy::too_many_arguments)]
 pub fn capture_upper_and_hold(
     sys: &Arc<dyn SystemOps>,
@@ -309,6 +341,7 @@ pub fn capture_upper_and_hold(
     dest: &Path,
     freezer: &Freezer,
     pause_timeout: Duration,
+    hold_limit: Duration,
     method: CaptureMethod,
 ) -> Result<(Captured, FrozenHold), CaptureError> {
     sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
@@ -323,6 +356,7 @@ pub fn capture_upper_and_hold(
         marker: Some(marker),
         freezer: freezer.clone(),
         start,
+        watchdog: Some(Watchdog::arm(sys.clone(), freezer.clone(), hold_limit)),
     };
     if let Err(source) = sys.freeze_cgroup(freezer, start + pause_timeout) {
         drop(hold);
@@ -405,6 +439,7 @@ mod tests {
             &dest,
             &freezer,
             Duration::from_secs(1),
+            Duration::from_secs(600),
             CaptureMethod::Snapshot,
         )
         .unwrap();
@@ -437,6 +472,7 @@ mod tests {
             &tmp.path().join("cap2"),
             &freezer,
             Duration::from_secs(1),
+            Duration::from_secs(600),
             CaptureMethod::Snapshot,
         )
         .unwrap();
@@ -451,10 +487,62 @@ mod tests {
             &tmp.path().join("cap3"),
             &freezer,
             Duration::from_secs(1),
+            Duration::from_secs(600),
             CaptureMethod::Snapshot,
         )
         .is_err());
         assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_hold_past_its_limit_is_thawed_by_the_watchdog() {
+        let (tmp, fake, markers) = setup();
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V1("/cg/ctr".into());
+        let (_, hold) = capture_upper_and_hold(
+            &sys,
+            &markers,
+            "c1",
+            Path::new("/s/1"),
+            &tmp.path().join("cap"),
+            &freezer,
+            Duration::from_secs(1),
+            Duration::from_millis(50),
+            CaptureMethod::Snapshot,
+        )
+        .unwrap();
+        // The holder never thaws: the watchdog must. Wait for its thaw (no
+        // bound on how long: what is checked is that it comes at all).
+        while !fake.calls().iter().any(|c| c == "thaw /cg/ctr") {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
+            1,
+            "the marker stays until released"
+        );
+        hold.thaw().unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_guard_around_a_dump_thaws_when_dropped_and_marks_until_then() {
+        let (tmp, fake, markers) = setup();
+        let sys: Arc<dyn SystemOps> = fake.clone();
+        let freezer = Freezer::V2("/cg/dumped".into());
+        let guard = markers.thaw_on_release(&sys, "dump-1", &freezer).unwrap();
+        assert!(fake.calls().is_empty(), "the guard itself freezes nothing");
+        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        // The daemon dies here: its successor thaws what the dump froze.
+        assert_eq!(markers.thaw_all(&RecordingSystem::btrfs()), 1);
+        let guard2 = markers.thaw_on_release(&sys, "dump-2", &freezer).unwrap();
+        drop(guard);
+        drop(guard2);
+        assert_eq!(
+            fake.calls(),
+            vec!["thaw /cg/dumped".to_string(), "thaw /cg/dumped".to_string()]
+        );
         assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
     }
 

@@ -159,7 +159,7 @@ impl CommitOptions {
             container: container.into(),
             target: target.into(),
             format: "nydus".into(),
-            work_dir: "/tmp".into(),
+            work_dir: PathBuf::new(),
             fs_version: 6,
             compressor: "lz4_block".into(),
             target_insecure: false,

@@ -6,7 +6,7 @@
 //! their reason. Knows nothing of gRPC: errors carry the commit error codes.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -189,11 +189,8 @@ impl CommitOptions {
         if !matches!(self.fs_version, 5 | 6) {
             return bad(format!("fs-version {} is not 5 or 6", self.fs_version));
         }
-        if !self.work_dir.is_absolute() || !self.work_dir.is_dir() {
-            return bad(format!(
-                "work-dir {} is not an existing absolute directory",
-                self.work_dir.display()
-            ));
+        if !self.work_dir.as_os_str().is_empty() {
+            check_work_dir(&self.work_dir)?;
         }
         if self.maximum_times == 0 {
             return bad("maximum-times must be at least 1".into());
@@ -202,6 +199,16 @@ impl CommitOptions {
             .validate()
             .map_err(|e| CommitError::InvalidParameter(e.to_string()))?;
         Ok(())
+    }
+
+    /// The directory a job builds in: the request's, or the daemon's
+    /// private scratch directory when it names none.
+    fn work_root<'a>(&'a self, scratch: &'a Path) -> &'a Path {
+        if self.work_dir.as_os_str().is_empty() {
+            scratch
+        } else {
+            &self.work_dir
+        }
     }
 
     fn filter(&self) -> PathFilter {
@@ -305,6 +312,64 @@ pub struct CommitService {
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
     nydus_cache: Option<nydus_image::BaseCache>,
+}
+
+/// A work directory a request names is where root writes the layers it
+/// builds: it must be an absolute directory that no other user can write
+/// to or swap (a symlink, or a directory writable by group or others such
+/// as /tmp, would let them read or plant what the daemon builds). A
+/// missing one is created 0700 (its parent must exist).
+fn check_work_dir(dir: &Path) -> Result<(), CommitError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let bad = |reason: String| CommitError::InvalidParameter(format!("work-dir {}: {reason}", dir.display()));
+    if !dir.is_absolute() {
+        return Err(bad("is not an absolute path".into()));
+    }
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| bad(format!("cannot be created: {e}")))?;
+            std::fs::symlink_metadata(dir).map_err(|e| bad(e.to_string()))?
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(bad("is a symbolic link; name the directory itself".into()));
+    }
+    if !meta.is_dir() {
+        return Err(bad("is not a directory".into()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(bad(format!(
+            "may be written by other users (mode {:04o}); use a directory only root can write, or leave \
+             work-dir out to use the daemon's private one",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(bad(format!("is owned by uid {}, not by the daemon's user", meta.uid())));
+    }
+    Ok(())
+}
+
+/// Creates the job's own directory, 0700, under `root`; one a previous run
+/// left there is removed first.
+fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = root.join(snapshot_id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("remove {}: {e}", dir.display())),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn unix_nanos(t: SystemTime) -> u128 {
@@ -625,7 +690,11 @@ impl CommitService {
         if let Err(e) = self.prune_chains() {
             warn!(error = %e, "cannot prune commit chains");
         }
-        let _ = std::fs::remove_dir_all(job.options.work_dir.join(&job.snapshot_id));
+        let _ = std::fs::remove_dir_all(
+            job.options
+                .work_root(self.snapshotter.scratch_dir())
+                .join(&job.snapshot_id),
+        );
         if let Err(e) = self.save(&job) {
             error!(error = %e, "cannot persist the job's end");
         }
@@ -635,8 +704,7 @@ impl CommitService {
     /// digest and the container's chain as it stands after the push.
     async fn build_and_push(&self, job: &mut Job) -> Result<(String, Chain), String> {
         let text = |e: RegistryError| e.to_string();
-        let work = job.options.work_dir.join(&job.snapshot_id);
-        std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+        let work = create_job_dir(job.options.work_root(self.snapshotter.scratch_dir()), &job.snapshot_id)?;
 
         self.update(job, 0.05, "reading the base image");
         let source = RegistryClient::new(RegistryOptions {
@@ -964,6 +1032,7 @@ impl Drop for SlotGuard {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::path::Path;
 
     use super::*;
@@ -1004,8 +1073,51 @@ mod tests {
         check(&|o| o.maximum_times = 0, "maximum-times");
         check(&|o| o.with_paths = vec!["etc".into()], "etc");
         check(&|o| o.namespace = "bad ns".into(), "namespace");
+        check(&|o| o.work_dir = "/tmp".into(), "may be written by other users");
         assert!(CommitOptions::parse_format("docker").is_err());
         assert_eq!(CommitOptions::parse_format("").unwrap(), Format::Nydus);
+    }
+
+    #[test]
+    fn a_work_dir_others_could_swap_or_read_is_refused() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let with = |dir: PathBuf| CommitOptions {
+            work_dir: dir,
+            ..options(tmp.path())
+        };
+        // None named: the daemon's private scratch directory.
+        with(PathBuf::new()).validate().unwrap();
+        assert_eq!(
+            with(PathBuf::new()).work_root(Path::new("/root/s")),
+            Path::new("/root/s")
+        );
+
+        let missing = tmp.path().join("new");
+        with(missing.clone()).validate().unwrap();
+        assert_eq!(fs::metadata(&missing).unwrap().mode() & 0o777, 0o700, "created private");
+
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = with(open).validate().unwrap_err().to_string();
+        assert!(e.contains("may be written by other users (mode 0777)"), "{e}");
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&missing, &link).unwrap();
+        let e = with(link).validate().unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+
+        let file = tmp.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let e = with(file).validate().unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+
+        let job = create_job_dir(&missing, "job-1").unwrap();
+        assert_eq!(fs::metadata(&job).unwrap().mode() & 0o777, 0o700);
+        fs::write(job.join("left-over"), b"x").unwrap();
+        let again = create_job_dir(&missing, "job-1").unwrap();
+        assert!(!again.join("left-over").exists(), "a previous run's files are gone");
     }
 
     fn commit_layer(n: u64, created: SystemTime) -> CommitLayer {

@@ -61,6 +61,14 @@ pub struct CriuConfig {
     /// criu binary for runc; empty: runc finds `criu` on PATH.
     #[serde(default)]
     pub criu_path: String,
+    /// A dump (runc checkpoint and the CRIU it runs) still running after
+    /// this many seconds is killed, and the container thawed; 1 to 86400.
+    #[serde(default = "default_dump_timeout_seconds")]
+    pub dump_timeout_seconds: u64,
+}
+
+fn default_dump_timeout_seconds() -> u64 {
+    1800
 }
 
 fn default_runc() -> String {
@@ -77,6 +85,7 @@ impl Default for CriuConfig {
             runc: default_runc(),
             runc_root: default_runc_root(),
             criu_path: String::new(),
+            dump_timeout_seconds: default_dump_timeout_seconds(),
         }
     }
 }
@@ -87,6 +96,7 @@ impl CriuConfig {
             runc: self.runc.clone().into(),
             runc_root: self.runc_root.clone().into(),
             criu: Some(&self.criu_path).filter(|p| !p.is_empty()).map(Into::into),
+            timeout: std::time::Duration::from_secs(self.dump_timeout_seconds),
         }
     }
 }
@@ -366,6 +376,12 @@ impl Config {
                     reason: format!("{value:?} must be an absolute path without '..'"),
                 });
             }
+        }
+        if !(1..=86_400).contains(&self.criu.dump_timeout_seconds) {
+            return Err(ConfigError::Invalid {
+                key: "criu.dump_timeout_seconds",
+                reason: format!("{} is not between 1 and 86400", self.criu.dump_timeout_seconds),
+            });
         }
         if !self.rest.tcp_address.is_empty() {
             let addr: std::net::SocketAddr = self.rest.tcp_address.parse().map_err(|_| ConfigError::Invalid {

@@ -5,8 +5,12 @@
 //! task API (runc's `criu_image_path`), not here.
 
 use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +42,8 @@ pub enum CriuError {
     },
     #[error("CRIU statistics {path}: {reason}")]
     Stats { path: String, reason: String },
+    #[error("{program} did not finish within {timeout:?} and was killed with what it started")]
+    Timeout { program: String, timeout: Duration },
 }
 
 impl Classify for CriuError {
@@ -45,6 +51,7 @@ impl Classify for CriuError {
         match self {
             CriuError::Spawn { .. } => ErrorKind::FailedPrecondition,
             CriuError::Failed { .. } | CriuError::Stats { .. } => ErrorKind::Internal,
+            CriuError::Timeout { .. } => ErrorKind::Unavailable,
         }
     }
 }
@@ -57,7 +64,12 @@ pub struct CriuSettings {
     pub runc_root: PathBuf,
     /// criu binary for runc (`--criu`); None: runc's own lookup on PATH.
     pub criu: Option<PathBuf>,
+    /// How long runc and CRIU may run before they are killed.
+    pub timeout: Duration,
 }
+
+/// What [`CriuSettings::default`] gives runc and CRIU.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 impl Default for CriuSettings {
     fn default() -> Self {
@@ -65,6 +77,7 @@ impl Default for CriuSettings {
             runc: PathBuf::from("runc"),
             runc_root: PathBuf::from("/run/containerd/runc"),
             criu: None,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -122,13 +135,9 @@ impl CriuSettings {
     /// Dumps (or pre-dumps) the container's processes, waiting for runc.
     /// A failure quotes the end of CRIU's log.
     pub fn dump(&self, request: &DumpRequest<'_>) -> Result<(), CriuError> {
-        let output = Command::new(&self.runc)
-            .args(self.dump_args(request))
-            .output()
-            .map_err(|source| CriuError::Spawn {
-                program: self.runc.display().to_string(),
-                source,
-            })?;
+        let mut command = Command::new(&self.runc);
+        command.args(self.dump_args(request));
+        let output = run_bounded(command, &self.runc, self.timeout)?;
         if output.status.success() {
             return Ok(());
         }
@@ -146,18 +155,17 @@ impl CriuSettings {
     /// dumps need.
     pub fn dirty_tracking(&self) -> bool {
         let criu = self.criu.clone().unwrap_or_else(|| PathBuf::from("criu"));
-        Command::new(criu)
-            .args(["check", "--feature", "mem_dirty_track"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        let mut command = Command::new(&criu);
+        command.args(["check", "--feature", "mem_dirty_track"]);
+        run_bounded(command, &criu, QUERY_TIMEOUT).is_ok_and(|o| o.status.success())
     }
 
     /// The criu version runc will use ("4.1.1"), or empty if it cannot tell.
     pub fn criu_version(&self) -> String {
         let criu = self.criu.clone().unwrap_or_else(|| PathBuf::from("criu"));
-        Command::new(criu)
-            .arg("--version")
-            .output()
+        let mut command = Command::new(&criu);
+        command.arg("--version");
+        run_bounded(command, &criu, QUERY_TIMEOUT)
             .ok()
             .and_then(|o| {
                 String::from_utf8_lossy(&o.stdout)
@@ -166,6 +174,87 @@ impl CriuSettings {
             })
             .unwrap_or_default()
     }
+}
+
+/// `criu check` and `criu --version` answer in well under a second.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `command` to its end and returns what it printed, as
+/// [`Command::output`] does, except that it can neither outlive the daemon
+/// nor run forever: the child gets SIGKILL when the thread that started it
+/// dies (`PR_SET_PDEATHSIG`; the thread waits here until the child ends, so
+/// only the daemon's death triggers it), and runs in a process group of
+/// its own, all of which is killed once `timeout` passes (runc and the
+/// CRIU it started alike).
+fn run_bounded(mut command: Command, program: &Path, timeout: Duration) -> Result<Output, CriuError> {
+    let spawn_err = |source: std::io::Error| CriuError::Spawn {
+        program: program.display().to_string(),
+        source,
+    };
+    let parent = nix::unistd::getpid();
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and makes
+    // only async-signal-safe calls (prctl, getppid, setpgid), allocating
+    // nothing and touching no lock of the parent's.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon died before the prctl took effect: no signal comes.
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(spawn_err)?;
+    let pid = child.id();
+    let readers = [
+        child.stdout.take().map(|out| read_all_in_thread(Box::new(out))),
+        child.stderr.take().map(|err| read_all_in_thread(Box::new(err))),
+    ];
+    let (done, waited) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = done.send(());
+        status
+    });
+    let timed_out = matches!(waited.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout));
+    if timed_out {
+        // The group is the child's pid (setpgid(0, 0) above); it has not
+        // been reaped yet, so the id cannot have been reused.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let status = waiter
+        .join()
+        .map_err(|_| spawn_err(std::io::Error::other("the waiting thread panicked")))?
+        .map_err(spawn_err)?;
+    let [stdout, stderr] = readers.map(|r| r.and_then(|r| r.join().ok()).unwrap_or_default());
+    if timed_out {
+        return Err(CriuError::Timeout {
+            program: program.display().to_string(),
+            timeout,
+        });
+    }
+    Ok(Output { status, stdout, stderr })
+}
+
+fn read_all_in_thread(mut pipe: Box<dyn Read + Send>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 /// What runc printed on failure, without its JSON log framing.
@@ -373,6 +462,53 @@ pub fn restore_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bounded_run_returns_what_the_program_printed() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let output = run_bounded(command, Path::new("sh"), Duration::from_secs(60)).unwrap();
+        assert_eq!(output.stdout, b"out\n");
+        assert_eq!(output.stderr, b"err\n");
+        assert_eq!(output.status.code(), Some(3));
+    }
+
+    #[test]
+    fn a_run_past_its_timeout_is_killed_with_what_it_started() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_file = tmp.path().join("grandchild");
+        let mut command = Command::new("sh");
+        // A grandchild, as CRIU is runc's, that would outlive a plain kill
+        // of the child.
+        command.arg("-c").arg(format!(
+            "sleep 600 & echo $! > {}.new; mv {0}.new {0}; wait",
+            pid_file.display()
+        ));
+        let err = run_bounded(command, Path::new("sh"), Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, CriuError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("did not finish within 2s"), "{err}");
+        let grandchild: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // Killed: gone, or a zombie until init reaps it.
+        let state = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty()
+                || state
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            "the grandchild {grandchild} still runs: {state}"
+        );
+    }
+
+    #[test]
+    fn a_missing_program_is_named() {
+        let err = run_bounded(
+            Command::new("/no/such/runc"),
+            Path::new("/no/such/runc"),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot run /no/such/runc"), "{err}");
+    }
     use prost::Message;
 
     #[test]

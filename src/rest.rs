@@ -64,7 +64,8 @@ fn default_namespace() -> String {
     "default".into()
 }
 fn default_work_dir() -> PathBuf {
-    "/tmp".into()
+    // Empty: the daemon's private scratch directory.
+    PathBuf::new()
 }
 fn default_fs_version() -> u32 {
     6

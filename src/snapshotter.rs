@@ -43,6 +43,9 @@ pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 const METADATA_FILE: &str = "metadata.redb";
 /// Markers of containers being frozen (see `capture`).
 const FROZEN_DIR: &str = "frozen";
+/// How long a container held frozen past the capture may stay so beyond
+/// the dump's own timeout, before a watchdog thaws it.
+const HOLD_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -231,6 +234,20 @@ fn blob_origin(record: &Record) -> Option<BlobOrigin> {
     })
 }
 
+/// Whether the snapshot named `name` belongs to the namespace of the
+/// request key `key`. containerd 1.6 prefixes every name with `<ns>/<n>/`;
+/// names of requests that carry their namespace in a header are opaque and
+/// tell no namespace apart.
+fn same_namespace(style: KeyStyle, key: &str, name: &str) -> bool {
+    match style {
+        KeyStyle::Prefixed => {
+            let namespace = |s: &str| s.split_once('/').map(|(ns, _)| ns.to_string());
+            namespace(key).is_some() && namespace(key) == namespace(name)
+        }
+        KeyStyle::Namespaced => true,
+    }
+}
+
 /// The name of a layer the snapshotter commits itself: the chain id
 /// containerd asked for, under the request's `<ns>/<n>/` prefix when keys
 /// carry one (containerd allocated that `<n>` for this very request, so none
@@ -287,6 +304,17 @@ impl Fields for InfoFields<'_> {
     }
 }
 
+/// Thaws every container a killed daemon with this root left frozen;
+/// returns how many. Needs nothing but the root, so that it can run before
+/// anything that may fail (a bad config must not keep a container frozen).
+pub fn thaw_left_frozen(root: &Path, sys: &dyn SystemOps) -> usize {
+    let thawed = FrozenMarkers::new(root.join(FROZEN_DIR)).thaw_all(sys);
+    if thawed > 0 {
+        warn!(thawed, "thawed containers left frozen by a previous run");
+    }
+    thawed
+}
+
 impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
     /// metadata references (a crash mid-Prepare or mid-Remove) are deleted,
@@ -308,12 +336,10 @@ impl Snapshotter {
         fuse: Arc<dyn FuseServer>,
     ) -> Result<Snapshotter, SnapshotError> {
         // A daemon killed mid-capture may have left a container frozen:
-        // thaw before anything else.
+        // thaw before anything else (the daemon's main did already, before
+        // reading its config; a test or embedder may not have).
+        thaw_left_frozen(root, sys.as_ref());
         let markers = FrozenMarkers::new(root.join(FROZEN_DIR));
-        let thawed = markers.thaw_all(sys.as_ref());
-        if thawed > 0 {
-            warn!(thawed, "thawed containers left frozen by a previous run");
-        }
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
@@ -344,6 +370,12 @@ impl Snapshotter {
     /// Which runc and criu process-state checkpoints use.
     pub fn criu_settings(&self) -> &crate::criu::CriuSettings {
         &self.criu
+    }
+
+    /// Where background jobs build what they build, unless told otherwise:
+    /// 0700 beneath the daemon's root.
+    pub fn scratch_dir(&self) -> &Path {
+        self.storage.scratch_dir()
     }
 
     pub fn storage_kind(&self) -> StorageKind {
@@ -378,7 +410,7 @@ impl Snapshotter {
         }
         validate_labels(&labels)?;
         if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
-            self.refuse_existing_target(target, parent)?;
+            self.refuse_existing_target(style, key, target, parent)?;
         }
         if kind == Kind::Active && label_is_true(&labels, nydus::ANNOTATION_BLOB) {
             let target = self.adopt_nydus_blob(style, key, parent, labels)?;
@@ -606,13 +638,26 @@ impl Snapshotter {
     }
 
     /// containerd's unpacker labels a layer with the chain id it will be
-    /// committed as; when that layer exists already (committed under any
-    /// namespace's name, with the same parent) containerd reuses it on
+    /// committed as; when that layer exists already (committed in the same
+    /// namespace, with the same parent) containerd reuses it on
     /// AlreadyExists instead of unpacking again.
-    fn refuse_existing_target(&self, target: &str, parent: &str) -> Result<(), SnapshotError> {
+    ///
+    /// Only in the same namespace, as containerd itself shares layers: a
+    /// chain id is no proof of holding the layer's content (it is computed
+    /// from diff ids an image config merely claims), so adopting another
+    /// namespace's layer by it would hand one tenant another's private
+    /// files without ever fetching them.
+    fn refuse_existing_target(
+        &self,
+        style: KeyStyle,
+        key: &str,
+        target: &str,
+        parent: &str,
+    ) -> Result<(), SnapshotError> {
         let exists = self.store.list()?.into_iter().any(|(name, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
+                && same_namespace(style, key, &name)
                 && (name == target || r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target))
         });
         if exists {
@@ -863,8 +908,17 @@ impl Snapshotter {
             &dest,
             freezer,
             pause_timeout,
+            // A hold spans a memory dump, which is killed at its timeout.
+            self.criu.timeout + HOLD_MARGIN,
             method,
         )?)
+    }
+
+    /// A hold on a container that something else may freeze (CRIU's dump):
+    /// thawed when released or dropped, and by a restarted daemon if this
+    /// one dies first.
+    pub fn thaw_on_release(&self, name: &str, freezer: &Freezer) -> Result<crate::capture::FrozenHold, SnapshotError> {
+        Ok(self.markers.thaw_on_release(&self.sys, name, freezer)?)
     }
 
     /// The metadata store, for records other modules keep beside snapshots
@@ -1084,7 +1138,7 @@ mod tests {
         let e = s
             .prepare(
                 KeyStyle::Prefixed,
-                "ns2/3/extract-2 sha256:chain1",
+                "ns1/3/extract-2 sha256:chain1",
                 "",
                 ref_label.clone(),
             )
@@ -1099,11 +1153,15 @@ mod tests {
         // Another parent is another layer: prepared normally.
         s.prepare(
             KeyStyle::Prefixed,
-            "ns2/4/extract-3 sha256:chain1",
+            "ns1/4/extract-3 sha256:chain1",
             "ns1/2/sha256:chain1",
-            ref_label,
+            ref_label.clone(),
         )
         .unwrap();
+        // Another namespace claiming the same chain id does not get the
+        // layer: it unpacks its own, as with containerd's own snapshotters.
+        s.prepare(KeyStyle::Prefixed, "ns2/5/extract-4 sha256:chain1", "", ref_label)
+            .unwrap();
     }
 
     /// Labels containerd's unpacker sends for a layer of a Nydus image

@@ -91,8 +91,15 @@ pub struct Storage {
     kind: StorageKind,
     snapshots: PathBuf,
     captures: PathBuf,
+    /// Private scratch space of background jobs (commit layers are built
+    /// here unless a request names its own directory).
+    scratch: PathBuf,
     sys: Arc<dyn SystemOps>,
 }
+
+/// Scratch space of background jobs, under the root (not the pool: a
+/// layer being built must not eat the space of writable layers).
+const SCRATCH: &str = "commit-work";
 
 /// Creates `path` with `mode` if missing and enforces the mode if present.
 fn ensure_dir(path: &Path, mode: u32) -> Result<(), StorageError> {
@@ -134,10 +141,13 @@ impl Storage {
         ensure_dir(&snapshots, 0o700)?;
         let captures = base.join(CAPTURES);
         ensure_dir(&captures, 0o700)?;
+        let scratch = root.join(SCRATCH);
+        ensure_dir(&scratch, 0o700)?;
         Ok(Storage {
             kind,
             snapshots,
             captures,
+            scratch,
             sys,
         })
     }
@@ -154,6 +164,11 @@ impl Storage {
     /// Where read-only captures of writable layers are kept.
     pub fn captures_dir(&self) -> &Path {
         &self.captures
+    }
+
+    /// The daemon's private scratch directory (0700, beneath the root).
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
     }
 
     /// Whether a writable layer can be captured in O(1) (a btrfs snapshot).

@@ -175,3 +175,55 @@ fn copy_tree_keeps_what_a_layer_needs() {
         Some(&b"kept"[..])
     );
 }
+
+/// A daemon killed while a container was frozen left a marker; the next
+/// start thaws the container before it reads its config, so even a start
+/// that fails on a bad config leaves no container frozen.
+#[test]
+fn a_restart_with_a_bad_config_still_thaws_what_a_killed_daemon_left_frozen() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let p = process_in_new_cgroup(&format!("seamless-restart-{}", std::process::id()));
+    RealSystem
+        .freeze_cgroup(&p.freezer, Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert!(frozen(&p.freezer), "the test froze the container");
+    // What the capture writes before it freezes (capture::FrozenMarkers).
+    std::fs::create_dir_all(root.join("frozen")).unwrap();
+    std::fs::write(
+        root.join("frozen/capture-1.json"),
+        serde_json::to_vec(&p.freezer).unwrap(),
+    )
+    .unwrap();
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(&config, "version = 2\n[no_such_section]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(&root)
+        .arg("--address")
+        .arg(tmp.path().join("s.sock"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bad config is refused: {stderr}");
+    assert!(stderr.contains("bad.toml"), "the error names the config: {stderr}");
+    assert!(
+        !frozen(&p.freezer),
+        "the container was thawed although the config was bad"
+    );
+    assert!(
+        !root.join("frozen/capture-1.json").exists(),
+        "the marker is gone once thawed"
+    );
+}
+
+fn frozen(freezer: &Freezer) -> bool {
+    let state = match freezer {
+        Freezer::V1(d) => std::fs::read_to_string(d.join("freezer.state")).unwrap(),
+        Freezer::V2(d) => std::fs::read_to_string(d.join("cgroup.events")).unwrap(),
+    };
+    state.contains("FROZEN") || state.contains("frozen 1")
+}

@@ -12,7 +12,7 @@ use seamless_snapshotter::config::Config;
 use seamless_snapshotter::nydus_image::BaseCache;
 use seamless_snapshotter::remote::RemoteListener;
 use seamless_snapshotter::rest::{self, RestApi};
-use seamless_snapshotter::snapshotter::Snapshotter;
+use seamless_snapshotter::snapshotter::{self, Snapshotter};
 use seamless_snapshotter::sys::RealSystem;
 use seamless_snapshotter::{server, telemetry};
 use tokio::signal::unix::{signal, SignalKind};
@@ -58,6 +58,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // First of all, before anything that may fail: a killed daemon may have
+    // left a container frozen, and a bad config must not keep it so.
+    snapshotter::thaw_left_frozen(&args.root, &RealSystem);
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),

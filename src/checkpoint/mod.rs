@@ -438,6 +438,12 @@ impl CheckpointService {
             process: None,
             container_key: None,
         };
+        // Without a freezer (no cgroup found) there is nothing to guard.
+        let freezer = if request.fs_only {
+            None
+        } else {
+            crate::cgroup::freezer_of(captured.container.pid).ok()
+        };
         let work = self
             .root
             .join("checkpoint-work")
@@ -459,6 +465,17 @@ impl CheckpointService {
                         .filter(|p| !p.process_identity.is_empty() && p.process_identity == record.process_identity)
                         .map(|p| p.images.clone())
                         .unwrap_or_default();
+                    // CRIU freezes the container itself; if the dump is
+                    // killed (its timeout, the daemon's death) the container
+                    // is thawed here, or by the next start.
+                    let dump_guard = match &freezer {
+                        Some(freezer) => Some(
+                            snapshotter
+                                .thaw_on_release(&format!("{capture_name}-dump"), freezer)
+                                .map_err(|e| CheckpointError::Task(e.to_string()))?,
+                        ),
+                        None => None,
+                    };
                     let dumped = process::dump_and_store(
                         &catalogue,
                         &process::DumpInput {
@@ -480,6 +497,7 @@ impl CheckpointService {
                         // The pause is the whole frozen time.
                         new.pause = held.thaw().map_err(|e| CheckpointError::Task(e.to_string()))?;
                     }
+                    drop(dump_guard);
                     if let Err(e) = std::fs::remove_dir_all(&work) {
                         warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
                     }

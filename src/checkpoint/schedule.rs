@@ -4,13 +4,20 @@
 //! the schedule's previous one. Owns the schedules' records and timing;
 //! taking a checkpoint is [`CheckpointService::create`]'s.
 //!
-//! A schedule holds the storage it writes to, S3 keys and encryption key
-//! included, in the daemon's metadata store (root-only, 0600): the daemon
-//! must reach that storage after a restart without the client.
+//! A schedule holds the storage it writes to, in the daemon's metadata
+//! store: the daemon must reach that storage after a restart without the
+//! client. Its secrets (the S3 secret key, the encryption key) are never
+//! stored in clear there: they are sealed (XChaCha20-Poly1305, the record's
+//! id as associated data) under a key of the daemon's own, kept 0600 in
+//! `<root>/schedule-secrets.key`, so a copy of the metadata (a backup, a
+//! support bundle) gives none of them away.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use chacha20poly1305::aead::{Aead, Generate, Payload};
+use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -22,7 +29,8 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the loop looks for due schedules.
 const TICK: Duration = Duration::from_millis(500);
 
-/// The storage of a schedule, as saved.
+/// The storage of a schedule. Serialised, the secrets are left out: they
+/// travel only in `sealed_secrets` (see [`SecretsKey`]).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedStorage {
     pub backend: String,
@@ -31,8 +39,128 @@ pub struct SavedStorage {
     pub region: String,
     pub endpoint: String,
     pub access_key: String,
+    /// Read from records written before secrets were sealed, never written.
+    #[serde(default, skip_serializing)]
     pub secret_key: String,
+    #[serde(default, skip_serializing)]
     pub encryption_key: String,
+    /// Hex of the nonce and the sealed secrets; empty when there are none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed_secrets: String,
+}
+
+/// The secrets of a schedule's storage, as sealed.
+#[derive(Serialize, Deserialize)]
+struct Secrets {
+    secret_key: String,
+    encryption_key: String,
+}
+
+/// The file, under the daemon's root, of the key schedules' secrets are
+/// sealed with.
+const SECRETS_KEY_FILE: &str = "schedule-secrets.key";
+const NONCE_LEN: usize = 24;
+
+/// The daemon's key for sealing secrets at rest: 32 random bytes, created
+/// 0600 on first use; a key file others may read is refused.
+pub struct SecretsKey {
+    cipher: XChaCha20Poly1305,
+}
+
+impl SecretsKey {
+    pub fn open_or_create(root: &Path) -> Result<SecretsKey, CheckpointError> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let path = root.join(SECRETS_KEY_FILE);
+        let bad = |reason: String| CheckpointError::Task(format!("schedule secrets key {}: {reason}", path.display()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut file) => {
+                let key = <[u8; 32]>::try_generate().map_err(|e| bad(format!("no randomness: {e}")))?;
+                file.write_all(&key).map_err(|e| bad(e.to_string()))?;
+                file.sync_all().map_err(|e| bad(e.to_string()))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| bad(e.to_string()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if !meta.is_file() || mode & 0o077 != 0 {
+            return Err(bad(format!(
+                "must be a regular file only root may read (mode {mode:04o}); make it 0600"
+            )));
+        }
+        let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let key = Key::try_from(bytes.as_slice()).map_err(|_| bad(format!("holds {} bytes, not 32", bytes.len())))?;
+        Ok(SecretsKey {
+            cipher: XChaCha20Poly1305::new(&key),
+        })
+    }
+
+    /// Moves the clear secrets of `storage` into its sealed field, bound to
+    /// the record `id`.
+    fn seal(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
+        let secrets = Secrets {
+            secret_key: std::mem::take(&mut storage.secret_key),
+            encryption_key: std::mem::take(&mut storage.encryption_key),
+        };
+        storage.sealed_secrets.clear();
+        if secrets.secret_key.is_empty() && secrets.encryption_key.is_empty() {
+            return Ok(());
+        }
+        let failed = |e: String| CheckpointError::Task(format!("sealing the secrets of schedule {id}: {e}"));
+        let plain = serde_json::to_vec(&secrets).map_err(|e| failed(e.to_string()))?;
+        let nonce = XNonce::try_generate().map_err(|e| failed(e.to_string()))?;
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plain,
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|e| failed(e.to_string()))?;
+        storage.sealed_secrets = super::tree::hex(&[nonce.as_slice(), &sealed].concat());
+        Ok(())
+    }
+
+    /// Fills the secrets of `storage` from its sealed field; the record must
+    /// be `id` and sealed under this key.
+    fn open(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
+        if storage.sealed_secrets.is_empty() {
+            return Ok(());
+        }
+        let bad = || {
+            CheckpointError::Invalid(format!(
+                "the sealed secrets of schedule {id} do not open: damaged, moved from another record, or sealed under another key"
+            ))
+        };
+        let bytes = super::tree::unhex(&storage.sealed_secrets).ok_or_else(bad)?;
+        if bytes.len() < NONCE_LEN {
+            return Err(bad());
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let nonce = XNonce::try_from(nonce).map_err(|_| bad())?;
+        let plain = self
+            .cipher
+            .decrypt(
+                &nonce,
+                Payload {
+                    msg: sealed,
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|_| bad())?;
+        let secrets: Secrets = serde_json::from_slice(&plain).map_err(|_| bad())?;
+        storage.secret_key = secrets.secret_key;
+        storage.encryption_key = secrets.encryption_key;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for SavedStorage {
@@ -57,6 +185,7 @@ impl From<&StorageSpec> for SavedStorage {
             access_key: spec.s3.access_key.clone(),
             secret_key: spec.s3.secret_key.clone(),
             encryption_key: spec.encryption_key.clone(),
+            sealed_secrets: String::new(),
         }
     }
 }
@@ -131,22 +260,43 @@ fn unix(t: SystemTime) -> i64 {
 impl CheckpointService {
     fn schedules(&self) -> Result<Vec<Schedule>, CheckpointError> {
         let store = self.commits.snapshotter().shared_store();
+        let key = SecretsKey::open_or_create(&self.root)?;
         let mut out = Vec::new();
         for (id, bytes) in store
             .list_records(RecordKind::Schedules)
             .map_err(|e| CheckpointError::Task(e.to_string()))?
         {
-            match serde_json::from_slice::<Schedule>(&bytes) {
-                Ok(schedule) => out.push(schedule),
-                Err(e) => warn!(schedule = id, error = %e, "unreadable schedule record left as is"),
+            let mut schedule = match serde_json::from_slice::<Schedule>(&bytes) {
+                Ok(schedule) => schedule,
+                Err(e) => {
+                    warn!(schedule = id, error = %e, "unreadable schedule record left as is");
+                    continue;
+                }
+            };
+            let in_clear = !schedule.storage.secret_key.is_empty() || !schedule.storage.encryption_key.is_empty();
+            match key.open(&schedule.id, &mut schedule.storage) {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(schedule = id, error = %e, "schedule left out");
+                    continue;
+                }
             }
+            if in_clear {
+                // A record of a version that stored secrets in clear: seal
+                // them now.
+                self.save_schedule(&schedule)?;
+                info!(schedule = id, "secrets of the schedule sealed at rest");
+            }
+            out.push(schedule);
         }
         out.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
         Ok(out)
     }
 
     fn save_schedule(&self, schedule: &Schedule) -> Result<(), CheckpointError> {
-        let bytes = serde_json::to_vec(schedule).map_err(|e| CheckpointError::Task(e.to_string()))?;
+        let mut sealed = schedule.clone();
+        SecretsKey::open_or_create(&self.root)?.seal(&schedule.id, &mut sealed.storage)?;
+        let bytes = serde_json::to_vec(&sealed).map_err(|e| CheckpointError::Task(e.to_string()))?;
         self.commits
             .snapshotter()
             .store()
@@ -337,6 +487,67 @@ mod tests {
             !printed.contains("very-secret") && !printed.contains("abab"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn secrets_are_sealed_at_rest_and_open_only_for_their_record_and_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let key = SecretsKey::open_or_create(tmp.path()).unwrap();
+        let key_file = tmp.path().join(SECRETS_KEY_FILE);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let clear = SavedStorage {
+            backend: "s3".into(),
+            bucket: "b".into(),
+            access_key: "AK".into(),
+            secret_key: "very-secret".into(),
+            encryption_key: "ab".repeat(32),
+            ..SavedStorage::default()
+        };
+        let mut sealed = clear.clone();
+        key.seal("sched-1-1", &mut sealed).unwrap();
+        let stored = serde_json::to_string(&sealed).unwrap();
+        assert!(!stored.contains("very-secret") && !stored.contains("abab"), "{stored}");
+        assert!(
+            stored.contains("\"access_key\":\"AK\""),
+            "what is no secret stays readable: {stored}"
+        );
+
+        let mut back: SavedStorage = serde_json::from_str(&stored).unwrap();
+        assert!(back.secret_key.is_empty());
+        key.open("sched-1-1", &mut back).unwrap();
+        assert_eq!(
+            (back.secret_key.as_str(), back.encryption_key.as_str()),
+            ("very-secret", &*"ab".repeat(32))
+        );
+
+        // Copied into another record, or opened with another daemon's key.
+        let mut moved: SavedStorage = serde_json::from_str(&stored).unwrap();
+        let e = key.open("sched-2-1", &mut moved).unwrap_err().to_string();
+        assert!(e.contains("sealed secrets of schedule sched-2-1 do not open"), "{e}");
+        let other = tempfile::tempdir().unwrap();
+        let mut foreign: SavedStorage = serde_json::from_str(&stored).unwrap();
+        assert!(SecretsKey::open_or_create(other.path())
+            .unwrap()
+            .open("sched-1-1", &mut foreign)
+            .is_err());
+        // Damaged.
+        let mut cut: SavedStorage = serde_json::from_str(&stored).unwrap();
+        cut.sealed_secrets.truncate(10);
+        assert!(key.open("sched-1-1", &mut cut).is_err());
+
+        // A record of an older version, secrets in clear, still reads.
+        let legacy = r#"{"backend":"s3","path":"","bucket":"b","region":"","endpoint":"","access_key":"AK","secret_key":"old","encryption_key":""}"#;
+        let legacy: SavedStorage = serde_json::from_str(legacy).unwrap();
+        assert_eq!(legacy.secret_key, "old");
+
+        // A key file others may read is refused.
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = SecretsKey::open_or_create(tmp.path()).err().unwrap().to_string();
+        assert!(e.contains("mode 0644"), "{e}");
     }
 
     #[test]

@@ -162,11 +162,8 @@ fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitEr
         namespace: r.namespace,
         container: r.container,
         target: r.target,
-        work_dir: if r.work_dir.is_empty() {
-            "/tmp".into()
-        } else {
-            r.work_dir.into()
-        },
+        // Empty: the daemon's private scratch directory.
+        work_dir: r.work_dir.into(),
         fs_version: if r.fs_version == 0 { 6 } else { r.fs_version },
         compressor: if r.compressor.is_empty() {
             "lz4_block".into()

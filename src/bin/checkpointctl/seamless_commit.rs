@@ -32,9 +32,11 @@ pub struct Args {
     /// Wait for the background job to build and push the image.
     #[arg(long)]
     wait: bool,
-    /// Working directory of the background job, on the daemon's host.
-    #[arg(long, default_value = "/tmp", value_parser = absolute_path)]
-    work_dir: PathBuf,
+    /// Working directory of the background job, on the daemon's host: one
+    /// only root may write to (created 0700 if missing). Default: the
+    /// daemon's private directory under its root.
+    #[arg(long, value_parser = absolute_path)]
+    work_dir: Option<PathBuf>,
     /// Nydus filesystem version.
     #[arg(long, value_enum, default_value_t = FsVersion::V6)]
     fs_version: FsVersion,
@@ -119,7 +121,11 @@ impl Args {
             container: self.container.clone(),
             target: self.target.clone(),
             format: self.format.as_str().to_owned(),
-            work_dir: self.work_dir.display().to_string(),
+            work_dir: self
+                .work_dir
+                .as_ref()
+                .map(|dir| dir.display().to_string())
+                .unwrap_or_default(),
             fs_version: self.fs_version.number(),
             compressor: self.compressor.as_str().to_owned(),
             target_insecure: self.target_insecure,
@@ -383,7 +389,7 @@ mod tests {
                 container: "c1".into(),
                 target: "registry.local/app:v2".into(),
                 format: "nydus".into(),
-                work_dir: "/tmp".into(),
+                work_dir: String::new(),
                 fs_version: 6,
                 compressor: "lz4_block".into(),
                 target_insecure: false,

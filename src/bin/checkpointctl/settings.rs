@@ -242,7 +242,39 @@ impl Settings {
                 })
             }
         };
-        Settings::parse(&text, &path.display().to_string())
+        let settings = Settings::parse(&text, &path.display().to_string())?;
+        settings.check_secrets_private(path)?;
+        Ok(settings)
+    }
+
+    /// A file that holds secrets must be readable by its owner only: the
+    /// file is their only protection.
+    fn check_secrets_private(&self, path: &Path) -> Result<(), SettingsError> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(key) = [
+            ("storage.s3.secret_key", &self.storage.s3.secret_key),
+            ("storage.encryption_key", &self.storage.encryption_key),
+        ]
+        .into_iter()
+        .find_map(|(key, secret)| (!secret.0.is_empty()).then_some(key)) else {
+            return Ok(());
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(|e| SettingsError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(SettingsError::Invalid {
+                path: path.display().to_string(),
+                key: key.to_string(),
+                reason: format!("is a secret, and the file may be read by other users (mode {mode:04o}); make it 0600"),
+            });
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Settings, SettingsError> {
@@ -356,6 +388,26 @@ storage:
 automerge: {strategy: time-based, keep_daily: 7, aggressive: true}
 logging: {level: info, max_size: 100MB}
 ";
+
+    #[test]
+    fn a_file_with_secrets_that_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("c.yaml");
+        std::fs::write(&path, "storage: {backend: s3, s3: {bucket: b, secret_key: xxxxx}}\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Settings::load(&path, true).unwrap_err().to_string();
+        assert!(
+            e.contains("c.yaml") && e.contains("storage.s3.secret_key") && e.contains("mode 0644"),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Settings::load(&path, true).unwrap();
+        // Without secrets the mode is the user's business.
+        std::fs::write(&path, "storage: {backend: local}\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Settings::load(&path, true).unwrap();
+    }
 
     #[test]
     fn the_issue_example_parses_and_hides_its_secrets() {
