@@ -32,6 +32,8 @@ pub enum CaptureError {
     Thaw { cgroup: String, source: SysError },
     #[error("frozen-container marker {path}: {source}")]
     Marker { path: String, source: std::io::Error },
+    #[error("stopping the processes of {cgroup} failed; it is thawed and keeps running: {source}")]
+    Kill { cgroup: String, source: SysError },
 }
 
 impl Classify for CaptureError {
@@ -294,6 +296,23 @@ impl FrozenHold {
     /// Thaws the container; returns how long it was frozen.
     pub fn thaw(mut self) -> Result<Duration, CaptureError> {
         self.release()
+    }
+
+    /// Kills every process of the container, then thaws it so that they
+    /// die: none runs again after the hold. For a container whose
+    /// checkpoint is to stop it (`--leave-running=false`), once that
+    /// checkpoint is stored.
+    pub fn kill_and_thaw(mut self) -> Result<usize, CaptureError> {
+        let killed = self
+            .sys
+            .kill_cgroup(&self.freezer)
+            .map_err(|source| CaptureError::Kill {
+                cgroup: self.freezer.dir().display().to_string(),
+                source,
+            })?;
+        self.release()?;
+        info!(killed, "stopped the container held frozen");
+        Ok(killed)
     }
 
     fn release(&mut self) -> Result<Duration, CaptureError> {

@@ -108,6 +108,10 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     fn freeze_cgroup(&self, cgroup: &Freezer, deadline: Instant) -> Result<(), SysError>;
     /// Thaws `cgroup`; thawing a cgroup that is not frozen is fine.
     fn thaw_cgroup(&self, cgroup: &Freezer) -> Result<(), SysError>;
+    /// Sends SIGKILL to every process of the cgroup (and of the cgroups
+    /// below it); returns how many were signalled. A frozen process dies
+    /// once thawed, before it runs another instruction of its own.
+    fn kill_cgroup(&self, cgroup: &Freezer) -> Result<usize, SysError>;
     /// Formats `image` (a regular file) as btrfs.
     fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError>;
     /// Attaches `image` to a free loop device (detached automatically on the
@@ -339,6 +343,35 @@ impl SystemOps for RealSystem {
             Freezer::V2(dir) => (dir.join("cgroup.freeze"), "0"),
         };
         std::fs::write(&control, value).map_err(io_err("write", &control))
+    }
+
+    fn kill_cgroup(&self, cgroup: &Freezer) -> Result<usize, SysError> {
+        let mut killed = 0;
+        let mut pending = vec![cgroup.dir().to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            let procs = dir.join("cgroup.procs");
+            let text = std::fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL) {
+                    Ok(()) => killed += 1,
+                    // Gone since the list was read.
+                    Err(nix::errno::Errno::ESRCH) => {}
+                    Err(errno) => {
+                        return Err(SysError::Errno {
+                            op: "kill a process of",
+                            path: dir.display().to_string(),
+                            errno,
+                        })
+                    }
+                }
+            }
+            for entry in std::fs::read_dir(&dir).map_err(io_err("read", &dir))?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+        }
+        Ok(killed)
     }
 
     fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {
@@ -835,6 +868,11 @@ impl SystemOps for RecordingSystem {
 
     fn thaw_cgroup(&self, cgroup: &Freezer) -> Result<(), SysError> {
         self.record_fallible(format!("thaw {}", cgroup.dir().display()))
+    }
+
+    fn kill_cgroup(&self, cgroup: &Freezer) -> Result<usize, SysError> {
+        self.record_fallible(format!("kill {}", cgroup.dir().display()))?;
+        Ok(1)
     }
 
     fn mkfs_btrfs(&self, image: &Path, label: &str) -> Result<(), SysError> {

@@ -723,3 +723,75 @@ fn network_remap_moves_addresses_routes_sockets_and_hosts() {
         Ok(())
     });
 }
+
+/// Holds about 3 MB of incompressible data in the shell's memory besides
+/// the count, so that its process images are that large.
+const BIG_COUNTER: &str = "big=$(head -c 2200000 /dev/urandom | base64); \
+     i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.3; done";
+
+/// `--leave-running=false` stops the container only once its checkpoint is
+/// stored: when storing fails after the dump (storage too small for the
+/// process images), the container keeps running and nothing is left
+/// frozen; when storing succeeds, it is stopped as asked.
+#[test]
+fn leave_running_false_stops_the_container_only_once_stored() {
+    with_env("stopstore", Options::default(), |env| {
+        let (ns, mut ctl) = pulled_namespace(env)?;
+        let id = env.container_id("counter");
+        start_script(env, &ns, &id, BIG_COUNTER)?;
+        let before = wait_count(env, &ns, &id, 2)?;
+
+        // nfs storage on a 512 KiB tmpfs: the container's record fits,
+        // its process images do not.
+        let export = env.dir().join("small-export");
+        std::fs::create_dir_all(&export)?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&export)
+            .status()?;
+        ensure!(mounted.success(), "mounting a tmpfs on {}", export.display());
+        let config = env.dir().join("small.yaml");
+        std::fs::write(
+            &config,
+            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export.display()),
+        )?;
+        ctl.config = Some(config);
+        let result = ctl.run(&["create", &id, "--leave-running=false"]);
+        let _ = Command::new("umount").arg("-l").arg(&export).status();
+        let (code, out, err) = result?;
+        ensure!(code != 0, "a checkpoint into a full storage succeeded: {out}");
+        ensure!(
+            err.contains("No space left") || err.contains("space"),
+            "the error says the storage is full: {err}"
+        );
+        let status = task_status(env, &ns, &id)?;
+        ensure!(
+            status == "RUNNING",
+            "after a failed store the container must run on, it is {status}"
+        );
+        // Not frozen either: it goes on counting.
+        wait_count(env, &ns, &id, before + 3)?;
+
+        ctl.config = None;
+        let checkpoint = ctl.ok(&["create", &id, "--leave-running=false"])?.trim().to_string();
+        ensure!(
+            ctl.listed(&checkpoint)?["process"]["leave_running"] == false,
+            "the metadata says the container was stopped"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while task_status(env, &ns, &id)? != "STOPPED" {
+            ensure!(
+                Instant::now() < deadline,
+                "the container still runs after --leave-running=false"
+            );
+            sleep(Duration::from_millis(100));
+        }
+        remove_container(env, &ns, &id)?;
+        // What was stored restores and counts on.
+        let restored = format!("{id}-r");
+        ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
+        wait_count(env, &ns, &restored, before + 4)?;
+        remove_container(env, &ns, &restored)?;
+        Ok(())
+    });
+}

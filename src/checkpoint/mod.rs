@@ -398,7 +398,14 @@ impl CheckpointService {
         // --pre-freeze: the container stays frozen from the capture of its
         // disk to the end of its memory dump, so that both are of one
         // instant (CRIU finds it frozen and leaves it so).
-        let hold = request.pre_freeze && !request.fs_only;
+        // --leave-running=false: held frozen the same way, dumped with CRIU
+        // leaving it so, and stopped here only once the checkpoint is
+        // stored: a failure (or a killed daemon, whose successor thaws it)
+        // in between loses neither the container nor its checkpoint. Not
+        // with --tcp-established: a process killed outside CRIU closes its
+        // connections, so there CRIU stops it as it dumps.
+        let stop_after_store = !request.leave_running && !request.fs_only && !request.tcp_established;
+        let hold = (request.pre_freeze || stop_after_store) && !request.fs_only;
         let mut captured = self
             .commits
             .capture_with(&request.namespace, &request.container, &capture_name, hold)
@@ -452,6 +459,9 @@ impl CheckpointService {
             let result = (|| {
                 let json = serde_json::to_vec(&record).map_err(|e| CheckpointError::Task(e.to_string()))?;
                 new.container_key = Some(process::store_bytes(&catalogue, &json, Compression::Zstd, "record")?);
+                // Both live until the checkpoint is stored (see above).
+                let mut stop_when_stored = None;
+                let mut dump_guard = None;
                 if !request.fs_only {
                     std::fs::create_dir_all(&work)
                         .map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
@@ -468,14 +478,13 @@ impl CheckpointService {
                     // CRIU freezes the container itself; if the dump is
                     // killed (its timeout, the daemon's death) the container
                     // is thawed here, or by the next start.
-                    let dump_guard = match &freezer {
-                        Some(freezer) => Some(
+                    if let Some(freezer) = &freezer {
+                        dump_guard = Some(
                             snapshotter
                                 .thaw_on_release(&format!("{capture_name}-dump"), freezer)
                                 .map_err(|e| CheckpointError::Task(e.to_string()))?,
-                        ),
-                        None => None,
-                    };
+                        );
+                    }
                     let dumped = process::dump_and_store(
                         &catalogue,
                         &process::DumpInput {
@@ -486,6 +495,7 @@ impl CheckpointService {
                             parent_images,
                             pre_dump: request.pre_dump,
                             leave_running: request.leave_running,
+                            stopped_by_caller: stop_after_store,
                             tcp_established: request.tcp_established,
                             file_locks: request.file_locks,
                             memory_bytes,
@@ -493,17 +503,25 @@ impl CheckpointService {
                             compression,
                         },
                     );
-                    if let Some(held) = held {
+                    match held {
+                        Some(held) if stop_after_store => stop_when_stored = Some(held),
                         // The pause is the whole frozen time.
-                        new.pause = held.thaw().map_err(|e| CheckpointError::Task(e.to_string()))?;
+                        Some(held) => new.pause = held.thaw().map_err(|e| CheckpointError::Task(e.to_string()))?,
+                        None => {}
                     }
-                    drop(dump_guard);
                     if let Err(e) = std::fs::remove_dir_all(&work) {
                         warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
                     }
                     new.process = Some(dumped?);
                 }
-                Ok::<_, CheckpointError>(catalogue.create(&id, &capture.join("fs"), &new)?)
+                let checkpoint = catalogue.create(&id, &capture.join("fs"), &new)?;
+                if let Some(held) = stop_when_stored {
+                    held.kill_and_thaw().map_err(|e| {
+                        CheckpointError::Task(format!("checkpoint {} is stored, but {e}", checkpoint.id))
+                    })?;
+                }
+                drop(dump_guard);
+                Ok::<_, CheckpointError>(checkpoint)
             })();
             remove_capture();
             result

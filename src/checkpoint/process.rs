@@ -408,6 +408,11 @@ pub(super) struct DumpInput<'a> {
     pub parent_images: Vec<String>,
     pub pre_dump: bool,
     pub leave_running: bool,
+    /// The caller holds the container frozen and stops it itself once the
+    /// checkpoint is stored: CRIU leaves it as it is, so that a failure (or
+    /// a killed daemon) before then loses neither the container nor the
+    /// checkpoint.
+    pub stopped_by_caller: bool,
     pub tcp_established: bool,
     pub file_locks: bool,
     pub memory_bytes: u64,
@@ -471,7 +476,7 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
             .map(|p| relative_to_sibling(input.work, p))
             .as_deref(),
         pre_dump: false,
-        leave_running: input.leave_running,
+        leave_running: input.leave_running || input.stopped_by_caller,
         tcp_established: input.tcp_established,
         file_locks: input.file_locks,
     });
