@@ -239,6 +239,15 @@ pub struct SnapshotterConfig {
     /// `containerd.io/snapshot/overlay.upperdir`.
     #[serde(default)]
     pub upperdir_label: bool,
+    /// Namespaces that share committed layers: an unpack in one of them
+    /// adopts a layer another of them holds, by its chain id, instead of
+    /// unpacking it again. A chain id proves no access to a layer's content
+    /// (an image config merely claims its diff ids), so list only
+    /// namespaces that trust one another; `"*"` shares among all. Empty (the
+    /// default): each namespace adopts only its own layers, as containerd's
+    /// own snapshotters do.
+    #[serde(default)]
+    pub shared_namespaces: Vec<String>,
 }
 
 fn default_version() -> u32 {
@@ -402,6 +411,14 @@ impl Config {
             }
         }
         self.validate_remote()?;
+        for namespace in &self.snapshotter.shared_namespaces {
+            if namespace != "*" {
+                crate::containerd::validate_namespace(namespace).map_err(|e| ConfigError::Invalid {
+                    key: "snapshotter.shared_namespaces",
+                    reason: e.to_string(),
+                })?;
+            }
+        }
         for registry in &self.nydus.insecure_registries {
             let valid = !registry.is_empty()
                 && !registry.contains("://")

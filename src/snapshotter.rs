@@ -167,6 +167,8 @@ pub struct Snapshotter {
     upperdir_label: bool,
     rafs: RafsMounts,
     criu: crate::criu::CriuSettings,
+    /// Namespaces whose committed layers one another may adopt.
+    shared_namespaces: Vec<String>,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -234,15 +236,20 @@ fn blob_origin(record: &Record) -> Option<BlobOrigin> {
     })
 }
 
-/// Whether the snapshot named `name` belongs to the namespace of the
-/// request key `key`. containerd 1.6 prefixes every name with `<ns>/<n>/`;
-/// names of requests that carry their namespace in a header are opaque and
-/// tell no namespace apart.
-fn same_namespace(style: KeyStyle, key: &str, name: &str) -> bool {
+/// Whether a request with key `key` may adopt the committed snapshot named
+/// `name`: both of one namespace, or of namespaces the operator lets share
+/// (`snapshotter.shared_namespaces`). containerd 1.6 prefixes every name
+/// with `<ns>/<n>/`; names of requests that carry their namespace in a
+/// header are opaque and tell no namespace apart.
+fn may_adopt(style: KeyStyle, key: &str, name: &str, shared: &[String]) -> bool {
     match style {
         KeyStyle::Prefixed => {
             let namespace = |s: &str| s.split_once('/').map(|(ns, _)| ns.to_string());
-            namespace(key).is_some() && namespace(key) == namespace(name)
+            let (Some(mine), Some(theirs)) = (namespace(key), namespace(name)) else {
+                return false;
+            };
+            let listed = |ns: &str| shared.iter().any(|s| s == "*" || s == ns);
+            mine == theirs || (listed(&mine) && listed(&theirs))
         }
         KeyStyle::Namespaced => true,
     }
@@ -352,6 +359,7 @@ impl Snapshotter {
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
             criu: config.criu.settings(),
+            shared_namespaces: config.snapshotter.shared_namespaces.clone(),
         };
         snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
@@ -642,11 +650,11 @@ impl Snapshotter {
     /// namespace, with the same parent) containerd reuses it on
     /// AlreadyExists instead of unpacking again.
     ///
-    /// Only in the same namespace, as containerd itself shares layers: a
-    /// chain id is no proof of holding the layer's content (it is computed
-    /// from diff ids an image config merely claims), so adopting another
-    /// namespace's layer by it would hand one tenant another's private
-    /// files without ever fetching them.
+    /// Only within a namespace, or among namespaces the operator lists as
+    /// sharing: a chain id is no proof of holding the layer's content (it is
+    /// computed from diff ids an image config merely claims), so adopting
+    /// another namespace's layer by it would hand one tenant another's
+    /// private files without ever fetching them.
     fn refuse_existing_target(
         &self,
         style: KeyStyle,
@@ -657,7 +665,7 @@ impl Snapshotter {
         let exists = self.store.list()?.into_iter().any(|(name, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
-                && same_namespace(style, key, &name)
+                && may_adopt(style, key, &name, &self.shared_namespaces)
                 && (name == target || r.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target))
         });
         if exists {
@@ -1162,6 +1170,29 @@ mod tests {
         // layer: it unpacks its own, as with containerd's own snapshotters.
         s.prepare(KeyStyle::Prefixed, "ns2/5/extract-4 sha256:chain1", "", ref_label)
             .unwrap();
+    }
+
+    #[test]
+    fn only_namespaces_listed_as_sharing_adopt_one_anothers_layers() {
+        let shared = ["k8s.io".to_string(), "moby".to_string()];
+        let name = "k8s.io/7/sha256:chain1";
+        assert!(may_adopt(KeyStyle::Prefixed, "k8s.io/9/extract", name, &[]));
+        assert!(!may_adopt(KeyStyle::Prefixed, "moby/9/extract", name, &[]));
+        assert!(may_adopt(KeyStyle::Prefixed, "moby/9/extract", name, &shared));
+        assert!(!may_adopt(KeyStyle::Prefixed, "tenant/9/extract", name, &shared));
+        assert!(may_adopt(
+            KeyStyle::Prefixed,
+            "tenant/9/extract",
+            name,
+            &["*".to_string()]
+        ));
+        // A name without a namespace is nobody's to adopt.
+        assert!(!may_adopt(
+            KeyStyle::Prefixed,
+            "tenant/9/extract",
+            "sha256:chain1",
+            &["*".to_string()]
+        ));
     }
 
     /// Labels containerd's unpacker sends for a layer of a Nydus image

@@ -764,7 +764,13 @@ impl Drop for Env {
 /// Starts a world, runs `body` in it, and turns an error into a panic while
 /// the world still exists, so that its logs are printed before teardown.
 pub fn with_env(test: &str, options: Options, body: impl FnOnce(&mut Env) -> Result<()>) {
-    let mut env = Env::new(test);
+    with_env_config(test, options, "", body)
+}
+
+/// [`with_env`] with `daemon_config` (whole TOML sections) added to the
+/// daemon's configuration.
+pub fn with_env_config(test: &str, options: Options, daemon_config: &str, body: impl FnOnce(&mut Env) -> Result<()>) {
+    let mut env = Env::new(test).with_daemon_config(daemon_config);
     let result = env.start(options).context("starting the test environment");
     if let Err(e) = result.and_then(|()| body(&mut env)) {
         panic!("{e:?}");

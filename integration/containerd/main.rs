@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::Signal;
 
-use env::{with_env, Env, Options, SnapshotRow};
+use env::{with_env, with_env_config, Env, Options, SnapshotRow};
 use grpc::Snapshots;
 
 /// containerd redials a dead proxy plugin with a backoff of at most 3 s.
@@ -268,14 +268,22 @@ fn daemon_sigterm_exits_cleanly_and_restarts() {
 /// finds every layer and unpacks nothing.
 #[test]
 fn namespaces_share_committed_layers() {
-    with_env(
+    // The namespaces that may share, as the operator lists them; the test's
+    // namespace names are fixed by its name and process.
+    let second_name = format!("sit-share-b-{}", std::process::id());
+    with_env_config(
         "share",
         Options {
             cri: true,
             ..Options::default()
         },
+        &format!("[snapshotter]\nshared_namespaces = [\"k8s.io\", \"{second_name}\"]\n"),
         |env| {
             let second = env.namespace("b");
+            ensure!(
+                second == second_name,
+                "namespace {second} is not the one configured as sharing"
+            );
             let chain = env.image().chain_ids.clone();
             let image_id = cri::pull_image(&env.containerd_socket(), &env.image_ref())?;
             ensure!(image_id.starts_with("sha256:"), "CRI PullImage answered {image_id:?}");
@@ -357,6 +365,21 @@ fn namespaces_share_committed_layers() {
                 out == image::GREETING.1,
                 "a container of the second namespace after k8s.io let go: {out:?}"
             );
+            // A namespace the operator did not list claims the same chain
+            // ids: it is not handed the layers, it unpacks its own.
+            let outsider = env.namespace("c");
+            let mut theirs = Snapshots::containerd(&env.containerd_socket(), &env.snapshotter, &outsider)?;
+            let outsider_key = format!("extract-0-outsider {}", chain[0]);
+            let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), chain[0].clone())]);
+            if let Err(e) = theirs.prepare(&outsider_key, "", labels) {
+                bail!("a namespace not listed as sharing must unpack its own layer, got {e:?}");
+            }
+            ensure!(
+                theirs.stat(&chain[0]).is_err(),
+                "the outsider namespace sees {} without having unpacked it",
+                chain[0]
+            );
+            theirs.remove(&outsider_key)?;
             env.remove_container(&second, &id)?;
             env.remove_container(&second, &id2)?;
             Ok(())
