@@ -324,7 +324,12 @@ impl Snapshotter {
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
         let record_trust = Arc::new(crate::checkpoint::trust::RecordTrust::load(
             root,
-            &config.checkpoint.trusted_record_keys.iter().map(Into::into).collect::<Vec<_>>(),
+            &config
+                .checkpoint
+                .trusted_record_keys
+                .iter()
+                .map(Into::into)
+                .collect::<Vec<_>>(),
             config.checkpoint.untrusted_mounts.clone(),
         )?);
         let snapshotter = Snapshotter {

@@ -17,8 +17,8 @@ use tracing::{info, instrument, warn};
 use super::catalogue::{Catalogue, Checkpoint};
 use super::process::{self, ContainerRecord};
 use super::remap::{self, Remap};
-use super::trust::{Admitted, RecordTrust};
 use super::tree::{Entry, EntryKind, Tree};
+use super::trust::{Admitted, RecordTrust};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::containerd::Containerd;
 use crate::error::ErrorKind;
@@ -599,7 +599,10 @@ fn fetch(
     match admitted {
         Admitted::Sealed { key_id } => info!(key_id, "container record sealed by a trusted key"),
         Admitted::Rebuilt { why } => {
-            info!(why, "container record not trusted: restored as an ordinary container of its image")
+            info!(
+                why,
+                "container record not trusted: restored as an ordinary container of its image"
+            )
         }
         Admitted::ForcedByRequest { why } => warn!(
             why,

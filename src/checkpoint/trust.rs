@@ -300,9 +300,7 @@ impl RecordTrust {
             _ => false,
         };
         if verified {
-            Verdict::Trusted {
-                key_id: key.id.clone(),
-            }
+            Verdict::Trusted { key_id: key.id.clone() }
         } else {
             Verdict::Untrusted {
                 why: format!("its seal does not verify under key {}: the record was altered", key.id),
@@ -505,7 +503,11 @@ pub fn untrusted_refusals(record: &ContainerRecord, mounts: &[AllowedMount]) -> 
     if !RUNC_RUNTIMES.contains(&record.runtime_name.as_str()) {
         refuse(
             "runtime.name".into(),
-            format!("{:?} is not runc's shim ({})", record.runtime_name, RUNC_RUNTIMES.join(", ")),
+            format!(
+                "{:?} is not runc's shim ({})",
+                record.runtime_name,
+                RUNC_RUNTIMES.join(", ")
+            ),
         );
     }
     check_runtime_options(record, &mut refuse);
@@ -527,7 +529,11 @@ pub fn untrusted_refusals(record: &ContainerRecord, mounts: &[AllowedMount]) -> 
                 for (kind, list) in map {
                     let empty = list.is_null() || list.as_array().is_some_and(Vec::is_empty);
                     if !empty {
-                        let known = if HOOK_KINDS.contains(&kind.as_str()) { "" } else { "unknown " };
+                        let known = if HOOK_KINDS.contains(&kind.as_str()) {
+                            ""
+                        } else {
+                            "unknown "
+                        };
                         refuse(
                             format!("spec.hooks.{kind}"),
                             format!("{known}OCI hooks run commands on the host"),
@@ -613,7 +619,11 @@ fn check_process(spec: &Value, refuse: &mut impl FnMut(String, String)) {
             }
         }
     }
-    if process.get("oomScoreAdj").and_then(Value::as_i64).is_some_and(|v| v < 0) {
+    if process
+        .get("oomScoreAdj")
+        .and_then(Value::as_i64)
+        .is_some_and(|v| v < 0)
+    {
         refuse(
             "spec.process.oomScoreAdj".into(),
             "a negative score shields the container from the OOM killer".into(),
@@ -627,7 +637,10 @@ fn check_process(spec: &Value, refuse: &mut impl FnMut(String, String)) {
         .and_then(Value::as_str)
         .is_some_and(|l| l.contains("spc_t") || l.contains("unconfined_t"))
     {
-        refuse("spec.process.selinuxLabel".into(), "SELinux confinement disabled".into());
+        refuse(
+            "spec.process.selinuxLabel".into(),
+            "SELinux confinement disabled".into(),
+        );
     }
 }
 
@@ -654,7 +667,12 @@ fn check_linux(spec: &Value, refuse: &mut impl FnMut(String, String)) {
     if linux["devices"].as_array().is_some_and(|d| !d.is_empty()) {
         refuse("spec.linux.devices".into(), "host devices in the container".into());
     }
-    for (n, rule) in linux["resources"]["devices"].as_array().into_iter().flatten().enumerate() {
+    for (n, rule) in linux["resources"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         if rule["allow"] != Value::Bool(true) {
             continue;
         }
@@ -681,20 +699,20 @@ fn check_linux(spec: &Value, refuse: &mut impl FnMut(String, String)) {
             );
         }
     }
-    if let Some(propagation) = linux["rootfsPropagation"]
-        .as_str()
-        .filter(|p| p.contains("shared"))
-    {
+    if let Some(propagation) = linux["rootfsPropagation"].as_str().filter(|p| p.contains("shared")) {
         refuse(
             "spec.linux.rootfsPropagation".into(),
             format!("{propagation} propagation reaches the host's mounts"),
         );
     }
     if let Some(seccomp) = linux.get("seccomp").filter(|s| !s.is_null()) {
-        let allows_all = seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
-            && seccomp["syscalls"].as_array().is_none_or(Vec::is_empty);
+        let allows_all =
+            seccomp["defaultAction"] == "SCMP_ACT_ALLOW" && seccomp["syscalls"].as_array().is_none_or(Vec::is_empty);
         if allows_all {
-            refuse("spec.linux.seccomp".into(), "a profile that allows every system call".into());
+            refuse(
+                "spec.linux.seccomp".into(),
+                "a profile that allows every system call".into(),
+            );
         }
         if seccomp["listenerPath"].as_str().is_some_and(|p| !p.is_empty()) {
             refuse(
@@ -778,9 +796,7 @@ pub fn rebuild_untrusted(record: &mut ContainerRecord, namespace: &str) {
         return;
     };
     spec.remove("annotations");
-    let linux = spec
-        .entry("linux")
-        .or_insert_with(|| Value::Object(Default::default()));
+    let linux = spec.entry("linux").or_insert_with(|| Value::Object(Default::default()));
     let Some(linux) = linux.as_object_mut() else {
         return;
     };
@@ -977,7 +993,10 @@ mod tests {
             text.push_str(&format!("{}:{}", json!(k), object[k]));
         }
         text.push('}');
-        assert!(matches!(trust.verify(&read_back(text.as_bytes())), Verdict::Trusted { .. }));
+        assert!(matches!(
+            trust.verify(&read_back(text.as_bytes())),
+            Verdict::Trusted { .. }
+        ));
     }
 
     #[test]
@@ -1041,8 +1060,13 @@ mod tests {
         assert_eq!(first.node_key_id(), again.node_key_id());
         assert_eq!(first.node_key_id().len(), 16);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = RecordTrust::load(dir.path(), &[], default_mounts()).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains("0644"), "{err}");
+        let err = RecordTrust::load(dir.path(), &[], default_mounts())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("0644"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1051,12 +1075,12 @@ mod tests {
         let other = dir.path().join("node-b.key");
         fs::write(&other, [7u8; KEY_LEN]).unwrap();
         fs::set_permissions(&other, fs::Permissions::from_mode(0o640)).unwrap();
-        let err = RecordTrust::load(dir.path(), &[other.clone()], default_mounts())
+        let err = RecordTrust::load(dir.path(), std::slice::from_ref(&other), default_mounts())
             .unwrap_err()
             .to_string();
         assert!(err.contains("node-b.key") && err.contains("0640"), "{err}");
         fs::set_permissions(&other, fs::Permissions::from_mode(0o600)).unwrap();
-        let loaded = RecordTrust::load(dir.path(), &[other.clone()], default_mounts()).unwrap();
+        let loaded = RecordTrust::load(dir.path(), std::slice::from_ref(&other), default_mounts()).unwrap();
         let mut sealed = record(ordinary_spec());
         RecordTrust::new(key(7), Vec::new(), default_mounts())
             .seal(&mut sealed)
@@ -1093,7 +1117,10 @@ mod tests {
         let fields: Vec<&str> = refusals.iter().map(|r| r.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["spec.process.capabilities.bounding", "spec.process.capabilities.effective"]
+            [
+                "spec.process.capabilities.bounding",
+                "spec.process.capabilities.effective"
+            ]
         );
         assert!(refusals[0].reason.contains("CAP_SYS_ADMIN"), "{:?}", refusals[0]);
     }
@@ -1244,12 +1271,20 @@ mod tests {
         spec["hooks"] = json!({"createRuntime": [{"path": "/bin/true"}]});
         spec["linux"]["namespaces"][4] = json!({"type": "network", "path": "/proc/1/ns/net"});
         let mut hostile = record(spec);
-        let err = trust.admit(&mut hostile.clone(), "default", false).unwrap_err().to_string();
+        let err = trust
+            .admit(&mut hostile.clone(), "default", false)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.starts_with("untrusted checkpoint record (it carries no seal): spec.hooks.createRuntime is not allowed"),
+            err.starts_with(
+                "untrusted checkpoint record (it carries no seal): spec.hooks.createRuntime is not allowed"
+            ),
             "{err}"
         );
-        assert!(err.contains("spec.linux.namespaces[network].path is not allowed"), "{err}");
+        assert!(
+            err.contains("spec.linux.namespaces[network].path is not allowed"),
+            "{err}"
+        );
         assert!(matches!(
             trust.admit(&mut hostile, "default", true).unwrap(),
             Admitted::ForcedByRequest { .. }
