@@ -42,7 +42,8 @@
 //! default the pseudo-filesystems of containerd's default spec, no host
 //! path); a runtime other than runc's shim; runc options that name a binary
 //! or a path (`BinaryName`, `Root`, `CriuPath`, `ShimCgroup`, ...) or drop
-//! pivot_root.
+//! pivot_root; any key that is not ASCII or spells one of the fields above
+//! in another case (runc's Go decoder ignores case, so `"Hooks"` are hooks).
 //!
 //! A spec without a seccomp or AppArmor profile is not refused: containerd's
 //! own `ctr run` makes such containers by default.
@@ -131,6 +132,52 @@ const HOOK_KINDS: &[&str] = &[
     "startContainer",
     "poststart",
     "poststop",
+];
+
+/// Every field of the spec the policy reads or rebuilds, as runc spells it.
+const POLICY_FIELDS: &[&str] = &[
+    "hooks",
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+    "process",
+    "capabilities",
+    "bounding",
+    "effective",
+    "inheritable",
+    "permitted",
+    "ambient",
+    "oomScoreAdj",
+    "apparmorProfile",
+    "selinuxLabel",
+    "root",
+    "path",
+    "linux",
+    "namespaces",
+    "type",
+    "devices",
+    "resources",
+    "allow",
+    "access",
+    "major",
+    "minor",
+    "sysctl",
+    "rootfsPropagation",
+    "seccomp",
+    "defaultAction",
+    "syscalls",
+    "listenerPath",
+    "mounts",
+    "destination",
+    "source",
+    "options",
+    "cgroupsPath",
+    "annotations",
+    "maskedPaths",
+    "readonlyPaths",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -544,10 +591,48 @@ pub fn untrusted_refusals(record: &ContainerRecord, mounts: &[AllowedMount]) -> 
             None => refuse("spec.hooks".into(), "not an object".into()),
         }
     }
+    check_spelling(spec, "spec", &mut refuse);
     check_process(spec, &mut refuse);
     check_linux(spec, &mut refuse);
     check_mounts(spec, mounts, &mut refuse);
     refusals
+}
+
+/// Refuses keys that read differently here and in runc: Go's JSON decoder
+/// matches struct fields without regard to case (and with Unicode folding),
+/// so `"Hooks"` or a `hoo\u{212a}s` with a Kelvin sign are hooks to runc while
+/// the checks here look for `"hooks"`. A key is refused when it is not ASCII,
+/// or when it spells a field the policy reads in another case. Annotations
+/// are dropped whole and not walked.
+fn check_spelling(value: &Value, at: &str, refuse: &mut impl FnMut(String, String)) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let field = format!("{at}.{key}");
+                if !key.is_ascii() {
+                    refuse(field, "a key that is not ASCII".into());
+                    continue;
+                }
+                if let Some(canonical) = POLICY_FIELDS
+                    .iter()
+                    .find(|c| c.eq_ignore_ascii_case(key) && **c != key.as_str())
+                {
+                    refuse(field, format!("runc reads {key:?} as {canonical:?}"));
+                    continue;
+                }
+                if at == "spec" && key == "annotations" {
+                    continue;
+                }
+                check_spelling(inner, &field, refuse);
+            }
+        }
+        Value::Array(items) => {
+            for (n, item) in items.iter().enumerate() {
+                check_spelling(item, &format!("{at}[{n}]"), refuse);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn check_runtime_options(record: &ContainerRecord, refuse: &mut impl FnMut(String, String)) {
@@ -1240,6 +1325,19 @@ mod tests {
                 "spec.linux.seccomp",
                 "spec.mounts[5] (/sys)",
             ]
+        );
+    }
+
+    #[test]
+    fn fields_spelled_in_another_case_are_refused() {
+        // runc's Go decoder reads both as hooks.
+        let mut spec = ordinary_spec();
+        spec["Hooks"] = json!({"prestart": [{"path": "/bin/sh"}]});
+        spec["linux"]["namespaces"][4] = json!({"type": "network", "PATH": "/proc/1/ns/net"});
+        spec["hoo\u{212a}s"] = json!({});
+        assert_eq!(
+            refused_fields(spec),
+            ["spec.Hooks", "spec.hoo\u{212a}s", "spec.linux.namespaces[4].PATH",]
         );
     }
 
