@@ -730,7 +730,7 @@ fn check_process(spec: &Value, refuse: &mut impl FnMut(String, String)) {
 }
 
 fn check_linux(spec: &Value, refuse: &mut impl FnMut(String, String)) {
-    let linux = spec.get("linux").cloned().unwrap_or(Value::Null);
+    let linux = spec.get("linux").unwrap_or(&Value::Null);
     let namespaces = linux["namespaces"].as_array().cloned().unwrap_or_default();
     for namespace in &namespaces {
         let kind = namespace["type"].as_str().unwrap_or("?");
