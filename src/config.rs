@@ -47,6 +47,85 @@ pub struct Config {
     /// Process-state checkpoints: which runc and criu dump and restore.
     #[serde(default)]
     pub criu: CriuConfig,
+    /// Which checkpoint records restore trusts (see `checkpoint::trust`).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Record keys of other nodes whose checkpoints restore as they were
+    /// recorded: copies of their `<root>/record.key` (32 bytes), each an
+    /// absolute path to a file of mode 0600. Holding a node's key is being
+    /// able to seal records that node trusts: list only nodes trusted as
+    /// much as this one.
+    #[serde(default)]
+    pub trusted_record_keys: Vec<String>,
+    /// Mounts a record that no trusted key sealed may carry; any other mount
+    /// refuses its restore. Default: the pseudo-filesystems of containerd's
+    /// default spec, no host path.
+    #[serde(default = "default_untrusted_mounts")]
+    pub untrusted_mounts: Vec<AllowedMount>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            trusted_record_keys: Vec::new(),
+            untrusted_mounts: default_untrusted_mounts(),
+        }
+    }
+}
+
+/// A mount an untrusted checkpoint record may carry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedMount {
+    /// Where in the container, exactly.
+    pub destination: String,
+    /// The filesystem type ("proc", "tmpfs", ...), or "bind" for a bind
+    /// mount (a mount whose options hold bind or rbind is one).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The source: exactly this, or for a bind mount, a host directory
+    /// ending in '/' under which the source must lie.
+    pub source: String,
+}
+
+impl AllowedMount {
+    fn pseudo(destination: &str, kind: &str, source: &str) -> AllowedMount {
+        AllowedMount {
+            destination: destination.into(),
+            kind: kind.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether a mount of `source` is this entry's.
+    pub fn permits_source(&self, source: &str) -> bool {
+        if source == self.source {
+            return true;
+        }
+        self.kind == "bind"
+            && self.source.ends_with('/')
+            && source.starts_with(&self.source)
+            && !source.split('/').any(|p| p == ".." || p == ".")
+    }
+}
+
+fn default_untrusted_mounts() -> Vec<AllowedMount> {
+    vec![
+        AllowedMount::pseudo("/proc", "proc", "proc"),
+        AllowedMount::pseudo("/dev", "tmpfs", "tmpfs"),
+        AllowedMount::pseudo("/dev/pts", "devpts", "devpts"),
+        AllowedMount::pseudo("/dev/shm", "tmpfs", "shm"),
+        AllowedMount::pseudo("/dev/mqueue", "mqueue", "mqueue"),
+        AllowedMount::pseudo("/sys", "sysfs", "sysfs"),
+        AllowedMount::pseudo("/sys/fs/cgroup", "cgroup", "cgroup"),
+        AllowedMount::pseudo("/sys/fs/cgroup", "cgroup2", "cgroup"),
+        AllowedMount::pseudo("/run", "tmpfs", "tmpfs"),
+    ]
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -282,6 +361,7 @@ impl Default for Config {
             remote: RemoteConfig::default(),
             nydus: NydusConfig::default(),
             criu: CriuConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }
@@ -419,6 +499,7 @@ impl Config {
                 })?;
             }
         }
+        self.validate_checkpoint()?;
         for registry in &self.nydus.insecure_registries {
             let valid = !registry.is_empty()
                 && !registry.contains("://")
@@ -439,6 +520,37 @@ impl Config {
                 key: "commit.background_workers",
                 reason: format!("{} is not between 1 and 64", self.commit.background_workers),
             });
+        }
+        Ok(())
+    }
+
+    /// `[checkpoint]`: absolute key paths; mounts at absolute destinations,
+    /// bind sources absolute, pseudo-filesystem sources not host paths.
+    fn validate_checkpoint(&self) -> Result<(), ConfigError> {
+        let plain_absolute = |p: &str| p.starts_with('/') && !p.split('/').any(|c| c == ".." || c == ".");
+        for key in &self.checkpoint.trusted_record_keys {
+            if !plain_absolute(key) {
+                return Err(ConfigError::Invalid {
+                    key: "checkpoint.trusted_record_keys",
+                    reason: format!("{key:?} must be an absolute path without '..'"),
+                });
+            }
+        }
+        for mount in &self.checkpoint.untrusted_mounts {
+            let source_ok = if mount.kind == "bind" {
+                plain_absolute(&mount.source)
+            } else {
+                !mount.source.is_empty() && !mount.source.starts_with('/')
+            };
+            if !plain_absolute(&mount.destination) || mount.kind.is_empty() || !source_ok {
+                return Err(ConfigError::Invalid {
+                    key: "checkpoint.untrusted_mounts",
+                    reason: format!(
+                        "{mount:?}: the destination must be an absolute path, a bind's source a host path and any \
+                         other type's source a name such as \"proc\""
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -479,6 +591,28 @@ pub use crate::checkpoint::filter::parse_size;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoint_trust_keys_and_mounts_are_checked() {
+        let config = Config::parse(
+            "[checkpoint]\ntrusted_record_keys = [\"/etc/seamless/node-b.key\"]\n\
+             untrusted_mounts = [{ destination = \"/data\", type = \"bind\", source = \"/srv/data/\" }]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.checkpoint.trusted_record_keys, ["/etc/seamless/node-b.key"]);
+        assert_eq!(config.checkpoint.untrusted_mounts.len(), 1);
+        let err = Config::parse("[checkpoint]\ntrusted_record_keys = [\"node-b.key\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("checkpoint.trusted_record_keys"), "{err}");
+        for bad in [
+            "{ destination = \"/data\", type = \"bind\", source = \"srv\" }",
+            "{ destination = \"/proc\", type = \"proc\", source = \"/proc\" }",
+            "{ destination = \"data\", type = \"tmpfs\", source = \"tmpfs\" }",
+        ] {
+            let err = Config::parse(&format!("[checkpoint]\nuntrusted_mounts = [{bad}]\n"), "t").unwrap_err();
+            assert!(err.to_string().contains("checkpoint.untrusted_mounts"), "{err}");
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

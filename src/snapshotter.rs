@@ -88,6 +88,8 @@ pub enum SnapshotError {
     Filter(#[from] FilterError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    RecordKey(#[from] crate::checkpoint::trust::TrustError),
 }
 
 impl Classify for SnapshotError {
@@ -105,7 +107,7 @@ impl Classify for SnapshotError {
             SnapshotError::Rafs(e) => e.kind(),
             SnapshotError::Capture(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
-            SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
+            SnapshotError::Usage { .. } | SnapshotError::Config(_) | SnapshotError::RecordKey(_) => ErrorKind::Internal,
             SnapshotError::Store(e) => e.kind(),
             SnapshotError::Storage(e) => e.kind(),
         }
@@ -169,6 +171,9 @@ pub struct Snapshotter {
     criu: crate::criu::CriuSettings,
     /// Namespaces whose committed layers one another may adopt.
     shared_namespaces: Vec<String>,
+    /// Keys of checkpoint records: loaded here, with the rest of the
+    /// daemon's start-up state, so a loose key file refuses the start.
+    record_trust: Arc<crate::checkpoint::trust::RecordTrust>,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -350,6 +355,16 @@ impl Snapshotter {
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
+        let record_trust = Arc::new(crate::checkpoint::trust::RecordTrust::load(
+            root,
+            &config
+                .checkpoint
+                .trusted_record_keys
+                .iter()
+                .map(Into::into)
+                .collect::<Vec<_>>(),
+            config.checkpoint.untrusted_mounts.clone(),
+        )?);
         let snapshotter = Snapshotter {
             store,
             storage,
@@ -360,6 +375,7 @@ impl Snapshotter {
             rafs,
             criu: config.criu.settings(),
             shared_namespaces: config.snapshotter.shared_namespaces.clone(),
+            record_trust,
         };
         snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
@@ -384,6 +400,11 @@ impl Snapshotter {
     /// 0700 beneath the daemon's root.
     pub fn scratch_dir(&self) -> &Path {
         self.storage.scratch_dir()
+    }
+
+    /// The keys checkpoint records are sealed with and trusted under.
+    pub fn record_trust(&self) -> &Arc<crate::checkpoint::trust::RecordTrust> {
+        &self.record_trust
     }
 
     pub fn storage_kind(&self) -> StorageKind {

@@ -539,7 +539,23 @@ fn restore_on_another_node_through_shared_storage_or_streamed() {
             // Sent again: the node keeps what it has and restores it.
             let again = format!("{id}-again");
             local.ok(&["restore", &local_checkpoint, "-t", "node2", "--name", &again])?;
-            remove_container(&node2, &ns, &again)
+            remove_container(&node2, &ns, &again)?;
+            // The node's records are not this one's, and a token holder
+            // cannot have them applied as recorded.
+            let (code, _, err) = local.run(&[
+                "restore",
+                &local_checkpoint,
+                "-t",
+                "node2",
+                "--name",
+                "trusting",
+                "--trust-record",
+            ])?;
+            ensure!(
+                code != 0 && err.contains("unix socket only"),
+                "--trust-record over TCP is refused (exit {code}): {err}"
+            );
+            Ok(())
         })();
         let cleaned = remove_container(&node2, &ns, &sent);
         streamed?;
@@ -792,6 +808,207 @@ fn leave_running_false_stops_the_container_only_once_stored() {
         ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
         wait_count(env, &ns, &restored, before + 4)?;
         remove_container(env, &ns, &restored)?;
+        Ok(())
+    });
+}
+
+/// The annotation of a checkpoint archive's layer that names its container
+/// record's blob.
+const RECORD_ANNOTATION: &str = "io.seamless.checkpoint.container-record";
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies the checkpoint archive `source` to `target` with each layer's
+/// container record changed by `edit` (its blob, the layer's annotation,
+/// the manifest and the index made consistent again, as someone who
+/// rewrites an archive would), so that only the record's seal can tell.
+fn rewrite_record(
+    source: &std::path::Path,
+    target: &std::path::Path,
+    edit: impl Fn(&mut serde_json::Value),
+) -> Result<()> {
+    use std::io::Read;
+    let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(source)?);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let name = entry.path()?.display().to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data)?;
+        members.push((name, data));
+    }
+    let find = |members: &[(String, Vec<u8>)], name: &str| -> Result<usize> {
+        members
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no member {name} in {}", source.display()))
+    };
+    let blob = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    let at = find(&members, "index.json")?;
+    let mut index: serde_json::Value = serde_json::from_slice(&members[at].1)?;
+    let manifest_at = find(
+        &members,
+        &blob(index["manifests"][0]["digest"].as_str().unwrap_or_default()),
+    )?;
+    let mut manifest: serde_json::Value = serde_json::from_slice(&members[manifest_at].1)?;
+    let mut edited = 0;
+    for layer in manifest["layers"].as_array_mut().into_iter().flatten() {
+        let Some(digest) = layer["annotations"][RECORD_ANNOTATION].as_str().map(str::to_string) else {
+            continue;
+        };
+        let record_at = find(&members, &blob(&digest))?;
+        let mut record: serde_json::Value = serde_json::from_slice(&members[record_at].1)?;
+        edit(&mut record);
+        let bytes = serde_json::to_vec(&record)?;
+        let digest = format!("sha256:{}", sha256_hex(&bytes));
+        members[record_at] = (blob(&digest), bytes);
+        layer["annotations"][RECORD_ANNOTATION] = serde_json::Value::String(digest);
+        edited += 1;
+    }
+    ensure!(edited > 0, "{} holds no container record", source.display());
+    let bytes = serde_json::to_vec(&manifest)?;
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    index["manifests"][0]["digest"] = serde_json::Value::String(digest.clone());
+    index["manifests"][0]["size"] = serde_json::json!(bytes.len());
+    members[manifest_at] = (blob(&digest), bytes);
+    members[at].1 = serde_json::to_vec(&index)?;
+    let mut builder = tar::Builder::new(std::fs::File::create(target)?);
+    for (name, data) in &members {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, name, data.as_slice())?;
+    }
+    builder.into_inner()?.sync_all()?;
+    Ok(())
+}
+
+/// A CLI on `nfs` storage in a new directory `<test dir>/<name>`.
+fn nfs_ctl(env: &Env, ns: &str, name: &str) -> Result<Ctl> {
+    let export = env.dir().join(name);
+    std::fs::create_dir_all(&export)?;
+    let config = env.dir().join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", export.display()),
+    )?;
+    Ok(Ctl {
+        socket: env.daemon_socket(),
+        ns: ns.to_string(),
+        config: Some(config),
+    })
+}
+
+/// A checkpoint archive whose container record was rewritten to carry a
+/// prestart hook, a bind mount of the host's `/` and the host's network
+/// namespace: imported, its restore is refused naming each field, and no
+/// container is created (the hook never runs); `--trust-record` applies it.
+/// The same archive untouched restores (the seal of this node verifies),
+/// and with the seal stripped off an ordinary record restores rebuilt.
+#[test]
+fn a_tampered_container_record_is_refused_on_restore() {
+    with_env("restore-record", Options::default(), |env| {
+        let (ns, ctl) = pulled_namespace(env)?;
+        let id = env.container_id("rec");
+        start_script(env, &ns, &id, "echo mine > /mine && sync && exec sleep 1000")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.exec(&ns, &id, "cat /mine").is_err() {
+            ensure!(Instant::now() < deadline, "{id} did not start");
+            sleep(Duration::from_millis(200));
+        }
+        let checkpoint = ctl.ok(&["create", &id, "--fs-only"])?.trim().to_string();
+        let archive = env.dir().join("record.tar");
+        ctl.ok(&["info", &checkpoint, "--export", &archive.display().to_string()])?;
+
+        let marker = env.dir().join("hook-ran");
+        let hostile = env.dir().join("hostile.tar");
+        let hook = format!("touch {}", marker.display());
+        rewrite_record(&archive, &hostile, |record| {
+            let spec = &mut record["spec"];
+            spec["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]});
+            spec["mounts"]
+                .as_array_mut()
+                .expect("the recorded spec has mounts")
+                .push(serde_json::json!({"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]}));
+            for namespace in spec["linux"]["namespaces"].as_array_mut().into_iter().flatten() {
+                if namespace["type"] == "network" {
+                    namespace["path"] = serde_json::json!("/proc/1/ns/net");
+                }
+            }
+        })?;
+        let foreign = nfs_ctl(env, &ns, "foreign")?;
+        foreign.ok(&["import", &hostile.display().to_string()])?;
+        let (code, out, err) = foreign.run(&["restore", &checkpoint, "--name", "hostile", "--resume"])?;
+        ensure!(code != 0, "a tampered record was restored: {out}{err}");
+        for field in [
+            "untrusted checkpoint record",
+            "does not verify",
+            "spec.hooks.prestart is not allowed",
+            "(/host) is not allowed (host path /",
+            "spec.linux.namespaces[network].path is not allowed",
+            "/proc/1/ns/net",
+        ] {
+            ensure!(err.contains(field), "the refusal names {field:?}: {err}");
+        }
+        ensure!(
+            !env.ctr(&ns, &["containers", "ls", "-q"])?.contains("hostile"),
+            "a refused restore creates no container"
+        );
+        ensure!(!marker.exists(), "the hook of a refused record ran");
+        // The daemon goes on serving.
+        ctl.listed(&checkpoint)?;
+
+        // The operator's opt-in applies it as recorded (created, not
+        // started: the hook would run only with a task).
+        let out = foreign.ok(&["restore", &checkpoint, "--name", "forced", "--trust-record"])?;
+        ensure!(out.contains("forced"), "{out}");
+        let info = env.ctr(&ns, &["containers", "info", "forced"])?;
+        ensure!(info.contains("prestart") && info.contains("/proc/1/ns/net"), "{info}");
+        env.ctr(&ns, &["containers", "rm", "forced"])?;
+        ensure!(!marker.exists(), "the hook ran without a task");
+
+        // Untouched, the archive restores as this node made it.
+        let own = nfs_ctl(env, &ns, "own")?;
+        own.ok(&["import", &archive.display().to_string()])?;
+        own.ok(&["restore", &checkpoint, "--name", "own", "--resume"])?;
+        ensure!(
+            env.exec(&ns, "own", "cat /mine")?.trim() == "mine",
+            "the files come back"
+        );
+        let spec = env.ctr(&ns, &["containers", "info", "own"])?;
+        remove_container(env, &ns, "own")?;
+
+        // Without a seal an ordinary record still restores, as an ordinary
+        // container of its image: its cgroup path made again.
+        let unsealed = env.dir().join("unsealed.tar");
+        rewrite_record(&archive, &unsealed, |record| {
+            record.as_object_mut().map(|r| r.remove("seal"));
+            record["spec"]["linux"]["cgroupsPath"] = serde_json::json!("/system.slice/ssh.service/x");
+        })?;
+        let plain = nfs_ctl(env, &ns, "plain")?;
+        plain.ok(&["import", &unsealed.display().to_string()])?;
+        plain.ok(&["restore", &checkpoint, "--name", "plain", "--resume"])?;
+        ensure!(
+            env.exec(&ns, "plain", "cat /mine")?.trim() == "mine",
+            "the files come back"
+        );
+        let info = env.ctr(&ns, &["containers", "info", "plain"])?;
+        ensure!(
+            info.contains(&format!("\"cgroupsPath\": \"/{ns}/plain\"")) && !info.contains("ssh.service"),
+            "the cgroup path of an untrusted record is rebuilt: {info}"
+        );
+        ensure!(
+            spec.contains(&format!("\"cgroupsPath\": \"/{ns}/own\"")),
+            "the own record keeps its path: {spec}"
+        );
+        remove_container(env, &ns, "plain")?;
         Ok(())
     });
 }

@@ -18,6 +18,7 @@ pub mod s3;
 pub mod schedule;
 pub mod sealed;
 pub mod tree;
+pub mod trust;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -576,8 +577,15 @@ impl CheckpointService {
         let snapshot_parent = containerd
             .snapshot_parent(&request.namespace, &container.snapshotter, &container.snapshot_key)
             .await?;
-        let record =
+        let mut record =
             process::ContainerRecord::from_container(&container, snapshot_parent, process::process_identity(pid))?;
+        // Sealed before it is stored: the seal travels with the record to
+        // wherever the checkpoint goes, and only it makes the record trusted.
+        self.commits
+            .snapshotter()
+            .record_trust()
+            .seal(&mut record)
+            .map_err(|e| CheckpointError::Task(e.to_string()))?;
         Ok((parent, record))
     }
 

@@ -69,6 +69,11 @@ pub struct ContainerRecord {
     /// "<pid>:<start time>" of the init process when checkpointed: a
     /// memory parent is used only for the same process.
     pub process_identity: String,
+    /// The authentication of every other field, by the node that wrote the
+    /// record (see `trust`); None in records of older versions and in any
+    /// record someone made by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<super::trust::RecordSeal>,
 }
 
 impl ContainerRecord {
@@ -96,6 +101,7 @@ impl ContainerRecord {
             spec: serde_json::from_slice(&spec.value)
                 .map_err(|e| ProcessError::Record(format!("the spec of {} is not JSON: {e}", container.id)))?,
             process_identity,
+            seal: None,
         })
     }
 

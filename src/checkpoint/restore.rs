@@ -18,6 +18,7 @@ use super::catalogue::{Catalogue, Checkpoint};
 use super::process::{self, ContainerRecord};
 use super::remap::{self, Remap};
 use super::tree::{Entry, EntryKind, Tree};
+use super::trust::{Admitted, RecordTrust};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::containerd::Containerd;
 use crate::error::ErrorKind;
@@ -39,6 +40,9 @@ pub struct RestoreRequest {
     pub validate: bool,
     /// Addresses to move (`--network-remap`).
     pub network_remap: Vec<Remap>,
+    /// Apply a container record no trusted key sealed as it is
+    /// (`--trust-record`), instead of refusing what it may not have.
+    pub trust_record: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,8 +169,22 @@ impl CheckpointService {
                 request.validate,
                 request.network_remap.clone(),
             );
+            let admission = Admission {
+                trust: self.commits.snapshotter().record_trust().clone(),
+                namespace: request.namespace.clone(),
+                apply_untrusted: request.trust_record,
+            };
             tokio::task::spawn_blocking(move || {
-                fetch(&catalogue, &checkpoint, &record_key, &work, parallel, validate, &remaps)
+                fetch(
+                    &catalogue,
+                    &checkpoint,
+                    &record_key,
+                    &work,
+                    parallel,
+                    validate,
+                    &remaps,
+                    &admission,
+                )
             })
             .await
             .map_err(|e| CheckpointError::Task(e.to_string()))?
@@ -531,6 +549,14 @@ struct Fetched {
     netns: Option<PathBuf>,
 }
 
+/// How a fetched container record is admitted (see `trust`).
+struct Admission {
+    trust: std::sync::Arc<RecordTrust>,
+    namespace: String,
+    apply_untrusted: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn fetch(
     catalogue: &Catalogue,
     checkpoint: &Checkpoint,
@@ -539,6 +565,7 @@ fn fetch(
     parallel: usize,
     validate: bool,
     remaps: &[Remap],
+    admission: &Admission,
 ) -> Result<Fetched, CheckpointError> {
     fs::create_dir_all(work).map_err(CheckpointError::from_io(work))?;
     fs::set_permissions(work, fs::Permissions::from_mode(0o700)).map_err(CheckpointError::from_io(work))?;
@@ -555,9 +582,34 @@ fn fetch(
     }
     let record_path = work.join("record.json");
     catalogue.fetch_verified(record_key, &record_path)?;
-    let record: ContainerRecord =
+    let mut record: ContainerRecord =
         serde_json::from_slice(&fs::read(&record_path).map_err(CheckpointError::from_io(&record_path))?)
             .map_err(|e| CheckpointError::Invalid(format!("container record of {}: {e}", checkpoint.id)))?;
+    // Before anything reads the record (the network namespace below) or
+    // anything is created from it.
+    let admitted = admission
+        .trust
+        .admit(&mut record, &admission.namespace, admission.apply_untrusted)
+        .map_err(|e| CheckpointError::Restore {
+            step: "record",
+            reason: format!("checkpoint {}: {e}", checkpoint.id),
+            log: String::new(),
+            kind: ErrorKind::FailedPrecondition,
+        })?;
+    match admitted {
+        Admitted::Sealed { key_id } => info!(key_id, "container record sealed by a trusted key"),
+        Admitted::Rebuilt { why } => {
+            info!(
+                why,
+                "container record not trusted: restored as an ordinary container of its image"
+            )
+        }
+        Admitted::ForcedByRequest { why } => warn!(
+            why,
+            checkpoint = checkpoint.id,
+            "container record not trusted, applied as recorded because the restore request said --trust-record"
+        ),
+    }
     let mut blobs = 1;
     let (images, criu_config) = match &checkpoint.process {
         Some(state) => {

@@ -279,7 +279,18 @@ impl Control for ControlService {
         &self,
         request: Request<RestoreCheckpointRequest>,
     ) -> Result<Response<RestoreCheckpointResponse>, Status> {
+        // Applying an untrusted record is root on this host: only for a
+        // caller of the unix socket, never a holder of the remote token.
+        let local = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .is_some();
         let r = request.into_inner();
+        if r.trust_record && !local {
+            return Err(Status::permission_denied(
+                "trust_record is honoured on the daemon's unix socket only",
+            ));
+        }
         let restored = self
             .checkpoints
             .restore(RestoreRequest {
@@ -300,6 +311,7 @@ impl Control for ControlService {
                     .map(|spec| checkpoint::remap::Remap::parse(spec))
                     .collect::<Result<_, _>>()
                     .map_err(|reason| Status::invalid_argument(format!("network remap: {reason}")))?,
+                trust_record: r.trust_record,
             })
             .await
             .map_err(checkpoint_status)?;

@@ -37,6 +37,12 @@ pub struct Args {
     /// SRC_CIDR->DST_CIDR (IPv4, one prefix length; repeatable).
     #[arg(long = "network-remap", value_name = "SPEC", value_parser = Remap::parse)]
     network_remaps: Vec<Remap>,
+    /// Apply the checkpoint's container record as it is even when no key
+    /// the daemon trusts sealed it (an archive or storage from elsewhere):
+    /// its hooks, capabilities, host mounts and namespaces then run as
+    /// root on the node. Only for records you trust yourself.
+    #[arg(long)]
+    trust_record: bool,
     /// Output format.
     #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json", "yaml"])]
     output: String,
@@ -70,6 +76,7 @@ pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(
             parallel: args.parallel,
             validate: args.validate,
             network_remap: args.network_remaps.iter().map(ToString::to_string).collect(),
+            trust_record: args.trust_record,
         })
         .await
         .map_err(|status| CliError::rpc(restore_action(&id, args.target_node.as_deref()), status))?
