@@ -245,7 +245,13 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
     let mut builds = Vec::new();
     for (i, layer) in pulled.manifest.layers.iter().enumerate() {
         let blob = work.join(format!("oci-{i}"));
-        runtime.block_on(registry.pull_blob_to(&source, &layer.digest, &blob, &RegistryAuth::Anonymous))?;
+        runtime.block_on(registry.pull_blob_to(
+            &source,
+            &layer.digest,
+            u64::try_from(layer.size)?,
+            &blob,
+            &RegistryAuth::Anonymous,
+        ))?;
         let tar = work.join(format!("oci-{i}.tar"));
         seamless_snapshotter::nydus_image::decompress_layer(&layer.media_type, &blob, &tar)
             .map_err(anyhow::Error::msg)?;
