@@ -640,6 +640,32 @@ fn a_bootstrap_naming_a_traversing_blob_id_is_refused_with_nothing_touched_outsi
         );
         assert!(!RealSystem.is_mountpoint(&mounts.mountpoint(1)).unwrap_or(false));
 
+        // The FUSE server refuses it too, whoever calls it.
+        if driver == FsDriver::Fuse {
+            let mountpoint = case.join("direct");
+            fs::create_dir(&mountpoint).unwrap();
+            let server = InProcessFuse::new();
+            let _unmount = Mounted(mountpoint.clone());
+            let before = entries_outside(&case, &root.join("nydus"));
+            let err = server
+                .serve(&FuseSpec {
+                    bootstrap: evil.clone(),
+                    backend: BlobBackend::Local {
+                        dir: root.join("nydus/blobs"),
+                    },
+                    cache_dir: root.join("nydus/fuse-cache"),
+                    mountpoint: mountpoint.clone(),
+                })
+                .unwrap_err();
+            assert_eq!(
+                entries_outside(&case, &root.join("nydus")),
+                before,
+                "{what}: direct serve"
+            );
+            assert!(err.to_string().contains(&evil_id), "{what}: {err}");
+            assert!(!server.serves(&mountpoint));
+        }
+
         // The same daemon state still mounts the genuine image.
         let _unmount = Mounted(mounts.mountpoint(2));
         let lease = mounts.acquire(2, &bootstrap, &origins).unwrap();
