@@ -58,6 +58,9 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// The largest image config read, whatever its descriptor says: real ones
 /// are a few KiB (a long history makes tens).
 pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// A manifest read that receives nothing for this long is abandoned (and
+/// retried): a registry dripping bytes cannot hold a pull forever.
+const MANIFEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a manifest request accepts: images and indexes, OCI and Docker.
 const MANIFEST_MEDIA_TYPES: &[&str] = &[
     OCI_IMAGE_MEDIA_TYPE,
@@ -298,7 +301,6 @@ struct Session {
     credentials: Credentials,
 }
 
-#[derive(Clone)]
 enum Credentials {
     None,
     Bearer(String),
@@ -530,7 +532,7 @@ impl RegistryClient {
     /// verifying its digest and its `size` (its descriptor's): a body that
     /// goes past it is cut off there. The file appears at `dest` only when
     /// complete and verified. Returns its size.
-    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest, size))]
+    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest, size = size))]
     pub async fn pull_blob_to(
         &self,
         reference: &str,
@@ -637,6 +639,7 @@ impl RegistryClient {
         reqwest::Client::builder()
             .danger_accept_invalid_certs(self.options.insecure)
             .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(MANIFEST_READ_TIMEOUT)
             .build()
             .map_err(|err| RegistryError::Registry {
                 status: None,

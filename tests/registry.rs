@@ -3,7 +3,10 @@
 //! temporary directory: plain HTTP, HTTP with htpasswd basic auth, and TLS
 //! with a self-signed certificate. The registry's access log tells which
 //! requests were made. Fails, never skips, when `docker-registry` (or, for
-//! the TLS test, `openssl`) is missing.
+//! the TLS test, `openssl`) is missing. Stand-in registries on 127.0.0.1
+//! answer what a real one would not: errors, manifests of megabytes, bodies
+//! longer than their descriptors, with and without a length, which must be
+//! refused without being read whole.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
