@@ -45,6 +45,12 @@ pub const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
 
 /// Chunk size of every image we build (nydus-image's default).
 const CHUNK_SIZE: u32 = 0x10_0000;
+/// The largest bootstrap unpacked from a bootstrap layer: the bootstraps of
+/// images of a million files stay within a few hundred MiB.
+pub const MAX_BOOTSTRAP_BYTES: u64 = 1 << 30;
+/// The largest tar member other than a regular file's data that a split
+/// holds in memory (symlink targets and long names are far smaller).
+const MAX_BUFFERED_MEMBER: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NydusError {
@@ -58,6 +64,8 @@ pub enum NydusError {
     InvalidBootstrap { path: String, message: String },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("{path} is larger than the {limit} bytes read of it: refused")]
+    TooLarge { path: String, limit: u64 },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NydusError + '_ {
@@ -117,6 +125,53 @@ impl RafsOptions {
             6 => Ok(RafsVersion::V6),
             other => Err(NydusError::UnknownVersion(other)),
         }
+    }
+}
+
+/// The id of a Nydus blob as a bootstrap's blob table or a layer digest
+/// names it: the 64 lowercase hex of the blob's sha256. A bootstrap comes
+/// from a registry and may name anything; [`BlobId::parse`] is the only way
+/// to make one, so a `BlobId` is safe to use as a file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobId(String);
+
+/// A blob id that is not 64 lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid nydus blob id {id:?}: a blob id is the 64 lowercase hex of the blob's sha256")]
+pub struct InvalidBlobId {
+    /// The refused id, cut to 100 characters.
+    pub id: String,
+}
+
+impl BlobId {
+    pub fn parse(id: &str) -> Result<BlobId, InvalidBlobId> {
+        if crate::registry::is_sha256_hex(id) {
+            Ok(BlobId(id.to_string()))
+        } else {
+            Err(InvalidBlobId {
+                id: id.chars().take(100).collect(),
+            })
+        }
+    }
+
+    /// The blob whose layer digest is `digest` (`sha256:<id>`).
+    pub fn from_digest(digest: &str) -> Result<BlobId, InvalidBlobId> {
+        match digest.strip_prefix("sha256:") {
+            Some(hex) => BlobId::parse(hex),
+            None => Err(InvalidBlobId {
+                id: digest.chars().take(100).collect(),
+            }),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -338,8 +393,16 @@ pub fn split_tar(tar: &Path, max_parts: usize, min_part_bytes: u64, dir: &Path) 
         let mut data = Vec::new();
         if kind == tar::EntryType::Regular && targets.len() == 1 {
             // Streamed below instead of buffered.
+        } else if entry.size() > MAX_BUFFERED_MEMBER {
+            return Err(NydusError::TooLarge {
+                path: format!("{}: member {} (type {:?})", tar.display(), path.display(), kind),
+                limit: MAX_BUFFERED_MEMBER,
+            });
         } else {
-            entry.read_to_end(&mut data).map_err(io_error(tar))?;
+            (&mut entry)
+                .take(MAX_BUFFERED_MEMBER)
+                .read_to_end(&mut data)
+                .map_err(io_error(tar))?;
         }
         let mut header = entry.header().clone();
         for &part in &targets {
@@ -653,15 +716,29 @@ pub fn pack_bootstrap_layer(bootstrap: &Path, out: &Path) -> Result<BootstrapLay
 
 /// Reads the bootstrap out of a bootstrap layer (gzipped tar) into `out`.
 pub fn unpack_bootstrap_layer(layer: &Path, out: &Path) -> Result<(), NydusError> {
+    unpack_bootstrap_bounded(layer, out, MAX_BOOTSTRAP_BYTES)
+}
+
+fn unpack_bootstrap_bounded(layer: &Path, out: &Path, limit: u64) -> Result<(), NydusError> {
     let file = std::fs::File::open(layer).map_err(io_error(layer))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
     for entry in archive.entries().map_err(io_error(layer))? {
         let mut entry = entry.map_err(io_error(layer))?;
         let path = entry.path().map_err(io_error(layer))?.into_owned();
         if path == Path::new(BOOTSTRAP_IN_LAYER) {
-            let mut data = Vec::new();
-            entry.read_to_end(&mut data).map_err(io_error(layer))?;
-            return std::fs::write(out, data).map_err(io_error(out));
+            // The layer comes from a registry: its gzip may inflate to
+            // anything, so the copy stops one byte past the bound.
+            let mut file = std::fs::File::create(out).map_err(io_error(out))?;
+            let copied = std::io::copy(&mut (&mut entry).take(limit + 1), &mut file).map_err(io_error(layer))?;
+            if copied > limit {
+                drop(file);
+                let _ = std::fs::remove_file(out);
+                return Err(NydusError::TooLarge {
+                    path: format!("{}:{BOOTSTRAP_IN_LAYER}", layer.display()),
+                    limit,
+                });
+            }
+            return file.sync_all().map_err(io_error(out));
         }
     }
     Err(NydusError::InvalidBootstrap {
@@ -719,6 +796,57 @@ mod tests {
 
     fn write_tar(path: &Path, entries: &[TestEntry<'_>]) {
         write_test_tar(path, entries, (1000, 1001));
+    }
+
+    #[test]
+    fn blob_ids_are_64_lowercase_hex_and_nothing_else() {
+        let good = "0123456789abcdef".repeat(4);
+        assert_eq!(BlobId::parse(&good).unwrap().as_str(), good);
+        assert_eq!(
+            BlobId::from_digest(&format!("sha256:{good}")).unwrap().to_string(),
+            good
+        );
+        let traversing = format!("../../../outside/{}", "x".repeat(47));
+        for bad in [
+            traversing.as_str(),
+            "",
+            "/etc/passwd",
+            &good.to_uppercase(),
+            &good[1..],
+            &format!("{good}0"),
+            &format!("{}/{}", &good[..31], &good[32..]),
+            &format!("{}.", &good[..63]),
+        ] {
+            let err = BlobId::parse(bad).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "names the id: {err}");
+        }
+        assert!(BlobId::from_digest(&good).is_err(), "a digest has its algorithm");
+        assert!(BlobId::from_digest(&format!("sha512:{good}")).is_err());
+        let long = "a".repeat(1000);
+        assert_eq!(BlobId::parse(&long).unwrap_err().id.len(), 100, "cut for messages");
+    }
+
+    #[test]
+    fn a_bootstrap_layer_is_unpacked_whole_or_refused_when_it_inflates_past_the_bound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let boot = tmp.path().join("boot");
+        std::fs::write(&boot, b"not really a bootstrap").unwrap();
+        let layer = pack_bootstrap_layer(&boot, &tmp.path().join("layer.tar.gz")).unwrap();
+        let out = tmp.path().join("out");
+        unpack_bootstrap_layer(&layer.path, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"not really a bootstrap");
+
+        // Past the bound (small here, for speed): the copy stops one byte
+        // past it and leaves nothing.
+        let big = tmp.path().join("big");
+        std::fs::write(&big, vec![0u8; 3 << 20]).unwrap();
+        let bomb = pack_bootstrap_layer(&big, &tmp.path().join("bomb.tar.gz")).unwrap();
+        assert!(bomb.size < 1 << 20, "zeros compress: {}", bomb.size);
+        unpack_bootstrap_bounded(&bomb.path, &out, 3 << 20).unwrap();
+        let err = unpack_bootstrap_bounded(&bomb.path, &out, (3 << 20) - 1).unwrap_err();
+        assert!(matches!(err, NydusError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains(BOOTSTRAP_IN_LAYER), "{err}");
+        assert!(!out.exists(), "nothing left of a refused bootstrap");
     }
 
     fn paths(tree: &[TreeEntry]) -> Vec<String> {

@@ -4,6 +4,10 @@
 //! blobs, in parallel). The image is laid out as nydusify writes one: a data
 //! blob layer per blob, then the bootstrap layer; the config's diff_ids
 //! follow the layers. Registry access and job state belong to `commit`.
+//!
+//! A base image's manifest comes from a registry: its layer digests are
+//! parsed as [`Digest`]s before one names a file, and every download is
+//! bounded by its descriptor's size.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,7 @@ use std::time::SystemTime;
 use crate::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
 use crate::nydus::{self, LayerBuild, RafsOptions};
-use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
+use crate::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
 /// What the commit hands over to make its Nydus image.
 #[derive(Debug, Clone)]
@@ -241,6 +245,7 @@ async fn nydus_base(
         .pull_blob_to(
             &input.source_image,
             &descriptor.digest,
+            declared_size(input, descriptor)?,
             &layer,
             &RegistryAuth::Anonymous,
         )
@@ -277,11 +282,19 @@ async fn convert_oci_base(
     progress: Progress<'_>,
 ) -> Result<(PathBuf, Vec<Reused>), String> {
     let total = base.manifest.layers.len().max(1) as f64;
-    let cache_of = |digest: &str| {
+    // The digests name cache entries: checked before any is used.
+    let digests = base
+        .manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Digest::parse(&l.digest).map_err(|e| format!("base image {} layer {i}: {e}", input.source_image)))
+        .collect::<Result<Vec<Digest>, String>>()?;
+    let cache_of = |digest: &Digest| {
         input.cache.as_ref().map(|cache| {
             cache.dir.join(format!(
                 "{}-v{}-{}",
-                digest.trim_start_matches("sha256:"),
+                digest.hex(),
                 input.options.fs_version,
                 input.options.compressor.as_str()
             ))
@@ -290,8 +303,8 @@ async fn convert_oci_base(
     // Per base layer: its converted parts, from the cache or to build.
     let mut converted: Vec<Option<Vec<LayerBuild>>> = Vec::new();
     let mut to_build: Vec<(usize, PathBuf)> = Vec::new();
-    for (i, descriptor) in base.manifest.layers.iter().enumerate() {
-        if let Some(cached) = cache_of(&descriptor.digest).and_then(|dir| load_cached(&dir)) {
+    for (i, (descriptor, digest)) in base.manifest.layers.iter().zip(&digests).enumerate() {
+        if let Some(cached) = cache_of(digest).and_then(|dir| load_cached(&dir)) {
             converted.push(Some(cached));
             continue;
         }
@@ -301,7 +314,8 @@ async fn convert_oci_base(
         source
             .pull_blob_to(
                 &input.source_image,
-                &descriptor.digest,
+                digest.as_str(),
+                declared_size(input, descriptor)?,
                 &compressed,
                 &RegistryAuth::Anonymous,
             )
@@ -340,8 +354,8 @@ async fn convert_oci_base(
     for (i, build) in built {
         converted[i].get_or_insert_with(Vec::new).push(build);
     }
-    for (descriptor, builds) in base.manifest.layers.iter().zip(converted.iter_mut()) {
-        if let (Some(dir), Some(list)) = (cache_of(&descriptor.digest), builds.as_mut()) {
+    for (digest, builds) in digests.iter().zip(converted.iter_mut()) {
+        if let (Some(dir), Some(list)) = (cache_of(digest), builds.as_mut()) {
             if !dir.exists() {
                 match store_cached(&dir, list) {
                     Ok(moved) => *list = moved,
@@ -382,6 +396,17 @@ async fn convert_oci_base(
     Ok((boot, reused))
 }
 
+/// The size a base image's manifest declares for a layer, which bounds its
+/// download.
+fn declared_size(input: &Input, descriptor: &crate::registry::OciDescriptor) -> Result<u64, String> {
+    u64::try_from(descriptor.size).map_err(|_| {
+        format!(
+            "base image {} layer {} declares {} bytes",
+            input.source_image, descriptor.digest, descriptor.size
+        )
+    })
+}
+
 /// One part of a converted base layer as kept in the cache.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct CachedPart {
@@ -403,9 +428,16 @@ fn load_cached(dir: &Path) -> Option<Vec<LayerBuild>> {
     index
         .into_iter()
         .map(|part| {
+            // Names this module wrote; anything else is not an entry of ours.
+            let plain_name =
+                !part.bootstrap.is_empty() && !part.bootstrap.starts_with('.') && !part.bootstrap.contains('/');
+            if !plain_name {
+                return None;
+            }
             let bootstrap = dir.join(&part.bootstrap);
             let blob = match part.blob {
                 Some((blob_id, size)) => {
+                    let blob_id = nydus::BlobId::parse(&blob_id).ok()?.to_string();
                     let path = dir.join(&blob_id);
                     if std::fs::metadata(&path).ok()?.len() != size {
                         return None;
@@ -553,7 +585,13 @@ async fn fetch_blob(layer: &CommitLayer, to: &Path) -> Result<(), String> {
         ..Default::default()
     });
     client
-        .pull_blob_to(&layer.pushed_to, &layer.digest, to, &RegistryAuth::Anonymous)
+        .pull_blob_to(
+            &layer.pushed_to,
+            &layer.digest,
+            layer.size,
+            to,
+            &RegistryAuth::Anonymous,
+        )
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -599,7 +637,13 @@ pub async fn resolve_reused(
                 ..Default::default()
             });
             client
-                .pull_blob_to(&reused.from, &reused.layer.digest, &path, &RegistryAuth::Anonymous)
+                .pull_blob_to(
+                    &reused.from,
+                    &reused.layer.digest,
+                    reused.layer.size,
+                    &path,
+                    &RegistryAuth::Anonymous,
+                )
                 .await
                 .map_err(text)?;
             reused.layer.data = LayerData::File(path);
@@ -621,13 +665,14 @@ mod tests {
         std::fs::create_dir_all(&work).unwrap();
         std::fs::write(work.join("a.layer"), b"bootstrap a").unwrap();
         std::fs::write(work.join("b.layer"), b"bootstrap b").unwrap();
-        std::fs::write(work.join("blob-id"), b"blob data").unwrap();
+        let blob_id = "b1".repeat(32);
+        std::fs::write(work.join(&blob_id), b"blob data").unwrap();
         let parts = vec![
             LayerBuild {
                 bootstrap: work.join("a.layer"),
                 blob: Some(nydus::RafsBlob {
-                    path: work.join("blob-id"),
-                    blob_id: "blob-id".into(),
+                    path: work.join(&blob_id),
+                    blob_id: blob_id.clone(),
                     size: 9,
                 }),
             },
@@ -646,8 +691,24 @@ mod tests {
             std::fs::read(&moved[0].blob.as_ref().unwrap().path).unwrap(),
             b"blob data"
         );
+        // An index naming a file outside its entry is a miss: its names
+        // are checked before they are joined.
+        let index = std::fs::read_to_string(dir.join(CACHE_INDEX)).unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"blob data").unwrap();
+        let traversing = format!("../../{}", "o".repeat(58));
+        std::fs::write(tmp.path().join("o".repeat(58)), b"blob data").unwrap();
+        for bad in [
+            index.replace(&blob_id, &traversing),
+            index.replace("part-0.boot", "../../outside"),
+        ] {
+            std::fs::write(dir.join(CACHE_INDEX), bad).unwrap();
+            assert!(load_cached(&dir).is_none());
+        }
+        std::fs::write(dir.join(CACHE_INDEX), index).unwrap();
+        assert_eq!(load_cached(&dir).unwrap(), moved);
         // A damaged entry is a miss, not a wrong image.
-        std::fs::write(dir.join("blob-id"), b"short").unwrap();
+        std::fs::write(dir.join(&blob_id), b"short").unwrap();
         assert!(load_cached(&dir).is_none());
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("cache")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no staging directory left");

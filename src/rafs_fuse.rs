@@ -9,6 +9,11 @@
 //! (`rafs_mount` does). A FUSE mount lives as long as this process: after a
 //! restart, the mount of the previous run is dead and `rafs_mount` mounts it
 //! again.
+//!
+//! nydus-storage names its cache files and local blob files after the blob
+//! ids of the bootstrap, which comes from a registry: [`FuseServer::serve`]
+//! refuses a bootstrap whose ids are not [`BlobId`]s before nydus-storage
+//! sees it, whatever its caller checked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,8 @@ use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use nydus_api::ConfigV2;
 use nydus_rafs::fs::Rafs;
 use tracing::{debug, info, warn};
+
+use crate::nydus::{self, BlobId, InvalidBlobId};
 
 /// Threads reading requests of one mount: reads that wait on the registry
 /// do not hold up the others.
@@ -38,6 +45,8 @@ pub enum FuseError {
     Load { bootstrap: String, message: String },
     #[error("FUSE mount at {mountpoint}: {message}")]
     Session { mountpoint: String, message: String },
+    #[error("RAFS bootstrap {bootstrap}: {source}: refused")]
+    InvalidBlobId { bootstrap: String, source: InvalidBlobId },
 }
 
 /// Where the blobs of a served bootstrap are read from.
@@ -163,6 +172,14 @@ impl FuseServer for InProcessFuse {
             mountpoint: spec.mountpoint.display().to_string(),
             message,
         };
+        let rs = nydus::load_bootstrap(&spec.bootstrap).map_err(|e| load(e.to_string()))?;
+        for info in rs.superblock.get_blob_infos() {
+            BlobId::parse(&info.blob_id()).map_err(|source| FuseError::InvalidBlobId {
+                bootstrap: bootstrap.clone(),
+                source,
+            })?;
+        }
+        drop(rs);
         std::fs::create_dir_all(&spec.cache_dir).map_err(|e| FuseError::Config {
             bootstrap: bootstrap.clone(),
             message: format!("creating cache directory {}: {e}", spec.cache_dir.display()),

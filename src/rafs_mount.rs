@@ -14,6 +14,10 @@
 //!   file per blob as its devices, or the daemon's FUSE server reading
 //!   chunks lazily (compressed blobs, RAFS v5).
 //!
+//! Every blob id reaches a path only as a [`BlobId`]: a bootstrap comes from
+//! a registry, and one naming `../../etc/passwd` as a blob must be refused
+//! before any file is opened, created or extended for it.
+//!
 //! It decides no snapshot rules: the snapshotter says which bootstrap to
 //! mount for which snapshot, and which blobs are still referenced. Mounts go
 //! through [`SystemOps`] and a [`FuseServer`], registry access through a
@@ -35,7 +39,7 @@ use tracing::{info, warn};
 
 use crate::config::FsDriver;
 use crate::error::{Classify, ErrorKind};
-use crate::nydus::{self, NydusError};
+use crate::nydus::{self, BlobId, NydusError};
 use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec};
 use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
 use crate::sys::{SysError, SystemOps};
@@ -75,6 +79,8 @@ pub enum RafsMountError {
     UnsupportedVersion { path: String },
     #[error("bootstrap {path} cannot be served from blob cache files: {reason}")]
     UnsupportedBootstrap { path: String, reason: String },
+    #[error("{context} names nydus blob id {id:?}, which is not the 64 lowercase hex of a sha256: refused")]
+    InvalidBlobId { context: String, id: String },
     #[error("nydus blob {blob_id} is not on this host and no layer of the image says where to fetch it")]
     BlobMissing { blob_id: String },
     #[error("nydus blob {blob_id}: chunk at offset {offset}: {reason}")]
@@ -94,7 +100,7 @@ impl Classify for RafsMountError {
                 ErrorKind::Unavailable => ErrorKind::Unavailable,
                 _ => ErrorKind::FailedPrecondition,
             },
-            RafsMountError::InvalidDigest { .. } => ErrorKind::InvalidArgument,
+            RafsMountError::InvalidDigest { .. } | RafsMountError::InvalidBlobId { .. } => ErrorKind::InvalidArgument,
             RafsMountError::UnsupportedVersion { .. }
             | RafsMountError::UnsupportedBootstrap { .. }
             | RafsMountError::BlobMissing { .. } => ErrorKind::FailedPrecondition,
@@ -122,10 +128,36 @@ pub fn digest_hex(digest: &str) -> Result<&str, RafsMountError> {
     }
 }
 
+/// The blob of layer `digest` (`sha256:<hex>`).
+fn blob_of_digest(digest: &str) -> Result<BlobId, RafsMountError> {
+    BlobId::from_digest(digest).map_err(|_| RafsMountError::InvalidDigest {
+        digest: digest.chars().take(100).collect(),
+    })
+}
+
+/// The blob table of bootstrap `bootstrap` (of image `image`, when known),
+/// in device order, every id checked before anything uses it.
+fn bootstrap_blob_ids(rs: &RafsSuper, bootstrap: &Path, image: Option<&str>) -> Result<Vec<BlobId>, RafsMountError> {
+    rs.superblock
+        .get_blob_infos()
+        .iter()
+        .map(|info| {
+            BlobId::parse(&info.blob_id()).map_err(|invalid| RafsMountError::InvalidBlobId {
+                context: match image {
+                    Some(image) => format!("bootstrap {} of image {image}", bootstrap.display()),
+                    None => format!("bootstrap {}", bootstrap.display()),
+                },
+                id: invalid.id,
+            })
+        })
+        .collect()
+}
+
 /// Where Nydus blobs come from.
 pub trait BlobSource: Send + Sync + std::fmt::Debug {
     /// Writes blob `digest` of image `reference` to the new file `dest`,
-    /// verified against the digest; returns its size.
+    /// verified against the digest and bounded by the size the image
+    /// declares for it; returns its size.
     fn fetch(&self, reference: &str, digest: &str, dest: &Path) -> Result<u64, RegistryError>;
 
     /// Where the FUSE server reads blobs of image `reference` chunk by
@@ -185,7 +217,14 @@ impl BlobSource for RegistryBlobSource {
         } else {
             &self.secure
         };
-        let pull = client.pull_blob_to(reference, digest, dest, &RegistryAuth::Anonymous);
+        // The snapshotter's labels name the layer by digest only: its size,
+        // the bound of the download, is the image manifest's.
+        let pull = async {
+            let size = client.layer_size(reference, digest, &RegistryAuth::Anonymous).await?;
+            client
+                .pull_blob_to(reference, digest, size, dest, &RegistryAuth::Anonymous)
+                .await
+        };
         // Called from the daemon's blocking pool, where the runtime's handle
         // may drive the download; tests and tools call it with no runtime.
         match tokio::runtime::Handle::try_current() {
@@ -241,7 +280,7 @@ pub struct ChunkLocation {
 /// The chunks of one blob that a bootstrap references, by uncompressed offset.
 #[derive(Debug, Clone)]
 pub struct BlobChunks {
-    pub blob_id: String,
+    pub blob_id: BlobId,
     pub compressor: compress::Algorithm,
     pub digester: digest::Algorithm,
     pub uncompressed_size: u64,
@@ -276,13 +315,14 @@ pub fn read_chunk_table(bootstrap: &Path) -> Result<Vec<BlobChunks>, RafsMountEr
         path: bootstrap.display().to_string(),
         reason,
     };
+    let ids = bootstrap_blob_ids(&rs, bootstrap, None)?;
     let mut blobs: Vec<BlobChunks> = Vec::new();
-    for info in rs.superblock.get_blob_infos() {
+    for (info, blob_id) in rs.superblock.get_blob_infos().iter().zip(ids) {
         if info.is_external() || info.cipher() != nydus_utils::crypt::Algorithm::None {
-            return Err(unsupported(format!("blob {} is external or encrypted", info.blob_id())));
+            return Err(unsupported(format!("blob {blob_id} is external or encrypted")));
         }
         blobs.push(BlobChunks {
-            blob_id: info.blob_id(),
+            blob_id,
             compressor: info.compressor(),
             digester: info.digester(),
             uncompressed_size: info.uncompressed_size(),
@@ -363,7 +403,7 @@ pub fn build_cache_file(blob: &Path, chunks: &BlobChunks, cache: &Path) -> Resul
         output.set_len(size).map_err(io_err("size", cache))?;
     }
     let corrupt = |c: &ChunkLocation, reason: String| RafsMountError::CorruptChunk {
-        blob_id: chunks.blob_id.clone(),
+        blob_id: chunks.blob_id.to_string(),
         offset: c.compressed_offset,
         reason,
     };
@@ -569,15 +609,15 @@ impl RafsMounts {
         self.mounts.join(bootstrap_id.to_string())
     }
 
-    pub fn blob_path(&self, blob_id: &str) -> PathBuf {
-        self.blobs.join(blob_id)
+    pub fn blob_path(&self, blob_id: &BlobId) -> PathBuf {
+        self.blobs.join(blob_id.as_str())
     }
 
-    pub fn cache_path(&self, blob_id: &str) -> PathBuf {
-        self.cache.join(blob_id)
+    pub fn cache_path(&self, blob_id: &BlobId) -> PathBuf {
+        self.cache.join(blob_id.as_str())
     }
 
-    fn applied_path(&self, blob_id: &str) -> PathBuf {
+    fn applied_path(&self, blob_id: &BlobId) -> PathBuf {
         self.cache.join(format!("{blob_id}.applied"))
     }
 
@@ -589,8 +629,7 @@ impl RafsMounts {
     }
 
     fn fetch_locked(&self, reference: &str, digest: &str) -> Result<PathBuf, RafsMountError> {
-        let hex = digest_hex(digest)?;
-        let path = self.blob_path(hex);
+        let path = self.blob_path(&blob_of_digest(digest)?);
         if path.is_file() {
             return Ok(path);
         }
@@ -627,8 +666,12 @@ impl RafsMounts {
         let mountpoint = self.mountpoint(bootstrap_id);
         if !self.fuse.serves(&mountpoint) && !self.sys.is_mountpoint(&mountpoint)? {
             let rs = nydus::load_bootstrap(bootstrap)?;
+            // Both servers name files after these ids (this module's cache
+            // files, nydus-storage's chunk caches): checked before either.
+            let image = origins.first().map(|o| o.reference.as_str());
+            bootstrap_blob_ids(&rs, bootstrap, image)?;
             if self.serves_over_fuse(&rs, bootstrap)? {
-                let backend = self.fuse_backend(&rs, origins)?;
+                let backend = self.fuse_backend(&rs, bootstrap, origins)?;
                 ensure_private_dir(&mountpoint)?;
                 self.fuse.serve(&FuseSpec {
                     bootstrap: bootstrap.to_path_buf(),
@@ -687,17 +730,24 @@ impl RafsMounts {
     /// blob directory when every blob is here; otherwise the registry of the
     /// image, chunk by chunk. Blobs of several repositories (or a source
     /// with no lazy access) are fetched whole first.
-    fn fuse_backend(&self, rs: &RafsSuper, origins: &[BlobOrigin]) -> Result<BlobBackend, RafsMountError> {
+    fn fuse_backend(
+        &self,
+        rs: &RafsSuper,
+        bootstrap: &Path,
+        origins: &[BlobOrigin],
+    ) -> Result<BlobBackend, RafsMountError> {
         let mut missing = Vec::new();
-        for info in rs.superblock.get_blob_infos() {
-            let blob_id = info.blob_id();
+        let image = origins.first().map(|o| o.reference.as_str());
+        for blob_id in bootstrap_blob_ids(rs, bootstrap, image)? {
             if self.blob_path(&blob_id).is_file() {
                 continue;
             }
             let origin = origins
                 .iter()
                 .find(|o| o.digest.strip_prefix("sha256:") == Some(blob_id.as_str()))
-                .ok_or(RafsMountError::BlobMissing { blob_id })?;
+                .ok_or_else(|| RafsMountError::BlobMissing {
+                    blob_id: blob_id.to_string(),
+                })?;
             missing.push(origin);
         }
         let local = BlobBackend::Local {
@@ -734,7 +784,7 @@ impl RafsMounts {
                     .iter()
                     .find(|o| o.digest.strip_prefix("sha256:") == Some(blob.blob_id.as_str()))
                     .ok_or_else(|| RafsMountError::BlobMissing {
-                        blob_id: blob.blob_id.clone(),
+                        blob_id: blob.blob_id.to_string(),
                     })?;
                 let _guard = self.lock_fetching();
                 self.fetch_locked(&origin.reference, &origin.digest)?;
@@ -818,22 +868,26 @@ impl RafsMounts {
 
     /// Deletes blob `blob_id` and its cache file: no layer references it.
     pub fn remove_blob(&self, blob_id: &str) -> Result<(), RafsMountError> {
+        let blob_id = BlobId::parse(blob_id).map_err(|invalid| RafsMountError::InvalidBlobId {
+            context: "the removal of a layer".to_string(),
+            id: invalid.id,
+        })?;
         let _users = self.lock_users();
         let _fetching = self.lock_fetching();
-        self.remove_blob_files(blob_id)
+        self.remove_blob_files(&blob_id)
     }
 
-    fn remove_blob_files(&self, blob_id: &str) -> Result<(), RafsMountError> {
+    fn remove_blob_files(&self, blob_id: &BlobId) -> Result<(), RafsMountError> {
         remove_file_if_present(&self.blob_path(blob_id))?;
         remove_file_if_present(&self.applied_path(blob_id))?;
         remove_file_if_present(&self.cache_path(blob_id))?;
         for entry in fs::read_dir(&self.fuse_cache).map_err(io_err("read directory", &self.fuse_cache))? {
             let entry = entry.map_err(io_err("read directory", &self.fuse_cache))?;
-            if entry.file_name().to_string_lossy().split('.').next() == Some(blob_id) {
+            if entry.file_name().to_string_lossy().split('.').next() == Some(blob_id.as_str()) {
                 remove_file_if_present(&entry.path())?;
             }
         }
-        info!(blob = blob_id, "removed nydus blob");
+        info!(blob = %blob_id, "removed nydus blob");
         Ok(())
     }
 
@@ -1088,7 +1142,7 @@ mod tests {
             let mut caches = Vec::new();
             for blob in &table {
                 let cache = dir.join(format!("{}.cache", blob.blob_id));
-                build_cache_file(&image.blob_dir.join(&blob.blob_id), blob, &cache).unwrap();
+                build_cache_file(&image.blob_dir.join(blob.blob_id.as_str()), blob, &cache).unwrap();
                 let size = fs::metadata(&cache).unwrap().len();
                 assert_eq!(size, blob.cache_size(), "{compressor:?}");
                 assert_eq!(size % BLOCK_SIZE, 0);
@@ -1098,7 +1152,7 @@ mod tests {
             if compressor != Compressor::None {
                 let pushed: u64 = table
                     .iter()
-                    .map(|b| fs::metadata(image.blob_dir.join(&b.blob_id)).unwrap().len())
+                    .map(|b| fs::metadata(image.blob_dir.join(b.blob_id.as_str())).unwrap().len())
                     .sum();
                 let cached: u64 = caches.iter().map(|c| fs::metadata(c).unwrap().len()).sum();
                 assert!(
@@ -1112,7 +1166,7 @@ mod tests {
                 "{compressor:?}"
             );
             // Applying the bootstrap again rewrites the same bytes.
-            build_cache_file(&image.blob_dir.join(&table[0].blob_id), &table[0], &caches[0]).unwrap();
+            build_cache_file(&image.blob_dir.join(table[0].blob_id.as_str()), &table[0], &caches[0]).unwrap();
             assert_eq!(files_from_cache(&image.bootstrap, &caches), image.files);
         }
     }
@@ -1125,7 +1179,7 @@ mod tests {
         let blob = &table[0];
         let chunk = blob.chunks.values().next().unwrap();
         let damaged = tmp.path().join("damaged");
-        let mut bytes = fs::read(image.blob_dir.join(&blob.blob_id)).unwrap();
+        let mut bytes = fs::read(image.blob_dir.join(blob.blob_id.as_str())).unwrap();
         bytes[chunk.compressed_offset as usize] ^= 0xff;
         fs::write(&damaged, bytes).unwrap();
         let err = build_cache_file(&damaged, blob, &tmp.path().join("cache")).unwrap_err();

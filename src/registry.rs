@@ -8,6 +8,13 @@
 //! errors, 5xx and 429. Knows nothing of snapshots, tar streams or containerd:
 //! callers hand in finished blobs and get back digests.
 //!
+//! Everything read from a registry is bounded before it is read: a manifest
+//! or index by [`MAX_MANIFEST_BYTES`], a config by its descriptor's size and
+//! [`MAX_CONFIG_BYTES`], a blob by its descriptor's size. A registry is
+//! data from elsewhere: a lying `Content-Length` or an endless body ends the
+//! read with [`RegistryError::TooLarge`] or [`RegistryError::SizeMismatch`],
+//! never an exhausted memory or disk.
+//!
 //! Credentials are given per call and never logged. Each call runs on its own
 //! `oci_client::Client`, because that client remembers the first credentials
 //! it saw for a registry host for as long as it lives.
@@ -21,7 +28,10 @@ use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
-use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::manifest::{
+    OciManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+};
 use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -42,6 +52,22 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 /// A registry that accepts no TCP connection within this is unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The largest manifest or index read, as containerd bounds them: real ones
+/// are a few KiB, even for images of hundreds of layers.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// The largest image config read, whatever its descriptor says: real ones
+/// are a few KiB (a long history makes tens).
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// A manifest read that receives nothing for this long is abandoned (and
+/// retried): a registry dripping bytes cannot hold a pull forever.
+const MANIFEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a manifest request accepts: images and indexes, OCI and Docker.
+const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -69,6 +95,12 @@ pub enum RegistryError {
     },
     #[error("blob {blob} has {actual} bytes, {expected} declared")]
     SizeMismatch { blob: String, expected: u64, actual: u64 },
+    #[error("{object} is larger than the {limit} bytes this client reads: refused")]
+    TooLarge { object: String, limit: u64 },
+    #[error("image {reference} has no layer {digest}: its blob size is unknown, so it is not fetched")]
+    NotInImage { reference: String, digest: String },
+    #[error("{object} is not a usable manifest: {message}")]
+    InvalidManifest { object: String, message: String },
     #[error("registry failed on {object} (status {}): {message}", status.map_or("none".to_string(), |s| s.to_string()))]
     Registry {
         status: Option<u16>,
@@ -91,8 +123,11 @@ impl Classify for RegistryError {
             // The lead maps a denial to PERMISSION_DENIED through `is_permission`.
             RegistryError::Denied { .. } | RegistryError::UntrustedCertificate { .. } => ErrorKind::FailedPrecondition,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::NotInImage { .. } => ErrorKind::NotFound,
             RegistryError::DigestMismatch { .. }
             | RegistryError::SizeMismatch { .. }
+            | RegistryError::TooLarge { .. }
+            | RegistryError::InvalidManifest { .. }
             | RegistryError::Registry { .. }
             | RegistryError::Io { .. } => ErrorKind::Internal,
         }
@@ -114,6 +149,61 @@ impl RegistryError {
             _ => false,
         }
     }
+}
+
+/// A content digest as this crate accepts one from a manifest, a label or a
+/// bootstrap: `sha256:` and 64 lowercase hex. [`Digest::parse`] is the only
+/// way to make one, so its hex is safe to use as a file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(String);
+
+/// A string that is not a `sha256:<64 lowercase hex>` digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid digest {digest:?}: only sha256:<64 lowercase hex> is supported")]
+pub struct InvalidDigest {
+    /// The refused string, cut to 100 characters.
+    pub digest: String,
+}
+
+impl Digest {
+    pub fn parse(digest: &str) -> Result<Digest, InvalidDigest> {
+        match digest.strip_prefix("sha256:") {
+            Some(hex) if is_sha256_hex(hex) => Ok(Digest(digest.to_string())),
+            _ => Err(InvalidDigest {
+                digest: digest.chars().take(100).collect(),
+            }),
+        }
+    }
+
+    /// `sha256:<digest>`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 64 lowercase hex after `sha256:`.
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = InvalidDigest;
+
+    fn from_str(digest: &str) -> Result<Digest, InvalidDigest> {
+        Digest::parse(digest)
+    }
+}
+
+/// Whether `hex` is 64 lowercase hex digits, a sha256 in the only spelling
+/// accepted.
+pub fn is_sha256_hex(hex: &str) -> bool {
+    hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// How the client talks to registries.
@@ -202,6 +292,19 @@ struct Session {
     client: Client,
     reference: Reference,
     registry: String,
+    /// Manifests are read with this client rather than oci-client's, which
+    /// reads a whole body whatever its size.
+    http: reqwest::Client,
+    scheme: Scheme,
+    /// What authorises a manifest read: the bearer token the auth challenge
+    /// gave, else the call's basic credentials.
+    credentials: Credentials,
+}
+
+enum Credentials {
+    None,
+    Bearer(String),
+    Basic(String, String),
 }
 
 static CRYPTO_PROVIDER: Once = Once::new();
@@ -336,7 +439,9 @@ impl RegistryClient {
         Ok(present)
     }
 
-    /// The image manifest `reference` names and its config blob.
+    /// The image manifest `reference` names and its config blob, each read
+    /// within its bound ([`MAX_MANIFEST_BYTES`], the config's descriptor
+    /// and [`MAX_CONFIG_BYTES`]).
     #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference))]
     pub async fn pull_manifest_and_config(
         &self,
@@ -345,35 +450,21 @@ impl RegistryClient {
     ) -> Result<PulledManifest, RegistryError> {
         let parsed = parse_reference(reference)?;
         let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
-        let object = format!("manifest {}", session.reference.whole());
-        let (manifest, manifest_digest) = self
-            .with_retries("manifest pull", "", &session.registry, || async {
-                session
-                    .client
-                    .pull_image_manifest(&session.reference, auth)
-                    .await
-                    .map_err(|err| classify_oci(err, &session.registry, &object))
-            })
-            .await?;
+        let (manifest, manifest_digest) = self.pull_image_manifest(&session).await?;
         let config_object = format!("config blob {}", manifest.config.digest);
-        let config = self
-            .with_retries("config pull", &manifest.config.digest, &session.registry, || async {
-                let mut config = Vec::new();
-                session
-                    .client
-                    .pull_blob(&session.reference, &manifest.config, &mut config)
-                    .await
-                    .map_err(|err| classify_oci(err, &session.registry, &config_object))?;
-                Ok(config)
-            })
-            .await?;
-        if u64::try_from(manifest.config.size).ok() != Some(config.len() as u64) {
-            return Err(RegistryError::SizeMismatch {
-                blob: config_object,
-                expected: manifest.config.size.max(0) as u64,
-                actual: config.len() as u64,
+        let config_digest = check_digest_format(&config_object, &manifest.config.digest)?;
+        let declared = descriptor_size(&config_object, manifest.config.size)?;
+        if declared > MAX_CONFIG_BYTES {
+            return Err(RegistryError::TooLarge {
+                object: format!("{config_object} ({declared} bytes declared)"),
+                limit: MAX_CONFIG_BYTES,
             });
         }
+        let config = self
+            .with_retries("config pull", config_digest.as_str(), &session.registry, || {
+                read_blob_bounded(&session, &config_digest, declared, &config_object)
+            })
+            .await?;
         Ok(PulledManifest {
             manifest,
             manifest_digest,
@@ -381,25 +472,83 @@ impl RegistryClient {
         })
     }
 
+    /// The size the image `reference` declares for its layer `digest`, from
+    /// its manifest: what bounds a download whose caller knows only the
+    /// digest (a snapshotter label).
+    #[instrument(level = "debug", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest))]
+    pub async fn layer_size(&self, reference: &str, digest: &str, auth: &RegistryAuth) -> Result<u64, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        let object = format!("blob {digest}");
+        check_digest_format(&object, digest)?;
+        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
+        let (manifest, _) = self.pull_image_manifest(&session).await?;
+        let layer = manifest
+            .layers
+            .iter()
+            .find(|l| l.digest == digest)
+            .ok_or_else(|| RegistryError::NotInImage {
+                reference: session.reference.whole(),
+                digest: digest.to_string(),
+            })?;
+        descriptor_size(&object, layer.size)
+    }
+
+    /// The image manifest of the session's reference, for this platform when
+    /// it names an index, and its digest.
+    async fn pull_image_manifest(&self, session: &Session) -> Result<(OciImageManifest, String), RegistryError> {
+        let object = format!("manifest {}", session.reference.whole());
+        let (body, digest) = self
+            .with_retries("manifest pull", "", &session.registry, || {
+                read_manifest_bounded(session, &session.reference, &object)
+            })
+            .await?;
+        let index = match parse_manifest(&body, &object)? {
+            OciManifest::Image(manifest) => return Ok((manifest, digest)),
+            OciManifest::ImageIndex(index) => index,
+        };
+        let chosen =
+            oci_client::client::current_platform_resolver(&index.manifests).ok_or_else(|| RegistryError::NotFound {
+                object: object.clone(),
+                message: "the index has no manifest for this platform".to_string(),
+            })?;
+        check_digest_format(&object, &chosen)?;
+        let by_digest = session.reference.clone_with_digest(chosen);
+        let object = format!("manifest {}", by_digest.whole());
+        let (body, digest) = self
+            .with_retries("manifest pull", "", &session.registry, || {
+                read_manifest_bounded(session, &by_digest, &object)
+            })
+            .await?;
+        match parse_manifest(&body, &object)? {
+            OciManifest::Image(manifest) => Ok((manifest, digest)),
+            OciManifest::ImageIndex(_) => Err(RegistryError::InvalidManifest {
+                object,
+                message: "an index names another index for this platform".to_string(),
+            }),
+        }
+    }
+
     /// Downloads blob `digest` of `reference`'s repository to `dest`,
-    /// verifying its digest. The file appears at `dest` only when complete and
-    /// verified. Returns its size.
-    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest))]
+    /// verifying its digest and its `size` (its descriptor's): a body that
+    /// goes past it is cut off there. The file appears at `dest` only when
+    /// complete and verified. Returns its size.
+    #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, digest = %digest, size = size))]
     pub async fn pull_blob_to(
         &self,
         reference: &str,
         digest: &str,
+        size: u64,
         dest: &Path,
         auth: &RegistryAuth,
     ) -> Result<u64, RegistryError> {
         let parsed = parse_reference(reference)?;
         let object = format!("blob {digest}");
-        check_digest_format(&object, digest)?;
+        let digest = check_digest_format(&object, digest)?;
         let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
         let partial = partial_path(dest);
         let size = self
-            .with_retries("blob pull", digest, &session.registry, || {
-                download_blob(&session, digest, &object, &partial)
+            .with_retries("blob pull", digest.as_str(), &session.registry, || {
+                download_blob(&session, &digest, size, &object, &partial)
             })
             .await;
         let size = match size {
@@ -430,7 +579,7 @@ impl RegistryClient {
             };
             let client = self.build_client(first, &registry)?;
             let first_err = match client.auth(&reference, auth, operation).await {
-                Ok(_) => return Ok(self.remember(first, client, reference.clone(), &registry)),
+                Ok(token) => return self.remember(first, client, token, auth, reference.clone(), &registry),
                 Err(err) => classify_oci(err, &registry, &format!("registry {registry}")),
             };
             let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
@@ -438,7 +587,7 @@ impl RegistryClient {
             };
             let client = self.build_client(fallback, &registry)?;
             match client.auth(&reference, auth, operation).await {
-                Ok(_) => Ok(self.remember(fallback, client, reference.clone(), &registry)),
+                Ok(token) => self.remember(fallback, client, token, auth, reference.clone(), &registry),
                 Err(err) => Err(combine(
                     first_err,
                     classify_oci(err, &registry, &format!("registry {registry}")),
@@ -453,18 +602,50 @@ impl RegistryClient {
         self.schemes.lock().ok()?.get(registry).copied()
     }
 
-    fn remember(&self, scheme: Scheme, client: Client, reference: Reference, registry: &str) -> Session {
+    fn remember(
+        &self,
+        scheme: Scheme,
+        client: Client,
+        token: Option<String>,
+        auth: &RegistryAuth,
+        reference: Reference,
+        registry: &str,
+    ) -> Result<Session, RegistryError> {
         if self.options.insecure {
             if let Ok(mut schemes) = self.schemes.lock() {
                 schemes.insert(registry.to_string(), scheme);
             }
         }
         debug!(registry, ?scheme, "registry answered");
-        Session {
+        let credentials = match (token, auth) {
+            (Some(token), _) => Credentials::Bearer(token),
+            (None, RegistryAuth::Bearer(token)) => Credentials::Bearer(token.clone()),
+            (None, RegistryAuth::Basic(user, password)) => Credentials::Basic(user.clone(), password.clone()),
+            (None, RegistryAuth::Anonymous) => Credentials::None,
+        };
+        Ok(Session {
             client,
             reference,
             registry: registry.to_string(),
-        }
+            http: self.build_http_client(registry)?,
+            scheme,
+            credentials,
+        })
+    }
+
+    /// The plain HTTP client that reads manifests, with the TLS policy and
+    /// timeouts of oci-client's.
+    fn build_http_client(&self, registry: &str) -> Result<reqwest::Client, RegistryError> {
+        reqwest::Client::builder()
+            .danger_accept_invalid_certs(self.options.insecure)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(MANIFEST_READ_TIMEOUT)
+            .build()
+            .map_err(|err| RegistryError::Registry {
+                status: None,
+                object: format!("client for {registry}"),
+                message: error_chain(&err),
+            })
     }
 
     fn build_client(&self, scheme: Scheme, registry: &str) -> Result<Client, RegistryError> {
@@ -591,18 +772,11 @@ fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
     })
 }
 
-fn check_digest_format(blob: &str, digest: &str) -> Result<(), RegistryError> {
-    let valid = digest
-        .strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-    if valid {
-        Ok(())
-    } else {
-        Err(RegistryError::InvalidDigest {
-            blob: blob.to_string(),
-            digest: digest.chars().take(100).collect(),
-        })
-    }
+fn check_digest_format(blob: &str, digest: &str) -> Result<Digest, RegistryError> {
+    Digest::parse(digest).map_err(|InvalidDigest { digest }| RegistryError::InvalidDigest {
+        blob: blob.to_string(),
+        digest,
+    })
 }
 
 fn sha256_digest(data: &[u8]) -> String {
@@ -783,37 +957,61 @@ fn partial_path(dest: &Path) -> PathBuf {
 }
 
 /// One download attempt: streams the blob into `partial` on a blocking
-/// thread, hashing it, and checks the digest.
-async fn download_blob(session: &Session, digest: &str, object: &str, partial: &Path) -> Result<u64, RegistryError> {
+/// thread, hashing it, and checks its size and digest. A body longer than
+/// `size` is cut off at the first byte past it.
+async fn download_blob(
+    session: &Session,
+    digest: &Digest,
+    size: u64,
+    object: &str,
+    partial: &Path,
+) -> Result<u64, RegistryError> {
     let mut stream = session
         .client
-        .pull_blob_stream(&session.reference, digest)
+        .pull_blob_stream(&session.reference, digest.as_str())
         .await
         .map_err(|err| classify_oci(err, &session.registry, object))?;
+    if let Some(length) = stream.content_length.filter(|&length| length != size) {
+        return Err(RegistryError::SizeMismatch {
+            blob: object.to_string(),
+            expected: size,
+            actual: length,
+        });
+    }
     let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let path = partial.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
         let mut file = std::fs::File::create(&path)?;
         let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        let mut written = 0u64;
         while let Some(chunk) = receiver.blocking_recv() {
             hasher.update(&chunk);
             file.write_all(&chunk)?;
-            size += chunk.len() as u64;
+            written += chunk.len() as u64;
         }
         file.sync_all()?;
-        Ok((format!("sha256:{}", hex(&hasher.finalize())), size))
+        Ok((format!("sha256:{}", hex(&hasher.finalize())), written))
     });
     let mut network = None;
+    let mut received = 0u64;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => {
+                received = received.saturating_add(chunk.len() as u64);
+                if received > size {
+                    network = Some(RegistryError::SizeMismatch {
+                        blob: object.to_string(),
+                        expected: size,
+                        actual: received,
+                    });
+                    break;
+                }
                 if sender.send(Vec::from(chunk)).await.is_err() {
                     break; // The writer failed; its error is reported below.
                 }
             }
             Err(err) => {
-                network = Some(err);
+                network = Some(classify_stream_error(err, &session.registry, object));
                 break;
             }
         }
@@ -823,17 +1021,174 @@ async fn download_blob(session: &Session, digest: &str, object: &str, partial: &
         .await
         .map_err(|join| io_error(partial)(std::io::Error::other(join)))?;
     if let Some(err) = network {
-        return Err(classify_stream_error(err, &session.registry, object));
+        return Err(err);
     }
-    let (actual, size) = written.map_err(io_error(partial))?;
-    if actual != digest {
+    let (actual, written) = written.map_err(io_error(partial))?;
+    if written != size {
+        return Err(RegistryError::SizeMismatch {
+            blob: object.to_string(),
+            expected: size,
+            actual: written,
+        });
+    }
+    if actual != digest.as_str() {
         return Err(RegistryError::DigestMismatch {
             blob: object.to_string(),
             expected: digest.to_string(),
             actual,
         });
     }
-    Ok(size)
+    Ok(written)
+}
+
+/// One attempt at a small blob (a config) into memory: `size` bytes, its
+/// descriptor's, and not one more read.
+async fn read_blob_bounded(
+    session: &Session,
+    digest: &Digest,
+    size: u64,
+    object: &str,
+) -> Result<Vec<u8>, RegistryError> {
+    let mut stream = session
+        .client
+        .pull_blob_stream(&session.reference, digest.as_str())
+        .await
+        .map_err(|err| classify_oci(err, &session.registry, object))?;
+    if let Some(length) = stream.content_length.filter(|&length| length != size) {
+        return Err(RegistryError::SizeMismatch {
+            blob: object.to_string(),
+            expected: size,
+            actual: length,
+        });
+    }
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| classify_stream_error(err, &session.registry, object))?;
+        if (data.len() + chunk.len()) as u64 > size {
+            return Err(RegistryError::SizeMismatch {
+                blob: object.to_string(),
+                expected: size,
+                actual: (data.len() + chunk.len()) as u64,
+            });
+        }
+        data.extend_from_slice(&chunk);
+    }
+    if data.len() as u64 != size {
+        return Err(RegistryError::SizeMismatch {
+            blob: object.to_string(),
+            expected: size,
+            actual: data.len() as u64,
+        });
+    }
+    let actual = sha256_digest(&data);
+    if actual != digest.as_str() {
+        return Err(RegistryError::DigestMismatch {
+            blob: object.to_string(),
+            expected: digest.to_string(),
+            actual,
+        });
+    }
+    Ok(data)
+}
+
+/// One attempt at the manifest `reference` names: its body, read no
+/// further than [`MAX_MANIFEST_BYTES`], and its digest (checked against the
+/// reference's, when it names one).
+async fn read_manifest_bounded(
+    session: &Session,
+    reference: &Reference,
+    object: &str,
+) -> Result<(Vec<u8>, String), RegistryError> {
+    let scheme = match session.scheme {
+        Scheme::Https => "https",
+        Scheme::Http => "http",
+    };
+    let target = reference.digest().or(reference.tag()).unwrap_or("latest");
+    let url = format!(
+        "{scheme}://{}/v2/{}/manifests/{target}",
+        session.registry,
+        reference.repository()
+    );
+    let mut request = session
+        .http
+        .get(&url)
+        .header(reqwest::header::ACCEPT, MANIFEST_MEDIA_TYPES.join(", "));
+    request = match &session.credentials {
+        Credentials::None => request,
+        Credentials::Bearer(token) => request.bearer_auth(token),
+        Credentials::Basic(user, password) => request.basic_auth(user, Some(password)),
+    };
+    let request_error =
+        |err: reqwest::Error| classify_oci(OciDistributionError::RequestError(err), &session.registry, object);
+    let mut response = request.send().await.map_err(request_error)?;
+    let status = response.status();
+    if !status.is_success() {
+        // The reason, as much of it as a log line wants.
+        let mut message = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(request_error)? {
+            message.extend_from_slice(&chunk);
+            if message.len() > 4096 {
+                message.truncate(4096);
+                break;
+            }
+        }
+        return Err(status_error(
+            status.as_u16(),
+            object,
+            String::from_utf8_lossy(&message).into_owned(),
+        ));
+    }
+    let too_large = || RegistryError::TooLarge {
+        object: object.to_string(),
+        limit: MAX_MANIFEST_BYTES,
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_MANIFEST_BYTES)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(request_error)? {
+        if (body.len() + chunk.len()) as u64 > MAX_MANIFEST_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let digest = sha256_digest(&body);
+    if let Some(expected) = reference.digest().filter(|expected| *expected != digest) {
+        return Err(RegistryError::DigestMismatch {
+            blob: object.to_string(),
+            expected: expected.to_string(),
+            actual: digest,
+        });
+    }
+    Ok((body, digest))
+}
+
+/// A manifest or index as oci-client types it, schema version 2 only.
+fn parse_manifest(body: &[u8], object: &str) -> Result<OciManifest, RegistryError> {
+    let invalid = |message: String| RegistryError::InvalidManifest {
+        object: object.to_string(),
+        message,
+    };
+    let manifest: OciManifest = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    let version = match &manifest {
+        OciManifest::Image(image) => image.schema_version,
+        OciManifest::ImageIndex(index) => index.schema_version,
+    };
+    if version != 2 {
+        return Err(invalid(format!("schema version {version}, not 2")));
+    }
+    Ok(manifest)
+}
+
+/// A descriptor's size, which JSON lets be negative.
+fn descriptor_size(object: &str, size: i64) -> Result<u64, RegistryError> {
+    u64::try_from(size).map_err(|_| RegistryError::InvalidManifest {
+        object: object.to_string(),
+        message: format!("its descriptor declares {size} bytes"),
+    })
 }
 
 /// A download body failed mid-way: oci-client's verifying stream reports a
@@ -1037,6 +1392,25 @@ mod tests {
         assert!(check_digest_format("b", &good.to_uppercase()).is_err());
         assert!(check_digest_format("b", "sha512:00").is_err());
         assert!(check_digest_format("b", "sha256:abc").is_err());
+    }
+
+    #[test]
+    fn digest_values_are_parsed_once_and_give_their_hex() {
+        let hex = "ab".repeat(32);
+        let digest = Digest::parse(&format!("sha256:{hex}")).unwrap();
+        assert_eq!(digest.hex(), hex);
+        assert_eq!(digest.to_string(), format!("sha256:{hex}"));
+        assert_eq!(format!("sha256:{hex}").parse::<Digest>().unwrap(), digest);
+        for bad in [
+            "sha256:../../etc/passwd",
+            "",
+            &hex,
+            &format!("sha256:{hex}/"),
+            "sha256:AB",
+        ] {
+            let err = Digest::parse(bad).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[tokio::test]

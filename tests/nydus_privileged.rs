@@ -6,6 +6,9 @@
 //! cache file that does not fit must be refused with the kernel's reason.
 //! The same images, RAFS v5 too, served over FUSE by the daemon's in-process
 //! server: the same tree, chunks read only as files are.
+//! A bootstrap whose blob table names a traversing blob id is refused by the
+//! daemon's mount path, erofs and FUSE, before any file outside
+//! `<root>/nydus` is created, opened or extended.
 //! Root only: the tests fail (never skip) without it.
 
 use std::collections::BTreeMap;
@@ -14,9 +17,15 @@ use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::sync::Arc;
+
+use seamless_snapshotter::config::FsDriver;
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
 use seamless_snapshotter::rafs_fuse::{BlobBackend, FuseServer, FuseSpec, InProcessFuse};
-use seamless_snapshotter::rafs_mount::{build_cache_file, read_chunk_table};
+use seamless_snapshotter::rafs_mount::{
+    build_cache_file, read_chunk_table, BlobOrigin, BlobSource, RafsMountError, RafsMounts,
+};
+use seamless_snapshotter::registry::RegistryError;
 use seamless_snapshotter::sys::{RealSystem, SysError, SystemOps};
 
 fn require_root_and_erofs() {
@@ -322,7 +331,7 @@ fn rafs_v6_images_mount_as_erofs_from_blob_cache_files() {
         let started = std::time::Instant::now();
         for blob in &table {
             let cache = work.join(format!("cache-{}", blob.blob_id));
-            build_cache_file(&blob_dir.join(&blob.blob_id), blob, &cache).unwrap();
+            build_cache_file(&blob_dir.join(blob.blob_id.as_str()), blob, &cache).unwrap();
             caches.push(cache);
         }
         let built = started.elapsed();
@@ -356,7 +365,7 @@ fn rafs_v6_images_mount_as_erofs_from_blob_cache_files() {
         // The pushed blobs are not the layout the kernel reads: mounting
         // with them as devices must not show the files' content.
         if compressor != Compressor::None {
-            let raw: Vec<PathBuf> = table.iter().map(|b| blob_dir.join(&b.blob_id)).collect();
+            let raw: Vec<PathBuf> = table.iter().map(|b| blob_dir.join(b.blob_id.as_str())).collect();
             if RealSystem.mount_erofs(&bootstrap, &raw, &target).is_ok() {
                 let _mounted = Mounted(target.clone());
                 let big = fs::read(target.join("usr/bin/big"));
@@ -477,5 +486,199 @@ fn rafs_images_are_served_over_fuse_reading_chunks_as_files_are_read() {
         assert!(!RealSystem.is_mountpoint(&mountpoint).unwrap(), "{what}: unmounted");
         assert!(!server.stop(&mountpoint).unwrap(), "stopping twice is a no-op");
         drop(mounted);
+    }
+}
+
+/// Blobs from a directory, named by their id, as a registry would serve them.
+#[derive(Debug)]
+struct DirSource(PathBuf);
+
+impl BlobSource for DirSource {
+    fn fetch(&self, _reference: &str, digest: &str, dest: &Path) -> Result<u64, RegistryError> {
+        fs::copy(self.0.join(digest.trim_start_matches("sha256:")), dest).map_err(|source| RegistryError::Io {
+            path: dest.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Every entry under `dir` except those under `skip`: its content for a
+/// file, its target for a symlink, its mode and size for the rest.
+fn entries_outside(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, String> {
+    let mut entries = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.starts_with(skip) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let what = if meta.is_dir() {
+                pending.push(path.clone());
+                format!("dir {:o}", meta.mode())
+            } else if meta.file_type().is_symlink() {
+                format!("symlink {}", fs::read_link(&path).unwrap().display())
+            } else if meta.is_file() {
+                let data = fs::read(&path).unwrap();
+                format!(
+                    "file {:o} {} bytes {:?}",
+                    meta.mode(),
+                    data.len(),
+                    String::from_utf8_lossy(&data)
+                )
+            } else {
+                format!("other {:o} {}", meta.mode(), meta.len())
+            };
+            entries.insert(path, what);
+        }
+    }
+    entries
+}
+
+#[test]
+fn a_bootstrap_naming_a_traversing_blob_id_is_refused_with_nothing_touched_outside() {
+    require_root_and_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let Layers {
+        base: _,
+        expected: _,
+        tars: [base_tar, upper_tar],
+    } = layers(tmp.path());
+    let image = "127.0.0.1:1/evil:1";
+    // From `<root>/nydus/{blobs,cache,fuse-cache}/`, three `..` are the
+    // directory holding `<root>`: the id names a file beside it, 64 bytes
+    // long like a real id, so the bootstrap's layout stays valid.
+    let name = "x".repeat(47);
+    let evil_id = format!("../../../outside/{name}");
+    assert_eq!(evil_id.len(), 64);
+
+    for (driver, compressor) in [
+        (FsDriver::Erofs, Compressor::None),
+        (FsDriver::Fuse, Compressor::Lz4Block),
+    ] {
+        let what = format!("{driver:?}");
+        let case = tmp.path().join(&what);
+        let work = case.join("work");
+        let bootstrap = build_image(&[&base_tar, &upper_tar], 6, compressor, &work);
+        let ids: Vec<String> = nydus::load_bootstrap(&bootstrap)
+            .unwrap()
+            .superblock
+            .get_blob_infos()
+            .iter()
+            .map(|b| b.blob_id())
+            .collect();
+        assert_eq!(ids.len(), 2, "{what}");
+
+        // The first blob's id, in the blob table and the device table,
+        // becomes the traversing one.
+        let mut bytes = fs::read(&bootstrap).unwrap();
+        let mut replaced = 0;
+        let mut at = 0;
+        while let Some(found) = bytes[at..].windows(64).position(|w| w == ids[0].as_bytes()) {
+            let start = at + found;
+            bytes[start..start + 64].copy_from_slice(evil_id.as_bytes());
+            replaced += 1;
+            at = start + 64;
+        }
+        assert!(replaced >= 1, "{what}: the blob id is in the bootstrap");
+        let evil = work.join("evil.boot");
+        fs::write(&evil, &bytes).unwrap();
+        let loaded: Vec<String> = nydus::load_bootstrap(&evil)
+            .unwrap()
+            .superblock
+            .get_blob_infos()
+            .iter()
+            .map(|b| b.blob_id())
+            .collect();
+        assert_eq!(
+            loaded[0], evil_id,
+            "{what}: the tampered bootstrap loads, naming the traversing id"
+        );
+
+        // The file the id names exists, so that only the id's check keeps
+        // the daemon from opening, extending or writing it.
+        let outside = case.join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join(&name), b"sentinel: must stay as it is\n").unwrap();
+
+        let root = case.join("root");
+        let mounts = RafsMounts::open(
+            &root,
+            Arc::new(RealSystem),
+            Arc::new(DirSource(work.join("blobs"))),
+            driver,
+            Arc::new(InProcessFuse::new()),
+        )
+        .unwrap();
+        let origins: Vec<BlobOrigin> = ids
+            .iter()
+            .map(|id| BlobOrigin {
+                reference: image.to_string(),
+                digest: format!("sha256:{id}"),
+            })
+            .collect();
+        let before = entries_outside(&case, &root.join("nydus"));
+        let _unmount = Mounted(mounts.mountpoint(1));
+        let result = mounts.acquire(1, &evil, &origins).map(|lease| lease.mountpoint.clone());
+        let after = entries_outside(&case, &root.join("nydus"));
+        let touched: Vec<String> = after
+            .iter()
+            .filter(|(path, what)| before.get(*path) != Some(*what))
+            .map(|(path, what)| format!("{}: {}", path.display(), what.chars().take(80).collect::<String>()))
+            .collect();
+        assert!(
+            touched.is_empty() && after.len() == before.len(),
+            "{what}: created or changed outside <root>/nydus: {touched:#?}"
+        );
+        let err = result.unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, RafsMountError::InvalidBlobId { .. }), "{what}: {message}");
+        assert!(
+            message.contains(&evil_id) && message.contains(image) && message.contains("refused"),
+            "{what}: the error names the id and the image: {message}"
+        );
+        assert!(!RealSystem.is_mountpoint(&mounts.mountpoint(1)).unwrap_or(false));
+
+        // The FUSE server refuses it too, whoever calls it.
+        if driver == FsDriver::Fuse {
+            let mountpoint = case.join("direct");
+            fs::create_dir(&mountpoint).unwrap();
+            let server = InProcessFuse::new();
+            let _unmount = Mounted(mountpoint.clone());
+            let before = entries_outside(&case, &root.join("nydus"));
+            let err = server
+                .serve(&FuseSpec {
+                    bootstrap: evil.clone(),
+                    backend: BlobBackend::Local {
+                        dir: root.join("nydus/blobs"),
+                    },
+                    cache_dir: root.join("nydus/fuse-cache"),
+                    mountpoint: mountpoint.clone(),
+                })
+                .unwrap_err();
+            assert_eq!(
+                entries_outside(&case, &root.join("nydus")),
+                before,
+                "{what}: direct serve"
+            );
+            assert!(err.to_string().contains(&evil_id), "{what}: {err}");
+            assert!(!server.serves(&mountpoint));
+        }
+
+        // The same daemon state still mounts the genuine image.
+        let _unmount = Mounted(mounts.mountpoint(2));
+        let lease = mounts.acquire(2, &bootstrap, &origins).unwrap();
+        assert_eq!(
+            fs::read(lease.mountpoint.join("etc/hosts")).unwrap(),
+            b"10.0.0.1 replaced\n",
+            "{what}"
+        );
+        lease.bind(20);
+        mounts.release(20).unwrap();
+        assert!(
+            !RealSystem.is_mountpoint(&mounts.mountpoint(2)).unwrap_or(false),
+            "{what}"
+        );
     }
 }

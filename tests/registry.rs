@@ -3,7 +3,10 @@
 //! temporary directory: plain HTTP, HTTP with htpasswd basic auth, and TLS
 //! with a self-signed certificate. The registry's access log tells which
 //! requests were made. Fails, never skips, when `docker-registry` (or, for
-//! the TLS test, `openssl`) is missing.
+//! the TLS test, `openssl`) is missing. Stand-in registries on 127.0.0.1
+//! answer what a real one would not: errors, manifests of megabytes, bodies
+//! longer than their descriptors, with and without a length, which must be
+//! refused without being read whole.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -338,7 +341,7 @@ async fn pushed_image_pulls_back_identical() {
     for (index, (layer, bytes)) in image.layers.iter().zip(&image.layer_bytes).enumerate() {
         let dest = out.path().join(format!("blob{index}"));
         let size = client
-            .pull_blob_to(&reference, &layer.digest, &dest, &RegistryAuth::Anonymous)
+            .pull_blob_to(&reference, &layer.digest, layer.size, &dest, &RegistryAuth::Anonymous)
             .await
             .expect("pull blob");
         assert_eq!(size, layer.size);
@@ -560,6 +563,7 @@ async fn an_unreachable_registry_fails_after_the_retries() {
         .pull_blob_to(
             &format!("127.0.0.1:{port}/commits/app:v1"),
             &image.layers[1].digest,
+            image.layers[1].size,
             &std::env::temp_dir().join("never-written"),
             &RegistryAuth::Anonymous,
         )
@@ -617,7 +621,7 @@ async fn missing_manifests_and_blobs_are_not_found() {
     let out = tempfile::tempdir().expect("temp dir");
     let dest = out.path().join("blob");
     let err = client
-        .pull_blob_to(&reference, &sha256(b"absent"), &dest, &RegistryAuth::Anonymous)
+        .pull_blob_to(&reference, &sha256(b"absent"), 6, &dest, &RegistryAuth::Anonymous)
         .await
         .expect_err("nothing pushed");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
@@ -822,4 +826,245 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
         1,
         "a denial is not retried"
     );
+}
+
+/// How the stand-in registry below answers one request.
+#[derive(Clone)]
+enum Answer {
+    /// A body with an honest `Content-Length`.
+    Body(Vec<u8>),
+    /// A chunked body (no length said) of `count` copies of `chunk`: a
+    /// registry that streams more than it should.
+    Chunked { chunk: Vec<u8>, count: usize },
+}
+
+/// A registry on plain HTTP that answers the `/v2/` ping and, for every other
+/// GET, what `answer` says for its path (404 for None). One thread per
+/// connection; each answer closes its connection.
+struct HostileRegistry {
+    port: u16,
+}
+
+impl HostileRegistry {
+    fn start(answer: impl Fn(&str) -> Option<Answer> + Send + Sync + 'static) -> HostileRegistry {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake registry");
+        let port = listener.local_addr().expect("local address").port();
+        let answer = std::sync::Arc::new(answer);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let answer = answer.clone();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                        match stream.read(&mut byte) {
+                            Ok(1) if head.is_empty() && byte[0] == 0x16 => return, // TLS ClientHello
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+                    let reply = if path == "/v2/" {
+                        Some(Answer::Body(b"{}".to_vec()))
+                    } else {
+                        answer(&path)
+                    };
+                    match reply {
+                        None => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        }
+                        Some(Answer::Body(body)) => {
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = stream.write_all(head.as_bytes());
+                            let _ = stream.write_all(&body);
+                        }
+                        Some(Answer::Chunked { chunk, count }) => {
+                            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                            if stream.write_all(head.as_bytes()).is_err() {
+                                return;
+                            }
+                            for _ in 0..count {
+                                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+                                piece.extend_from_slice(&chunk);
+                                piece.extend_from_slice(b"\r\n");
+                                // The client hangs up once it has read enough.
+                                if stream.write_all(&piece).is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = stream.write_all(b"0\r\n\r\n");
+                        }
+                    }
+                });
+            }
+        });
+        HostileRegistry { port }
+    }
+
+    fn reference(&self) -> String {
+        format!("127.0.0.1:{}/hostile/app:v1", self.port)
+    }
+}
+
+/// A manifest whose config is `config` and whose one layer is `layer`.
+fn manifest_of(config: &[u8], config_size: usize, layer: &[u8]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256(config),
+            "size": config_size,
+        },
+        "layers": [{
+            "mediaType": LAYER_MEDIA_TYPE,
+            "digest": sha256(layer),
+            "size": layer.len(),
+        }],
+    }))
+    .expect("manifest serialises")
+}
+
+#[tokio::test]
+async fn oversized_manifests_are_refused_before_they_are_read_whole() {
+    let client = RegistryClient::new(fast_options(true));
+    // 5 MiB of JSON padding, its length said: refused from the header.
+    let padded = {
+        let mut manifest = manifest_of(b"{}", 2, b"layer");
+        manifest.pop();
+        manifest.extend_from_slice(br#","annotations":{"pad":""#);
+        manifest.extend(std::iter::repeat_n(b'x', 5 << 20));
+        manifest.extend_from_slice(br#""}}"#);
+        manifest
+    };
+    let honest = HostileRegistry::start(move |path| path.contains("/manifests/").then(|| Answer::Body(padded.clone())));
+    let err = client
+        .pull_manifest_and_config(&honest.reference(), &RegistryAuth::Anonymous)
+        .await
+        .expect_err("a 5 MiB manifest");
+    assert!(
+        matches!(err, RegistryError::TooLarge { limit, .. } if limit == 4 << 20),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("manifest 127.0.0.1"),
+        "names the manifest: {err}"
+    );
+
+    // An endless chunked body (up to 256 MiB here): cut off past 4 MiB.
+    let endless = HostileRegistry::start(|path| {
+        path.contains("/manifests/").then(|| Answer::Chunked {
+            chunk: vec![b' '; 64 << 10],
+            count: 4096,
+        })
+    });
+    let err = client
+        .pull_manifest_and_config(&endless.reference(), &RegistryAuth::Anonymous)
+        .await
+        .expect_err("an endless manifest");
+    assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
+
+    // The size a registry reports for a snapshotter's layer comes from the
+    // same bounded read.
+    let err = client
+        .layer_size(&endless.reference(), &sha256(b"layer"), &RegistryAuth::Anonymous)
+        .await
+        .expect_err("an endless manifest");
+    assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn configs_and_blobs_are_read_no_further_than_their_descriptors() {
+    let client = RegistryClient::new(fast_options(true));
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let layer = vec![7u8; 100_000];
+
+    // A config whose descriptor says more than a config may be.
+    let huge = manifest_of(&config, 64 << 20, &layer);
+    let registry = HostileRegistry::start(move |path| path.contains("/manifests/").then(|| Answer::Body(huge.clone())));
+    let err = client
+        .pull_manifest_and_config(&registry.reference(), &RegistryAuth::Anonymous)
+        .await
+        .expect_err("a 64 MiB config");
+    assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("config blob"), "{err}");
+
+    // A registry that serves more than the descriptors say, with and without
+    // a length: the manifest is read, the config and the blob are not.
+    for chunked in [false, true] {
+        let (manifest, served_config, served_layer) = (
+            manifest_of(&config, config.len(), &layer),
+            config.clone(),
+            layer.clone(),
+        );
+        let config_path = format!("/blobs/{}", sha256(&config));
+        let layer_path = format!("/blobs/{}", sha256(&layer));
+        let registry = HostileRegistry::start(move |path| {
+            let longer = |data: &[u8]| {
+                let chunk = [data, b"and more"].concat();
+                if chunked {
+                    Answer::Chunked { chunk, count: 1000 }
+                } else {
+                    Answer::Body(chunk)
+                }
+            };
+            if path.contains("/manifests/") {
+                Some(Answer::Body(manifest.clone()))
+            } else if path.ends_with(&config_path) {
+                Some(longer(&served_config))
+            } else if path.ends_with(&layer_path) {
+                Some(longer(&served_layer))
+            } else {
+                None
+            }
+        });
+        let err = client
+            .pull_manifest_and_config(&registry.reference(), &RegistryAuth::Anonymous)
+            .await
+            .expect_err("a config longer than its descriptor");
+        assert!(
+            matches!(&err, RegistryError::SizeMismatch { blob, expected, .. } if blob.contains("config blob") && *expected == config.len() as u64),
+            "chunked {chunked}: {err}"
+        );
+
+        let size = client
+            .layer_size(&registry.reference(), &sha256(&layer), &RegistryAuth::Anonymous)
+            .await
+            .expect("the manifest declares the layer");
+        assert_eq!(size, layer.len() as u64);
+        let out = tempfile::tempdir().expect("temp dir");
+        let dest = out.path().join("blob");
+        let err = client
+            .pull_blob_to(
+                &registry.reference(),
+                &sha256(&layer),
+                size,
+                &dest,
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .expect_err("a blob longer than its descriptor");
+        assert!(
+            matches!(&err, RegistryError::SizeMismatch { expected, .. } if *expected == size),
+            "chunked {chunked}: {err}"
+        );
+        assert!(err.to_string().contains(&sha256(&layer)), "names the blob: {err}");
+        assert_eq!(std::fs::read_dir(out.path()).expect("list").count(), 0, "no file left");
+
+        let err = client
+            .layer_size(&registry.reference(), &sha256(b"not a layer"), &RegistryAuth::Anonymous)
+            .await
+            .expect_err("not in the image");
+        assert!(matches!(err, RegistryError::NotInImage { .. }), "{err}");
+    }
 }

@@ -315,7 +315,13 @@ async fn check_image(
     std::fs::create_dir_all(&dir)?;
     let layer = dir.join("bootstrap.tar.gz");
     registry
-        .pull_blob_to(target, &bootstrap.digest, &layer, &RegistryAuth::Anonymous)
+        .pull_blob_to(
+            target,
+            &bootstrap.digest,
+            u64::try_from(bootstrap.size)?,
+            &layer,
+            &RegistryAuth::Anonymous,
+        )
         .await?;
     let boot = dir.join("image.boot");
     nydus::unpack_bootstrap_layer(&layer, &boot)?;
@@ -350,8 +356,13 @@ async fn check_image(
             .collect();
         for blob_id in &ids {
             let path = dir.join(blob_id);
+            let digest = format!("sha256:{blob_id}");
+            let size = blobs
+                .iter()
+                .find(|b| b.digest == digest)
+                .map_or(Ok(0), |b| u64::try_from(b.size))?;
             registry
-                .pull_blob_to(target, &format!("sha256:{blob_id}"), &path, &RegistryAuth::Anonymous)
+                .pull_blob_to(target, &digest, size, &path, &RegistryAuth::Anonymous)
                 .await
                 .with_context(|| format!("{target}: blob {blob_id} of the blob table is not in the registry"))?;
             fsck.arg(format!("--device={}", path.display()));

@@ -228,6 +228,13 @@ pub(super) fn rafs_mounts(env: &Env) -> Result<Vec<(PathBuf, String)>> {
 /// as nydusify does (a blob layer per OCI layer, then the bootstrap layer;
 /// diff_ids follow). Returns the blob digests.
 fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
+    convert_and_push_naming(env, target, None)
+}
+
+/// [`convert_and_push`], the bootstrap's first blob renamed `blob_id` in its
+/// blob and device tables when one is given (an id of 64 bytes keeps the
+/// bootstrap loadable): a hostile image whose layers are all genuine.
+fn convert_and_push_naming(env: &Env, target: &str, blob_id: Option<&str>) -> Result<Vec<String>> {
     let work = env.dir().join("nydus-convert");
     std::fs::create_dir_all(&work)?;
     let registry = RegistryClient::new(RegistryOptions {
@@ -245,7 +252,13 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
     let mut builds = Vec::new();
     for (i, layer) in pulled.manifest.layers.iter().enumerate() {
         let blob = work.join(format!("oci-{i}"));
-        runtime.block_on(registry.pull_blob_to(&source, &layer.digest, &blob, &RegistryAuth::Anonymous))?;
+        runtime.block_on(registry.pull_blob_to(
+            &source,
+            &layer.digest,
+            u64::try_from(layer.size)?,
+            &blob,
+            &RegistryAuth::Anonymous,
+        ))?;
         let tar = work.join(format!("oci-{i}.tar"));
         seamless_snapshotter::nydus_image::decompress_layer(&layer.media_type, &blob, &tar)
             .map_err(anyhow::Error::msg)?;
@@ -254,7 +267,22 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
         builds.push(built);
     }
     let bootstrap = work.join("image.boot");
-    nydus::merge_layers(None, &builds, None, &bootstrap)?;
+    let ids = nydus::merge_layers(None, &builds, None, &bootstrap)?;
+    if let Some(blob_id) = blob_id {
+        ensure!(blob_id.len() == 64, "a blob id of the table is 64 bytes: {blob_id:?}");
+        let first = ids.first().context("the image has no blob")?;
+        let mut bytes = std::fs::read(&bootstrap)?;
+        let mut renamed = 0;
+        let mut at = 0;
+        while let Some(found) = bytes[at..].windows(64).position(|w| w == first.as_bytes()) {
+            let start = at + found;
+            bytes[start..start + 64].copy_from_slice(blob_id.as_bytes());
+            renamed += 1;
+            at = start + 64;
+        }
+        ensure!(renamed > 0, "blob {first} is not in the bootstrap's bytes");
+        std::fs::write(&bootstrap, bytes)?;
+    }
     let packed = nydus::pack_bootstrap_layer(&bootstrap, &work.join("bootstrap.tar.gz"))?;
 
     let mut layers = Vec::new();
@@ -294,6 +322,75 @@ fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
     let config = serde_json::to_vec(&config)?;
     runtime.block_on(registry.push_image(target, &layers, &config, BTreeMap::new(), &RegistryAuth::Anonymous))?;
     Ok(blob_digests)
+}
+
+#[test]
+fn nydus_image_naming_a_traversing_blob_id_is_refused_and_the_daemon_serves_on() {
+    let options = Options {
+        nydus_fs_driver: Some("erofs"),
+        ..Options::default()
+    };
+    with_env("nydus-evil", options, |env| {
+        ensure!(
+            env.snapshotter == "seamless",
+            "Nydus images need the seamless snapshotter"
+        );
+        let rpull = build_rpull()?;
+        // From `<root>/nydus/{blobs,cache}/`, three `..` are the test's
+        // directory: the id names a file there, which exists, so that only
+        // the id's check keeps the daemon from extending and rewriting it
+        // (and creating `<name>.applied` beside it).
+        let name = "x".repeat(47);
+        let evil_id = format!("../../../outside/{name}");
+        ensure!(
+            env.daemon_root().join("nydus/blobs/../../..").canonicalize()? == env.dir().canonicalize()?,
+            "the daemon root is {}",
+            env.daemon_root().display()
+        );
+        let outside = env.dir().join("outside");
+        std::fs::create_dir_all(&outside)?;
+        let sentinel = outside.join(&name);
+        let content = b"sentinel: must stay as it is\n";
+        std::fs::write(&sentinel, content)?;
+
+        let evil_ref = env.registry_ref("seamless-nydus-evil:1");
+        convert_and_push_naming(env, &evil_ref, Some(&evil_id))?;
+        let ns = env.namespace("n");
+        run_rpull(env, &rpull, &ns, &evil_ref)?;
+        let id = env.container_id("evil");
+        let err = run_container(env, &ns, &evil_ref, &id).expect_err("a container of the hostile image");
+        let _ = env.ctr(&ns, &["containers", "delete", &id]);
+        let now = std::fs::read(&sentinel)?;
+        ensure!(
+            now == content,
+            "the file the blob id names was changed: now {} bytes, starting {:?}",
+            now.len(),
+            String::from_utf8_lossy(&now[..now.len().min(64)])
+        );
+        let beside: Vec<_> = std::fs::read_dir(&outside)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()?;
+        ensure!(beside.len() == 1, "files appeared outside the daemon root: {beside:?}");
+        let message = format!("{err:#}");
+        eprintln!("nydus-evil: ctr run refused: {message}");
+        ensure!(
+            message.contains(&evil_id) && message.contains("refused"),
+            "the refusal names the blob id: {message}"
+        );
+        ensure!(rafs_mounts(env)?.is_empty(), "a RAFS of the hostile image is mounted");
+
+        // The daemon serves on: a container of the OCI image runs.
+        env.pull(&ns)?;
+        let oci_id = env.container_id("oci");
+        env.run_container(&ns, &oci_id)?;
+        let out = env.exec(&ns, &oci_id, &format!("cat {}", super::image::GREETING.0))?;
+        ensure!(
+            out == super::image::GREETING.1,
+            "the OCI container reads its image: {out:?}"
+        );
+        env.remove_container(&ns, &oci_id)?;
+        Ok(())
+    });
 }
 
 /// Builds `integration/rpull` offline from Debian's containerd sources
