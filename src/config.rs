@@ -597,6 +597,19 @@ mod tests {
         let err = Config::parse("[rest]\ntcp_address = \"127.0.0.1:8089\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("rest.token_file"), "{err}");
         Config::parse("[rest]\ntcp_address = \"[::1]:8089\"\ntoken_file = \"/t\"\n", "t").unwrap();
+        let err = Config::parse("[remote.connections]\nheader_timeout_secs = 0\n", "t").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("remote.connections") && err.contains("header_timeout_secs"),
+            "{err}"
+        );
+        let rest = Config::parse("[rest.connections]\nidle_timeout_secs = 1\n", "t")
+            .unwrap()
+            .rest;
+        assert_eq!(
+            (rest.connections.idle_timeout_secs, rest.connections.max_connections),
+            (1, 256)
+        );
         let err = Config::parse("[commit]\nbackground_workers = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("commit.background_workers"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();

@@ -315,6 +315,20 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn failed_accepts_back_off_up_to_a_second() {
+        let mut backoff = AcceptBackoff::new("test");
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            delays.push(backoff.delay.as_millis());
+            backoff.failed(&emfile).await;
+        }
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.delay, FIRST_ACCEPT_DELAY);
+    }
+
     #[test]
     fn the_table_of_addresses_stays_bounded() {
         let attempts = TokenAttempts::new(&ConnectionLimits {

@@ -1452,3 +1452,89 @@ async fn a_rest_token_file_others_can_read_is_refused_at_start() {
     );
     assert!(!socket.exists(), "nothing was served");
 }
+
+/// The real daemon with few descriptors (prlimit), its socket flooded with
+/// connections until accepting fails with EMFILE: it logs, backs off and,
+/// once descriptors are free again, serves, where tonic's server would have
+/// stopped at the first failed accept.
+#[tokio::test]
+async fn running_out_of_descriptors_does_not_stop_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "[storage]\nbackend = \"directory\"\n").unwrap();
+    let log = tmp.path().join("daemon.log");
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=96:96")
+        .arg(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-level")
+        .arg("warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the daemon under prlimit (util-linux)");
+    let mut up = false;
+    for _ in 0..600 {
+        if let Ok(Ok(channel)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            seamless_snapshotter::client::connect(&socket),
+        )
+        .await
+        {
+            up = ControlClient::new(channel).version(VersionRequest {}).await.is_ok();
+            if up {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the daemon came up: {}", std::fs::read_to_string(&log).unwrap());
+    // More connections than the daemon has descriptors: they wait in the
+    // backlog, or are refused once it is full.
+    let mut flood = Vec::new();
+    let mut exhausted = false;
+    for _ in 0..600 {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+            flood.push(stream);
+        }
+        exhausted = std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("accepting a connection failed");
+        if exhausted && flood.len() > 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        exhausted,
+        "the daemon ran out of descriptors: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(flood);
+    let mut served = None;
+    for _ in 0..100 {
+        if let Ok(Ok(channel)) =
+            tokio::time::timeout(Duration::from_secs(2), seamless_snapshotter::client::connect(&socket)).await
+        {
+            served = Some(ControlClient::new(channel).version(VersionRequest {}).await);
+            if matches!(served, Some(Ok(_))) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(still_running, "the daemon kept running: {log}");
+    assert!(
+        matches!(served, Some(Ok(_))),
+        "the daemon serves again: {served:?}\n{log}"
+    );
+}
