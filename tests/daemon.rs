@@ -1538,3 +1538,75 @@ async fn running_out_of_descriptors_does_not_stop_the_daemon() {
         "the daemon serves again: {served:?}\n{log}"
     );
 }
+
+/// Both sockets of the real daemon are 0660 from their bind, and binding
+/// them under a restrictive umask left the daemon's own umask (every
+/// thread's) as it was started with.
+#[tokio::test]
+async fn sockets_are_bound_0660_and_the_daemon_keeps_its_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "[storage]\nbackend = \"directory\"\n").unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 002 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-level")
+        .arg("warn")
+        .spawn()
+        .expect("start the daemon");
+    let mut up = false;
+    for _ in 0..600 {
+        if let Ok(Ok(channel)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            seamless_snapshotter::client::connect(&socket),
+        )
+        .await
+        {
+            up = ControlClient::new(channel).version(VersionRequest {}).await.is_ok();
+            if up {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let modes: Vec<(String, u32)> = ["s.sock", "rest.sock"]
+        .iter()
+        .map(|name| {
+            let mode = std::fs::metadata(tmp.path().join(name)).map(|m| m.permissions().mode() & 0o7777);
+            (name.to_string(), mode.unwrap_or(0))
+        })
+        .collect();
+    let umasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "the daemon came up");
+    assert_eq!(
+        modes,
+        [("s.sock".to_string(), 0o660), ("rest.sock".to_string(), 0o660)],
+        "socket modes"
+    );
+    assert!(
+        !umasks.is_empty() && umasks.iter().all(|u| u == "0002"),
+        "thread umasks: {umasks:?}"
+    );
+}
