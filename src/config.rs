@@ -239,9 +239,13 @@ pub struct RestConfig {
     /// example "127.0.0.1:8089"); empty means no TCP. Needs `token_file`.
     #[serde(default)]
     pub tcp_address: String,
-    /// File holding the bearer token that every TCP request must carry.
+    /// File holding the bearer token that every TCP request must carry;
+    /// must be mode 0600.
     #[serde(default)]
     pub token_file: String,
+    /// Limits on the connections of both REST listeners.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -262,6 +266,92 @@ pub struct RemoteConfig {
     /// line); must be mode 0600. Never logged.
     #[serde(default)]
     pub token_file: String,
+    /// Limits on the TCP connections.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
+}
+
+/// What one client may hold of a listener (`[rest.connections]`,
+/// `[remote.connections]`): what keeps a silent, slow or guessing client
+/// from starving the others.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Connections served at once; further clients wait in the kernel's
+    /// backlog until one ends.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// TLS handshakes in progress at once (`[remote]` only).
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: u32,
+    /// Seconds a new connection has to finish its TLS handshake and its
+    /// first request's headers (REST) or HTTP/2 preface (remote).
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
+    /// Seconds a connection may stay without a byte from its client
+    /// (remote: HTTP/2 pings are sent at half this, which live clients answer).
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Wrong bearer tokens from one address before its calls are refused
+    /// without being checked, for `token_lockout_secs`.
+    #[serde(default = "default_token_failures")]
+    pub token_failures: u32,
+    #[serde(default = "default_token_lockout_secs")]
+    pub token_lockout_secs: u64,
+}
+
+fn default_max_connections() -> u32 {
+    256
+}
+fn default_max_handshakes() -> u32 {
+    32
+}
+fn default_header_timeout_secs() -> u64 {
+    10
+}
+fn default_idle_timeout_secs() -> u64 {
+    300
+}
+fn default_token_failures() -> u32 {
+    5
+}
+fn default_token_lockout_secs() -> u64 {
+    60
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            header_timeout_secs: default_header_timeout_secs(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            token_failures: default_token_failures(),
+            token_lockout_secs: default_token_lockout_secs(),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Every limit must be at least 1: a zero would refuse every client.
+    fn validate(&self, table: &'static str) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("max_connections", u64::from(self.max_connections)),
+            ("max_handshakes", u64::from(self.max_handshakes)),
+            ("header_timeout_secs", self.header_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("token_failures", u64::from(self.token_failures)),
+            ("token_lockout_secs", self.token_lockout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key: table,
+                    reason: format!("{field} must be at least 1"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -490,6 +580,8 @@ impl Config {
                 });
             }
         }
+        self.rest.connections.validate("rest.connections")?;
+        self.remote.connections.validate("remote.connections")?;
         self.validate_remote()?;
         for namespace in &self.snapshotter.shared_namespaces {
             if namespace != "*" {
@@ -672,6 +764,19 @@ mod tests {
         let err = Config::parse("[rest]\ntcp_address = \"127.0.0.1:8089\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("rest.token_file"), "{err}");
         Config::parse("[rest]\ntcp_address = \"[::1]:8089\"\ntoken_file = \"/t\"\n", "t").unwrap();
+        let err = Config::parse("[remote.connections]\nheader_timeout_secs = 0\n", "t").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("remote.connections") && err.contains("header_timeout_secs"),
+            "{err}"
+        );
+        let rest = Config::parse("[rest.connections]\nidle_timeout_secs = 1\n", "t")
+            .unwrap()
+            .rest;
+        assert_eq!(
+            (rest.connections.idle_timeout_secs, rest.connections.max_connections),
+            (1, 256)
+        );
         let err = Config::parse("[commit]\nbackground_workers = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("commit.background_workers"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod commit;
 pub mod config;
+pub mod connections;
 pub mod containerd;
 pub mod criu;
 pub mod error;

@@ -1,9 +1,10 @@
 //! The Control API over TCP, for checkpointctl on other hosts (`restore
 //! --target-node`): TLS on both ends (rustls with ring) and a bearer token on
 //! every call. This module owns reading the certificate, key and token files,
-//! the server's TLS accept loop, the token check and the client's connector.
-//! It knows nothing of what the API does, and the unix socket never passes
-//! here: its 0660 mode is its access control.
+//! the server's TLS accept loop (bounded by `[remote.connections]`), the
+//! token check and the client's connector. It knows nothing of what the API
+//! does (which calls a remote caller may make is `grpc::remote`'s), and the
+//! unix socket never passes here: its 0660 mode is its access control.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,13 +13,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -27,7 +27,8 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 use tracing::{debug, warn};
 
-use crate::config::RemoteConfig;
+use crate::config::{ConnectionLimits, RemoteConfig};
+use crate::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -51,13 +52,13 @@ pub enum RemoteError {
     Address { address: String, reason: String },
 }
 
-/// A client that has not finished its handshake in this time is dropped, so
-/// idle connections cannot pile up before the token is ever asked for.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of the HTTP/2 connection preface ("PRI * HTTP/2.0..."): what a
+/// client must have sent, TLS handshake included, within the header timeout.
+const H2_PREFACE_LEN: u64 = 24;
 
 /// Refuses a secret (key or token) that other users may read: the file is
 /// the secret's only protection.
-fn check_private(what: &'static str, path: &Path) -> Result<(), RemoteError> {
+pub fn check_private(what: &'static str, path: &Path) -> Result<(), RemoteError> {
     let meta = std::fs::metadata(path).map_err(|e| RemoteError::File {
         what,
         path: path.display().to_string(),
@@ -151,6 +152,7 @@ pub struct RemoteListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     token: TokenCheck,
+    limits: ConnectionLimits,
 }
 
 impl RemoteListener {
@@ -168,7 +170,11 @@ impl RemoteListener {
         Ok(RemoteListener {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            token: TokenCheck(token.into()),
+            token: TokenCheck {
+                token: token.into(),
+                attempts: Arc::new(TokenAttempts::new(&config.connections)),
+            },
+            limits: config.connections.clone(),
         })
     }
 
@@ -181,32 +187,69 @@ impl RemoteListener {
         self.token.clone()
     }
 
-    /// Connections that completed their TLS handshake. Handshakes run side
-    /// by side, so a slow or silent client holds up nobody; a failed one is
-    /// logged and dropped. Accepting stops when the stream is dropped.
+    /// The limits the server of these connections applies as well (HTTP/2
+    /// pings at half the idle timeout).
+    pub fn limits(&self) -> &ConnectionLimits {
+        &self.limits
+    }
+
+    /// Connections that completed their TLS handshake. At most
+    /// `max_connections` are open and `max_handshakes` handshaking at once:
+    /// past either, accepting waits (clients queue in the kernel's backlog).
+    /// Handshakes run side by side, so a slow or silent client holds up
+    /// nobody; each has the header timeout to finish its handshake and send
+    /// the HTTP/2 preface, a failed one is logged and dropped. Accepting
+    /// stops when the stream is dropped.
     pub fn into_incoming(self) -> ReceiverStream<io::Result<TlsConnection>> {
         let (tx, rx) = mpsc::channel(16);
-        let RemoteListener { listener, acceptor, .. } = self;
+        let RemoteListener {
+            listener,
+            acceptor,
+            limits,
+            ..
+        } = self;
+        let slots = limits.connection_slots();
+        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes as usize));
         tokio::spawn(async move {
+            let mut backoff = AcceptBackoff::new("remote");
             loop {
+                // Both semaphores live as long as this loop: never closed.
+                let permits = async {
+                    let slot = slots.clone().acquire_owned().await;
+                    let handshake = handshakes.clone().acquire_owned().await;
+                    slot.ok().zip(handshake.ok())
+                };
+                let (slot, handshake) = tokio::select! {
+                    permits = permits => match permits {
+                        Some(permits) => permits,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
                     _ = tx.closed() => return,
                 };
                 let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        backoff.succeeded();
+                        accepted
+                    }
                     Err(e) => {
-                        // Out of descriptors and the like: wait, do not spin.
-                        warn!(error = %e, "accepting a TCP connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        backoff.failed(&e).await;
                         continue;
                     }
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let opened = tokio::time::Instant::now();
+                let (acceptor, tx, limits) = (acceptor.clone(), tx.clone(), limits.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let handshake_deadline = opened + limits.header_timeout();
+                    let accepted = tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await;
+                    drop(handshake);
+                    match accepted {
                         Ok(Ok(stream)) => {
                             debug!(%peer, "TLS connection");
+                            let stream = Guarded::new(stream, slot, &limits, opened, H2_PREFACE_LEN);
                             let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
                         }
                         Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake failed"),
@@ -221,7 +264,7 @@ impl RemoteListener {
 
 /// One client's TLS connection, as tonic serves it.
 pub struct TlsConnection {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    stream: Guarded<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: SocketAddr,
 }
 
@@ -257,7 +300,7 @@ impl AsyncWrite for TlsConnection {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.get_ref().is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -269,9 +312,13 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-/// Server side: every call must carry `authorization: Bearer <token>`.
+/// Server side: every call must carry `authorization: Bearer <token>`; an
+/// address that keeps sending wrong ones is locked out for a while.
 #[derive(Clone)]
-pub struct TokenCheck(Arc<str>);
+pub struct TokenCheck {
+    token: Arc<str>,
+    attempts: Arc<TokenAttempts>,
+}
 
 impl std::fmt::Debug for TokenCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -286,16 +333,14 @@ impl Interceptor for TokenCheck {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "));
-        match given {
-            Some(given) if token_matches(given, &self.0) => Ok(request),
-            _ => {
-                let peer = request.extensions().get::<RemotePeer>().map(|p| p.0.to_string());
-                warn!(
-                    peer = peer.as_deref().unwrap_or("unknown"),
-                    "remote call without a valid bearer token"
-                );
-                Err(Status::unauthenticated("a valid bearer token is required"))
-            }
+        let peer = request.extensions().get::<RemotePeer>().map(|p| p.0.ip());
+        match self.attempts.check(peer, given, &self.token) {
+            TokenVerdict::Accepted => Ok(request),
+            TokenVerdict::Refused => Err(Status::unauthenticated("a valid bearer token is required")),
+            TokenVerdict::LockedOut { retry_in } => Err(Status::resource_exhausted(format!(
+                "too many calls with a wrong bearer token from this address: refused for {} more seconds",
+                retry_in.as_secs().max(1)
+            ))),
         }
     }
 }
@@ -499,7 +544,10 @@ mod tests {
 
     #[test]
     fn the_token_check_wants_the_bearer_token() {
-        let mut check = TokenCheck("s3cret".into());
+        let mut check = TokenCheck {
+            token: "s3cret".into(),
+            attempts: Arc::new(TokenAttempts::new(&ConnectionLimits::default())),
+        };
         let with = |value: Option<&str>| {
             let mut request = Request::new(());
             if let Some(value) = value {

@@ -2,35 +2,66 @@
 //! `GET /api/v1/snapshots/{id}`, `GET /api/v1/snapshots?state=&limit=&offset=`,
 //! `GET /api/v1/metrics` (JSON) and `GET /metrics` (Prometheus text). Served
 //! on a unix socket; on TCP (loopback only) every request needs the bearer
-//! token. Handlers only unwrap, delegate to `commit`, and wrap; errors use
+//! token, and an address that keeps sending wrong ones is locked out for a
+//! while. Connections are bounded as `[rest.connections]` says (how many,
+//! header and idle timeouts) and bodies are capped before they are parsed.
+//! Handlers only unwrap, delegate to `commit`, and wrap; errors use
 //! `{"error":{"code","message","details"}}` with the HTTP status of their code.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::path::PathBuf;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::HttpBody;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use hyper::service::service_fn;
 use hyper::{Body, Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::commit::{rfc3339, CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
+use crate::config::{ConnectionLimits, RestConfig};
+use crate::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 use crate::metrics::CommitMetrics;
-use crate::remote::token_matches;
+use crate::remote::{read_token, RemoteError};
 
-/// Request bodies larger than this are refused.
-const MAX_BODY: usize = 1 << 20;
+/// Request bodies larger than this are refused, before any byte of them is
+/// parsed.
+pub const MAX_BODY: usize = 1 << 20;
 const MAX_LIMIT: usize = 1000;
 
 /// What the REST API serves, and whether it asks for the token.
 #[derive(Debug, Clone)]
 pub struct RestApi {
     commits: Arc<CommitService>,
-    token: Option<String>,
+    token: Option<Token>,
+    /// How long a request's body may take to arrive, whole.
+    body_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Token {
+    value: Arc<str>,
+    attempts: Arc<TokenAttempts>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<hidden>)")
+    }
+}
+
+/// The token of `rest.token_file`, if set: a private file (0600, the same
+/// check as the remote API's) whose first line is the token.
+pub fn read_token_file(config: &RestConfig) -> Result<Option<String>, RemoteError> {
+    match config.token_file.as_str() {
+        "" => Ok(None),
+        file => read_token("rest.token_file", Path::new(file)).map(Some),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,12 +222,21 @@ fn bad_request(message: String) -> Response<Body> {
 }
 
 impl RestApi {
-    /// `token` set: every request must carry `Authorization: Bearer <token>`.
-    pub fn new(commits: Arc<CommitService>, token: Option<String>) -> Self {
-        RestApi { commits, token }
+    /// `token` set: every request must carry `Authorization: Bearer <token>`,
+    /// and wrong ones count against the caller's address as `limits` says.
+    pub fn new(commits: Arc<CommitService>, limits: &ConnectionLimits, token: Option<String>) -> Self {
+        RestApi {
+            commits,
+            token: token.map(|value| Token {
+                value: value.into(),
+                attempts: Arc::new(TokenAttempts::new(limits)),
+            }),
+            body_timeout: limits.header_timeout(),
+        }
     }
 
-    pub async fn handle(&self, request: Request<Body>) -> Response<Body> {
+    /// `peer`: the client's address (None on the unix socket).
+    pub async fn handle(&self, request: Request<Body>, peer: Option<IpAddr>) -> Response<Body> {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         if let Some(token) = &self.token {
@@ -204,16 +244,28 @@ impl RestApi {
                 .headers()
                 .get(AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            if !token_matches(given, token) {
-                warn!(%method, %path, "REST request without a valid bearer token");
-                return error(
-                    StatusCode::FORBIDDEN,
-                    CommitCode::PermissionDenied.as_str(),
-                    "a valid bearer token is required".into(),
-                    String::new(),
-                );
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match token.attempts.check(peer, given, &token.value) {
+                TokenVerdict::Accepted => {}
+                TokenVerdict::Refused => {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        CommitCode::PermissionDenied.as_str(),
+                        "a valid bearer token is required".into(),
+                        String::new(),
+                    )
+                }
+                TokenVerdict::LockedOut { retry_in } => {
+                    return error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        CommitCode::PermissionDenied.as_str(),
+                        format!(
+                        "too many requests with a wrong bearer token from this address: refused for {} more seconds",
+                        retry_in.as_secs().max(1)
+                    ),
+                        String::new(),
+                    )
+                }
             }
         }
         debug!(%method, %path, "REST request");
@@ -256,15 +308,16 @@ impl RestApi {
     }
 
     async fn create(&self, request: Request<Body>) -> Response<Body> {
-        let mut body = request.into_body();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.data().await {
-            match chunk {
-                Ok(c) if bytes.len() + c.len() <= MAX_BODY => bytes.extend_from_slice(&c),
-                Ok(_) => return bad_request(format!("request body is larger than {MAX_BODY} bytes")),
-                Err(e) => return bad_request(format!("reading the request body: {e}")),
+        let bytes = match tokio::time::timeout(self.body_timeout, read_body(request)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(refused)) => return refused,
+            Err(_) => {
+                return body_timeout(&format_args!(
+                    "not whole within {} seconds",
+                    self.body_timeout.as_secs()
+                ))
             }
-        }
+        };
         let create: CreateSnapshot = match serde_json::from_slice(&bytes) {
             Ok(c) => c,
             Err(e) => return bad_request(format!("request body: {e}")),
@@ -351,37 +404,121 @@ impl RestApi {
     }
 }
 
-/// Serves HTTP/1 connections from `accept` until `shutdown` completes.
-pub async fn serve<S, A, F>(api: Arc<RestApi>, mut accept: A, shutdown: impl Future<Output = ()>)
-where
+fn payload_too_large() -> Response<Body> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        CommitCode::InvalidParameter.as_str(),
+        format!("request body is larger than {MAX_BODY} bytes"),
+        String::new(),
+    )
+}
+
+/// The body of `request`, at most `MAX_BODY` bytes: a larger declared
+/// length is refused before a byte is read, a longer stream as soon as it
+/// passes the cap.
+async fn read_body(request: Request<Body>) -> Result<Vec<u8>, Response<Body>> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(payload_too_large());
+    }
+    let mut body = request.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(c) if bytes.len() + c.len() <= MAX_BODY => bytes.extend_from_slice(&c),
+            Ok(_) => return Err(payload_too_large()),
+            Err(e) if timed_out(&e) => return Err(body_timeout(&e)),
+            Err(e) => return Err(bad_request(format!("reading the request body: {e}"))),
+        }
+    }
+    Ok(bytes)
+}
+
+/// Whether reading failed because the connection's idle timeout struck.
+fn timed_out(e: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+fn body_timeout(reason: &dyn std::fmt::Display) -> Response<Body> {
+    error(
+        StatusCode::REQUEST_TIMEOUT,
+        CommitCode::InvalidParameter.as_str(),
+        format!("the request body did not arrive in time: {reason}"),
+        String::new(),
+    )
+}
+
+/// Serves HTTP/1 connections from `accept` (a stream and the client's
+/// address, None on a unix socket) until `shutdown` completes. At most
+/// `limits.max_connections` are served at once (accepting waits for one to
+/// end); each must send its request headers within the header timeout and
+/// is closed after the idle timeout without a byte; a failed accept is
+/// retried after a back-off.
+pub async fn serve<S, A, F>(
+    api: Arc<RestApi>,
+    limits: ConnectionLimits,
+    mut accept: A,
+    shutdown: impl Future<Output = ()>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: FnMut() -> F,
-    F: Future<Output = std::io::Result<S>>,
+    F: Future<Output = std::io::Result<(S, Option<IpAddr>)>>,
 {
     tokio::pin!(shutdown);
+    let slots = limits.connection_slots();
+    let mut backoff = AcceptBackoff::new("rest");
     loop {
-        let stream = tokio::select! {
+        let slot = tokio::select! {
+            _ = &mut shutdown => return,
+            // Never closed: the semaphore lives as long as this loop.
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = accept() => match accepted {
-                Ok(s) => s,
+                Ok(accepted) => {
+                    backoff.succeeded();
+                    accepted
+                }
                 Err(e) => {
-                    warn!(error = %e, "REST accept failed");
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        // One byte opens a request; hyper's header timeout then bounds the
+        // rest of its headers.
+        let stream = Guarded::new(stream, slot, &limits, tokio::time::Instant::now(), 1);
         let api = api.clone();
+        let header_timeout = limits.header_timeout();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(request).await) }
+                async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
             });
             if let Err(e) = hyper::server::conn::Http::new()
                 .http1_only(true)
+                .http1_header_read_timeout(header_timeout)
                 .serve_connection(stream, service)
                 .await
             {
-                debug!(error = %e, "REST connection ended with an error");
+                debug!(error = %e, peer = ?peer, "REST connection ended with an error");
             }
         });
     }

@@ -1,20 +1,24 @@
 //! The daemon's server: binds the unix socket safely and serves every gRPC
-//! service on it (and the Control API on the TLS listener of `remote`, when
-//! configured) until `shutdown` resolves, then drains in-flight requests.
+//! service on it (and the Control API, as `grpc::remote` restricts it, on
+//! the TLS listener of `remote`, when configured) until `shutdown`
+//! resolves, then drains in-flight requests.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::InterceptedService;
 use tracing::info;
 
 use crate::commit::CommitService;
+use crate::connections::AcceptBackoff;
 use crate::grpc::control::ControlService;
+use crate::grpc::remote::RemoteControl;
 use crate::grpc::snapshots::SnapshotsService;
 use crate::proto::control_server::ControlServer;
 use crate::remote::RemoteListener;
@@ -32,6 +36,34 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("serving gRPC over TCP: {0}")]
     Remote(String),
+}
+
+/// The umask a socket is bound under: it is created 0660 (the kernel gives
+/// a new socket 0777 less the umask).
+const SOCKET_UMASK: u32 = 0o117;
+
+/// Binds `path` with the socket's final mode from the start. A chmod after
+/// bind would leave the socket, for an instant, with whatever mode the
+/// process's umask gave it. The umask, though, is shared by all the threads
+/// of the process, and setting it would race with any other thread creating
+/// files; so the bind runs in a thread of its own that first unshares its
+/// filesystem attributes (CLONE_FS: cwd, root and umask), and sets the umask
+/// there only.
+fn bind_with_private_umask(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("bind-socket".into())
+        .spawn(move || {
+            // SAFETY: unshare(2) with CLONE_FS touches no memory of ours; it
+            // gives this thread its own copy of cwd, root and umask.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(SOCKET_UMASK));
+            std::os::unix::net::UnixListener::bind(&path)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the thread binding the socket panicked"))?
 }
 
 /// Binds `path` as a 0660 unix socket, replacing a stale socket but never a
@@ -62,14 +94,44 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    Ok(listener)
+    let listener = bind_with_private_umask(path).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(listener).map_err(err)
 }
+
+/// The connections of a unix listener, for tonic. A failed accept (EMFILE)
+/// is logged and retried after a back-off, never passed on: tonic's server
+/// would stop at the first error of its incoming stream.
+fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<UnixStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::new("grpc");
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tx.closed() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    if tx.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => backoff.failed(&e).await,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Calls one TCP connection may have in flight.
+const MAX_REMOTE_STREAMS: u32 = 16;
 
 /// Serves until `shutdown` completes; in-flight requests finish first. The
 /// unix socket serves containerd's Snapshots and the Control API; `remote`,
-/// when configured, serves the Control API alone, over TLS with its token.
+/// when configured, serves the Control API as `grpc::remote` restricts it,
+/// over TLS with its token.
 pub async fn run(
     listener: UnixListener,
     remote: Option<RemoteListener>,
@@ -82,10 +144,21 @@ pub async fn run(
     let control = Arc::new(ControlService::new(snapshotter.clone(), commits, root));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let remote_served = remote.map(|remote| {
-        let service = InterceptedService::new(ControlServer::from_arc(control.clone()), remote.token_check());
+        // Callers over TCP get the restricted API, behind the token check.
+        let service = InterceptedService::new(
+            ControlServer::new(RemoteControl::new(control.clone())),
+            remote.token_check(),
+        );
+        // Pings at half the idle timeout: a live client answers them, so
+        // only a client that stopped reading hits the idle timeout, even
+        // during a long call.
+        let ping = remote.limits().idle_timeout() / 2;
         let mut stopped = stopped.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(ping))
+                .http2_keepalive_timeout(Some(ping))
+                .max_concurrent_streams(Some(MAX_REMOTE_STREAMS))
                 .add_service(service)
                 .serve_with_incoming_shutdown(remote.into_incoming(), async move {
                     let _ = stopped.wait_for(|stopped| *stopped).await;
@@ -95,7 +168,7 @@ pub async fn run(
     let local = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter)))
         .add_service(ControlServer::from_arc(control))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(unix_incoming(listener), shutdown)
         .await;
     let _ = stop.send(true);
     if let Some(served) = remote_served {

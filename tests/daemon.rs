@@ -11,8 +11,8 @@ use std::time::Duration;
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use seamless_snapshotter::commit::CommitService;
-use seamless_snapshotter::config::RemoteConfig;
 use seamless_snapshotter::config::{BackendChoice, Config};
+use seamless_snapshotter::config::{ConnectionLimits, RemoteConfig};
 use seamless_snapshotter::proto::control_client::ControlClient;
 use seamless_snapshotter::proto::VersionRequest;
 use seamless_snapshotter::remote::{RemoteListener, RemoteTarget};
@@ -499,12 +499,16 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4, None).unwrap());
     let socket = tmp.path().join("rest.sock");
     let unix = Arc::new(server::bind_socket(&socket).unwrap());
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o660, "REST socket mode");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = ConnectionLimits::default();
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), None)),
+        Arc::new(RestApi::new(commits.clone(), &limits, None)),
+        limits.clone(),
         move || {
             let l = unix.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
+            async move { l.accept().await.map(|(s, _)| (s, None)) }
         },
         async {
             let _ = stopped.await;
@@ -513,10 +517,11 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let tcp = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let tcp_addr = tcp.local_addr().unwrap();
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), Some("s3cret".into()))),
+        Arc::new(RestApi::new(commits.clone(), &limits, Some("s3cret".into()))),
+        limits.clone(),
         move || {
             let l = tcp.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
+            async move { l.accept().await.map(|(s, peer)| (s, Some(peer.ip()))) }
         },
         std::future::pending(),
     ));
@@ -637,6 +642,7 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
         tls_cert: file("server.crt"),
         tls_key: file("server.key"),
         token_file: file("token"),
+        ..RemoteConfig::default()
     };
     // A key others may read is refused, naming it.
     std::fs::set_permissions(tls.join("server.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -747,4 +753,860 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
         assert!(err.contains(reason) && err.contains(&target.address), "{err}");
     }
     daemon.stop().await;
+}
+
+/// A TLS listener of the Control API on a free loopback port, with the
+/// certificates and token `make_certificates` wrote in `tls`, and the target
+/// a client reaches it by.
+async fn remote_listener(tls: &Path, limits: ConnectionLimits) -> (RemoteListener, RemoteTarget) {
+    let file = |name: &str| tls.join(name).display().to_string();
+    let remote = RemoteListener::bind(&RemoteConfig {
+        address: "127.0.0.1:0".into(),
+        tls_cert: file("server.crt"),
+        tls_key: file("server.key"),
+        token_file: file("token"),
+        connections: limits,
+    })
+    .await
+    .expect("bind the TLS listener");
+    let target = RemoteTarget {
+        address: format!("https://127.0.0.1:{}", remote.local_addr().unwrap().port()),
+        ca_file: Some(tls.join("ca.crt")),
+        token_file: tls.join("token"),
+        server_name: None,
+    };
+    (remote, target)
+}
+
+/// Reads `stream` until the server ends it: the bytes it sent before, or
+/// the error that ended it. A server that never closes fails the test
+/// (after a minute, far beyond any timeout the tests configure) instead of
+/// hanging it.
+async fn until_closed<S: tokio::io::AsyncRead + Unpin>(mut stream: S) -> Result<Vec<u8>, std::io::Error> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut seen))
+        .await
+        .expect("the server closes the connection")?;
+    Ok(seen)
+}
+
+#[tokio::test]
+async fn remote_callers_get_only_what_restore_needs() {
+    use seamless_snapshotter::proto::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_certificates(&tls);
+    let (remote, target) = remote_listener(&tls, ConnectionLimits::default()).await;
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
+    let mut client = seamless_snapshotter::client::connect_remote(&target)
+        .await
+        .expect("connect over TLS");
+    // Host paths a caller could aim at: nothing may appear there.
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let host_path = elsewhere.display().to_string();
+    let nfs = |path: &str| {
+        Some(Storage {
+            backend: "nfs".into(),
+            path: path.into(),
+            ..Storage::default()
+        })
+    };
+    let s3_at = |endpoint: &str| {
+        Some(Storage {
+            backend: "s3".into(),
+            bucket: "b".into(),
+            region: "us-east-1".into(),
+            endpoint: endpoint.into(),
+            access_key: "a".into(),
+            secret_key: "s".into(),
+            ..Storage::default()
+        })
+    };
+
+    // Every call restore to another node does not need is refused, named.
+    let refused: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "SeamlessCommit",
+            client
+                .seamless_commit(SeamlessCommitRequest {
+                    container: "c".into(),
+                    target: "r/a:1".into(),
+                    work_dir: host_path.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "GetCommit",
+            client
+                .get_commit(GetCommitRequest {
+                    snapshot_id: "s".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "CreateCheckpoint",
+            client
+                .create_checkpoint(CreateCheckpointRequest {
+                    storage: nfs(&host_path),
+                    container: "c".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "PruneCheckpoints",
+            client
+                .prune_checkpoints(PruneCheckpointsRequest {
+                    storage: nfs(&host_path),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "MergeCheckpoints",
+            client
+                .merge_checkpoints(MergeCheckpointsRequest {
+                    storage: nfs(&host_path),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ExportCheckpoint",
+            client
+                .export_checkpoint(ExportCheckpointRequest {
+                    id: "cp-20250101-000000".into(),
+                    path: elsewhere.join("exported.tar").display().to_string(),
+                    overwrite: true,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ImportCheckpoint",
+            client
+                .import_checkpoint(ImportCheckpointRequest {
+                    path: "/etc/passwd".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ScheduleCheckpoints",
+            client
+                .schedule_checkpoints(ScheduleCheckpointsRequest {
+                    checkpoint: Some(CreateCheckpointRequest {
+                        storage: s3_at("http://169.254.169.254"),
+                        container: "c".into(),
+                        ..Default::default()
+                    }),
+                    interval_secs: 60,
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListSchedules",
+            client.list_schedules(ListSchedulesRequest::default()).await.map(drop),
+        ),
+        (
+            "RemoveSchedule",
+            client.remove_schedule(RemoveScheduleRequest::default()).await.map(drop),
+        ),
+        (
+            "ContainerStats",
+            client.container_stats(ContainerStatsRequest::default()).await.map(drop),
+        ),
+        (
+            "SendCheckpoint",
+            client
+                .send_checkpoint(SendCheckpointRequest {
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (rpc, result) in refused {
+        let status = result.expect_err(rpc);
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        assert!(
+            status.message().contains(rpc) && status.message().contains("not served over TCP"),
+            "{rpc}: {status:?}"
+        );
+    }
+
+    // In the calls it may make, fields naming host paths or endpoints are
+    // refused, named.
+    let receiver = client.clone();
+    let receive = move |messages: Vec<ReceiveCheckpointRequest>| {
+        let mut client = receiver.clone();
+        async move { client.receive_checkpoint(tokio_stream::iter(messages)).await.map(drop) }
+    };
+    let chunk = |storage: Option<Storage>| ReceiveCheckpointRequest {
+        storage,
+        namespace: "default".into(),
+        data: vec![0u8; 512],
+    };
+    let fields: Vec<(&str, &str, Result<(), tonic::Status>)> = vec![
+        (
+            "ListCheckpoints",
+            "storage.path",
+            client
+                .list_checkpoints(ListCheckpointsRequest {
+                    storage: nfs(&host_path),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListCheckpoints",
+            "storage.endpoint",
+            client
+                .list_checkpoints(ListCheckpointsRequest {
+                    storage: s3_at("http://127.0.0.1:1"),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "InspectCheckpoint",
+            "storage.path",
+            client
+                .inspect_checkpoint(InspectCheckpointRequest {
+                    storage: nfs(&host_path),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "InspectCheckpoint",
+            "storage.endpoint",
+            client
+                .inspect_checkpoint(InspectCheckpointRequest {
+                    storage: s3_at("http://127.0.0.1:1"),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "RestoreCheckpoint",
+            "storage.path",
+            client
+                .restore_checkpoint(RestoreCheckpointRequest {
+                    storage: nfs(&host_path),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "RestoreCheckpoint",
+            "storage.endpoint",
+            client
+                .restore_checkpoint(RestoreCheckpointRequest {
+                    storage: s3_at("http://127.0.0.1:1"),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ReceiveCheckpoint",
+            "storage.path",
+            receive(vec![chunk(nfs(&host_path)), chunk(None)]).await,
+        ),
+        (
+            "ReceiveCheckpoint",
+            "storage.endpoint",
+            receive(vec![chunk(None), chunk(s3_at("http://127.0.0.1:1"))]).await,
+        ),
+    ];
+    for (rpc, field, result) in fields {
+        let status = result.expect_err(rpc);
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc} {field}: {status:?}");
+        assert!(
+            status.message().contains(rpc) && status.message().contains(field),
+            "{rpc} {field}: {status:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing was written where a remote caller pointed"
+    );
+
+    // The calls it may make reach the daemon: they fail only for want of
+    // a checkpoint or of containerd.
+    client.version(VersionRequest {}).await.expect("version");
+    let listed = client
+        .list_checkpoints(ListCheckpointsRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list the node's own checkpoints")
+        .into_inner();
+    assert!(listed.checkpoints.is_empty());
+    let s3 = s3_at("");
+    for (rpc, result) in [
+        (
+            "InspectCheckpoint",
+            client
+                .inspect_checkpoint(InspectCheckpointRequest {
+                    namespace: "default".into(),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "RestoreCheckpoint",
+            client
+                .restore_checkpoint(RestoreCheckpointRequest {
+                    namespace: "default".into(),
+                    id: "cp-20250101-000000".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ResumeContainer",
+            client
+                .resume_container(ResumeContainerRequest {
+                    namespace: "default".into(),
+                    container: "c".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ReceiveCheckpoint",
+            receive(vec![chunk(Some(Storage::default())), chunk(None)]).await,
+        ),
+        (
+            "ReceiveCheckpoint to s3 at the provider's endpoint",
+            receive(vec![chunk(s3.clone())]).await,
+        ),
+    ] {
+        let status = result.expect_err(rpc);
+        assert_ne!(status.code(), Code::PermissionDenied, "{rpc} is served: {status:?}");
+        assert_ne!(status.code(), Code::Unauthenticated, "{rpc}: {status:?}");
+    }
+
+    // The unix socket is not restricted: the same export reaches the
+    // catalogue (and fails only for want of the checkpoint).
+    let mut local = ControlClient::new(channel(&socket).await);
+    let status = local
+        .export_checkpoint(ExportCheckpointRequest {
+            namespace: "default".into(),
+            id: "cp-20250101-000000".into(),
+            path: elsewhere.join("exported.tar").display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_tokens_from_one_address_are_locked_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_certificates(&tls);
+    let limits = ConnectionLimits {
+        token_failures: 3,
+        token_lockout_secs: 3600,
+        ..ConnectionLimits::default()
+    };
+    let (remote, target) = remote_listener(&tls, limits).await;
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
+    let wrong_token = tmp.path().join("wrong-token");
+    std::fs::write(&wrong_token, "not-the-token\n").unwrap();
+    std::fs::set_permissions(&wrong_token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut guessing = seamless_snapshotter::client::connect_remote(&RemoteTarget {
+        token_file: wrong_token,
+        ..target.clone()
+    })
+    .await
+    .unwrap();
+    let mut right = seamless_snapshotter::client::connect_remote(&target).await.unwrap();
+    // A right token between wrong ones clears the count.
+    guessing.version(VersionRequest {}).await.unwrap_err();
+    right.version(VersionRequest {}).await.expect("the right token");
+    for attempt in 0..3 {
+        let status = guessing.version(VersionRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "attempt {attempt}: {status:?}");
+    }
+    // Locked out: refused without comparing, the right token included.
+    for client in [&mut guessing, &mut right] {
+        let status = client.version(VersionRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("wrong bearer token"), "{status:?}");
+    }
+    // The daemon serves its unix socket all along.
+    ControlClient::new(channel(&socket).await)
+        .version(VersionRequest {})
+        .await
+        .expect("the unix socket serves");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_tcp_clients_of_the_control_api_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_certificates(&tls);
+    let limits = ConnectionLimits {
+        header_timeout_secs: 1,
+        idle_timeout_secs: 2,
+        ..ConnectionLimits::default()
+    };
+    let (remote, target) = remote_listener(&tls, limits).await;
+    let port = remote.local_addr().unwrap().port();
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
+    let mut client = seamless_snapshotter::client::connect_remote(&target).await.unwrap();
+    client.version(VersionRequest {}).await.expect("before");
+    let tcp = || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
+    let tls_connect = || {
+        let target = target.clone();
+        async move {
+            let remote = target.connector().unwrap();
+            remote
+                .connector
+                .connect(remote.server_name, tcp().await)
+                .await
+                .expect("TLS handshake")
+        }
+    };
+
+    // Garbage instead of a TLS handshake.
+    let mut garbage = tcp().await;
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\n\r\n\x00\x01garbage")
+        .await
+        .unwrap();
+    until_closed(garbage).await.ok();
+    // Connected, and never a byte: the handshake times out.
+    until_closed(tcp().await).await.ok();
+    // Half a handshake.
+    let mut half = tcp().await;
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    until_closed(half).await.ok();
+    // A handshake, then nothing: no HTTP/2 preface within the header timeout.
+    let silent = tls_connect().await;
+    until_closed(silent).await.ok();
+    // A handshake and half a preface, never finished.
+    let mut partial = tls_connect().await;
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    partial.flush().await.unwrap();
+    until_closed(partial).await.ok();
+    // An oversized message is refused by the decoder, not buffered.
+    let status = client
+        .list_checkpoints(seamless_snapshotter::proto::ListCheckpointsRequest {
+            filter: "x".repeat(5 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    // A live client idle for longer than the idle timeout keeps its
+    // connection: it answers the server's pings.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client
+        .version(VersionRequest {})
+        .await
+        .expect("after the hostile clients");
+    seamless_snapshotter::client::connect_remote(&target)
+        .await
+        .unwrap()
+        .version(VersionRequest {})
+        .await
+        .expect("a new client after the hostile ones");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
+    use seamless_snapshotter::rest::{self, RestApi};
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
+    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4, None).unwrap());
+    let limits = ConnectionLimits {
+        header_timeout_secs: 1,
+        idle_timeout_secs: 1,
+        token_failures: 2,
+        token_lockout_secs: 3600,
+        ..ConnectionLimits::default()
+    };
+    let socket = tmp.path().join("rest.sock");
+    let unix = Arc::new(server::bind_socket(&socket).unwrap());
+    tokio::spawn(rest::serve(
+        Arc::new(RestApi::new(commits.clone(), &limits, None)),
+        limits.clone(),
+        move || {
+            let l = unix.clone();
+            async move { l.accept().await.map(|(s, _)| (s, None)) }
+        },
+        std::future::pending(),
+    ));
+    let tcp = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let tcp_addr = tcp.local_addr().unwrap();
+    tokio::spawn(rest::serve(
+        Arc::new(RestApi::new(commits.clone(), &limits, Some("s3cret".into()))),
+        limits.clone(),
+        move || {
+            let l = tcp.clone();
+            async move { l.accept().await.map(|(s, peer)| (s, Some(peer.ip()))) }
+        },
+        std::future::pending(),
+    ));
+    let auth = [("Authorization", "Bearer s3cret")];
+
+    for over_tcp in [false, true] {
+        let connect = || {
+            let socket = socket.clone();
+            async move {
+                if over_tcp {
+                    Box::new(tokio::net::TcpStream::connect(tcp_addr).await.unwrap()) as Box<dyn RestStream>
+                } else {
+                    Box::new(UnixStream::connect(&socket).await.unwrap())
+                }
+            }
+        };
+        let headers: &[(&str, &str)] = if over_tcp { &auth } else { &[] };
+        let token = if over_tcp {
+            "Authorization: Bearer s3cret\r\n"
+        } else {
+            ""
+        };
+        let (status, body) = http(connect().await, "GET", "/api/v1/snapshots", headers, "").await;
+        assert_eq!(status, 200, "before: {body}");
+
+        // Garbage: hyper answers 400 and closes.
+        let mut garbage = connect().await;
+        garbage.write_all(b"\x00\x01\x02 NOT HTTP\r\n\r\n").await.unwrap();
+        let answer = until_closed(garbage).await.unwrap_or_default();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+        // Never a byte.
+        until_closed(connect().await).await.ok();
+        // Slowloris: headers begun, never finished.
+        let mut slow = connect().await;
+        slow.write_all(format!("POST /api/v1/snapshots HTTP/1.1\r\nHost: seamless\r\n{token}X-Slow: 1").as_bytes())
+            .await
+            .unwrap();
+        until_closed(slow).await.ok();
+        // A declared body over the cap: refused before it is sent.
+        let mut oversized = connect().await;
+        oversized
+            .write_all(
+                format!(
+                    "POST /api/v1/snapshots HTTP/1.1\r\nHost: seamless\r\n{token}Content-Length: {}\r\n\r\n",
+                    rest::MAX_BODY + 1
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&until_closed(oversized).await.unwrap_or_default()).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("larger than"), "{answer}");
+        // A body over the cap without a length: refused once past it.
+        let mut chunked = connect().await;
+        chunked
+            .write_all(
+                format!(
+                    "POST /api/v1/snapshots HTTP/1.1\r\nHost: seamless\r\n{token}Transfer-Encoding: chunked\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let piece = vec![b'x'; 64 << 10];
+        for _ in 0..(rest::MAX_BODY / piece.len() + 2) {
+            let sent = async {
+                chunked.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+                chunked.write_all(&piece).await?;
+                chunked.write_all(b"\r\n").await
+            };
+            if sent.await.is_err() {
+                break;
+            }
+        }
+        let answer = String::from_utf8_lossy(&until_closed(chunked).await.unwrap_or_default()).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        // A body promised and never sent in full.
+        let mut short = connect().await;
+        short
+            .write_all(
+                format!(
+                    "POST /api/v1/snapshots HTTP/1.1\r\nHost: seamless\r\n{token}Content-Length: 100\r\n\r\n{{\"co"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&until_closed(short).await.unwrap_or_default()).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+        let (status, body) = http(connect().await, "GET", "/api/v1/snapshots", headers, "").await;
+        assert_eq!(status, 200, "after the hostile clients: {body}");
+    }
+
+    // Wrong tokens over TCP: after two, the address is locked out.
+    let tcp = || async { tokio::net::TcpStream::connect(tcp_addr).await.unwrap() };
+    for _ in 0..2 {
+        let (status, _) = http(tcp().await, "GET", "/metrics", &[("Authorization", "Bearer guess")], "").await;
+        assert_eq!(status, 403);
+    }
+    let (status, body) = http(tcp().await, "GET", "/metrics", &auth, "").await;
+    assert_eq!(status, 429, "locked out, the right token included: {body}");
+    assert!(body.contains("wrong bearer token"), "{body}");
+    // The unix socket knows no token and is not affected.
+    let (status, _) = http(UnixStream::connect(&socket).await.unwrap(), "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+trait RestStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RestStream for T {}
+
+#[tokio::test]
+async fn a_rest_token_file_others_can_read_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("rest.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nbackend = \"directory\"\n[rest]\ntcp_address = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    let socket = tmp.path().join("s.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the daemon");
+    // A daemon that accepted the file would serve on: stop it after a
+    // minute, far beyond its start-up, and fail.
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if exited.is_none() {
+        child.kill().unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        exited.is_some_and(|status| !status.success()),
+        "the daemon refuses to start: {stderr}"
+    );
+    assert!(
+        stderr.contains("rest.token_file") && stderr.contains(&token.display().to_string()) && stderr.contains("0644"),
+        "names the file and its mode: {stderr}"
+    );
+    assert!(!socket.exists(), "nothing was served");
+}
+
+/// The real daemon with few descriptors (prlimit), its socket flooded with
+/// connections until accepting fails with EMFILE: it logs, backs off and,
+/// once descriptors are free again, serves, where tonic's server would have
+/// stopped at the first failed accept.
+#[tokio::test]
+async fn running_out_of_descriptors_does_not_stop_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "[storage]\nbackend = \"directory\"\n").unwrap();
+    let log = tmp.path().join("daemon.log");
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=96:96")
+        .arg(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-level")
+        .arg("warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the daemon under prlimit (util-linux)");
+    let mut up = false;
+    for _ in 0..600 {
+        if let Ok(Ok(channel)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            seamless_snapshotter::client::connect(&socket),
+        )
+        .await
+        {
+            up = ControlClient::new(channel).version(VersionRequest {}).await.is_ok();
+            if up {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the daemon came up: {}", std::fs::read_to_string(&log).unwrap());
+    // More connections than the daemon has descriptors: they wait in the
+    // backlog, or are refused once it is full.
+    let mut flood = Vec::new();
+    let mut exhausted = false;
+    for _ in 0..600 {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+            flood.push(stream);
+        }
+        exhausted = std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("accepting a connection failed");
+        if exhausted && flood.len() > 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        exhausted,
+        "the daemon ran out of descriptors: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(flood);
+    let mut served = None;
+    for _ in 0..100 {
+        if let Ok(Ok(channel)) =
+            tokio::time::timeout(Duration::from_secs(2), seamless_snapshotter::client::connect(&socket)).await
+        {
+            served = Some(ControlClient::new(channel).version(VersionRequest {}).await);
+            if matches!(served, Some(Ok(_))) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(still_running, "the daemon kept running: {log}");
+    assert!(
+        matches!(served, Some(Ok(_))),
+        "the daemon serves again: {served:?}\n{log}"
+    );
+}
+
+/// Both sockets of the real daemon are 0660 from their bind, and binding
+/// them under a restrictive umask left the daemon's own umask (every
+/// thread's) as it was started with.
+#[tokio::test]
+async fn sockets_are_bound_0660_and_the_daemon_keeps_its_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "[storage]\nbackend = \"directory\"\n").unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 002 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-level")
+        .arg("warn")
+        .spawn()
+        .expect("start the daemon");
+    let mut up = false;
+    for _ in 0..600 {
+        if let Ok(Ok(channel)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            seamless_snapshotter::client::connect(&socket),
+        )
+        .await
+        {
+            up = ControlClient::new(channel).version(VersionRequest {}).await.is_ok();
+            if up {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let modes: Vec<(String, u32)> = ["s.sock", "rest.sock"]
+        .iter()
+        .map(|name| {
+            let mode = std::fs::metadata(tmp.path().join(name)).map(|m| m.permissions().mode() & 0o7777);
+            (name.to_string(), mode.unwrap_or(0))
+        })
+        .collect();
+    let umasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "the daemon came up");
+    assert_eq!(
+        modes,
+        [("s.sock".to_string(), 0o660), ("rest.sock".to_string(), 0o660)],
+        "socket modes"
+    );
+    assert!(
+        !umasks.is_empty() && umasks.iter().all(|u| u == "0002"),
+        "thread umasks: {umasks:?}"
+    );
 }

@@ -78,6 +78,8 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let base_cache_bytes = config.nydus_base_cache_bytes()?;
     let rest_config = config.rest.clone();
     let remote_config = config.remote.clone();
+    // Secrets are checked before anything is opened or bound.
+    let token = rest::read_token_file(&rest_config)?;
     let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
@@ -101,15 +103,6 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         PathBuf::from(&rest_config.socket)
     };
     let rest_listener = Arc::new(server::bind_socket(&rest_socket)?);
-    let token = match rest_config.token_file.as_str() {
-        "" => None,
-        file => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading rest.token_file {file}"))?;
-            let token = text.lines().next().unwrap_or_default().trim().to_string();
-            anyhow::ensure!(!token.is_empty(), "rest.token_file {file} holds no token");
-            Some(token)
-        }
-    };
     let remote = match remote_config.address.as_str() {
         "" => None,
         address => {
@@ -141,12 +134,13 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     // The unix socket needs no token: its 0660 mode is the access control.
-    let unix_api = Arc::new(RestApi::new(commits.clone(), None));
+    let unix_api = Arc::new(RestApi::new(commits.clone(), &rest_config.connections, None));
     tokio::spawn(rest::serve(
         unix_api,
+        rest_config.connections.clone(),
         move || {
             let l = rest_listener.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
+            async move { l.accept().await.map(|(s, _)| (s, None)) }
         },
         when_stopped(stopped.clone()),
     ));
@@ -157,12 +151,13 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding rest.tcp_address {}", rest_config.tcp_address))?,
         );
         info!(address = %rest_config.tcp_address, "REST API also on TCP, bearer token required");
-        let tcp_api = Arc::new(RestApi::new(commits.clone(), token));
+        let tcp_api = Arc::new(RestApi::new(commits.clone(), &rest_config.connections, token));
         tokio::spawn(rest::serve(
             tcp_api,
+            rest_config.connections.clone(),
             move || {
                 let l = tcp.clone();
-                async move { l.accept().await.map(|(s, _)| s) }
+                async move { l.accept().await.map(|(s, peer)| (s, Some(peer.ip()))) }
             },
             when_stopped(stopped.clone()),
         ));

@@ -200,6 +200,51 @@ fn job_to_wire(job: Job) -> CommitJob {
     }
 }
 
+impl ControlService {
+    /// ReceiveCheckpoint over any stream of its messages (the TCP API's
+    /// filter passes its checked stream here).
+    pub async fn receive<S>(&self, mut stream: S) -> Result<Response<ImportCheckpointResponse>, Status>
+    where
+        S: tokio_stream::Stream<Item = Result<ReceiveCheckpointRequest, Status>> + Unpin + Send,
+    {
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+        let path = self.checkpoints.stream_scratch("receive").map_err(checkpoint_status)?;
+        let received = async {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .await
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            let mut target = None;
+            while let Some(message) = stream.next().await {
+                let message = message?;
+                if target.is_none() {
+                    target = Some((storage_from_wire(message.storage), message.namespace));
+                }
+                file.write_all(&message.data)
+                    .await
+                    .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            }
+            file.flush()
+                .await
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            let (storage, namespace) = target.ok_or_else(|| Status::invalid_argument("no archive was sent"))?;
+            self.checkpoints
+                .import(&storage, &namespace, &path)
+                .await
+                .map_err(checkpoint_status)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(Response::new(ImportCheckpointResponse {
+            checkpoints: received?.into_iter().map(checkpoint_to_wire).collect(),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
@@ -390,40 +435,7 @@ impl Control for ControlService {
         &self,
         request: Request<tonic::Streaming<ReceiveCheckpointRequest>>,
     ) -> Result<Response<ImportCheckpointResponse>, Status> {
-        use tokio::io::AsyncWriteExt;
-        let mut stream = request.into_inner();
-        let path = self.checkpoints.stream_scratch("receive").map_err(checkpoint_status)?;
-        let received = async {
-            let mut file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .await
-                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
-            let mut target = None;
-            while let Some(message) = stream.message().await? {
-                if target.is_none() {
-                    target = Some((storage_from_wire(message.storage), message.namespace));
-                }
-                file.write_all(&message.data)
-                    .await
-                    .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
-            }
-            file.flush()
-                .await
-                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
-            let (storage, namespace) = target.ok_or_else(|| Status::invalid_argument("no archive was sent"))?;
-            self.checkpoints
-                .import(&storage, &namespace, &path)
-                .await
-                .map_err(checkpoint_status)
-        }
-        .await;
-        let _ = tokio::fs::remove_file(&path).await;
-        Ok(Response::new(ImportCheckpointResponse {
-            checkpoints: received?.into_iter().map(checkpoint_to_wire).collect(),
-        }))
+        self.receive(request.into_inner()).await
     }
 
     async fn resume_container(

@@ -3,5 +3,6 @@
 
 pub mod control;
 pub mod convert;
+pub mod remote;
 pub mod snapshots;
 pub mod status;
