@@ -67,6 +67,16 @@ pub struct CheckpointConfig {
     /// default spec, no host path.
     #[serde(default = "default_untrusted_mounts")]
     pub untrusted_mounts: Vec<AllowedMount>,
+    /// The largest checkpoint archive another node may stream in
+    /// (ReceiveCheckpoint), as a size such as "64GiB". A stream is also cut
+    /// once it would leave the daemon root's filesystem less than half its
+    /// free space at the start (the import copies it once more).
+    #[serde(default = "default_max_received_archive")]
+    pub max_received_archive: String,
+}
+
+fn default_max_received_archive() -> String {
+    "64GiB".into()
 }
 
 impl Default for CheckpointConfig {
@@ -74,6 +84,7 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             trusted_record_keys: Vec::new(),
             untrusted_mounts: default_untrusted_mounts(),
+            max_received_archive: default_max_received_archive(),
         }
     }
 }
@@ -607,6 +618,7 @@ impl Config {
             }
         }
         self.nydus_base_cache_bytes()?;
+        self.max_received_archive_bytes()?;
         if !(1..=64).contains(&self.commit.background_workers) {
             return Err(ConfigError::Invalid {
                 key: "commit.background_workers",
@@ -645,6 +657,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `checkpoint.max_received_archive` in bytes.
+    pub fn max_received_archive_bytes(&self) -> Result<u64, ConfigError> {
+        parse_size(&self.checkpoint.max_received_archive).map_err(|reason| ConfigError::Invalid {
+            key: "checkpoint.max_received_archive",
+            reason,
+        })
     }
 
     /// `nydus.base_cache_size` in bytes.

@@ -174,6 +174,8 @@ pub struct Snapshotter {
     /// Keys of checkpoint records: loaded here, with the rest of the
     /// daemon's start-up state, so a loose key file refuses the start.
     record_trust: Arc<crate::checkpoint::trust::RecordTrust>,
+    /// The largest archive another node may stream in.
+    max_received_archive: u64,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -376,6 +378,7 @@ impl Snapshotter {
             criu: config.criu.settings(),
             shared_namespaces: config.snapshotter.shared_namespaces.clone(),
             record_trust,
+            max_received_archive: config.max_received_archive_bytes()?,
         };
         snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
@@ -405,6 +408,19 @@ impl Snapshotter {
     /// The keys checkpoint records are sealed with and trusted under.
     pub fn record_trust(&self) -> &Arc<crate::checkpoint::trust::RecordTrust> {
         &self.record_trust
+    }
+
+    /// `checkpoint.max_received_archive`, in bytes.
+    pub fn max_received_archive(&self) -> u64 {
+        self.max_received_archive
+    }
+
+    /// How many bytes an archive streamed in from another node may have
+    /// when landing in `dir`: the configured maximum, and no more than half
+    /// the free space of `dir`'s filesystem (the import copies it again).
+    pub fn receive_limit(&self, dir: &Path) -> Result<u64, SnapshotError> {
+        let free = self.sys.free_bytes(dir).map_err(StorageError::from)?;
+        Ok(self.max_received_archive.min(free / 2))
     }
 
     pub fn storage_kind(&self) -> StorageKind {

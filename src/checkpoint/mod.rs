@@ -71,6 +71,8 @@ pub enum CheckpointError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("the archive streamed in is larger than {limit} bytes, {why}: refused, nothing was imported")]
+    ArchiveTooLarge { limit: u64, why: &'static str },
     #[error("restore failed at step {step:?}: {reason}{log}")]
     Restore {
         step: &'static str,
@@ -108,7 +110,9 @@ impl Classify for CheckpointError {
             },
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
-            CheckpointError::MemoryLimit { .. } | CheckpointError::Unsupported(_) => ErrorKind::FailedPrecondition,
+            CheckpointError::MemoryLimit { .. }
+            | CheckpointError::Unsupported(_)
+            | CheckpointError::ArchiveTooLarge { .. } => ErrorKind::FailedPrecondition,
             CheckpointError::Restore { kind, .. } => *kind,
         }
     }
@@ -767,6 +771,26 @@ impl CheckpointService {
     }
 
     /// A private scratch path for a streamed archive.
+    /// The budget of an archive another node streams in: see
+    /// [`Snapshotter::receive_limit`](crate::snapshotter::Snapshotter::receive_limit).
+    pub fn receive_budget(&self) -> Result<ReceiveBudget, CheckpointError> {
+        let work = self.root.join("checkpoint-work");
+        std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
+        let snapshotter = self.commits.snapshotter();
+        let limit = snapshotter
+            .receive_limit(&work)
+            .map_err(|e| CheckpointError::Task(e.to_string()))?;
+        Ok(ReceiveBudget {
+            limit,
+            why: if limit < snapshotter.max_received_archive() {
+                "half the free space of the daemon's root"
+            } else {
+                "checkpoint.max_received_archive"
+            },
+            taken: 0,
+        })
+    }
+
     pub fn stream_scratch(&self, what: &str) -> Result<PathBuf, CheckpointError> {
         let work = self.root.join("checkpoint-work");
         std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
@@ -833,4 +857,30 @@ fn visible(catalogue: &Catalogue, namespace: &str, id: &str) -> Result<Checkpoin
         });
     }
     Ok(checkpoint)
+}
+
+/// Bytes an archive streamed in from another node may still take; checked
+/// before each piece is written, so an endless or oversized stream never
+/// fills the disk.
+#[derive(Debug)]
+pub struct ReceiveBudget {
+    limit: u64,
+    why: &'static str,
+    taken: u64,
+}
+
+impl ReceiveBudget {
+    /// Takes `bytes` more, or refuses naming the limit.
+    pub fn take(&mut self, bytes: usize) -> Result<(), CheckpointError> {
+        match self.taken.checked_add(bytes as u64) {
+            Some(total) if total <= self.limit => {
+                self.taken = total;
+                Ok(())
+            }
+            _ => Err(CheckpointError::ArchiveTooLarge {
+                limit: self.limit,
+                why: self.why,
+            }),
+        }
+    }
 }

@@ -210,6 +210,7 @@ impl ControlService {
         use tokio::io::AsyncWriteExt;
         use tokio_stream::StreamExt;
         let path = self.checkpoints.stream_scratch("receive").map_err(checkpoint_status)?;
+        let mut budget = self.checkpoints.receive_budget().map_err(checkpoint_status)?;
         let received = async {
             let mut file = tokio::fs::OpenOptions::new()
                 .write(true)
@@ -224,6 +225,7 @@ impl ControlService {
                 if target.is_none() {
                     target = Some((storage_from_wire(message.storage), message.namespace));
                 }
+                budget.take(message.data.len()).map_err(checkpoint_status)?;
                 file.write_all(&message.data)
                     .await
                     .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
