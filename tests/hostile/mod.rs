@@ -33,6 +33,8 @@ fn append_raw(builder: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryT
     header.set_entry_type(kind);
     header.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
     header.set_mtime(1_764_583_200);
+    header.set_uid(0);
+    header.set_gid(0);
     header.set_size(data.len() as u64);
     header.set_cksum();
     builder.append(&header, data).expect("append a member");
