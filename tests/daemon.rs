@@ -834,7 +834,11 @@ async fn hostile_archives_are_refused_by_import() {
             .await
             .unwrap()
             .into_inner();
-        assert!(listed.checkpoints.is_empty(), "{what}: {:?} imported", listed.checkpoints);
+        assert!(
+            listed.checkpoints.is_empty(),
+            "{what}: {:?} imported",
+            listed.checkpoints
+        );
         assert_eq!(hostile::listing(&outside), vec!["passwd"], "{what}");
         assert_eq!(std::fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0", "{what}");
     }

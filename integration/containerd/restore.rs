@@ -723,3 +723,87 @@ fn network_remap_moves_addresses_routes_sockets_and_hosts() {
         Ok(())
     });
 }
+
+/// Shared storage tampered with (a node that wrote a hostile tree, or
+/// anyone who can write the export): the checkpoint's stored tree now holds
+/// a symlink to a host directory with a file beneath it, then a directory
+/// beneath a symlink to /. Restore refuses it before writing anything,
+/// names the path, leaves no container and nothing in the host directory,
+/// and the daemon goes on serving.
+#[test]
+fn a_tampered_tree_in_shared_storage_is_refused_by_restore() {
+    with_env("restore-hostile", Options::default(), |env| {
+        let (ns, _) = pulled_namespace(env)?;
+        let shared = env.dir().join("hostile-export");
+        std::fs::create_dir_all(&shared)?;
+        let config = env.dir().join("hostile.yaml");
+        std::fs::write(
+            &config,
+            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", shared.display()),
+        )?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config: Some(config),
+        };
+        let id = env.container_id("victim");
+        start_script(env, &ns, &id, "sleep 600")?;
+        let checkpoint = ctl.ok(&["create", &id, "--fs-only"])?.trim().to_string();
+        remove_container(env, &ns, &id)?;
+
+        // Where the hostile tree points: a host directory.
+        let host_dir = env.dir().join("host-target");
+        std::fs::create_dir_all(&host_dir)?;
+        let entry = |kind: &str, mode: u32| serde_json::json!({"kind": kind, "mode": mode, "uid": 0, "gid": 0, "mtime_ns": 0, "ctime_ns": 0});
+        let mut symlink_out = entry("symlink", 0o777);
+        symlink_out["target"] = host_dir.display().to_string().into();
+        let mut slash = entry("symlink", 0o777);
+        slash["target"] = "/".into();
+        let delta = serde_json::json!({
+            "changed": {
+                "": entry("dir", 0o755),
+                "x": symlink_out,
+                "x/owned": entry("file", 0o4755),
+                "y": slash,
+                "y/seamless-hostile": entry("dir", 0o777),
+            },
+            "removed": [],
+        });
+        let stored = zstd::encode_all(&serde_json::to_vec(&delta)?[..], 3)?;
+        let digest: String = <sha2::Sha256 as sha2::Digest>::digest(&stored)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let objects = shared.join("seamless-checkpoints");
+        let key = format!("deltas/{checkpoint}-hostile.json.zst");
+        std::fs::write(objects.join(&key), &stored)?;
+        let meta_path = objects.join(format!("checkpoints/{checkpoint}.json"));
+        let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+        meta["delta_key"] = key.into();
+        meta["delta_digest"] = digest.into();
+        std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
+
+        let restored = format!("{id}-hostile");
+        let (code, out, err) = ctl.run(&["restore", &checkpoint, "--name", &restored])?;
+        ensure!(code != 0, "a tampered tree was restored: {out}{err}");
+        ensure!(
+            err.contains("/x/owned") && err.contains("its ancestor /x is a symlink"),
+            "the refusal names the path: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&host_dir)?.collect();
+        ensure!(left.is_empty(), "written through the symlink: {left:?}");
+        ensure!(
+            !std::path::Path::new("/seamless-hostile").exists(),
+            "written through the symlink to /"
+        );
+        ensure!(
+            !env.ctr(&ns, &["containers", "ls", "-q"])?.contains(&restored),
+            "a refused restore leaves no container"
+        );
+        ensure!(
+            ctl.listed(&checkpoint)?["id"] == checkpoint.as_str(),
+            "the daemon still serves"
+        );
+        Ok(())
+    });
+}

@@ -144,16 +144,16 @@ impl Beneath {
     /// root through no symlink (the root itself: "." in the root).
     pub fn at(&self, path: &TreePath) -> Result<At<'_>, BeneathError> {
         let (parent, name) = path.split_last().unwrap_or(("", "."));
-        let parent_fd = self
-            .resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
-            .map_err(|e| match self.io("open its directory", path.as_str())(e) {
+        let parent_fd = self.resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY).map_err(|e| {
+            match self.io("open its directory", path.as_str())(e) {
                 BeneathError::Refused { root, path, reason } => BeneathError::Refused {
                     root,
                     path,
                     reason: format!("{reason} (directory /{parent})"),
                 },
                 other => other,
-            })?;
+            }
+        })?;
         let name = CString::new(name).map_err(|_| BeneathError::Refused {
             root: self.shown.display().to_string(),
             path: path.to_string(),
@@ -294,21 +294,12 @@ impl At<'_> {
     /// An extended attribute of the entry itself (a symlink's own).
     pub fn set_xattr(&self, name: &str, value: &[u8]) -> Result<(), BeneathError> {
         let (fd, _) = self.entry()?;
-        let path = CString::new(Self::proc_path(&fd).into_os_string().as_bytes()).map_err(|_| {
-            self.fail("set xattr")(Errno::EINVAL)
-        })?;
+        let path = CString::new(Self::proc_path(&fd).into_os_string().as_bytes())
+            .map_err(|_| self.fail("set xattr")(Errno::EINVAL))?;
         let name = CString::new(name).map_err(|_| self.fail("set xattr")(Errno::EINVAL))?;
         // SAFETY: both strings are NUL-terminated and live across the
         // call; the value pointer and length describe `value`.
-        let done = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
+        let done = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
         Errno::result(done).map(drop).map_err(self.fail("set xattr"))
     }
 
@@ -453,7 +444,11 @@ mod tests {
         assert!(b.at(&path("d/f")).unwrap().create_file(0o600).is_err());
         assert!(b.at(&path("d/f")).unwrap().create_dir(0o700).is_err());
         assert_eq!(b.at(&path("d/f")).unwrap().read_regular().unwrap().unwrap(), b"data");
-        assert_eq!(b.at(&path("d/p")).unwrap().read_regular().unwrap(), None, "a fifo is not read");
+        assert_eq!(
+            b.at(&path("d/p")).unwrap().read_regular().unwrap(),
+            None,
+            "a fifo is not read"
+        );
         assert_eq!(b.at(&path("d/none")).unwrap().read_regular().unwrap(), None);
         b.at(&path("d/f")).unwrap().rewrite_regular(b"new").unwrap();
         assert_eq!(fs::read(root.join("g")).unwrap(), b"new", "the inode is kept");
@@ -533,7 +528,8 @@ mod tests {
         let (_tmp, root, _) = world();
         let b = Beneath::open(&root).unwrap();
         let at = b.at(&path("null")).unwrap();
-        at.make_node(SFlag::S_IFCHR, 0o600, nix::sys::stat::makedev(1, 3)).unwrap();
+        at.make_node(SFlag::S_IFCHR, 0o600, nix::sys::stat::makedev(1, 3))
+            .unwrap();
         at.set_owner(1000, 100).unwrap();
         at.set_mode(0o620).unwrap();
         at.set_xattr("trusted.k", b"v").unwrap();

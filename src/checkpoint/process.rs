@@ -12,10 +12,10 @@ use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::Container;
 use serde::{Deserialize, Serialize};
 
+use super::beneath::{self, Beneath};
 use super::catalogue::{
     blob_digest, Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
 };
-use super::beneath::{self, Beneath};
 use super::tree;
 use crate::criu::{CriuSettings, DumpRequest};
 
@@ -717,8 +717,15 @@ mod tests {
             let out = tmp.path().join(format!("restore{n}"));
             let err = unpack_images(&catalogue, &[key], &out, 1).unwrap_err();
             assert!(matches!(err, ProcessError::BadImages { .. }), "{name}: {err}");
-            assert!(err.to_string().contains(&format!("unexpected member {name:?}")), "{err}");
-            assert_eq!(fs::read_dir(out.join("0")).unwrap().count(), 0, "{name}: nothing unpacked");
+            assert!(
+                err.to_string().contains(&format!("unexpected member {name:?}")),
+                "{err}"
+            );
+            assert_eq!(
+                fs::read_dir(out.join("0")).unwrap().count(),
+                0,
+                "{name}: nothing unpacked"
+            );
             assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{name}: nothing outside");
             assert_eq!(fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0");
         }

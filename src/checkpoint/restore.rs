@@ -14,10 +14,10 @@ use containerd_client::services::v1::CreateTaskRequest;
 use nix::sys::stat::SFlag;
 use tracing::{info, instrument, warn};
 
+use super::beneath::{At, Beneath, BeneathError};
 use super::catalogue::{Catalogue, Checkpoint};
 use super::process::{self, ContainerRecord};
 use super::remap::{self, Remap};
-use super::beneath::{At, Beneath, BeneathError};
 use super::tree::{self, Entry, EntryKind, Tree, TreePath};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::containerd::Containerd;
@@ -679,9 +679,8 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
     tree::validate_tree(tree)
         .map_err(|e| CheckpointError::Invalid(format!("its tree is refused, nothing was written: {e}")))?;
     let beneath = Beneath::open(upper).map_err(beneath_failure)?;
-    let path_of = |rel: &str| {
-        TreePath::new(rel).map_err(|e| CheckpointError::Invalid(format!("its tree is refused: {e}")))
-    };
+    let path_of =
+        |rel: &str| TreePath::new(rel).map_err(|e| CheckpointError::Invalid(format!("its tree is refused: {e}")));
     let entries = tree::in_walk_order(tree);
     for (rel, entry) in &entries {
         let at = beneath.at(&path_of(rel.as_str())?).map_err(beneath_failure)?;
@@ -751,8 +750,8 @@ fn set_metadata(at: &At<'_>, entry: &Entry) -> Result<(), CheckpointError> {
     }
     at.set_owner(entry.uid, entry.gid).map_err(beneath_failure)?;
     for (name, value) in &entry.xattrs {
-        let bytes = tree::unhex(value)
-            .ok_or_else(|| CheckpointError::Invalid(format!("xattr {name}: value is not hex")))?;
+        let bytes =
+            tree::unhex(value).ok_or_else(|| CheckpointError::Invalid(format!("xattr {name}: value is not hex")))?;
         at.set_xattr(name, &bytes).map_err(beneath_failure)?;
     }
     if entry.kind != EntryKind::Symlink {
@@ -955,7 +954,10 @@ mod tests {
         let gone = fs::symlink_metadata(upper.join("gone")).unwrap();
         assert!(gone.file_type().is_char_device());
         assert_eq!(gone.rdev(), 0);
-        assert_eq!(fs::metadata(upper.join("a-link")).unwrap().ino(), fs::metadata(upper.join("a/x")).unwrap().ino());
+        assert_eq!(
+            fs::metadata(upper.join("a-link")).unwrap().ino(),
+            fs::metadata(upper.join("a/x")).unwrap().ino()
+        );
 
         let mut bad = Tree::new();
         bad.insert("../escape".into(), entry(EntryKind::Dir, 0o755));
@@ -1014,7 +1016,9 @@ mod tests {
             hardlink: Some(to.into()),
             ..file()
         };
-        let cases: Vec<(&str, Vec<(&str, Entry)>, &str)> = vec![
+        // What the case is, its entries, what the refusal must say.
+        type Case<'a> = (&'a str, Vec<(&'a str, Entry)>, &'a str);
+        let cases: Vec<Case> = vec![
             (
                 "a file beneath a symlink out",
                 vec![("", root()), ("x", symlink(&outside_text)), ("x/f", file())],
@@ -1022,12 +1026,20 @@ mod tests {
             ),
             (
                 "a directory beneath a symlink to /",
-                vec![("", root()), ("slash", symlink("/")), ("slash/tmp", entry(EntryKind::Dir, 0o777))],
+                vec![
+                    ("", root()),
+                    ("slash", symlink("/")),
+                    ("slash/tmp", entry(EntryKind::Dir, 0o777)),
+                ],
                 "/slash/tmp refused: its ancestor /slash is a symlink",
             ),
             (
                 "a relative symlink up, then a node beneath",
-                vec![("", root()), ("up", symlink("../outside")), ("up/node", entry(EntryKind::Fifo, 0o666))],
+                vec![
+                    ("", root()),
+                    ("up", symlink("../outside")),
+                    ("up/node", entry(EntryKind::Fifo, 0o666)),
+                ],
                 "/up/node refused: its ancestor /up is a symlink",
             ),
             (
@@ -1076,13 +1088,19 @@ mod tests {
             })
             .unwrap_err();
             assert!(matches!(err, CheckpointError::Invalid(_)), "{what}: {err}");
-            assert!(err.to_string().contains(expected), "{what}: {err} does not say {expected:?}");
+            assert!(
+                err.to_string().contains(expected),
+                "{what}: {err} does not say {expected:?}"
+            );
             assert_eq!(served, 0, "{what}: no content was read");
             assert!(listing(&upper).is_empty(), "{what}: {:?} written", listing(&upper));
             assert_eq!(listing(&outside), vec!["passwd"], "{what}");
             assert_eq!(fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0", "{what}");
         }
-        assert_eq!(listing(tmp.path()).iter().filter(|p| !p.starts_with("upper")).count(), 2);
+        assert_eq!(
+            listing(tmp.path()).iter().filter(|p| !p.starts_with("upper")).count(),
+            2
+        );
     }
 
     #[test]

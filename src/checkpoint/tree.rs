@@ -319,7 +319,9 @@ fn validate_entry(path: &str, entry: &Entry) -> Result<(), TreeError> {
     }
     for (name, value) in &entry.xattrs {
         if name.is_empty() || name.len() > NAME_MAX || name.contains('\0') {
-            return Err(refuse(format!("extended attribute name {name:?} is empty, too long or holds NUL")));
+            return Err(refuse(format!(
+                "extended attribute name {name:?} is empty, too long or holds NUL"
+            )));
         }
         // overlayfs reads these from the upper directory (redirects,
         // origins, metacopy): a tree sets opacity through `opaque` only.
@@ -911,7 +913,19 @@ mod tests {
             assert_eq!(TreePath::new(ok).unwrap().as_str(), ok);
         }
         let long = "x".repeat(256);
-        for bad in ["/a", "/", "a/", "a//b", ".", "..", "a/../b", "./a", "a/.", "a\0b", long.as_str()] {
+        for bad in [
+            "/a",
+            "/",
+            "a/",
+            "a//b",
+            ".",
+            "..",
+            "a/../b",
+            "./a",
+            "a/.",
+            "a\0b",
+            long.as_str(),
+        ] {
             match TreePath::new(bad) {
                 Err(TreeError::BadPath { path, .. }) => assert_eq!(path, bad),
                 other => panic!("{bad:?}: {other:?}"),
@@ -925,7 +939,14 @@ mod tests {
         assert_eq!(TreePath::root().ancestors().count(), 0);
         assert_eq!(p.to_string(), "/a/b/c");
         assert!(is_digest(D));
-        for bad in ["", "d1", &D.to_uppercase(), &D[1..], &format!("{D}0"), &D.replace('2', "g")] {
+        for bad in [
+            "",
+            "d1",
+            &D.to_uppercase(),
+            &D[1..],
+            &format!("{D}0"),
+            &D.replace('2', "g"),
+        ] {
             assert!(!is_digest(bad), "{bad}");
         }
     }
@@ -986,15 +1007,33 @@ mod tests {
                 "/f/g refused: its ancestor /f is a regular file",
             ),
             (
-                with(&[("w", Entry { kind: EntryKind::Whiteout, ..dir() }), ("w/g", dir())]),
+                with(&[
+                    (
+                        "w",
+                        Entry {
+                            kind: EntryKind::Whiteout,
+                            ..dir()
+                        },
+                    ),
+                    ("w/g", dir()),
+                ]),
                 "/w/g refused: its ancestor /w is an overlay whiteout",
             ),
-            (with(&[("a/b", file(D, 1))]), "/a/b refused: its ancestor /a is missing from the tree"),
+            (
+                with(&[("a/b", file(D, 1))]),
+                "/a/b refused: its ancestor /a is missing from the tree",
+            ),
             (tree(&[("a", dir())]), "no root directory"),
             (tree(&[("", file(D, 1))]), "the root is a regular file, not a directory"),
             (with(&[("../etc", dir())]), "tree path \"../etc\" refused"),
-            (with(&[("/etc/passwd", file(D, 1))]), "tree path \"/etc/passwd\" refused: it is absolute"),
-            (with(&[("a/", dir())]), "tree path \"a/\" refused: it has an empty component"),
+            (
+                with(&[("/etc/passwd", file(D, 1))]),
+                "tree path \"/etc/passwd\" refused: it is absolute",
+            ),
+            (
+                with(&[("a/", dir())]),
+                "tree path \"a/\" refused: it has an empty component",
+            ),
             (
                 with(&[("l", link("../../etc/passwd"))]),
                 "/l refused: hard link to \"../../etc/passwd\": the target is not a plain relative path",
@@ -1003,12 +1042,18 @@ mod tests {
                 with(&[("l", link("/etc/passwd"))]),
                 "/l refused: hard link to \"/etc/passwd\": the target is not a plain relative path",
             ),
-            (with(&[("l", link("l"))]), "/l refused: hard link to \"l\": the target does not come before"),
+            (
+                with(&[("l", link("l"))]),
+                "/l refused: hard link to \"l\": the target does not come before",
+            ),
             (
                 with(&[("a", link("b")), ("b", file(D, 1))]),
                 "/a refused: hard link to \"b\": the target does not come before the link",
             ),
-            (with(&[("z", link("a"))]), "/z refused: hard link to \"a\": the target is not in the tree"),
+            (
+                with(&[("z", link("a"))]),
+                "/z refused: hard link to \"a\": the target is not in the tree",
+            ),
             (
                 with(&[("a", file(D, 1)), ("b", link("a")), ("c", link("b"))]),
                 "/c refused: hard link to \"b\": the target is a hard link itself",
@@ -1022,23 +1067,77 @@ mod tests {
                 "the target is a directory, not a regular file",
             ),
             (
-                with(&[("d", Entry { hardlink: Some("x".into()), ..dir() })]),
+                with(&[(
+                    "d",
+                    Entry {
+                        hardlink: Some("x".into()),
+                        ..dir()
+                    },
+                )]),
                 "/d refused: a directory cannot be a hard link",
             ),
-            (with(&[("f", file("d1", 1))]), "/f refused: digest \"d1\" is not 64 lowercase hex digits"),
-            (with(&[("f", file(&D.to_uppercase(), 1))]), "is not 64 lowercase hex digits"),
             (
-                with(&[("f", Entry { digest: None, ..file(D, 3) })]),
+                with(&[("f", file("d1", 1))]),
+                "/f refused: digest \"d1\" is not 64 lowercase hex digits",
+            ),
+            (
+                with(&[("f", file(&D.to_uppercase(), 1))]),
+                "is not 64 lowercase hex digits",
+            ),
+            (
+                with(&[(
+                    "f",
+                    Entry {
+                        digest: None,
+                        ..file(D, 3)
+                    },
+                )]),
                 "/f refused: a non-empty file without content digest",
             ),
-            (with(&[("s", Entry { digest: Some(D.into()), ..symlink("x") })]), "a symlink with a content digest"),
+            (
+                with(&[(
+                    "s",
+                    Entry {
+                        digest: Some(D.into()),
+                        ..symlink("x")
+                    },
+                )]),
+                "a symlink with a content digest",
+            ),
             (with(&[("s", no_target)]), "/s refused: a symlink without target"),
             (with(&[("s", symlink(""))]), "a symlink target empty"),
-            (with(&[("d", Entry { target: Some("x".into()), ..dir() })]), "a directory with a symlink target"),
-            (with(&[("o", overlay)]), "/o refused: extended attribute trusted.overlay.redirect is overlayfs's own"),
-            (with(&[("f", not_hex)]), "/f refused: extended attribute user.k: value is not hex"),
-            (with(&[("f", odd_mode)]), "/f refused: mode 100644 has bits beyond the permissions"),
-            (with(&[("f", Entry { opaque: true, ..file(D, 1) })]), "a regular file marked opaque"),
+            (
+                with(&[(
+                    "d",
+                    Entry {
+                        target: Some("x".into()),
+                        ..dir()
+                    },
+                )]),
+                "a directory with a symlink target",
+            ),
+            (
+                with(&[("o", overlay)]),
+                "/o refused: extended attribute trusted.overlay.redirect is overlayfs's own",
+            ),
+            (
+                with(&[("f", not_hex)]),
+                "/f refused: extended attribute user.k: value is not hex",
+            ),
+            (
+                with(&[("f", odd_mode)]),
+                "/f refused: mode 100644 has bits beyond the permissions",
+            ),
+            (
+                with(&[(
+                    "f",
+                    Entry {
+                        opaque: true,
+                        ..file(D, 1)
+                    },
+                )]),
+                "a regular file marked opaque",
+            ),
         ];
         for (t, expected) in cases {
             let err = validate_tree(&t).unwrap_err().to_string();
@@ -1048,6 +1147,10 @@ mod tests {
             removed: BTreeSet::from(["../x".to_string()]),
             ..Delta::default()
         };
-        assert!(removing_up.validate_paths().unwrap_err().to_string().contains("\"../x\""));
+        assert!(removing_up
+            .validate_paths()
+            .unwrap_err()
+            .to_string()
+            .contains("\"../x\""));
     }
 }

@@ -31,7 +31,11 @@ fn append_raw(builder: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryT
     fields.name[..name.len()].copy_from_slice(name.as_bytes());
     fields.linkname[..link.len()].copy_from_slice(link.as_bytes());
     header.set_entry_type(kind);
-    header.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    header.set_mode(if kind == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
     header.set_mtime(1_764_583_200);
     header.set_uid(0);
     header.set_gid(0);
