@@ -711,6 +711,8 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
                         "{rel}: a non-empty file without content digest"
                     )));
                 }
+                set_metadata(Written::File(&file, rel.as_str()), entry)?;
+                continue;
             }
             EntryKind::Symlink => {
                 let target = entry
@@ -731,7 +733,7 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
                 at.make_node(kind, 0o600, rdev).map_err(beneath_failure)?;
             }
         }
-        set_metadata(&at, entry)?;
+        set_metadata(Written::Named(&at), entry)?;
     }
     // Directory times last: writing their entries changed them.
     for (rel, entry) in entries.iter().rev().filter(|(_, e)| e.kind == EntryKind::Dir) {
@@ -741,13 +743,49 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
     Ok(())
 }
 
+/// An entry just made: a regular file through its own descriptor (no
+/// lookup at all, the common case made cheap), anything else through its
+/// name beneath the root.
+enum Written<'a> {
+    /// The file and its path in the tree (for messages).
+    File(&'a fs::File, &'a str),
+    Named(&'a At<'a>),
+}
+
 /// Owner, extended attributes, mode and (but for directories, done last)
-/// times of the entry just made at `at`; each on the entry itself, never
-/// through a symlink.
-fn set_metadata(at: &At<'_>, entry: &Entry) -> Result<(), CheckpointError> {
+/// times of the entry just made; each on the entry itself, never through a
+/// symlink.
+fn set_metadata(written: Written<'_>, entry: &Entry) -> Result<(), CheckpointError> {
+    use nix::sys::stat::{fchmod, futimens, Mode};
+    use nix::sys::time::TimeSpec;
+    use nix::unistd::{fchown, Gid, Uid};
+    use std::os::fd::AsRawFd;
+    use xattr::FileExt;
     if entry.kind == EntryKind::Whiteout {
         return Ok(());
     }
+    let at = match written {
+        Written::Named(at) => at,
+        Written::File(file, rel) => {
+            let failed = |op: &str, e: &dyn std::fmt::Display| CheckpointError::Task(format!("{rel}: {op}: {e}"));
+            let fd = file.as_raw_fd();
+            fchown(fd, Some(Uid::from_raw(entry.uid)), Some(Gid::from_raw(entry.gid)))
+                .map_err(|e| failed("chown", &e))?;
+            for (name, value) in &entry.xattrs {
+                let bytes = tree::unhex(value)
+                    .ok_or_else(|| CheckpointError::Invalid(format!("{rel}: xattr {name}: value is not hex")))?;
+                file.set_xattr(name, &bytes)
+                    .map_err(|e| failed(&format!("set xattr {name}"), &e))?;
+            }
+            // After chown, which clears setuid and setgid.
+            fchmod(fd, Mode::from_bits_truncate(entry.mode & 0o7777)).map_err(|e| failed("chmod", &e))?;
+            let t = TimeSpec::new(
+                entry.mtime_ns.div_euclid(1_000_000_000),
+                entry.mtime_ns.rem_euclid(1_000_000_000),
+            );
+            return futimens(fd, &t, &t).map_err(|e| failed("set times", &e));
+        }
+    };
     at.set_owner(entry.uid, entry.gid).map_err(beneath_failure)?;
     for (name, value) in &entry.xattrs {
         let bytes =
