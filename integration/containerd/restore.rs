@@ -14,6 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::env::{with_env, Env, Options};
 
+#[path = "../../tests/hostile/mod.rs"]
+mod hostile;
+
 /// Counts every 0.3 s into /count; the count is only in memory, so a
 /// restarted container would count from 1 again.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.3; done";
@@ -803,6 +806,35 @@ fn a_tampered_tree_in_shared_storage_is_refused_by_restore() {
         ensure!(
             ctl.listed(&checkpoint)?["id"] == checkpoint.as_str(),
             "the daemon still serves"
+        );
+
+        // The same tree as an archive, through `checkpointctl import`:
+        // refused before anything is listed.
+        let archive = env.dir().join("hostile.tar");
+        let host_text = host_dir.display().to_string();
+        hostile::checkpoint_archive(
+            &archive,
+            "cp-20251201-120000",
+            "victim",
+            &[
+                hostile::Member::Symlink("x", &host_text),
+                hostile::Member::File("x/owned", b"owned"),
+            ],
+        );
+        let (code, out, err) = ctl.run(&["import", &archive.display().to_string()])?;
+        ensure!(code != 0, "a hostile archive was imported: {out}{err}");
+        ensure!(
+            err.contains("checkpoint cp-20251201-120000 is refused")
+                && err.contains("tree entry /x/owned refused: its ancestor /x is a symlink"),
+            "the refusal names the checkpoint and the path: {err}"
+        );
+        ensure!(
+            !ctl.ok(&["list", "-o", "json"])?.contains("cp-20251201-120000"),
+            "nothing was imported"
+        );
+        ensure!(
+            std::fs::read_dir(&host_dir)?.next().is_none(),
+            "nothing in the host directory"
         );
         Ok(())
     });
