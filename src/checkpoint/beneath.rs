@@ -5,9 +5,11 @@
 //! (the kernel refuses `..` out of the root, absolute paths and every
 //! symlink, even one swapped in between two steps), and the last component
 //! is made, opened and changed with the `*at` calls relative to that
-//! parent, never following a symlink. Metadata goes on a descriptor of the
-//! entry itself (`O_PATH | O_NOFOLLOW`), so chmod and xattrs reach the
-//! entry that was resolved, not whatever its name points to.
+//! parent, never following a symlink. Owner and times are set relative to
+//! that parent with `AT_SYMLINK_NOFOLLOW`; mode and xattrs on a descriptor
+//! of the entry itself (`O_PATH | O_NOFOLLOW`, reached through
+//! `/proc/self/fd`), so they change the entry that was resolved, never what
+//! a symlink points to.
 //!
 //! Restore writes checkpoint trees through it, network remap rewrites the
 //! container's /etc/hosts and CRIU's files.img through it, and CRIU image
@@ -30,7 +32,7 @@ use nix::unistd::{Gid, Uid};
 use super::tree::TreePath;
 
 /// openat2 answers EAGAIN when a concurrent rename kept it from proving a
-/// lookup stayed beneath the root; retried this often, then refused.
+/// lookup stayed beneath the root; retried this often, then given up.
 const RESOLVE_TRIES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
