@@ -23,6 +23,8 @@ use tokio::net::UnixStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod hostile;
+
 fn directory_config() -> Config {
     let mut config = Config::default();
     config.storage.backend = BackendChoice::Directory;
@@ -1609,4 +1611,101 @@ async fn sockets_are_bound_0660_and_the_daemon_keeps_its_umask() {
         !umasks.is_empty() && umasks.iter().all(|u| u == "0002"),
         "thread umasks: {umasks:?}"
     );
+}
+
+/// Archives holding what no capture makes, imported through the Control
+/// API as `checkpointctl import` does: each refused with the path it names,
+/// nothing imported, nothing written where their symlinks and links point,
+/// and the daemon serving after.
+#[tokio::test]
+async fn hostile_archives_are_refused_by_import() {
+    use hostile::Member;
+    use seamless_snapshotter::proto::{ImportCheckpointRequest, ListCheckpointsRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let daemon = Daemon::start(&tmp.path().join("root"), &socket).await;
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("passwd"), b"root:x:0:0").unwrap();
+    let outside_text = outside.display().to_string();
+    let passwd_text = outside.join("passwd").display().to_string();
+    let cases: Vec<(&str, Vec<Member>, &str)> = vec![
+        (
+            "a file beneath a symlink out",
+            vec![Member::Symlink("x", &outside_text), Member::File("x/f", b"owned")],
+            "tree entry /x/f refused: its ancestor /x is a symlink, not a directory",
+        ),
+        (
+            "a directory beneath a symlink to /",
+            vec![Member::Symlink("r", "/"), Member::Dir("r/etc/")],
+            "tree entry /r/etc refused: its ancestor /r is a symlink",
+        ),
+        (
+            "a file beneath a file",
+            vec![Member::File("f", b"1"), Member::File("f/g", b"2")],
+            "tree entry /f/g refused: its ancestor /f is a regular file",
+        ),
+        (
+            "a hard link to a later file",
+            vec![Member::HardLink("a", "b"), Member::File("b", b"later")],
+            "tree entry /a refused: hard link to \"b\": the target does not come before the link",
+        ),
+        (
+            "a hard link up and out",
+            vec![Member::HardLink("l", "../outside/passwd")],
+            "member l: member \"../outside/passwd\" has a .. component",
+        ),
+        (
+            "a hard link to a host file",
+            vec![Member::HardLink("l", &passwd_text)],
+            "has an absolute path",
+        ),
+        (
+            "a hard link to a symlink",
+            vec![Member::Symlink("s", &passwd_text), Member::HardLink("h", "s")],
+            "/h links to /s, which is no file of the layer or below",
+        ),
+        ("a .. name", vec![Member::File("../escape", b"x")], "has a .. component"),
+    ];
+    let mut control = ControlClient::new(channel(&socket).await);
+    for (n, (what, members, expected)) in cases.into_iter().enumerate() {
+        let archive = tmp.path().join(format!("hostile-{n}.tar"));
+        hostile::checkpoint_archive(&archive, &format!("cp-20251201-10000{n}"), "web", &members);
+        let status = control
+            .import_checkpoint(ImportCheckpointRequest {
+                storage: None,
+                namespace: "default".into(),
+                path: archive.display().to_string(),
+            })
+            .await
+            .expect_err(what);
+        assert!(
+            status.message().contains(expected),
+            "{what}: {:?} does not say {expected:?}",
+            status.message()
+        );
+        assert!(
+            matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
+            "{what}: {status:?}"
+        );
+        let listed = control
+            .list_checkpoints(ListCheckpointsRequest {
+                namespace: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            listed.checkpoints.is_empty(),
+            "{what}: {:?} imported",
+            listed.checkpoints
+        );
+        assert_eq!(hostile::listing(&outside), vec!["passwd"], "{what}");
+        assert_eq!(std::fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0", "{what}");
+    }
+    assert!(!tmp.path().join("escape").exists());
+    let version = control.version(VersionRequest {}).await.unwrap().into_inner();
+    assert!(!version.version.is_empty(), "the daemon still serves");
+    daemon.stop().await;
 }

@@ -14,6 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::env::{with_env, Env, Options};
 
+#[path = "../../tests/hostile/mod.rs"]
+mod hostile;
+
 /// Counts every 0.3 s into /count; the count is only in memory, so a
 /// restarted container would count from 1 again.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.3; done";
@@ -1009,6 +1012,119 @@ fn a_tampered_container_record_is_refused_on_restore() {
             "the own record keeps its path: {spec}"
         );
         remove_container(env, &ns, "plain")?;
+        Ok(())
+    });
+}
+
+/// Shared storage tampered with (a node that wrote a hostile tree, or
+/// anyone who can write the export): the checkpoint's stored tree now holds
+/// a symlink to a host directory with a file beneath it, then a directory
+/// beneath a symlink to /. Restore refuses it before writing anything,
+/// names the path, leaves no container and nothing in the host directory,
+/// and the daemon goes on serving.
+#[test]
+fn a_tampered_tree_in_shared_storage_is_refused_by_restore() {
+    with_env("restore-hostile", Options::default(), |env| {
+        let (ns, _) = pulled_namespace(env)?;
+        let shared = env.dir().join("hostile-export");
+        std::fs::create_dir_all(&shared)?;
+        let config = env.dir().join("hostile.yaml");
+        std::fs::write(
+            &config,
+            format!("storage:\n  backend: nfs\n  nfs: {{path: {}}}\n", shared.display()),
+        )?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+            config: Some(config),
+        };
+        let id = env.container_id("victim");
+        start_script(env, &ns, &id, "sleep 600")?;
+        let checkpoint = ctl.ok(&["create", &id, "--fs-only"])?.trim().to_string();
+        remove_container(env, &ns, &id)?;
+
+        // Where the hostile tree points: a host directory.
+        let host_dir = env.dir().join("host-target");
+        std::fs::create_dir_all(&host_dir)?;
+        let entry = |kind: &str, mode: u32| serde_json::json!({"kind": kind, "mode": mode, "uid": 0, "gid": 0, "mtime_ns": 0, "ctime_ns": 0});
+        let mut symlink_out = entry("symlink", 0o777);
+        symlink_out["target"] = host_dir.display().to_string().into();
+        let mut slash = entry("symlink", 0o777);
+        slash["target"] = "/".into();
+        let delta = serde_json::json!({
+            "changed": {
+                "": entry("dir", 0o755),
+                "x": symlink_out,
+                "x/owned": entry("file", 0o4755),
+                "y": slash,
+                "y/seamless-hostile": entry("dir", 0o777),
+            },
+            "removed": [],
+        });
+        let stored = zstd::encode_all(&serde_json::to_vec(&delta)?[..], 3)?;
+        let digest: String = <sha2::Sha256 as sha2::Digest>::digest(&stored)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let objects = shared.join("seamless-checkpoints");
+        let key = format!("deltas/{checkpoint}-hostile.json.zst");
+        std::fs::write(objects.join(&key), &stored)?;
+        let meta_path = objects.join(format!("checkpoints/{checkpoint}.json"));
+        let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+        meta["delta_key"] = key.into();
+        meta["delta_digest"] = digest.into();
+        std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
+
+        let restored = format!("{id}-hostile");
+        let (code, out, err) = ctl.run(&["restore", &checkpoint, "--name", &restored])?;
+        ensure!(code != 0, "a tampered tree was restored: {out}{err}");
+        ensure!(
+            err.contains("/x/owned") && err.contains("its ancestor /x is a symlink"),
+            "the refusal names the path: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&host_dir)?.collect();
+        ensure!(left.is_empty(), "written through the symlink: {left:?}");
+        ensure!(
+            !std::path::Path::new("/seamless-hostile").exists(),
+            "written through the symlink to /"
+        );
+        ensure!(
+            !env.ctr(&ns, &["containers", "ls", "-q"])?.contains(&restored),
+            "a refused restore leaves no container"
+        );
+        ensure!(
+            ctl.listed(&checkpoint)?["id"] == checkpoint.as_str(),
+            "the daemon still serves"
+        );
+
+        // The same tree as an archive, through `checkpointctl import`:
+        // refused before anything is listed.
+        let archive = env.dir().join("hostile.tar");
+        let host_text = host_dir.display().to_string();
+        hostile::checkpoint_archive(
+            &archive,
+            "cp-20251201-120000",
+            "victim",
+            &[
+                hostile::Member::Symlink("x", &host_text),
+                hostile::Member::File("x/owned", b"owned"),
+            ],
+        );
+        let (code, out, err) = ctl.run(&["import", &archive.display().to_string()])?;
+        ensure!(code != 0, "a hostile archive was imported: {out}{err}");
+        ensure!(
+            err.contains("checkpoint cp-20251201-120000 is refused")
+                && err.contains("tree entry /x/owned refused: its ancestor /x is a symlink"),
+            "the refusal names the checkpoint and the path: {err}"
+        );
+        ensure!(
+            !ctl.ok(&["list", "-o", "json"])?.contains("cp-20251201-120000"),
+            "nothing was imported"
+        );
+        ensure!(
+            std::fs::read_dir(&host_dir)?.next().is_none(),
+            "nothing in the host directory"
+        );
         Ok(())
     });
 }

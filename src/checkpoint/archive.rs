@@ -91,6 +91,15 @@ pub enum ArchiveError {
     Exists { path: String },
     #[error("archive {path} is damaged: {reason}")]
     Damaged { path: String, reason: String },
+    /// A tree that cannot be written beneath a root: an entry beneath a
+    /// symlink or file, a hard link out of the tree or to a link, a path
+    /// that is not plain. Refused before anything is stored.
+    #[error("archive {path}: checkpoint {id} is refused: {source}")]
+    UnsafeTree {
+        path: String,
+        id: String,
+        source: tree::TreeError,
+    },
     #[error("archive {path} is not a checkpoint archive: {reason}")]
     Foreign { path: String, reason: String },
     #[error("checkpoint {id} of archive {path} exists already in {storage}")]
@@ -1767,6 +1776,12 @@ fn complete_layer(
             )));
         }
     }
+    let unsafe_tree = |source| ArchiveError::UnsafeTree {
+        path: layout.path.display().to_string(),
+        id: plan.id.clone(),
+        source,
+    };
+    delta.validate_paths().map_err(unsafe_tree)?;
     delta.apply(tree);
     for (path, first, entry) in links {
         let target = tree
@@ -1787,6 +1802,9 @@ fn complete_layer(
         tree.insert(path.clone(), link.clone());
         delta.changed.insert(path, link);
     }
+    // The whole tree as restore would write it: what this layer adds may
+    // sit beneath a symlink an earlier layer made.
+    tree::validate_tree(tree).map_err(unsafe_tree)?;
     for digest in delta.digests() {
         if delta.stored.contains_key(&digest) {
             continue;
@@ -2191,11 +2209,11 @@ mod tests {
                 },
             ),
             ("opaque/f".to_string(), file.clone()),
-            ("z-first".to_string(), file.clone()),
+            ("a-first".to_string(), file.clone()),
             (
-                "a-link".to_string(),
+                "z-link".to_string(),
                 Entry {
-                    hardlink: Some("z-first".into()),
+                    hardlink: Some("a-first".into()),
                     mode: 0o644,
                     ..file.clone()
                 },
@@ -2261,7 +2279,7 @@ mod tests {
                 (
                     "again".to_string(),
                     Entry {
-                        hardlink: Some("z-first".into()),
+                        hardlink: Some("a-first".into()),
                         ..file.clone()
                     },
                 ),

@@ -8,6 +8,7 @@
 //! from which `restore` recreates the container.
 
 pub mod archive;
+pub mod beneath;
 pub mod catalogue;
 pub mod filter;
 pub mod objects;
@@ -89,7 +90,7 @@ impl Classify for CheckpointError {
         match self {
             CheckpointError::Catalogue(e) | CheckpointError::Archive(ArchiveError::Catalogue(e)) => catalogue_kind(e),
             CheckpointError::Archive(e) => match e {
-                ArchiveError::Path { .. } => ErrorKind::InvalidArgument,
+                ArchiveError::Path { .. } | ArchiveError::UnsafeTree { .. } => ErrorKind::InvalidArgument,
                 ArchiveError::Exists { .. } | ArchiveError::Taken { .. } => ErrorKind::AlreadyExists,
                 ArchiveError::Damaged { .. } | ArchiveError::Foreign { .. } | ArchiveError::Unexportable { .. } => {
                     ErrorKind::FailedPrecondition

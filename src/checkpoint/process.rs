@@ -6,13 +6,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::container::Runtime;
 use containerd_client::services::v1::Container;
 use serde::{Deserialize, Serialize};
 
+use super::beneath::{self, Beneath};
 use super::catalogue::{
     blob_digest, Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
 };
@@ -360,12 +360,18 @@ pub(super) fn unpack_images(
     Ok(dirs)
 }
 
+/// Unpacks one stored image set into the new directory `dir`. CRIU
+/// writes flat directories of plain files, so a member that is anything
+/// else (a path with `/` or `..`, a symlink, a hard link, a device) is
+/// refused, and each file is created through [`Beneath`] as a new regular
+/// file of `dir`, never through a name already there.
 fn unpack_one(catalogue: &Catalogue, key: &str, dir: &Path) -> Result<(), ProcessError> {
     let bad = |reason: String| ProcessError::BadImages {
         key: key.to_string(),
         reason,
     };
     fs::create_dir(dir).map_err(io_err("create", dir))?;
+    let beneath = Beneath::open(dir).map_err(|e| bad(e.to_string()))?;
     let digest = blob_digest(key).ok_or_else(|| bad("not the key of a blob".into()))?;
     // Unpacked as it streams in; the digest is checked at the end, and the
     // caller discards the directory when anything failed.
@@ -374,25 +380,26 @@ fn unpack_one(catalogue: &Catalogue, key: &str, dir: &Path) -> Result<(), Proces
         let mut tar = tar::Archive::new(&mut reader);
         for entry in tar.entries().map_err(io_err("read", dir))? {
             let mut entry = entry.map_err(io_err("read", dir))?;
-            let name = entry
-                .path()
-                .map_err(io_err("read", dir))?
-                .to_string_lossy()
-                .into_owned();
-            let plain = !name.is_empty() && !name.contains('/') && name != "." && name != ".." && name != PARENT_LINK;
-            if !plain || entry.header().entry_type() != tar::EntryType::Regular {
-                return Err(bad(format!("unexpected member {name:?}")));
-            }
-            let target = dir.join(&name);
-            let out = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&target)
-                .map_err(io_err("create", &target))?;
+            let raw = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let name = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|name| beneath::flat_name(std::ffi::OsStr::new(name)))
+                .filter(|name| name.as_str() != PARENT_LINK);
+            let kind = entry.header().entry_type();
+            let Some(name) = name.filter(|_| kind == tar::EntryType::Regular) else {
+                return Err(bad(format!(
+                    "unexpected member {shown:?} ({kind:?}): image sets hold plain files only"
+                )));
+            };
+            let out = beneath
+                .at(&name)
+                .and_then(|at| at.create_file(0o600))
+                .map_err(|e| bad(e.to_string()))?;
             // io::copy fills a BufWriter's own buffer: reads and writes of
             // 1 MiB, not 8 KiB (a memory image is most of a gigabyte).
             let mut out = std::io::BufWriter::with_capacity(COPY_BUFFER, out);
+            let target = dir.join(name.as_str());
             std::io::copy(&mut entry, &mut out)
                 .and_then(|_| out.flush())
                 .map_err(io_err("write", &target))?;
@@ -673,6 +680,67 @@ mod tests {
         fs::write(&stored, raw).unwrap();
         let again = tmp.path().join("restore2");
         assert!(unpack_images(&catalogue, &keys, &again, 3).is_err());
+    }
+
+    /// A tar of one member written as it is (the tar crate refuses to
+    /// write `..` itself), stored as a blob; returns its key.
+    fn hostile_images(catalogue: &Catalogue, dir: &Path, name: &str, kind: tar::EntryType, link: &str) -> String {
+        let mut header = tar::Header::new_old();
+        let field = &mut header.as_old_mut().name;
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        if !link.is_empty() {
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_entry_type(kind);
+        header.set_mode(0o600);
+        let data: &[u8] = if kind == tar::EntryType::Regular { b"pages" } else { b"" };
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        let mut builder = tar::Builder::new(Vec::new());
+        builder.append(&header, data).unwrap();
+        let bytes = builder.into_inner().unwrap();
+        let digest = tree::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let path = dir.join(format!("hostile-{digest}.tar"));
+        fs::write(&path, &bytes).unwrap();
+        catalogue.store_blob(&path, &digest, Compression::None).unwrap().key
+    }
+
+    #[test]
+    fn hostile_image_sets_are_refused_and_write_nothing_outside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalogue = catalogue(tmp.path());
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("passwd"), b"root:x:0:0").unwrap();
+        let target = outside.join("passwd").display().to_string();
+        let cases = [
+            ("../../outside/escape.img", tar::EntryType::Regular, ""),
+            ("/tmp/absolute.img", tar::EntryType::Regular, ""),
+            ("sub/pages.img", tar::EntryType::Regular, ""),
+            ("link.img", tar::EntryType::Symlink, target.as_str()),
+            ("hard.img", tar::EntryType::Link, target.as_str()),
+            ("hard-up.img", tar::EntryType::Link, "../../outside/passwd"),
+            ("null.img", tar::EntryType::Char, ""),
+            (PARENT_LINK, tar::EntryType::Regular, ""),
+        ];
+        for (n, (name, kind, link)) in cases.into_iter().enumerate() {
+            let key = hostile_images(&catalogue, tmp.path(), name, kind, link);
+            let out = tmp.path().join(format!("restore{n}"));
+            let err = unpack_images(&catalogue, &[key], &out, 1).unwrap_err();
+            assert!(matches!(err, ProcessError::BadImages { .. }), "{name}: {err}");
+            assert!(
+                err.to_string().contains(&format!("unexpected member {name:?}")),
+                "{err}"
+            );
+            assert_eq!(
+                fs::read_dir(out.join("0")).unwrap().count(),
+                0,
+                "{name}: nothing unpacked"
+            );
+            assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{name}: nothing outside");
+            assert_eq!(fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0");
+        }
+        assert!(!Path::new("/tmp/absolute.img").exists());
     }
 
     #[test]

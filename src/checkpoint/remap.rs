@@ -12,6 +12,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 
+use super::beneath::Beneath;
+use super::tree::TreePath;
+
 /// One translation, SRC and DST of the same prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remap {
@@ -306,17 +309,19 @@ pub fn rewrite_files_image(image: &[u8], remaps: &[Remap]) -> Result<(Vec<u8>, u
     Ok((out, changed))
 }
 
-/// Applies the remaps to CRIU's images in `dir` (its `files.img`).
+/// Applies the remaps to CRIU's images in `dir` (its `files.img`), a
+/// plain file of that directory: a symlink or anything else in its place
+/// is not followed.
 pub fn rewrite_images(dir: &Path, remaps: &[Remap]) -> Result<usize, String> {
-    let path = dir.join("files.img");
-    let image = match std::fs::read(&path) {
-        Ok(image) => image,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(format!("read {}: {e}", path.display())),
+    let beneath = Beneath::open(dir).map_err(|e| e.to_string())?;
+    let name = TreePath::new("files.img").map_err(|e| e.to_string())?;
+    let at = beneath.at(&name).map_err(|e| e.to_string())?;
+    let Some(image) = at.read_regular().map_err(|e| e.to_string())? else {
+        return Ok(0);
     };
     let (rewritten, changed) = rewrite_files_image(&image, remaps)?;
     if changed > 0 {
-        std::fs::write(&path, rewritten).map_err(|e| format!("write {}: {e}", path.display()))?;
+        at.rewrite_regular(&rewritten).map_err(|e| e.to_string())?;
     }
     Ok(changed)
 }

@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use containerd_client::services::v1::CreateTaskRequest;
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::SFlag;
 use tracing::{info, instrument, warn};
 
+use super::beneath::{At, Beneath, BeneathError};
 use super::catalogue::{Catalogue, Checkpoint};
 use super::process::{self, ContainerRecord};
 use super::remap::{self, Remap};
-use super::tree::{Entry, EntryKind, Tree};
+use super::tree::{self, Entry, EntryKind, Tree, TreePath};
 use super::trust::{Admitted, RecordTrust};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::containerd::Containerd;
@@ -518,20 +519,32 @@ async fn undo(containerd: &Containerd, ns: &str, name: &str, made: Made) {
 }
 
 /// Moves the addresses of the container's own /etc/hosts (in its writable
-/// layer) by `remaps`.
+/// layer) by `remaps`. Only a regular file reached through directories is
+/// rewritten: through a symlink (of `etc` or of `hosts`) the name is some
+/// other file, perhaps the host's, and is left alone.
 fn remap_hosts_file(upper: &Path, remaps: &[Remap]) -> Result<(), CheckpointError> {
     if remaps.is_empty() {
         return Ok(());
     }
-    let hosts = upper.join("etc/hosts");
-    let is_file = fs::symlink_metadata(&hosts).is_ok_and(|m| m.file_type().is_file());
-    if !is_file {
+    let beneath = Beneath::open(upper).map_err(beneath_failure)?;
+    let hosts = TreePath::new("etc/hosts").map_err(|e| CheckpointError::Task(e.to_string()))?;
+    let at = match beneath.at(&hosts) {
+        Ok(at) => at,
+        Err(BeneathError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(refused @ BeneathError::Refused { .. }) => {
+            warn!(error = %refused, "/etc/hosts not remapped");
+            return Ok(());
+        }
+        Err(e) => return Err(beneath_failure(e)),
+    };
+    let Some(bytes) = at.read_regular().map_err(beneath_failure)? else {
         return Ok(());
-    }
-    let text = fs::read_to_string(&hosts).map_err(CheckpointError::from_io(&hosts))?;
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| CheckpointError::Task(format!("{}/etc/hosts is not UTF-8", upper.display())))?;
     let (rewritten, moved) = remap::rewrite_hosts(&text, remaps);
     if moved > 0 {
-        fs::write(&hosts, rewritten).map_err(CheckpointError::from_io(&hosts))?;
+        at.rewrite_regular(rewritten.as_bytes()).map_err(beneath_failure)?;
         info!(entries = moved, "/etc/hosts entries remapped");
     }
     Ok(())
@@ -690,54 +703,53 @@ pub fn write_checkpoint_tree(
             .ok_or_else(|| CheckpointError::Invalid(format!("no stored content for sha256:{digest}")))?;
         Ok(catalogue.copy_verified(key, digest, out)?)
     })
+    .map_err(|e| match e {
+        CheckpointError::Invalid(reason) => CheckpointError::Invalid(format!("checkpoint {}: {reason}", checkpoint.id)),
+        other => other,
+    })
 }
 
 type Content<'a> = dyn FnMut(&str, &mut fs::File) -> Result<u64, CheckpointError> + 'a;
 
+/// A write beneath the upper directory that failed: refused (a symlink on
+/// the way, a path leaving the root) or an I/O error.
+fn beneath_failure(e: BeneathError) -> CheckpointError {
+    match e {
+        refused @ BeneathError::Refused { .. } => CheckpointError::Invalid(refused.to_string()),
+        other => CheckpointError::Task(other.to_string()),
+    }
+}
+
+/// Writes `tree` into the empty directory `upper`. The tree is checked
+/// whole first ([`tree::validate_tree`]: plain paths, directories as
+/// ancestors, hard links to earlier files of the tree), so a refused tree
+/// writes nothing; then every entry is made through [`Beneath`], which
+/// cannot leave `upper` whatever the tree or a racer does. Entries go in
+/// [`tree::walk_order`]: directories before what they hold, the first path
+/// of an inode before its hard links.
 fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<(), CheckpointError> {
-    let io = |op: &'static str, path: &Path| {
-        let path = path.display().to_string();
-        move |e: std::io::Error| CheckpointError::Task(format!("{op} {path}: {e}"))
-    };
-    let nix_err = |op: &'static str, path: &Path| {
-        let path = path.display().to_string();
-        move |e: nix::Error| CheckpointError::Task(format!("{op} {path}: {e}"))
-    };
-    for (rel, entry) in tree {
-        if rel.split('/').any(|p| p == ".." || p == ".") || rel.starts_with('/') {
-            return Err(CheckpointError::Invalid(format!(
-                "checkpoint path {rel:?} is not a plain relative path"
-            )));
-        }
-        let path = if rel.is_empty() {
-            upper.to_path_buf()
-        } else {
-            upper.join(rel)
-        };
+    tree::validate_tree(tree)
+        .map_err(|e| CheckpointError::Invalid(format!("its tree is refused, nothing was written: {e}")))?;
+    let beneath = Beneath::open(upper).map_err(beneath_failure)?;
+    let path_of =
+        |rel: &str| TreePath::new(rel).map_err(|e| CheckpointError::Invalid(format!("its tree is refused: {e}")));
+    let entries = tree::in_walk_order(tree);
+    for (rel, entry) in &entries {
+        let at = beneath.at(&path_of(rel.as_str())?).map_err(beneath_failure)?;
         match entry.kind {
             EntryKind::Dir => {
-                if !rel.is_empty() {
-                    match fs::create_dir(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
-                        Err(e) => return Err(io("create directory", &path)(e)),
-                    }
-                }
+                at.create_dir(0o700).map_err(beneath_failure)?;
                 if entry.opaque {
-                    xattr::set(&path, OPAQUE_XATTR, b"y").map_err(io("mark opaque", &path))?;
+                    at.set_xattr(OPAQUE_XATTR, b"y").map_err(beneath_failure)?;
                 }
             }
             EntryKind::File => {
                 if let Some(first) = &entry.hardlink {
-                    fs::hard_link(upper.join(first), &path).map_err(io("link", &path))?;
+                    let first = beneath.at(&path_of(first)?).map_err(beneath_failure)?;
+                    at.hard_link_to(&first).map_err(beneath_failure)?;
                     continue;
                 }
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(io("create", &path))?;
+                let mut file = at.create_file(0o600).map_err(beneath_failure)?;
                 if let Some(digest) = &entry.digest {
                     let written = content(digest, &mut file)?;
                     if written != entry.size {
@@ -751,13 +763,15 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
                         "{rel}: a non-empty file without content digest"
                     )));
                 }
+                set_metadata(Written::File(&file, rel.as_str()), entry)?;
+                continue;
             }
             EntryKind::Symlink => {
                 let target = entry
                     .target
                     .as_deref()
                     .ok_or_else(|| CheckpointError::Invalid(format!("{rel}: a symlink without target")))?;
-                std::os::unix::fs::symlink(target, &path).map_err(io("create symlink", &path))?;
+                at.symlink(target).map_err(beneath_failure)?;
             }
             EntryKind::Fifo | EntryKind::Char | EntryKind::Block | EntryKind::Socket | EntryKind::Whiteout => {
                 let (kind, rdev) = match entry.kind {
@@ -768,61 +782,76 @@ fn write_tree(tree: &Tree, upper: &Path, content: &mut Content<'_>) -> Result<()
                     // overlayfs's whiteout: a 0:0 character device.
                     _ => (SFlag::S_IFCHR, 0),
                 };
-                nix::sys::stat::mknod(&path, kind, Mode::from_bits_truncate(0o600), rdev as nix::libc::dev_t)
-                    .map_err(nix_err("create node", &path))?;
+                at.make_node(kind, 0o600, rdev).map_err(beneath_failure)?;
             }
         }
-        set_metadata(&path, entry).map_err(|e| CheckpointError::Task(format!("{rel}: {e}")))?;
+        set_metadata(Written::Named(&at), entry)?;
     }
     // Directory times last: writing their entries changed them.
-    for (rel, entry) in tree.iter().rev().filter(|(_, e)| e.kind == EntryKind::Dir) {
-        let path = if rel.is_empty() {
-            upper.to_path_buf()
-        } else {
-            upper.join(rel)
-        };
-        set_times(&path, entry).map_err(|e| CheckpointError::Task(format!("{rel}: {e}")))?;
+    for (rel, entry) in entries.iter().rev().filter(|(_, e)| e.kind == EntryKind::Dir) {
+        let at = beneath.at(&path_of(rel.as_str())?).map_err(beneath_failure)?;
+        at.set_times(entry.mtime_ns).map_err(beneath_failure)?;
     }
     Ok(())
 }
 
-fn set_metadata(path: &Path, entry: &Entry) -> Result<(), String> {
-    use nix::fcntl::AtFlags;
-    use nix::unistd::{fchownat, Gid, Uid};
+/// An entry just made: a regular file through its own descriptor (no
+/// lookup at all, the common case made cheap), anything else through its
+/// name beneath the root.
+enum Written<'a> {
+    /// The file and its path in the tree (for messages).
+    File(&'a fs::File, &'a str),
+    Named(&'a At<'a>),
+}
+
+/// Owner, extended attributes, mode and (but for directories, done last)
+/// times of the entry just made; each on the entry itself, never through a
+/// symlink.
+fn set_metadata(written: Written<'_>, entry: &Entry) -> Result<(), CheckpointError> {
+    use nix::sys::stat::{fchmod, futimens, Mode};
+    use nix::sys::time::TimeSpec;
+    use nix::unistd::{fchown, Gid, Uid};
+    use std::os::fd::AsRawFd;
+    use xattr::FileExt;
     if entry.kind == EntryKind::Whiteout {
         return Ok(());
     }
-    fchownat(
-        None,
-        path,
-        Some(Uid::from_raw(entry.uid)),
-        Some(Gid::from_raw(entry.gid)),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| format!("chown: {e}"))?;
+    let at = match written {
+        Written::Named(at) => at,
+        Written::File(file, rel) => {
+            let failed = |op: &str, e: &dyn std::fmt::Display| CheckpointError::Task(format!("{rel}: {op}: {e}"));
+            let fd = file.as_raw_fd();
+            fchown(fd, Some(Uid::from_raw(entry.uid)), Some(Gid::from_raw(entry.gid)))
+                .map_err(|e| failed("chown", &e))?;
+            for (name, value) in &entry.xattrs {
+                let bytes = tree::unhex(value)
+                    .ok_or_else(|| CheckpointError::Invalid(format!("{rel}: xattr {name}: value is not hex")))?;
+                file.set_xattr(name, &bytes)
+                    .map_err(|e| failed(&format!("set xattr {name}"), &e))?;
+            }
+            // After chown, which clears setuid and setgid.
+            fchmod(fd, Mode::from_bits_truncate(entry.mode & 0o7777)).map_err(|e| failed("chmod", &e))?;
+            let t = TimeSpec::new(
+                entry.mtime_ns.div_euclid(1_000_000_000),
+                entry.mtime_ns.rem_euclid(1_000_000_000),
+            );
+            return futimens(fd, &t, &t).map_err(|e| failed("set times", &e));
+        }
+    };
+    at.set_owner(entry.uid, entry.gid).map_err(beneath_failure)?;
     for (name, value) in &entry.xattrs {
-        let bytes = super::tree::unhex(value).ok_or_else(|| format!("xattr {name}: value is not hex"))?;
-        xattr::set(path, name, &bytes).map_err(|e| format!("set xattr {name}: {e}"))?;
+        let bytes =
+            tree::unhex(value).ok_or_else(|| CheckpointError::Invalid(format!("xattr {name}: value is not hex")))?;
+        at.set_xattr(name, &bytes).map_err(beneath_failure)?;
     }
     if entry.kind != EntryKind::Symlink {
         // After chown, which clears setuid and setgid.
-        fs::set_permissions(path, fs::Permissions::from_mode(entry.mode & 0o7777))
-            .map_err(|e| format!("chmod: {e}"))?;
+        at.set_mode(entry.mode & 0o7777).map_err(beneath_failure)?;
     }
     if entry.kind != EntryKind::Dir {
-        set_times(path, entry)?;
+        at.set_times(entry.mtime_ns).map_err(beneath_failure)?;
     }
     Ok(())
-}
-
-fn set_times(path: &Path, entry: &Entry) -> Result<(), String> {
-    use nix::sys::stat::{utimensat, UtimensatFlags};
-    use nix::sys::time::TimeSpec;
-    let t = TimeSpec::new(
-        entry.mtime_ns.div_euclid(1_000_000_000),
-        entry.mtime_ns.rem_euclid(1_000_000_000),
-    );
-    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|e| format!("set times: {e}"))
 }
 
 /// The checks a user would otherwise make by hand after a restore.
@@ -916,6 +945,9 @@ mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+    const D1: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    const D2: &str = "486ea46224d1bb4fb680f34f7c9ad96a8f24ec88be73ea8e5a6c65260e9cb8a7";
+
     fn entry(kind: EntryKind, mode: u32) -> Entry {
         Entry {
             kind,
@@ -958,7 +990,7 @@ mod tests {
         etc.opaque = true;
         tree.insert("etc".into(), etc);
         let mut conf = entry(EntryKind::File, 0o4640);
-        conf.digest = Some("d1".into());
+        conf.digest = Some(D1.into());
         conf.size = 5;
         conf.xattrs.insert("user.origin".into(), "6869".into());
         tree.insert("etc/app.conf".into(), conf);
@@ -970,6 +1002,16 @@ mod tests {
         tree.insert("etc/current".into(), sym);
         tree.insert("etc/pipe".into(), entry(EntryKind::Fifo, 0o600));
         tree.insert("gone".into(), entry(EntryKind::Whiteout, 0));
+        // A hard link whose first path sorts after it by name but comes
+        // first in the walk that captured it ("a" before "a-link").
+        tree.insert("a".into(), entry(EntryKind::Dir, 0o755));
+        let mut first = entry(EntryKind::File, 0o644);
+        first.digest = Some(D1.into());
+        first.size = 5;
+        tree.insert("a/x".into(), first);
+        let mut early = entry(EntryKind::File, 0o644);
+        early.hardlink = Some("a/x".into());
+        tree.insert("a-link".into(), early);
         let mut served = Vec::new();
         write_tree(&tree, &upper, &mut |digest, out| {
             use std::io::Write;
@@ -978,7 +1020,7 @@ mod tests {
             Ok(5)
         })
         .unwrap();
-        assert_eq!(served, vec!["d1"]);
+        assert_eq!(served, vec![D1, D1]);
         let conf = fs::metadata(upper.join("etc/app.conf")).unwrap();
         assert_eq!(conf.mode() & 0o7777, 0o4640);
         assert_eq!((conf.uid(), conf.gid()), (1000, 100));
@@ -1002,6 +1044,10 @@ mod tests {
         let gone = fs::symlink_metadata(upper.join("gone")).unwrap();
         assert!(gone.file_type().is_char_device());
         assert_eq!(gone.rdev(), 0);
+        assert_eq!(
+            fs::metadata(upper.join("a-link")).unwrap().ino(),
+            fs::metadata(upper.join("a/x")).unwrap().ino()
+        );
 
         let mut bad = Tree::new();
         bad.insert("../escape".into(), entry(EntryKind::Dir, 0o755));
@@ -1011,11 +1057,164 @@ mod tests {
         assert!(!tmp.path().join("escape").exists());
 
         let mut short = Tree::new();
+        short.insert(String::new(), entry(EntryKind::Dir, 0o755));
         let mut file = entry(EntryKind::File, 0o644);
-        file.digest = Some("d2".into());
+        file.digest = Some(D2.into());
         file.size = 10;
         short.insert("f".into(), file);
         let err = write_tree(&short, &other, &mut |_, _| Ok(3)).unwrap_err();
         assert!(err.to_string().contains("3 bytes"), "{err}");
+    }
+
+    /// Files and directories under `dir`, as paths relative to it.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for child in fs::read_dir(&d).unwrap() {
+                let child = child.unwrap();
+                let path = child.path();
+                out.push(path.strip_prefix(dir).unwrap().display().to_string());
+                if child.file_type().unwrap().is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn hostile_trees_are_refused_and_write_nothing_anywhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        // What the hostile trees point at: it must stay as it is.
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("passwd"), b"root:x:0:0").unwrap();
+        let outside_text = outside.display().to_string();
+        let root = || entry(EntryKind::Dir, 0o755);
+        let symlink = |target: &str| Entry {
+            target: Some(target.into()),
+            ..entry(EntryKind::Symlink, 0o777)
+        };
+        let file = || Entry {
+            digest: Some(D1.into()),
+            size: 5,
+            ..entry(EntryKind::File, 0o4755)
+        };
+        let link = |to: &str| Entry {
+            hardlink: Some(to.into()),
+            ..file()
+        };
+        // What the case is, its entries, what the refusal must say.
+        type Case<'a> = (&'a str, Vec<(&'a str, Entry)>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                "a file beneath a symlink out",
+                vec![("", root()), ("x", symlink(&outside_text)), ("x/f", file())],
+                "/x/f refused: its ancestor /x is a symlink",
+            ),
+            (
+                "a directory beneath a symlink to /",
+                vec![
+                    ("", root()),
+                    ("slash", symlink("/")),
+                    ("slash/tmp", entry(EntryKind::Dir, 0o777)),
+                ],
+                "/slash/tmp refused: its ancestor /slash is a symlink",
+            ),
+            (
+                "a relative symlink up, then a node beneath",
+                vec![
+                    ("", root()),
+                    ("up", symlink("../outside")),
+                    ("up/node", entry(EntryKind::Fifo, 0o666)),
+                ],
+                "/up/node refused: its ancestor /up is a symlink",
+            ),
+            (
+                "a hard link to a host file",
+                vec![("", root()), ("l", link("../outside/passwd"))],
+                "/l refused: hard link to \"../outside/passwd\": the target is not a plain relative path",
+            ),
+            (
+                "a hard link to an absolute path",
+                vec![("", root()), ("l", link("/etc/passwd"))],
+                "/l refused: hard link to \"/etc/passwd\"",
+            ),
+            (
+                "a hard link through a symlink",
+                vec![("", root()), ("o", symlink(&outside_text)), ("p", link("o/passwd"))],
+                "hard link to \"o/passwd\": the target is not in the tree",
+            ),
+            (
+                "a hard link to a later entry",
+                vec![("", root()), ("a", link("b")), ("b", file())],
+                "/a refused: hard link to \"b\": the target does not come before the link",
+            ),
+            (
+                "a hard link to a symlink",
+                vec![("", root()), ("a", symlink("/etc/shadow")), ("b", link("a"))],
+                "the target is a symlink, not a regular file",
+            ),
+            ("a .. path", vec![("", root()), ("../escape", file())], "\"../escape\""),
+            ("an absolute path", vec![("", root()), ("/abs", file())], "\"/abs\""),
+            (
+                "a file beneath a file",
+                vec![("", root()), ("f", file()), ("f/g", file())],
+                "its ancestor /f is a regular file",
+            ),
+        ];
+        for (n, (what, entries, expected)) in cases.into_iter().enumerate() {
+            let upper = tmp.path().join(format!("upper{n}"));
+            fs::create_dir(&upper).unwrap();
+            let tree: Tree = entries.into_iter().map(|(p, e)| (p.to_string(), e)).collect();
+            let mut served = 0;
+            let err = write_tree(&tree, &upper, &mut |_, out| {
+                use std::io::Write;
+                served += 1;
+                out.write_all(b"hello").unwrap();
+                Ok(5)
+            })
+            .unwrap_err();
+            assert!(matches!(err, CheckpointError::Invalid(_)), "{what}: {err}");
+            assert!(
+                err.to_string().contains(expected),
+                "{what}: {err} does not say {expected:?}"
+            );
+            assert_eq!(served, 0, "{what}: no content was read");
+            assert!(listing(&upper).is_empty(), "{what}: {:?} written", listing(&upper));
+            assert_eq!(listing(&outside), vec!["passwd"], "{what}");
+            assert_eq!(fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0", "{what}");
+        }
+        assert_eq!(
+            listing(tmp.path()).iter().filter(|p| !p.starts_with("upper")).count(),
+            2
+        );
+    }
+
+    #[test]
+    fn hosts_are_remapped_only_as_a_plain_file_of_the_layer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remaps = [Remap::parse("10.1.0.0/16:10.2.0.0/16").unwrap()];
+        let upper = tmp.path().join("plain");
+        fs::create_dir_all(upper.join("etc")).unwrap();
+        fs::write(upper.join("etc/hosts"), "10.1.0.5 web\n").unwrap();
+        remap_hosts_file(&upper, &remaps).unwrap();
+        assert_eq!(fs::read_to_string(upper.join("etc/hosts")).unwrap(), "10.2.0.5 web\n");
+
+        // etc -> a host directory, hosts -> a host file: both left alone.
+        let host_etc = tmp.path().join("host-etc");
+        fs::create_dir(&host_etc).unwrap();
+        fs::write(host_etc.join("hosts"), "10.1.0.5 host\n").unwrap();
+        let linked_dir = tmp.path().join("linked-dir");
+        fs::create_dir(&linked_dir).unwrap();
+        std::os::unix::fs::symlink(&host_etc, linked_dir.join("etc")).unwrap();
+        remap_hosts_file(&linked_dir, &remaps).unwrap();
+        let linked_file = tmp.path().join("linked-file");
+        fs::create_dir_all(linked_file.join("etc")).unwrap();
+        std::os::unix::fs::symlink(host_etc.join("hosts"), linked_file.join("etc/hosts")).unwrap();
+        remap_hosts_file(&linked_file, &remaps).unwrap();
+        assert_eq!(fs::read_to_string(host_etc.join("hosts")).unwrap(), "10.1.0.5 host\n");
     }
 }

@@ -30,6 +30,26 @@ pub enum TreeError {
     },
     #[error("file name {path:?} is not UTF-8; checkpoints store UTF-8 paths only")]
     NonUtf8 { path: String },
+    /// A path that is not plain and relative: it could name something
+    /// outside the tree's root.
+    #[error("tree path {path:?} refused: {reason}")]
+    BadPath { path: String, reason: String },
+    /// An entry beneath a symlink, file or other non-directory: writing it
+    /// would follow that entry, possibly out of the root.
+    #[error("tree entry /{path} refused: its ancestor /{ancestor} is {what}, not a directory")]
+    Ancestor {
+        path: String,
+        ancestor: String,
+        what: &'static str,
+    },
+    #[error("tree entry /{path} refused: hard link to {target:?}: {reason}")]
+    Link {
+        path: String,
+        target: String,
+        reason: String,
+    },
+    #[error("tree entry /{path} refused: {reason}")]
+    Entry { path: String, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +125,252 @@ impl Entry {
 /// Every entry of a writable layer by relative path ("etc/hosts"); the
 /// layer's root itself is "".
 pub type Tree = BTreeMap<String, Entry>;
+
+/// Longest name of one path component or extended attribute (Linux's
+/// NAME_MAX and XATTR_NAME_MAX).
+const NAME_MAX: usize = 255;
+/// Largest extended attribute value Linux stores (XATTR_SIZE_MAX).
+const XATTR_VALUE_MAX: usize = 64 * 1024;
+
+/// A path of a tree that stays beneath the tree's root: relative, its
+/// components neither empty nor `.` or `..`, without NUL; "" is the root
+/// itself. Only [`TreePath::new`] makes one, so what writes beneath a root
+/// takes a `&TreePath` and is never handed `..` or `/etc`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TreePath(String);
+
+impl TreePath {
+    pub fn new(path: &str) -> Result<TreePath, TreeError> {
+        let bad = |reason: String| TreeError::BadPath {
+            path: path.to_string(),
+            reason,
+        };
+        if path.is_empty() {
+            return Ok(TreePath(String::new()));
+        }
+        if path.starts_with('/') {
+            return Err(bad("it is absolute".into()));
+        }
+        if path.contains('\0') {
+            return Err(bad("it holds a NUL byte".into()));
+        }
+        for part in path.split('/') {
+            match part {
+                "" => return Err(bad("it has an empty component".into())),
+                "." | ".." => return Err(bad(format!("it has a {part:?} component"))),
+                long if long.len() > NAME_MAX => {
+                    return Err(bad(format!("a component is longer than {NAME_MAX} bytes")))
+                }
+                _ => {}
+            }
+        }
+        Ok(TreePath(path.to_string()))
+    }
+
+    /// The tree's root.
+    pub fn root() -> TreePath {
+        TreePath(String::new())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The parent's path and the last component; None for the root.
+    pub fn split_last(&self) -> Option<(&str, &str)> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(self.0.rsplit_once('/').unwrap_or(("", &self.0)))
+    }
+
+    /// Every proper ancestor, the root first.
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        let ends = self.0.match_indices('/').map(|(i, _)| i);
+        let root = (!self.0.is_empty()).then_some("");
+        root.into_iter().chain(ends.map(|i| &self.0[..i]))
+    }
+}
+
+impl std::fmt::Display for TreePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{}", self.0)
+    }
+}
+
+/// The order [`read_tree`] visits paths in (component by component, so a
+/// directory's entries come right after it): a hard link names the first
+/// path of its inode in this order, and a tree is written in it.
+pub fn walk_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+/// The tree's paths in [`walk_order`].
+pub fn in_walk_order(tree: &Tree) -> Vec<(&String, &Entry)> {
+    let mut entries: Vec<(&String, &Entry)> = tree.iter().collect();
+    entries.sort_by(|a, b| walk_order(a.0, b.0));
+    entries
+}
+
+/// Whether `text` is a sha256 as trees keep it: 64 lowercase hex digits.
+pub fn is_digest(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl EntryKind {
+    /// The kind as a message names it.
+    pub fn described(self) -> &'static str {
+        match self {
+            EntryKind::Dir => "a directory",
+            EntryKind::File => "a regular file",
+            EntryKind::Symlink => "a symlink",
+            EntryKind::Fifo => "a fifo",
+            EntryKind::Char => "a character device",
+            EntryKind::Block => "a block device",
+            EntryKind::Socket => "a socket",
+            EntryKind::Whiteout => "an overlay whiteout",
+        }
+    }
+}
+
+/// Checks that `tree` can be written beneath a root without leaving it,
+/// whatever its data came from (an archive, shared storage, another
+/// node): every path a [`TreePath`]; the root, if any entry exists, a
+/// directory; every entry's ancestors directories of the tree, so nothing
+/// is written through a symlink or beneath a file; every hard link to a
+/// regular file of the tree that is no link itself and comes before it in
+/// [`walk_order`] (as [`read_tree`] names them); every field of the shape
+/// its kind has. Says which path is refused and why.
+pub fn validate_tree(tree: &Tree) -> Result<(), TreeError> {
+    if !tree.is_empty() && !tree.contains_key("") {
+        return Err(TreeError::Entry {
+            path: String::new(),
+            reason: "the tree has entries but no root directory".into(),
+        });
+    }
+    for (path, entry) in tree {
+        let at = TreePath::new(path)?;
+        for ancestor in at.ancestors() {
+            match tree.get(ancestor) {
+                Some(above) if above.kind == EntryKind::Dir => {}
+                found => {
+                    return Err(TreeError::Ancestor {
+                        path: path.clone(),
+                        ancestor: ancestor.to_string(),
+                        what: found.map_or("missing from the tree", |e| e.kind.described()),
+                    })
+                }
+            }
+        }
+        validate_entry(path, entry)?;
+        if let Some(target) = &entry.hardlink {
+            validate_link(tree, path, target)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_entry(path: &str, entry: &Entry) -> Result<(), TreeError> {
+    let refuse = |reason: String| TreeError::Entry {
+        path: path.to_string(),
+        reason,
+    };
+    let kind = entry.kind;
+    if path.is_empty() && kind != EntryKind::Dir {
+        return Err(refuse(format!("the root is {}, not a directory", kind.described())));
+    }
+    if entry.mode & !0o7777 != 0 {
+        return Err(refuse(format!("mode {:o} has bits beyond the permissions", entry.mode)));
+    }
+    match (&entry.digest, kind) {
+        (Some(digest), EntryKind::File) if !is_digest(digest) => {
+            return Err(refuse(format!("digest {digest:?} is not 64 lowercase hex digits")))
+        }
+        (Some(_), EntryKind::File) => {}
+        (Some(_), other) => return Err(refuse(format!("{} with a content digest", other.described()))),
+        (None, EntryKind::File) if entry.size != 0 && entry.hardlink.is_none() => {
+            return Err(refuse("a non-empty file without content digest".into()))
+        }
+        (None, _) => {}
+    }
+    if kind != EntryKind::File && entry.size != 0 {
+        return Err(refuse(format!("{} with a size", kind.described())));
+    }
+    if kind != EntryKind::File && entry.hardlink.is_some() {
+        return Err(refuse(format!("{} cannot be a hard link", kind.described())));
+    }
+    match (&entry.target, kind) {
+        (None, EntryKind::Symlink) => return Err(refuse("a symlink without target".into())),
+        (Some(target), EntryKind::Symlink) if target.is_empty() || target.contains('\0') => {
+            return Err(refuse("a symlink target empty or holding a NUL byte".into()))
+        }
+        (Some(_), EntryKind::Symlink) | (None, _) => {}
+        (Some(_), other) => return Err(refuse(format!("{} with a symlink target", other.described()))),
+    }
+    if entry.rdev != 0 && !matches!(kind, EntryKind::Char | EntryKind::Block) {
+        return Err(refuse(format!("{} with a device number", kind.described())));
+    }
+    if entry.opaque && kind != EntryKind::Dir {
+        return Err(refuse(format!("{} marked opaque", kind.described())));
+    }
+    for (name, value) in &entry.xattrs {
+        if name.is_empty() || name.len() > NAME_MAX || name.contains('\0') {
+            return Err(refuse(format!(
+                "extended attribute name {name:?} is empty, too long or holds NUL"
+            )));
+        }
+        // overlayfs reads these from the upper directory (redirects,
+        // origins, metacopy): a tree sets opacity through `opaque` only.
+        if OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            return Err(refuse(format!("extended attribute {name} is overlayfs's own")));
+        }
+        match unhex(value) {
+            Some(bytes) if bytes.len() <= XATTR_VALUE_MAX => {}
+            Some(_) => return Err(refuse(format!("extended attribute {name} is larger than 64 KiB"))),
+            None => return Err(refuse(format!("extended attribute {name}: value is not hex"))),
+        }
+    }
+    Ok(())
+}
+
+fn validate_link(tree: &Tree, path: &str, target: &str) -> Result<(), TreeError> {
+    let refuse = |reason: &str| TreeError::Link {
+        path: path.to_string(),
+        target: target.to_string(),
+        reason: reason.to_string(),
+    };
+    if TreePath::new(target).is_err() || target.is_empty() {
+        return Err(refuse("the target is not a plain relative path of the tree"));
+    }
+    if walk_order(target, path) != std::cmp::Ordering::Less {
+        return Err(refuse("the target does not come before the link in the tree"));
+    }
+    match tree.get(target) {
+        None => Err(refuse("the target is not in the tree")),
+        Some(first) if first.kind != EntryKind::File => Err(TreeError::Link {
+            path: path.to_string(),
+            target: target.to_string(),
+            reason: format!("the target is {}, not a regular file", first.kind.described()),
+        }),
+        Some(first) if first.hardlink.is_some() => Err(refuse("the target is a hard link itself")),
+        Some(_) => Ok(()),
+    }
+}
+
+impl Delta {
+    /// Checks the paths a delta names (see [`validate_tree`] for the
+    /// entries, checked once applied).
+    pub fn validate_paths(&self) -> Result<(), TreeError> {
+        for path in self.changed.keys().chain(&self.removed) {
+            TreePath::new(path)?;
+        }
+        Ok(())
+    }
+}
 
 /// What a checkpoint stores of its filesystem: the entries that differ
 /// from its parent's tree (all of them for a checkpoint without parent),
@@ -622,5 +888,269 @@ mod tests {
         assert_ne!(t3["d/f"].digest, t["d/f"].digest);
         let delta = Delta::between(&t, &t3);
         assert!(delta.changed.contains_key("d/f") && delta.removed.is_empty());
+    }
+
+    const D: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    fn symlink(target: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Symlink,
+            target: Some(target.into()),
+            ..dir()
+        }
+    }
+
+    fn link(to: &str) -> Entry {
+        Entry {
+            hardlink: Some(to.into()),
+            ..file(D, 1)
+        }
+    }
+
+    #[test]
+    fn tree_paths_are_plain_and_relative() {
+        for ok in ["", "a", "a/b", "a/.b", "..a", "a..b/c", "a b"] {
+            assert_eq!(TreePath::new(ok).unwrap().as_str(), ok);
+        }
+        let long = "x".repeat(256);
+        for bad in [
+            "/a",
+            "/",
+            "a/",
+            "a//b",
+            ".",
+            "..",
+            "a/../b",
+            "./a",
+            "a/.",
+            "a\0b",
+            long.as_str(),
+        ] {
+            match TreePath::new(bad) {
+                Err(TreeError::BadPath { path, .. }) => assert_eq!(path, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let p = TreePath::new("a/b/c").unwrap();
+        assert_eq!(p.ancestors().collect::<Vec<_>>(), vec!["", "a", "a/b"]);
+        assert_eq!(p.split_last(), Some(("a/b", "c")));
+        assert_eq!(TreePath::new("a").unwrap().split_last(), Some(("", "a")));
+        assert_eq!(TreePath::root().split_last(), None);
+        assert_eq!(TreePath::root().ancestors().count(), 0);
+        assert_eq!(p.to_string(), "/a/b/c");
+        assert!(is_digest(D));
+        for bad in [
+            "",
+            "d1",
+            &D.to_uppercase(),
+            &D[1..],
+            &format!("{D}0"),
+            &D.replace('2', "g"),
+        ] {
+            assert!(!is_digest(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn walk_order_is_the_order_trees_are_read_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("upper");
+        fs::create_dir_all(root.join("a/deep")).unwrap();
+        fs::write(root.join("a/deep/x"), b"x").unwrap();
+        // "a-b" sorts before "a/deep/x" as a string, after it in a walk.
+        fs::hard_link(root.join("a/deep/x"), root.join("a-b")).unwrap();
+        let t = read_tree(&root, None, &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!(t["a-b"].hardlink.as_deref(), Some("a/deep/x"));
+        validate_tree(&t).unwrap();
+        let order: Vec<&str> = in_walk_order(&t).into_iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(order, vec!["", "a", "a/deep", "a/deep/x", "a-b"]);
+    }
+
+    #[test]
+    fn hostile_trees_are_refused_naming_the_paths() {
+        let good = tree(&[
+            ("", dir()),
+            ("a", dir()),
+            ("a/x", file(D, 1)),
+            ("a-b", link("a/x")),
+            ("s", symlink("/etc")),
+            ("empty", file(D, 0)),
+        ]);
+        validate_tree(&good).unwrap();
+        validate_tree(&Tree::new()).unwrap();
+        let with = |entries: &[(&str, Entry)]| {
+            let mut t = tree(&[("", dir())]);
+            t.extend(tree(entries));
+            t
+        };
+        let mut overlay = dir();
+        overlay.xattrs.insert("trusted.overlay.redirect".into(), hex(b"/etc"));
+        let mut odd_mode = file(D, 1);
+        odd_mode.mode = 0o100644;
+        let mut not_hex = file(D, 1);
+        not_hex.xattrs.insert("user.k".into(), "zz".into());
+        let no_target = Entry {
+            target: None,
+            ..symlink("x")
+        };
+        let cases: Vec<(Tree, &str)> = vec![
+            (
+                with(&[("x", symlink("/somewhere")), ("x/f", file(D, 1))]),
+                "tree entry /x/f refused: its ancestor /x is a symlink, not a directory",
+            ),
+            (
+                with(&[("r", symlink("/")), ("r/etc", dir())]),
+                "tree entry /r/etc refused: its ancestor /r is a symlink",
+            ),
+            (
+                with(&[("f", file(D, 1)), ("f/g", dir())]),
+                "/f/g refused: its ancestor /f is a regular file",
+            ),
+            (
+                with(&[
+                    (
+                        "w",
+                        Entry {
+                            kind: EntryKind::Whiteout,
+                            ..dir()
+                        },
+                    ),
+                    ("w/g", dir()),
+                ]),
+                "/w/g refused: its ancestor /w is an overlay whiteout",
+            ),
+            (
+                with(&[("a/b", file(D, 1))]),
+                "/a/b refused: its ancestor /a is missing from the tree",
+            ),
+            (tree(&[("a", dir())]), "no root directory"),
+            (tree(&[("", file(D, 1))]), "the root is a regular file, not a directory"),
+            (with(&[("../etc", dir())]), "tree path \"../etc\" refused"),
+            (
+                with(&[("/etc/passwd", file(D, 1))]),
+                "tree path \"/etc/passwd\" refused: it is absolute",
+            ),
+            (
+                with(&[("a/", dir())]),
+                "tree path \"a/\" refused: it has an empty component",
+            ),
+            (
+                with(&[("l", link("../../etc/passwd"))]),
+                "/l refused: hard link to \"../../etc/passwd\": the target is not a plain relative path",
+            ),
+            (
+                with(&[("l", link("/etc/passwd"))]),
+                "/l refused: hard link to \"/etc/passwd\": the target is not a plain relative path",
+            ),
+            (
+                with(&[("l", link("l"))]),
+                "/l refused: hard link to \"l\": the target does not come before",
+            ),
+            (
+                with(&[("a", link("b")), ("b", file(D, 1))]),
+                "/a refused: hard link to \"b\": the target does not come before the link",
+            ),
+            (
+                with(&[("z", link("a"))]),
+                "/z refused: hard link to \"a\": the target is not in the tree",
+            ),
+            (
+                with(&[("a", file(D, 1)), ("b", link("a")), ("c", link("b"))]),
+                "/c refused: hard link to \"b\": the target is a hard link itself",
+            ),
+            (
+                with(&[("a", symlink("/etc/passwd")), ("b", link("a"))]),
+                "/b refused: hard link to \"a\": the target is a symlink, not a regular file",
+            ),
+            (
+                with(&[("a", dir()), ("b", link("a"))]),
+                "the target is a directory, not a regular file",
+            ),
+            (
+                with(&[(
+                    "d",
+                    Entry {
+                        hardlink: Some("x".into()),
+                        ..dir()
+                    },
+                )]),
+                "/d refused: a directory cannot be a hard link",
+            ),
+            (
+                with(&[("f", file("d1", 1))]),
+                "/f refused: digest \"d1\" is not 64 lowercase hex digits",
+            ),
+            (
+                with(&[("f", file(&D.to_uppercase(), 1))]),
+                "is not 64 lowercase hex digits",
+            ),
+            (
+                with(&[(
+                    "f",
+                    Entry {
+                        digest: None,
+                        ..file(D, 3)
+                    },
+                )]),
+                "/f refused: a non-empty file without content digest",
+            ),
+            (
+                with(&[(
+                    "s",
+                    Entry {
+                        digest: Some(D.into()),
+                        ..symlink("x")
+                    },
+                )]),
+                "a symlink with a content digest",
+            ),
+            (with(&[("s", no_target)]), "/s refused: a symlink without target"),
+            (with(&[("s", symlink(""))]), "a symlink target empty"),
+            (
+                with(&[(
+                    "d",
+                    Entry {
+                        target: Some("x".into()),
+                        ..dir()
+                    },
+                )]),
+                "a directory with a symlink target",
+            ),
+            (
+                with(&[("o", overlay)]),
+                "/o refused: extended attribute trusted.overlay.redirect is overlayfs's own",
+            ),
+            (
+                with(&[("f", not_hex)]),
+                "/f refused: extended attribute user.k: value is not hex",
+            ),
+            (
+                with(&[("f", odd_mode)]),
+                "/f refused: mode 100644 has bits beyond the permissions",
+            ),
+            (
+                with(&[(
+                    "f",
+                    Entry {
+                        opaque: true,
+                        ..file(D, 1)
+                    },
+                )]),
+                "a regular file marked opaque",
+            ),
+        ];
+        for (t, expected) in cases {
+            let err = validate_tree(&t).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} does not say {expected:?}");
+        }
+        let removing_up = Delta {
+            removed: BTreeSet::from(["../x".to_string()]),
+            ..Delta::default()
+        };
+        assert!(removing_up
+            .validate_paths()
+            .unwrap_err()
+            .to_string()
+            .contains("\"../x\""));
     }
 }
