@@ -42,7 +42,11 @@ impl Daemon {
     }
 
     async fn start_with_remote(root: &Path, socket: &Path, remote: Option<RemoteListener>) -> Daemon {
-        let snapshotter = Snapshotter::open(root, &directory_config(), Arc::new(RealSystem)).expect("open snapshotter");
+        Daemon::start_configured(root, socket, &directory_config(), remote).await
+    }
+
+    async fn start_configured(root: &Path, socket: &Path, config: &Config, remote: Option<RemoteListener>) -> Daemon {
+        let snapshotter = Snapshotter::open(root, config, Arc::new(RealSystem)).expect("open snapshotter");
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
@@ -1705,6 +1709,55 @@ async fn hostile_archives_are_refused_by_import() {
         assert_eq!(std::fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0", "{what}");
     }
     assert!(!tmp.path().join("escape").exists());
+    let version = control.version(VersionRequest {}).await.unwrap().into_inner();
+    assert!(!version.version.is_empty(), "the daemon still serves");
+    daemon.stop().await;
+}
+
+/// An archive streamed in past `checkpoint.max_received_archive` is cut off
+/// before it is written whole: refused naming the limit, nothing imported,
+/// no scratch file left behind, the daemon serving on.
+#[tokio::test]
+async fn a_received_archive_past_its_bound_is_refused_before_it_is_written() {
+    use seamless_snapshotter::proto::{ListCheckpointsRequest, ReceiveCheckpointRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let socket = tmp.path().join("s.sock");
+    let mut config = directory_config();
+    config.checkpoint.max_received_archive = "64KiB".into();
+    let daemon = Daemon::start_configured(&root, &socket, &config, None).await;
+    let mut control = ControlClient::new(channel(&socket).await);
+    // 1 MiB in 64 KiB pieces: an endless sender is cut the same way.
+    let pieces = (0..16).map(|_| ReceiveCheckpointRequest {
+        storage: None,
+        namespace: "default".into(),
+        data: vec![7u8; 64 << 10],
+    });
+    let status = control
+        .receive_checkpoint(tokio_stream::iter(pieces))
+        .await
+        .expect_err("an archive past the bound");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("larger than 65536 bytes")
+            && status.message().contains("checkpoint.max_received_archive"),
+        "{status:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(root.join("checkpoint-work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+    let listed = control
+        .list_checkpoints(ListCheckpointsRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.checkpoints.is_empty(), "nothing imported: {listed:?}");
     let version = control.version(VersionRequest {}).await.unwrap().into_inner();
     assert!(!version.version.is_empty(), "the daemon still serves");
     daemon.stop().await;
