@@ -364,16 +364,26 @@ impl Settings {
             .map(str::to_string)
             .or_else(|| self.storage.backend.clone())
             .unwrap_or_else(|| "local".into());
-        Storage {
+        // Only what the chosen backend uses travels: S3 secrets go nowhere
+        // they are not needed, and a daemon reached over TCP (which refuses
+        // host paths and endpoints) is not sent a leftover nfs path.
+        let mut storage = Storage {
             backend,
-            path: self.storage.nfs.path.clone(),
-            bucket: self.storage.s3.bucket.clone(),
-            region: self.storage.s3.region.clone(),
-            endpoint: self.storage.s3.endpoint.clone(),
-            access_key: self.storage.s3.access_key.0.clone(),
-            secret_key: self.storage.s3.secret_key.0.clone(),
             encryption_key: self.storage.encryption_key.0.clone(),
+            ..Storage::default()
+        };
+        match storage.backend.as_str() {
+            "nfs" => storage.path = self.storage.nfs.path.clone(),
+            "s3" => {
+                storage.bucket = self.storage.s3.bucket.clone();
+                storage.region = self.storage.s3.region.clone();
+                storage.endpoint = self.storage.s3.endpoint.clone();
+                storage.access_key = self.storage.s3.access_key.0.clone();
+                storage.secret_key = self.storage.s3.secret_key.0.clone();
+            }
+            _ => {}
         }
+        storage
     }
 }
 
@@ -388,6 +398,30 @@ storage:
 automerge: {strategy: time-based, keep_daily: 7, aggressive: true}
 logging: {level: info, max_size: 100MB}
 ";
+
+    #[test]
+    fn only_the_chosen_backends_settings_are_sent() {
+        let settings = Settings::parse(
+            "storage: {backend: nfs, nfs: {path: /mnt/cp}, s3: {bucket: b, endpoint: http://10.0.0.9:9000, secret_key: s}}\n",
+            "c.yaml",
+        )
+        .unwrap();
+        let nfs = settings.storage(None);
+        assert_eq!(
+            (nfs.path.as_str(), nfs.bucket.as_str(), nfs.secret_key.as_str()),
+            ("/mnt/cp", "", "")
+        );
+        let local = settings.storage(Some("local"));
+        assert_eq!(
+            (local.path.as_str(), local.endpoint.as_str(), local.secret_key.as_str()),
+            ("", "", "")
+        );
+        let s3 = settings.storage(Some("s3"));
+        assert_eq!(
+            (s3.path.as_str(), s3.bucket.as_str(), s3.secret_key.as_str()),
+            ("", "b", "s")
+        );
+    }
 
     #[test]
     fn a_file_with_secrets_that_others_can_read_is_refused() {
