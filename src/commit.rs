@@ -190,7 +190,7 @@ impl CommitOptions {
             return bad(format!("fs-version {} is not 5 or 6", self.fs_version));
         }
         if !self.work_dir.as_os_str().is_empty() {
-            check_work_dir(&self.work_dir)?;
+            check_work_dir(&self.work_dir, false)?;
         }
         if self.maximum_times == 0 {
             return bad("maximum-times must be at least 1".into());
@@ -318,8 +318,9 @@ pub struct CommitService {
 /// builds: it must be an absolute directory that no other user can write
 /// to or swap (a symlink, or a directory writable by group or others such
 /// as /tmp, would let them read or plant what the daemon builds). A
-/// missing one is created 0700 (its parent must exist).
-fn check_work_dir(dir: &Path) -> Result<(), CommitError> {
+/// missing one is created 0700 with `create` (its parent must exist);
+/// without, only its parent must exist.
+fn check_work_dir(dir: &Path, create: bool) -> Result<(), CommitError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let bad = |reason: String| CommitError::InvalidParameter(format!("work-dir {}: {reason}", dir.display()));
     if !dir.is_absolute() {
@@ -327,6 +328,12 @@ fn check_work_dir(dir: &Path) -> Result<(), CommitError> {
     }
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {
+            return match dir.parent().map(std::fs::metadata) {
+                Some(Ok(parent)) if parent.is_dir() => Ok(()),
+                _ => Err(bad("does not exist, nor does its parent directory".into())),
+            };
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
                 .mode(0o700)
@@ -704,7 +711,9 @@ impl CommitService {
     /// digest and the container's chain as it stands after the push.
     async fn build_and_push(&self, job: &mut Job) -> Result<(String, Chain), String> {
         let text = |e: RegistryError| e.to_string();
-        let work = create_job_dir(job.options.work_root(self.snapshotter.scratch_dir()), &job.snapshot_id)?;
+        let root = job.options.work_root(self.snapshotter.scratch_dir());
+        check_work_dir(root, true).map_err(|e| e.to_string())?;
+        let work = create_job_dir(root, &job.snapshot_id)?;
 
         self.update(job, 0.05, "reading the base image");
         let source = RegistryClient::new(RegistryOptions {
@@ -1095,6 +1104,10 @@ mod tests {
 
         let missing = tmp.path().join("new");
         with(missing.clone()).validate().unwrap();
+        assert!(!missing.exists(), "validating creates nothing");
+        let e = with(tmp.path().join("no/such")).validate().unwrap_err().to_string();
+        assert!(e.contains("nor does its parent"), "{e}");
+        check_work_dir(&missing, true).unwrap();
         assert_eq!(fs::metadata(&missing).unwrap().mode() & 0o777, 0o700, "created private");
 
         let open = tmp.path().join("open");

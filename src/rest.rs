@@ -318,27 +318,10 @@ impl RestApi {
                 ))
             }
         };
-        let create: CreateSnapshot = match serde_json::from_slice(&bytes) {
-            Ok(c) => c,
-            Err(e) => return bad_request(format!("request body: {e}")),
-        };
-        let format = match CommitOptions::parse_format(&create.format) {
-            Ok(f) => f,
-            Err(e) => return commit_error(e),
-        };
-        let options = CommitOptions {
-            namespace: create.namespace,
-            container: create.container,
-            target: create.target,
-            format,
-            work_dir: create.work_dir,
-            fs_version: create.fs_version,
-            compressor: create.compressor,
-            target_insecure: create.target_insecure,
-            source_insecure: create.source_insecure,
-            with_paths: create.with_paths,
-            without_paths: create.without_paths,
-            maximum_times: create.maximum_times,
+        let options = match parse_create(&bytes) {
+            Ok(options) => options,
+            Err(RequestError::Malformed(message)) => return bad_request(message),
+            Err(RequestError::Commit(e)) => return commit_error(e),
         };
         match self.commits.commit(options).await {
             Ok(started) => {
@@ -357,36 +340,10 @@ impl RestApi {
     }
 
     fn list(&self, query: &str) -> Response<Body> {
-        let mut state = None;
-        let mut limit = 100;
-        let mut offset = 0;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
-                "state" => {
-                    state = match value {
-                        "pending" => Some(JobState::Pending),
-                        "processing" => Some(JobState::Processing),
-                        "completed" => Some(JobState::Completed),
-                        "failed" => Some(JobState::Failed),
-                        other => {
-                            return bad_request(format!(
-                                "state {other:?} is not one of pending, processing, completed, failed"
-                            ))
-                        }
-                    }
-                }
-                "limit" => match value.parse::<usize>() {
-                    Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
-                    _ => return bad_request(format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}")),
-                },
-                "offset" => match value.parse::<usize>() {
-                    Ok(n) => offset = n,
-                    Err(_) => return bad_request(format!("offset {value:?} is not a non-negative number")),
-                },
-                other => return bad_request(format!("unknown query parameter {other:?} (state, limit, offset)")),
-            }
-        }
+        let ListQuery { state, limit, offset } = match parse_list_query(query) {
+            Ok(query) => query,
+            Err(message) => return bad_request(message),
+        };
         let jobs = match self.commits.jobs() {
             Ok(jobs) => jobs,
             Err(e) => return commit_error(e),
@@ -402,6 +359,81 @@ impl RestApi {
             &serde_json::json!({"snapshots": page, "total": total, "limit": limit, "offset": offset}),
         )
     }
+}
+
+/// Why a request's body or query was refused before anything ran.
+#[derive(Debug)]
+pub enum RequestError {
+    /// Not the JSON or query the API takes: 400 with this message.
+    Malformed(String),
+    /// Well-formed, but a value the commit refuses.
+    Commit(CommitError),
+}
+
+/// The commit a `POST /api/v1/snapshots` body asks for. Values are checked
+/// in full by the commit itself ([`CommitOptions::validate`]).
+pub fn parse_create(body: &[u8]) -> Result<CommitOptions, RequestError> {
+    let create: CreateSnapshot =
+        serde_json::from_slice(body).map_err(|e| RequestError::Malformed(format!("request body: {e}")))?;
+    Ok(CommitOptions {
+        format: CommitOptions::parse_format(&create.format).map_err(RequestError::Commit)?,
+        namespace: create.namespace,
+        container: create.container,
+        target: create.target,
+        work_dir: create.work_dir,
+        fs_version: create.fs_version,
+        compressor: create.compressor,
+        target_insecure: create.target_insecure,
+        source_insecure: create.source_insecure,
+        with_paths: create.with_paths,
+        without_paths: create.without_paths,
+        maximum_times: create.maximum_times,
+    })
+}
+
+/// What `GET /api/v1/snapshots?state=&limit=&offset=` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    pub state: Option<JobState>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// Parses the query of a job listing; the message says what is wrong.
+pub fn parse_list_query(query: &str) -> Result<ListQuery, String> {
+    let mut parsed = ListQuery {
+        state: None,
+        limit: 100,
+        offset: 0,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "state" => {
+                parsed.state = Some(match value {
+                    "pending" => JobState::Pending,
+                    "processing" => JobState::Processing,
+                    "completed" => JobState::Completed,
+                    "failed" => JobState::Failed,
+                    other => {
+                        return Err(format!(
+                            "state {other:?} is not one of pending, processing, completed, failed"
+                        ))
+                    }
+                })
+            }
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => parsed.limit = n,
+                _ => return Err(format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}")),
+            },
+            "offset" => match value.parse::<usize>() {
+                Ok(n) => parsed.offset = n,
+                Err(_) => return Err(format!("offset {value:?} is not a non-negative number")),
+            },
+            other => return Err(format!("unknown query parameter {other:?} (state, limit, offset)")),
+        }
+    }
+    Ok(parsed)
 }
 
 fn payload_too_large() -> Response<Body> {
@@ -527,6 +559,44 @@ pub async fn serve<S, A, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_bodies_and_queries_are_parsed_or_refused_saying_why() {
+        let options =
+            parse_create(br#"{"container":"c1","target":"r/app:1","format":"oci","with_paths":["/data"]}"#).unwrap();
+        assert_eq!(options.format, crate::commit::Format::Oci);
+        assert_eq!((options.namespace.as_str(), options.maximum_times), ("default", 10));
+        assert!(
+            options.work_dir.as_os_str().is_empty(),
+            "the daemon's private work dir by default"
+        );
+        let refused = |body: &[u8]| match parse_create(body) {
+            Err(RequestError::Malformed(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(br#"{"container":"c1"}"#).contains("missing field `target`"));
+        assert!(refused(br#"{"container":"c1","target":"t","hooks":[]}"#).contains("unknown field `hooks`"));
+        assert!(refused(b"\xff{").contains("request body"));
+        assert!(matches!(
+            parse_create(br#"{"container":"c1","target":"r/a:1","format":"docker"}"#),
+            Err(RequestError::Commit(_))
+        ));
+
+        assert_eq!(
+            parse_list_query("state=failed&limit=5&offset=10").unwrap(),
+            ListQuery {
+                state: Some(JobState::Failed),
+                limit: 5,
+                offset: 10
+            }
+        );
+        assert!(parse_list_query("limit=0").unwrap_err().contains("limit \"0\""));
+        assert!(parse_list_query("limit=99999999999999999999999").is_err());
+        assert!(parse_list_query("state=sleeping").unwrap_err().contains("sleeping"));
+        assert!(parse_list_query("sort=asc")
+            .unwrap_err()
+            .contains("unknown query parameter"));
+    }
 
     #[test]
     fn statuses_follow_the_codes() {
