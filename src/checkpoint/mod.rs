@@ -125,7 +125,9 @@ fn catalogue_kind(e: &CatalogueError) -> ErrorKind {
         CatalogueError::Invalid(_) => ErrorKind::InvalidArgument,
         CatalogueError::Object(e) => match e {
             objects::ObjectError::InvalidKey { .. } => ErrorKind::InvalidArgument,
-            objects::ObjectError::NotFound { .. } => ErrorKind::FailedPrecondition,
+            objects::ObjectError::NotFound { .. } | objects::ObjectError::TooLarge { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
         },
         _ => ErrorKind::Internal,

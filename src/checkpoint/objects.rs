@@ -23,6 +23,43 @@ pub enum ObjectError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "object {key} in {store} is larger than {limit} bytes, more than any document the catalogue writes: refused"
+    )]
+    TooLarge { store: String, key: String, limit: u64 },
+}
+
+/// The most [`ObjectStore::get`] reads: it is for documents (indexes,
+/// deltas, records), which stay far below; content is streamed with
+/// [`ObjectStore::open`]. Storage someone else can write must not make the
+/// daemon read an object of any size into memory.
+pub const MAX_DOCUMENT: u64 = 1 << 30;
+
+/// Reads `reader` (object `key` of `store`) whole, refusing past `limit`
+/// bytes ([`MAX_DOCUMENT`] for `get`).
+pub(crate) fn read_document(
+    mut reader: impl Read,
+    store: &dyn ObjectStore,
+    key: &str,
+    limit: u64,
+) -> Result<Vec<u8>, ObjectError> {
+    let mut bytes = Vec::new();
+    (&mut reader)
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| ObjectError::Io {
+            op: "read",
+            path: format!("{} in {}", key, store.describe()),
+            source,
+        })?;
+    if bytes.len() as u64 > limit {
+        return Err(ObjectError::TooLarge {
+            store: store.describe(),
+            key: key.to_string(),
+            limit,
+        });
+    }
+    Ok(bytes)
 }
 
 impl ObjectError {
@@ -40,6 +77,7 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError>;
     /// Writes the file at `path` as `key`, atomically.
     fn put_file(&self, key: &str, path: &Path) -> Result<(), ObjectError>;
+    /// Object `key` whole, for documents: at most [`MAX_DOCUMENT`] bytes.
     fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError>;
     /// A reader of object `key`.
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, ObjectError>;
@@ -274,11 +312,7 @@ impl ObjectStore for DirStore {
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
-        let path = self.path(key)?;
-        fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => self.not_found(key),
-            _ => io_err("read", &path)(e),
-        })
+        read_document(self.open(key)?, self, key, MAX_DOCUMENT)
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, ObjectError> {
@@ -362,6 +396,23 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Objec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documents_are_read_whole_only_up_to_the_bound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(tmp.path(), "local").unwrap();
+        let endless = std::io::repeat(b'x');
+        let e = read_document(endless, &store, "checkpoints/index.json", 1024).unwrap_err();
+        assert!(
+            matches!(e, ObjectError::TooLarge { limit: 1024, .. }) && e.to_string().contains("checkpoints/index.json"),
+            "{e}"
+        );
+        let exact = read_document(&[7u8; 1024][..], &store, "k", 1024).unwrap();
+        assert_eq!(exact.len(), 1024);
+        store.put("checkpoints/cp-1.json", b"{}").unwrap();
+        assert_eq!(store.get("checkpoints/cp-1.json").unwrap(), b"{}");
+        assert!(store.get("checkpoints/missing.json").unwrap_err().is_not_found());
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -254,10 +254,9 @@ impl ObjectStore for S3Store {
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError> {
-        let path = self.bucket.path(key)?;
-        let body = block_on(async { self.client.get(&path).await?.bytes().await })?
-            .map_err(|e| self.bucket.error("get", key, e))?;
-        Ok(body.into())
+        // Streamed and bounded: a bucket someone else can write may hold
+        // an object of any size under a document's key.
+        super::objects::read_document(self.open(key)?, self, key, super::objects::MAX_DOCUMENT)
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, ObjectError> {

@@ -10,9 +10,11 @@ cd "$here/../.."
 seconds=${FUZZ_SECONDS:-60}
 # cargo fuzz needs nightly-only flags; the stable toolchain takes them so.
 export RUSTC_BOOTSTRAP=1
+# --dev: unoptimised but with AddressSanitizer and coverage, which builds in
+# less time; the targets are parsers, fast enough either way.
 fuzz=(cargo fuzz)
 mapfile -t targets < <(if [ $# -gt 0 ]; then printf '%s\n' "$@"; else "${fuzz[@]}" list --fuzz-dir tests/fuzz; fi)
-"${fuzz[@]}" build --fuzz-dir tests/fuzz -O
+"${fuzz[@]}" build --fuzz-dir tests/fuzz --dev
 work=$(mktemp -d /tmp/seamless-fuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -22,7 +24,7 @@ for target in "${targets[@]}"; do
   regressions=tests/fuzz/regressions/$target
   if [ -d "$regressions" ] && [ -n "$(ls -A "$regressions")" ]; then
     echo "fuzz: $target: replaying $(ls "$regressions" | wc -l) regression inputs"
-    if "${fuzz[@]}" run --fuzz-dir tests/fuzz -O "$target" "$regressions"/* -- -runs=1 >"$work/$target.replay.log" 2>&1; then
+    if "${fuzz[@]}" run --fuzz-dir tests/fuzz --dev "$target" "$regressions"/* -- -runs=1 >"$work/$target.replay.log" 2>&1; then
       passed=$((passed + 1))
     else
       tail -40 "$work/$target.replay.log"
@@ -34,7 +36,7 @@ for target in "${targets[@]}"; do
   echo "fuzz: $target: ${seconds}s from $(ls "$seeds" | wc -l) seeds"
   # -rss_limit_mb: the targets must stay small whatever the input says
   # (sizes in archives are checked before anything is allocated).
-  if "${fuzz[@]}" run --fuzz-dir tests/fuzz -O "$target" "$work/$target" "$seeds" -- \
+  if "${fuzz[@]}" run --fuzz-dir tests/fuzz --dev "$target" "$work/$target" "$seeds" -- \
       -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
       >"$work/$target.log" 2>&1; then
     grep -E '^stat::number_of_executed_units|^Done [0-9]+ runs' "$work/$target.log" | sed "s/^/fuzz: $target: /" || true
