@@ -399,31 +399,32 @@ pub fn read_stats(work: &Path, images: &Path) -> Result<DumpStats, CriuError> {
     })
 }
 
-// runtime/v2/runc/options/oci.proto of containerd 1.6.
+/// runc's task options: runtime/v2/runc/options/oci.proto of containerd
+/// 1.6 (restore sets some; restore's trust policy reads which a record sets).
 #[derive(Clone, PartialEq, prost::Message)]
-struct RuncOptions {
+pub(crate) struct RuncOptions {
     #[prost(bool, tag = "1")]
-    no_pivot_root: bool,
+    pub(crate) no_pivot_root: bool,
     #[prost(bool, tag = "2")]
-    no_new_keyring: bool,
+    pub(crate) no_new_keyring: bool,
     #[prost(string, tag = "3")]
-    shim_cgroup: String,
+    pub(crate) shim_cgroup: String,
     #[prost(uint32, tag = "4")]
-    io_uid: u32,
+    pub(crate) io_uid: u32,
     #[prost(uint32, tag = "5")]
-    io_gid: u32,
+    pub(crate) io_gid: u32,
     #[prost(string, tag = "6")]
-    binary_name: String,
+    pub(crate) binary_name: String,
     #[prost(string, tag = "7")]
-    root: String,
+    pub(crate) root: String,
     #[prost(string, tag = "8")]
-    criu_path: String,
+    pub(crate) criu_path: String,
     #[prost(bool, tag = "9")]
-    systemd_cgroup: bool,
+    pub(crate) systemd_cgroup: bool,
     #[prost(string, tag = "10")]
-    criu_image_path: String,
+    pub(crate) criu_image_path: String,
     #[prost(string, tag = "11")]
-    criu_work_path: String,
+    pub(crate) criu_work_path: String,
 }
 
 /// Task options that make containerd's runc shim restore from `images`

@@ -956,17 +956,15 @@ fn partial_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// One download attempt: streams the blob into `partial` on a blocking
-/// thread, hashing it, and checks its size and digest. A body longer than
-/// `size` is cut off at the first byte past it.
-async fn download_blob(
+/// The body of blob `digest`, refused up front when the registry declares
+/// another length than the descriptor's `size`.
+async fn open_blob(
     session: &Session,
     digest: &Digest,
     size: u64,
     object: &str,
-    partial: &Path,
-) -> Result<u64, RegistryError> {
-    let mut stream = session
+) -> Result<oci_client::client::SizedStream, RegistryError> {
+    let stream = session
         .client
         .pull_blob_stream(&session.reference, digest.as_str())
         .await
@@ -978,6 +976,20 @@ async fn download_blob(
             actual: length,
         });
     }
+    Ok(stream)
+}
+
+/// One download attempt: streams the blob into `partial` on a blocking
+/// thread, hashing it, and checks its size and digest. A body longer than
+/// `size` is cut off at the first byte past it.
+async fn download_blob(
+    session: &Session,
+    digest: &Digest,
+    size: u64,
+    object: &str,
+    partial: &Path,
+) -> Result<u64, RegistryError> {
+    let mut stream = open_blob(session, digest, size, object).await?;
     let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let path = partial.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
@@ -1049,18 +1061,7 @@ async fn read_blob_bounded(
     size: u64,
     object: &str,
 ) -> Result<Vec<u8>, RegistryError> {
-    let mut stream = session
-        .client
-        .pull_blob_stream(&session.reference, digest.as_str())
-        .await
-        .map_err(|err| classify_oci(err, &session.registry, object))?;
-    if let Some(length) = stream.content_length.filter(|&length| length != size) {
-        return Err(RegistryError::SizeMismatch {
-            blob: object.to_string(),
-            expected: size,
-            actual: length,
-        });
-    }
+    let mut stream = open_blob(session, digest, size, object).await?;
     let mut data = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|err| classify_stream_error(err, &session.registry, object))?;

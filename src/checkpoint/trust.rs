@@ -64,6 +64,7 @@ use sha2::{Digest, Sha256};
 
 use super::process::ContainerRecord;
 use crate::config::AllowedMount;
+use crate::criu::RuncOptions;
 
 /// The node key's file under the daemon root.
 pub const NODE_KEY_FILE: &str = "record.key";
@@ -903,34 +904,6 @@ pub fn rebuild_untrusted(record: &mut ContainerRecord, namespace: &str) {
         }
         linux.insert(key.into(), Value::Array(paths));
     }
-}
-
-/// runc's options (containerd 1.6 runtime/v2/runc/options/oci.proto), read
-/// here to see which of them an untrusted record sets.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RuncOptions {
-    #[prost(bool, tag = "1")]
-    no_pivot_root: bool,
-    #[prost(bool, tag = "2")]
-    no_new_keyring: bool,
-    #[prost(string, tag = "3")]
-    shim_cgroup: String,
-    #[prost(uint32, tag = "4")]
-    io_uid: u32,
-    #[prost(uint32, tag = "5")]
-    io_gid: u32,
-    #[prost(string, tag = "6")]
-    binary_name: String,
-    #[prost(string, tag = "7")]
-    root: String,
-    #[prost(string, tag = "8")]
-    criu_path: String,
-    #[prost(bool, tag = "9")]
-    systemd_cgroup: bool,
-    #[prost(string, tag = "10")]
-    criu_image_path: String,
-    #[prost(string, tag = "11")]
-    criu_work_path: String,
 }
 
 #[cfg(test)]
