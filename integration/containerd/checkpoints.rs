@@ -864,6 +864,8 @@ fn container_and_cli(env: &mut Env, label: &str, config: &str) -> Result<(String
     env.run_container(&ns, &id)?;
     let path = env.dir().join(format!("{label}.yaml"));
     std::fs::write(&path, config)?;
+    // It may hold secrets: checkpointctl refuses such a file others can read.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let cli = Cli {
         socket: env.daemon_socket(),
         ns,
