@@ -737,7 +737,7 @@ fn checkpoints_on_s3_sealed_at_rest() {
         // A wrong key cannot read them.
         let wrong = env.dir().join("wrong.yaml");
         let text = std::fs::read_to_string(&cli.config)?.replace(&key, &"11".repeat(32));
-        std::fs::write(&wrong, text)?;
+        write_private(&wrong, &text)?;
         let wrong_cli = Cli {
             socket: env.daemon_socket(),
             ns: ns.clone(),
@@ -855,6 +855,14 @@ fn nfs_cli(env: &Env, ns: &str, name: &str) -> Result<(Cli, std::path::PathBuf)>
     Ok((cli, export))
 }
 
+/// Writes a checkpointctl config that may hold secrets: 0600, as
+/// checkpointctl refuses such a file that others can read.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
 /// A running container of the test image in a namespace of its own, and a
 /// CLI for it whose config file (`<test dir>/<label>.yaml`) is `config`.
 fn container_and_cli(env: &mut Env, label: &str, config: &str) -> Result<(String, Cli)> {
@@ -863,9 +871,7 @@ fn container_and_cli(env: &mut Env, label: &str, config: &str) -> Result<(String
     let id = env.container_id(label);
     env.run_container(&ns, &id)?;
     let path = env.dir().join(format!("{label}.yaml"));
-    std::fs::write(&path, config)?;
-    // It may hold secrets: checkpointctl refuses such a file others can read.
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    write_private(&path, config)?;
     let cli = Cli {
         socket: env.daemon_socket(),
         ns,
