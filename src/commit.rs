@@ -264,6 +264,22 @@ impl JobState {
     }
 }
 
+impl std::str::FromStr for JobState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<JobState, String> {
+        [
+            JobState::Pending,
+            JobState::Processing,
+            JobState::Completed,
+            JobState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
+        .ok_or_else(|| format!("state {text:?} is not one of pending, processing, completed, failed"))
+    }
+}
+
 /// A commit job as persisted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -685,7 +701,17 @@ impl CommitService {
             Err(message) => {
                 job.state = JobState::Failed;
                 job.error_code = Some(CommitCode::BackgroundProcessingFailed);
-                error!(stage = job.stage, error = %message, "commit job failed");
+                // The job runs in the background: this line (with the job's
+                // id from the span), the job record and the metrics are how
+                // a failure is seen by whoever did not `--wait`.
+                error!(
+                    namespace = job.namespace,
+                    container = job.container,
+                    target = job.options.target,
+                    stage = job.stage,
+                    error = %message,
+                    "commit job failed"
+                );
                 job.error = Some(format!("{}: {message}", job.stage));
             }
         }

@@ -410,17 +410,7 @@ pub fn parse_list_query(query: &str) -> Result<ListQuery, String> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "state" => {
-                parsed.state = Some(match value {
-                    "pending" => JobState::Pending,
-                    "processing" => JobState::Processing,
-                    "completed" => JobState::Completed,
-                    "failed" => JobState::Failed,
-                    other => {
-                        return Err(format!(
-                            "state {other:?} is not one of pending, processing, completed, failed"
-                        ))
-                    }
-                })
+                parsed.state = Some(value.parse::<JobState>()?);
             }
             "limit" => match value.parse::<usize>() {
                 Ok(n) if (1..=MAX_LIMIT).contains(&n) => parsed.limit = n,

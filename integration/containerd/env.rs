@@ -1037,7 +1037,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// A minimal HTTP/1.0 GET against the registry; returns the status code.
-fn http_get_status(port: u16, path: &str) -> Result<u16> {
+pub fn http_get_status(port: u16, path: &str) -> Result<u16> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(

@@ -19,6 +19,7 @@
 
 mod automanage;
 mod checkpoints;
+mod commit_jobs;
 mod commit_nydus;
 mod cri;
 mod env;

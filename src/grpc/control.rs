@@ -13,18 +13,18 @@ use crate::checkpoint::{
     self, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy, PrunePolicy,
     StorageSpec,
 };
-use crate::commit::{CommitError, CommitOptions, CommitService, Job};
+use crate::commit::{CommitError, CommitOptions, CommitService, Job, JobState};
 use crate::proto::control_server::Control;
 use crate::proto::{
     ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
     CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest,
     ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse,
-    ListCheckpointsRequest, ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse,
-    MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse,
-    ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest,
-    RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest,
-    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage,
-    Verification, VersionRequest, VersionResponse,
+    ListCheckpointsRequest, ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest,
+    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest,
+    PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck,
+    RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, Schedule,
+    ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse,
+    SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshotter::Snapshotter;
 
@@ -197,6 +197,8 @@ fn job_to_wire(job: Job) -> CommitJob {
         stage: job.stage,
         layer_plan: job.layer_plan,
         commit_layers: job.commit_layers,
+        container: job.container,
+        namespace: job.namespace,
     }
 }
 
@@ -276,6 +278,31 @@ impl Control for ControlService {
         let id = request.into_inner().snapshot_id;
         let job = self.commits.job(&id).map_err(commit_status)?;
         Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn list_commits(
+        &self,
+        request: Request<ListCommitsRequest>,
+    ) -> Result<Response<ListCommitsResponse>, Status> {
+        let r = request.into_inner();
+        let state = match r.state.as_str() {
+            "" => None,
+            text => Some(text.parse::<JobState>().map_err(Status::invalid_argument)?),
+        };
+        let mut jobs = self.commits.jobs().map_err(commit_status)?;
+        jobs.retain(|job| {
+            job.namespace == r.namespace
+                && (r.container.is_empty() || job.container == r.container)
+                && state.is_none_or(|state| job.state == state)
+        });
+        // Newest first: the job a user is looking for is usually the last.
+        jobs.reverse();
+        if r.limit > 0 {
+            jobs.truncate(r.limit as usize);
+        }
+        Ok(Response::new(ListCommitsResponse {
+            jobs: jobs.into_iter().map(job_to_wire).collect(),
+        }))
     }
 
     #[instrument(level = "debug", skip_all, fields(container = %request.get_ref().container))]

@@ -26,11 +26,12 @@ use crate::proto::{
     Checkpoint, CommitJob, ContainerStatsRequest, ContainerStatsResponse, CreateCheckpointRequest,
     ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest, ImportCheckpointRequest,
     ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse, ListCheckpointsRequest,
-    ListCheckpointsResponse, ListSchedulesRequest, ListSchedulesResponse, MergeCheckpointsRequest,
-    MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest,
-    RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheckpointRequest, RestoreCheckpointResponse,
-    ResumeContainerRequest, ResumeContainerResponse, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
-    SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage, VersionRequest, VersionResponse,
+    ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest, ListSchedulesResponse,
+    MergeCheckpointsRequest, MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse,
+    ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheckpointRequest,
+    RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, ScheduleCheckpointsRequest,
+    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage,
+    VersionRequest, VersionResponse,
 };
 
 /// The Control API as callers over TCP see it.
@@ -158,6 +159,13 @@ impl Control for RemoteControl {
 
     async fn get_commit(&self, _request: Request<GetCommitRequest>) -> Result<Response<CommitJob>, Status> {
         Err(not_served("GetCommit"))
+    }
+
+    async fn list_commits(
+        &self,
+        _request: Request<ListCommitsRequest>,
+    ) -> Result<Response<ListCommitsResponse>, Status> {
+        Err(not_served("ListCommits"))
     }
 
     async fn create_checkpoint(

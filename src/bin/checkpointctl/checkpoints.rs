@@ -192,6 +192,33 @@ pub fn existing_file_path(raw: &Path) -> Result<PathBuf, CliError> {
     std::fs::canonicalize(raw).map_err(|e| CliError::Usage(format!("{}: {e}", raw.display())))
 }
 
+/// `rows` under `headers` in columns two spaces apart, each as wide as its
+/// widest cell; the last column is not padded.
+pub fn columns<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = headers.map(str::len);
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        text.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&headers.map(String::from));
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
 pub fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing plain data to JSON cannot fail.
     serde_json::to_string_pretty(value).unwrap_or_default()

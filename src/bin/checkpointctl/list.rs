@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use seamless_snapshotter::checkpoint::filter::Filter;
 use seamless_snapshotter::proto::{Checkpoint, ListCheckpointsRequest};
 
-use crate::checkpoints::{created, human_size, labels_text, process_state, to_json, to_yaml, View};
+use crate::checkpoints::{columns, created, human_size, labels_text, process_state, to_json, to_yaml, View};
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -98,28 +98,7 @@ fn row(c: &Checkpoint, id: String) -> [String; COLUMNS] {
 }
 
 fn render_rows(rows: &[[String; COLUMNS]]) -> String {
-    let mut widths = HEADERS.map(str::len);
-    for r in rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                text.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        text.trim_end().to_string() + "\n"
-    };
-    let mut out = line(&HEADERS.map(String::from));
-    for r in rows {
-        out.push_str(&line(r));
-    }
-    out
+    columns(HEADERS, rows)
 }
 
 fn render_table(checkpoints: &[Checkpoint]) -> String {

@@ -67,7 +67,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Capture a running container's writable layer and build and push an image from it.
-    SeamlessCommit(seamless_commit::Args),
+    SeamlessCommit(seamless_commit::Invocation),
     /// Checkpoint a running container: its filesystem (a pause of milliseconds) and its processes.
     Create(create::Args),
     /// List checkpoints, oldest first.

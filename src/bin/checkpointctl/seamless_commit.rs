@@ -1,6 +1,8 @@
 //! `checkpointctl seamless-commit`: capture a running container's writable
 //! layer and start the background job that builds and pushes the image;
-//! with `--wait`, follow that job to its end.
+//! with `--wait`, follow that job to its end. `seamless-commit status [ID]`
+//! and `seamless-commit jobs` show jobs afterwards, so a commit that failed
+//! in the background is seen by someone who did not wait for it.
 //!
 //! Arguments are validated here, by clap, before the daemon is asked: bad
 //! values exit 2 without a connection.
@@ -10,13 +12,64 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use seamless_snapshotter::client::DaemonClient;
-use seamless_snapshotter::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest, SeamlessCommitResponse};
+use seamless_snapshotter::commit::rfc3339;
+use seamless_snapshotter::proto::{
+    CommitJob, GetCommitRequest, ListCommitsRequest, SeamlessCommitRequest, SeamlessCommitResponse,
+};
+use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::checkpoints::{columns, to_json, to_yaml};
 use crate::{daemon, CliError};
 
 /// How often `--wait` asks the daemon about the job.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `seamless-commit [FLAGS]` commits; `seamless-commit status|jobs` reports.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Invocation {
+    #[command(subcommand)]
+    action: Option<Action>,
+    #[command(flatten)]
+    commit: Option<Args>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Show one commit job (the namespace's newest without an ID).
+    Status(StatusArgs),
+    /// List the namespace's commit jobs, newest first.
+    Jobs(JobsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Snapshot id of the job, as the commit printed it.
+    id: Option<String>,
+    /// Without an ID: the newest job of this container.
+    #[arg(long)]
+    container: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json", "yaml"])]
+    output: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct JobsArgs {
+    /// Only this container's jobs.
+    #[arg(long)]
+    container: Option<String>,
+    /// Only jobs in this state.
+    #[arg(long, value_parser = ["pending", "processing", "completed", "failed"])]
+    state: Option<String>,
+    /// At most this many, the newest.
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json", "yaml"])]
+    output: String,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -137,7 +190,19 @@ impl Args {
     }
 }
 
-pub async fn run(socket: &Path, namespace: &str, args: Args) -> Result<(), CliError> {
+pub async fn run(socket: &Path, namespace: &str, invocation: Invocation) -> Result<(), CliError> {
+    match (invocation.action, invocation.commit) {
+        (Some(Action::Status(args)), _) => status(socket, namespace, args).await,
+        (Some(Action::Jobs(args)), _) => jobs(socket, namespace, args).await,
+        (None, Some(args)) => commit(socket, namespace, args).await,
+        // clap requires --container and --target without a subcommand.
+        (None, None) => Err(CliError::Usage(
+            "seamless-commit needs --container and --target, or a subcommand (status, jobs)".into(),
+        )),
+    }
+}
+
+async fn commit(socket: &Path, namespace: &str, args: Args) -> Result<(), CliError> {
     let mut client = daemon::connect(socket).await?;
     let created = client
         .seamless_commit(args.request(namespace))
@@ -193,6 +258,166 @@ async fn wait_for_job(client: &mut DaemonClient, snapshot_id: &str, timeout: Dur
         }
         tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
     }
+}
+
+async fn status(socket: &Path, namespace: &str, args: StatusArgs) -> Result<(), CliError> {
+    let mut client = daemon::connect(socket).await?;
+    let job = match &args.id {
+        Some(id) => client
+            .get_commit(GetCommitRequest {
+                snapshot_id: id.clone(),
+            })
+            .await
+            .map_err(|status| CliError::rpc(format!("status of snapshot {id}"), status))?
+            .into_inner(),
+        None => list(&mut client, namespace, args.container.clone(), None, 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CliError::Failed(match &args.container {
+                    Some(container) => format!("no commit jobs of container {container} in namespace {namespace}"),
+                    None => format!("no commit jobs in namespace {namespace}"),
+                })
+            })?,
+    };
+    let out = match args.output.as_str() {
+        "json" => to_json(&JobView::of(&job)) + "\n",
+        "yaml" => to_yaml(&JobView::of(&job)),
+        _ => render_status(&job),
+    };
+    print!("{out}");
+    Ok(())
+}
+
+async fn jobs(socket: &Path, namespace: &str, args: JobsArgs) -> Result<(), CliError> {
+    let mut client = daemon::connect(socket).await?;
+    let jobs = list(&mut client, namespace, args.container, args.state, args.limit).await?;
+    let views: Vec<JobView> = jobs.iter().map(JobView::of).collect();
+    let out = match args.output.as_str() {
+        "json" => to_json(&views) + "\n",
+        "yaml" => to_yaml(&views),
+        _ => render_jobs(&jobs),
+    };
+    print!("{out}");
+    Ok(())
+}
+
+async fn list(
+    client: &mut DaemonClient,
+    namespace: &str,
+    container: Option<String>,
+    state: Option<String>,
+    limit: u32,
+) -> Result<Vec<CommitJob>, CliError> {
+    Ok(client
+        .list_commits(ListCommitsRequest {
+            namespace: namespace.to_owned(),
+            container: container.unwrap_or_default(),
+            state: state.unwrap_or_default(),
+            limit,
+        })
+        .await
+        .map_err(|status| CliError::rpc(format!("list commit jobs of namespace {namespace}"), status))?
+        .into_inner()
+        .jobs)
+}
+
+/// A job as `--output json|yaml` prints it; the field names are stable.
+#[derive(Debug, Serialize)]
+struct JobView<'a> {
+    id: &'a str,
+    namespace: &'a str,
+    container: &'a str,
+    target: &'a str,
+    state: &'a str,
+    stage: &'a str,
+    progress: f64,
+    started: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended: Option<String>,
+    pause_time_ns: u64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    manifest_digest: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    layer_plan: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    error_code: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    error: &'a str,
+}
+
+impl<'a> JobView<'a> {
+    fn of(job: &'a CommitJob) -> JobView<'a> {
+        JobView {
+            id: &job.snapshot_id,
+            namespace: &job.namespace,
+            container: &job.container,
+            target: &job.target,
+            state: &job.state,
+            stage: &job.stage,
+            progress: job.progress,
+            started: unix_ms_text(job.started_unix_ms),
+            ended: (job.ended_unix_ms > 0).then(|| unix_ms_text(job.ended_unix_ms)),
+            pause_time_ns: job.pause_time_ns,
+            manifest_digest: &job.manifest_digest,
+            layer_plan: &job.layer_plan,
+            error_code: &job.error_code,
+            error: &job.error,
+        }
+    }
+}
+
+fn unix_ms_text(ms: i64) -> String {
+    rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+}
+
+/// One job, a field a line; the error in full.
+fn render_status(job: &CommitJob) -> String {
+    let mut out = format!(
+        "Snapshot ID: {}\nContainer: {}\nTarget: {}\nState: {}\nProgress: {}\nStarted: {}\nPause Time: {}\n",
+        job.snapshot_id,
+        job.container,
+        job.target,
+        job.state,
+        render_progress(job).trim_start_matches("progress: "),
+        unix_ms_text(job.started_unix_ms),
+        format_pause(job.pause_time_ns),
+    );
+    if job.ended_unix_ms > 0 {
+        out += &format!("Ended: {}\n", unix_ms_text(job.ended_unix_ms));
+    }
+    if !job.manifest_digest.is_empty() {
+        out += &format!("Image: {}@{}\n", job.target, job.manifest_digest);
+    }
+    if !job.error.is_empty() {
+        out += &format!("Error: {}: {}\n", job.error_code, job.error);
+    }
+    out
+}
+
+const JOB_HEADERS: [&str; 6] = ["ID", "CONTAINER", "TARGET", "STATE", "STAGE", "ERROR"];
+
+fn render_jobs(jobs: &[CommitJob]) -> String {
+    let rows: Vec<[String; 6]> = jobs
+        .iter()
+        .map(|job| {
+            [
+                job.snapshot_id.clone(),
+                job.container.clone(),
+                job.target.clone(),
+                job.state.clone(),
+                job.stage.clone(),
+                if job.error.is_empty() {
+                    "-".into()
+                } else {
+                    // One line a job, whatever the registry said.
+                    format!("{}: {}", job.error_code, job.error.replace('\n', " "))
+                },
+            ]
+        })
+        .collect();
+    columns(JOB_HEADERS, &rows)
 }
 
 fn render_created(created: &SeamlessCommitResponse) -> String {
@@ -488,6 +713,80 @@ mod tests {
         assert!(render_completed("r/a:1", &chained).ends_with("Commit Layers: 3 (incremental layer pushed)\n"));
     }
 
+    #[derive(Debug, Parser)]
+    struct Whole {
+        #[command(flatten)]
+        invocation: Invocation,
+    }
+
+    #[test]
+    fn status_and_jobs_are_subcommands_beside_the_commit_flags() {
+        let parse = |args: &[&str]| Whole::try_parse_from([&["checkpointctl"], args].concat());
+        let commit = parse(&["--container", "c", "--target", "r/a:1"]).unwrap().invocation;
+        assert!(commit.action.is_none() && commit.commit.is_some_and(|a| a.container == "c"));
+        let status = parse(&["status", "snapshot-1"]).unwrap().invocation;
+        assert!(
+            matches!(status.action, Some(Action::Status(StatusArgs { id: Some(ref id), .. })) if id == "snapshot-1")
+        );
+        let jobs = parse(&["jobs", "--state", "failed", "--limit", "5"])
+            .unwrap()
+            .invocation;
+        assert!(
+            matches!(jobs.action, Some(Action::Jobs(JobsArgs { limit: 5, ref state, .. })) if state.as_deref() == Some("failed"))
+        );
+        // Without a subcommand the commit's own flags are required.
+        assert_eq!(
+            parse(&[]).unwrap_err().kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        // The two do not mix, and states are checked before connecting.
+        assert!(parse(&["status", "--target", "r/a:1"]).is_err());
+        assert!(parse(&["jobs", "--state", "broken"]).is_err());
+    }
+
+    #[test]
+    fn jobs_render_a_line_each_with_their_error() {
+        let job = |id: &str, state: &str, error: &str| CommitJob {
+            snapshot_id: id.into(),
+            container: "web".into(),
+            target: "r/app:1".into(),
+            state: state.into(),
+            stage: if error.is_empty() {
+                "completed"
+            } else {
+                "pushing the image"
+            }
+            .into(),
+            error_code: if error.is_empty() {
+                ""
+            } else {
+                "BACKGROUND_PROCESSING_FAILED"
+            }
+            .into(),
+            error: error.into(),
+            ..CommitJob::default()
+        };
+        let text = render_jobs(&[
+            job("snapshot-2", "failed", "pushing the image: registry said\n405"),
+            job("snapshot-1", "completed", ""),
+        ]);
+        assert_eq!(
+            text,
+            "ID          CONTAINER  TARGET   STATE      STAGE              ERROR\n\
+             snapshot-2  web        r/app:1  failed     pushing the image  \
+             BACKGROUND_PROCESSING_FAILED: pushing the image: registry said 405\n\
+             snapshot-1  web        r/app:1  completed  completed          -\n"
+        );
+        let failed = job("snapshot-2", "failed", "denied");
+        let status = render_status(&failed);
+        assert!(status.contains("State: failed\n") && status.contains("Error: BACKGROUND_PROCESSING_FAILED: denied\n"));
+        let json = to_json(&JobView::of(&failed));
+        assert!(
+            json.contains("\"error\": \"denied\"") && !json.contains("manifest_digest"),
+            "{json}"
+        );
+    }
+
     #[test]
     fn progress_lines_show_percent_and_stage() {
         let job = |progress, state: &str, stage: &str| CommitJob {
@@ -545,6 +844,13 @@ mod tests {
                 jobs.front().cloned()
             };
             Ok(tonic::Response::new(job.expect("script is not empty")))
+        }
+
+        async fn list_commits(
+            &self,
+            _: tonic::Request<ListCommitsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ListCommitsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
         }
 
         async fn create_checkpoint(
