@@ -136,15 +136,10 @@ const HOOK_KINDS: &[&str] = &[
     "poststop",
 ];
 
-/// Every field of the spec the policy reads or rebuilds, as runc spells it.
+/// Every field of the spec the policy reads or rebuilds, as runc spells it
+/// (with [`HOOK_KINDS`], the keys under `hooks`).
 const POLICY_FIELDS: &[&str] = &[
     "hooks",
-    "prestart",
-    "createRuntime",
-    "createContainer",
-    "startContainer",
-    "poststart",
-    "poststop",
     "process",
     "capabilities",
     "bounding",
@@ -600,6 +595,7 @@ fn check_spelling(value: &Value, at: &str, refuse: &mut impl FnMut(String, Strin
                 }
                 if let Some(canonical) = POLICY_FIELDS
                     .iter()
+                    .chain(HOOK_KINDS)
                     .find(|c| c.eq_ignore_ascii_case(key) && **c != key.as_str())
                 {
                     refuse(field, format!("runc reads {key:?} as {canonical:?}"));
