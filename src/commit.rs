@@ -883,15 +883,11 @@ impl CommitService {
             insecure: layer.insecure,
         }));
         let target_ref = job.options.target.clone();
-        let mut layers = nydus_image::resolve_reused(
-            target,
-            &target_ref,
-            reused,
-            base_store,
-            work,
-            &mut |progress, stage| self.update(job, progress, stage),
-        )
-        .await?;
+        let mut layers =
+            nydus_image::resolve_reused(target, &target_ref, reused, base_store, work, &mut |progress, stage| {
+                self.update(job, progress, stage)
+            })
+            .await?;
         for (layer, path) in commit_layers[kept..].iter().zip(new_layers) {
             layers.push(oci_source(layer, LayerData::File(path)));
         }
@@ -976,11 +972,18 @@ pub struct BuiltLayer {
 async fn local_base(store: Option<&ContentStore>, name: &str) -> Option<PulledManifest> {
     match store?.image(name).await {
         Ok(Some(base)) => {
-            info!(image = name, manifest = base.manifest_digest, "base image read from containerd's content store");
+            info!(
+                image = name,
+                manifest = base.manifest_digest,
+                "base image read from containerd's content store"
+            );
             Some(base)
         }
         Ok(None) => {
-            info!(image = name, "base image not in containerd's content store: reading it from its registry");
+            info!(
+                image = name,
+                "base image not in containerd's content store: reading it from its registry"
+            );
             None
         }
         Err(e) => {

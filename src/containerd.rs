@@ -599,7 +599,11 @@ impl ContentReader {
 impl Containerd {
     /// The descriptor image `name` of `namespace` points at (a manifest or
     /// an index), or None when the images store has no such image.
-    pub async fn image_target(&self, namespace: &str, name: &str) -> Result<Option<ContentDescriptor>, ContainerdError> {
+    pub async fn image_target(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ContentDescriptor>, ContainerdError> {
         let answer = ImagesClient::new(self.channel.clone())
             .get(namespaced(GetImageRequest { name: name.to_string() }, namespace)?)
             .await;

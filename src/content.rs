@@ -89,14 +89,12 @@ impl ContentStore {
                         message: "the index has no manifest for this platform".into(),
                     }
                 })?;
-                let entry = index
-                    .manifests
-                    .iter()
-                    .find(|m| m.digest == chosen)
-                    .ok_or_else(|| ContentError::InvalidManifest {
+                let entry = index.manifests.iter().find(|m| m.digest == chosen).ok_or_else(|| {
+                    ContentError::InvalidManifest {
                         object: object.clone(),
                         message: format!("the index names {chosen} for this platform, yet lists no such entry"),
-                    })?;
+                    }
+                })?;
                 let digest = parse_digest(&object, &entry.digest)?;
                 let object = format!("manifest {digest} of image {name}");
                 let size = declared_size(&object, entry.size)?;
@@ -128,8 +126,13 @@ impl ContentStore {
         let object = format!("config of image {name}");
         let digest = parse_digest(&object, &manifest.config.digest)?;
         let size = declared_size(&object, manifest.config.size)?;
-        self.read_small(&digest, size, MAX_CONFIG_BYTES, &format!("config {digest} of image {name}"))
-            .await
+        self.read_small(
+            &digest,
+            size,
+            MAX_CONFIG_BYTES,
+            &format!("config {digest} of image {name}"),
+        )
+        .await
     }
 
     /// Copies blob `digest` of `size` bytes (its descriptor's) to `dest`,
@@ -200,7 +203,9 @@ impl ContentStore {
             }
         }
         drop(sender);
-        let written = writer.await.map_err(|join| io_error(path)(std::io::Error::other(join)))?;
+        let written = writer
+            .await
+            .map_err(|join| io_error(path)(std::io::Error::other(join)))?;
         if let Some(e) = read_error {
             return Err(e.into());
         }
@@ -392,7 +397,9 @@ mod tests {
             OciManifest::ImageIndex(_)
         ));
         let old = image.to_vec();
-        let old = String::from_utf8(old).unwrap().replace("\"schemaVersion\":2", "\"schemaVersion\":1");
+        let old = String::from_utf8(old)
+            .unwrap()
+            .replace("\"schemaVersion\":2", "\"schemaVersion\":1");
         assert!(parse_manifest(old.as_bytes(), "m").is_err());
         assert!(parse_manifest(b"[]", "m").is_err());
         assert!(declared_size("x", -1).is_err());

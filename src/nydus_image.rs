@@ -172,15 +172,7 @@ pub async fn assemble(
         from: l.pushed_to.clone(),
         insecure: l.insecure,
     }));
-    let mut layers = resolve_reused(
-        target,
-        &input.target,
-        reused,
-        input.base_store.as_ref(),
-        work,
-        progress,
-    )
-    .await?;
+    let mut layers = resolve_reused(target, &input.target, reused, input.base_store.as_ref(), work, progress).await?;
     for blob in &new_blobs {
         // Every new blob was recorded in `commit_layers` above.
         let layer = commit_layers
@@ -634,7 +626,10 @@ pub async fn copy_from_store(store: Option<&ContentStore>, digest: &str, size: u
             true
         }
         Ok(false) => {
-            tracing::info!(digest, "base blob not in containerd's content store: fetching it from its registry");
+            tracing::info!(
+                digest,
+                "base blob not in containerd's content store: fetching it from its registry"
+            );
             false
         }
         Err(e) => {
