@@ -1339,6 +1339,30 @@ mod tests {
     }
 
     #[test]
+    fn without_containerd_the_base_comes_from_the_registry() {
+        use crate::sys::RecordingSystem;
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshotter = Arc::new(
+            Snapshotter::open(
+                tmp.path(),
+                &crate::config::Config::default(),
+                Arc::new(RecordingSystem::btrfs()),
+            )
+            .unwrap(),
+        );
+        let service = CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 1, None).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = service.content_store("ns").await;
+            assert!(store.is_none(), "no store where containerd does not answer");
+            assert!(local_base(store.as_ref(), "localhost/app:1").await.is_none());
+        });
+    }
+
+    #[test]
     fn codes_classify() {
         let e = CommitError::InProgress { container: "c".into() };
         assert_eq!(e.code(), CommitCode::SnapshotInProgress);
