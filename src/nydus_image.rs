@@ -675,6 +675,8 @@ pub async fn resolve_reused(
     for (i, mut reused) in reused.into_iter().enumerate() {
         let local = matches!(reused.layer.data, LayerData::File(_));
         let wanted = !local && !in_target.contains(&reused.layer.digest);
+        // containerd's copy first: a blob it holds costs no registry call,
+        // and a base image no registry holds still reaches the target.
         let stored = work.join(format!("reused-{i}"));
         if wanted && copy_from_store(base_store, &reused.layer.digest, reused.layer.size, &stored).await {
             reused.layer.data = LayerData::File(stored);
