@@ -15,6 +15,7 @@ use tracing::{error, info, instrument, warn};
 
 use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
+use crate::content::ContentStore;
 use crate::error::{Classify, ErrorKind};
 use crate::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
 use crate::nydus_image::{self, Assembled, Reused};
@@ -661,6 +662,19 @@ impl CommitService {
         &self.containerd_address
     }
 
+    /// containerd's content store as `namespace` sees it, or None, with a
+    /// warning, when containerd cannot be reached: the base image is then
+    /// read from its registry.
+    async fn content_store(&self, namespace: &str) -> Option<ContentStore> {
+        match ContentStore::connect(&self.containerd_address, namespace).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                warn!(error = %e, "containerd's content store cannot be read: the base image comes from its registry");
+                None
+            }
+        }
+    }
+
     fn update(&self, job: &mut Job, progress: f64, stage: &str) {
         job.state = JobState::Processing;
         job.progress = progress;
@@ -746,10 +760,16 @@ impl CommitService {
             insecure: job.options.source_insecure,
             ..RegistryOptions::default()
         });
-        let base = source
-            .pull_manifest_and_config(&job.source_image, &RegistryAuth::Anonymous)
-            .await
-            .map_err(text)?;
+        // containerd's content store first: an image imported or built
+        // locally may be in no registry at all.
+        let base_store = self.content_store(&job.namespace).await;
+        let base = match local_base(base_store.as_ref(), &job.source_image).await {
+            Some(base) => base,
+            None => source
+                .pull_manifest_and_config(&job.source_image, &RegistryAuth::Anonymous)
+                .await
+                .map_err(text)?,
+        };
 
         let origin = ChainOrigin {
             snapshot_key: job.snapshot_key.clone(),
@@ -779,7 +799,10 @@ impl CommitService {
             ..RegistryOptions::default()
         });
         let assembled = match job.options.format {
-            Format::Oci => self.assemble_oci(job, &plan, &base, built, &target, &work).await?,
+            Format::Oci => {
+                self.assemble_oci(job, &plan, &base, built, &target, base_store.as_ref(), &work)
+                    .await?
+            }
             Format::Nydus => {
                 let input = nydus_image::Input {
                     source_image: job.source_image.clone(),
@@ -791,6 +814,7 @@ impl CommitService {
                     options: job.options.rafs_options()?,
                     previous_bootstrap: chain.as_ref().and_then(|c| c.bootstrap.clone()),
                     cache: self.nydus_cache.clone(),
+                    base_store: base_store.clone(),
                 };
                 nydus_image::assemble(
                     &input,
@@ -831,6 +855,9 @@ impl CommitService {
     }
 
     /// The OCI image: the base image's layers, the chain's and the new ones.
+    /// Base layers the target lacks come from `base_store` when it holds
+    /// them, else from the source registry.
+    #[allow(clippy::too_many_arguments)]
     async fn assemble_oci(
         &self,
         job: &mut Job,
@@ -838,6 +865,7 @@ impl CommitService {
         base: &PulledManifest,
         built: Vec<BuiltLayer>,
         target: &RegistryClient,
+        base_store: Option<&ContentStore>,
         work: &std::path::Path,
     ) -> Result<Assembled, String> {
         let mut commit_layers = match plan {
@@ -881,10 +909,11 @@ impl CommitService {
             insecure: layer.insecure,
         }));
         let target_ref = job.options.target.clone();
-        let mut layers = nydus_image::resolve_reused(target, &target_ref, reused, work, &mut |progress, stage| {
-            self.update(job, progress, stage)
-        })
-        .await?;
+        let mut layers =
+            nydus_image::resolve_reused(target, &target_ref, reused, base_store, work, &mut |progress, stage| {
+                self.update(job, progress, stage)
+            })
+            .await?;
         for (layer, path) in commit_layers[kept..].iter().zip(new_layers) {
             layers.push(oci_source(layer, LayerData::File(path)));
         }
@@ -961,6 +990,33 @@ pub struct BuiltLayer {
     pub parts: Vec<(LayerBlob, PathBuf)>,
     /// The history entry's `created_by`.
     pub created_by: String,
+}
+
+/// Image `name`'s manifest and config from containerd's content store, or
+/// None when the store lacks them or what it holds is refused (logged): the
+/// registry is asked then.
+async fn local_base(store: Option<&ContentStore>, name: &str) -> Option<PulledManifest> {
+    match store?.image(name).await {
+        Ok(Some(base)) => {
+            info!(
+                image = name,
+                manifest = base.manifest_digest,
+                "base image read from containerd's content store"
+            );
+            Some(base)
+        }
+        Ok(None) => {
+            info!(
+                image = name,
+                "base image not in containerd's content store: reading it from its registry"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(image = name, error = %e, "base image in containerd's content store refused: reading it from its registry");
+            None
+        }
+    }
 }
 
 /// The pushable form of a recorded OCI commit layer.
@@ -1306,6 +1362,30 @@ mod tests {
             "captures removed"
         );
         assert_eq!(service.jobs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn without_containerd_the_base_comes_from_the_registry() {
+        use crate::sys::RecordingSystem;
+        let tmp = tempfile::tempdir().unwrap();
+        let snapshotter = Arc::new(
+            Snapshotter::open(
+                tmp.path(),
+                &crate::config::Config::default(),
+                Arc::new(RecordingSystem::btrfs()),
+            )
+            .unwrap(),
+        );
+        let service = CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 1, None).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = service.content_store("ns").await;
+            assert!(store.is_none(), "no store where containerd does not answer");
+            assert!(local_base(store.as_ref(), "localhost/app:1").await.is_none());
+        });
     }
 
     #[test]

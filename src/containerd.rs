@@ -1,10 +1,14 @@
 //! Client of containerd's own API: resolves a container, given by id or
 //! unique id prefix in a namespace, to what a seamless commit needs (its
-//! image, snapshot and running task). Knows nothing of snapshots' storage.
+//! image, snapshot and running task), and reads its images store and
+//! content store (an image's target descriptor, blobs as byte streams).
+//! Knows nothing of snapshots' storage, nor of what a blob holds.
 
 use std::path::Path;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
@@ -13,11 +17,12 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
-    ListContainersRequest, MetricsRequest, PauseTaskRequest, ResumeTaskRequest, StartRequest,
+    DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetImageRequest, GetRequest,
+    InfoRequest, KillRequest, ListContainersRequest, MetricsRequest, PauseTaskRequest, ReadContentRequest,
+    ReadContentResponse, ResumeTaskRequest, StartRequest,
 };
 use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{Code, Request, Status};
+use containerd_client::tonic::{Code, Request, Status, Streaming};
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Mount;
 
@@ -549,6 +554,108 @@ impl Containerd {
             .into_inner()
             .metrics
             .len())
+    }
+}
+
+/// A descriptor as containerd's images store gives an image's target:
+/// strings and a size as containerd holds them, not yet checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentDescriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: i64,
+}
+
+/// The bytes of one blob of the content store, as containerd streams them.
+#[derive(Debug)]
+pub struct ContentReader {
+    stream: Streaming<ReadContentResponse>,
+    digest: String,
+    /// Where the next chunk must start: containerd says where each one
+    /// does, and a gap or an overlap would splice another blob's bytes.
+    offset: i64,
+}
+
+impl ContentReader {
+    /// The next chunk of the blob, or None at its end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ContainerdError> {
+        let Some(response) = self.stream.message().await.map_err(call_error("read content"))? else {
+            return Ok(None);
+        };
+        if response.offset != self.offset {
+            return Err(ContainerdError::Call {
+                call: "read content",
+                message: format!(
+                    "blob {}: a chunk at offset {} where {} was next",
+                    self.digest, response.offset, self.offset
+                ),
+            });
+        }
+        self.offset = self.offset.saturating_add(response.data.len() as i64);
+        Ok(Some(response.data))
+    }
+}
+
+impl Containerd {
+    /// The descriptor image `name` of `namespace` points at (a manifest or
+    /// an index), or None when the images store has no such image.
+    pub async fn image_target(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ContentDescriptor>, ContainerdError> {
+        let answer = ImagesClient::new(self.channel.clone())
+            .get(namespaced(GetImageRequest { name: name.to_string() }, namespace)?)
+            .await;
+        match answer {
+            Ok(r) => Ok(r.into_inner().image.and_then(|i| i.target).map(|d| ContentDescriptor {
+                media_type: d.media_type,
+                digest: d.digest,
+                size: d.size,
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(call_error("get image")(s)),
+        }
+    }
+
+    /// The size the content store holds blob `digest` at, or None when it
+    /// holds no such blob (never fetched, or garbage-collected).
+    pub async fn content_size(&self, namespace: &str, digest: &str) -> Result<Option<i64>, ContainerdError> {
+        let answer = ContentClient::new(self.channel.clone())
+            .info(namespaced(
+                InfoRequest {
+                    digest: digest.to_string(),
+                },
+                namespace,
+            )?)
+            .await;
+        match answer {
+            Ok(r) => Ok(r.into_inner().info.map(|i| i.size)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(call_error("content info")(s)),
+        }
+    }
+
+    /// Streams blob `digest` of the content store from its start to its end.
+    pub async fn read_content(&self, namespace: &str, digest: &str) -> Result<ContentReader, ContainerdError> {
+        let stream = ContentClient::new(self.channel.clone())
+            .read(namespaced(
+                ReadContentRequest {
+                    digest: digest.to_string(),
+                    offset: 0,
+                    // Zero reads to the end.
+                    size: 0,
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("read content"))?
+            .into_inner();
+        Ok(ContentReader {
+            stream,
+            digest: digest.to_string(),
+            offset: 0,
+        })
     }
 }
 

@@ -5,9 +5,11 @@
 //! blob layer per blob, then the bootstrap layer; the config's diff_ids
 //! follow the layers. Registry access and job state belong to `commit`.
 //!
-//! A base image's manifest comes from a registry: its layer digests are
-//! parsed as [`Digest`]s before one names a file, and every download is
-//! bounded by its descriptor's size.
+//! A base image's manifest comes from containerd's content store or a
+//! registry: its layer digests are parsed as [`Digest`]s before one names a
+//! file, and every download is bounded by its descriptor's size. A base
+//! blob is copied from the content store when it holds it (verified there,
+//! see `content`), and fetched from the source registry only otherwise.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::time::SystemTime;
 
 use crate::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
+use crate::content::ContentStore;
 use crate::nydus::{self, LayerBuild, RafsOptions};
 use crate::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
@@ -32,6 +35,9 @@ pub struct Input {
     pub previous_bootstrap: Option<CommitLayer>,
     /// Where OCI base layers converted to Nydus are kept for later commits.
     pub cache: Option<BaseCache>,
+    /// containerd's content store, asked for base blobs before the source
+    /// registry.
+    pub base_store: Option<ContentStore>,
 }
 
 /// Where OCI base layers converted to Nydus are kept, and how much room
@@ -166,7 +172,7 @@ pub async fn assemble(
         from: l.pushed_to.clone(),
         insecure: l.insecure,
     }));
-    let mut layers = resolve_reused(target, &input.target, reused, work, progress).await?;
+    let mut layers = resolve_reused(target, &input.target, reused, input.base_store.as_ref(), work, progress).await?;
     for blob in &new_blobs {
         // Every new blob was recorded in `commit_layers` above.
         let layer = commit_layers
@@ -241,16 +247,19 @@ async fn nydus_base(
         .find(|l| has_annotation(l, nydus::ANNOTATION_BOOTSTRAP))
         .ok_or("the base image has no Nydus bootstrap layer")?;
     let layer = work.join("base-bootstrap.tar.gz");
-    source
-        .pull_blob_to(
-            &input.source_image,
-            &descriptor.digest,
-            declared_size(input, descriptor)?,
-            &layer,
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let size = declared_size(input, descriptor)?;
+    if !copy_from_store(input.base_store.as_ref(), &descriptor.digest, size, &layer).await {
+        source
+            .pull_blob_to(
+                &input.source_image,
+                &descriptor.digest,
+                size,
+                &layer,
+                &RegistryAuth::Anonymous,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let boot = work.join("base.boot");
     nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
     let version = nydus::bootstrap_fs_version(&boot).map_err(|e| e.to_string())?;
@@ -311,16 +320,19 @@ async fn convert_oci_base(
         converted.push(None);
         progress(0.15 + 0.1 * i as f64 / total, "fetching base layers to convert");
         let compressed = work.join(format!("base-{i}.blob"));
-        source
-            .pull_blob_to(
-                &input.source_image,
-                digest.as_str(),
-                declared_size(input, descriptor)?,
-                &compressed,
-                &RegistryAuth::Anonymous,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        let size = declared_size(input, descriptor)?;
+        if !copy_from_store(input.base_store.as_ref(), digest.as_str(), size, &compressed).await {
+            source
+                .pull_blob_to(
+                    &input.source_image,
+                    digest.as_str(),
+                    size,
+                    &compressed,
+                    &RegistryAuth::Anonymous,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let tar = work.join(format!("base-{i}.tar"));
         let media_type = descriptor.media_type.clone();
         let from = compressed.clone();
@@ -597,14 +609,46 @@ async fn fetch_blob(layer: &CommitLayer, to: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Copies base blob `digest` of `size` bytes from containerd's content
+/// store to `dest`. False when there is no store, it lacks the blob, or its
+/// copy is refused (logged): the registry is asked then.
+pub async fn copy_from_store(store: Option<&ContentStore>, digest: &str, size: u64, dest: &Path) -> bool {
+    let Some(store) = store else {
+        return false;
+    };
+    let Ok(parsed) = Digest::parse(digest) else {
+        // The registry path refuses it with its reason.
+        return false;
+    };
+    match store.copy_blob_to(&parsed, size, dest).await {
+        Ok(true) => {
+            tracing::info!(digest, size, "base blob copied from containerd's content store");
+            true
+        }
+        Ok(false) => {
+            tracing::info!(
+                digest,
+                "base blob not in containerd's content store: fetching it from its registry"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(digest, error = %e, "base blob in containerd's content store refused: fetching it from its registry");
+            false
+        }
+    }
+}
+
 /// The layers an image shares with images already pushed: referenced when
 /// the target holds them (an earlier commit to the same repository pushed
-/// them), otherwise fetched from where they are (or pushed from the local
-/// file they already are).
+/// them), otherwise copied from `base_store` (containerd's content store)
+/// when it holds them, otherwise fetched from where they are (or pushed
+/// from the local file they already are).
 pub async fn resolve_reused(
     target: &RegistryClient,
     target_ref: &str,
     reused: Vec<Reused>,
+    base_store: Option<&ContentStore>,
     work: &Path,
     progress: Progress<'_>,
 ) -> Result<Vec<LayerSource>, String> {
@@ -630,7 +674,13 @@ pub async fn resolve_reused(
     let mut layers = Vec::new();
     for (i, mut reused) in reused.into_iter().enumerate() {
         let local = matches!(reused.layer.data, LayerData::File(_));
-        if !local && !in_target.contains(&reused.layer.digest) {
+        let wanted = !local && !in_target.contains(&reused.layer.digest);
+        // containerd's copy first: a blob it holds costs no registry call,
+        // and a base image no registry holds still reaches the target.
+        let stored = work.join(format!("reused-{i}"));
+        if wanted && copy_from_store(base_store, &reused.layer.digest, reused.layer.size, &stored).await {
+            reused.layer.data = LayerData::File(stored);
+        } else if wanted {
             let path = work.join(format!("reused-{i}"));
             let client = RegistryClient::new(crate::registry::RegistryOptions {
                 insecure: reused.insecure,

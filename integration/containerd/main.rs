@@ -25,6 +25,7 @@ mod cri;
 mod env;
 mod grpc;
 mod image;
+mod local_image;
 mod nydus;
 mod restore;
 mod stall;
