@@ -3,7 +3,9 @@
 //! checkpointed, stopped and removed, restored under a new name, and keeps
 //! counting from where it was; the same through an incremental chain
 //! (`--parent`, `--pre-dump`); restored paused without `--resume`; the
-//! memory limit refused with both numbers; failures leave nothing behind.
+//! memory limit refused with both numbers; failures leave nothing behind;
+//! a daemon killed (or a store failing) after a `--tcp-established
+//! --leave-running=false` dump loses neither the container nor its checkpoint.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -1333,5 +1335,84 @@ fn a_checkpoint_whose_dump_did_not_finish_is_discarded_by_the_next_start() {
             .collect();
         ensure!(left.is_empty(), "no journal is left by a stored checkpoint: {left:?}");
         Ok(())
+    });
+}
+
+/// A dump CRIU finished, stopping the container, that cannot be stored
+/// (encrypted nfs storage on a full tmpfs) is not thrown away: its journal
+/// (the encryption key sealed, not in clear), images and capture are kept,
+/// and once the storage has room the next start stores it, and it restores
+/// counting on.
+#[test]
+fn a_stopping_dump_that_cannot_be_stored_is_stored_by_the_next_start() {
+    with_env("journal-full", Options::default(), |env| {
+        let (ns, mut ctl) = pulled_namespace(env)?;
+        let id = env.container_id("counter");
+        start_script(env, &ns, &id, BIG_COUNTER)?;
+        let before = wait_count(env, &ns, &id, 2)?;
+
+        // Room for the container's record, not for its process images.
+        let export = env.dir().join("small-export");
+        std::fs::create_dir_all(&export)?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&export)
+            .status()?;
+        ensure!(mounted.success(), "mounting a tmpfs on {}", export.display());
+        let result = (|| {
+            let key = "3c".repeat(32);
+            let config = env.dir().join("small.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "storage:\n  backend: nfs\n  nfs: {{path: {}}}\n  encryption_key: \"{key}\"\n",
+                    export.display()
+                ),
+            )?;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))?;
+            ctl.config = Some(config);
+            let (code, out, err) = ctl.run(&["create", &id, "--tcp-established", "--leave-running=false"])?;
+            ensure!(code != 0, "a checkpoint into a full storage succeeded: {out}");
+            ensure!(err.contains("space"), "the error says the storage is full: {err}");
+            ensure!(task_status(env, &ns, &id)? == "STOPPED", "CRIU stopped the container");
+            let (journal, pending) = the_journal(env)?;
+            let text = std::fs::read_to_string(&journal)?;
+            ensure!(
+                !text.contains(&key),
+                "the encryption key is in clear in the journal: {text}"
+            );
+            ensure!(
+                pending["storage"]["sealed_secrets"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+                "the journal holds the key sealed: {text}"
+            );
+
+            let grown = Command::new("mount")
+                .args(["-o", "remount,size=64m"])
+                .arg(&export)
+                .status()?;
+            ensure!(grown.success(), "growing the tmpfs on {}", export.display());
+            env.signal_daemon(nix::sys::signal::Signal::SIGTERM)?;
+            env.start_daemon()?;
+            reconnected(env, &ns)?;
+            ensure!(!journal.exists(), "the journal is removed once stored");
+            let out = ctl.ok(&["list", "-o", "json"])?;
+            let all: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+            ensure!(
+                all.len() == 1 && all[0]["id"] == pending["id"],
+                "the journaled checkpoint is stored: {out}"
+            );
+            let checkpoint = all[0]["id"].as_str().unwrap_or_default().to_string();
+            remove_container(env, &ns, &id)?;
+            let restored = format!("{id}-r");
+            ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
+            let result = continues_from(env, &ns, &restored, before, before + 60);
+            let cleaned = remove_container(env, &ns, &restored);
+            result?;
+            cleaned
+        })();
+        let _ = Command::new("umount").arg("-l").arg(&export).status();
+        result
     });
 }
