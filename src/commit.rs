@@ -435,8 +435,12 @@ impl CommitService {
         // (a daemon killed between a capture and persisting its job, or
         // between a push and recording its chain, leaves one).
         let heads: HashSet<PathBuf> = service.chains()?.into_iter().map(|(_, c)| c.head).collect();
-        for capture in service.snapshotter.captures()? {
-            if !heads.contains(&capture) {
+        // A checkpoint journaled before its dump keeps its capture until
+        // the checkpoint service stores or discards it.
+        let captures = service.snapshotter.captures()?;
+        let pinned = crate::checkpoint::journal::pinned_captures(&captures);
+        for capture in captures {
+            if !heads.contains(&capture) && !pinned.contains(&capture) {
                 warn!(capture = %capture.display(), "removing a capture no running job uses");
                 let _ = service.snapshotter.remove_capture(&capture);
             }

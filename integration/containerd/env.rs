@@ -277,6 +277,11 @@ impl Env {
     /// Starts the daemon on the test's root and socket and waits until the
     /// socket accepts connections. Used again after a kill to restart it.
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with_env(&[])
+    }
+
+    /// [`Env::start_daemon`] with `vars` set in the daemon's environment.
+    pub fn start_daemon_with_env(&mut self, vars: &[(&str, &str)]) -> Result<()> {
         ensure!(self.daemon.is_none(), "the daemon is already running");
         let config = self.dir().join("seamless.toml");
         // A small pool: several tests run at once, each with its own.
@@ -299,6 +304,7 @@ impl Env {
             .arg(&config)
             .arg("--log-level")
             .arg("debug")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

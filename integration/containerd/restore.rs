@@ -3,7 +3,9 @@
 //! checkpointed, stopped and removed, restored under a new name, and keeps
 //! counting from where it was; the same through an incremental chain
 //! (`--parent`, `--pre-dump`); restored paused without `--resume`; the
-//! memory limit refused with both numbers; failures leave nothing behind.
+//! memory limit refused with both numbers; failures leave nothing behind;
+//! a daemon killed (or a store failing) after a `--tcp-established
+//! --leave-running=false` dump loses neither the container nor its checkpoint.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -1126,5 +1128,291 @@ fn a_tampered_tree_in_shared_storage_is_refused_by_restore() {
             "nothing in the host directory"
         );
         Ok(())
+    });
+}
+
+/// The pid of the task of container `id`.
+fn task_pid(env: &Env, ns: &str, id: &str) -> Result<u32> {
+    let tasks = env.ctr(ns, &["tasks", "ls"])?;
+    tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no task of {id} in {tasks}"))
+}
+
+/// The one checkpoint journal in the daemon's scratch directory, as JSON,
+/// and its path.
+fn the_journal(env: &Env) -> Result<(std::path::PathBuf, serde_json::Value)> {
+    let work = env.daemon_root().join("checkpoint-work");
+    let journals: Vec<std::path::PathBuf> = std::fs::read_dir(&work)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pending-"))
+        })
+        .collect();
+    ensure!(
+        journals.len() == 1,
+        "one checkpoint journal in {}, found {journals:?}",
+        work.display()
+    );
+    let path = journals[0].clone();
+    ensure!(
+        std::fs::metadata(&path)?.permissions().mode() & 0o777 == 0o600,
+        "the journal is 0600"
+    );
+    let json = serde_json::from_slice(&std::fs::read(&path)?)?;
+    Ok((path, json))
+}
+
+/// Waits until containerd reaches the daemon again after a restart: its
+/// connection to the old one fails the first call through it.
+fn reconnected(env: &Env, ns: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = env.snapshots(ns) {
+        ensure!(
+            Instant::now() < deadline,
+            "containerd does not reach the restarted daemon: {e:#}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Restarts the daemon so that it stops at `failpoint` of the next
+/// checkpoint; runs `create --tcp-established --leave-running=false` of
+/// `id`, which fails with the daemon; reaps the daemon and checks it
+/// stopped there.
+fn create_killed_at(env: &mut Env, ctl: &Ctl, id: &str, failpoint: &str) -> Result<()> {
+    use seamless_snapshotter::checkpoint::journal::{FAILPOINT_ENV, FAILPOINT_EXIT};
+    env.signal_daemon(nix::sys::signal::Signal::SIGTERM)?;
+    env.start_daemon_with_env(&[(FAILPOINT_ENV, failpoint)])?;
+    reconnected(env, &ctl.ns)?;
+    let (code, out, _) = ctl.run(&["create", id, "--tcp-established", "--leave-running=false"])?;
+    ensure!(code != 0, "the create survived the daemon's death: {out}");
+    // Already gone: the signal only reaps it.
+    let status = env.signal_daemon(nix::sys::signal::Signal::SIGKILL)?;
+    ensure!(
+        status.code() == Some(FAILPOINT_EXIT),
+        "the daemon stopped at failpoint {failpoint} (exit {FAILPOINT_EXIT}), not {status}:\n{}",
+        env.log_tail("daemon.log")
+    );
+    Ok(())
+}
+
+/// A daemon killed after CRIU stopped the container
+/// (`--tcp-established --leave-running=false`) and before the checkpoint
+/// was stored loses nothing: the next start stores the dump it journaled,
+/// and the checkpoint restores to a container counting on.
+#[test]
+fn a_checkpoint_dumped_by_a_killed_daemon_is_stored_by_the_next_start() {
+    with_env("journal-store", Options::default(), |env| {
+        let (ns, ctl) = pulled_namespace(env)?;
+        let id = env.container_id("counter");
+        start_counter(env, &ns, &id)?;
+        let before = wait_count(env, &ns, &id, 4)?;
+        create_killed_at(env, &ctl, &id, "after-dump")?;
+
+        // CRIU stopped the container; only the journaled dump holds it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while task_status(env, &ns, &id)? != "STOPPED" {
+            ensure!(Instant::now() < deadline, "CRIU did not stop the container");
+            sleep(Duration::from_millis(100));
+        }
+        let (journal, pending) = the_journal(env)?;
+        let text = std::fs::read_to_string(&journal)?;
+        ensure!(
+            pending["dump"]["tcp_established"] == true && pending["container"] == id.as_str(),
+            "the journal holds the request: {text}"
+        );
+        let work = std::path::PathBuf::from(pending["work"].as_str().unwrap_or_default());
+        let capture = std::path::PathBuf::from(pending["capture"].as_str().unwrap_or_default());
+        ensure!(
+            work.join("work/dump.log").exists() && capture.join("fs").exists(),
+            "the dump and the capture are there: {text}"
+        );
+
+        env.start_daemon()?;
+        reconnected(env, &ns)?;
+        let out = ctl.ok(&["list", "-o", "json"])?;
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+        ensure!(all.len() == 1, "one checkpoint stored at restart: {out}");
+        let checkpoint = all[0]["id"].as_str().unwrap_or_default().to_string();
+        ensure!(
+            checkpoint == pending["id"].as_str().unwrap_or_default()
+                && all[0]["container"] == id.as_str()
+                && all[0]["process"]["tcp_established"] == true
+                && all[0]["process"]["leave_running"] == false,
+            "the checkpoint the journal named, with its options: {out}"
+        );
+        ensure!(
+            env.log_tail("daemon.log")
+                .contains("stored the checkpoint a previous run dumped"),
+            "the daemon logs what it stored"
+        );
+        ensure!(
+            !journal.exists() && !work.exists() && !capture.exists(),
+            "the journal, the dump and the capture are removed once stored"
+        );
+
+        remove_container(env, &ns, &id)?;
+        let restored = format!("{id}-r");
+        ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
+        let result = continues_from(env, &ns, &restored, before, before + 40);
+        let cleaned = remove_container(env, &ns, &restored);
+        result?;
+        cleaned
+    });
+}
+
+/// A daemon killed before the dump finished (here: before CRIU ran, its
+/// container then frozen as CRIU leaves one it was killed dumping, and a
+/// dump.log without CRIU's success) leaves a journal the next start
+/// discards, with the capture and the scratch directory; the container is
+/// thawed and counts on, and the daemon serves.
+#[test]
+fn a_checkpoint_whose_dump_did_not_finish_is_discarded_by_the_next_start() {
+    with_env("journal-discard", Options::default(), |env| {
+        let (ns, ctl) = pulled_namespace(env)?;
+        let id = env.container_id("counter");
+        start_counter(env, &ns, &id)?;
+        wait_count(env, &ns, &id, 4)?;
+        create_killed_at(env, &ctl, &id, "before-dump")?;
+
+        let (journal, pending) = the_journal(env)?;
+        let work = std::path::PathBuf::from(pending["work"].as_str().unwrap_or_default());
+        let capture = std::path::PathBuf::from(pending["capture"].as_str().unwrap_or_default());
+        ensure!(capture.exists(), "the capture is kept while journaled");
+        std::fs::write(
+            work.join("work/dump.log"),
+            "(00.000000) Version: 4.1\n(00.001000) Dumping processes (pid: 1)\n",
+        )?;
+        let freezer = seamless_snapshotter::cgroup::freezer_of(task_pid(env, &ns, &id)?)?;
+        let state = match &freezer {
+            seamless_snapshotter::sys::Freezer::V1(dir) => {
+                std::fs::write(dir.join("freezer.state"), "FROZEN")?;
+                dir.join("freezer.state")
+            }
+            seamless_snapshotter::sys::Freezer::V2(dir) => {
+                std::fs::write(dir.join("cgroup.freeze"), "1")?;
+                dir.join("cgroup.freeze")
+            }
+        };
+
+        env.start_daemon()?;
+        reconnected(env, &ns)?;
+        let thawed = std::fs::read_to_string(&state)?;
+        ensure!(
+            matches!(thawed.trim(), "THAWED" | "0"),
+            "the container is not left frozen: {thawed}"
+        );
+        ensure!(
+            !journal.exists() && !work.exists() && !capture.exists(),
+            "the journal, the scratch directory and the capture are removed"
+        );
+        ensure!(
+            env.log_tail("daemon.log").contains("discarded the checkpoint"),
+            "the daemon logs what it discarded"
+        );
+        ensure!(
+            task_status(env, &ns, &id)? == "RUNNING",
+            "the container was never stopped"
+        );
+        let resumed = count(env, &ns, &id)?;
+        wait_count(env, &ns, &id, resumed + 3)?;
+        let out = ctl.ok(&["list", "-o", "json"])?;
+        ensure!(out.trim() == "[]", "nothing was stored: {out}");
+        // The daemon serves: the same checkpoint now succeeds.
+        let checkpoint = ctl.ok(&["create", &id])?.trim().to_string();
+        ctl.listed(&checkpoint)?;
+        let left: Vec<_> = std::fs::read_dir(env.daemon_root().join("checkpoint-work"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pending-"))
+            .collect();
+        ensure!(left.is_empty(), "no journal is left by a stored checkpoint: {left:?}");
+        Ok(())
+    });
+}
+
+/// A dump CRIU finished, stopping the container, that cannot be stored
+/// (encrypted nfs storage on a full tmpfs) is not thrown away: its journal
+/// (the encryption key sealed, not in clear), images and capture are kept,
+/// and once the storage has room the next start stores it, and it restores
+/// counting on.
+#[test]
+fn a_stopping_dump_that_cannot_be_stored_is_stored_by_the_next_start() {
+    with_env("journal-full", Options::default(), |env| {
+        let (ns, mut ctl) = pulled_namespace(env)?;
+        let id = env.container_id("counter");
+        start_script(env, &ns, &id, BIG_COUNTER)?;
+        let before = wait_count(env, &ns, &id, 2)?;
+
+        // Room for the container's record, not for its process images.
+        let export = env.dir().join("small-export");
+        std::fs::create_dir_all(&export)?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&export)
+            .status()?;
+        ensure!(mounted.success(), "mounting a tmpfs on {}", export.display());
+        let result = (|| {
+            let key = "3c".repeat(32);
+            let config = env.dir().join("small.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "storage:\n  backend: nfs\n  nfs: {{path: {}}}\n  encryption_key: \"{key}\"\n",
+                    export.display()
+                ),
+            )?;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))?;
+            ctl.config = Some(config);
+            let (code, out, err) = ctl.run(&["create", &id, "--tcp-established", "--leave-running=false"])?;
+            ensure!(code != 0, "a checkpoint into a full storage succeeded: {out}");
+            ensure!(err.contains("space"), "the error says the storage is full: {err}");
+            ensure!(task_status(env, &ns, &id)? == "STOPPED", "CRIU stopped the container");
+            let (journal, pending) = the_journal(env)?;
+            let text = std::fs::read_to_string(&journal)?;
+            ensure!(
+                !text.contains(&key),
+                "the encryption key is in clear in the journal: {text}"
+            );
+            ensure!(
+                pending["storage"]["sealed_secrets"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+                "the journal holds the key sealed: {text}"
+            );
+
+            let grown = Command::new("mount")
+                .args(["-o", "remount,size=64m"])
+                .arg(&export)
+                .status()?;
+            ensure!(grown.success(), "growing the tmpfs on {}", export.display());
+            env.signal_daemon(nix::sys::signal::Signal::SIGTERM)?;
+            env.start_daemon()?;
+            reconnected(env, &ns)?;
+            ensure!(!journal.exists(), "the journal is removed once stored");
+            let out = ctl.ok(&["list", "-o", "json"])?;
+            let all: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+            ensure!(
+                all.len() == 1 && all[0]["id"] == pending["id"],
+                "the journaled checkpoint is stored: {out}"
+            );
+            let checkpoint = all[0]["id"].as_str().unwrap_or_default().to_string();
+            remove_container(env, &ns, &id)?;
+            let restored = format!("{id}-r");
+            ctl.ok(&["restore", &checkpoint, "--name", &restored, "--resume"])?;
+            let result = continues_from(env, &ns, &restored, before, before + 60);
+            let cleaned = remove_container(env, &ns, &restored);
+            result?;
+            cleaned
+        })();
+        let _ = Command::new("umount").arg("-l").arg(&export).status();
+        result
     });
 }

@@ -11,6 +11,7 @@ pub mod archive;
 pub mod beneath;
 pub mod catalogue;
 pub mod filter;
+pub mod journal;
 pub mod objects;
 pub mod process;
 pub mod remap;
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::commit::{CommitError, CommitService};
 use crate::error::{Classify, ErrorKind};
@@ -107,7 +108,7 @@ impl Classify for CheckpointError {
                 process::ProcessError::BadImages { .. } | process::ProcessError::Record(_) => {
                     ErrorKind::FailedPrecondition
                 }
-                process::ProcessError::Io { .. } => ErrorKind::Internal,
+                process::ProcessError::Io { .. } | process::ProcessError::Journal(_) => ErrorKind::Internal,
             },
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
@@ -238,12 +239,37 @@ impl std::fmt::Debug for CheckpointService {
 impl CheckpointService {
     /// Scratch files a previous run left in `<root>/checkpoint-work` (a
     /// daemon killed mid-create or mid-export) are deleted: no work is under
-    /// way yet.
+    /// way yet. Checkpoints a killed daemon journaled (see [`journal`]) are
+    /// first finished: stored if their dump finished, else discarded.
     pub fn new(commits: Arc<CommitService>, root: &Path) -> CheckpointService {
         let work = root.join("checkpoint-work");
+        let mut pending = Vec::new();
+        for path in journal::journal_files(&work) {
+            match journal::PendingCheckpoint::read(&path, &work) {
+                Ok(found) => pending.push((path, found)),
+                Err(e) => {
+                    let aside = journal::move_aside(root, &path);
+                    error!(
+                        error = %e,
+                        moved_to = %aside.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                        "a checkpoint journal left by a previous run cannot be read: moved aside, its checkpoint is not stored"
+                    );
+                    if let Err(e) = aside {
+                        warn!(error = %e, "cannot move the checkpoint journal aside");
+                    }
+                }
+            }
+        }
+        let keep: std::collections::HashSet<PathBuf> = pending
+            .iter()
+            .flat_map(|(path, p)| [path.clone(), p.work.clone()])
+            .collect();
         if let Ok(entries) = std::fs::read_dir(&work) {
             for entry in entries.flatten() {
                 let path = entry.path();
+                if keep.contains(&path) {
+                    continue;
+                }
                 let removed = if path.is_dir() {
                     std::fs::remove_dir_all(&path)
                 } else {
@@ -255,12 +281,135 @@ impl CheckpointService {
                 }
             }
         }
-        CheckpointService {
+        let service = CheckpointService {
             commits,
             root: root.to_path_buf(),
             writing: tokio::sync::Mutex::new(()),
             created: Mutex::new(0),
             dirty_tracking: tokio::sync::OnceCell::new(),
+        };
+        // On a thread of its own: storage calls block, and the S3 client
+        // must not find the caller's async runtime.
+        std::thread::scope(|scope| {
+            let finishing = scope.spawn(|| {
+                for (path, found) in pending {
+                    service.finish_journaled(&path, found);
+                }
+                service.remove_stale_pins();
+            });
+            if finishing.join().is_err() {
+                error!("finishing the checkpoints a previous run journaled panicked");
+            }
+        });
+        service
+    }
+
+    /// Finishes a checkpoint a killed daemon journaled: stores it if its
+    /// dump finished (the container is gone: CRIU stopped it), else
+    /// discards what it left (CRIU may not have run, or was killed
+    /// mid-dump: the container was thawed at start, see
+    /// [`crate::snapshotter::thaw_left_frozen`], and runs on). Then removes
+    /// the journal, its scratch directory and its capture.
+    fn finish_journaled(&self, path: &Path, pending: journal::PendingCheckpoint) {
+        let finished = process::dump_finished(&pending.work);
+        let outcome = if finished {
+            self.store_journaled(&pending)
+        } else {
+            Ok(None)
+        };
+        let mut keep_work = false;
+        match outcome {
+            Ok(Some(checkpoint)) => info!(
+                id = checkpoint.id,
+                namespace = checkpoint.namespace,
+                container = checkpoint.container,
+                size = checkpoint.size,
+                "stored the checkpoint a previous run dumped but was killed before storing"
+            ),
+            Ok(None) => warn!(
+                id = pending.id,
+                namespace = pending.namespace,
+                container = pending.container,
+                "discarded the checkpoint a previous run was killed in: its dump had not finished, so the container \
+                 was not stopped"
+            ),
+            Err(e) => {
+                // Its images are the only copy of the processes: kept, with
+                // the journal, for an operator.
+                keep_work = true;
+                let journal_aside = journal::move_aside(&self.root, path);
+                let work_aside = journal::move_aside(&self.root, &pending.work);
+                error!(
+                    id = pending.id,
+                    namespace = pending.namespace,
+                    container = pending.container,
+                    error = %e,
+                    journal = %journal_aside.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string()),
+                    images = %work_aside.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string()),
+                    "cannot store the checkpoint a previous run dumped: its journal and images are moved aside"
+                );
+            }
+        }
+        if !keep_work {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(journal = %path.display(), error = %e, "cannot remove a checkpoint journal");
+            }
+            if let Err(e) = std::fs::remove_dir_all(&pending.work) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(work = %pending.work.display(), error = %e, "cannot remove a CRIU scratch directory");
+                }
+            }
+        }
+        self.release_capture(&pending.capture);
+    }
+
+    /// Stores a journaled checkpoint whose dump finished, as `create` does;
+    /// returns it (also when a daemon killed after storing it had left the
+    /// journal).
+    fn store_journaled(&self, pending: &journal::PendingCheckpoint) -> Result<Option<Checkpoint>, CheckpointError> {
+        let key = schedule::SecretsKey::open_or_create(&self.root)?;
+        let storage = pending
+            .storage_spec(&key)
+            .map_err(|e| CheckpointError::Task(e.to_string()))?;
+        let catalogue = self.catalogue(&storage)?;
+        let id = match catalogue.get(&pending.id) {
+            Ok(found) if found.namespace == pending.namespace && found.container == pending.container => {
+                return Ok(Some(found))
+            }
+            // Shared storage: another node took the id since.
+            Ok(_) => catalogue.new_id(SystemTime::now())?,
+            Err(CatalogueError::NotFound { .. }) => pending.id.clone(),
+            Err(e) => return Err(e.into()),
+        };
+        let process = process::store_dump(&catalogue, &pending.work, &pending.dump)?;
+        let new = pending.new_checkpoint(process);
+        Ok(Some(catalogue.create(&id, &pending.capture.join("fs"), &new)?))
+    }
+
+    /// Unpins and removes a capture of this service's.
+    fn release_capture(&self, capture: &Path) {
+        if let Err(e) = journal::unpin(capture) {
+            warn!(capture = %capture.display(), error = %e, "cannot unpin a capture");
+        }
+        if !capture.exists() {
+            return;
+        }
+        if let Err(e) = self.commits.snapshotter().remove_capture(capture) {
+            warn!(capture = %capture.display(), error = %e, "capture left for the next start");
+        }
+    }
+
+    /// Pins whose journal is gone (a daemon killed between pinning and
+    /// writing the journal, or a journal moved aside) release their capture.
+    fn remove_stale_pins(&self) {
+        let Ok(entries) = self.commits.snapshotter().captures() else {
+            return;
+        };
+        for pin in journal::pins(&entries) {
+            if let Some(capture) = journal::pinned_by(pin) {
+                warn!(capture = %capture.display(), "removing a capture pinned by no checkpoint journal");
+                self.release_capture(&capture);
+            }
         }
     }
 
@@ -411,9 +560,19 @@ impl CheckpointService {
         // stored: a failure (or a killed daemon, whose successor thaws it)
         // in between loses neither the container nor its checkpoint. Not
         // with --tcp-established: a process killed outside CRIU closes its
-        // connections, so there CRIU stops it as it dumps.
+        // connections, so there CRIU stops it as it dumps, and the dump is
+        // journaled instead (see `journal`): a killed daemon's successor
+        // stores it.
         let stop_after_store = !request.leave_running && !request.fs_only && !request.tcp_established;
         let hold = (request.pre_freeze || stop_after_store) && !request.fs_only;
+        // The journal's secrets are sealed with the daemon's key: opened
+        // before anything is captured, so that a bad key refuses early.
+        let journal_key = if !request.fs_only && !request.leave_running && !stop_after_store {
+            Some(schedule::SecretsKey::open_or_create(&self.root)?)
+        } else {
+            None
+        };
+        let journal_dir = self.root.join("checkpoint-work");
         let mut captured = self
             .commits
             .capture_with(&request.namespace, &request.container, &capture_name, hold)
@@ -464,6 +623,8 @@ impl CheckpointService {
             .join("checkpoint-work")
             .join(format!("criu-{id}-{}", std::process::id()));
         let result = tokio::task::spawn_blocking(move || {
+            // The journal written before the dump, if any.
+            let mut journaled: Option<PathBuf> = None;
             let result = (|| {
                 let json = serde_json::to_vec(&record).map_err(|e| CheckpointError::Task(e.to_string()))?;
                 new.container_key = Some(process::store_bytes(&catalogue, &json, Compression::Zstd, "record")?);
@@ -493,34 +654,52 @@ impl CheckpointService {
                                 .map_err(|e| CheckpointError::Task(e.to_string()))?,
                         );
                     }
-                    let dumped = process::dump_and_store(
-                        &catalogue,
-                        &process::DumpInput {
-                            settings: &settings,
-                            namespace: &request.namespace,
-                            container: &record.id,
-                            work: &work,
-                            parent_images,
-                            pre_dump: request.pre_dump,
-                            leave_running: request.leave_running,
-                            stopped_by_caller: stop_after_store,
-                            tcp_established: request.tcp_established,
-                            file_locks: request.file_locks,
-                            memory_bytes,
-                            process_identity: record.process_identity.clone(),
-                            compression,
-                        },
-                    );
+                    let input = process::DumpInput {
+                        settings: &settings,
+                        namespace: &request.namespace,
+                        container: &record.id,
+                        work: &work,
+                        parent_images,
+                        pre_dump: request.pre_dump,
+                        leave_running: request.leave_running,
+                        stopped_by_caller: stop_after_store,
+                        tcp_established: request.tcp_established,
+                        file_locks: request.file_locks,
+                        memory_bytes,
+                        process_identity: record.process_identity.clone(),
+                        compression,
+                        // A journaled dump must stay whole until stored.
+                        consume_images: journal_key.is_none(),
+                    };
+                    let dumped = {
+                        let new = &new;
+                        let mut write_journal = |plan: &process::DumpPlan| -> Result<(), process::ProcessError> {
+                            if let Some(key) = &journal_key {
+                                let pending = journal::PendingCheckpoint::new(
+                                    &id,
+                                    &request.storage,
+                                    new,
+                                    &capture,
+                                    &work,
+                                    plan.clone(),
+                                );
+                                journaled = Some(pending.write(&journal_dir, key)?);
+                                journal::failpoint(journal::Failpoint::BeforeDump);
+                            }
+                            Ok(())
+                        };
+                        process::dump(&catalogue, &input, &mut write_journal)
+                    };
+                    if dumped.is_ok() {
+                        journal::failpoint(journal::Failpoint::AfterDump);
+                    }
                     match held {
                         Some(held) if stop_after_store => stop_when_stored = Some(held),
                         // The pause is the whole frozen time.
                         Some(held) => new.pause = held.thaw().map_err(|e| CheckpointError::Task(e.to_string()))?,
                         None => {}
                     }
-                    if let Err(e) = std::fs::remove_dir_all(&work) {
-                        warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
-                    }
-                    new.process = Some(dumped?);
+                    new.process = Some(process::store_dump(&catalogue, &work, &dumped?)?);
                 }
                 let checkpoint = catalogue.create(&id, &capture.join("fs"), &new)?;
                 if let Some(held) = stop_when_stored {
@@ -531,6 +710,36 @@ impl CheckpointService {
                 drop(dump_guard);
                 Ok::<_, CheckpointError>(checkpoint)
             })();
+            // A dump that stopped the container but could not be stored is
+            // the only copy of its processes: journal, images and capture
+            // are kept for the next start to store again.
+            if result.is_err() && journaled.is_some() && process::dump_finished(&work) {
+                warn!(
+                    id,
+                    work = %work.display(),
+                    "storing the dump failed after CRIU stopped the container: kept, the next start stores it again"
+                );
+                return result;
+            }
+            // Stored or failed, the journal has done its work: removed
+            // first, so that a kill now leaves only scratch files the next
+            // start sweeps.
+            if let Some(path) = &journaled {
+                if let Err(e) = std::fs::remove_file(path) {
+                    warn!(journal = %path.display(), error = %e, "checkpoint journal left for the next start");
+                }
+            }
+            // Also when writing the journal failed after the pin.
+            if journal_key.is_some() {
+                if let Err(e) = journal::unpin(&capture) {
+                    warn!(capture = %capture.display(), error = %e, "capture pin left for the next start");
+                }
+            }
+            if let Err(e) = std::fs::remove_dir_all(&work) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(work = %work.display(), error = %e, "CRIU scratch directory left for the next start");
+                }
+            }
             remove_capture();
             result
         })

@@ -42,6 +42,8 @@ pub enum ProcessError {
     BadImages { key: String, reason: String },
     #[error("container record: {0}")]
     Record(String),
+    #[error(transparent)]
+    Journal(#[from] super::journal::JournalError),
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ProcessError {
@@ -432,11 +434,64 @@ pub(super) struct DumpInput<'a> {
     pub process_identity: String,
     /// How the images are stored (see [`store_images`]).
     pub compression: Compression,
+    /// See [`DumpPlan::consume_images`].
+    pub consume_images: bool,
 }
 
-/// Dumps the container's processes (after a pre-dump if asked) and stores
-/// the images and CRIU's log as blobs.
-pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Result<ProcessState, ProcessError> {
+/// What a finished CRIU dump left in its scratch directory and what storing
+/// it needs besides: everything [`store_dump`] reads, so that a checkpoint
+/// whose daemon was killed between the dump and its storing can be stored
+/// by the next start (see `journal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpPlan {
+    /// Image sets already stored, oldest first (the parent checkpoint's,
+    /// then this create's pre-dump): the parents of this dump's.
+    pub images: Vec<String>,
+    pub pre_dump: bool,
+    pub pre_dump_pages_written: u64,
+    /// Bytes the pre-dump's images took in storage.
+    pub stored_bytes: u64,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub leave_running: bool,
+    pub memory_bytes: u64,
+    pub process_identity: String,
+    pub criu_version: String,
+    pub compression: Compression,
+    /// Remove each image file once archived (see [`store_images`]); never
+    /// when the dump is journaled, which must be storable again after a
+    /// kill mid-store.
+    pub consume_images: bool,
+}
+
+/// The directories of `work` CRIU dumps into: the images and its own
+/// (with `dump.log` and `stats-dump`).
+fn dump_dirs(work: &Path) -> (PathBuf, PathBuf) {
+    (work.join("images"), work.join("work"))
+}
+
+/// What CRIU writes last into its log of a dump that succeeded.
+const DUMP_FINISHED: &str = "Dumping finished successfully";
+
+/// Whether the final dump in the scratch directory `work` finished: CRIU
+/// logged its success. A dump killed on the way (with the daemon, or by
+/// its timeout) has not, and its images are not a checkpoint.
+pub fn dump_finished(work: &Path) -> bool {
+    let (_, criu_work) = dump_dirs(work);
+    fs::read_to_string(criu_work.join("dump.log")).is_ok_and(|log| log.contains(DUMP_FINISHED))
+}
+
+/// Dumps the container's processes (after a pre-dump if asked, whose
+/// images it stores) into `input.work`, calling `before_final` with what
+/// storing the dump needs just before the final dump starts: after it, with
+/// `--leave-running=false`, CRIU may have stopped the container and the
+/// images are the only copy of its processes. Store them with
+/// [`store_dump`].
+pub(super) fn dump(
+    catalogue: &Catalogue,
+    input: &DumpInput<'_>,
+    before_final: &mut dyn FnMut(&DumpPlan) -> Result<(), ProcessError>,
+) -> Result<DumpPlan, ProcessError> {
     let started = std::time::Instant::now();
     let parents = if input.parent_images.is_empty() {
         Vec::new()
@@ -444,18 +499,27 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
         unpack_images(catalogue, &input.parent_images, &input.work.join("parents"), 3)?
     };
     let mut previous = parents.last().cloned();
-    let mut images = input.parent_images.clone();
-    let mut log = String::new();
-    let mut pre_dump_pages_written = 0;
-    let mut stored_bytes = 0;
-    let mkdir = |name: &str| -> Result<PathBuf, ProcessError> {
-        let dir = input.work.join(name);
+    let mut plan = DumpPlan {
+        images: input.parent_images.clone(),
+        pre_dump: input.pre_dump,
+        pre_dump_pages_written: 0,
+        stored_bytes: 0,
+        tcp_established: input.tcp_established,
+        file_locks: input.file_locks,
+        leave_running: input.leave_running,
+        memory_bytes: input.memory_bytes,
+        process_identity: input.process_identity.clone(),
+        criu_version: input.settings.criu_version(),
+        compression: input.compression,
+        consume_images: input.consume_images,
+    };
+    let mkdir = |dir: PathBuf| -> Result<PathBuf, ProcessError> {
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         Ok(dir)
     };
     if input.pre_dump {
-        let (pre, pre_work) = (mkdir("pre")?, mkdir("pre-work")?);
-        let dumped = input.settings.dump(&DumpRequest {
+        let (pre, pre_work) = (mkdir(input.work.join("pre"))?, mkdir(input.work.join("pre-work"))?);
+        input.settings.dump(&DumpRequest {
             namespace: input.namespace,
             container: input.container,
             images: &pre,
@@ -468,18 +532,18 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
             leave_running: true,
             tcp_established: input.tcp_established,
             file_locks: input.file_locks,
-        });
-        append_log(&mut log, "pre-dump", &pre_work);
-        dumped?;
-        pre_dump_pages_written = crate::criu::read_stats(&pre_work, &pre)?.pages_written;
+        })?;
+        plan.pre_dump_pages_written = crate::criu::read_stats(&pre_work, &pre)?.pages_written;
         // Kept: the final dump reads them as its parent.
         let (key, _, written) = store_images(catalogue, &pre, input.compression, false)?;
-        stored_bytes += written;
-        images.push(key);
+        plan.stored_bytes += written;
+        plan.images.push(key);
         previous = Some(pre);
     }
-    let (dump, dump_work) = (mkdir("images")?, mkdir("work")?);
-    let dumped = input.settings.dump(&DumpRequest {
+    let (images, criu_work) = dump_dirs(input.work);
+    let (dump, dump_work) = (mkdir(images)?, mkdir(criu_work)?);
+    before_final(&plan)?;
+    input.settings.dump(&DumpRequest {
         namespace: input.namespace,
         container: input.container,
         images: &dump,
@@ -492,33 +556,44 @@ pub(super) fn dump_and_store(catalogue: &Catalogue, input: &DumpInput<'_>) -> Re
         leave_running: input.leave_running || input.stopped_by_caller,
         tcp_established: input.tcp_established,
         file_locks: input.file_locks,
-    });
-    append_log(&mut log, "dump", &dump_work);
-    dumped?;
+    })?;
     tracing::info!(
         container = input.container,
         seconds = started.elapsed().as_secs_f64(),
         "processes dumped"
     );
+    Ok(plan)
+}
+
+/// Stores the images and CRIU's logs of the dump [`dump`] left in `work`
+/// as blobs. Storing the same dump again stores the same blobs, so a
+/// journaled dump whose storing was cut short is stored again whole.
+pub(super) fn store_dump(catalogue: &Catalogue, work: &Path, plan: &DumpPlan) -> Result<ProcessState, ProcessError> {
+    let (dump, dump_work) = dump_dirs(work);
     let stats = crate::criu::read_stats(&dump_work, &dump)?;
-    let (key, images_size, written) = store_images(catalogue, &dump, input.compression, true)?;
-    stored_bytes += written;
+    let mut log = String::new();
+    if plan.pre_dump {
+        append_log(&mut log, "pre-dump", &work.join("pre-work"));
+    }
+    append_log(&mut log, "dump", &dump_work);
+    let (key, images_size, written) = store_images(catalogue, &dump, plan.compression, plan.consume_images)?;
+    let mut images = plan.images.clone();
     images.push(key);
     let dump_log_key = store_bytes(catalogue, log.as_bytes(), Compression::Zstd, "dump-log")?;
     Ok(ProcessState {
         images,
         dump_log_key,
         stats,
-        memory_bytes: input.memory_bytes,
+        memory_bytes: plan.memory_bytes,
         images_size,
-        stored_bytes,
-        pre_dump: input.pre_dump,
-        pre_dump_pages_written,
-        tcp_established: input.tcp_established,
-        file_locks: input.file_locks,
-        leave_running: input.leave_running,
-        criu_version: input.settings.criu_version(),
-        process_identity: input.process_identity.clone(),
+        stored_bytes: plan.stored_bytes + written,
+        pre_dump: plan.pre_dump,
+        pre_dump_pages_written: plan.pre_dump_pages_written,
+        tcp_established: plan.tcp_established,
+        file_locks: plan.file_locks,
+        leave_running: plan.leave_running,
+        criu_version: plan.criu_version.clone(),
+        process_identity: plan.process_identity.clone(),
     })
 }
 

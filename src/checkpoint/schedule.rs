@@ -103,7 +103,7 @@ impl SecretsKey {
 
     /// Moves the clear secrets of `storage` into its sealed field, bound to
     /// the record `id`.
-    fn seal(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
+    pub(super) fn seal(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
         let secrets = Secrets {
             secret_key: std::mem::take(&mut storage.secret_key),
             encryption_key: std::mem::take(&mut storage.encryption_key),
@@ -131,7 +131,7 @@ impl SecretsKey {
 
     /// Fills the secrets of `storage` from its sealed field; the record must
     /// be `id` and sealed under this key.
-    fn open(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
+    pub(super) fn open(&self, id: &str, storage: &mut SavedStorage) -> Result<(), CheckpointError> {
         if storage.sealed_secrets.is_empty() {
             return Ok(());
         }
