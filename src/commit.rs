@@ -718,7 +718,7 @@ impl CommitService {
         self.update(job, 0.05, "reading the base image");
         let source = RegistryClient::new(RegistryOptions {
             insecure: job.options.source_insecure,
-            ..RegistryOptions::default()
+            ..self.snapshotter.registry_options()
         });
         let base = source
             .pull_manifest_and_config(&job.source_image, &RegistryAuth::Anonymous)
@@ -750,7 +750,7 @@ impl CommitService {
         let built = self.build_commit_layers(job, &plan, &work, compression, parts).await?;
         let target = RegistryClient::new(RegistryOptions {
             insecure: job.options.target_insecure,
-            ..RegistryOptions::default()
+            ..self.snapshotter.registry_options()
         });
         let assembled = match job.options.format {
             Format::Oci => self.assemble_oci(job, &plan, &base, built, &target, &work).await?,
