@@ -1399,11 +1399,19 @@ mod tests {
         // Loopback needs no flag: its lazy reads are plain HTTP.
         assert!(matches!(
             source.lazy_backend("127.0.0.1:5000/app:1"),
-            Some(BlobBackend::Registry { scheme: "http", skip_verify: false, .. })
+            Some(BlobBackend::Registry {
+                scheme: "http",
+                skip_verify: false,
+                ..
+            })
         ));
         assert!(matches!(
             source.lazy_backend("registry.local:5000/app:1"),
-            Some(BlobBackend::Registry { scheme: "https", skip_verify: true, .. })
+            Some(BlobBackend::Registry {
+                scheme: "https",
+                skip_verify: true,
+                ..
+            })
         ));
         assert!(matches!(
             source.lazy_backend("docker.io/library/busybox:latest"),

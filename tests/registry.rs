@@ -58,7 +58,11 @@ impl Registry {
     }
 
     fn start_with(setup: Setup) -> Registry {
-        let flavour = if setup.basic_auth { Flavour::BasicAuth } else { Flavour::Plain };
+        let flavour = if setup.basic_auth {
+            Flavour::BasicAuth
+        } else {
+            Flavour::Plain
+        };
         Registry::start_flavour(flavour, setup)
     }
 
@@ -1144,10 +1148,7 @@ fn write_hosts(certs_d: &Path, host: &str, text: &str) -> PathBuf {
     path
 }
 
-fn options_with(
-    certs_d: &Path,
-    credentials: Option<std::sync::Arc<dyn CredentialSource>>,
-) -> RegistryOptions {
+fn options_with(certs_d: &Path, credentials: Option<std::sync::Arc<dyn CredentialSource>>) -> RegistryOptions {
     RegistryOptions {
         hosts: RegistryHosts::at(certs_d),
         credentials,
@@ -1170,12 +1171,19 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
     });
     let host = registry.host();
     let certs_d = dir.path().join("certs.d");
-    write_hosts(&certs_d, &host, &format!("server = \"https://{host}\"\nca = \"ca.crt\"\n"));
+    write_hosts(
+        &certs_d,
+        &host,
+        &format!("server = \"https://{host}\"\nca = \"ca.crt\"\n"),
+    );
     std::fs::copy(certs.join("ca.crt"), certs_d.join(&host).join("ca.crt")).expect("copy CA");
     let image = test_image();
     let reference = format!("{host}/private/app:v1");
 
-    let client = RegistryClient::new(options_with(&certs_d, Some(FixedCredentials::with(&host, USER, PASSWORD))));
+    let client = RegistryClient::new(options_with(
+        &certs_d,
+        Some(FixedCredentials::with(&host, USER, PASSWORD)),
+    ));
     let pushed = push_plain(&client, &reference, &image.layers, &image.config)
         .await
         .expect("push over TLS trusted by the CA in hosts.toml, credentials from the source");
@@ -1188,7 +1196,13 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
     let out = tempfile::tempdir().expect("temp dir");
     let dest = out.path().join("blob");
     client
-        .pull_blob_to(&reference, &image.layers[0].digest, image.layers[0].size, &dest, &RegistryAuth::Anonymous)
+        .pull_blob_to(
+            &reference,
+            &image.layers[0].digest,
+            image.layers[0].size,
+            &dest,
+            &RegistryAuth::Anonymous,
+        )
         .await
         .expect("pull a blob");
     assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
@@ -1215,8 +1229,8 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
 
     // A wrong password: a permission error naming the registry, no secret,
     // and not retried (the client's options allow two retries).
-    let manifests = format!("/v2/private/app/manifests/");
-    let before = registry.requests("GET", &manifests);
+    let manifests = "/v2/private/app/manifests/";
+    let before = registry.requests("GET", manifests);
     let err = wrong_source
         .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
         .await
@@ -1229,7 +1243,7 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
     assert!(!message.contains(PASSWORD), "no secret: {message}");
     assert!(!format!("{err:?}").contains("not-the-password"), "no secret: {err:?}");
     assert_eq!(
-        registry.requests("GET", &manifests) - before,
+        registry.requests("GET", manifests) - before,
         1,
         "one attempt, no retry: {}",
         registry.log_text()
@@ -1256,10 +1270,13 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
             certs.join("other-ca.crt").display().to_string()
         ),
     );
-    let err = RegistryClient::new(options_with(&other_d, Some(FixedCredentials::with(&host, USER, PASSWORD))))
-        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
-        .await
-        .expect_err("a CA that did not sign the certificate");
+    let err = RegistryClient::new(options_with(
+        &other_d,
+        Some(FixedCredentials::with(&host, USER, PASSWORD)),
+    ))
+    .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+    .await
+    .expect_err("a CA that did not sign the certificate");
     assert!(matches!(err, RegistryError::UntrustedCertificate { .. }), "{err}");
 }
 
@@ -1276,7 +1293,9 @@ async fn a_mirror_serves_pulls_and_the_upstream_takes_pushes() {
     write_hosts(
         &certs_d,
         &up,
-        &format!("server = \"http://{up}\"\n\n[host.\"http://{mirror_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        &format!(
+            "server = \"http://{up}\"\n\n[host.\"http://{mirror_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
     );
     let image = test_image();
     let reference = format!("{up}/mirrored/app:v1");
@@ -1332,11 +1351,21 @@ async fn a_mirror_serves_pulls_and_the_upstream_takes_pushes() {
     let out = tempfile::tempdir().expect("temp dir");
     let dest = out.path().join("blob");
     client
-        .pull_blob_to(&reference, &image.layers[1].digest, image.layers[1].size, &dest, &RegistryAuth::Anonymous)
+        .pull_blob_to(
+            &reference,
+            &image.layers[1].digest,
+            image.layers[1].size,
+            &dest,
+            &RegistryAuth::Anonymous,
+        )
         .await
         .expect("a blob from the mirror");
     assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[1]);
-    assert!(mirror.requests("GET", "/v2/mirrored/app/blobs/") >= 2, "{}", mirror.log_text());
+    assert!(
+        mirror.requests("GET", "/v2/mirrored/app/blobs/") >= 2,
+        "{}",
+        mirror.log_text()
+    );
 
     // Pushes never go to the mirror: with the upstream down they fail.
     let err = push_plain(&client, &format!("{up}/mirrored/app:v2"), &image.layers, &image.config)
@@ -1396,8 +1425,14 @@ async fn a_bad_hosts_toml_is_a_clear_error() {
     let reference = format!("{host}/bad/app:v1");
     for (text, field) in [
         ("capabilities = [\"pull\", \"delete\"]\n", "capabilities"),
-        ("[host.\"https://mirror.example\"]\nclient = [\"c.pem\", \"k.pem\"]\n", "client certificates are not supported"),
-        ("[host.\"https://mirror.example\"]\nca = \"missing.crt\"\n", "missing.crt"),
+        (
+            "[host.\"https://mirror.example\"]\nclient = [\"c.pem\", \"k.pem\"]\n",
+            "client certificates are not supported",
+        ),
+        (
+            "[host.\"https://mirror.example\"]\nca = \"missing.crt\"\n",
+            "missing.crt",
+        ),
         ("server = \"https://mirror.example/some/path\"\n", "path \"/some/path\""),
         ("server = [\n", "hosts.toml"),
         ("skip_verfy = true\n", "skip_verfy"),
@@ -1418,8 +1453,13 @@ async fn a_bad_hosts_toml_is_a_clear_error() {
     // Only push-incapable endpoints: a push has nowhere to go.
     write_hosts(&certs_d, &host, "capabilities = [\"pull\", \"resolve\"]\n");
     let image = test_image();
-    let err = push_plain(&RegistryClient::new(options_with(&certs_d, None)), &reference, &image.layers, &image.config)
-        .await
-        .expect_err("no push endpoint");
+    let err = push_plain(
+        &RegistryClient::new(options_with(&certs_d, None)),
+        &reference,
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("no push endpoint");
     assert!(matches!(err, RegistryError::NoEndpoint { .. }), "{err}");
 }

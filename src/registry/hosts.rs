@@ -462,7 +462,7 @@ fn read_ca(ca: &Path, path: &Path, field: &str) -> Result<Vec<CaCertificate>, Ho
             return Err(error("a certificate block has no end".to_string()));
         };
         let end = start + length + END.len();
-        let mut pem = rest[start..end].as_bytes().to_vec();
+        let mut pem = rest.as_bytes()[start..end].to_vec();
         pem.push(b'\n');
         certificates.push(CaCertificate {
             path: ca.to_path_buf(),
@@ -494,9 +494,15 @@ mod tests {
         assert_eq!(endpoints[0].scheme, Scheme::Https);
         assert_eq!(endpoints[0].host, "registry.example:5000");
         assert!(endpoints[0].is_server && !endpoints[0].http_fallback);
-        assert_eq!(RegistryHosts::none().endpoints("docker.io").unwrap()[0].host, "registry-1.docker.io");
+        assert_eq!(
+            RegistryHosts::none().endpoints("docker.io").unwrap()[0].host,
+            "registry-1.docker.io"
+        );
         for loopback in ["127.0.0.1:5000", "localhost:5000", "[::1]:5000", "127.1.2.3"] {
-            assert!(RegistryHosts::none().endpoints(loopback).unwrap()[0].http_fallback, "{loopback}");
+            assert!(
+                RegistryHosts::none().endpoints(loopback).unwrap()[0].http_fallback,
+                "{loopback}"
+            );
         }
     }
 
@@ -547,7 +553,10 @@ server = "https://registry.example"
         let other = dir.path().join("other.pem");
         std::fs::write(
             host_dir.join("hosts.toml"),
-            format!("server = \"https://registry.example:5000\"\nca = [\"ca.crt\", {:?}]\n", other),
+            format!(
+                "server = \"https://registry.example:5000\"\nca = [\"ca.crt\", {:?}]\n",
+                other
+            ),
         )
         .unwrap();
         let hosts = RegistryHosts::at(dir.path());
@@ -572,14 +581,23 @@ server = "https://registry.example"
         for (text, needle) in [
             ("server = 5\n", "server"),
             ("capabilities = [\"pull\", \"delete\"]\n", "capabilities"),
-            ("[host.\"https://m\"]\ncapabilities = [\"fly\"]\n", "host.\"https://m\".capabilities"),
-            ("[host.\"https://m\"]\nclient = \"c.pem\"\n", "client certificates are not supported"),
+            (
+                "[host.\"https://m\"]\ncapabilities = [\"fly\"]\n",
+                "host.\"https://m\".capabilities",
+            ),
+            (
+                "[host.\"https://m\"]\nclient = \"c.pem\"\n",
+                "client certificates are not supported",
+            ),
             ("client = [\"c.pem\", \"k.pem\"]\n", "server.client"),
             ("[host.\"ftp://m\"]\n", "scheme \"ftp\""),
             ("[host.\"https://m/other/path\"]\n", "path \"/other/path\""),
             ("[host.\"https://m\"]\nheader = { a = \"b\" }\n", "header"),
             ("unknown = 1\n", "unknown field"),
-            ("[host.\"https://m\"]\nca = \"/nonexistent/ca.crt\"\n", "/nonexistent/ca.crt"),
+            (
+                "[host.\"https://m\"]\nca = \"/nonexistent/ca.crt\"\n",
+                "/nonexistent/ca.crt",
+            ),
             ("server = \"https://\"\n", "no usable host"),
         ] {
             let err = parse(text, "h").expect_err(text).to_string();

@@ -128,12 +128,20 @@ pub enum RegistryError {
     },
     #[error("blob file {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// Boxed: a file error names more than any other, and every result
+    /// of this module carries the largest variant's size.
     #[error(transparent)]
-    Hosts(#[from] HostsError),
+    Hosts(Box<HostsError>),
     #[error("credentials for registry {registry}: {message}")]
     Credentials { registry: String, message: String },
     #[error("registry {registry}: no endpoint in its host configuration may {operation}")]
     NoEndpoint { registry: String, operation: &'static str },
+}
+
+impl From<HostsError> for RegistryError {
+    fn from(err: HostsError) -> Self {
+        RegistryError::Hosts(Box::new(err))
+    }
 }
 
 impl Classify for RegistryError {
@@ -493,15 +501,20 @@ impl RegistryClient {
         let manifest_digest = sha256_digest(&body);
 
         let manifest_url = on_endpoints!(self, &parsed, auth, Need::Push, |session| async {
-                for layer in layers {
-                    self.push_blob_once(session, &layer.digest, layer.size, &layer.data)
-                        .await?;
-                }
-                let config_data = LayerData::Bytes(config.to_vec());
-                self.push_blob_once(session, &config_digest, config.len() as u64, &config_data)
+            for layer in layers {
+                self.push_blob_once(session, &layer.digest, layer.size, &layer.data)
                     .await?;
-                let object = format!("manifest {}", session.reference.whole());
-                self.with_retries(session.retries, "manifest upload", &manifest_digest, &session.registry, || {
+            }
+            let config_data = LayerData::Bytes(config.to_vec());
+            self.push_blob_once(session, &config_digest, config.len() as u64, &config_data)
+                .await?;
+            let object = format!("manifest {}", session.reference.whole());
+            self.with_retries(
+                session.retries,
+                "manifest upload",
+                &manifest_digest,
+                &session.registry,
+                || {
                     let body = body.clone();
                     let object = &object;
                     async move {
@@ -513,9 +526,10 @@ impl RegistryClient {
                             .await
                             .map_err(|err| classify_oci(err, &session.registry, object))
                     }
-                })
-                .await
-            })?;
+                },
+            )
+            .await
+        })?;
         info!(digest = %manifest_digest, "pushed image manifest");
         Ok(PushedImage {
             reference: parsed.whole(),
@@ -588,9 +602,13 @@ impl RegistryClient {
                 });
             }
             let config = self
-                .with_retries(session.retries, "config pull", config_digest.as_str(), &session.registry, || {
-                    read_blob_bounded(session, &config_digest, declared, &config_object)
-                })
+                .with_retries(
+                    session.retries,
+                    "config pull",
+                    config_digest.as_str(),
+                    &session.registry,
+                    || read_blob_bounded(session, &config_digest, declared, &config_object),
+                )
                 .await?;
             Ok(PulledManifest {
                 manifest,
@@ -610,14 +628,15 @@ impl RegistryClient {
         check_digest_format(&object, digest)?;
         on_endpoints!(self, &parsed, auth, resolve_need(&parsed), |session| async {
             let (manifest, _) = self.pull_image_manifest(session).await?;
-            let layer = manifest
-                .layers
-                .iter()
-                .find(|l| l.digest == digest)
-                .ok_or_else(|| RegistryError::NotInImage {
-                    reference: session.reference.whole(),
-                    digest: digest.to_string(),
-                })?;
+            let layer =
+                manifest
+                    .layers
+                    .iter()
+                    .find(|l| l.digest == digest)
+                    .ok_or_else(|| RegistryError::NotInImage {
+                        reference: session.reference.whole(),
+                        digest: digest.to_string(),
+                    })?;
             descriptor_size(&object, layer.size)
         })
     }
@@ -675,11 +694,11 @@ impl RegistryClient {
         let digest = check_digest_format(&object, digest)?;
         let partial = partial_path(dest);
         let size = on_endpoints!(self, &parsed, auth, Need::Pull, |session| async {
-                self.with_retries(session.retries, "blob pull", digest.as_str(), &session.registry, || {
-                    download_blob(session, &digest, size, &object, &partial)
-                })
-                .await
-            });
+            self.with_retries(session.retries, "blob pull", digest.as_str(), &session.registry, || {
+                download_blob(session, &digest, size, &object, &partial)
+            })
+            .await
+        });
         let size = match size {
             Ok(size) => size,
             Err(err) => {
@@ -789,7 +808,16 @@ impl RegistryClient {
             let client = self.build_client(first, endpoint, &registry)?;
             let first_err = match client.auth(&at_endpoint, &auth, operation).await {
                 Ok(token) => {
-                    return self.remember(first, may_fall_back, client, token, &auth, endpoint, &at_endpoint, retries)
+                    return self.remember(
+                        first,
+                        may_fall_back,
+                        client,
+                        token,
+                        &auth,
+                        endpoint,
+                        &at_endpoint,
+                        retries,
+                    )
                 }
                 Err(err) => classify_oci(err, &registry, &format!("registry {registry}")),
             };
@@ -798,7 +826,16 @@ impl RegistryClient {
             };
             let client = self.build_client(fallback, endpoint, &registry)?;
             match client.auth(&at_endpoint, &auth, operation).await {
-                Ok(token) => self.remember(fallback, may_fall_back, client, token, &auth, endpoint, &at_endpoint, retries),
+                Ok(token) => self.remember(
+                    fallback,
+                    may_fall_back,
+                    client,
+                    token,
+                    &auth,
+                    endpoint,
+                    &at_endpoint,
+                    retries,
+                ),
                 Err(err) => Err(combine(
                     first_err,
                     classify_oci(err, &registry, &format!("registry {registry}")),
@@ -976,7 +1013,9 @@ fn resolve_need(reference: &Reference) -> Need {
 fn reference_at(reference: &Reference, host: &str) -> Reference {
     let (host, repository) = (host.to_string(), reference.repository().to_string());
     match (reference.tag(), reference.digest()) {
-        (Some(tag), Some(digest)) => Reference::with_tag_and_digest(host, repository, tag.to_string(), digest.to_string()),
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(host, repository, tag.to_string(), digest.to_string())
+        }
         (None, Some(digest)) => Reference::with_digest(host, repository, digest.to_string()),
         (tag, None) => Reference::with_tag(host, repository, tag.unwrap_or("latest").to_string()),
     }
