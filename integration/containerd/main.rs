@@ -25,6 +25,7 @@ mod env;
 mod grpc;
 mod image;
 mod nydus;
+mod registry_auth;
 mod restore;
 mod stall;
 
