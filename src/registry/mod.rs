@@ -273,7 +273,8 @@ pub struct RegistryOptions {
     /// Mirrors, schemes and CAs per registry host.
     pub hosts: RegistryHosts,
     /// Credentials per endpoint host, asked when a call gives none for its
-    /// registry and for every mirror; None goes anonymous.
+    /// registry and for every mirror; None goes anonymous. Its `Debug` must
+    /// show no secret: these options are printed with the client.
     pub credentials: Option<Arc<dyn CredentialSource>>,
 }
 
@@ -1734,6 +1735,92 @@ mod tests {
     fn credentials_never_show_in_debug_output() {
         let auth = RegistryAuth::Basic("user".into(), "hunter2".into());
         assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+
+    /// Answers every host but broken.example with `<host>` / `pw`, and
+    /// records the hosts asked.
+    #[derive(Debug, Default)]
+    struct PerHost(Mutex<Vec<String>>);
+
+    impl CredentialSource for PerHost {
+        fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
+            self.0.lock().unwrap().push(host.to_string());
+            match host {
+                "broken.example" => Err("the helper failed".to_string()),
+                "anonymous.example" => Ok(None),
+                _ => Ok(Some(RegistryAuth::Basic(host.to_string(), "pw".to_string()))),
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_credentials_are_the_registrys_and_the_source_answers_per_host() {
+        let source = Arc::new(PerHost::default());
+        let client = RegistryClient::new(RegistryOptions {
+            credentials: Some(source.clone()),
+            ..RegistryOptions::default()
+        });
+        let reference = parse_reference("docker.io/library/busybox:latest").unwrap();
+        let server = RegistryHosts::none().endpoints("docker.io").unwrap().remove(0);
+        assert_eq!(server.host, "registry-1.docker.io");
+        let mirror = |host: &str| Endpoint {
+            host: host.to_string(),
+            is_server: false,
+            ..server.clone()
+        };
+        let basic = |user: &str, password: &str| RegistryAuth::Basic(user.to_string(), password.to_string());
+        let explicit = basic("me", "mine");
+        assert_eq!(client.endpoint_auth(&reference, &server, &explicit).unwrap(), explicit);
+        // A mirror never sees the call's credentials: it gets its own.
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &mirror("mirror.example"), &explicit)
+                .unwrap(),
+            basic("mirror.example", "pw")
+        );
+        // The registry's own are looked up by its name, not its API host.
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &server, &RegistryAuth::Anonymous)
+                .unwrap(),
+            basic("docker.io", "pw")
+        );
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &mirror("anonymous.example"), &RegistryAuth::Anonymous)
+                .unwrap(),
+            RegistryAuth::Anonymous
+        );
+        assert_eq!(
+            *source.0.lock().unwrap(),
+            ["mirror.example", "docker.io", "anonymous.example"]
+        );
+        let err = client
+            .endpoint_auth(&reference, &mirror("broken.example"), &RegistryAuth::Anonymous)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Credentials { .. }), "{err}");
+        assert!(err.to_string().contains("broken.example"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+
+        let without_source = RegistryClient::new(RegistryOptions::default());
+        assert_eq!(
+            without_source
+                .endpoint_auth(&reference, &mirror("mirror.example"), &explicit)
+                .unwrap(),
+            RegistryAuth::Anonymous
+        );
+    }
+
+    #[test]
+    fn endpoints_keep_the_reference_but_its_host() {
+        let reference = parse_reference("registry.example:5000/team/app:v1").unwrap();
+        let moved = reference_at(&reference, "mirror.example");
+        assert_eq!(moved.whole(), "mirror.example/team/app:v1");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let pinned = parse_reference(&format!("registry.example/app@{digest}")).unwrap();
+        assert_eq!(reference_at(&pinned, "m:1").whole(), format!("m:1/app@{digest}"));
+        assert_eq!(resolve_need(&pinned), Need::Pull);
+        assert_eq!(resolve_need(&reference), Need::Resolve);
     }
 
     #[test]
