@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use crate::config::FsDriver;
 use crate::error::{Classify, ErrorKind};
 use crate::nydus::{self, BlobId, NydusError};
-use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec};
+use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
 use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions, Scheme};
 use crate::sys::{SysError, SystemOps};
 
@@ -242,9 +242,10 @@ impl BlobSource for RegistryBlobSource {
     }
 
     /// The registry's one endpoint, read chunk by chunk, when nydus-storage
-    /// can reach it as the registry client would. It cannot be given a CA, a
-    /// list of mirrors to fall back on, or credentials: such images are
-    /// fetched whole through the registry client, which can.
+    /// can reach it as the registry client would, with the credentials the
+    /// client's source gives for it. nydus-storage cannot be given a CA or a
+    /// list of mirrors to fall back on: such images are fetched whole
+    /// through the registry client, which can.
     fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
         let parsed = oci_client::Reference::from_str(reference).ok()?;
         let insecure = self.is_insecure(reference);
@@ -256,16 +257,24 @@ impl BlobSource for RegistryBlobSource {
         if !endpoint.ca.is_empty() {
             return None;
         }
-        if let Some(source) = &client.options().credentials {
-            let host = if endpoint.is_server {
-                parsed.registry()
-            } else {
-                endpoint.host.as_str()
-            };
-            if !matches!(source.credentials(host), Ok(None)) {
-                return None;
+        let auth = match &client.options().credentials {
+            None => None,
+            Some(source) => {
+                let host = if endpoint.is_server {
+                    parsed.registry()
+                } else {
+                    endpoint.host.as_str()
+                };
+                // A failing lookup is the whole fetch's to report.
+                match source.credentials(host).ok()? {
+                    None | Some(RegistryAuth::Anonymous) => None,
+                    Some(RegistryAuth::Basic(user, password)) => {
+                        Some(LazyAuth::Basic(base64(format!("{user}:{password}").as_bytes())))
+                    }
+                    Some(RegistryAuth::Bearer(token)) => Some(LazyAuth::Bearer(token)),
+                }
             }
-        }
+        };
         let (scheme, skip_verify) = match endpoint.scheme {
             Scheme::Http => ("http", false),
             // A loopback registry no file configures, as before host files.
@@ -277,8 +286,27 @@ impl BlobSource for RegistryBlobSource {
             repository: parsed.repository().to_string(),
             scheme,
             skip_verify,
+            auth,
         })
     }
+}
+
+/// Standard base64 with padding, as nydus-storage decodes its `auth`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [group[0], *group.get(1).unwrap_or(&0), *group.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Where the blob layer `digest` of an image can be fetched from.
@@ -1113,6 +1141,7 @@ pub(crate) mod testing {
                 repository: repository.to_string(),
                 scheme: "http",
                 skip_verify: false,
+                auth: None,
             })
         }
     }
@@ -1373,6 +1402,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sys.calls(), vec![format!("umount {}", dead.display())]);
+    }
+
+    #[test]
+    fn base64_is_the_standard_padded_alphabet() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(base64(b"user:s3cret"), "dXNlcjpzM2NyZXQ=");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[test]
+    fn lazy_reads_carry_the_sources_credentials_and_leave_cas_and_mirrors_to_whole_fetches() {
+        #[derive(Debug)]
+        struct Private;
+        impl crate::registry::CredentialSource for Private {
+            fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
+                Ok((host == "private.example").then(|| RegistryAuth::Basic("user".into(), "s3cret".into())))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (host, text) in [
+            ("mirrored.example", "[host.\"https://mirror.example\"]\n"),
+            ("ca.example", "ca = \"ca.crt\"\n"),
+        ] {
+            std::fs::create_dir_all(dir.path().join(host)).unwrap();
+            std::fs::write(dir.path().join(host).join("hosts.toml"), text).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("ca.example/ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let source = RegistryBlobSource::with_options(
+            Vec::new(),
+            RegistryOptions {
+                hosts: crate::registry::RegistryHosts::at(dir.path()),
+                credentials: Some(Arc::new(Private)),
+                ..RegistryOptions::default()
+            },
+        );
+        match source.lazy_backend("private.example/app:1") {
+            Some(BlobBackend::Registry {
+                auth: Some(LazyAuth::Basic(basic)),
+                scheme: "https",
+                ref host,
+                ..
+            }) if host == "private.example" => assert_eq!(basic, "dXNlcjpzM2NyZXQ="),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            source.lazy_backend("public.example/app:1"),
+            Some(BlobBackend::Registry { auth: None, .. })
+        ));
+        assert_eq!(
+            source.lazy_backend("mirrored.example/app:1"),
+            None,
+            "mirrors need fallback"
+        );
+        assert_eq!(
+            source.lazy_backend("ca.example/app:1"),
+            None,
+            "nydus-storage takes no CA"
+        );
     }
 
     #[test]

@@ -1597,6 +1597,7 @@ mod tests {
                     repository: "nydus/app".into(),
                     scheme: "http",
                     skip_verify: false,
+                    auth: None,
                 },
                 cache_dir: w.root.join("nydus/fuse-cache"),
                 mountpoint: mountpoint.clone(),
