@@ -762,7 +762,7 @@ impl CommitService {
         self.update(job, 0.05, "reading the base image");
         let source = RegistryClient::new(RegistryOptions {
             insecure: job.options.source_insecure,
-            ..RegistryOptions::default()
+            ..self.snapshotter.registry_options()
         });
         // containerd's content store first: an image imported or built
         // locally may be in no registry at all.
@@ -800,7 +800,7 @@ impl CommitService {
         let built = self.build_commit_layers(job, &plan, &work, compression, parts).await?;
         let target = RegistryClient::new(RegistryOptions {
             insecure: job.options.target_insecure,
-            ..RegistryOptions::default()
+            ..self.snapshotter.registry_options()
         });
         let assembled = match job.options.format {
             Format::Oci => {

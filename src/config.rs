@@ -50,6 +50,65 @@ pub struct Config {
     /// Which checkpoint records restore trusts (see `checkpoint::trust`).
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// How registries are reached: host configuration and credentials.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Directory of containerd-style host configuration:
+    /// `<config_path>/<host[:port]>/hosts.toml` (or `_default/hosts.toml`)
+    /// names a registry host's mirrors, which of them may pull, resolve or
+    /// push, the CAs to trust and the plain-HTTP hosts. Empty reads none.
+    #[serde(default = "default_registry_config_path")]
+    pub config_path: String,
+    /// Docker's `config.json`, where registry credentials are looked up
+    /// (`auths`, `credHelpers`, `credsStore`).
+    #[serde(default = "default_docker_config")]
+    pub docker_config: String,
+}
+
+fn default_registry_config_path() -> String {
+    crate::registry::hosts::DEFAULT_CONFIG_PATH.to_string()
+}
+
+/// `$DOCKER_CONFIG/config.json`, else root's, as docker finds it.
+fn default_docker_config() -> String {
+    match std::env::var("DOCKER_CONFIG") {
+        Ok(dir) if !dir.is_empty() => format!("{}/config.json", dir.trim_end_matches('/')),
+        _ => "/root/.docker/config.json".to_string(),
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            config_path: default_registry_config_path(),
+            docker_config: default_docker_config(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The host configuration `config_path` names.
+    pub fn hosts(&self) -> crate::registry::RegistryHosts {
+        if self.config_path.is_empty() {
+            crate::registry::RegistryHosts::none()
+        } else {
+            crate::registry::RegistryHosts::at(&self.config_path)
+        }
+    }
+
+    /// Registry client options with this host configuration (credentials
+    /// are the caller's to add).
+    pub fn options(&self) -> crate::registry::RegistryOptions {
+        crate::registry::RegistryOptions {
+            hosts: self.hosts(),
+            ..crate::registry::RegistryOptions::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -463,6 +522,7 @@ impl Default for Config {
             nydus: NydusConfig::default(),
             criu: CriuConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -549,6 +609,17 @@ impl Config {
             });
         }
         self.pool_size()?;
+        for (key, value) in [
+            ("registry.config_path", &self.registry.config_path),
+            ("registry.docker_config", &self.registry.docker_config),
+        ] {
+            if !value.is_empty() && !value.starts_with('/') {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{value:?} is not an absolute path"),
+                });
+            }
+        }
         for (key, value, empty_ok) in [
             ("criu.runc", &self.criu.runc, false),
             ("criu.runc_root", &self.criu.runc_root, false),

@@ -125,7 +125,7 @@ pub async fn assemble(
                 .as_ref()
                 .ok_or("the commit chain has no bootstrap to build on")?;
             let layer = work.join("previous-bootstrap.tar.gz");
-            fetch_blob(bootstrap, &layer).await?;
+            fetch_blob(target, bootstrap, &layer).await?;
             let boot = work.join("previous.boot");
             nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
             (boot, keep.clone())
@@ -590,11 +590,12 @@ fn blob_source(layer: &CommitLayer, data: LayerData) -> LayerSource {
     }
 }
 
-/// Downloads a recorded layer from where it was pushed.
-async fn fetch_blob(layer: &CommitLayer, to: &Path) -> Result<(), String> {
+/// Downloads a recorded layer from where it was pushed, with the host
+/// configuration and credentials of `target`'s client.
+async fn fetch_blob(target: &RegistryClient, layer: &CommitLayer, to: &Path) -> Result<(), String> {
     let client = RegistryClient::new(crate::registry::RegistryOptions {
         insecure: layer.insecure,
-        ..Default::default()
+        ..target.options().clone()
     });
     client
         .pull_blob_to(
@@ -682,9 +683,11 @@ pub async fn resolve_reused(
             reused.layer.data = LayerData::File(stored);
         } else if wanted {
             let path = work.join(format!("reused-{i}"));
+            // The target's host configuration and credentials, with the
+            // source's own insecure flag.
             let client = RegistryClient::new(crate::registry::RegistryOptions {
                 insecure: reused.insecure,
-                ..Default::default()
+                ..target.options().clone()
             });
             client
                 .pull_blob_to(

@@ -62,7 +62,29 @@ pub enum BlobBackend {
         repository: String,
         scheme: &'static str,
         skip_verify: bool,
+        /// What nydus-storage authenticates with; None goes anonymous.
+        auth: Option<LazyAuth>,
     },
+}
+
+/// Credentials of a lazily read registry, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LazyAuth {
+    /// base64 of `user:password`: sent as basic auth or exchanged for a
+    /// bearer token, which nydus-storage renews when the registry answers
+    /// 401 (an expired token) and then retries the read once.
+    Basic(String),
+    /// A bearer token, sent as it is.
+    Bearer(String),
+}
+
+impl std::fmt::Debug for LazyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LazyAuth::Basic(_) => f.write_str("LazyAuth::Basic(..)"),
+            LazyAuth::Bearer(_) => f.write_str("LazyAuth::Bearer(..)"),
+        }
+    }
 }
 
 /// What to serve and where.
@@ -101,6 +123,7 @@ pub fn rafs_config(spec: &FuseSpec) -> Result<ConfigV2, FuseError> {
             repository,
             scheme,
             skip_verify,
+            auth,
         } => serde_json::json!({
             "type": "registry",
             "registry": {
@@ -108,6 +131,14 @@ pub fn rafs_config(spec: &FuseSpec) -> Result<ConfigV2, FuseError> {
                 "host": host,
                 "repo": repository,
                 "skip_verify": skip_verify,
+                "auth": match auth {
+                    Some(LazyAuth::Basic(basic)) => Some(basic),
+                    _ => None,
+                },
+                "registry_token": match auth {
+                    Some(LazyAuth::Bearer(token)) => Some(token),
+                    _ => None,
+                },
                 "timeout": REGISTRY_TIMEOUT_SECS,
                 "connect_timeout": REGISTRY_CONNECT_TIMEOUT_SECS,
                 "retry_limit": 2,
@@ -307,6 +338,7 @@ mod tests {
                 repository: "team/app".into(),
                 scheme: "https",
                 skip_verify: true,
+                auth: Some(LazyAuth::Basic("dXNlcjpzM2NyZXQ=".into())),
             },
             cache_dir: "/r/nydus/fuse-cache".into(),
             mountpoint: "/r/nydus/mnt/4".into(),
@@ -320,6 +352,9 @@ mod tests {
             ("registry.local:5000", "team/app", "https")
         );
         assert!(registry.skip_verify);
+        assert_eq!(registry.auth.as_deref(), Some("dXNlcjpzM2NyZXQ="));
+        assert_eq!(registry.registry_token, None);
+        assert!(!format!("{spec:?}").contains("dXNlcjpzM2NyZXQ="), "no secret in Debug");
         assert_eq!(registry.timeout, REGISTRY_TIMEOUT_SECS as u32);
         let cache = config.cache.as_ref().unwrap();
         assert_eq!(cache.cache_type, "filecache");

@@ -40,8 +40,8 @@ use tracing::{info, warn};
 use crate::config::FsDriver;
 use crate::error::{Classify, ErrorKind};
 use crate::nydus::{self, BlobId, NydusError};
-use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec};
-use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions};
+use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
+use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions, Scheme};
 use crate::sys::{SysError, SystemOps};
 
 /// Blocks of RAFS v6 and of the kernel's view of a device.
@@ -167,7 +167,9 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Blobs from the registry of the image they belong to, anonymously.
+/// Blobs from the registry of the image they belong to, through the
+/// endpoints its host configuration names, with the credentials its
+/// credential source gives.
 #[derive(Debug)]
 pub struct RegistryBlobSource {
     secure: RegistryClient,
@@ -178,14 +180,23 @@ pub struct RegistryBlobSource {
 impl RegistryBlobSource {
     /// `insecure_registries` ("host" or "host:port") are reached without
     /// trusted TLS (HTTPS with any certificate, then plain HTTP). Registries
-    /// on loopback always are, as docker treats them: nothing can listen
-    /// there but this host.
+    /// on loopback speak HTTPS or plain HTTP, as docker treats them: nothing
+    /// can listen there but this host.
     pub fn new(insecure_registries: Vec<String>) -> Self {
+        RegistryBlobSource::with_options(insecure_registries, RegistryOptions::default())
+    }
+
+    /// [`RegistryBlobSource::new`] with the host configuration and
+    /// credential source of `options`.
+    pub fn with_options(insecure_registries: Vec<String>, options: RegistryOptions) -> Self {
         RegistryBlobSource {
-            secure: RegistryClient::new(RegistryOptions::default()),
+            secure: RegistryClient::new(RegistryOptions {
+                insecure: false,
+                ..options.clone()
+            }),
             insecure: RegistryClient::new(RegistryOptions {
                 insecure: true,
-                ..RegistryOptions::default()
+                ..options
             }),
             insecure_registries,
         }
@@ -196,18 +207,8 @@ impl RegistryBlobSource {
             // The pull reports the malformed reference.
             return false;
         };
-        let registry = parsed.registry();
-        self.insecure_registries.iter().any(|r| r == registry) || is_loopback_registry(registry)
+        self.insecure_registries.iter().any(|r| r == parsed.registry())
     }
-}
-
-/// Whether `registry` ("host[:port]") names this host.
-fn is_loopback_registry(registry: &str) -> bool {
-    let host = match registry.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => registry.rsplit_once(':').map_or(registry, |(host, _)| host),
-    };
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl BlobSource for RegistryBlobSource {
@@ -240,23 +241,72 @@ impl BlobSource for RegistryBlobSource {
         }
     }
 
+    /// The registry's one endpoint, read chunk by chunk, when nydus-storage
+    /// can reach it as the registry client would, with the credentials the
+    /// client's source gives for it. nydus-storage cannot be given a CA or a
+    /// list of mirrors to fall back on: such images are fetched whole
+    /// through the registry client, which can.
     fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
         let parsed = oci_client::Reference::from_str(reference).ok()?;
-        let host = parsed.resolve_registry().to_string();
-        let (scheme, skip_verify) = if is_loopback_registry(parsed.registry()) {
-            ("http", false)
-        } else if self.is_insecure(reference) {
-            ("https", true)
-        } else {
-            ("https", false)
+        let insecure = self.is_insecure(reference);
+        let client = if insecure { &self.insecure } else { &self.secure };
+        let endpoints = client.endpoints_for(reference, false).ok()?;
+        let [endpoint] = endpoints.as_slice() else {
+            return None;
+        };
+        if !endpoint.ca.is_empty() {
+            return None;
+        }
+        let auth = match &client.options().credentials {
+            None => None,
+            Some(source) => {
+                let host = if endpoint.is_server {
+                    parsed.registry()
+                } else {
+                    endpoint.host.as_str()
+                };
+                // A failing lookup is the whole fetch's to report.
+                match source.credentials(host).ok()? {
+                    None | Some(RegistryAuth::Anonymous) => None,
+                    Some(RegistryAuth::Basic(user, password)) => {
+                        Some(LazyAuth::Basic(base64(format!("{user}:{password}").as_bytes())))
+                    }
+                    Some(RegistryAuth::Bearer(token)) => Some(LazyAuth::Bearer(token)),
+                }
+            }
+        };
+        let (scheme, skip_verify) = match endpoint.scheme {
+            Scheme::Http => ("http", false),
+            // A loopback registry no file configures, as before host files.
+            Scheme::Https if endpoint.http_fallback && !endpoint.skip_verify => ("http", false),
+            Scheme::Https => ("https", insecure || endpoint.skip_verify),
         };
         Some(BlobBackend::Registry {
-            host,
+            host: endpoint.host.clone(),
             repository: parsed.repository().to_string(),
             scheme,
             skip_verify,
+            auth,
         })
     }
+}
+
+/// Standard base64 with padding, as nydus-storage decodes its `auth`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [group[0], *group.get(1).unwrap_or(&0), *group.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Where the blob layer `digest` of an image can be fetched from.
@@ -1091,6 +1141,7 @@ pub(crate) mod testing {
                 repository: repository.to_string(),
                 scheme: "http",
                 skip_verify: false,
+                auth: None,
             })
         }
     }
@@ -1354,6 +1405,71 @@ mod tests {
     }
 
     #[test]
+    fn base64_is_the_standard_padded_alphabet() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(base64(b"user:s3cret"), "dXNlcjpzM2NyZXQ=");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[test]
+    fn lazy_reads_carry_the_sources_credentials_and_leave_cas_and_mirrors_to_whole_fetches() {
+        #[derive(Debug)]
+        struct Private;
+        impl crate::registry::CredentialSource for Private {
+            fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
+                Ok((host == "private.example").then(|| RegistryAuth::Basic("user".into(), "s3cret".into())))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (host, text) in [
+            ("mirrored.example", "[host.\"https://mirror.example\"]\n"),
+            ("ca.example", "ca = \"ca.crt\"\n"),
+        ] {
+            std::fs::create_dir_all(dir.path().join(host)).unwrap();
+            std::fs::write(dir.path().join(host).join("hosts.toml"), text).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("ca.example/ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let source = RegistryBlobSource::with_options(
+            Vec::new(),
+            RegistryOptions {
+                hosts: crate::registry::RegistryHosts::at(dir.path()),
+                credentials: Some(Arc::new(Private)),
+                ..RegistryOptions::default()
+            },
+        );
+        match source.lazy_backend("private.example/app:1") {
+            Some(BlobBackend::Registry {
+                auth: Some(LazyAuth::Basic(basic)),
+                scheme: "https",
+                ref host,
+                ..
+            }) if host == "private.example" => assert_eq!(basic, "dXNlcjpzM2NyZXQ="),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            source.lazy_backend("public.example/app:1"),
+            Some(BlobBackend::Registry { auth: None, .. })
+        ));
+        assert_eq!(
+            source.lazy_backend("mirrored.example/app:1"),
+            None,
+            "mirrors need fallback"
+        );
+        assert_eq!(
+            source.lazy_backend("ca.example/app:1"),
+            None,
+            "nydus-storage takes no CA"
+        );
+    }
+
+    #[test]
     fn loopback_registries_are_reached_without_tls() {
         for registry in [
             "127.0.0.1:5000",
@@ -1362,7 +1478,7 @@ mod tests {
             "[::1]:5000",
             "127.5.0.1",
         ] {
-            assert!(is_loopback_registry(registry), "{registry}");
+            assert!(crate::registry::is_loopback_registry(registry), "{registry}");
         }
         for registry in [
             "docker.io",
@@ -1370,11 +1486,31 @@ mod tests {
             "registry.local:5000",
             "[2001:db8::1]:5000",
         ] {
-            assert!(!is_loopback_registry(registry), "{registry}");
+            assert!(!crate::registry::is_loopback_registry(registry), "{registry}");
         }
         let source = RegistryBlobSource::new(vec!["registry.local:5000".into()]);
-        assert!(source.is_insecure("127.0.0.1:5000/app:1"));
         assert!(source.is_insecure("registry.local:5000/app:1"));
+        // Loopback needs no flag: its lazy reads are plain HTTP.
+        assert!(matches!(
+            source.lazy_backend("127.0.0.1:5000/app:1"),
+            Some(BlobBackend::Registry {
+                scheme: "http",
+                skip_verify: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            source.lazy_backend("registry.local:5000/app:1"),
+            Some(BlobBackend::Registry {
+                scheme: "https",
+                skip_verify: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            source.lazy_backend("docker.io/library/busybox:latest"),
+            Some(BlobBackend::Registry { scheme: "https", skip_verify: false, ref host, .. }) if host == "registry-1.docker.io"
+        ));
         assert!(!source.is_insecure("registry.local:5001/app:1"));
         assert!(!source.is_insecure("docker.io/library/busybox:latest"));
         assert!(digest_hex("sha256:abc").is_err());

@@ -176,6 +176,8 @@ pub struct Snapshotter {
     record_trust: Arc<crate::checkpoint::trust::RecordTrust>,
     /// The largest archive another node may stream in.
     max_received_archive: u64,
+    /// How commits reach registries: `[registry]`'s host configuration.
+    registry: crate::registry::RegistryOptions,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -336,7 +338,8 @@ impl Snapshotter {
     /// Nydus blobs come from their image's registry; only registries on
     /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
-        let source = RegistryBlobSource::new(config.nydus.insecure_registries.clone());
+        let source =
+            RegistryBlobSource::with_options(config.nydus.insecure_registries.clone(), config.registry.options());
         Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), Arc::new(InProcessFuse::new()))
     }
 
@@ -376,6 +379,7 @@ impl Snapshotter {
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
             criu: config.criu.settings(),
+            registry: config.registry.options(),
             shared_namespaces: config.snapshotter.shared_namespaces.clone(),
             record_trust,
             max_received_archive: config.max_received_archive_bytes()?,
@@ -392,6 +396,12 @@ impl Snapshotter {
             warn!("storage is plain directories: a writable layer cannot be snapshotted in O(1) here; use a btrfs root or the pool for seamless commit");
         }
         Ok(snapshotter)
+    }
+
+    /// Options of the registry clients commits build: the host
+    /// configuration (and credentials) every one of them uses.
+    pub fn registry_options(&self) -> crate::registry::RegistryOptions {
+        self.registry.clone()
     }
 
     /// Which runc and criu process-state checkpoints use.
@@ -1587,6 +1597,7 @@ mod tests {
                     repository: "nydus/app".into(),
                     scheme: "http",
                     skip_verify: false,
+                    auth: None,
                 },
                 cache_dir: w.root.join("nydus/fuse-cache"),
                 mountpoint: mountpoint.clone(),

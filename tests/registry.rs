@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use seamless_snapshotter::error::{Classify, ErrorKind};
 use seamless_snapshotter::registry::{
-    LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
+    CredentialSource, LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryHosts,
+    RegistryOptions,
 };
 use sha2::{Digest, Sha256};
 
@@ -42,8 +43,30 @@ struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// How a registry of [`Registry::start_with`] serves.
+#[derive(Default)]
+struct Setup {
+    /// TLS with this certificate and key (PEM files).
+    tls: Option<(PathBuf, PathBuf)>,
+    /// htpasswd basic auth for `USER` / `PASSWORD`.
+    basic_auth: bool,
+}
+
 impl Registry {
     fn start(flavour: Flavour) -> Registry {
+        Registry::start_flavour(flavour, Setup::default())
+    }
+
+    fn start_with(setup: Setup) -> Registry {
+        let flavour = if setup.basic_auth {
+            Flavour::BasicAuth
+        } else {
+            Flavour::Plain
+        };
+        Registry::start_flavour(flavour, setup)
+    }
+
+    fn start_flavour(flavour: Flavour, setup: Setup) -> Registry {
         let binary = which("docker-registry").unwrap_or_else(|| {
             panic!("docker-registry is not installed: `apt-get install docker-registry` (these tests never skip)")
         });
@@ -53,8 +76,12 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: test-secret\n",
             dir.path().join("data").display()
         );
-        if flavour == Flavour::Tls {
-            let (cert, key) = self_signed_certificate(dir.path());
+        let tls = match setup.tls {
+            Some(pair) => Some(pair),
+            None if flavour == Flavour::Tls => Some(self_signed_certificate(dir.path())),
+            None => None,
+        };
+        if let Some((cert, key)) = tls {
             config.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 cert.display(),
@@ -183,6 +210,7 @@ fn fast_options(insecure: bool) -> RegistryOptions {
         insecure,
         retries: 2,
         retry_base_delay: Duration::from_millis(20),
+        ..RegistryOptions::default()
     }
 }
 
@@ -537,6 +565,7 @@ async fn an_unreachable_registry_fails_after_the_retries() {
         insecure: true,
         retries: 3,
         retry_base_delay: Duration::from_millis(50),
+        ..RegistryOptions::default()
     };
     let client = RegistryClient::new(options);
     let image = test_image();
@@ -758,6 +787,7 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
         insecure: true,
         retries: 3,
         retry_base_delay: Duration::from_millis(10),
+        ..RegistryOptions::default()
     };
 
     let busy = FailingRegistry::start(503);
@@ -1067,4 +1097,369 @@ async fn configs_and_blobs_are_read_no_further_than_their_descriptors() {
             .expect_err("not in the image");
         assert!(matches!(err, RegistryError::NotInImage { .. }), "{err}");
     }
+}
+
+/// Credentials by registry host, as a credential helper would give them.
+#[derive(Debug, Default)]
+struct FixedCredentials(std::collections::HashMap<String, (String, String)>);
+
+impl FixedCredentials {
+    fn with(host: &str, user: &str, password: &str) -> std::sync::Arc<FixedCredentials> {
+        let mut map = std::collections::HashMap::new();
+        map.insert(host.to_string(), (user.to_string(), password.to_string()));
+        std::sync::Arc::new(FixedCredentials(map))
+    }
+}
+
+impl CredentialSource for FixedCredentials {
+    fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
+        Ok(self
+            .0
+            .get(host)
+            .map(|(user, password)| RegistryAuth::Basic(user.clone(), password.clone())))
+    }
+}
+
+/// A private CA (`ca.crt`), a second CA (`other-ca.crt`) and a server
+/// certificate for 127.0.0.1 the first signs (`server.crt`, `server.key`),
+/// made by tests/tls/make-certs.sh.
+fn private_ca(dir: &Path) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/make-certs.sh");
+    let certs = dir.join("certs");
+    let output = Command::new("sh")
+        .arg(&script)
+        .arg(&certs)
+        .output()
+        .expect("run make-certs.sh");
+    assert!(
+        output.status.success(),
+        "make-certs.sh failed (it needs openssl): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    certs
+}
+
+/// Writes `<certs.d>/<host>/hosts.toml` with `text`.
+fn write_hosts(certs_d: &Path, host: &str, text: &str) -> PathBuf {
+    let dir = certs_d.join(host);
+    std::fs::create_dir_all(&dir).expect("host dir");
+    let path = dir.join("hosts.toml");
+    std::fs::write(&path, text).expect("write hosts.toml");
+    path
+}
+
+fn options_with(certs_d: &Path, credentials: Option<std::sync::Arc<dyn CredentialSource>>) -> RegistryOptions {
+    RegistryOptions {
+        hosts: RegistryHosts::at(certs_d),
+        credentials,
+        ..fast_options(false)
+    }
+}
+
+/// A registry behind TLS with a private CA and htpasswd basic auth: the CA
+/// named in hosts.toml makes it trusted, the credential source's
+/// credentials for its host let the push and pulls through, the call's own
+/// credentials win over the source's, and a wrong password is a permission
+/// error at once, without the password in it.
+#[tokio::test]
+async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = private_ca(dir.path());
+    let registry = Registry::start_with(Setup {
+        tls: Some((certs.join("server.crt"), certs.join("server.key"))),
+        basic_auth: true,
+    });
+    let host = registry.host();
+    let certs_d = dir.path().join("certs.d");
+    write_hosts(
+        &certs_d,
+        &host,
+        &format!("server = \"https://{host}\"\nca = \"ca.crt\"\n"),
+    );
+    std::fs::copy(certs.join("ca.crt"), certs_d.join(&host).join("ca.crt")).expect("copy CA");
+    let image = test_image();
+    let reference = format!("{host}/private/app:v1");
+
+    let client = RegistryClient::new(options_with(
+        &certs_d,
+        Some(FixedCredentials::with(&host, USER, PASSWORD)),
+    ));
+    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
+        .await
+        .expect("push over TLS trusted by the CA in hosts.toml, credentials from the source");
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull back");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(pulled.config, image.config);
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    client
+        .pull_blob_to(
+            &reference,
+            &image.layers[0].digest,
+            image.layers[0].size,
+            &dest,
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("pull a blob");
+    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
+
+    // No credentials: the registry refuses.
+    let anonymous = RegistryClient::new(options_with(&certs_d, None));
+    let err = anonymous
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("anonymous pull of a private registry");
+    assert!(err.is_permission(), "{err}");
+
+    // The call's own credentials win over the source's (wrong) ones.
+    let wrong_source = RegistryClient::new(options_with(
+        &certs_d,
+        Some(FixedCredentials::with(&host, USER, "not-the-password")),
+    ));
+    let explicit = RegistryAuth::Basic(USER.to_string(), PASSWORD.to_string());
+    let again = wrong_source
+        .pull_manifest_and_config(&reference, &explicit)
+        .await
+        .expect("explicit credentials");
+    assert_eq!(again.manifest_digest, pushed.manifest_digest);
+
+    // A wrong password: a permission error naming the registry, no secret,
+    // and not retried (the client's options allow two retries).
+    let manifests = "/v2/private/app/manifests/";
+    let before = registry.requests("GET", manifests);
+    let err = wrong_source
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("wrong password");
+    assert!(err.is_permission(), "{err}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    let message = err.to_string();
+    assert!(message.contains(&host), "names the registry: {message}");
+    assert!(!message.contains("not-the-password"), "no secret: {message}");
+    assert!(!message.contains(PASSWORD), "no secret: {message}");
+    assert!(!format!("{err:?}").contains("not-the-password"), "no secret: {err:?}");
+    assert_eq!(
+        registry.requests("GET", manifests) - before,
+        1,
+        "one attempt, no retry: {}",
+        registry.log_text()
+    );
+
+    // Without the CA the certificate is not trusted, whatever the credentials.
+    let no_ca = RegistryClient::new(RegistryOptions {
+        credentials: Some(FixedCredentials::with(&host, USER, PASSWORD)),
+        ..fast_options(false)
+    });
+    let err = no_ca
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("a private CA not configured");
+    assert!(matches!(err, RegistryError::UntrustedCertificate { .. }), "{err}");
+    assert!(err.to_string().contains(&host), "{err}");
+    // Nor with another CA in hosts.toml.
+    let other_d = dir.path().join("other.d");
+    write_hosts(
+        &other_d,
+        &host,
+        &format!(
+            "server = \"https://{host}\"\nca = {:?}\n",
+            certs.join("other-ca.crt").display().to_string()
+        ),
+    );
+    let err = RegistryClient::new(options_with(
+        &other_d,
+        Some(FixedCredentials::with(&host, USER, PASSWORD)),
+    ))
+    .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+    .await
+    .expect_err("a CA that did not sign the certificate");
+    assert!(matches!(err, RegistryError::UntrustedCertificate { .. }), "{err}");
+}
+
+/// A mirror named in hosts.toml serves pulls (and is asked first), pushes
+/// go to the server only, a dead mirror gives way to the server, and once
+/// the upstream is stopped the mirror alone serves the image.
+#[tokio::test]
+async fn a_mirror_serves_pulls_and_the_upstream_takes_pushes() {
+    let upstream = Registry::start(Flavour::Plain);
+    let mirror = Registry::start(Flavour::Plain);
+    let (up, mirror_host) = (upstream.host(), mirror.host());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs_d = dir.path().join("certs.d");
+    write_hosts(
+        &certs_d,
+        &up,
+        &format!(
+            "server = \"http://{up}\"\n\n[host.\"http://{mirror_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    );
+    let image = test_image();
+    let reference = format!("{up}/mirrored/app:v1");
+    let client = RegistryClient::new(options_with(&certs_d, None));
+    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
+        .await
+        .expect("push through hosts.toml");
+    assert_eq!(mirror.requests("PUT", "/v2/"), 0, "a pull-only mirror takes no push");
+    assert_eq!(mirror.requests("POST", "/v2/"), 0, "a pull-only mirror takes no push");
+    assert_eq!(upstream.requests("PUT", "/v2/mirrored/app/manifests/v1"), 1);
+
+    // The mirror is asked first: it lacks the image, so the server serves.
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull falls back to the server");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(mirror.requests("GET", "/v2/mirrored/app/manifests/v1"), 1);
+
+    // A mirror nobody listens on gives way to the server.
+    let dead_d = dir.path().join("dead.d");
+    write_hosts(
+        &dead_d,
+        &up,
+        &format!(
+            "server = \"http://{up}\"\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            free_port()
+        ),
+    );
+    let dead_mirror = RegistryClient::new(options_with(&dead_d, None));
+    let pulled = dead_mirror
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull past a dead mirror");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+
+    // The mirror receives the image, then the upstream goes down.
+    let direct = RegistryClient::new(fast_options(false));
+    push_plain(
+        &direct,
+        &format!("{mirror_host}/mirrored/app:v1"),
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect("fill the mirror");
+    drop(upstream);
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("the mirror serves while the upstream is down");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    client
+        .pull_blob_to(
+            &reference,
+            &image.layers[1].digest,
+            image.layers[1].size,
+            &dest,
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("a blob from the mirror");
+    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[1]);
+    assert!(
+        mirror.requests("GET", "/v2/mirrored/app/blobs/") >= 2,
+        "{}",
+        mirror.log_text()
+    );
+
+    // Pushes never go to the mirror: with the upstream down they fail.
+    let err = push_plain(&client, &format!("{up}/mirrored/app:v2"), &image.layers, &image.config)
+        .await
+        .expect_err("the only push endpoint is down");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains(&up), "{err}");
+}
+
+/// A registry name that is no host at all reaches a plain-HTTP registry
+/// through hosts.toml's `server`, without any insecure flag; a loopback
+/// registry needs no file either.
+#[tokio::test]
+async fn plain_http_hosts_need_no_insecure_flag() {
+    let registry = Registry::start(Flavour::Plain);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs_d = dir.path().join("certs.d");
+    let name = "registry.seamless.invalid:5000";
+    write_hosts(&certs_d, name, &format!("server = \"http://{}\"\n", registry.host()));
+    let image = test_image();
+    let reference = format!("{name}/plain/app:v1");
+    let client = RegistryClient::new(options_with(&certs_d, None));
+    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
+        .await
+        .expect("push to a plain-HTTP server named in hosts.toml");
+    assert_eq!(registry.requests("PUT", "/v2/plain/app/manifests/v1"), 1);
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull back");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+
+    // Without the file the name reaches nothing.
+    let err = RegistryClient::new(fast_options(false))
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("no such host");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+
+    // Loopback: HTTPS is tried, then plain HTTP, with no flag and no file.
+    let loopback = format!("{}/plain/app:v1", registry.host());
+    let pulled = RegistryClient::new(fast_options(false))
+        .pull_manifest_and_config(&loopback, &RegistryAuth::Anonymous)
+        .await
+        .expect("a loopback registry over plain HTTP");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+}
+
+/// A hosts.toml that cannot be used fails every call on its registry with
+/// an error naming the file and the field, before any request.
+#[tokio::test]
+async fn a_bad_hosts_toml_is_a_clear_error() {
+    let registry = Registry::start(Flavour::Plain);
+    let host = registry.host();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs_d = dir.path().join("certs.d");
+    let reference = format!("{host}/bad/app:v1");
+    for (text, field) in [
+        ("capabilities = [\"pull\", \"delete\"]\n", "capabilities"),
+        (
+            "[host.\"https://mirror.example\"]\nclient = [\"c.pem\", \"k.pem\"]\n",
+            "client certificates are not supported",
+        ),
+        (
+            "[host.\"https://mirror.example\"]\nca = \"missing.crt\"\n",
+            "missing.crt",
+        ),
+        ("server = \"https://mirror.example/some/path\"\n", "path \"/some/path\""),
+        ("server = [\n", "hosts.toml"),
+        ("skip_verfy = true\n", "skip_verfy"),
+    ] {
+        let path = write_hosts(&certs_d, &host, text);
+        let client = RegistryClient::new(options_with(&certs_d, None));
+        let err = client
+            .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+            .await
+            .expect_err(text);
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{text}: {message}");
+        assert!(message.contains(field), "{text}: {message}");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{text}: {message}");
+    }
+    assert_eq!(registry.requests("GET", "/v2/"), 0, "no request made");
+
+    // Only push-incapable endpoints: a push has nowhere to go.
+    write_hosts(&certs_d, &host, "capabilities = [\"pull\", \"resolve\"]\n");
+    let image = test_image();
+    let err = push_plain(
+        &RegistryClient::new(options_with(&certs_d, None)),
+        &reference,
+        &image.layers,
+        &image.config,
+    )
+    .await
+    .expect_err("no push endpoint");
+    assert!(matches!(err, RegistryError::NoEndpoint { .. }), "{err}");
 }

@@ -27,6 +27,7 @@ mod grpc;
 mod image;
 mod local_image;
 mod nydus;
+mod registry_auth;
 mod restore;
 mod stall;
 

@@ -15,18 +15,29 @@
 //! read with [`RegistryError::TooLarge`] or [`RegistryError::SizeMismatch`],
 //! never an exhausted memory or disk.
 //!
-//! Credentials are given per call and never logged. Each call runs on its own
+//! Which hosts serve a registry's content, over which scheme and trusting
+//! which CAs, comes from containerd-style `hosts.toml` files ([`hosts`]):
+//! pulls try the mirrors that may serve them first and fall back to the next
+//! endpoint when one is unreachable, failing or lacks the content; a push
+//! goes to the first endpoint that may take it. A loopback registry no file
+//! configures speaks HTTPS or, failing that, plain HTTP, as docker's do.
+//!
+//! Credentials are never logged. Explicit ones given per call are for the
+//! reference's own registry; every other endpoint (a mirror) gets what the
+//! client's [`CredentialSource`] says for its host. Each call runs on its own
 //! `oci_client::Client`, because that client remembers the first credentials
 //! it saw for a registry host for as long as it lives.
+
+pub mod hosts;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     OciManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
@@ -41,8 +52,16 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Classify, ErrorKind};
 
+pub use hosts::{is_loopback_registry, Capabilities, Endpoint, HostsError, RegistryHosts, Scheme};
 pub use oci_client::manifest::{OciDescriptor, OciImageManifest};
 pub use oci_client::secrets::RegistryAuth;
+
+/// Where a registry client finds credentials for a registry host it talks to.
+pub trait CredentialSource: Send + Sync + std::fmt::Debug {
+    /// Credentials for `host` ("host" or "host:port", as in a reference;
+    /// docker.io for Docker Hub), or None to go anonymous.
+    fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String>;
+}
 
 /// Size of the reads that feed an upload or a download file.
 const CHUNK_SIZE: usize = 1 << 20;
@@ -109,6 +128,20 @@ pub enum RegistryError {
     },
     #[error("blob file {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// Boxed: a file error names more than any other, and every result
+    /// of this module carries the largest variant's size.
+    #[error(transparent)]
+    Hosts(Box<HostsError>),
+    #[error("credentials for registry {registry}: {message}")]
+    Credentials { registry: String, message: String },
+    #[error("registry {registry}: no endpoint in its host configuration may {operation}")]
+    NoEndpoint { registry: String, operation: &'static str },
+}
+
+impl From<HostsError> for RegistryError {
+    fn from(err: HostsError) -> Self {
+        RegistryError::Hosts(Box::new(err))
+    }
 }
 
 impl Classify for RegistryError {
@@ -121,7 +154,11 @@ impl Classify for RegistryError {
                 ..
             } => ErrorKind::Unavailable,
             // The lead maps a denial to PERMISSION_DENIED through `is_permission`.
-            RegistryError::Denied { .. } | RegistryError::UntrustedCertificate { .. } => ErrorKind::FailedPrecondition,
+            RegistryError::Denied { .. }
+            | RegistryError::UntrustedCertificate { .. }
+            | RegistryError::Hosts(_)
+            | RegistryError::Credentials { .. }
+            | RegistryError::NoEndpoint { .. } => ErrorKind::FailedPrecondition,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
             RegistryError::NotInImage { .. } => ErrorKind::NotFound,
             RegistryError::DigestMismatch { .. }
@@ -148,6 +185,20 @@ impl RegistryError {
             RegistryError::Registry { status: Some(s), .. } => *s == 429 || *s >= 500,
             _ => false,
         }
+    }
+
+    /// Worth asking the next endpoint (a mirror failed): anything but a
+    /// refusal of the credentials, a bad argument or local trouble.
+    fn tries_next_endpoint(&self) -> bool {
+        !matches!(
+            self,
+            RegistryError::Denied { .. }
+                | RegistryError::InvalidReference { .. }
+                | RegistryError::InvalidDigest { .. }
+                | RegistryError::Io { .. }
+                | RegistryError::Hosts(_)
+                | RegistryError::Credentials { .. }
+        )
     }
 }
 
@@ -207,15 +258,24 @@ pub fn is_sha256_hex(hex: &str) -> bool {
 }
 
 /// How the client talks to registries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RegistryOptions {
-    /// Accept a registry without trusted TLS: HTTPS with any certificate is
-    /// tried first, then plain HTTP (as docker treats an insecure registry).
+    /// Accept every endpoint without trusted TLS: HTTPS with any certificate
+    /// is tried first, then plain HTTP (as docker treats an insecure
+    /// registry). A per-request override of what `hosts` says.
     pub insecure: bool,
     /// Further attempts after a failed one, for transient failures only.
+    /// Only the last endpoint of a pull retries: the others give way to the
+    /// next at once.
     pub retries: u32,
     /// Sleep before the first retry; it doubles for each further one.
     pub retry_base_delay: Duration,
+    /// Mirrors, schemes and CAs per registry host.
+    pub hosts: RegistryHosts,
+    /// Credentials per endpoint host, asked when a call gives none for its
+    /// registry and for every mirror; None goes anonymous. Its `Debug` must
+    /// show no secret: these options are printed with the client.
+    pub credentials: Option<Arc<dyn CredentialSource>>,
 }
 
 impl Default for RegistryOptions {
@@ -224,6 +284,43 @@ impl Default for RegistryOptions {
             insecure: false,
             retries: 4,
             retry_base_delay: Duration::from_millis(500),
+            hosts: RegistryHosts::none(),
+            credentials: None,
+        }
+    }
+}
+
+/// What a call asks of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Blobs by digest.
+    Pull,
+    /// A manifest by tag (or by digest, which needs only `pull`).
+    Resolve,
+    Push,
+}
+
+impl Need {
+    fn capabilities(self) -> Capabilities {
+        Capabilities {
+            pull: self != Need::Push,
+            resolve: self == Need::Resolve,
+            push: self == Need::Push,
+        }
+    }
+
+    fn operation(self) -> RegistryOperation {
+        match self {
+            Need::Push => RegistryOperation::Push,
+            Need::Pull | Need::Resolve => RegistryOperation::Pull,
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Need::Pull => "pull",
+            Need::Resolve => "resolve",
+            Need::Push => "push",
         }
     }
 }
@@ -273,12 +370,6 @@ pub struct PulledManifest {
     pub config: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scheme {
-    Https,
-    Http,
-}
-
 /// Pushes and pulls images; cheap to share, holds no connection.
 #[derive(Debug)]
 pub struct RegistryClient {
@@ -287,11 +378,15 @@ pub struct RegistryClient {
     schemes: Mutex<HashMap<String, Scheme>>,
 }
 
-/// One call's view of one registry: a client carrying that call's credentials.
+/// One call's view of one endpoint: a client carrying that call's credentials.
 struct Session {
     client: Client,
+    /// The call's reference, at the endpoint's host.
     reference: Reference,
+    /// The endpoint's host.
     registry: String,
+    /// Retries of each request: none when another endpoint is next.
+    retries: u32,
     /// Manifests are read with this client rather than oci-client's, which
     /// reads a whole body whatever its size.
     http: reqwest::Client,
@@ -308,6 +403,45 @@ enum Credentials {
 }
 
 static CRYPTO_PROVIDER: Once = Once::new();
+
+/// Runs `$body` with `$session` bound to a session of each endpoint of
+/// `$reference`'s registry that can serve `$need`, in turn, until one
+/// succeeds or fails in a way the next cannot mend. A macro rather than a
+/// function taking an async closure: the futures of such closures are not
+/// `Send` for every lifetime, which the daemon's spawned jobs need.
+macro_rules! on_endpoints {
+    ($client:expr, $reference:expr, $auth:expr, $need:expr, |$session:ident| $body:expr) => {{
+        let client = $client;
+        let reference: &Reference = $reference;
+        let endpoints = client.capable_endpoints(reference, $need)?;
+        let count = endpoints.len();
+        let mut outcome = None;
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            let last = index + 1 == count;
+            let result = match client.open_session(reference, endpoint, $auth, $need, last).await {
+                Ok(session) => {
+                    let $session = &session;
+                    $body.await
+                }
+                Err(err) => Err(err),
+            };
+            match result {
+                Err(err) if client.gives_way(reference, endpoint, last, &err) => {}
+                result => {
+                    outcome = Some(result);
+                    break;
+                }
+            }
+        }
+        // capable_endpoints returns at least one endpoint, and the last one's result is kept.
+        outcome.unwrap_or_else(|| {
+            Err(RegistryError::NoEndpoint {
+                registry: reference.registry().to_string(),
+                operation: $need.verb(),
+            })
+        })
+    }};
+}
 
 impl RegistryClient {
     pub fn new(options: RegistryOptions) -> Self {
@@ -326,9 +460,9 @@ impl RegistryClient {
     }
 
     /// Pushes `layers` (in order), `config` and an OCI image manifest
-    /// annotated with `manifest_annotations` to `reference`. Every blob is
-    /// verified before the first upload, so a bad one leaves the registry
-    /// untouched.
+    /// annotated with `manifest_annotations` to `reference`, at the first
+    /// endpoint of its registry that may take a push. Every blob is verified
+    /// before the first upload, so a bad one leaves the registry untouched.
     #[instrument(level = "info", err(level = "info"), skip_all, fields(reference = %reference, layers = layers.len()))]
     pub async fn push_image(
         &self,
@@ -349,22 +483,12 @@ impl RegistryClient {
             verify_layer(layer).await?;
         }
         let config_digest = sha256_digest(config);
-
-        let session = self.open_session(parsed, auth, RegistryOperation::Push).await?;
-        for layer in layers {
-            self.push_blob_once(&session, &layer.digest, layer.size, &layer.data)
-                .await?;
-        }
-        let config_data = LayerData::Bytes(config.to_vec());
-        self.push_blob_once(&session, &config_digest, config.len() as u64, &config_data)
-            .await?;
-
         let manifest = OciImageManifest {
             schema_version: 2,
             media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
             config: OciDescriptor {
                 media_type: IMAGE_CONFIG_MEDIA_TYPE.to_string(),
-                digest: config_digest,
+                digest: config_digest.clone(),
                 size: config.len() as i64,
                 ..OciDescriptor::default()
             },
@@ -376,24 +500,40 @@ impl RegistryClient {
         // Plain data: serialising cannot fail.
         let body = serde_json::to_vec(&manifest).expect("manifest serialises");
         let manifest_digest = sha256_digest(&body);
-        let object = format!("manifest {}", session.reference.whole());
-        let manifest_url = self
-            .with_retries("manifest upload", &manifest_digest, &session.registry, || {
-                let body = body.clone();
-                async {
-                    // A constant that is a valid header value: parsing cannot fail.
-                    let content_type = OCI_IMAGE_MEDIA_TYPE.parse().expect("media type is a header value");
-                    session
-                        .client
-                        .push_manifest_raw(&session.reference, body, content_type)
-                        .await
-                        .map_err(|err| classify_oci(err, &session.registry, &object))
-                }
-            })
-            .await?;
+
+        let manifest_url = on_endpoints!(self, &parsed, auth, Need::Push, |session| async {
+            for layer in layers {
+                self.push_blob_once(session, &layer.digest, layer.size, &layer.data)
+                    .await?;
+            }
+            let config_data = LayerData::Bytes(config.to_vec());
+            self.push_blob_once(session, &config_digest, config.len() as u64, &config_data)
+                .await?;
+            let object = format!("manifest {}", session.reference.whole());
+            self.with_retries(
+                session.retries,
+                "manifest upload",
+                &manifest_digest,
+                &session.registry,
+                || {
+                    let body = body.clone();
+                    let object = &object;
+                    async move {
+                        // A constant that is a valid header value: parsing cannot fail.
+                        let content_type = OCI_IMAGE_MEDIA_TYPE.parse().expect("media type is a header value");
+                        session
+                            .client
+                            .push_manifest_raw(&session.reference, body, content_type)
+                            .await
+                            .map_err(|err| classify_oci(err, &session.registry, object))
+                    }
+                },
+            )
+            .await
+        })?;
         info!(digest = %manifest_digest, "pushed image manifest");
         Ok(PushedImage {
-            reference: session.reference.whole(),
+            reference: parsed.whole(),
             manifest_digest,
             manifest_url,
         })
@@ -406,7 +546,7 @@ impl RegistryClient {
     }
 
     /// Which of `digests` the repository of `reference` holds, in order,
-    /// asked over one session.
+    /// asked over one session of the endpoint a push would go to.
     #[instrument(level = "debug", err(level = "info"), skip_all, fields(reference = %reference, blobs = digests.len()))]
     pub async fn blobs_present(
         &self,
@@ -421,22 +561,24 @@ impl RegistryClient {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
-        let mut present = Vec::with_capacity(digests.len());
-        for digest in digests {
-            let object = format!("blob {digest}");
-            let exists = self
-                .with_retries("blob check", digest, &session.registry, || async {
-                    session
-                        .client
-                        .blob_exists(&session.reference, digest)
-                        .await
-                        .map_err(|err| classify_oci(err, &session.registry, &object))
-                })
-                .await?;
-            present.push(exists);
-        }
-        Ok(present)
+        // What a later push may reference is what its endpoint holds.
+        on_endpoints!(self, &parsed, auth, Need::Push, |session| async {
+            let mut present = Vec::with_capacity(digests.len());
+            for digest in digests {
+                let object = format!("blob {digest}");
+                let exists = self
+                    .with_retries(session.retries, "blob check", digest, &session.registry, || async {
+                        session
+                            .client
+                            .blob_exists(&session.reference, digest)
+                            .await
+                            .map_err(|err| classify_oci(err, &session.registry, &object))
+                    })
+                    .await?;
+                present.push(exists);
+            }
+            Ok(present)
+        })
     }
 
     /// The image manifest `reference` names and its config blob, each read
@@ -449,26 +591,31 @@ impl RegistryClient {
         auth: &RegistryAuth,
     ) -> Result<PulledManifest, RegistryError> {
         let parsed = parse_reference(reference)?;
-        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
-        let (manifest, manifest_digest) = self.pull_image_manifest(&session).await?;
-        let config_object = format!("config blob {}", manifest.config.digest);
-        let config_digest = check_digest_format(&config_object, &manifest.config.digest)?;
-        let declared = descriptor_size(&config_object, manifest.config.size)?;
-        if declared > MAX_CONFIG_BYTES {
-            return Err(RegistryError::TooLarge {
-                object: format!("{config_object} ({declared} bytes declared)"),
-                limit: MAX_CONFIG_BYTES,
-            });
-        }
-        let config = self
-            .with_retries("config pull", config_digest.as_str(), &session.registry, || {
-                read_blob_bounded(&session, &config_digest, declared, &config_object)
+        on_endpoints!(self, &parsed, auth, resolve_need(&parsed), |session| async {
+            let (manifest, manifest_digest) = self.pull_image_manifest(session).await?;
+            let config_object = format!("config blob {}", manifest.config.digest);
+            let config_digest = check_digest_format(&config_object, &manifest.config.digest)?;
+            let declared = descriptor_size(&config_object, manifest.config.size)?;
+            if declared > MAX_CONFIG_BYTES {
+                return Err(RegistryError::TooLarge {
+                    object: format!("{config_object} ({declared} bytes declared)"),
+                    limit: MAX_CONFIG_BYTES,
+                });
+            }
+            let config = self
+                .with_retries(
+                    session.retries,
+                    "config pull",
+                    config_digest.as_str(),
+                    &session.registry,
+                    || read_blob_bounded(session, &config_digest, declared, &config_object),
+                )
+                .await?;
+            Ok(PulledManifest {
+                manifest,
+                manifest_digest,
+                config,
             })
-            .await?;
-        Ok(PulledManifest {
-            manifest,
-            manifest_digest,
-            config,
         })
     }
 
@@ -480,17 +627,19 @@ impl RegistryClient {
         let parsed = parse_reference(reference)?;
         let object = format!("blob {digest}");
         check_digest_format(&object, digest)?;
-        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
-        let (manifest, _) = self.pull_image_manifest(&session).await?;
-        let layer = manifest
-            .layers
-            .iter()
-            .find(|l| l.digest == digest)
-            .ok_or_else(|| RegistryError::NotInImage {
-                reference: session.reference.whole(),
-                digest: digest.to_string(),
-            })?;
-        descriptor_size(&object, layer.size)
+        on_endpoints!(self, &parsed, auth, resolve_need(&parsed), |session| async {
+            let (manifest, _) = self.pull_image_manifest(session).await?;
+            let layer =
+                manifest
+                    .layers
+                    .iter()
+                    .find(|l| l.digest == digest)
+                    .ok_or_else(|| RegistryError::NotInImage {
+                        reference: session.reference.whole(),
+                        digest: digest.to_string(),
+                    })?;
+            descriptor_size(&object, layer.size)
+        })
     }
 
     /// The image manifest of the session's reference, for this platform when
@@ -498,7 +647,7 @@ impl RegistryClient {
     async fn pull_image_manifest(&self, session: &Session) -> Result<(OciImageManifest, String), RegistryError> {
         let object = format!("manifest {}", session.reference.whole());
         let (body, digest) = self
-            .with_retries("manifest pull", "", &session.registry, || {
+            .with_retries(session.retries, "manifest pull", "", &session.registry, || {
                 read_manifest_bounded(session, &session.reference, &object)
             })
             .await?;
@@ -515,7 +664,7 @@ impl RegistryClient {
         let by_digest = session.reference.clone_with_digest(chosen);
         let object = format!("manifest {}", by_digest.whole());
         let (body, digest) = self
-            .with_retries("manifest pull", "", &session.registry, || {
+            .with_retries(session.retries, "manifest pull", "", &session.registry, || {
                 read_manifest_bounded(session, &by_digest, &object)
             })
             .await?;
@@ -544,13 +693,13 @@ impl RegistryClient {
         let parsed = parse_reference(reference)?;
         let object = format!("blob {digest}");
         let digest = check_digest_format(&object, digest)?;
-        let session = self.open_session(parsed, auth, RegistryOperation::Pull).await?;
         let partial = partial_path(dest);
-        let size = self
-            .with_retries("blob pull", digest.as_str(), &session.registry, || {
-                download_blob(&session, &digest, size, &object, &partial)
+        let size = on_endpoints!(self, &parsed, auth, Need::Pull, |session| async {
+            self.with_retries(session.retries, "blob pull", digest.as_str(), &session.registry, || {
+                download_blob(session, &digest, size, &object, &partial)
             })
-            .await;
+            .await
+        });
         let size = match size {
             Ok(size) => size,
             Err(err) => {
@@ -562,32 +711,132 @@ impl RegistryClient {
         Ok(size)
     }
 
-    /// A client for one call, past the registry's ping and auth challenge.
+    /// The endpoints a call on `reference` may use for `need`, in the order
+    /// tried: every capable one for a pull, the first capable one for a push
+    /// (as containerd pushes).
+    pub fn endpoints_for(&self, reference: &str, push: bool) -> Result<Vec<Endpoint>, RegistryError> {
+        let parsed = parse_reference(reference)?;
+        let need = if push { Need::Push } else { resolve_need(&parsed) };
+        self.capable_endpoints(&parsed, need)
+    }
+
+    fn capable_endpoints(&self, reference: &Reference, need: Need) -> Result<Vec<Endpoint>, RegistryError> {
+        let mut endpoints: Vec<Endpoint> = self
+            .options
+            .hosts
+            .endpoints(reference.registry())?
+            .into_iter()
+            .filter(|endpoint| endpoint.capabilities.covers(need.capabilities()))
+            .collect();
+        if need == Need::Push {
+            endpoints.truncate(1);
+        }
+        if endpoints.is_empty() {
+            return Err(RegistryError::NoEndpoint {
+                registry: reference.registry().to_string(),
+                operation: need.verb(),
+            });
+        }
+        Ok(endpoints)
+    }
+
+    /// Whether a failure at `endpoint` gives way to the next endpoint: a
+    /// refusal of credentials is final, as is any failure of the last one.
+    fn gives_way(&self, reference: &Reference, endpoint: &Endpoint, last: bool, err: &RegistryError) -> bool {
+        let gives_way = !last && err.tries_next_endpoint();
+        if gives_way {
+            warn!(
+                registry = reference.registry(),
+                endpoint = %endpoint.host,
+                error = %err,
+                "registry endpoint failed, trying the next one"
+            );
+        }
+        gives_way
+    }
+
+    /// The credentials for `endpoint`: the call's own for the registry
+    /// itself, else what the credential source says for its host.
+    fn endpoint_auth(
+        &self,
+        reference: &Reference,
+        endpoint: &Endpoint,
+        auth: &RegistryAuth,
+    ) -> Result<RegistryAuth, RegistryError> {
+        if endpoint.is_server && *auth != RegistryAuth::Anonymous {
+            return Ok(auth.clone());
+        }
+        let host = if endpoint.is_server {
+            reference.registry()
+        } else {
+            endpoint.host.as_str()
+        };
+        let Some(source) = &self.options.credentials else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        match source.credentials(host) {
+            Ok(found) => Ok(found.unwrap_or(RegistryAuth::Anonymous)),
+            Err(message) => Err(RegistryError::Credentials {
+                registry: host.to_string(),
+                message,
+            }),
+        }
+    }
+
+    /// A client for one call on one endpoint, past the endpoint's ping and
+    /// auth challenge.
     async fn open_session(
         &self,
-        reference: Reference,
+        reference: &Reference,
+        endpoint: &Endpoint,
         auth: &RegistryAuth,
-        operation: RegistryOperation,
+        need: Need,
+        last: bool,
     ) -> Result<Session, RegistryError> {
-        let registry = reference.resolve_registry().to_string();
-        self.with_retries("registry ping", "", &registry, || async {
-            let known = self.known_scheme(&registry);
-            let (first, fallback) = match (self.options.insecure, known) {
-                (false, _) => (Scheme::Https, None),
-                (true, Some(scheme)) => (scheme, None),
-                (true, None) => (Scheme::Https, Some(Scheme::Http)),
+        let at_endpoint = reference_at(reference, &endpoint.host);
+        let registry = at_endpoint.resolve_registry().to_string();
+        let auth = self.endpoint_auth(reference, endpoint, auth)?;
+        let retries = if last { self.options.retries } else { 0 };
+        let operation = need.operation();
+        let may_fall_back = endpoint.scheme == Scheme::Https && (self.options.insecure || endpoint.http_fallback);
+        self.with_retries(retries, "registry ping", "", &registry, || async {
+            let (first, fallback) = match (endpoint.scheme, may_fall_back, self.known_scheme(&registry)) {
+                (Scheme::Http, _, _) => (Scheme::Http, None),
+                (Scheme::Https, false, _) => (Scheme::Https, None),
+                (Scheme::Https, true, Some(known)) => (known, None),
+                (Scheme::Https, true, None) => (Scheme::Https, Some(Scheme::Http)),
             };
-            let client = self.build_client(first, &registry)?;
-            let first_err = match client.auth(&reference, auth, operation).await {
-                Ok(token) => return self.remember(first, client, token, auth, reference.clone(), &registry),
+            let client = self.build_client(first, endpoint, &registry)?;
+            let first_err = match client.auth(&at_endpoint, &auth, operation).await {
+                Ok(token) => {
+                    return self.remember(
+                        first,
+                        may_fall_back,
+                        client,
+                        token,
+                        &auth,
+                        endpoint,
+                        &at_endpoint,
+                        retries,
+                    )
+                }
                 Err(err) => classify_oci(err, &registry, &format!("registry {registry}")),
             };
             let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
                 return Err(first_err);
             };
-            let client = self.build_client(fallback, &registry)?;
-            match client.auth(&reference, auth, operation).await {
-                Ok(token) => self.remember(fallback, client, token, auth, reference.clone(), &registry),
+            let client = self.build_client(fallback, endpoint, &registry)?;
+            match client.auth(&at_endpoint, &auth, operation).await {
+                Ok(token) => self.remember(
+                    fallback,
+                    may_fall_back,
+                    client,
+                    token,
+                    &auth,
+                    endpoint,
+                    &at_endpoint,
+                    retries,
+                ),
                 Err(err) => Err(combine(
                     first_err,
                     classify_oci(err, &registry, &format!("registry {registry}")),
@@ -602,18 +851,22 @@ impl RegistryClient {
         self.schemes.lock().ok()?.get(registry).copied()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn remember(
         &self,
         scheme: Scheme,
+        probed: bool,
         client: Client,
         token: Option<String>,
         auth: &RegistryAuth,
-        reference: Reference,
-        registry: &str,
+        endpoint: &Endpoint,
+        reference: &Reference,
+        retries: u32,
     ) -> Result<Session, RegistryError> {
-        if self.options.insecure {
+        let registry = reference.resolve_registry().to_string();
+        if probed {
             if let Ok(mut schemes) = self.schemes.lock() {
-                schemes.insert(registry.to_string(), scheme);
+                schemes.insert(registry.clone(), scheme);
             }
         }
         debug!(registry, ?scheme, "registry answered");
@@ -625,36 +878,53 @@ impl RegistryClient {
         };
         Ok(Session {
             client,
-            reference,
-            registry: registry.to_string(),
-            http: self.build_http_client(registry)?,
+            reference: reference.clone(),
+            http: self.build_http_client(endpoint, &registry)?,
+            registry,
+            retries,
             scheme,
             credentials,
         })
     }
 
-    /// The plain HTTP client that reads manifests, with the TLS policy and
-    /// timeouts of oci-client's.
-    fn build_http_client(&self, registry: &str) -> Result<reqwest::Client, RegistryError> {
-        reqwest::Client::builder()
-            .danger_accept_invalid_certs(self.options.insecure)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(MANIFEST_READ_TIMEOUT)
-            .build()
-            .map_err(|err| RegistryError::Registry {
-                status: None,
-                object: format!("client for {registry}"),
-                message: error_chain(&err),
-            })
+    /// Whether TLS certificates of `endpoint` go unchecked.
+    fn skips_verify(&self, endpoint: &Endpoint) -> bool {
+        self.options.insecure || endpoint.skip_verify
     }
 
-    fn build_client(&self, scheme: Scheme, registry: &str) -> Result<Client, RegistryError> {
+    /// The plain HTTP client that reads manifests, with the TLS policy and
+    /// timeouts of oci-client's.
+    fn build_http_client(&self, endpoint: &Endpoint, registry: &str) -> Result<reqwest::Client, RegistryError> {
+        let failed = |err: reqwest::Error| RegistryError::Registry {
+            status: None,
+            object: format!("client for {registry}"),
+            message: error_chain(&err),
+        };
+        let mut builder = reqwest::Client::builder()
+            .danger_accept_invalid_certs(self.skips_verify(endpoint))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(MANIFEST_READ_TIMEOUT);
+        for ca in &endpoint.ca {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&ca.pem).map_err(failed)?);
+        }
+        builder.build().map_err(failed)
+    }
+
+    fn build_client(&self, scheme: Scheme, endpoint: &Endpoint, registry: &str) -> Result<Client, RegistryError> {
         let config = ClientConfig {
             protocol: match scheme {
                 Scheme::Https => ClientProtocol::Https,
                 Scheme::Http => ClientProtocol::Http,
             },
-            accept_invalid_certificates: self.options.insecure,
+            accept_invalid_certificates: self.skips_verify(endpoint),
+            extra_root_certificates: endpoint
+                .ca
+                .iter()
+                .map(|ca| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: ca.pem.clone(),
+                })
+                .collect(),
             // One PUT per blob, its body streamed: chunked PATCHes would cost a
             // request per 4 MiB of a multi-GB layer.
             use_monolithic_push: true,
@@ -678,7 +948,7 @@ impl RegistryClient {
         data: &LayerData,
     ) -> Result<(), RegistryError> {
         let object = format!("blob {digest}");
-        self.with_retries("blob upload", digest, &session.registry, || async {
+        self.with_retries(session.retries, "blob upload", digest, &session.registry, || async {
             let exists = session
                 .client
                 .blob_exists(&session.reference, digest)
@@ -695,10 +965,11 @@ impl RegistryClient {
         .await
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the retries are
-    /// spent, sleeping `retry_base_delay * 2^n` between attempts.
+    /// Runs `attempt` until it succeeds, fails for good, or the `retries`
+    /// are spent, sleeping `retry_base_delay * 2^n` between attempts.
     async fn with_retries<T, F, Fut>(
         &self,
+        retries: u32,
         operation: &'static str,
         digest: &str,
         registry: &str,
@@ -708,7 +979,7 @@ impl RegistryClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
-        let attempts = self.options.retries.saturating_add(1);
+        let attempts = retries.saturating_add(1);
         let mut number = 1;
         loop {
             debug!(operation, registry, digest, attempt = number, "registry request");
@@ -726,6 +997,28 @@ impl RegistryClient {
                 }
             }
         }
+    }
+}
+
+/// What reading the manifest of `reference` needs: a tag is resolved, a
+/// digest only pulled.
+fn resolve_need(reference: &Reference) -> Need {
+    if reference.digest().is_some() {
+        Need::Pull
+    } else {
+        Need::Resolve
+    }
+}
+
+/// `reference` with its repository, tag and digest at registry `host`.
+fn reference_at(reference: &Reference, host: &str) -> Reference {
+    let (host, repository) = (host.to_string(), reference.repository().to_string());
+    match (reference.tag(), reference.digest()) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(host, repository, tag.to_string(), digest.to_string())
+        }
+        (None, Some(digest)) => Reference::with_digest(host, repository, digest.to_string()),
+        (tag, None) => Reference::with_tag(host, repository, tag.unwrap_or("latest").to_string()),
     }
 }
 
@@ -1442,6 +1735,92 @@ mod tests {
     fn credentials_never_show_in_debug_output() {
         let auth = RegistryAuth::Basic("user".into(), "hunter2".into());
         assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+
+    /// Answers every host but broken.example with `<host>` / `pw`, and
+    /// records the hosts asked.
+    #[derive(Debug, Default)]
+    struct PerHost(Mutex<Vec<String>>);
+
+    impl CredentialSource for PerHost {
+        fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
+            self.0.lock().unwrap().push(host.to_string());
+            match host {
+                "broken.example" => Err("the helper failed".to_string()),
+                "anonymous.example" => Ok(None),
+                _ => Ok(Some(RegistryAuth::Basic(host.to_string(), "pw".to_string()))),
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_credentials_are_the_registrys_and_the_source_answers_per_host() {
+        let source = Arc::new(PerHost::default());
+        let client = RegistryClient::new(RegistryOptions {
+            credentials: Some(source.clone()),
+            ..RegistryOptions::default()
+        });
+        let reference = parse_reference("docker.io/library/busybox:latest").unwrap();
+        let server = RegistryHosts::none().endpoints("docker.io").unwrap().remove(0);
+        assert_eq!(server.host, "registry-1.docker.io");
+        let mirror = |host: &str| Endpoint {
+            host: host.to_string(),
+            is_server: false,
+            ..server.clone()
+        };
+        let basic = |user: &str, password: &str| RegistryAuth::Basic(user.to_string(), password.to_string());
+        let explicit = basic("me", "mine");
+        assert_eq!(client.endpoint_auth(&reference, &server, &explicit).unwrap(), explicit);
+        // A mirror never sees the call's credentials: it gets its own.
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &mirror("mirror.example"), &explicit)
+                .unwrap(),
+            basic("mirror.example", "pw")
+        );
+        // The registry's own are looked up by its name, not its API host.
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &server, &RegistryAuth::Anonymous)
+                .unwrap(),
+            basic("docker.io", "pw")
+        );
+        assert_eq!(
+            client
+                .endpoint_auth(&reference, &mirror("anonymous.example"), &RegistryAuth::Anonymous)
+                .unwrap(),
+            RegistryAuth::Anonymous
+        );
+        assert_eq!(
+            *source.0.lock().unwrap(),
+            ["mirror.example", "docker.io", "anonymous.example"]
+        );
+        let err = client
+            .endpoint_auth(&reference, &mirror("broken.example"), &RegistryAuth::Anonymous)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Credentials { .. }), "{err}");
+        assert!(err.to_string().contains("broken.example"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+
+        let without_source = RegistryClient::new(RegistryOptions::default());
+        assert_eq!(
+            without_source
+                .endpoint_auth(&reference, &mirror("mirror.example"), &explicit)
+                .unwrap(),
+            RegistryAuth::Anonymous
+        );
+    }
+
+    #[test]
+    fn endpoints_keep_the_reference_but_its_host() {
+        let reference = parse_reference("registry.example:5000/team/app:v1").unwrap();
+        let moved = reference_at(&reference, "mirror.example");
+        assert_eq!(moved.whole(), "mirror.example/team/app:v1");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let pinned = parse_reference(&format!("registry.example/app@{digest}")).unwrap();
+        assert_eq!(reference_at(&pinned, "m:1").whole(), format!("m:1/app@{digest}"));
+        assert_eq!(resolve_need(&pinned), Need::Pull);
+        assert_eq!(resolve_need(&reference), Need::Resolve);
     }
 
     #[test]
