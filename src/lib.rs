@@ -15,6 +15,7 @@ pub mod commit;
 pub mod config;
 pub mod connections;
 pub mod containerd;
+pub mod credentials;
 pub mod criu;
 pub mod error;
 pub mod filter;

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use crate::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
+use crate::credentials::RequestAuth;
 use crate::nydus::{self, LayerBuild, RafsOptions};
 use crate::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
@@ -32,6 +33,8 @@ pub struct Input {
     pub previous_bootstrap: Option<CommitLayer>,
     /// Where OCI base layers converted to Nydus are kept for later commits.
     pub cache: Option<BaseCache>,
+    /// The request's credentials, by registry.
+    pub auth: RequestAuth,
 }
 
 /// Where OCI base layers converted to Nydus are kept, and how much room
@@ -119,7 +122,7 @@ pub async fn assemble(
                 .as_ref()
                 .ok_or("the commit chain has no bootstrap to build on")?;
             let layer = work.join("previous-bootstrap.tar.gz");
-            fetch_blob(bootstrap, &layer).await?;
+            fetch_blob(bootstrap, &layer, &input.auth.for_reference(&bootstrap.pushed_to)).await?;
             let boot = work.join("previous.boot");
             nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
             (boot, keep.clone())
@@ -166,7 +169,7 @@ pub async fn assemble(
         from: l.pushed_to.clone(),
         insecure: l.insecure,
     }));
-    let mut layers = resolve_reused(target, &input.target, reused, work, progress).await?;
+    let mut layers = resolve_reused(target, &input.target, reused, &input.auth, work, progress).await?;
     for blob in &new_blobs {
         // Every new blob was recorded in `commit_layers` above.
         let layer = commit_layers
@@ -247,7 +250,7 @@ async fn nydus_base(
             &descriptor.digest,
             declared_size(input, descriptor)?,
             &layer,
-            &RegistryAuth::Anonymous,
+            &input.auth.for_reference(&input.source_image),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -317,7 +320,7 @@ async fn convert_oci_base(
                 digest.as_str(),
                 declared_size(input, descriptor)?,
                 &compressed,
-                &RegistryAuth::Anonymous,
+                &input.auth.for_reference(&input.source_image),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -579,19 +582,13 @@ fn blob_source(layer: &CommitLayer, data: LayerData) -> LayerSource {
 }
 
 /// Downloads a recorded layer from where it was pushed.
-async fn fetch_blob(layer: &CommitLayer, to: &Path) -> Result<(), String> {
+async fn fetch_blob(layer: &CommitLayer, to: &Path, auth: &RegistryAuth) -> Result<(), String> {
     let client = RegistryClient::new(crate::registry::RegistryOptions {
         insecure: layer.insecure,
         ..Default::default()
     });
     client
-        .pull_blob_to(
-            &layer.pushed_to,
-            &layer.digest,
-            layer.size,
-            to,
-            &RegistryAuth::Anonymous,
-        )
+        .pull_blob_to(&layer.pushed_to, &layer.digest, layer.size, to, auth)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -605,6 +602,7 @@ pub async fn resolve_reused(
     target: &RegistryClient,
     target_ref: &str,
     reused: Vec<Reused>,
+    auth: &RequestAuth,
     work: &Path,
     progress: Progress<'_>,
 ) -> Result<Vec<LayerSource>, String> {
@@ -618,7 +616,7 @@ pub async fn resolve_reused(
         .map(|r| r.layer.digest.as_str())
         .collect();
     let present = target
-        .blobs_present(target_ref, &remote, &RegistryAuth::Anonymous)
+        .blobs_present(target_ref, &remote, &auth.for_reference(target_ref))
         .await
         .map_err(text)?;
     let in_target: std::collections::HashSet<String> = remote
@@ -642,7 +640,7 @@ pub async fn resolve_reused(
                     &reused.layer.digest,
                     reused.layer.size,
                     &path,
-                    &RegistryAuth::Anonymous,
+                    &auth.for_reference(&reused.from),
                 )
                 .await
                 .map_err(text)?;
