@@ -20,6 +20,7 @@
 mod automanage;
 mod checkpoints;
 mod commit_nydus;
+mod credentials;
 mod cri;
 mod env;
 mod grpc;
