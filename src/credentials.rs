@@ -403,7 +403,8 @@ impl HelperName {
 #[derive(Debug, Default)]
 struct DockerConfig {
     auths: BTreeMap<String, AuthEntry>,
-    cred_helpers: BTreeMap<String, HelperName>,
+    /// A helper name, or why the entry's is refused (for its host only).
+    cred_helpers: BTreeMap<String, Result<HelperName, String>>,
     creds_store: Option<HelperName>,
 }
 
@@ -415,6 +416,8 @@ struct AuthEntry {
     username: Option<String>,
     password: Option<String>,
     identity_token: Option<String>,
+    /// The key and reason of the entry's first bad field.
+    invalid: Option<(String, &'static str)>,
 }
 
 impl std::fmt::Debug for AuthEntry {
@@ -456,25 +459,35 @@ impl DockerConfig {
                 for (key, entry) in auths {
                     let name = format!("auths.{key}");
                     let Value::Object(fields) = entry else {
-                        return Err(entry_error(&name, "is not an object"));
+                        let invalid = Some((name, "is not an object"));
+                        config.auths.insert(
+                            key.clone(),
+                            AuthEntry {
+                                invalid,
+                                ..AuthEntry::default()
+                            },
+                        );
+                        continue;
                     };
-                    let text_field = |field: &str| -> Result<Option<String>, CredentialError> {
+                    let mut entry = AuthEntry::default();
+                    for (field, slot) in [
+                        ("auth", &mut entry.auth),
+                        ("username", &mut entry.username),
+                        ("password", &mut entry.password),
+                        ("identitytoken", &mut entry.identity_token),
+                    ] {
                         match fields.get(field) {
-                            None | Some(Value::Null) => Ok(None),
-                            Some(Value::String(s)) if s.is_empty() => Ok(None),
-                            Some(Value::String(s)) => Ok(Some(s.clone())),
-                            Some(_) => Err(entry_error(&format!("{name}.{field}"), "is not a string")),
+                            None | Some(Value::Null) => {}
+                            Some(Value::String(s)) if s.is_empty() => {}
+                            Some(Value::String(s)) => *slot = Some(s.clone()),
+                            Some(_) => {
+                                entry
+                                    .invalid
+                                    .get_or_insert((format!("{name}.{field}"), "is not a string"));
+                            }
                         }
-                    };
-                    config.auths.insert(
-                        key.clone(),
-                        AuthEntry {
-                            auth: text_field("auth")?,
-                            username: text_field("username")?,
-                            password: text_field("password")?,
-                            identity_token: text_field("identitytoken")?,
-                        },
-                    );
+                    }
+                    config.auths.insert(key.clone(), entry);
                 }
             }
             Some(_) => return Err(entry_error("auths", "is not an object")),
@@ -483,11 +496,10 @@ impl DockerConfig {
             None | Some(Value::Null) => {}
             Some(Value::Object(helpers)) => {
                 for (key, helper) in helpers {
-                    let name = format!("credHelpers.{key}");
-                    let Value::String(helper) = helper else {
-                        return Err(entry_error(&name, "is not a string"));
+                    let helper = match helper {
+                        Value::String(helper) => HelperName::parse(helper).map_err(|e| e.to_string()),
+                        _ => Err("is not a string".to_string()),
                     };
-                    let helper = HelperName::parse(helper).map_err(|e| entry_error(&name, &e.to_string()))?;
                     config.cred_helpers.insert(key.clone(), helper);
                 }
             }
@@ -514,6 +526,13 @@ fn entry_credential(path: &Path, key: &str, entry: &AuthEntry) -> Result<Option<
         key: format!("auths.{key}.{field}"),
         reason: reason.to_string(),
     };
+    if let Some((key, reason)) = &entry.invalid {
+        return Err(CredentialError::Entry {
+            path: path.display().to_string(),
+            key: key.clone(),
+            reason: reason.to_string(),
+        });
+    }
     let (mut username, mut password) = (entry.username.clone(), entry.password.clone());
     if let Some(auth) = &entry.auth {
         let decoded = decode_base64(auth.trim()).ok_or_else(|| bad("auth", "is not base64"))?;
@@ -650,9 +669,17 @@ impl Keychain {
     pub fn credential_for(&self, host: &str) -> Result<Option<Credential>, CredentialError> {
         let config = self.config()?;
         let server = server_key(host);
-        let helper = find_for_host(&config.cred_helpers, host)
-            .map(|(_, helper)| helper)
-            .or(config.creds_store.as_ref());
+        let helper = match find_for_host(&config.cred_helpers, host) {
+            Some((_, Ok(helper))) => Some(helper),
+            Some((key, Err(reason))) => {
+                return Err(CredentialError::Entry {
+                    path: self.path.display().to_string(),
+                    key: format!("credHelpers.{key}"),
+                    reason: reason.clone(),
+                })
+            }
+            None => config.creds_store.as_ref(),
+        };
         if let Some(helper) = helper {
             return self.ask_helper(helper, host, &server);
         }
@@ -1082,6 +1109,27 @@ mod tests {
         }
         let (_dir, keys) = keychain(r#"{"auths": {"ghcr.io": {"username": "u"}}}"#);
         assert!(keys.auth_for("ghcr.io").is_err());
+    }
+
+    #[test]
+    fn a_bad_entry_breaks_only_its_own_host() {
+        let (_dir, keys) = keychain(
+            r#"{"auths": {
+                "bad.local": {"username": "u", "password": 12345678},
+                "odd.local": "secret-value",
+                "good.local": {"username": "u", "password": "p"}
+            }, "credHelpers": {"evil.local": "../evil"}}"#,
+        );
+        assert_eq!(keys.auth_for("good.local").unwrap(), basic("u", "p"));
+        for (host, key) in [
+            ("bad.local", "auths.bad.local.password"),
+            ("odd.local", "auths.odd.local"),
+            ("evil.local", "credHelpers.evil.local"),
+        ] {
+            let err = keys.auth_for(host).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(!err.contains("12345678") && !err.contains("secret-value"), "{err}");
+        }
     }
 
     #[test]
