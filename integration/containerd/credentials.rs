@@ -186,6 +186,25 @@ fn with_connection_close(head: &str) -> String {
     out
 }
 
+/// One request on the daemon's REST socket: status and body.
+fn rest(env: &crate::env::Env, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    let mut s = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// Files larger than this are the loop-mounted pool's backing image: what it
 /// holds is walked as files through its mount point instead.
 const MAX_SCANNED_FILE: u64 = 256 << 20;
@@ -228,7 +247,7 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
         let work = env.dir().join("creds-work");
         std::fs::create_dir_all(&work)?;
         let work = work.display().to_string();
-        let cli = |extra: &[&str]| -> Result<(i32, String, String)> {
+        let commit = |format: &str, target: &str, extra: &[&str]| -> Result<(i32, String, String)> {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
                 .arg("--address")
                 .arg(env.daemon_socket())
@@ -239,9 +258,9 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
                     "--container",
                     &id,
                     "--target",
-                    &target,
+                    target,
                     "--format",
-                    "oci",
+                    format,
                     "--target-insecure",
                     "--source-insecure",
                     "--work-dir",
@@ -258,6 +277,7 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             ))
         };
+        let cli = |extra: &[&str]| commit("oci", &target, extra);
 
         // No credentials: the registry refuses the anonymous push.
         let (code, out, err) = cli(&[])?;
@@ -306,6 +326,43 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
             .find_map(|l| l.trim().strip_prefix("Snapshot ID: "))
             .context("the CLI printed no snapshot id")?
             .to_string();
+
+        // A Nydus image takes the same credentials.
+        let right = format!("{USER}:{PASSWORD}");
+        let nydus_target = format!("{}/private/app-nydus:1", front.address);
+        let (code, out, err) = commit("nydus", &nydus_target, &["--target-creds", &right])?;
+        ensure!(
+            code == 0,
+            "a Nydus commit with the right password: {code}\n{out}\n{err}"
+        );
+
+        // The REST API's create body takes them too.
+        let body = serde_json::json!({
+            "namespace": ns, "container": id, "target": format!("{}/private/app:rest", front.address),
+            "format": "oci", "work_dir": work, "target_insecure": true, "source_insecure": true,
+            "target_creds": {"username": USER, "password": PASSWORD},
+        })
+        .to_string();
+        let (status, created) = rest(env, "POST", "/api/v1/snapshots", &body)?;
+        ensure!(status == 201, "REST commit with credentials: {status} {created}");
+        let created: serde_json::Value = serde_json::from_str(&created)?;
+        let rest_id = created["snapshot_id"].as_str().context("snapshot_id")?.to_string();
+        let accepted_before = front.seen.accepted.load(Ordering::SeqCst);
+        let mut report = String::new();
+        for _ in 0..1200 {
+            let (_, text) = rest(env, "GET", &format!("/api/v1/snapshots/{rest_id}"), "")?;
+            report = text;
+            if report.contains("\"completed\"") || report.contains("\"failed\"") {
+                break;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        ensure!(report.contains("\"completed\""), "the REST job: {report}");
+        ensure!(
+            !report.contains(PASSWORD),
+            "the REST report shows the password: {report}"
+        );
+        ensure!(front.seen.accepted.load(Ordering::SeqCst) > accepted_before);
 
         // What the daemon reports and keeps holds no password.
         let runtime = tokio::runtime::Runtime::new()?;
