@@ -9,6 +9,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::credentials::RegistryCredentials;
 use crate::proto::control_client::ControlClient;
 use crate::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest};
 use crate::remote::{BearerToken, RemoteTarget};
@@ -151,6 +152,10 @@ pub struct CommitOptions {
     pub with_paths: Vec<String>,
     pub without_paths: Vec<String>,
     pub maximum_times: u32,
+    /// Credentials for the target's registry, for this commit only.
+    pub target_creds: Option<RegistryCredentials>,
+    /// Credentials for the source image's registry, for this commit only.
+    pub source_creds: Option<RegistryCredentials>,
 }
 
 impl CommitOptions {
@@ -167,8 +172,18 @@ impl CommitOptions {
             with_paths: Vec::new(),
             without_paths: Vec::new(),
             maximum_times: 10,
+            target_creds: None,
+            source_creds: None,
         }
     }
+}
+
+fn creds_user(creds: &Option<RegistryCredentials>) -> String {
+    creds.as_ref().map(|c| c.username().to_string()).unwrap_or_default()
+}
+
+fn creds_password(creds: &Option<RegistryCredentials>) -> String {
+    creds.as_ref().map(|c| c.password().to_string()).unwrap_or_default()
 }
 
 /// A started commit.
@@ -218,6 +233,10 @@ impl SeamlessSnapshot {
                 with_paths: options.with_paths.clone(),
                 without_paths: options.without_paths.clone(),
                 maximum_times: options.maximum_times,
+                target_username: creds_user(&options.target_creds),
+                target_password: creds_password(&options.target_creds),
+                source_username: creds_user(&options.source_creds),
+                source_password: creds_password(&options.source_creds),
             })
             .await?
             .into_inner();

@@ -16,12 +16,11 @@ use tracing::{error, info, instrument, warn};
 use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
 use crate::containerd::{validate_namespace, Containerd, ContainerdError};
 use crate::content::ContentStore;
+use crate::credentials::{RegistryCredentials, RequestAuth};
 use crate::error::{Classify, ErrorKind};
 use crate::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
 use crate::nydus_image::{self, Assembled, Reused};
-use crate::registry::{
-    LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient, RegistryError, RegistryOptions,
-};
+use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryClient, RegistryError, RegistryOptions};
 use crate::snapshotter::{SnapshotError, Snapshotter};
 use crate::store::RecordKind;
 
@@ -154,6 +153,13 @@ pub struct CommitOptions {
     pub with_paths: Vec<PathBuf>,
     pub without_paths: Vec<PathBuf>,
     pub maximum_times: u32,
+    /// Credentials the request gave for the target's registry: used for
+    /// this job only, never persisted with it (nor shown by `Debug`).
+    #[serde(skip)]
+    pub target_creds: Option<RegistryCredentials>,
+    /// The same for the source image's registry.
+    #[serde(skip)]
+    pub source_creds: Option<RegistryCredentials>,
 }
 
 impl CommitOptions {
@@ -308,6 +314,44 @@ pub struct Job {
     /// Commit layers above the image's own in the pushed image.
     #[serde(default)]
     pub commit_layers: u32,
+}
+
+/// The credentials a job's request gave, by registry.
+fn request_auth(job: &Job) -> RequestAuth {
+    RequestAuth::default()
+        .with(&job.options.target, job.options.target_creds.as_ref())
+        .with(&job.source_image, job.options.source_creds.as_ref())
+}
+
+/// Why a background job failed, and the code it reports: a registry that
+/// refused the credentials is PERMISSION_DENIED (the CLI exits 4), anything
+/// else BACKGROUND_PROCESSING_FAILED.
+#[derive(Debug)]
+struct JobFailure {
+    code: CommitCode,
+    message: String,
+}
+
+impl From<String> for JobFailure {
+    fn from(message: String) -> JobFailure {
+        JobFailure {
+            code: CommitCode::BackgroundProcessingFailed,
+            message,
+        }
+    }
+}
+
+impl From<RegistryError> for JobFailure {
+    fn from(e: RegistryError) -> JobFailure {
+        JobFailure {
+            code: if e.is_permission() {
+                CommitCode::PermissionDenied
+            } else {
+                CommitCode::BackgroundProcessingFailed
+            },
+            message: e.to_string(),
+        }
+    }
 }
 
 /// What a started commit reports at once.
@@ -716,9 +760,9 @@ impl CommitService {
                     "commit pushed"
                 );
             }
-            Err(message) => {
+            Err(JobFailure { code, message }) => {
                 job.state = JobState::Failed;
-                job.error_code = Some(CommitCode::BackgroundProcessingFailed);
+                job.error_code = Some(code);
                 // The job runs in the background: this line (with the job's
                 // id from the span), the job record and the metrics are how
                 // a failure is seen by whoever did not `--wait`.
@@ -753,8 +797,9 @@ impl CommitService {
 
     /// Builds the commit's layers, pushes the image and returns its manifest
     /// digest and the container's chain as it stands after the push.
-    async fn build_and_push(&self, job: &mut Job) -> Result<(String, Chain), String> {
-        let text = |e: RegistryError| e.to_string();
+    async fn build_and_push(&self, job: &mut Job) -> Result<(String, Chain), JobFailure> {
+        let text = JobFailure::from;
+        let auth = request_auth(job);
         let root = job.options.work_root(self.snapshotter.scratch_dir());
         check_work_dir(root, true).map_err(|e| e.to_string())?;
         let work = create_job_dir(root, &job.snapshot_id)?;
@@ -770,10 +815,29 @@ impl CommitService {
         let base = match local_base(base_store.as_ref(), &job.source_image).await {
             Some(base) => base,
             None => source
-                .pull_manifest_and_config(&job.source_image, &RegistryAuth::Anonymous)
+                .pull_manifest_and_config(&job.source_image, &auth.for_reference(&job.source_image))
                 .await
                 .map_err(text)?,
         };
+        let target = RegistryClient::new(RegistryOptions {
+            insecure: job.options.target_insecure,
+            ..self.snapshotter.registry_options()
+        });
+        // Credentials the target refuses fail the job now, not after the
+        // layers are built. Any other failure shows again where it matters.
+        self.update(job, 0.1, "checking access to the target");
+        if let Err(e) = target
+            .has_blob(
+                &job.options.target,
+                &base.manifest.config.digest,
+                &auth.for_reference(&job.options.target),
+            )
+            .await
+        {
+            if e.is_permission() {
+                return Err(text(e));
+            }
+        }
 
         let origin = ChainOrigin {
             snapshot_key: job.snapshot_key.clone(),
@@ -798,10 +862,6 @@ impl CommitService {
             Format::Nydus => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let built = self.build_commit_layers(job, &plan, &work, compression, parts).await?;
-        let target = RegistryClient::new(RegistryOptions {
-            insecure: job.options.target_insecure,
-            ..self.snapshotter.registry_options()
-        });
         let assembled = match job.options.format {
             Format::Oci => {
                 self.assemble_oci(job, &plan, &base, built, &target, base_store.as_ref(), &work)
@@ -819,6 +879,7 @@ impl CommitService {
                     previous_bootstrap: chain.as_ref().and_then(|c| c.bootstrap.clone()),
                     cache: self.nydus_cache.clone(),
                     base_store: base_store.clone(),
+                    auth: auth.clone(),
                 };
                 nydus_image::assemble(
                     &input,
@@ -845,7 +906,7 @@ impl CommitService {
                 &assembled.layers,
                 &assembled.config,
                 annotations,
-                &RegistryAuth::Anonymous,
+                &auth.for_reference(&job.options.target),
             )
             .await
             .map_err(text)?;
@@ -913,11 +974,17 @@ impl CommitService {
             insecure: layer.insecure,
         }));
         let target_ref = job.options.target.clone();
-        let mut layers =
-            nydus_image::resolve_reused(target, &target_ref, reused, base_store, work, &mut |progress, stage| {
-                self.update(job, progress, stage)
-            })
-            .await?;
+        let auth = request_auth(job);
+        let mut layers = nydus_image::resolve_reused(
+            target,
+            &target_ref,
+            reused,
+            base_store,
+            &auth,
+            work,
+            &mut |progress, stage| self.update(job, progress, stage),
+        )
+        .await?;
         for (layer, path) in commit_layers[kept..].iter().zip(new_layers) {
             layers.push(oci_source(layer, LayerData::File(path)));
         }
@@ -1146,6 +1213,8 @@ mod tests {
             with_paths: vec![],
             without_paths: vec![],
             maximum_times: 10,
+            target_creds: None,
+            source_creds: None,
         }
     }
 

@@ -101,11 +101,20 @@ impl RegistryConfig {
         }
     }
 
-    /// Registry client options with this host configuration (credentials
-    /// are the caller's to add).
+    /// Registry client options with this host configuration and the
+    /// credentials of `docker_config` (none when it is empty).
     pub fn options(&self) -> crate::registry::RegistryOptions {
+        let credentials: Option<std::sync::Arc<dyn crate::registry::CredentialSource>> =
+            if self.docker_config.is_empty() {
+                None
+            } else {
+                Some(std::sync::Arc::new(crate::credentials::Keychain::new(
+                    &self.docker_config,
+                )))
+            };
         crate::registry::RegistryOptions {
             hosts: self.hosts(),
+            credentials,
             ..crate::registry::RegistryOptions::default()
         }
     }

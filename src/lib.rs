@@ -16,6 +16,7 @@ pub mod config;
 pub mod connections;
 pub mod containerd;
 pub mod content;
+pub mod credentials;
 pub mod criu;
 pub mod error;
 pub mod filter;

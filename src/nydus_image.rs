@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use crate::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
 use crate::content::ContentStore;
+use crate::credentials::RequestAuth;
 use crate::nydus::{self, LayerBuild, RafsOptions};
 use crate::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
@@ -38,6 +39,8 @@ pub struct Input {
     /// containerd's content store, asked for base blobs before the source
     /// registry.
     pub base_store: Option<ContentStore>,
+    /// The request's credentials, by registry.
+    pub auth: RequestAuth,
 }
 
 /// Where OCI base layers converted to Nydus are kept, and how much room
@@ -125,7 +128,13 @@ pub async fn assemble(
                 .as_ref()
                 .ok_or("the commit chain has no bootstrap to build on")?;
             let layer = work.join("previous-bootstrap.tar.gz");
-            fetch_blob(target, bootstrap, &layer).await?;
+            fetch_blob(
+                target,
+                bootstrap,
+                &layer,
+                &input.auth.for_reference(&bootstrap.pushed_to),
+            )
+            .await?;
             let boot = work.join("previous.boot");
             nydus::unpack_bootstrap_layer(&layer, &boot).map_err(|e| e.to_string())?;
             (boot, keep.clone())
@@ -172,7 +181,16 @@ pub async fn assemble(
         from: l.pushed_to.clone(),
         insecure: l.insecure,
     }));
-    let mut layers = resolve_reused(target, &input.target, reused, input.base_store.as_ref(), work, progress).await?;
+    let mut layers = resolve_reused(
+        target,
+        &input.target,
+        reused,
+        input.base_store.as_ref(),
+        &input.auth,
+        work,
+        progress,
+    )
+    .await?;
     for blob in &new_blobs {
         // Every new blob was recorded in `commit_layers` above.
         let layer = commit_layers
@@ -255,7 +273,7 @@ async fn nydus_base(
                 &descriptor.digest,
                 size,
                 &layer,
-                &RegistryAuth::Anonymous,
+                &input.auth.for_reference(&input.source_image),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -328,7 +346,7 @@ async fn convert_oci_base(
                     digest.as_str(),
                     size,
                     &compressed,
-                    &RegistryAuth::Anonymous,
+                    &input.auth.for_reference(&input.source_image),
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -591,20 +609,20 @@ fn blob_source(layer: &CommitLayer, data: LayerData) -> LayerSource {
 }
 
 /// Downloads a recorded layer from where it was pushed, with the host
-/// configuration and credentials of `target`'s client.
-async fn fetch_blob(target: &RegistryClient, layer: &CommitLayer, to: &Path) -> Result<(), String> {
+/// configuration and credentials of `target`'s client (`auth` when the
+/// request gave its own).
+async fn fetch_blob(
+    target: &RegistryClient,
+    layer: &CommitLayer,
+    to: &Path,
+    auth: &RegistryAuth,
+) -> Result<(), String> {
     let client = RegistryClient::new(crate::registry::RegistryOptions {
         insecure: layer.insecure,
         ..target.options().clone()
     });
     client
-        .pull_blob_to(
-            &layer.pushed_to,
-            &layer.digest,
-            layer.size,
-            to,
-            &RegistryAuth::Anonymous,
-        )
+        .pull_blob_to(&layer.pushed_to, &layer.digest, layer.size, to, auth)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -650,6 +668,7 @@ pub async fn resolve_reused(
     target_ref: &str,
     reused: Vec<Reused>,
     base_store: Option<&ContentStore>,
+    auth: &RequestAuth,
     work: &Path,
     progress: Progress<'_>,
 ) -> Result<Vec<LayerSource>, String> {
@@ -663,7 +682,7 @@ pub async fn resolve_reused(
         .map(|r| r.layer.digest.as_str())
         .collect();
     let present = target
-        .blobs_present(target_ref, &remote, &RegistryAuth::Anonymous)
+        .blobs_present(target_ref, &remote, &auth.for_reference(target_ref))
         .await
         .map_err(text)?;
     let in_target: std::collections::HashSet<String> = remote
@@ -695,7 +714,7 @@ pub async fn resolve_reused(
                     &reused.layer.digest,
                     reused.layer.size,
                     &path,
-                    &RegistryAuth::Anonymous,
+                    &auth.for_reference(&reused.from),
                 )
                 .await
                 .map_err(text)?;

@@ -26,6 +26,7 @@ use tracing::debug;
 use crate::commit::{rfc3339, CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
 use crate::config::{ConnectionLimits, RestConfig};
 use crate::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
+use crate::credentials::RegistryCredentials;
 use crate::metrics::CommitMetrics;
 use crate::remote::{read_token, RemoteError};
 
@@ -89,6 +90,13 @@ struct CreateSnapshot {
     without_paths: Vec<PathBuf>,
     #[serde(default = "default_maximum_times")]
     maximum_times: u32,
+    /// `{"username": .., "password": ..}` for the target's registry, for
+    /// this request only: never stored or shown.
+    #[serde(default)]
+    target_creds: Option<RegistryCredentials>,
+    /// The same for the source image's registry.
+    #[serde(default)]
+    source_creds: Option<RegistryCredentials>,
 }
 
 fn default_namespace() -> String {
@@ -388,6 +396,8 @@ pub fn parse_create(body: &[u8]) -> Result<CommitOptions, RequestError> {
         with_paths: create.with_paths,
         without_paths: create.without_paths,
         maximum_times: create.maximum_times,
+        target_creds: create.target_creds,
+        source_creds: create.source_creds,
     })
 }
 

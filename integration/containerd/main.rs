@@ -21,6 +21,7 @@ mod automanage;
 mod checkpoints;
 mod commit_jobs;
 mod commit_nydus;
+mod credentials;
 mod cri;
 mod env;
 mod grpc;

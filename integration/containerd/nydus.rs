@@ -441,6 +441,11 @@ pub(crate) fn build_rpull() -> Result<PathBuf> {
 }
 
 pub(crate) fn run_rpull(env: &Env, rpull: &Path, ns: &str, reference: &str) -> Result<String> {
+    run_rpull_with(env, rpull, ns, reference, &[])
+}
+
+/// [`run_rpull`] with more of rpull's flags (`--user`, `--hosts-dir`).
+pub(crate) fn run_rpull_with(env: &Env, rpull: &Path, ns: &str, reference: &str, extra: &[&str]) -> Result<String> {
     let output = Command::new(rpull)
         .arg("--address")
         .arg(env.containerd_socket())
@@ -453,6 +458,7 @@ pub(crate) fn run_rpull(env: &Env, rpull: &Path, ns: &str, reference: &str) -> R
             "--timeout",
             "3m",
         ])
+        .args(extra)
         .arg(reference)
         .output()
         .context("running rpull")?;

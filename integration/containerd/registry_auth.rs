@@ -24,20 +24,42 @@ struct TlsRegistry {
     log: PathBuf,
 }
 
+/// The registry's user, and its password (bcrypt, cost 4, in `htpasswd`).
+const USER: &str = "committer";
+const PASSWORD: &str = "s3cret";
+const PASSWORD_BCRYPT: &str = "$2b$04$EjA1GPfsgiPVVN66mk8FCu7uFkAiIBzwRfRSQJ9aL21vTSbsk/Ag6";
+
 impl TlsRegistry {
     fn start(dir: &Path, cert: &Path, key: &Path) -> Result<TlsRegistry> {
+        TlsRegistry::start_as(dir, "tls-registry", Some((cert, key)), false)
+    }
+
+    /// A registry named `name` under `dir`: TLS with `tls`, else plain
+    /// HTTP; htpasswd basic auth for USER with `auth`.
+    fn start_as(dir: &Path, name: &str, tls: Option<(&Path, &Path)>, auth: bool) -> Result<TlsRegistry> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let config = dir.join("tls-registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
-                dir.join("tls-registry-data").display(),
+        let config = dir.join(format!("{name}.yml"));
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join(format!("{name}-data")).display(),
+        );
+        if let Some((cert, key)) = tls {
+            text += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
                 cert.display(),
                 key.display()
-            ),
-        )?;
-        let log = dir.join("tls-registry.log");
+            );
+        }
+        if auth {
+            let htpasswd = dir.join(format!("{name}.htpasswd"));
+            std::fs::write(&htpasswd, format!("{USER}:{PASSWORD_BCRYPT}\n"))?;
+            text += &format!(
+                "auth:\n  htpasswd:\n    realm: seamless-test\n    path: {}\n",
+                htpasswd.display()
+            );
+        }
+        std::fs::write(&config, text)?;
+        let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new("docker-registry")
             .arg("serve")
@@ -164,6 +186,190 @@ fn commit_pushes_to_a_tls_registry_trusted_through_hosts_toml() {
             Err(RegistryError::UntrustedCertificate { .. }) => {}
             other => bail!("without the CA the registry must be untrusted: {other:?}"),
         }
+        env.remove_container(&ns, &id)?;
+        Ok(())
+    })
+}
+
+/// Docker's config.json: `auths` for `hosts` with USER/PASSWORD.
+fn auths_config(hosts: &[&str]) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let entries: Vec<String> = hosts
+        .iter()
+        .map(|host| format!("{host:?}: {{\"auth\": {auth:?}}}"))
+        .collect();
+    format!("{{\"auths\": {{{}}}}}", entries.join(", "))
+}
+
+#[test]
+fn credentials_from_config_json_a_helper_and_the_cli_reach_an_authenticated_registry() {
+    use super::nydus::{build_rpull, rafs_mounts, run_container, run_rpull_with};
+    use nix::sys::signal::Signal;
+
+    let certs_d = tempfile::tempdir().expect("certs.d");
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let docker_config = docker.path().join("config.json");
+    let config = format!(
+        "[registry]\nconfig_path = {:?}\ndocker_config = {:?}\n",
+        certs_d.path().display().to_string(),
+        docker_config.display().to_string()
+    );
+    with_env_config("registry-creds", Options::default(), &config, |env| {
+        // A credential helper on the daemon's PATH, speaking the protocol:
+        // the server URL on stdin, the credentials as JSON on stdout.
+        let helpers = env.dir().join("helpers");
+        std::fs::create_dir_all(&helpers)?;
+        let asked = env.dir().join("helper-asked");
+        let helper = helpers.join("docker-credential-seamlesstest");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\necho \"$server\" >> {}\n\
+                 printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$server\"\n",
+                asked.display()
+            ),
+        )?;
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        env.signal_daemon(Signal::SIGTERM)?;
+        let path = format!("{}:{}", helpers.display(), std::env::var("PATH").unwrap_or_default());
+        env.start_daemon_with_env(&[("PATH", &path)])?;
+
+        let certs = env.dir().join("certs");
+        let made = Command::new("sh")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/make-certs.sh"))
+            .arg(&certs)
+            .output()?;
+        ensure!(
+            made.status.success(),
+            "make-certs.sh: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let tls = TlsRegistry::start_as(
+            env.dir(),
+            "auth-tls-registry",
+            Some((&certs.join("server.crt"), &certs.join("server.key"))),
+            true,
+        )?;
+        let host = tls.host();
+        let host_dir = certs_d.path().join(&host);
+        std::fs::create_dir_all(&host_dir)?;
+        std::fs::copy(certs.join("ca.crt"), host_dir.join("ca.crt"))?;
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"https://{host}\"\nca = \"ca.crt\"\n"),
+        )?;
+
+        let ns = env.namespace("creds");
+        // containerd redials the restarted daemon with a backoff.
+        super::retry(super::REDIAL_TIMEOUT, "pull after the daemon's restart", || {
+            env.pull(&ns)
+        })?;
+        let id = env.container_id("creds");
+        env.run_container(&ns, &id)?;
+        env.exec(&ns, &id, "mkdir -p /data && echo with-credentials > /data/file && sync")?;
+        let work = env.dir().join("creds-work");
+        std::fs::create_dir_all(&work)?;
+        let commit = |target: &str, extra: &[&str]| -> Result<(i32, String, String)> {
+            let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .arg("--address")
+                .arg(env.daemon_socket())
+                .arg("--namespace")
+                .arg(&ns)
+                .args(["seamless-commit", "--container", &id, "--target", target, "--work-dir"])
+                .arg(&work)
+                .args(["--wait", "--wait-timeout", "5m"])
+                .args(extra)
+                .output()?;
+            Ok((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        };
+
+        // No credentials anywhere: the registry refuses, exit 4.
+        std::fs::write(&docker_config, "{}")?;
+        let (code, out, err) = commit(&format!("{host}/creds/app:anonymous"), &["--format", "oci"])?;
+        ensure!(
+            code == 4 && err.contains("PERMISSION_DENIED"),
+            "anonymous push: {code} {out} {err}"
+        );
+
+        // config.json auths.
+        std::fs::write(&docker_config, auths_config(&[&host]))?;
+        let (code, out, err) = commit(&format!("{host}/creds/app:auths"), &["--format", "oci"])?;
+        ensure!(
+            code == 0,
+            "push with config.json auths: {code} {out} {err}\n{}",
+            tls.log_text()
+        );
+
+        // A credential helper for the host (credHelpers).
+        std::fs::write(
+            &docker_config,
+            format!("{{\"credHelpers\": {{\"{host}\": \"seamlesstest\"}}}}"),
+        )?;
+        let (code, out, err) = commit(&format!("{host}/creds/app:helper"), &["--format", "oci"])?;
+        ensure!(code == 0, "push with a credential helper: {code} {out} {err}");
+        let asked_for = std::fs::read_to_string(&asked).unwrap_or_default();
+        ensure!(
+            asked_for.lines().any(|l| l.contains(&host)),
+            "the helper was asked for {host}: {asked_for:?}"
+        );
+
+        // The caller's own credentials for one request; a wrong password.
+        std::fs::write(&docker_config, "{}")?;
+        let creds = format!("{USER}:{PASSWORD}");
+        let (code, out, err) = commit(
+            &format!("{host}/creds/app:flag"),
+            &["--format", "oci", "--target-creds", &creds],
+        )?;
+        ensure!(code == 0, "push with --target-creds: {code} {out} {err}");
+        let wrong = "Wr0ng-pa55word-7731";
+        let (code, out, err) = commit(
+            &format!("{host}/creds/app:wrong"),
+            &["--format", "oci", "--target-creds", &format!("{USER}:{wrong}")],
+        )?;
+        ensure!(code == 4, "a wrong password exits 4: {code} {out} {err}");
+        let log = std::fs::read_to_string(env.dir().join("daemon.log"))?;
+        for secret in [wrong, PASSWORD] {
+            ensure!(
+                !out.contains(secret) && !err.contains(secret) && !log.contains(secret),
+                "a password was printed or logged"
+            );
+        }
+
+        // A Nydus image on an authenticated registry, run lazily: containerd
+        // pulls the bootstrap with its credentials, the daemon reads chunks
+        // with the keychain's.
+        let plain = TlsRegistry::start_as(env.dir(), "auth-plain-registry", None, true)?;
+        std::fs::write(&docker_config, auths_config(&[&host, &plain.host()]))?;
+        let nydus = format!("{}/creds/nydus:1", plain.host());
+        let (code, out, err) = commit(&nydus, &["--format", "nydus"])?;
+        ensure!(code == 0, "Nydus push with config.json auths: {code} {out} {err}");
+        let rpull = build_rpull()?;
+        let run_ns = env.namespace("creds-run");
+        run_rpull_with(env, &rpull, &run_ns, &nydus, &["--user", &creds])?;
+        let blobs = env.daemon_root().join("nydus/blobs");
+        let fetched = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+        ensure!(fetched == 0, "the pull fetched {fetched} blobs whole");
+        let run_id = env.container_id("creds-run");
+        run_container(env, &run_ns, &nydus, &run_id)?;
+        ensure!(
+            rafs_mounts(env)?.iter().any(|(_, kind)| kind == "fuse.rafs"),
+            "the image is served lazily over FUSE"
+        );
+        let file = std::fs::read_to_string(env.container_rootfs(&run_ns, &run_id).join("data/file"))?;
+        ensure!(
+            file == "with-credentials\n",
+            "the committed file, read lazily: {file:?}"
+        );
+        ensure!(
+            std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0) == 0,
+            "chunks are read from the registry, no blob is fetched whole"
+        );
+        env.remove_container(&run_ns, &run_id)?;
         env.remove_container(&ns, &id)?;
         Ok(())
     })

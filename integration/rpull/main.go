@@ -8,7 +8,12 @@
 //
 // Usage:
 //
-//	rpull --address SOCKET --namespace NS --snapshotter NAME [--plain-http] REF
+//	rpull --address SOCKET --namespace NS --snapshotter NAME [--plain-http]
+//	      [--hosts-dir DIR] [--user USER:PASSWORD] REF
+//
+// --hosts-dir reads containerd's certs.d layout (DIR/<host>/hosts.toml, its
+// CA files) as containerd's own pulls do; --user answers the registry's
+// authentication challenges.
 //
 // Prints the image's name and manifest digest once it is unpacked.
 package main
@@ -18,12 +23,14 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/pkg/snapshotters"
 	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/containerd/remotes/docker/config"
 )
 
 func main() {
@@ -32,19 +39,29 @@ func main() {
 	snapshotter := flag.String("snapshotter", "seamless", "snapshotter to unpack on")
 	plainHTTP := flag.Bool("plain-http", false, "talk to the registry over plain HTTP")
 	timeout := flag.Duration("timeout", 5*time.Minute, "give up after this long")
+	hostsDir := flag.String("hosts-dir", "", "containerd-style certs.d directory of hosts.toml files")
+	user := flag.String("user", "", "USER:PASSWORD for the registry")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: rpull [flags] REF")
 		flag.PrintDefaults()
 		os.Exit(2)
 	}
-	if err := pull(*address, *namespace, *snapshotter, *plainHTTP, *timeout, flag.Arg(0)); err != nil {
+	hosts := hostOptions{plainHTTP: *plainHTTP, dir: *hostsDir, user: *user}
+	if err := pull(*address, *namespace, *snapshotter, hosts, *timeout, flag.Arg(0)); err != nil {
 		fmt.Fprintf(os.Stderr, "rpull: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func pull(address, namespace, snapshotter string, plainHTTP bool, timeout time.Duration, ref string) error {
+// hostOptions says how the registry is reached.
+type hostOptions struct {
+	plainHTTP bool
+	dir       string
+	user      string
+}
+
+func pull(address, namespace, snapshotter string, hosts hostOptions, timeout time.Duration, ref string) error {
 	client, err := containerd.New(address)
 	if err != nil {
 		return fmt.Errorf("connecting to containerd at %s: %w", address, err)
@@ -53,12 +70,22 @@ func pull(address, namespace, snapshotter string, plainHTTP bool, timeout time.D
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), namespace), timeout)
 	defer cancel()
 
-	var registryOpts []docker.RegistryOpt
-	if plainHTTP {
-		registryOpts = append(registryOpts, docker.WithPlainHTTP(docker.MatchAllHosts))
+	options := config.HostOptions{}
+	if hosts.plainHTTP {
+		options.DefaultScheme = "http"
+	}
+	if hosts.dir != "" {
+		options.HostDir = config.HostDirFromRoot(hosts.dir)
+	}
+	if hosts.user != "" {
+		name, password, found := strings.Cut(hosts.user, ":")
+		if !found {
+			return fmt.Errorf("--user must be USER:PASSWORD")
+		}
+		options.Credentials = func(string) (string, string, error) { return name, password, nil }
 	}
 	resolver := docker.NewResolver(docker.ResolverOptions{
-		Hosts: docker.ConfigureDefaultRegistries(registryOpts...),
+		Hosts: config.ConfigureHosts(ctx, options),
 	})
 	image, err := client.Pull(ctx, ref,
 		containerd.WithResolver(resolver),

@@ -14,6 +14,7 @@ use crate::checkpoint::{
     StorageSpec,
 };
 use crate::commit::{CommitError, CommitOptions, CommitService, Job, JobState};
+use crate::credentials::RegistryCredentials;
 use crate::proto::control_server::Control;
 use crate::proto::{
     ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
@@ -156,8 +157,34 @@ fn checkpoint_to_wire(c: checkpoint::Checkpoint) -> Checkpoint {
     }
 }
 
+/// A request's credentials for one registry: none when both are empty.
+fn credentials_from_wire(
+    what: &str,
+    username: &str,
+    password: &str,
+) -> Result<Option<RegistryCredentials>, CommitError> {
+    if username.is_empty() && password.is_empty() {
+        return Ok(None);
+    }
+    RegistryCredentials::new(what, username, password)
+        .map(Some)
+        .map_err(|e| CommitError::InvalidParameter(e.to_string()))
+}
+
 fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitError> {
+    let target_creds = credentials_from_wire(
+        "target_username/target_password",
+        &r.target_username,
+        &r.target_password,
+    )?;
+    let source_creds = credentials_from_wire(
+        "source_username/source_password",
+        &r.source_username,
+        &r.source_password,
+    )?;
     Ok(CommitOptions {
+        target_creds,
+        source_creds,
         format: CommitOptions::parse_format(&r.format)?,
         namespace: r.namespace,
         container: r.container,

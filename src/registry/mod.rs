@@ -795,7 +795,14 @@ impl RegistryClient {
     ) -> Result<Session, RegistryError> {
         let at_endpoint = reference_at(reference, &endpoint.host);
         let registry = at_endpoint.resolve_registry().to_string();
-        let auth = self.endpoint_auth(reference, endpoint, auth)?;
+        // A credential helper is a process the lookup may wait seconds
+        // for: off the async workers where the runtime allows it.
+        let auth = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.endpoint_auth(reference, endpoint, auth))?
+            }
+            _ => self.endpoint_auth(reference, endpoint, auth)?,
+        };
         let retries = if last { self.options.retries } else { 0 };
         let operation = need.operation();
         let may_fall_back = endpoint.scheme == Scheme::Https && (self.options.insecure || endpoint.http_fallback);

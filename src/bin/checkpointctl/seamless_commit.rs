@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use seamless_snapshotter::client::DaemonClient;
 use seamless_snapshotter::commit::rfc3339;
+use seamless_snapshotter::credentials::RegistryCredentials;
 use seamless_snapshotter::proto::{
     CommitJob, GetCommitRequest, ListCommitsRequest, SeamlessCommitRequest, SeamlessCommitResponse,
 };
@@ -114,6 +115,56 @@ pub struct Args {
     /// Longest `--wait` follows the job: 90s, 5m, 1h, 1h30m.
     #[arg(long, default_value = "30m", value_parser = parse_wait_timeout)]
     wait_timeout: Duration,
+    /// Credentials for the target's registry, for this commit only (other
+    /// users can see a command line: prefer --target-creds-file).
+    #[arg(long, value_name = "USER:PASSWORD", value_parser = CredsParser("--target-creds"),
+          conflicts_with = "target_creds_file")]
+    target_creds: Option<RegistryCredentials>,
+    /// A file only its owner may read whose first line is USER:PASSWORD,
+    /// for the target's registry.
+    #[arg(long, value_name = "FILE", value_parser = read_creds_file)]
+    target_creds_file: Option<RegistryCredentials>,
+    /// Credentials for the source image's registry, for this commit only.
+    #[arg(long, value_name = "USER:PASSWORD", value_parser = CredsParser("--source-creds"),
+          conflicts_with = "source_creds_file")]
+    source_creds: Option<RegistryCredentials>,
+    /// A file only its owner may read whose first line is USER:PASSWORD,
+    /// for the source image's registry.
+    #[arg(long, value_name = "FILE", value_parser = read_creds_file)]
+    source_creds_file: Option<RegistryCredentials>,
+}
+
+/// Parses USER:PASSWORD with an error of its own: clap's would quote the
+/// refused value, which may be a password.
+#[derive(Debug, Clone, Copy)]
+struct CredsParser(&'static str);
+
+impl clap::builder::TypedValueParser for CredsParser {
+    type Value = RegistryCredentials;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<RegistryCredentials, clap::Error> {
+        let refused = |reason: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{reason}\n")).with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refused(format!("credentials {}: not UTF-8", self.0)))?;
+        RegistryCredentials::parse(self.0, text).map_err(|e| refused(e.to_string()))
+    }
+}
+
+fn read_creds_file(path: &str) -> Result<RegistryCredentials, String> {
+    RegistryCredentials::read_file(Path::new(path)).map_err(|e| e.to_string())
+}
+
+/// The wire's user name and password for optional credentials.
+fn creds_to_wire(creds: Option<&RegistryCredentials>) -> (String, String) {
+    creds.map_or_else(Default::default, |c| (c.username().to_owned(), c.password().to_owned()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,6 +220,10 @@ impl Compressor {
 impl Args {
     fn request(&self, namespace: &str) -> SeamlessCommitRequest {
         let paths = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect();
+        let (target_username, target_password) =
+            creds_to_wire(self.target_creds.as_ref().or(self.target_creds_file.as_ref()));
+        let (source_username, source_password) =
+            creds_to_wire(self.source_creds.as_ref().or(self.source_creds_file.as_ref()));
         SeamlessCommitRequest {
             namespace: namespace.to_owned(),
             container: self.container.clone(),
@@ -186,6 +241,10 @@ impl Args {
             with_paths: paths(&self.with_paths),
             without_paths: paths(&self.without_paths),
             maximum_times: self.maximum_times,
+            target_username,
+            target_password,
+            source_username,
+            source_password,
         }
     }
 }
@@ -622,6 +681,10 @@ mod tests {
                 with_paths: vec![],
                 without_paths: vec![],
                 maximum_times: 10,
+                target_username: String::new(),
+                target_password: String::new(),
+                source_username: String::new(),
+                source_password: String::new(),
             }
         );
     }
@@ -673,6 +736,76 @@ mod tests {
         }
         let err = Cli::try_parse_from(["checkpointctl", "--container", "", "--target", "r/x:1"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn credentials_reach_the_request_and_never_show() {
+        let args = parse(&["--target-creds=alice:pa:ss"]).unwrap();
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("pa:ss"), "{shown}");
+        let request = args.request("default");
+        assert_eq!(
+            (request.target_username.as_str(), request.target_password.as_str()),
+            ("alice", "pa:ss")
+        );
+        assert!(request.source_username.is_empty() && request.source_password.is_empty());
+
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds");
+        std::fs::write(&file, "bob:s3cret-from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let flag = format!("--source-creds-file={}", file.display());
+        let request = parse(&[&flag]).unwrap().request("default");
+        assert_eq!(
+            (request.source_username.as_str(), request.source_password.as_str()),
+            ("bob", "s3cret-from-file")
+        );
+        assert!(request.target_username.is_empty());
+    }
+
+    #[test]
+    fn credentials_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds");
+        std::fs::write(&file, "bob:s3cret-from-file\n").unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = parse(&[&format!("--target-creds-file={}", file.display())]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("mode {mode:04o}")) && !text.contains("s3cret"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_credentials_are_usage_errors_that_quote_no_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        for bad in [
+            "--target-creds=nocolonsecret",
+            "--source-creds=:secretpw",
+            "--target-creds=user:",
+        ] {
+            let err = parse(&[bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            let text = err.to_string();
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains("credentials --"), "{text}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds");
+        std::fs::write(&file, "a:b\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let both = [
+            "--target-creds=a:b".to_string(),
+            format!("--target-creds-file={}", file.display()),
+        ];
+        let err = parse(&[&both[0], &both[1]]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]
