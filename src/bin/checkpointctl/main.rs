@@ -67,7 +67,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Capture a running container's writable layer and build and push an image from it.
-    SeamlessCommit(seamless_commit::Invocation),
+    SeamlessCommit(Box<seamless_commit::Invocation>),
     /// Checkpoint a running container: its filesystem (a pause of milliseconds) and its processes.
     Create(create::Args),
     /// List checkpoints, oldest first.
@@ -192,7 +192,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, args).await,
+            Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, *args).await,
             Command::Create(args) => create::run(&context, args).await,
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
