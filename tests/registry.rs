@@ -50,6 +50,8 @@ struct Setup {
     tls: Option<(PathBuf, PathBuf)>,
     /// htpasswd basic auth for `USER` / `PASSWORD`.
     basic_auth: bool,
+    /// Bearer tokens from this token server (its realm and certificate).
+    token: Option<(String, PathBuf)>,
 }
 
 impl Registry {
@@ -86,6 +88,13 @@ impl Registry {
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 cert.display(),
                 key.display()
+            ));
+        }
+        if let Some((realm, certificate)) = &setup.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    \
+                 rootcertbundle: {}\n",
+                certificate.display()
             ));
         }
         if flavour == Flavour::BasicAuth {
@@ -1168,6 +1177,7 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
     let registry = Registry::start_with(Setup {
         tls: Some((certs.join("server.crt"), certs.join("server.key"))),
         basic_auth: true,
+        ..Setup::default()
     });
     let host = registry.host();
     let certs_d = dir.path().join("certs.d");
@@ -1462,4 +1472,235 @@ async fn a_bad_hosts_toml_is_a_clear_error() {
     .await
     .expect_err("no push endpoint");
     assert!(matches!(err, RegistryError::NoEndpoint { .. }), "{err}");
+}
+
+const TOKEN_SERVICE: &str = "seamless-test-registry";
+const TOKEN_ISSUER: &str = "seamless-test-issuer";
+
+/// A token server as docker-registry's token auth expects one: it answers
+/// `GET /token?service=&scope=` given `USER`/`PASSWORD` in basic auth with a
+/// JWT (RS256, signed by `openssl dgst` with its key, its certificate in
+/// `x5c`) granting the scopes asked, and 401 otherwise. Counts the tokens
+/// it issued and the refusals.
+struct TokenServer {
+    realm: String,
+    certificate: PathBuf,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path) -> TokenServer {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (certificate, key) = (dir.join("token.crt"), dir.join("token.key"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=seamless token",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&certificate)
+            .output()
+            .expect("openssl req");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&certificate)
+            .output()
+            .expect("openssl x509");
+        assert!(der.status.success());
+        let x5c = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&der.stdout)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the token server");
+        let realm = format!("http://{}/token", listener.local_addr().expect("address"));
+        let issued = std::sync::Arc::new(AtomicUsize::new(0));
+        let refused = std::sync::Arc::new(AtomicUsize::new(0));
+        let (issued_count, refused_count) = (issued.clone(), refused.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let granted = serve_token(stream, &key, &x5c);
+                let counter = if granted { &issued_count } else { &refused_count };
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        TokenServer {
+            realm,
+            certificate,
+            issued,
+            refused,
+        }
+    }
+
+    fn issued(&self) -> usize {
+        self.issued.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Answers one token request; whether a token was granted.
+fn serve_token(stream: TcpStream, key: &Path, x5c: &str) -> bool {
+    use base64::Engine as _;
+    use std::io::{BufRead, BufReader, Write};
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return false;
+    }
+    let mut authorized = false;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                let expected = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+                authorized = value.trim() == format!("Basic {expected}");
+            }
+        }
+    }
+    let mut stream = reader.into_inner();
+    if !authorized {
+        let _ = stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return false;
+    }
+    // scope=repository:<name>:<actions>, each scope parameter one grant.
+    let query = request_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.split_once('?'))
+        .map(|(_, q)| q.to_string());
+    let access: Vec<serde_json::Value> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("scope="))
+        .filter_map(|scope| {
+            let scope = scope.replace("%3A", ":").replace("%2C", ",").replace("%2F", "/");
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10,
+        "iat": now, "jti": format!("{now}-{}", rand_id()), "access": access,
+    });
+    let signing_input = format!("{}.{}", url.encode(header.to_string()), url.encode(claims.to_string()));
+    let mut openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl dgst");
+    openssl
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(signing_input.as_bytes())
+        .expect("sign input");
+    let signature = openssl.wait_with_output().expect("signature").stdout;
+    let token = format!("{signing_input}.{}", url.encode(signature));
+    let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 300}).to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    true
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    hasher.finish()
+}
+
+/// A registry with token auth (`WWW-Authenticate: Bearer realm=...`): the
+/// client fetches a token from the realm with the source's credentials and
+/// pushes and pulls with it; without credentials, or with a wrong password,
+/// the token server refuses and the call is a permission error at once.
+#[tokio::test]
+async fn bearer_tokens_from_the_realm_with_the_sources_credentials() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = TokenServer::start(dir.path());
+    let registry = Registry::start_with(Setup {
+        token: Some((tokens.realm.clone(), tokens.certificate.clone())),
+        ..Setup::default()
+    });
+    let host = registry.host();
+    let image = test_image();
+    let reference = format!("{host}/bearer/app:v1");
+
+    let anonymous = RegistryClient::new(fast_options(false));
+    let err = push_plain(&anonymous, &reference, &image.layers, &image.config)
+        .await
+        .expect_err("anonymous push to a token registry");
+    assert!(err.is_permission(), "{err}");
+
+    let client = RegistryClient::new(RegistryOptions {
+        credentials: Some(FixedCredentials::with(&host, USER, PASSWORD)),
+        ..fast_options(false)
+    });
+    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
+        .await
+        .expect("push with a bearer token");
+    assert!(tokens.issued() > 0, "the client asked the realm for a token");
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull with a bearer token");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(pulled.config, image.config);
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    client
+        .pull_blob_to(
+            &reference,
+            &image.layers[0].digest,
+            image.layers[0].size,
+            &dest,
+            &RegistryAuth::Anonymous,
+        )
+        .await
+        .expect("pull a blob with a bearer token");
+    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
+
+    let refused_before = tokens.refused();
+    let wrong = RegistryClient::new(RegistryOptions {
+        credentials: Some(FixedCredentials::with(&host, USER, "not-the-password")),
+        ..fast_options(false)
+    });
+    let err = wrong
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("a wrong password");
+    assert!(err.is_permission(), "{err}");
+    assert!(!err.to_string().contains("not-the-password"), "no secret in {err}");
+    assert!(
+        tokens.refused() > refused_before,
+        "the realm refused the wrong password"
+    );
 }
