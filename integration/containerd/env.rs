@@ -251,6 +251,20 @@ impl Env {
         Err(last_error.unwrap_or_else(|| anyhow!("registry did not start")))
     }
 
+    /// Stops the environment's registry, as an upstream that went down; its
+    /// storage ([`Env::registry_storage`]) stays.
+    pub fn stop_registry(&mut self) {
+        if let Some(mut child) = self.registry.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Where the environment's registry keeps its repositories.
+    pub fn registry_storage(&self) -> PathBuf {
+        self.dir().join("registry")
+    }
+
     fn wait_registry(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

@@ -374,3 +374,100 @@ fn credentials_from_config_json_a_helper_and_the_cli_reach_an_authenticated_regi
         Ok(())
     })
 }
+
+/// A mirror in hosts.toml serves what the upstream cannot: with the base
+/// image gone from containerd's content store and its registry down, a
+/// commit fails until hosts.toml names a mirror holding the image, then
+/// reads the base from the mirror.
+#[test]
+fn a_mirror_in_hosts_toml_serves_the_base_when_the_upstream_is_down() {
+    let certs_d = tempfile::tempdir().expect("certs.d");
+    let config = format!("[registry]\nconfig_path = {:?}\n", certs_d.path().display().to_string());
+    with_env_config("registry-mirror", Options::default(), &config, |env| {
+        let ns = env.namespace("mirror");
+        env.pull(&ns)?;
+        let id = env.container_id("mirror");
+        env.run_container(&ns, &id)?;
+        env.exec(&ns, &id, "echo mirrored > /mirrored && sync")?;
+        // The mirror holds a copy of the upstream's repositories (start_as
+        // serves <dir>/<name>-data).
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(env.registry_storage())
+            .arg(env.dir().join("mirror-registry-data"))
+            .status()?;
+        ensure!(copied.success(), "copying the registry's storage");
+        let mirror = TlsRegistry::start_as(env.dir(), "mirror-registry", None, false)?;
+        let upstream = env.image_ref();
+        let upstream_host = upstream.split('/').next().context("host")?.to_string();
+        // The base image leaves containerd's content store (the container
+        // keeps its snapshots), and its registry goes down.
+        env.ctr(&ns, &["images", "rm", "--sync", &upstream])?;
+        env.stop_registry();
+
+        let work = env.dir().join("mirror-work");
+        std::fs::create_dir_all(&work)?;
+        let commit = |target: &str| -> Result<(i32, String, String)> {
+            let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .arg("--address")
+                .arg(env.daemon_socket())
+                .arg("--namespace")
+                .arg(&ns)
+                .args([
+                    "seamless-commit",
+                    "--container",
+                    &id,
+                    "--target",
+                    target,
+                    "--format",
+                    "oci",
+                ])
+                .arg("--work-dir")
+                .arg(&work)
+                .args(["--wait", "--wait-timeout", "5m"])
+                .output()?;
+            Ok((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        };
+        let target = format!("{}/committed/app:mirrored", mirror.host());
+        let (code, out, err) = commit(&target)?;
+        ensure!(
+            code != 0 && err.contains("reading the base image"),
+            "without a mirror the base cannot be read: {code} {out} {err}"
+        );
+
+        let host_dir = certs_d.path().join(&upstream_host);
+        std::fs::create_dir_all(&host_dir)?;
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{upstream_host}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                mirror.host()
+            ),
+        )?;
+        let (code, out, err) = commit(&target)?;
+        ensure!(
+            code == 0,
+            "the mirror serves the base: {code} {out} {err}\n{}",
+            mirror.log_text()
+        );
+        let repository = super::image::REPOSITORY;
+        ensure!(
+            mirror.log_text().contains(&format!("/v2/{repository}/manifests/")),
+            "the base manifest was read from the mirror"
+        );
+        let runtime = tokio::runtime::Runtime::new()?;
+        let client = RegistryClient::new(RegistryOptions::default());
+        let pushed = runtime.block_on(client.pull_manifest_and_config(&target, &RegistryAuth::Anonymous))?;
+        ensure!(
+            pushed.manifest.layers.len() >= 2,
+            "base layers and the commit's: {:?}",
+            pushed.manifest.layers
+        );
+        env.remove_container(&ns, &id)?;
+        Ok(())
+    })
+}
