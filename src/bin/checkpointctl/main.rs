@@ -225,7 +225,7 @@ fn init_logging(level: &str) {
 }
 
 /// 0 ok, 1 general, 2 bad arguments, 3 container not found, 4 permission,
-/// 5 network. The daemon's commit error code (the message prefix) decides
+/// 5 network. The daemon's error code (typed, in the status details) decides
 /// first, then the gRPC code.
 fn exit_code(err: &CliError) -> u8 {
     match err {
@@ -233,15 +233,17 @@ fn exit_code(err: &CliError) -> u8 {
         CliError::Unreachable { reason, .. } if reason.contains("Permission denied") => 4,
         CliError::Unreachable { .. } => 5,
         CliError::Rpc { status, .. } => {
-            let prefix = status.message().split_once(": ").map(|(code, _)| code);
-            prefix.and_then(commit_code_exit).unwrap_or(match status.code() {
-                Code::InvalidArgument => 2,
-                Code::NotFound => 3,
-                // A node that refused the token.
-                Code::PermissionDenied | Code::Unauthenticated => 4,
-                Code::Unavailable => 5,
-                _ => 1,
-            })
+            let code = seamless_snapshotter::grpc::status::error_code(status);
+            code.as_deref()
+                .and_then(commit_code_exit)
+                .unwrap_or(match status.code() {
+                    Code::InvalidArgument => 2,
+                    Code::NotFound => 3,
+                    // A node that refused the token.
+                    Code::PermissionDenied | Code::Unauthenticated => 4,
+                    Code::Unavailable => 5,
+                    _ => 1,
+                })
         }
         CliError::JobFailed { code, .. } => commit_code_exit(code).unwrap_or(1),
         CliError::Settings(_) | CliError::Usage(_) => 2,
@@ -299,24 +301,34 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
     }
 
+    /// A status as the daemon sends a commit error: the code typed in the
+    /// details and leading the message.
+    fn coded(grpc: Code, code: &str, reason: &str) -> tonic::Status {
+        use prost::Message as _;
+        let detail = seamless_snapshotter::proto::ErrorDetail { code: code.into() };
+        tonic::Status::with_details(grpc, format!("{code}: {reason}"), detail.encode_to_vec().into())
+    }
+
     #[test]
     fn commit_error_codes_decide_before_grpc_codes() {
         let cases = [
             (
-                tonic::Status::failed_precondition("INVALID_PARAMETER: target is empty"),
+                coded(Code::FailedPrecondition, "INVALID_PARAMETER", "target is empty"),
                 2,
             ),
-            (tonic::Status::unknown("CONTAINER_NOT_FOUND: no container c1"), 3),
-            (tonic::Status::internal("PERMISSION_DENIED: cannot freeze c1"), 4),
-            (tonic::Status::unavailable("INTERNAL_ERROR: registry unreachable"), 5),
+            (coded(Code::Unknown, "CONTAINER_NOT_FOUND", "no container c1"), 3),
+            (coded(Code::Internal, "PERMISSION_DENIED", "cannot freeze c1"), 4),
+            (coded(Code::Unavailable, "INTERNAL_ERROR", "registry unreachable"), 5),
             (
-                tonic::Status::failed_precondition("CONTAINER_NOT_RUNNING: c1 is stopped"),
+                coded(Code::FailedPrecondition, "CONTAINER_NOT_RUNNING", "c1 is stopped"),
                 1,
             ),
             (
-                tonic::Status::internal("SNAPSHOT_IN_PROGRESS: c1 is being committed"),
+                coded(Code::Internal, "SNAPSHOT_IN_PROGRESS", "c1 is being committed"),
                 1,
             ),
+            // The code is read from the details, never parsed out of a message.
+            (tonic::Status::internal("PERMISSION_DENIED: looks like a code"), 1),
         ];
         for (status, code) in cases {
             assert_eq!(exit_code(&rpc(status.clone())), code, "{status:?}");
