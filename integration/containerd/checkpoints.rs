@@ -25,20 +25,16 @@ struct Cli {
 
 impl Cli {
     fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--namespace")
-            .arg(&self.ns)
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        crate::env::outcome(
+            Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .arg("--address")
+                .arg(&self.socket)
+                .arg("--namespace")
+                .arg(&self.ns)
+                .arg("-c")
+                .arg(&self.config)
+                .args(args),
+        )
     }
 
     /// Runs and expects success; returns stdout.

@@ -204,20 +204,7 @@ fn seamless_commit_pushes_the_container_view() {
         );
 
         // The CLI against the same daemon: exit codes and messages of the issue.
-        let cli = |args: &[&str]| -> Result<(i32, String, String)> {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args(args)
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
-        };
+        let cli = |args: &[&str]| -> Result<(i32, String, String)> { outcome(env.checkpointctl(&ns).args(args)) };
         let (code, _, err) = cli(&[
             "seamless-commit",
             "--container",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::env::{free_port, http_get_status, with_env, Env, Options};
+use crate::env::{free_port, http_get_status, outcome, with_env, Env, Options};
 
 /// A real docker-registry in read-only maintenance mode: it serves reads
 /// and answers every upload with 405, as a registry refusing pushes does.
@@ -181,18 +181,7 @@ fn background_failures_are_seen_in_jobs_log_and_metrics() {
 
 /// checkpointctl against the test's daemon: exit code, stdout, stderr.
 fn cli(env: &Env, ns: &str, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-        .arg("--address")
-        .arg(env.daemon_socket())
-        .arg("--namespace")
-        .arg(ns)
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    outcome(env.checkpointctl(ns).args(args))
 }
 
 /// A GET on the daemon's REST socket; the body.

@@ -100,13 +100,7 @@ fn nydus_commits_push_images_the_nydus_tools_read() {
             if step > 0 {
                 args.extend(["--format".into(), "nydus".into()]);
             }
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args(&args)
-                .output()?;
+            let out = env.checkpointctl(&ns).args(&args).output()?;
             let stdout = String::from_utf8_lossy(&out.stdout);
             ensure!(
                 out.status.success(),

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::env::{with_env, Options};
+use crate::env::{outcome, with_env, Options};
 
 const USER: &str = "seamless";
 const PASSWORD: &str = "gate-pass-7Q";
@@ -248,34 +248,26 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
         std::fs::create_dir_all(&work)?;
         let work = work.display().to_string();
         let commit = |format: &str, target: &str, extra: &[&str]| -> Result<(i32, String, String)> {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args([
-                    "seamless-commit",
-                    "--container",
-                    &id,
-                    "--target",
-                    target,
-                    "--format",
-                    format,
-                    "--target-insecure",
-                    "--source-insecure",
-                    "--work-dir",
-                    &work,
-                    "--wait",
-                    "--wait-timeout",
-                    "5m",
-                ])
-                .args(extra)
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
+            outcome(
+                env.checkpointctl(&ns)
+                    .args([
+                        "seamless-commit",
+                        "--container",
+                        &id,
+                        "--target",
+                        target,
+                        "--format",
+                        format,
+                        "--target-insecure",
+                        "--source-insecure",
+                        "--work-dir",
+                        &work,
+                        "--wait",
+                        "--wait-timeout",
+                        "5m",
+                    ])
+                    .args(extra),
+            )
         };
         let cli = |extra: &[&str]| commit("oci", &target, extra);
 

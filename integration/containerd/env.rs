@@ -251,6 +251,17 @@ impl Env {
         Err(last_error.unwrap_or_else(|| anyhow!("registry did not start")))
     }
 
+    /// `checkpointctl --address <the daemon> --namespace <ns>`, to add the
+    /// command's own arguments to.
+    pub fn checkpointctl(&self, ns: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_checkpointctl"));
+        cmd.arg("--address")
+            .arg(self.daemon_socket())
+            .arg("--namespace")
+            .arg(ns);
+        cmd
+    }
+
     /// Stops the environment's registry, as an upstream that went down; its
     /// storage ([`Env::registry_storage`]) stays.
     pub fn stop_registry(&mut self) {
@@ -1049,6 +1060,17 @@ fn socket_accepts(path: &Path) -> bool {
 /// Whether anything accepts on `path` (for stale socket checks).
 pub fn socket_is_live(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
+}
+
+/// Runs `cmd` to its end: its exit code (-1 when a signal ended it), stdout
+/// and stderr.
+pub fn outcome(cmd: &mut Command) -> Result<(i32, String, String)> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 pub fn free_port() -> Result<u16> {

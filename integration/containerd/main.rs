@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::Signal;
 
-use env::{with_env, with_env_config, Env, Options, SnapshotRow};
+use env::{outcome, with_env, with_env_config, Env, Options, SnapshotRow};
 use grpc::Snapshots;
 
 /// containerd redials a dead proxy plugin with a backoff of at most 3 s.

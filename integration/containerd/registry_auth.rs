@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryHosts, RegistryOptions};
 
-use super::env::{with_env_config, Options};
+use super::env::{outcome, with_env_config, Options};
 
 /// A docker-registry serving TLS with `cert` and `key`, killed on drop.
 struct TlsRegistry {
@@ -127,21 +127,13 @@ fn commit_pushes_to_a_tls_registry_trusted_through_hosts_toml() {
         let work = env.dir().join("tls-work");
         std::fs::create_dir_all(&work)?;
         let commit = |target: &str| -> Result<(i32, String, String)> {
-            let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args(["seamless-commit", "--container", &id, "--target", target])
-                .args(["--format", "oci", "--work-dir"])
-                .arg(&work)
-                .arg("--wait")
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
+            outcome(
+                env.checkpointctl(&ns)
+                    .args(["seamless-commit", "--container", &id, "--target", target])
+                    .args(["--format", "oci", "--work-dir"])
+                    .arg(&work)
+                    .arg("--wait"),
+            )
         };
 
         // No hosts.toml names the CA: the daemon does not trust the registry.
@@ -271,21 +263,13 @@ fn credentials_from_config_json_a_helper_and_the_cli_reach_an_authenticated_regi
         let work = env.dir().join("creds-work");
         std::fs::create_dir_all(&work)?;
         let commit = |target: &str, extra: &[&str]| -> Result<(i32, String, String)> {
-            let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args(["seamless-commit", "--container", &id, "--target", target, "--work-dir"])
-                .arg(&work)
-                .args(["--wait", "--wait-timeout", "5m"])
-                .args(extra)
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
+            outcome(
+                env.checkpointctl(&ns)
+                    .args(["seamless-commit", "--container", &id, "--target", target, "--work-dir"])
+                    .arg(&work)
+                    .args(["--wait", "--wait-timeout", "5m"])
+                    .args(extra),
+            )
         };
 
         // No credentials anywhere: the registry refuses, exit 4.
@@ -408,29 +392,21 @@ fn a_mirror_in_hosts_toml_serves_the_base_when_the_upstream_is_down() {
         let work = env.dir().join("mirror-work");
         std::fs::create_dir_all(&work)?;
         let commit = |target: &str| -> Result<(i32, String, String)> {
-            let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
-                .arg("--address")
-                .arg(env.daemon_socket())
-                .arg("--namespace")
-                .arg(&ns)
-                .args([
-                    "seamless-commit",
-                    "--container",
-                    &id,
-                    "--target",
-                    target,
-                    "--format",
-                    "oci",
-                ])
-                .arg("--work-dir")
-                .arg(&work)
-                .args(["--wait", "--wait-timeout", "5m"])
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
+            outcome(
+                env.checkpointctl(&ns)
+                    .args([
+                        "seamless-commit",
+                        "--container",
+                        &id,
+                        "--target",
+                        target,
+                        "--format",
+                        "oci",
+                    ])
+                    .arg("--work-dir")
+                    .arg(&work)
+                    .args(["--wait", "--wait-timeout", "5m"]),
+            )
         };
         let target = format!("{}/committed/app:mirrored", mirror.host());
         let (code, out, err) = commit(&target)?;

@@ -41,12 +41,7 @@ impl Ctl {
     }
 
     fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let out = self.command().args(args).output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        crate::env::outcome(self.command().args(args))
     }
 
     fn ok(&self, args: &[&str]) -> Result<String> {
