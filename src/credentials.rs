@@ -141,17 +141,7 @@ impl RegistryCredentials {
             path: path.display().to_string(),
             reason,
         };
-        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(bad("is not a regular file".into()));
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(bad(format!(
-                "may be read by other users (mode {mode:04o}); make it 0600"
-            )));
-        }
+        let (file, _) = crate::private_file::open(path).map_err(|e| bad(e.to_string()))?;
         let mut text = String::new();
         file.take(MAX_HELPER_OUTPUT)
             .read_to_string(&mut text)

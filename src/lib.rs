@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod nydus;
 pub mod nydus_image;
+pub mod private_file;
 pub mod rafs_fuse;
 pub mod rafs_mount;
 pub mod registry;

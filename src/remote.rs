@@ -8,7 +8,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,20 +58,25 @@ const H2_PREFACE_LEN: u64 = 24;
 /// Refuses a secret (key or token) that other users may read: the file is
 /// the secret's only protection.
 pub fn check_private(what: &'static str, path: &Path) -> Result<(), RemoteError> {
+    use crate::private_file::PrivateFileError;
+    let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| RemoteError::File {
         what,
-        path: path.display().to_string(),
+        path: shown.clone(),
         reason: e.to_string(),
     })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(RemoteError::Exposed {
+    crate::private_file::check(&meta).map_err(|e| match e {
+        PrivateFileError::Exposed { mode } => RemoteError::Exposed {
             what,
-            path: path.display().to_string(),
+            path: shown,
             mode,
-        });
-    }
-    Ok(())
+        },
+        other => RemoteError::File {
+            what,
+            path: shown,
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// The bearer token of a token file: its first line, trimmed. The file must
@@ -485,6 +489,7 @@ impl RemoteTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn https_addresses_name_host_and_port() {

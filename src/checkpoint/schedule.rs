@@ -70,7 +70,7 @@ pub struct SecretsKey {
 impl SecretsKey {
     pub fn open_or_create(root: &Path) -> Result<SecretsKey, CheckpointError> {
         use std::io::Write;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let path = root.join(SECRETS_KEY_FILE);
         let bad = |reason: String| CheckpointError::Task(format!("schedule secrets key {}: {reason}", path.display()));
         match std::fs::OpenOptions::new()
@@ -88,12 +88,7 @@ impl SecretsKey {
             Err(e) => return Err(bad(e.to_string())),
         }
         let meta = std::fs::symlink_metadata(&path).map_err(|e| bad(e.to_string()))?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if !meta.is_file() || mode & 0o077 != 0 {
-            return Err(bad(format!(
-                "must be a regular file only root may read (mode {mode:04o}); make it 0600"
-            )));
-        }
+        crate::private_file::check(&meta).map_err(|e| bad(e.to_string()))?;
         let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
         let key = Key::try_from(bytes.as_slice()).map_err(|_| bad(format!("holds {} bytes, not 32", bytes.len())))?;
         Ok(SecretsKey {

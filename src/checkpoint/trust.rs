@@ -454,12 +454,12 @@ fn read_key(path: &Path) -> Result<RecordKey, TrustError> {
         .open(path)
         .map_err(io_err("open", path))?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
-    if !meta.file_type().is_file() {
-        return Err(TrustError::NotAFile { path: shown });
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(TrustError::LooseMode { path: shown, mode });
+    match crate::private_file::check(&meta) {
+        Ok(()) => {}
+        Err(crate::private_file::PrivateFileError::Exposed { mode }) => {
+            return Err(TrustError::LooseMode { path: shown, mode })
+        }
+        Err(_) => return Err(TrustError::NotAFile { path: shown }),
     }
     let daemon = nix::unistd::geteuid().as_raw();
     if meta.uid() != daemon {

@@ -250,7 +250,6 @@ impl Settings {
     /// A file that holds secrets must be readable by its owner only: the
     /// file is their only protection.
     fn check_secrets_private(&self, path: &Path) -> Result<(), SettingsError> {
-        use std::os::unix::fs::PermissionsExt;
         let Some(key) = [
             ("storage.s3.secret_key", &self.storage.s3.secret_key),
             ("storage.encryption_key", &self.storage.encryption_key),
@@ -259,22 +258,15 @@ impl Settings {
         .find_map(|(key, secret)| (!secret.0.is_empty()).then_some(key)) else {
             return Ok(());
         };
-        let mode = std::fs::metadata(path)
-            .map_err(|e| SettingsError::Read {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(SettingsError::Invalid {
-                path: path.display().to_string(),
-                key: key.to_string(),
-                reason: format!("is a secret, and the file may be read by other users (mode {mode:04o}); make it 0600"),
-            });
-        }
-        Ok(())
+        let meta = std::fs::metadata(path).map_err(|e| SettingsError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        seamless_snapshotter::private_file::check(&meta).map_err(|e| SettingsError::Invalid {
+            path: path.display().to_string(),
+            key: key.to_string(),
+            reason: format!("is a secret, and the file {e}"),
+        })
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Settings, SettingsError> {
