@@ -137,7 +137,8 @@ impl Default for SeamlessOptions {
     }
 }
 
-/// What to commit and how; the defaults are the CLI's.
+/// What to commit and how; the defaults are the commit's own
+/// ([`crate::commit::CommitOptions::default`]).
 #[derive(Debug, Clone)]
 pub struct CommitOptions {
     pub container: String,
@@ -160,18 +161,19 @@ pub struct CommitOptions {
 
 impl CommitOptions {
     pub fn new(container: impl Into<String>, target: impl Into<String>) -> Self {
+        let defaults = crate::commit::CommitOptions::default();
         CommitOptions {
             container: container.into(),
             target: target.into(),
-            format: "nydus".into(),
-            work_dir: PathBuf::new(),
-            fs_version: 6,
-            compressor: "lz4_block".into(),
-            target_insecure: false,
-            source_insecure: false,
+            format: defaults.format.as_str().into(),
+            work_dir: defaults.work_dir,
+            fs_version: defaults.fs_version,
+            compressor: defaults.compressor,
+            target_insecure: defaults.target_insecure,
+            source_insecure: defaults.source_insecure,
             with_paths: Vec::new(),
             without_paths: Vec::new(),
-            maximum_times: 10,
+            maximum_times: defaults.maximum_times,
             target_creds: None,
             source_creds: None,
         }

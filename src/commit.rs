@@ -162,12 +162,47 @@ pub struct CommitOptions {
     pub source_creds: Option<RegistryCredentials>,
 }
 
+impl Default for CommitOptions {
+    /// The defaults of every API, written once: checkpointctl's flags, the
+    /// REST body's missing fields, the gRPC request's zero values and the
+    /// embedding client start from these.
+    fn default() -> CommitOptions {
+        CommitOptions {
+            namespace: "default".into(),
+            container: String::new(),
+            target: String::new(),
+            format: Format::Nydus,
+            // Empty: the daemon's private scratch directory.
+            work_dir: PathBuf::new(),
+            fs_version: 6,
+            compressor: "lz4_block".into(),
+            target_insecure: false,
+            source_insecure: false,
+            with_paths: Vec::new(),
+            without_paths: Vec::new(),
+            maximum_times: 10,
+            target_creds: None,
+            source_creds: None,
+        }
+    }
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Oci => "oci",
+            Format::Nydus => "nydus",
+        }
+    }
+}
+
 impl CommitOptions {
     /// Parses the wire form of a format name.
     pub fn parse_format(text: &str) -> Result<Format, CommitError> {
         match text {
             "oci" => Ok(Format::Oci),
-            "nydus" | "" => Ok(Format::Nydus),
+            "nydus" => Ok(Format::Nydus),
+            "" => Ok(CommitOptions::default().format),
             other => Err(CommitError::InvalidParameter(format!(
                 "format {other:?} is not one of nydus, oci"
             ))),

@@ -99,21 +99,21 @@ struct CreateSnapshot {
     source_creds: Option<RegistryCredentials>,
 }
 
+// Missing fields take the commit's own defaults.
 fn default_namespace() -> String {
-    "default".into()
+    CommitOptions::default().namespace
 }
 fn default_work_dir() -> PathBuf {
-    // Empty: the daemon's private scratch directory.
-    PathBuf::new()
+    CommitOptions::default().work_dir
 }
 fn default_fs_version() -> u32 {
-    6
+    CommitOptions::default().fs_version
 }
 fn default_compressor() -> String {
-    "lz4_block".into()
+    CommitOptions::default().compressor
 }
 fn default_maximum_times() -> u32 {
-    10
+    CommitOptions::default().maximum_times
 }
 
 #[derive(Debug, Serialize)]

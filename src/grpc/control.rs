@@ -182,6 +182,8 @@ fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitEr
         &r.source_username,
         &r.source_password,
     )?;
+    // proto3's zero values stand for "not given": the commit's defaults.
+    let defaults = CommitOptions::default();
     Ok(CommitOptions {
         target_creds,
         source_creds,
@@ -189,11 +191,14 @@ fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitEr
         namespace: r.namespace,
         container: r.container,
         target: r.target,
-        // Empty: the daemon's private scratch directory.
         work_dir: r.work_dir.into(),
-        fs_version: if r.fs_version == 0 { 6 } else { r.fs_version },
+        fs_version: if r.fs_version == 0 {
+            defaults.fs_version
+        } else {
+            r.fs_version
+        },
         compressor: if r.compressor.is_empty() {
-            "lz4_block".into()
+            defaults.compressor
         } else {
             r.compressor
         },
@@ -201,7 +206,11 @@ fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitEr
         source_insecure: r.source_insecure,
         with_paths: r.with_paths.into_iter().map(PathBuf::from).collect(),
         without_paths: r.without_paths.into_iter().map(PathBuf::from).collect(),
-        maximum_times: if r.maximum_times == 0 { 10 } else { r.maximum_times },
+        maximum_times: if r.maximum_times == 0 {
+            defaults.maximum_times
+        } else {
+            r.maximum_times
+        },
     })
 }
 

@@ -81,7 +81,7 @@ pub struct Args {
     #[arg(long, value_parser = non_empty)]
     target: String,
     /// Layer format of the image.
-    #[arg(long, value_enum, default_value_t = Format::Nydus)]
+    #[arg(long, value_enum, default_value_t = Format::default_value())]
     format: Format,
     /// Wait for the background job to build and push the image.
     #[arg(long)]
@@ -92,10 +92,10 @@ pub struct Args {
     #[arg(long, value_parser = absolute_path)]
     work_dir: Option<PathBuf>,
     /// Nydus filesystem version.
-    #[arg(long, value_enum, default_value_t = FsVersion::V6)]
+    #[arg(long, value_enum, default_value_t = FsVersion::default_value())]
     fs_version: FsVersion,
     /// Compression of the layer data.
-    #[arg(long, value_enum, default_value_t = Compressor::Lz4Block)]
+    #[arg(long, value_enum, default_value_t = Compressor::default_value())]
     compressor: Compressor,
     /// Plain HTTP or unverified TLS to the target registry.
     #[arg(long)]
@@ -110,7 +110,7 @@ pub struct Args {
     #[arg(long = "without-path", value_name = "PATH", value_parser = absolute_path)]
     without_paths: Vec<PathBuf>,
     /// Most commit layers in the container's chain before older ones are merged.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = defaults().maximum_times, value_parser = clap::value_parser!(u32).range(1..))]
     maximum_times: u32,
     /// Longest `--wait` follows the job: 90s, 5m, 1h, 1h30m.
     #[arg(long, default_value = "30m", value_parser = parse_wait_timeout)]
@@ -189,7 +189,19 @@ enum Compressor {
     Zstd,
 }
 
+/// The commit's own defaults, which the flags' defaults are.
+fn defaults() -> seamless_snapshotter::commit::CommitOptions {
+    seamless_snapshotter::commit::CommitOptions::default()
+}
+
 impl Format {
+    fn default_value() -> Format {
+        match defaults().format {
+            seamless_snapshotter::commit::Format::Oci => Format::Oci,
+            seamless_snapshotter::commit::Format::Nydus => Format::Nydus,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Format::Nydus => "nydus",
@@ -199,6 +211,14 @@ impl Format {
 }
 
 impl FsVersion {
+    fn default_value() -> FsVersion {
+        if defaults().fs_version == 5 {
+            FsVersion::V5
+        } else {
+            FsVersion::V6
+        }
+    }
+
     fn number(self) -> u32 {
         match self {
             FsVersion::V5 => 5,
@@ -208,6 +228,15 @@ impl FsVersion {
 }
 
 impl Compressor {
+    fn default_value() -> Compressor {
+        let compressor = defaults().compressor;
+        Compressor::value_variants()
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == compressor)
+            .unwrap_or(Compressor::Lz4Block)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Compressor::None => "none",
@@ -875,6 +904,18 @@ mod tests {
         // The two do not mix, and states are checked before connecting.
         assert!(parse(&["status", "--target", "r/a:1"]).is_err());
         assert!(parse(&["jobs", "--state", "broken"]).is_err());
+    }
+
+    #[test]
+    fn flag_defaults_are_the_commits_own() {
+        let args = parse(&[]).unwrap();
+        let request = args.request("ns");
+        let defaults = defaults();
+        assert_eq!(request.format, defaults.format.as_str());
+        assert_eq!(request.fs_version, defaults.fs_version);
+        assert_eq!(request.compressor, defaults.compressor);
+        assert_eq!(request.maximum_times, defaults.maximum_times);
+        assert_eq!(request.work_dir, defaults.work_dir.display().to_string());
     }
 
     #[test]
