@@ -243,9 +243,9 @@ impl BlobSource for RegistryBlobSource {
 
     /// The registry's one endpoint, read chunk by chunk, when nydus-storage
     /// can reach it as the registry client would, with the credentials the
-    /// client's source gives for it. nydus-storage cannot be given a CA or a
-    /// list of mirrors to fall back on: such images are fetched whole
-    /// through the registry client, which can.
+    /// client's source gives for it. nydus-storage cannot be given a CA, a
+    /// client certificate or a list of mirrors to fall back on: such images
+    /// are fetched whole through the registry client, which can.
     fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
         let parsed = oci_client::Reference::from_str(reference).ok()?;
         let insecure = self.is_insecure(reference);
@@ -254,7 +254,7 @@ impl BlobSource for RegistryBlobSource {
         let [endpoint] = endpoints.as_slice() else {
             return None;
         };
-        if !endpoint.ca.is_empty() {
+        if !endpoint.ca.is_empty() || !endpoint.client.is_empty() {
             return None;
         }
         let auth = match &client.options().credentials {
