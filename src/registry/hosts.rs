@@ -579,10 +579,8 @@ fn read_client(
     }
     check_owner_only(&key).map_err(|reason| error(&key, reason))?;
     let mut pem = Vec::with_capacity(cert_text.len() + key_text.len() + 1);
-    if key == certificate {
-        pem.extend_from_slice(cert_text.as_bytes());
-    } else {
-        pem.extend_from_slice(cert_text.as_bytes());
+    pem.extend_from_slice(cert_text.as_bytes());
+    if key != certificate {
         pem.push(b'\n');
         pem.extend_from_slice(key_text.as_bytes());
     }
@@ -612,6 +610,7 @@ fn check_owner_only(file: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
@@ -739,6 +738,106 @@ server = "https://registry.example"
             assert!(err.contains("/etc/certs.d/h/hosts.toml"), "{text}: {err}");
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    /// A self-signed certificate and its key, made by openssl, in `dir`:
+    /// `c.crt`, `c.key` (0600) and `both.pem` (0600).
+    fn client_files(dir: &Path) {
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (the tests need it)");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let both = [
+            std::fs::read(dir.join("c.crt")).unwrap(),
+            std::fs::read(dir.join("c.key")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir.join("both.pem"), both).unwrap();
+        for name in ["c.key", "both.pem"] {
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
+    #[test]
+    fn client_certificates_in_every_containerd_form() {
+        let dir = tempfile::tempdir().unwrap();
+        client_files(dir.path());
+        let path = dir.path().join("hosts.toml");
+        for (text, pairs) in [
+            ("client = \"both.pem\"\n", vec![("both.pem", "both.pem")]),
+            (
+                "client = [\"both.pem\", \"both.pem\"]\n",
+                vec![("both.pem", "both.pem"); 2],
+            ),
+            ("client = [[\"c.crt\", \"c.key\"]]\n", vec![("c.crt", "c.key")]),
+            (
+                "client = [[\"c.crt\", \"c.key\"], [\"both.pem\", \"\"]]\n",
+                vec![("c.crt", "c.key"), ("both.pem", "both.pem")],
+            ),
+        ] {
+            let endpoints = parse_hosts_file(text, &path, "h").unwrap_or_else(|err| panic!("{text}: {err}"));
+            let client = &endpoints[0].client;
+            let read: Vec<_> = client
+                .iter()
+                .map(|identity| (identity.certificate.clone(), identity.key.clone()))
+                .collect();
+            let expected: Vec<_> = pairs
+                .iter()
+                .map(|(cert, key)| (dir.path().join(cert), dir.path().join(key)))
+                .collect();
+            assert_eq!(read, expected, "{text}");
+            let pem = String::from_utf8(client[0].pem.clone()).unwrap();
+            assert!(
+                pem.contains("BEGIN CERTIFICATE") && pem.contains("PRIVATE KEY"),
+                "{text}"
+            );
+            assert!(
+                !format!("{:?}", client[0]).contains("PRIVATE"),
+                "no key in Debug output"
+            );
+        }
+    }
+
+    #[test]
+    fn client_files_missing_unusable_or_readable_by_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        client_files(dir.path());
+        std::fs::write(
+            dir.path().join("nokey.pem"),
+            std::fs::read(dir.path().join("c.crt")).unwrap(),
+        )
+        .unwrap();
+        std::fs::set_permissions(dir.path().join("nokey.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("hosts.toml");
+        let check = |text: &str, needles: &[&str]| {
+            let err = parse_hosts_file(text, &path, "h").expect_err(text).to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{text}: {err}");
+            }
+        };
+        check("client = \"missing.pem\"\n", &["server.client", "missing.pem"]);
+        check(
+            "client = [[\"c.crt\", \"missing.key\"]]\n",
+            &["server.client", "missing.key"],
+        );
+        check("client = \"nokey.pem\"\n", &["nokey.pem", "no PEM private key"]);
+        check("client = [[\"c.key\", \"c.key\"]]\n", &["c.key", "no PEM certificate"]);
+        std::fs::set_permissions(dir.path().join("c.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        check(
+            "[host.\"https://m\"]\nclient = [[\"c.crt\", \"c.key\"]]\n",
+            &["host.\"https://m\".client", "c.key", "other users", "0640"],
+        );
     }
 
     #[test]

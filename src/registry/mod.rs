@@ -897,6 +897,7 @@ impl RegistryClient {
         let may_fall_back = endpoint.scheme == Scheme::Https && (self.options.insecure || endpoint.http_fallback);
         let http = self.build_http_client(endpoint, &registry, None)?;
         let manifests = self.build_http_client(endpoint, &registry, Some(MANIFEST_READ_TIMEOUT))?;
+        let shows_certificate = !endpoint.client.is_empty();
         let (scheme, credentials) = self
             .with_retries(retries, "registry ping", "", &registry, || async {
                 let (first, fallback) = match (endpoint.scheme, may_fall_back, self.known_scheme(&registry)) {
@@ -905,14 +906,15 @@ impl RegistryClient {
                     (Scheme::Https, true, Some(known)) => (known, None),
                     (Scheme::Https, true, None) => (Scheme::Https, Some(Scheme::Http)),
                 };
-                let first_err = match authenticate(&http, first, &registry, &at_endpoint, &auth, need).await {
-                    Ok(credentials) => return Ok((first, credentials)),
-                    Err(err) => diagnose_closed_tls(err, first, endpoint, &registry).await,
-                };
+                let first_err =
+                    match authenticate(&http, first, &registry, &at_endpoint, &auth, need, shows_certificate).await {
+                        Ok(credentials) => return Ok((first, credentials)),
+                        Err(err) => err,
+                    };
                 let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
                     return Err(first_err);
                 };
-                match authenticate(&http, fallback, &registry, &at_endpoint, &auth, need).await {
+                match authenticate(&http, fallback, &registry, &at_endpoint, &auth, need, shows_certificate).await {
                     Ok(credentials) => Ok((fallback, credentials)),
                     Err(err) => Err(combine(first_err, err)),
                 }
@@ -1701,25 +1703,6 @@ fn envelope_status(body: &[u8]) -> Option<u16> {
     })
 }
 
-/// A TLS connection that closed without an answer, to an endpoint this
-/// client shows no certificate: when the server's alert says it wants one,
-/// that is the error, and no retry mends it.
-async fn diagnose_closed_tls(err: RegistryError, scheme: Scheme, endpoint: &Endpoint, registry: &str) -> RegistryError {
-    let RegistryError::Unreachable { message, .. } = &err else {
-        return err;
-    };
-    if scheme != Scheme::Https || !endpoint.client.is_empty() {
-        return err;
-    }
-    if tls_probe::refuses_without_client_certificate(registry).await {
-        return RegistryError::ClientCertificateRefused {
-            registry: registry.to_string(),
-            message: message.clone(),
-        };
-    }
-    err
-}
-
 /// Pings `scheme://registry/v2/` and answers its auth challenge: a token
 /// from the realm of a `Bearer` challenge (asked with the call's basic
 /// credentials), the call's basic credentials for a `Basic` one, nothing
@@ -1731,14 +1714,32 @@ async fn authenticate(
     reference: &Reference,
     auth: &RegistryAuth,
     need: Need,
+    shows_client_certificate: bool,
 ) -> Result<Credentials, RegistryError> {
     let object = format!("registry {registry}");
     let url = format!("{}://{registry}/v2/", scheme.as_str());
-    let response = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|err| classify_transport(&err, registry, &object))?;
+    let response = match http.get(&url).send().await {
+        Ok(response) => response,
+        Err(err) => {
+            let classified = classify_transport(&err, registry, &object);
+            // A TLS 1.3 server that wants a client certificate ends the
+            // connection after the handshake: the HTTP client sees it
+            // closed, the probe reads the server's alert.
+            let closed_after_connecting =
+                matches!(classified, RegistryError::Unreachable { .. }) && !err.is_connect() && !err.is_timeout();
+            if closed_after_connecting
+                && scheme == Scheme::Https
+                && !shows_client_certificate
+                && tls_probe::refuses_without_client_certificate(registry).await
+            {
+                return Err(RegistryError::ClientCertificateRefused {
+                    registry: registry.to_string(),
+                    message: error_chain(&err),
+                });
+            }
+            return Err(classified);
+        }
+    };
     if let RegistryAuth::Bearer(token) = auth {
         return Ok(Credentials::Bearer(token.clone()));
     }
