@@ -243,9 +243,9 @@ impl BlobSource for RegistryBlobSource {
 
     /// The registry's one endpoint, read chunk by chunk, when nydus-storage
     /// can reach it as the registry client would, with the credentials the
-    /// client's source gives for it. nydus-storage cannot be given a CA or a
-    /// list of mirrors to fall back on: such images are fetched whole
-    /// through the registry client, which can.
+    /// client's source gives for it. nydus-storage cannot be given a CA, a
+    /// client certificate or a list of mirrors to fall back on: such images
+    /// are fetched whole through the registry client, which can.
     fn lazy_backend(&self, reference: &str) -> Option<BlobBackend> {
         let parsed = oci_client::Reference::from_str(reference).ok()?;
         let insecure = self.is_insecure(reference);
@@ -254,7 +254,7 @@ impl BlobSource for RegistryBlobSource {
         let [endpoint] = endpoints.as_slice() else {
             return None;
         };
-        if !endpoint.ca.is_empty() {
+        if !endpoint.ca.is_empty() || !endpoint.client.is_empty() {
             return None;
         }
         let auth = match &client.options().credentials {
@@ -1454,6 +1454,34 @@ mod tests {
             source.lazy_backend("ca.example/app:1"),
             None,
             "nydus-storage takes no CA"
+        );
+        // Nor a client certificate.
+        let client_dir = dir.path().join("client.example");
+        std::fs::create_dir_all(&client_dir).unwrap();
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
+            .current_dir(&client_dir)
+            .output()
+            .expect("run openssl (the tests need it)");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(client_dir.join("c.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        std::fs::write(client_dir.join("hosts.toml"), "client = [[\"c.crt\", \"c.key\"]]\n").unwrap();
+        assert_eq!(
+            source.lazy_backend("client.example/app:1"),
+            None,
+            "nydus-storage takes no client certificate"
         );
     }
 

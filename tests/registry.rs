@@ -52,6 +52,8 @@ struct Setup {
     basic_auth: bool,
     /// Bearer tokens from this token server (its realm and certificate).
     token: Option<(String, PathBuf)>,
+    /// With `tls`: a client certificate this CA signed is required.
+    client_cas: Option<PathBuf>,
 }
 
 impl Registry {
@@ -89,6 +91,9 @@ impl Registry {
                 cert.display(),
                 key.display()
             ));
+            if let Some(client_ca) = &setup.client_cas {
+                config.push_str(&format!("    clientcas:\n      - {}\n", client_ca.display()));
+            }
         }
         if let Some((realm, certificate)) = &setup.token {
             config.push_str(&format!(
@@ -1437,7 +1442,7 @@ async fn a_bad_hosts_toml_is_a_clear_error() {
         ("capabilities = [\"pull\", \"delete\"]\n", "capabilities"),
         (
             "[host.\"https://mirror.example\"]\nclient = [\"c.pem\", \"k.pem\"]\n",
-            "client certificates are not supported",
+            "c.pem",
         ),
         (
             "[host.\"https://mirror.example\"]\nca = \"missing.crt\"\n",
@@ -1491,6 +1496,13 @@ struct TokenServer {
 
 impl TokenServer {
     fn start(dir: &Path) -> TokenServer {
+        TokenServer::start_expiring(dir, 0)
+    }
+
+    /// A token server whose first `expired` tokens expired before they
+    /// were issued (by more than the registry's 60 s leeway for clock
+    /// skew): what a client holding a token past its lifetime sends.
+    fn start_expiring(dir: &Path, expired: usize) -> TokenServer {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let (certificate, key) = (dir.join("token.crt"), dir.join("token.key"));
         let made = Command::new("openssl")
@@ -1528,9 +1540,13 @@ impl TokenServer {
         let refused = std::sync::Arc::new(AtomicUsize::new(0));
         let (issued_count, refused_count) = (issued.clone(), refused.clone());
         std::thread::spawn(move || {
+            let mut expired_left = expired;
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let granted = serve_token(stream, &key, &x5c);
+                let granted = serve_token(stream, &key, &x5c, expired_left > 0);
+                if granted {
+                    expired_left = expired_left.saturating_sub(1);
+                }
                 let counter = if granted { &issued_count } else { &refused_count };
                 counter.fetch_add(1, Ordering::SeqCst);
             }
@@ -1553,7 +1569,7 @@ impl TokenServer {
 }
 
 /// Answers one token request; whether a token was granted.
-fn serve_token(stream: TcpStream, key: &Path, x5c: &str) -> bool {
+fn serve_token(stream: TcpStream, key: &Path, x5c: &str, expired: bool) -> bool {
     use base64::Engine as _;
     use std::io::{BufRead, BufReader, Write};
     let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -1602,9 +1618,10 @@ fn serve_token(stream: TcpStream, key: &Path, x5c: &str) -> bool {
         .expect("clock")
         .as_secs();
     let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+    let issued_at = if expired { now - 900 } else { now };
     let claims = serde_json::json!({
-        "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10,
-        "iat": now, "jti": format!("{now}-{}", rand_id()), "access": access,
+        "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": issued_at + 300, "nbf": issued_at - 10,
+        "iat": issued_at, "jti": format!("{now}-{}", rand_id()), "access": access,
     });
     let signing_input = format!("{}.{}", url.encode(header.to_string()), url.encode(claims.to_string()));
     let mut openssl = Command::new("openssl")
@@ -1703,4 +1720,218 @@ async fn bearer_tokens_from_the_realm_with_the_sources_credentials() {
         tokens.refused() > refused_before,
         "the realm refused the wrong password"
     );
+}
+
+/// A token that expires mid-call (the registry refuses it with 401) is
+/// fetched again, once, and the call goes on with the new one; a token
+/// service that only ever issues expired tokens is a permission error after
+/// that one renewal, not a loop.
+#[tokio::test]
+async fn an_expired_bearer_token_is_renewed_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The token of the call's auth challenge has expired; the next is good.
+    let tokens = TokenServer::start_expiring(dir.path(), 1);
+    let registry = Registry::start_with(Setup {
+        token: Some((tokens.realm.clone(), tokens.certificate.clone())),
+        ..Setup::default()
+    });
+    let host = registry.host();
+    let image = test_image();
+    let reference = format!("{host}/expiring/app:v1");
+    let client = RegistryClient::new(RegistryOptions {
+        credentials: Some(FixedCredentials::with(&host, USER, PASSWORD)),
+        ..fast_options(false)
+    });
+    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
+        .await
+        .expect("push, renewing the expired token");
+    assert_eq!(tokens.issued(), 2, "the expired token and its one renewal");
+    assert!(
+        registry.requests("HEAD", "/v2/expiring/app/blobs/") >= 2,
+        "the refused request was sent again: {}",
+        registry.log_text()
+    );
+    let pulled = client
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull back");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+
+    let always_dir = tempfile::tempdir().expect("temp dir");
+    let stale = TokenServer::start_expiring(always_dir.path(), usize::MAX);
+    let stale_registry = Registry::start_with(Setup {
+        token: Some((stale.realm.clone(), stale.certificate.clone())),
+        ..Setup::default()
+    });
+    let stale_host = stale_registry.host();
+    let stale_client = RegistryClient::new(RegistryOptions {
+        credentials: Some(FixedCredentials::with(&stale_host, USER, PASSWORD)),
+        ..fast_options(false)
+    });
+    let err = stale_client
+        .pull_manifest_and_config(&format!("{stale_host}/expiring/app:v1"), &RegistryAuth::Anonymous)
+        .await
+        .expect_err("every token expired");
+    assert!(err.is_permission(), "{err}");
+    assert!(!err.to_string().contains(PASSWORD), "no secret in {err}");
+    assert_eq!(stale.issued(), 2, "one token for the call, one renewal, no more");
+}
+
+/// A client certificate and key signed by `certs/ca.crt`, for mutual TLS:
+/// `client.crt`, `client.key` (0600) and `client.pem` holding both (0600).
+fn client_certificate(certs: &Path) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(certs)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=seamless test client",
+    ]);
+    std::fs::write(certs.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("write client.ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "client.ext",
+    ]);
+    let both = [
+        std::fs::read(certs.join("client.crt")).expect("read client.crt"),
+        std::fs::read(certs.join("client.key")).expect("read client.key"),
+    ]
+    .concat();
+    std::fs::write(certs.join("client.pem"), both).expect("write client.pem");
+    owner_only(&certs.join("client.key"), 0o600);
+    owner_only(&certs.join("client.pem"), 0o600);
+}
+
+fn owner_only(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A registry that requires a client certificate its CA signed (mutual
+/// TLS): `client` in hosts.toml, as one PEM file holding certificate and
+/// key or as a [certificate, key] pair, lets pushes and pulls through;
+/// without it the handshake is refused with a TLS error that says so; a key
+/// file others may read is refused before any request.
+#[tokio::test]
+async fn client_certificates_from_hosts_toml_for_a_registry_that_requires_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = private_ca(dir.path());
+    client_certificate(&certs);
+    let registry = Registry::start_with(Setup {
+        tls: Some((certs.join("server.crt"), certs.join("server.key"))),
+        client_cas: Some(certs.join("ca.crt")),
+        ..Setup::default()
+    });
+    let host = registry.host();
+    let image = test_image();
+    let ca = certs.join("ca.crt").display().to_string();
+
+    // One file with certificate and key.
+    let single_d = dir.path().join("single.d");
+    write_hosts(
+        &single_d,
+        &host,
+        &format!(
+            "server = \"https://{host}\"\nca = {ca:?}\nclient = {:?}\n",
+            certs.join("client.pem").display().to_string()
+        ),
+    );
+    let single = RegistryClient::new(options_with(&single_d, None));
+    let reference = format!("{host}/mtls/app:v1");
+    let pushed = push_plain(&single, &reference, &image.layers, &image.config)
+        .await
+        .expect("push with the client certificate of one PEM file");
+    let pulled = single
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect("pull with the client certificate of one PEM file");
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(pulled.config, image.config);
+
+    // A [certificate, key] pair, relative to the host directory.
+    let pair_d = dir.path().join("pair.d");
+    write_hosts(
+        &pair_d,
+        &host,
+        &format!("server = \"https://{host}\"\nca = {ca:?}\nclient = [[\"client.crt\", \"client.key\"]]\n"),
+    );
+    for name in ["client.crt", "client.key"] {
+        std::fs::copy(certs.join(name), pair_d.join(&host).join(name)).expect("copy client file");
+    }
+    owner_only(&pair_d.join(&host).join("client.key"), 0o600);
+    let pair = RegistryClient::new(options_with(&pair_d, None));
+    let second = format!("{host}/mtls/app:v2");
+    push_plain(&pair, &second, &image.layers, &image.config)
+        .await
+        .expect("push with a certificate and key pair");
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    pair.pull_blob_to(
+        &second,
+        &image.layers[0].digest,
+        image.layers[0].size,
+        &dest,
+        &RegistryAuth::Anonymous,
+    )
+    .await
+    .expect("pull a blob with a certificate and key pair");
+    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
+
+    // Without a client certificate the registry refuses the handshake.
+    let none_d = dir.path().join("none.d");
+    write_hosts(&none_d, &host, &format!("server = \"https://{host}\"\nca = {ca:?}\n"));
+    let err = RegistryClient::new(options_with(&none_d, None))
+        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("no client certificate");
+    assert!(matches!(err, RegistryError::ClientCertificateRefused { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains(&host), "{message}");
+    assert!(message.contains("client certificate"), "{message}");
+
+    // A key file others may read is refused, naming it, before any request.
+    owner_only(&pair_d.join(&host).join("client.key"), 0o644);
+    let before = registry.log_text().lines().count();
+    let err = pair
+        .pull_manifest_and_config(&second, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("a key file readable by others");
+    let message = err.to_string();
+    assert!(message.contains("client.key"), "{message}");
+    assert!(message.contains("other users"), "{message}");
+    assert!(message.contains("server.client"), "{message}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{message}");
+    assert_eq!(registry.log_text().lines().count(), before, "no request made");
 }

@@ -9,9 +9,13 @@
 //! makes no request and knows nothing of credentials. Files are read at each
 //! resolution, as containerd does, so an edit applies to the next request.
 //!
-//! What oci-client cannot do is refused with a reason rather than ignored:
-//! client certificates (`client`, no mTLS option in its `ClientConfig`),
-//! extra headers (`header`) and endpoint paths other than `/v2`.
+//! Secrets named by a file are read and checked when the file is parsed:
+//! a client certificate's key (`client`) must be readable by its owner
+//! only, and a file that is missing or holds no usable PEM is an error
+//! naming it and its field, not a TLS failure at the first request.
+//!
+//! What the registry client cannot do is refused with a reason rather than
+//! ignored: extra headers (`header`) and endpoint paths other than `/v2`.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +30,8 @@ const HOSTS_FILE: &str = "hosts.toml";
 const DEFAULT_HOST_DIR: &str = "_default";
 /// A CA file larger than this is not a CA file.
 const MAX_CA_FILE_BYTES: u64 = 1 << 20;
+/// A client certificate or key file larger than this is neither.
+const MAX_CLIENT_FILE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
@@ -42,6 +48,13 @@ pub enum HostsError {
         path: String,
         field: String,
         ca: String,
+        reason: String,
+    },
+    #[error("registry hosts file {path}: field {field}: client file {file}: {reason}")]
+    ClientFile {
+        path: String,
+        field: String,
+        file: String,
         reason: String,
     },
     #[error("registry hosts file {path}: {source}")]
@@ -103,6 +116,28 @@ impl std::fmt::Debug for CaCertificate {
     }
 }
 
+/// A client certificate and its private key, as read from a `client`
+/// entry: what an endpoint that requires mutual TLS is shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate file, for messages.
+    pub certificate: PathBuf,
+    /// The key file: the certificate file itself when it holds both.
+    pub key: PathBuf,
+    /// The certificate chain then the private key, PEM.
+    pub pem: Vec<u8>,
+}
+
+/// The key never shows, only where it came from.
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificate", &self.certificate)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
 /// One place a registry host's content can be asked for, in the order tried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -112,6 +147,9 @@ pub struct Endpoint {
     pub capabilities: Capabilities,
     /// CAs trusted for this endpoint besides the system's.
     pub ca: Vec<CaCertificate>,
+    /// Client certificates, in file order; a TLS connection presents the
+    /// first (one identity per connection, as rustls offers it).
+    pub client: Vec<ClientIdentity>,
     /// Accept any certificate.
     pub skip_verify: bool,
     /// The registry host itself (the `server`), not a mirror: explicit
@@ -190,6 +228,7 @@ fn default_server(host: &str) -> Endpoint {
         host: server_host(host),
         capabilities: Capabilities::ALL,
         ca: Vec::new(),
+        client: Vec::new(),
         skip_verify: false,
         is_server: true,
         http_fallback: is_loopback_registry(host),
@@ -391,12 +430,6 @@ fn with_settings(
         field: format!("{field}.{name}"),
         reason,
     };
-    if settings.client.is_some() {
-        return Err(invalid(
-            "client",
-            "client certificates are not supported yet (the registry client has no mTLS)".to_string(),
-        ));
-    }
     if settings.header.is_some() {
         return Err(invalid("header", "extra headers are not supported yet".to_string()));
     }
@@ -433,11 +466,20 @@ fn with_settings(
     for ca_path in ca_paths {
         ca.extend(read_ca(&dir.join(ca_path), path, &format!("{field}.ca"))?);
     }
+    let client = match settings.client {
+        None => Vec::new(),
+        Some(value) => client_pairs(value)
+            .map_err(|reason| invalid("client", reason))?
+            .into_iter()
+            .map(|(certificate, key)| read_client(dir, &certificate, key.as_deref(), path, &format!("{field}.client")))
+            .collect::<Result<_, _>>()?,
+    };
     Ok(Endpoint {
         scheme,
         host: host.to_string(),
         capabilities,
         ca,
+        client,
         skip_verify: settings.skip_verify.unwrap_or(false),
         is_server: false,
         http_fallback: false,
@@ -476,9 +518,99 @@ fn read_ca(ca: &Path, path: &Path, field: &str) -> Result<Vec<CaCertificate>, Ho
     Ok(certificates)
 }
 
+/// The (certificate, key) file pairs of a `client` value, as containerd
+/// reads it: `"both.pem"`, a list of such, or a list whose entries are
+/// `["cert.pem", "key.pem"]` pairs (an empty key: the certificate file
+/// holds both).
+fn client_pairs(value: &toml::Value) -> Result<Vec<(String, Option<String>)>, String> {
+    let one = |entry: &toml::Value| -> Result<(String, Option<String>), String> {
+        match entry {
+            toml::Value::String(both) => Ok((both.clone(), None)),
+            toml::Value::Array(pair) => match pair.as_slice() {
+                [toml::Value::String(cert), toml::Value::String(key)] => {
+                    Ok((cert.clone(), (!key.is_empty()).then(|| key.clone())))
+                }
+                _ => Err(format!("{entry} is not a [certificate, key] pair of file names")),
+            },
+            other => Err(format!("{other} is not a file name or a [certificate, key] pair")),
+        }
+    };
+    let pairs = match value {
+        toml::Value::String(_) => vec![one(value)?],
+        toml::Value::Array(entries) => entries.iter().map(one).collect::<Result<_, _>>()?,
+        other => return Err(format!("{other} is not a file name or a list")),
+    };
+    if pairs.iter().any(|(cert, _)| cert.is_empty()) {
+        return Err("a certificate file name is empty".to_string());
+    }
+    Ok(pairs)
+}
+
+/// The identity in `certificate` (and `key`, else the certificate file
+/// holds the key too), relative to the host directory `dir`. A file that
+/// holds a private key must be readable by its owner only.
+fn read_client(
+    dir: &Path,
+    certificate: &str,
+    key: Option<&str>,
+    path: &Path,
+    field: &str,
+) -> Result<ClientIdentity, HostsError> {
+    let certificate = dir.join(certificate);
+    let key = key.map_or_else(|| certificate.clone(), |key| dir.join(key));
+    let error = |file: &Path, reason: String| HostsError::ClientFile {
+        path: path.display().to_string(),
+        field: field.to_string(),
+        file: file.display().to_string(),
+        reason,
+    };
+    let cert_text =
+        read_limited(&certificate, MAX_CLIENT_FILE_BYTES).map_err(|err| error(&certificate, err.to_string()))?;
+    if !cert_text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(error(&certificate, "holds no PEM certificate".to_string()));
+    }
+    let key_text = if key == certificate {
+        cert_text.clone()
+    } else {
+        read_limited(&key, MAX_CLIENT_FILE_BYTES).map_err(|err| error(&key, err.to_string()))?
+    };
+    if !key_text.contains("PRIVATE KEY-----") {
+        return Err(error(&key, "holds no PEM private key".to_string()));
+    }
+    check_owner_only(&key).map_err(|reason| error(&key, reason))?;
+    let mut pem = Vec::with_capacity(cert_text.len() + key_text.len() + 1);
+    pem.extend_from_slice(cert_text.as_bytes());
+    if key != certificate {
+        pem.push(b'\n');
+        pem.extend_from_slice(key_text.as_bytes());
+    }
+    // What TLS will do with it, checked now: a key that does not parse is
+    // the file's fault, named here, not a handshake failure later.
+    reqwest::Identity::from_pem(&pem).map_err(|err| error(&key, format!("not a usable certificate and key: {err}")))?;
+    Ok(ClientIdentity { certificate, key, pem })
+}
+
+/// A private key file readable by group or others is refused, as every
+/// secret file of ours is.
+fn check_owner_only(file: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(file).map_err(|err| err.to_string())?;
+    if !meta.is_file() {
+        return Err("is not a regular file".to_string());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "holds a private key and may be read by other users (mode {mode:04o}); make it 0600"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
@@ -586,10 +718,12 @@ server = "https://registry.example"
                 "host.\"https://m\".capabilities",
             ),
             (
-                "[host.\"https://m\"]\nclient = \"c.pem\"\n",
-                "client certificates are not supported",
+                "[host.\"https://m\"]\nclient = \"/nonexistent/c.pem\"\n",
+                "/nonexistent/c.pem",
             ),
-            ("client = [\"c.pem\", \"k.pem\"]\n", "server.client"),
+            ("client = [\"/nonexistent/c.pem\", \"k.pem\"]\n", "server.client"),
+            ("client = [[\"c.pem\"]]\n", "[certificate, key] pair"),
+            ("client = 5\n", "server.client"),
             ("[host.\"ftp://m\"]\n", "scheme \"ftp\""),
             ("[host.\"https://m/other/path\"]\n", "path \"/other/path\""),
             ("[host.\"https://m\"]\nheader = { a = \"b\" }\n", "header"),
@@ -604,6 +738,106 @@ server = "https://registry.example"
             assert!(err.contains("/etc/certs.d/h/hosts.toml"), "{text}: {err}");
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    /// A self-signed certificate and its key, made by openssl, in `dir`:
+    /// `c.crt`, `c.key` (0600) and `both.pem` (0600).
+    fn client_files(dir: &Path) {
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (the tests need it)");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let both = [
+            std::fs::read(dir.join("c.crt")).unwrap(),
+            std::fs::read(dir.join("c.key")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir.join("both.pem"), both).unwrap();
+        for name in ["c.key", "both.pem"] {
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
+    #[test]
+    fn client_certificates_in_every_containerd_form() {
+        let dir = tempfile::tempdir().unwrap();
+        client_files(dir.path());
+        let path = dir.path().join("hosts.toml");
+        for (text, pairs) in [
+            ("client = \"both.pem\"\n", vec![("both.pem", "both.pem")]),
+            (
+                "client = [\"both.pem\", \"both.pem\"]\n",
+                vec![("both.pem", "both.pem"); 2],
+            ),
+            ("client = [[\"c.crt\", \"c.key\"]]\n", vec![("c.crt", "c.key")]),
+            (
+                "client = [[\"c.crt\", \"c.key\"], [\"both.pem\", \"\"]]\n",
+                vec![("c.crt", "c.key"), ("both.pem", "both.pem")],
+            ),
+        ] {
+            let endpoints = parse_hosts_file(text, &path, "h").unwrap_or_else(|err| panic!("{text}: {err}"));
+            let client = &endpoints[0].client;
+            let read: Vec<_> = client
+                .iter()
+                .map(|identity| (identity.certificate.clone(), identity.key.clone()))
+                .collect();
+            let expected: Vec<_> = pairs
+                .iter()
+                .map(|(cert, key)| (dir.path().join(cert), dir.path().join(key)))
+                .collect();
+            assert_eq!(read, expected, "{text}");
+            let pem = String::from_utf8(client[0].pem.clone()).unwrap();
+            assert!(
+                pem.contains("BEGIN CERTIFICATE") && pem.contains("PRIVATE KEY"),
+                "{text}"
+            );
+            assert!(
+                !format!("{:?}", client[0]).contains("PRIVATE"),
+                "no key in Debug output"
+            );
+        }
+    }
+
+    #[test]
+    fn client_files_missing_unusable_or_readable_by_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        client_files(dir.path());
+        std::fs::write(
+            dir.path().join("nokey.pem"),
+            std::fs::read(dir.path().join("c.crt")).unwrap(),
+        )
+        .unwrap();
+        std::fs::set_permissions(dir.path().join("nokey.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("hosts.toml");
+        let check = |text: &str, needles: &[&str]| {
+            let err = parse_hosts_file(text, &path, "h").expect_err(text).to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{text}: {err}");
+            }
+        };
+        check("client = \"missing.pem\"\n", &["server.client", "missing.pem"]);
+        check(
+            "client = [[\"c.crt\", \"missing.key\"]]\n",
+            &["server.client", "missing.key"],
+        );
+        check("client = \"nokey.pem\"\n", &["nokey.pem", "no PEM private key"]);
+        check("client = [[\"c.key\", \"c.key\"]]\n", &["c.key", "no PEM certificate"]);
+        std::fs::set_permissions(dir.path().join("c.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        check(
+            "[host.\"https://m\"]\nclient = [[\"c.crt\", \"c.key\"]]\n",
+            &["host.\"https://m\".client", "c.key", "other users", "0640"],
+        );
     }
 
     #[test]

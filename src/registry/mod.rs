@@ -24,11 +24,19 @@
 //!
 //! Credentials are never logged. Explicit ones given per call are for the
 //! reference's own registry; every other endpoint (a mirror) gets what the
-//! client's [`CredentialSource`] says for its host. Each call runs on its own
-//! `oci_client::Client`, because that client remembers the first credentials
-//! it saw for a registry host for as long as it lives.
+//! client's [`CredentialSource`] says for its host.
+//!
+//! The distribution API calls themselves (the ping and its auth challenge,
+//! blob HEAD, GET and monolithic upload, manifest GET and PUT) are made here
+//! on `reqwest`, one client per endpoint carrying that endpoint's CAs,
+//! `skip_verify` and client certificate, so every request of a call is made
+//! with the TLS identity its `hosts.toml` gives. oci-client serves only for
+//! its types and its reference parsing. A bearer token is fetched once per
+//! call and endpoint, and fetched again once when a request is refused with
+//! 401 mid-call (it expired).
 
 pub mod hosts;
+mod tls_probe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -37,22 +45,21 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     OciManifest, IMAGE_CONFIG_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::Reference;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt as _;
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Classify, ErrorKind};
 
-pub use hosts::{is_loopback_registry, Capabilities, Endpoint, HostsError, RegistryHosts, Scheme};
+pub use hosts::{is_loopback_registry, Capabilities, ClientIdentity, Endpoint, HostsError, RegistryHosts, Scheme};
 pub use oci_client::manifest::{OciDescriptor, OciImageManifest};
 pub use oci_client::secrets::RegistryAuth;
 
@@ -80,6 +87,10 @@ pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// A manifest read that receives nothing for this long is abandoned (and
 /// retried): a registry dripping bytes cannot hold a pull forever.
 const MANIFEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most of an error body or a token response read.
+const MAX_SMALL_BODY_BYTES: usize = 1 << 20;
+/// What an error message quotes of an error body.
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// What a manifest request accepts: images and indexes, OCI and Docker.
 const MANIFEST_MEDIA_TYPES: &[&str] = &[
     OCI_IMAGE_MEDIA_TYPE,
@@ -102,6 +113,8 @@ pub enum RegistryError {
     },
     #[error("registry {registry} presents a certificate that is not trusted: {message}")]
     UntrustedCertificate { registry: String, message: String },
+    #[error("registry {registry} refused the TLS handshake: it wants a client certificate it trusts (`client` in its hosts.toml): {message}")]
+    ClientCertificateRefused { registry: String, message: String },
     #[error("registry denied access to {object}: {message}")]
     Denied { object: String, message: String },
     #[error("{object} not found in the registry: {message}")]
@@ -156,6 +169,7 @@ impl Classify for RegistryError {
             // The lead maps a denial to PERMISSION_DENIED through `is_permission`.
             RegistryError::Denied { .. }
             | RegistryError::UntrustedCertificate { .. }
+            | RegistryError::ClientCertificateRefused { .. }
             | RegistryError::Hosts(_)
             | RegistryError::Credentials { .. }
             | RegistryError::NoEndpoint { .. } => ErrorKind::FailedPrecondition,
@@ -309,10 +323,11 @@ impl Need {
         }
     }
 
-    fn operation(self) -> RegistryOperation {
+    /// The actions a bearer token's scope asks for.
+    fn actions(self) -> &'static str {
         match self {
-            Need::Push => RegistryOperation::Push,
-            Need::Pull | Need::Resolve => RegistryOperation::Pull,
+            Need::Push => "pull,push",
+            Need::Pull | Need::Resolve => "pull",
         }
     }
 
@@ -378,28 +393,116 @@ pub struct RegistryClient {
     schemes: Mutex<HashMap<String, Scheme>>,
 }
 
-/// One call's view of one endpoint: a client carrying that call's credentials.
+/// One call's view of one endpoint: its HTTP clients (with the endpoint's
+/// TLS settings) and what authorises the call's requests there.
 struct Session {
-    client: Client,
     /// The call's reference, at the endpoint's host.
     reference: Reference,
     /// The endpoint's host.
     registry: String,
     /// Retries of each request: none when another endpoint is next.
     retries: u32,
-    /// Manifests are read with this client rather than oci-client's, which
-    /// reads a whole body whatever its size.
+    /// Blob and manifest writes and blob reads: no read timeout, as an
+    /// upload of a large layer waits long for the registry's answer.
     http: reqwest::Client,
+    /// Manifest reads, abandoned when the registry stalls.
+    manifests: reqwest::Client,
     scheme: Scheme,
-    /// What authorises a manifest read: the bearer token the auth challenge
-    /// gave, else the call's basic credentials.
-    credentials: Credentials,
+    /// What authorises each request; a bearer token is replaced when it
+    /// expires. Never held across an await.
+    credentials: Mutex<Credentials>,
+    /// The call's credentials for this endpoint, kept to fetch a new token.
+    auth: RegistryAuth,
+    need: Need,
 }
 
+#[derive(Clone)]
 enum Credentials {
     None,
+    /// A token from the registry's token service, renewable there.
+    Token {
+        token: String,
+        challenge: BearerChallenge,
+    },
+    /// A bearer token the caller gave: nothing renews it.
     Bearer(String),
     Basic(String, String),
+}
+
+/// Where a registry sends clients for a token (`WWW-Authenticate: Bearer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+}
+
+impl Session {
+    /// `<scheme>://<registry>/v2/<repository>`.
+    fn repository_url(&self) -> String {
+        format!(
+            "{}://{}/v2/{}",
+            self.scheme.as_str(),
+            self.registry,
+            self.reference.repository()
+        )
+    }
+
+    fn current_credentials(&self) -> Credentials {
+        // A poisoned lock only means a panic elsewhere mid-assignment of a
+        // whole value: the value is intact.
+        match self.credentials.lock() {
+            Ok(credentials) => credentials.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Sends the request `build` makes with the session's credentials; on
+    /// a 401 with a token from the token service, fetches a new token once
+    /// and sends it again (a token may expire mid-call). Any status is
+    /// returned: what it means is the caller's to say.
+    async fn send<F>(&self, object: &str, build: F) -> Result<Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client) -> RequestBuilder,
+    {
+        self.send_with(&self.http, object, build).await
+    }
+
+    async fn send_with<F>(&self, http: &reqwest::Client, object: &str, build: F) -> Result<Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client) -> RequestBuilder,
+    {
+        let credentials = self.current_credentials();
+        let response = authorize(build(http), &credentials)
+            .send()
+            .await
+            .map_err(|err| classify_transport(&err, &self.registry, object))?;
+        let Credentials::Token { challenge, .. } = credentials else {
+            return Ok(response);
+        };
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        debug!(registry = %self.registry, "bearer token refused, fetching a new one");
+        let token = fetch_token(http, &challenge, &self.auth, &self.reference, self.need, &self.registry).await?;
+        let renewed = Credentials::Token { token, challenge };
+        match self.credentials.lock() {
+            Ok(mut credentials) => *credentials = renewed.clone(),
+            Err(poisoned) => *poisoned.into_inner() = renewed.clone(),
+        }
+        authorize(build(http), &renewed)
+            .send()
+            .await
+            .map_err(|err| classify_transport(&err, &self.registry, object))
+    }
+}
+
+/// `request` with `credentials` in its Authorization header.
+fn authorize(request: RequestBuilder, credentials: &Credentials) -> RequestBuilder {
+    match credentials {
+        Credentials::None => request,
+        Credentials::Token { token, .. } | Credentials::Bearer(token) => request.bearer_auth(token),
+        Credentials::Basic(user, password) => request.basic_auth(user, Some(password)),
+    }
 }
 
 static CRYPTO_PROVIDER: Once = Once::new();
@@ -516,17 +619,8 @@ impl RegistryClient {
                 &manifest_digest,
                 &session.registry,
                 || {
-                    let body = body.clone();
-                    let object = &object;
-                    async move {
-                        // A constant that is a valid header value: parsing cannot fail.
-                        let content_type = OCI_IMAGE_MEDIA_TYPE.parse().expect("media type is a header value");
-                        session
-                            .client
-                            .push_manifest_raw(&session.reference, body, content_type)
-                            .await
-                            .map_err(|err| classify_oci(err, &session.registry, object))
-                    }
+                    let (body, object, digest) = (&body, &object, &manifest_digest);
+                    async move { put_manifest(session, body, digest, object).await }
                 },
             )
             .await
@@ -567,12 +661,8 @@ impl RegistryClient {
             for digest in digests {
                 let object = format!("blob {digest}");
                 let exists = self
-                    .with_retries(session.retries, "blob check", digest, &session.registry, || async {
-                        session
-                            .client
-                            .blob_exists(&session.reference, digest)
-                            .await
-                            .map_err(|err| classify_oci(err, &session.registry, &object))
+                    .with_retries(session.retries, "blob check", digest, &session.registry, || {
+                        blob_exists(session, digest, &object)
                     })
                     .await?;
                 present.push(exists);
@@ -804,53 +894,49 @@ impl RegistryClient {
             _ => self.endpoint_auth(reference, endpoint, auth)?,
         };
         let retries = if last { self.options.retries } else { 0 };
-        let operation = need.operation();
         let may_fall_back = endpoint.scheme == Scheme::Https && (self.options.insecure || endpoint.http_fallback);
-        self.with_retries(retries, "registry ping", "", &registry, || async {
-            let (first, fallback) = match (endpoint.scheme, may_fall_back, self.known_scheme(&registry)) {
-                (Scheme::Http, _, _) => (Scheme::Http, None),
-                (Scheme::Https, false, _) => (Scheme::Https, None),
-                (Scheme::Https, true, Some(known)) => (known, None),
-                (Scheme::Https, true, None) => (Scheme::Https, Some(Scheme::Http)),
-            };
-            let client = self.build_client(first, endpoint, &registry)?;
-            let first_err = match client.auth(&at_endpoint, &auth, operation).await {
-                Ok(token) => {
-                    return self.remember(
-                        first,
-                        may_fall_back,
-                        client,
-                        token,
-                        &auth,
-                        endpoint,
-                        &at_endpoint,
-                        retries,
-                    )
+        let http = self.build_http_client(endpoint, &registry, None)?;
+        let manifests = self.build_http_client(endpoint, &registry, Some(MANIFEST_READ_TIMEOUT))?;
+        let shows_certificate = !endpoint.client.is_empty();
+        let (scheme, credentials) = self
+            .with_retries(retries, "registry ping", "", &registry, || async {
+                let (first, fallback) = match (endpoint.scheme, may_fall_back, self.known_scheme(&registry)) {
+                    (Scheme::Http, _, _) => (Scheme::Http, None),
+                    (Scheme::Https, false, _) => (Scheme::Https, None),
+                    (Scheme::Https, true, Some(known)) => (known, None),
+                    (Scheme::Https, true, None) => (Scheme::Https, Some(Scheme::Http)),
+                };
+                let first_err =
+                    match authenticate(&http, first, &registry, &at_endpoint, &auth, need, shows_certificate).await {
+                        Ok(credentials) => return Ok((first, credentials)),
+                        Err(err) => err,
+                    };
+                let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
+                    return Err(first_err);
+                };
+                match authenticate(&http, fallback, &registry, &at_endpoint, &auth, need, shows_certificate).await {
+                    Ok(credentials) => Ok((fallback, credentials)),
+                    Err(err) => Err(combine(first_err, err)),
                 }
-                Err(err) => classify_oci(err, &registry, &format!("registry {registry}")),
-            };
-            let Some(fallback) = fallback.filter(|_| first_err.is_transient()) else {
-                return Err(first_err);
-            };
-            let client = self.build_client(fallback, endpoint, &registry)?;
-            match client.auth(&at_endpoint, &auth, operation).await {
-                Ok(token) => self.remember(
-                    fallback,
-                    may_fall_back,
-                    client,
-                    token,
-                    &auth,
-                    endpoint,
-                    &at_endpoint,
-                    retries,
-                ),
-                Err(err) => Err(combine(
-                    first_err,
-                    classify_oci(err, &registry, &format!("registry {registry}")),
-                )),
+            })
+            .await?;
+        if may_fall_back {
+            if let Ok(mut schemes) = self.schemes.lock() {
+                schemes.insert(registry.clone(), scheme);
             }
+        }
+        debug!(registry, ?scheme, "registry answered");
+        Ok(Session {
+            reference: at_endpoint,
+            registry,
+            retries,
+            http,
+            manifests,
+            scheme,
+            credentials: Mutex::new(credentials),
+            auth,
+            need,
         })
-        .await
     }
 
     fn known_scheme(&self, registry: &str) -> Option<Scheme> {
@@ -858,50 +944,19 @@ impl RegistryClient {
         self.schemes.lock().ok()?.get(registry).copied()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn remember(
-        &self,
-        scheme: Scheme,
-        probed: bool,
-        client: Client,
-        token: Option<String>,
-        auth: &RegistryAuth,
-        endpoint: &Endpoint,
-        reference: &Reference,
-        retries: u32,
-    ) -> Result<Session, RegistryError> {
-        let registry = reference.resolve_registry().to_string();
-        if probed {
-            if let Ok(mut schemes) = self.schemes.lock() {
-                schemes.insert(registry.clone(), scheme);
-            }
-        }
-        debug!(registry, ?scheme, "registry answered");
-        let credentials = match (token, auth) {
-            (Some(token), _) => Credentials::Bearer(token),
-            (None, RegistryAuth::Bearer(token)) => Credentials::Bearer(token.clone()),
-            (None, RegistryAuth::Basic(user, password)) => Credentials::Basic(user.clone(), password.clone()),
-            (None, RegistryAuth::Anonymous) => Credentials::None,
-        };
-        Ok(Session {
-            client,
-            reference: reference.clone(),
-            http: self.build_http_client(endpoint, &registry)?,
-            registry,
-            retries,
-            scheme,
-            credentials,
-        })
-    }
-
     /// Whether TLS certificates of `endpoint` go unchecked.
     fn skips_verify(&self, endpoint: &Endpoint) -> bool {
         self.options.insecure || endpoint.skip_verify
     }
 
-    /// The plain HTTP client that reads manifests, with the TLS policy and
-    /// timeouts of oci-client's.
-    fn build_http_client(&self, endpoint: &Endpoint, registry: &str) -> Result<reqwest::Client, RegistryError> {
+    /// An HTTP client for `endpoint`: its CAs besides the system's, its
+    /// `skip_verify`, and its first client certificate, if any.
+    fn build_http_client(
+        &self,
+        endpoint: &Endpoint,
+        registry: &str,
+        read_timeout: Option<Duration>,
+    ) -> Result<reqwest::Client, RegistryError> {
         let failed = |err: reqwest::Error| RegistryError::Registry {
             status: None,
             object: format!("client for {registry}"),
@@ -909,41 +964,17 @@ impl RegistryClient {
         };
         let mut builder = reqwest::Client::builder()
             .danger_accept_invalid_certs(self.skips_verify(endpoint))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(MANIFEST_READ_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(timeout) = read_timeout {
+            builder = builder.read_timeout(timeout);
+        }
         for ca in &endpoint.ca {
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&ca.pem).map_err(failed)?);
         }
+        if let Some(identity) = endpoint.client.first() {
+            builder = builder.identity(reqwest::Identity::from_pem(&identity.pem).map_err(failed)?);
+        }
         builder.build().map_err(failed)
-    }
-
-    fn build_client(&self, scheme: Scheme, endpoint: &Endpoint, registry: &str) -> Result<Client, RegistryError> {
-        let config = ClientConfig {
-            protocol: match scheme {
-                Scheme::Https => ClientProtocol::Https,
-                Scheme::Http => ClientProtocol::Http,
-            },
-            accept_invalid_certificates: self.skips_verify(endpoint),
-            extra_root_certificates: endpoint
-                .ca
-                .iter()
-                .map(|ca| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data: ca.pem.clone(),
-                })
-                .collect(),
-            // One PUT per blob, its body streamed: chunked PATCHes would cost a
-            // request per 4 MiB of a multi-GB layer.
-            use_monolithic_push: true,
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            // An image index resolves to the running platform's manifest.
-            ..ClientConfig::default()
-        };
-        Client::try_from(config).map_err(|err| RegistryError::Registry {
-            status: None,
-            object: format!("client for {registry}"),
-            message: error_chain(&err),
-        })
     }
 
     /// Uploads one blob unless the registry has it already.
@@ -956,11 +987,7 @@ impl RegistryClient {
     ) -> Result<(), RegistryError> {
         let object = format!("blob {digest}");
         self.with_retries(session.retries, "blob upload", digest, &session.registry, || async {
-            let exists = session
-                .client
-                .blob_exists(&session.reference, digest)
-                .await
-                .map_err(|err| classify_oci(err, &session.registry, &object))?;
+            let exists = blob_exists(session, digest, &object).await?;
             if exists {
                 info!(digest, "registry has blob already, not uploading");
                 return Ok(());
@@ -1167,7 +1194,20 @@ fn layer_descriptor(layer: &LayerSource) -> OciDescriptor {
     }
 }
 
-/// One upload attempt of a blob the registry does not have.
+/// Whether the session's repository holds blob `digest` (a HEAD).
+async fn blob_exists(session: &Session, digest: &str, object: &str) -> Result<bool, RegistryError> {
+    let url = format!("{}/blobs/{digest}", session.repository_url());
+    let response = session.send(object, |http| http.head(&url)).await?;
+    match response.status() {
+        status if status.is_success() => Ok(true),
+        StatusCode::NOT_FOUND => Ok(false),
+        _ => Err(response_error(response, object).await),
+    }
+}
+
+/// One upload attempt of a blob the registry does not have: a monolithic
+/// upload, a POST that opens it and one PUT of the whole body, streamed
+/// from disk for a file.
 async fn upload_blob(
     session: &Session,
     digest: &str,
@@ -1175,59 +1215,116 @@ async fn upload_blob(
     data: &LayerData,
     object: &str,
 ) -> Result<(), RegistryError> {
-    let path = match data {
-        LayerData::Bytes(bytes) => {
-            session
-                .client
-                .push_blob(&session.reference, bytes.clone(), digest)
-                .await
-                .map_err(|err| classify_oci(err, &session.registry, object))?;
-            return Ok(());
-        }
-        LayerData::File(path) => path,
-        LayerData::InTarget => {
-            return Err(RegistryError::NotFound {
-                object: object.to_string(),
-                message: format!(
-                    "it was in repository {} when the push began",
-                    session.reference.repository()
-                ),
-            })
-        }
-    };
-    let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
-    let reader = spawn_file_reader(path.clone(), sender);
-    let pushed = session
-        .client
-        .push_blob_stream(&session.reference, ReceiverStream::new(receiver), digest, Some(size))
-        .await;
-    // A failed read of the file is ours, not the network's: report it as
-    // such rather than retry it.
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(source)) => return Err(io_error(path)(source)),
-        Err(join) => return Err(io_error(path)(std::io::Error::other(join))),
+    if let LayerData::InTarget = data {
+        return Err(RegistryError::NotFound {
+            object: object.to_string(),
+            message: format!(
+                "it was in repository {} when the push began",
+                session.reference.repository()
+            ),
+        });
     }
-    pushed.map_err(|err| classify_oci(err, &session.registry, object))?;
+    let start = format!("{}/blobs/uploads/", session.repository_url());
+    let response = session
+        .send(object, |http| http.post(&start).header(CONTENT_LENGTH, 0))
+        .await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(response_error(response, object).await);
+    }
+    let mut url = location(&response, object)?;
+    url.query_pairs_mut().append_pair("digest", digest);
+    // A file read fails ours, not the network's: reported as such, not retried.
+    let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::new(Mutex::new(None));
+    let response = session
+        .send(object, |http| {
+            let body = match data {
+                LayerData::Bytes(bytes) => reqwest::Body::from(bytes.clone()),
+                LayerData::File(path) => {
+                    let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
+                    spawn_file_reader(path.clone(), sender, read_error.clone());
+                    reqwest::Body::wrap_stream(ReceiverStream::new(receiver))
+                }
+                LayerData::InTarget => reqwest::Body::from(Vec::new()),
+            };
+            http.put(url.clone())
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, size)
+                .body(body)
+        })
+        .await;
+    let failed_read = match read_error.lock() {
+        Ok(mut slot) => slot.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    if let (Some(source), LayerData::File(path)) = (failed_read, data) {
+        return Err(io_error(path)(source));
+    }
+    let response = response?;
+    if response.status() != StatusCode::CREATED {
+        return Err(response_error(response, object).await);
+    }
     Ok(())
 }
 
+/// The absolute URL a response's `Location` names (relative to the URL
+/// that answered, as the distribution spec allows).
+fn location(response: &Response, object: &str) -> Result<reqwest::Url, RegistryError> {
+    let invalid = |message: String| RegistryError::Registry {
+        status: Some(response.status().as_u16()),
+        object: object.to_string(),
+        message,
+    };
+    let value = response
+        .headers()
+        .get(LOCATION)
+        .ok_or_else(|| invalid("the answer has no Location header".to_string()))?;
+    let value = value
+        .to_str()
+        .map_err(|_| invalid("its Location header is not text".to_string()))?;
+    response
+        .url()
+        .join(value)
+        .map_err(|err| invalid(format!("its Location {value:?} is not a URL: {err}")))
+}
+
+/// Pushes the manifest `body` to the session's reference; where the
+/// registry says it can be fetched (by digest, when it names no place).
+async fn put_manifest(session: &Session, body: &[u8], digest: &str, object: &str) -> Result<String, RegistryError> {
+    let tag = session.reference.tag().unwrap_or("latest");
+    let url = format!("{}/manifests/{tag}", session.repository_url());
+    let response = session
+        .send(object, |http| {
+            http.put(&url)
+                .header(CONTENT_TYPE, OCI_IMAGE_MEDIA_TYPE)
+                .body(body.to_vec())
+        })
+        .await?;
+    if response.status() != StatusCode::CREATED {
+        return Err(response_error(response, object).await);
+    }
+    // Some registries (ECR) answer without a Location: the manifest is
+    // there all the same, at its digest.
+    match location(&response, object) {
+        Ok(url) => Ok(url.to_string()),
+        Err(_) => Ok(format!("{}/manifests/{digest}", session.repository_url())),
+    }
+}
+
 /// Reads `path` on a blocking thread into `sender`, a chunk at a time, until
-/// the end of the file or until the upload stops listening.
-fn spawn_file_reader<B>(
+/// the end of the file or until the upload stops listening. A read error
+/// ends the body and is left in `failed`.
+fn spawn_file_reader(
     path: PathBuf,
-    sender: mpsc::Sender<Result<B, OciDistributionError>>,
-) -> tokio::task::JoinHandle<std::io::Result<()>>
-where
-    B: From<Vec<u8>> + Send + 'static,
-{
+    sender: mpsc::Sender<std::io::Result<Vec<u8>>>,
+    failed: Arc<Mutex<Option<std::io::Error>>>,
+) {
     tokio::task::spawn_blocking(move || {
         let fail = |err: std::io::Error| {
-            let _ = sender.blocking_send(Err(OciDistributionError::IoError(std::io::Error::new(
-                err.kind(),
-                err.to_string(),
-            ))));
-            Err(err)
+            let _ = sender.blocking_send(Err(std::io::Error::new(err.kind(), err.to_string())));
+            match failed.lock() {
+                Ok(mut slot) => *slot = Some(err),
+                Err(poisoned) => *poisoned.into_inner() = Some(err),
+            }
         };
         let mut file = match std::fs::File::open(&path) {
             Ok(file) => file,
@@ -1236,18 +1333,18 @@ where
         loop {
             let mut buf = vec![0u8; CHUNK_SIZE];
             let n = match file.read(&mut buf) {
-                Ok(0) => return Ok(()),
+                Ok(0) => return,
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(err) => return fail(err),
             };
             buf.truncate(n);
-            if sender.blocking_send(Ok(B::from(buf))).is_err() {
+            if sender.blocking_send(Ok(buf)).is_err() {
                 // The upload ended early; it reports why.
-                return Ok(());
+                return;
             }
         }
-    })
+    });
 }
 
 fn partial_path(dest: &Path) -> PathBuf {
@@ -1258,25 +1355,20 @@ fn partial_path(dest: &Path) -> PathBuf {
 
 /// The body of blob `digest`, refused up front when the registry declares
 /// another length than the descriptor's `size`.
-async fn open_blob(
-    session: &Session,
-    digest: &Digest,
-    size: u64,
-    object: &str,
-) -> Result<oci_client::client::SizedStream, RegistryError> {
-    let stream = session
-        .client
-        .pull_blob_stream(&session.reference, digest.as_str())
-        .await
-        .map_err(|err| classify_oci(err, &session.registry, object))?;
-    if let Some(length) = stream.content_length.filter(|&length| length != size) {
+async fn open_blob(session: &Session, digest: &Digest, size: u64, object: &str) -> Result<Response, RegistryError> {
+    let url = format!("{}/blobs/{digest}", session.repository_url());
+    let response = session.send(object, |http| http.get(&url)).await?;
+    if !response.status().is_success() {
+        return Err(response_error(response, object).await);
+    }
+    if let Some(length) = response.content_length().filter(|&length| length != size) {
         return Err(RegistryError::SizeMismatch {
             blob: object.to_string(),
             expected: size,
             actual: length,
         });
     }
-    Ok(stream)
+    Ok(response)
 }
 
 /// One download attempt: streams the blob into `partial` on a blocking
@@ -1306,9 +1398,10 @@ async fn download_blob(
     });
     let mut network = None;
     let mut received = 0u64;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
+    loop {
+        match stream.chunk().await {
+            Ok(None) => break,
+            Ok(Some(chunk)) => {
                 received = received.saturating_add(chunk.len() as u64);
                 if received > size {
                     network = Some(RegistryError::SizeMismatch {
@@ -1323,7 +1416,7 @@ async fn download_blob(
                 }
             }
             Err(err) => {
-                network = Some(classify_stream_error(err, &session.registry, object));
+                network = Some(classify_transport(&err, &session.registry, object));
                 break;
             }
         }
@@ -1363,8 +1456,11 @@ async fn read_blob_bounded(
 ) -> Result<Vec<u8>, RegistryError> {
     let mut stream = open_blob(session, digest, size, object).await?;
     let mut data = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|err| classify_stream_error(err, &session.registry, object))?;
+    while let Some(chunk) = stream
+        .chunk()
+        .await
+        .map_err(|err| classify_transport(&err, &session.registry, object))?
+    {
         if (data.len() + chunk.len()) as u64 > size {
             return Err(RegistryError::SizeMismatch {
                 blob: object.to_string(),
@@ -1400,44 +1496,17 @@ async fn read_manifest_bounded(
     reference: &Reference,
     object: &str,
 ) -> Result<(Vec<u8>, String), RegistryError> {
-    let scheme = match session.scheme {
-        Scheme::Https => "https",
-        Scheme::Http => "http",
-    };
     let target = reference.digest().or(reference.tag()).unwrap_or("latest");
-    let url = format!(
-        "{scheme}://{}/v2/{}/manifests/{target}",
-        session.registry,
-        reference.repository()
-    );
-    let mut request = session
-        .http
-        .get(&url)
-        .header(reqwest::header::ACCEPT, MANIFEST_MEDIA_TYPES.join(", "));
-    request = match &session.credentials {
-        Credentials::None => request,
-        Credentials::Bearer(token) => request.bearer_auth(token),
-        Credentials::Basic(user, password) => request.basic_auth(user, Some(password)),
-    };
-    let request_error =
-        |err: reqwest::Error| classify_oci(OciDistributionError::RequestError(err), &session.registry, object);
-    let mut response = request.send().await.map_err(request_error)?;
-    let status = response.status();
-    if !status.is_success() {
-        // The reason, as much of it as a log line wants.
-        let mut message = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(request_error)? {
-            message.extend_from_slice(&chunk);
-            if message.len() > 4096 {
-                message.truncate(4096);
-                break;
-            }
-        }
-        return Err(status_error(
-            status.as_u16(),
-            object,
-            String::from_utf8_lossy(&message).into_owned(),
-        ));
+    let url = format!("{}/manifests/{target}", session.repository_url());
+    let accept = MANIFEST_MEDIA_TYPES.join(", ");
+    let request_error = |err: reqwest::Error| classify_transport(&err, &session.registry, object);
+    let mut response = session
+        .send_with(&session.manifests, object, |http| {
+            http.get(&url).header(reqwest::header::ACCEPT, &accept)
+        })
+        .await?;
+    if !response.status().is_success() {
+        return Err(response_error(response, object).await);
     }
     let too_large = || RegistryError::TooLarge {
         object: object.to_string(),
@@ -1492,25 +1561,6 @@ fn descriptor_size(object: &str, size: i64) -> Result<u64, RegistryError> {
     })
 }
 
-/// A download body failed mid-way: oci-client's verifying stream reports a
-/// digest mismatch as `InvalidData`, everything else is the network.
-fn classify_stream_error(err: std::io::Error, registry: &str, object: &str) -> RegistryError {
-    if let Some(DigestError::VerificationError { expected, actual }) =
-        err.get_ref().and_then(|inner| inner.downcast_ref::<DigestError>())
-    {
-        return RegistryError::DigestMismatch {
-            blob: object.to_string(),
-            expected: expected.clone(),
-            actual: actual.clone(),
-        };
-    }
-    RegistryError::Unreachable {
-        registry: registry.to_string(),
-        attempts: 1,
-        message: error_chain(&err),
-    }
-}
-
 /// An error with all its causes, as one line.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
@@ -1543,6 +1593,26 @@ fn is_untrusted_certificate(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether the server ended the handshake with an alert that says our
+/// certificate is missing or not one it trusts: no retry changes that.
+fn is_client_certificate_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription::{BadCertificate, CertificateRequired, CertificateUnknown, UnknownCA};
+    let mut current = Some(err);
+    while let Some(cause) = current {
+        if let Some(rustls::Error::AlertReceived(
+            CertificateRequired | BadCertificate | CertificateUnknown | UnknownCA,
+        )) = cause.downcast_ref::<rustls::Error>()
+        {
+            return true;
+        }
+        current = match cause.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    false
+}
+
 fn status_error(status: u16, object: &str, message: String) -> RegistryError {
     match status {
         401 | 403 => RegistryError::Denied {
@@ -1561,70 +1631,230 @@ fn status_error(status: u16, object: &str, message: String) -> RegistryError {
     }
 }
 
-/// Maps oci-client's error onto ours; `object` names what was being done.
-fn classify_oci(err: OciDistributionError, registry: &str, object: &str) -> RegistryError {
-    match err {
-        OciDistributionError::RequestError(err) => match err.status() {
-            Some(status) => status_error(status.as_u16(), object, error_chain(&err)),
-            None if is_untrusted_certificate(&err) => RegistryError::UntrustedCertificate {
-                registry: registry.to_string(),
-                message: error_chain(&err),
-            },
-            None => RegistryError::Unreachable {
-                registry: registry.to_string(),
-                attempts: 1,
-                message: error_chain(&err),
-            },
-        },
-        OciDistributionError::ServerError { code, message, .. } => status_error(code, object, message),
-        OciDistributionError::UnauthorizedError { url } => RegistryError::Denied {
-            object: object.to_string(),
-            message: format!("unauthorized at {url}"),
-        },
-        OciDistributionError::AuthenticationFailure(message) => RegistryError::Denied {
-            object: object.to_string(),
-            message,
-        },
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let message = envelope.to_string();
-            let status = envelope.errors.iter().find_map(|error| match error.code {
-                OciErrorCode::Unauthorized => Some(401),
-                OciErrorCode::Denied => Some(403),
-                OciErrorCode::BlobUnknown
-                | OciErrorCode::ManifestUnknown
-                | OciErrorCode::NameUnknown
-                | OciErrorCode::NotFound => Some(404),
-                OciErrorCode::Toomanyrequests => Some(429),
-                _ => None,
-            });
-            match status {
-                Some(status) => status_error(status, object, message),
-                None => RegistryError::Registry {
-                    status: None,
-                    object: object.to_string(),
-                    message,
-                },
-            }
-        }
-        OciDistributionError::ImageManifestNotFoundError(message) => RegistryError::NotFound {
-            object: object.to_string(),
-            message,
-        },
-        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
-            RegistryError::DigestMismatch {
-                blob: object.to_string(),
-                expected,
-                actual,
-            }
-        }
-        // A body cut off mid-way surfaces as an I/O error.
-        OciDistributionError::IoError(err) => classify_stream_error(err, registry, object),
-        other => RegistryError::Registry {
-            status: None,
-            object: object.to_string(),
-            message: error_chain(&other),
-        },
+/// A request that got no answer: a certificate refused (on either side),
+/// a timeout, a connection refused or cut.
+fn classify_transport(err: &reqwest::Error, registry: &str, object: &str) -> RegistryError {
+    if let Some(status) = err.status() {
+        return status_error(status.as_u16(), object, error_chain(err));
     }
+    if is_untrusted_certificate(err) {
+        return RegistryError::UntrustedCertificate {
+            registry: registry.to_string(),
+            message: error_chain(err),
+        };
+    }
+    if is_client_certificate_refused(err) {
+        return RegistryError::ClientCertificateRefused {
+            registry: registry.to_string(),
+            message: error_chain(err),
+        };
+    }
+    RegistryError::Unreachable {
+        registry: registry.to_string(),
+        attempts: 1,
+        message: error_chain(err),
+    }
+}
+
+/// Up to `limit` bytes of a body; what a failed read left is dropped.
+async fn read_small_body(mut response: Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > limit {
+            body.truncate(limit);
+            break;
+        }
+    }
+    body
+}
+
+/// The error a failed answer means: its status, or, for a status that
+/// says less, the code of the distribution error envelope in its body.
+async fn response_error(response: Response, object: &str) -> RegistryError {
+    let status = response.status().as_u16();
+    let body = read_small_body(response, MAX_ERROR_MESSAGE_BYTES).await;
+    let message = String::from_utf8_lossy(&body).trim().to_string();
+    let status = match status {
+        401 | 403 | 404 | 429 => status,
+        _ => envelope_status(&body).unwrap_or(status),
+    };
+    status_error(status, object, message)
+}
+
+/// The status the first known code of a distribution error envelope
+/// (`{"errors":[{"code":"DENIED",...}]}`) stands for.
+fn envelope_status(body: &[u8]) -> Option<u16> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        errors: Vec<EnvelopeError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct EnvelopeError {
+        code: String,
+    }
+    let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    envelope.errors.iter().find_map(|error| match error.code.as_str() {
+        "UNAUTHORIZED" => Some(401),
+        "DENIED" => Some(403),
+        "BLOB_UNKNOWN" | "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "NOT_FOUND" => Some(404),
+        "TOOMANYREQUESTS" => Some(429),
+        _ => None,
+    })
+}
+
+/// Pings `scheme://registry/v2/` and answers its auth challenge: a token
+/// from the realm of a `Bearer` challenge (asked with the call's basic
+/// credentials), the call's basic credentials for a `Basic` one, nothing
+/// for none. A bearer token the caller gave is used as it is.
+async fn authenticate(
+    http: &reqwest::Client,
+    scheme: Scheme,
+    registry: &str,
+    reference: &Reference,
+    auth: &RegistryAuth,
+    need: Need,
+    shows_client_certificate: bool,
+) -> Result<Credentials, RegistryError> {
+    let object = format!("registry {registry}");
+    let url = format!("{}://{registry}/v2/", scheme.as_str());
+    let response = match http.get(&url).send().await {
+        Ok(response) => response,
+        Err(err) => {
+            let classified = classify_transport(&err, registry, &object);
+            // A TLS 1.3 server that wants a client certificate ends the
+            // connection after the handshake: the HTTP client sees it
+            // closed, the probe reads the server's alert.
+            let closed_after_connecting =
+                matches!(classified, RegistryError::Unreachable { .. }) && !err.is_connect() && !err.is_timeout();
+            if closed_after_connecting
+                && scheme == Scheme::Https
+                && !shows_client_certificate
+                && tls_probe::refuses_without_client_certificate(registry).await
+            {
+                return Err(RegistryError::ClientCertificateRefused {
+                    registry: registry.to_string(),
+                    message: error_chain(&err),
+                });
+            }
+            return Err(classified);
+        }
+    };
+    if let RegistryAuth::Bearer(token) = auth {
+        return Ok(Credentials::Bearer(token.clone()));
+    }
+    let challenge = response
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    drop(response);
+    match challenge.as_deref().map(parse_challenge) {
+        Some(Some(challenge)) => {
+            let token = fetch_token(http, &challenge, auth, reference, need, registry).await?;
+            Ok(Credentials::Token { token, challenge })
+        }
+        // A Basic challenge, or none: the credentials, if any, go as they are.
+        Some(None) | None => Ok(match auth {
+            RegistryAuth::Basic(user, password) => Credentials::Basic(user.clone(), password.clone()),
+            _ => Credentials::None,
+        }),
+    }
+}
+
+/// The realm and service of a `Bearer realm="...",service="..."` challenge;
+/// None for any other scheme.
+fn parse_challenge(header: &str) -> Option<BearerChallenge> {
+    let (scheme, params) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, remainder) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"')?;
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => match after.find(',') {
+                Some(comma) => (&after[..comma], &after[comma..]),
+                None => (after, ""),
+            },
+        };
+        match name.trim().to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value.to_string()),
+            "service" => service = Some(value.to_string()),
+            _ => {}
+        }
+        rest = remainder.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(BearerChallenge { realm: realm?, service })
+}
+
+/// A token for `need` on `reference`'s repository from the challenge's
+/// realm, asked with the call's basic credentials (anonymous without). A
+/// refusal is a permission error; the credentials never show in it.
+async fn fetch_token(
+    http: &reqwest::Client,
+    challenge: &BearerChallenge,
+    auth: &RegistryAuth,
+    reference: &Reference,
+    need: Need,
+    registry: &str,
+) -> Result<String, RegistryError> {
+    let object = format!("registry {registry}");
+    let scope = format!("repository:{}:{}", reference.repository(), need.actions());
+    let mut query = vec![("scope", scope.as_str())];
+    if let Some(service) = &challenge.service {
+        query.push(("service", service.as_str()));
+    }
+    let mut request = http.get(&challenge.realm).query(&query);
+    if let RegistryAuth::Basic(user, password) = auth {
+        request = request.basic_auth(user, Some(password));
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| classify_transport(&err, registry, &object))?;
+    let status = response.status();
+    let body = read_small_body(response, MAX_SMALL_BODY_BYTES).await;
+    if !status.is_success() {
+        let reason = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_MESSAGE_BYTES)])
+            .trim()
+            .to_string();
+        let message = format!(
+            "the token service {} refused (status {status}): {reason}",
+            challenge.realm
+        );
+        return Err(if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            status_error(status.as_u16(), &object, message)
+        } else {
+            RegistryError::Denied { object, message }
+        });
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenAnswer {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|err| RegistryError::Registry {
+        status: Some(status.as_u16()),
+        object: object.clone(),
+        message: format!("the token service {} answered no token: {err}", challenge.realm),
+    })?;
+    answer
+        .token
+        .or(answer.access_token)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| RegistryError::Registry {
+            status: Some(status.as_u16()),
+            object,
+            message: format!("the token service {} answered no token", challenge.realm),
+        })
 }
 
 #[cfg(test)]
@@ -1670,16 +1900,30 @@ mod tests {
 
     #[test]
     fn envelope_codes_map_like_statuses() {
-        let envelope = serde_json::from_str(r#"{"errors":[{"code":"DENIED","message":"no"}]}"#).unwrap();
-        let err = classify_oci(
-            OciDistributionError::RegistryError {
-                envelope,
-                url: "u".into(),
-            },
-            "r",
-            "blob x",
+        let status = envelope_status(br#"{"errors":[{"code":"DENIED","message":"no"}]}"#).unwrap();
+        assert!(status_error(status, "blob x", String::new()).is_permission());
+        assert_eq!(
+            envelope_status(br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
+            Some(404)
         );
-        assert!(err.is_permission(), "{err}");
+        assert_eq!(envelope_status(b"not json"), None);
+    }
+
+    #[test]
+    fn bearer_challenges_give_realm_and_service() {
+        let challenge = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        )
+        .unwrap();
+        assert_eq!(challenge.realm, "https://auth.example/token");
+        assert_eq!(challenge.service.as_deref(), Some("registry.example"));
+        let unquoted = parse_challenge("bearer realm=https://a/t, service=s").unwrap();
+        assert_eq!(
+            (unquoted.realm.as_str(), unquoted.service.as_deref()),
+            ("https://a/t", Some("s"))
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="registry""#), None);
+        assert_eq!(parse_challenge(r#"Bearer service="s""#), None);
     }
 
     #[test]
