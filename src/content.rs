@@ -15,7 +15,7 @@
 //! or of commits.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use oci_client::manifest::{OciImageManifest, OciManifest};
 use sha2::{Digest as _, Sha256};
@@ -143,7 +143,7 @@ impl ContentStore {
         if !self.holds(digest, size, &object).await? {
             return Ok(false);
         }
-        let partial = partial_path(dest);
+        let partial = crate::registry::partial_path(dest);
         match self.stream_to(digest, size, &object, &partial).await {
             Ok(()) => {
                 std::fs::rename(&partial, dest).map_err(io_error(dest))?;
@@ -314,25 +314,10 @@ fn declared_size(object: &str, size: i64) -> Result<u64, ContentError> {
 }
 
 fn parse_manifest(body: &[u8], object: &str) -> Result<OciManifest, ContentError> {
-    let invalid = |message: String| ContentError::InvalidManifest {
+    crate::registry::manifest_v2(body).map_err(|message| ContentError::InvalidManifest {
         object: object.to_string(),
         message,
-    };
-    let manifest: OciManifest = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
-    let version = match &manifest {
-        OciManifest::Image(image) => image.schema_version,
-        OciManifest::ImageIndex(index) => index.schema_version,
-    };
-    if version != 2 {
-        return Err(invalid(format!("schema version {version}, not 2")));
-    }
-    Ok(manifest)
-}
-
-fn partial_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    dest.with_file_name(name)
+    })
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ContentError {

@@ -1347,7 +1347,8 @@ fn spawn_file_reader(
     });
 }
 
-fn partial_path(dest: &Path) -> PathBuf {
+/// Where a download to `dest` is written until it is whole and verified.
+pub(crate) fn partial_path(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     dest.with_file_name(name)
@@ -1536,19 +1537,23 @@ async fn read_manifest_bounded(
     Ok((body, digest))
 }
 
-/// A manifest or index as oci-client types it, schema version 2 only.
 fn parse_manifest(body: &[u8], object: &str) -> Result<OciManifest, RegistryError> {
-    let invalid = |message: String| RegistryError::InvalidManifest {
+    manifest_v2(body).map_err(|message| RegistryError::InvalidManifest {
         object: object.to_string(),
         message,
-    };
-    let manifest: OciManifest = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    })
+}
+
+/// A manifest or index as oci-client types it, schema version 2 only,
+/// wherever it was read from (a registry, containerd's content store).
+pub(crate) fn manifest_v2(body: &[u8]) -> Result<OciManifest, String> {
+    let manifest: OciManifest = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let version = match &manifest {
         OciManifest::Image(image) => image.schema_version,
         OciManifest::ImageIndex(index) => index.schema_version,
     };
     if version != 2 {
-        return Err(invalid(format!("schema version {version}, not 2")));
+        return Err(format!("schema version {version}, not 2"));
     }
     Ok(manifest)
 }
