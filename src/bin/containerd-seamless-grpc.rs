@@ -73,6 +73,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
+    // Before any socket exists: whoever sees the socket may stop the daemon
+    // at once, and that SIGTERM must drain it, not kill it.
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let root = args.root.clone();
     let workers = config.commit.background_workers;
     let base_cache_bytes = config.nydus_base_cache_bytes()?;
@@ -121,8 +125,6 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         "serving"
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
