@@ -71,7 +71,7 @@ pub struct RegistryConfig {
 }
 
 fn default_registry_config_path() -> String {
-    crate::registry::hosts::DEFAULT_CONFIG_PATH.to_string()
+    crate::oci::registry::hosts::DEFAULT_CONFIG_PATH.to_string()
 }
 
 /// `$DOCKER_CONFIG/config.json`, else root's, as docker finds it.
@@ -93,29 +93,29 @@ impl Default for RegistryConfig {
 
 impl RegistryConfig {
     /// The host configuration `config_path` names.
-    pub fn hosts(&self) -> crate::registry::RegistryHosts {
+    pub fn hosts(&self) -> crate::oci::registry::RegistryHosts {
         if self.config_path.is_empty() {
-            crate::registry::RegistryHosts::none()
+            crate::oci::registry::RegistryHosts::none()
         } else {
-            crate::registry::RegistryHosts::at(&self.config_path)
+            crate::oci::registry::RegistryHosts::at(&self.config_path)
         }
     }
 
     /// Registry client options with this host configuration and the
     /// credentials of `docker_config` (none when it is empty).
-    pub fn options(&self) -> crate::registry::RegistryOptions {
-        let credentials: Option<std::sync::Arc<dyn crate::registry::CredentialSource>> =
+    pub fn options(&self) -> crate::oci::registry::RegistryOptions {
+        let credentials: Option<std::sync::Arc<dyn crate::oci::registry::CredentialSource>> =
             if self.docker_config.is_empty() {
                 None
             } else {
-                Some(std::sync::Arc::new(crate::credentials::Keychain::new(
+                Some(std::sync::Arc::new(crate::oci::credentials::Keychain::new(
                     &self.docker_config,
                 )))
             };
-        crate::registry::RegistryOptions {
+        crate::oci::registry::RegistryOptions {
             hosts: self.hosts(),
             credentials,
-            ..crate::registry::RegistryOptions::default()
+            ..crate::oci::registry::RegistryOptions::default()
         }
     }
 }
@@ -249,8 +249,8 @@ impl Default for CriuConfig {
 }
 
 impl CriuConfig {
-    pub fn settings(&self) -> crate::criu::CriuSettings {
-        crate::criu::CriuSettings {
+    pub fn settings(&self) -> crate::host::criu::CriuSettings {
+        crate::host::criu::CriuSettings {
             runc: self.runc.clone().into(),
             runc_root: self.runc_root.clone().into(),
             criu: Some(&self.criu_path).filter(|p| !p.is_empty()).map(Into::into),
@@ -676,7 +676,7 @@ impl Config {
         self.validate_remote()?;
         for namespace in &self.snapshotter.shared_namespaces {
             if namespace != "*" {
-                crate::containerd::validate_namespace(namespace).map_err(|e| ConfigError::Invalid {
+                crate::host::containerd::validate_namespace(namespace).map_err(|e| ConfigError::Invalid {
                     key: "snapshotter.shared_namespaces",
                     reason: e.to_string(),
                 })?;

@@ -2,43 +2,33 @@
 //! writable layers live on btrfs, so that a running container can be committed
 //! with a pause of milliseconds.
 //!
-//! Layers, bottom up: `sys` (the only syscalls), `storage` (snapshot
-//! directories), `store` (metadata), `snapshotter` (containerd's rules),
-//! `grpc` (wire adapters), `server` (socket and serving).
+//! The crate is layered; each layer is a folder whose module doc says what it
+//! owns and what it must not know, and a layer imports only the layers below
+//! it (`.ci/layering` fails the build otherwise). Bottom up:
+//!
+//! - [`error`], [`config`]: the shared vocabulary of failure classes and the
+//!   daemon's configuration as plain data;
+//! - [`host`]: syscalls, cgroups, runc, CRIU and containerd's API;
+//! - [`oci`]: registries, credentials, image content and OCI layer tars;
+//! - [`nydus`]: RAFS builds and running Nydus images;
+//! - [`snapshot`]: containerd's snapshotter on btrfs and its metadata store;
+//! - [`capture`]: freezing a container around an O(1) snapshot;
+//! - [`commit`] and [`checkpoint`], side by side: seamless commits, and the
+//!   checkpoint catalogue with its restore;
+//! - [`api`]: gRPC, REST, the TCP listener, the server and the client.
+//!
+//! ARCHITECTURE.md at the top of the repository walks through the main flows.
 
+pub mod api;
 pub mod capture;
-pub mod cgroup;
-pub mod chain;
 pub mod checkpoint;
-pub mod client;
 pub mod commit;
 pub mod config;
-pub mod connections;
-pub mod containerd;
-pub mod content;
-pub mod credentials;
-pub mod criu;
 pub mod error;
-pub mod filter;
-pub mod grpc;
-pub mod layer;
-pub mod metrics;
-pub mod model;
+pub mod host;
 pub mod nydus;
-pub mod nydus_image;
-pub mod private_file;
-pub mod rafs_fuse;
-pub mod rafs_mount;
-pub mod registry;
-pub mod remote;
-pub mod rest;
-pub mod server;
-pub mod snapshotter;
-pub mod stats;
-pub mod storage;
-pub mod store;
-pub mod sys;
-pub mod telemetry;
+pub mod oci;
+pub mod snapshot;
 
 /// Generated code of proto/seamless/v1/control.proto.
 pub mod proto {

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use seamless_snapshotter::commit::{CommitOptions, Format, Job, JobState};
-use seamless_snapshotter::credentials::{Credential, CredentialError, Keychain, DOCKER_HUB_SERVER, MAX_HELPER_OUTPUT};
-use seamless_snapshotter::registry::RegistryAuth;
+use seamless_snapshotter::oci::credentials::{
+    Credential, CredentialError, Keychain, DOCKER_HUB_SERVER, MAX_HELPER_OUTPUT,
+};
+use seamless_snapshotter::oci::registry::RegistryAuth;
 
 /// A directory with `config.json` and a `bin/` of helpers.
 struct Node {
@@ -336,7 +338,7 @@ fn request_credentials_are_never_persisted_nor_shown() {
     let body = br#"{"container": "c1", "target": "registry.local/app:v2", "format": "oci",
         "target_creds": {"username": "alice", "password": "target-pass-1"},
         "source_creds": {"username": "bob", "password": "source-pass-2"}}"#;
-    let options = seamless_snapshotter::rest::parse_create(body).unwrap();
+    let options = seamless_snapshotter::api::rest::parse_create(body).unwrap();
     assert_eq!(options.format, Format::Oci);
     assert_eq!(options.target_creds.as_ref().unwrap().password(), "target-pass-1");
     assert_eq!(options.source_creds.as_ref().unwrap().username(), "bob");
@@ -359,8 +361,8 @@ fn rest_bodies_with_bad_credentials_are_refused_without_quoting_them() {
         r#"{"container": "c1", "target": "r/a:1", "target_creds": {"username": "alice", "password": 31415926}}"#,
         r#"{"container": "c1", "target": "r/a:1", "source_creds": {"password": "TOPSECRET"}}"#,
     ] {
-        let err = match seamless_snapshotter::rest::parse_create(body.as_bytes()) {
-            Err(seamless_snapshotter::rest::RequestError::Malformed(message)) => message,
+        let err = match seamless_snapshotter::api::rest::parse_create(body.as_bytes()) {
+            Err(seamless_snapshotter::api::rest::RequestError::Malformed(message)) => message,
             other => panic!("{body}: {other:?}"),
         };
         assert!(!err.contains("TOPSECRET") && !err.contains("31415926"), "{err}");
@@ -374,7 +376,7 @@ fn credentials_files_must_be_private() {
     let path: &Path = &dir.path().join("creds");
     std::fs::write(path, "alice:file-secret\n").unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let err = seamless_snapshotter::credentials::RegistryCredentials::read_file(path)
+    let err = seamless_snapshotter::oci::credentials::RegistryCredentials::read_file(path)
         .unwrap_err()
         .to_string();
     assert!(err.contains("0644") && !err.contains("file-secret"), "{err}");

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use seamless_snapshotter::api::remote::{RemoteListener, RemoteTarget};
+use seamless_snapshotter::api::server;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::config::{ConnectionLimits, RemoteConfig};
+use seamless_snapshotter::host::sys::RealSystem;
 use seamless_snapshotter::proto::control_client::ControlClient;
 use seamless_snapshotter::proto::VersionRequest;
-use seamless_snapshotter::remote::{RemoteListener, RemoteTarget};
-use seamless_snapshotter::server;
-use seamless_snapshotter::snapshotter::Snapshotter;
-use seamless_snapshotter::sys::RealSystem;
+use seamless_snapshotter::snapshot::snapshotter::Snapshotter;
 use tokio::net::UnixStream;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -72,7 +72,9 @@ impl Daemon {
 }
 
 async fn channel(socket: &Path) -> Channel {
-    seamless_snapshotter::client::connect(socket).await.expect("connect")
+    seamless_snapshotter::api::client::connect(socket)
+        .await
+        .expect("connect")
 }
 
 async fn client(socket: &Path) -> SnapshotsClient<Channel> {
@@ -399,7 +401,7 @@ async fn sigkill_at_any_instant_loses_nothing_acknowledged() {
         for _ in 0..200 {
             if let Ok(Ok(ch)) = tokio::time::timeout(
                 Duration::from_millis(200),
-                seamless_snapshotter::client::connect(&socket),
+                seamless_snapshotter::api::client::connect(&socket),
             )
             .await
             {
@@ -498,7 +500,7 @@ async fn http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 
 #[tokio::test]
 async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
-    use seamless_snapshotter::rest::{self, RestApi};
+    use seamless_snapshotter::api::rest::{self, RestApi};
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
@@ -671,7 +673,7 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
         server_name: None,
     };
 
-    let mut client = seamless_snapshotter::client::connect_remote(&target)
+    let mut client = seamless_snapshotter::api::client::connect_remote(&target)
         .await
         .expect("connect over TLS");
     let version = client
@@ -685,7 +687,7 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
         address: format!("https://localhost:{port}"),
         ..target.clone()
     };
-    let mut client = seamless_snapshotter::client::connect_remote(&by_name)
+    let mut client = seamless_snapshotter::api::client::connect_remote(&by_name)
         .await
         .expect("connect by name");
     client.version(VersionRequest {}).await.expect("version by name");
@@ -709,7 +711,7 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
     let wrong_token = tmp.path().join("wrong-token");
     std::fs::write(&wrong_token, "not-the-token\n").unwrap();
     std::fs::set_permissions(&wrong_token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut client = seamless_snapshotter::client::connect_remote(&RemoteTarget {
+    let mut client = seamless_snapshotter::api::client::connect_remote(&RemoteTarget {
         token_file: wrong_token,
         ..target.clone()
     })
@@ -752,7 +754,7 @@ async fn the_control_api_over_tcp_wants_tls_and_the_token() {
             "not valid for name \"node-b.example\"",
         ),
     ] {
-        let err = seamless_snapshotter::client::connect_remote(&target)
+        let err = seamless_snapshotter::api::client::connect_remote(&target)
             .await
             .expect_err("refused")
             .to_string();
@@ -806,7 +808,7 @@ async fn remote_callers_get_only_what_restore_needs() {
     let (remote, target) = remote_listener(&tls, ConnectionLimits::default()).await;
     let socket = tmp.path().join("s.sock");
     let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
-    let mut client = seamless_snapshotter::client::connect_remote(&target)
+    let mut client = seamless_snapshotter::api::client::connect_remote(&target)
         .await
         .expect("connect over TLS");
     // Host paths a caller could aim at: nothing may appear there.
@@ -1154,13 +1156,15 @@ async fn wrong_tokens_from_one_address_are_locked_out() {
     let wrong_token = tmp.path().join("wrong-token");
     std::fs::write(&wrong_token, "not-the-token\n").unwrap();
     std::fs::set_permissions(&wrong_token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut guessing = seamless_snapshotter::client::connect_remote(&RemoteTarget {
+    let mut guessing = seamless_snapshotter::api::client::connect_remote(&RemoteTarget {
         token_file: wrong_token,
         ..target.clone()
     })
     .await
     .unwrap();
-    let mut right = seamless_snapshotter::client::connect_remote(&target).await.unwrap();
+    let mut right = seamless_snapshotter::api::client::connect_remote(&target)
+        .await
+        .unwrap();
     // A right token between wrong ones clears the count.
     guessing.version(VersionRequest {}).await.unwrap_err();
     right.version(VersionRequest {}).await.expect("the right token");
@@ -1197,7 +1201,9 @@ async fn hostile_tcp_clients_of_the_control_api_are_cut_off() {
     let port = remote.local_addr().unwrap().port();
     let socket = tmp.path().join("s.sock");
     let daemon = Daemon::start_with_remote(&tmp.path().join("root"), &socket, Some(remote)).await;
-    let mut client = seamless_snapshotter::client::connect_remote(&target).await.unwrap();
+    let mut client = seamless_snapshotter::api::client::connect_remote(&target)
+        .await
+        .unwrap();
     client.version(VersionRequest {}).await.expect("before");
     let tcp = || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
     let tls_connect = || {
@@ -1251,7 +1257,7 @@ async fn hostile_tcp_clients_of_the_control_api_are_cut_off() {
         .version(VersionRequest {})
         .await
         .expect("after the hostile clients");
-    seamless_snapshotter::client::connect_remote(&target)
+    seamless_snapshotter::api::client::connect_remote(&target)
         .await
         .unwrap()
         .version(VersionRequest {})
@@ -1262,7 +1268,7 @@ async fn hostile_tcp_clients_of_the_control_api_are_cut_off() {
 
 #[tokio::test]
 async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
-    use seamless_snapshotter::rest::{self, RestApi};
+    use seamless_snapshotter::api::rest::{self, RestApi};
     use tokio::io::AsyncWriteExt;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
@@ -1488,7 +1494,7 @@ async fn running_out_of_descriptors_does_not_stop_the_daemon() {
     for _ in 0..600 {
         if let Ok(Ok(channel)) = tokio::time::timeout(
             Duration::from_millis(200),
-            seamless_snapshotter::client::connect(&socket),
+            seamless_snapshotter::api::client::connect(&socket),
         )
         .await
         {
@@ -1524,8 +1530,11 @@ async fn running_out_of_descriptors_does_not_stop_the_daemon() {
     drop(flood);
     let mut served = None;
     for _ in 0..100 {
-        if let Ok(Ok(channel)) =
-            tokio::time::timeout(Duration::from_secs(2), seamless_snapshotter::client::connect(&socket)).await
+        if let Ok(Ok(channel)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            seamless_snapshotter::api::client::connect(&socket),
+        )
+        .await
         {
             served = Some(ControlClient::new(channel).version(VersionRequest {}).await);
             if matches!(served, Some(Ok(_))) {
@@ -1573,7 +1582,7 @@ async fn sockets_are_bound_0660_and_the_daemon_keeps_its_umask() {
     for _ in 0..600 {
         if let Ok(Ok(channel)) = tokio::time::timeout(
             Duration::from_millis(200),
-            seamless_snapshotter::client::connect(&socket),
+            seamless_snapshotter::api::client::connect(&socket),
         )
         .await
         {

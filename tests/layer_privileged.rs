@@ -14,7 +14,7 @@ use std::process::Command;
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use seamless_snapshotter::layer::{build_layer, BuildContext, Compression, LayerBlob, PathFilter};
+use seamless_snapshotter::oci::layer::{build_layer, BuildContext, Compression, LayerBlob, PathFilter};
 
 fn require_root() {
     assert!(

@@ -20,13 +20,13 @@ use std::process::Command;
 use std::sync::Arc;
 
 use seamless_snapshotter::config::FsDriver;
-use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
-use seamless_snapshotter::rafs_fuse::{BlobBackend, FuseServer, FuseSpec, InProcessFuse};
-use seamless_snapshotter::rafs_mount::{
+use seamless_snapshotter::host::sys::{RealSystem, SysError, SystemOps};
+use seamless_snapshotter::nydus::fuse::{BlobBackend, FuseServer, FuseSpec, InProcessFuse};
+use seamless_snapshotter::nydus::mount::{
     build_cache_file, read_chunk_table, BlobOrigin, BlobSource, RafsMountError, RafsMounts,
 };
-use seamless_snapshotter::registry::RegistryError;
-use seamless_snapshotter::sys::{RealSystem, SysError, SystemOps};
+use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
+use seamless_snapshotter::oci::registry::RegistryError;
 
 fn require_root_and_erofs() {
     assert!(

@@ -8,10 +8,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seamless_snapshotter::cgroup;
 use seamless_snapshotter::config::{BackendChoice, PoolSize};
-use seamless_snapshotter::storage::{DirKind, Storage, StorageKind};
-use seamless_snapshotter::sys::{Freezer, RealSystem, SystemOps};
+use seamless_snapshotter::host::cgroup;
+use seamless_snapshotter::host::sys::{Freezer, RealSystem, SystemOps};
+use seamless_snapshotter::snapshot::storage::{DirKind, Storage, StorageKind};
 
 fn require_root() {
     assert!(
@@ -40,7 +40,7 @@ fn pool_subvolumes_and_readonly_snapshots() {
     assert_eq!(storage.kind(), StorageKind::BtrfsPool);
     assert_eq!(
         sys.fs_type(storage.snapshots_dir()).unwrap(),
-        seamless_snapshotter::sys::FsType::Btrfs
+        seamless_snapshotter::host::sys::FsType::Btrfs
     );
 
     storage.create_snapshot_dir(1, DirKind::Active, None).unwrap();

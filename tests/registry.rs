@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use seamless_snapshotter::error::{Classify, ErrorKind};
-use seamless_snapshotter::registry::{
+use seamless_snapshotter::oci::registry::{
     CredentialSource, LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryError, RegistryHosts,
     RegistryOptions,
 };
@@ -403,7 +403,7 @@ async fn push_plain(
     reference: &str,
     layers: &[LayerSource],
     config: &[u8],
-) -> Result<seamless_snapshotter::registry::PushedImage, RegistryError> {
+) -> Result<seamless_snapshotter::oci::registry::PushedImage, RegistryError> {
     client
         .push_image(reference, layers, config, BTreeMap::new(), &RegistryAuth::Anonymous)
         .await

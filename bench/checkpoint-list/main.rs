@@ -15,14 +15,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use seamless_snapshotter::api::server;
 use seamless_snapshotter::checkpoint::objects::DirStore;
 use seamless_snapshotter::checkpoint::{Catalogue, Compression, NewCheckpoint};
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
-use seamless_snapshotter::server;
-use seamless_snapshotter::snapshotter::Snapshotter;
-use seamless_snapshotter::store::RecordKind;
-use seamless_snapshotter::sys::RealSystem;
+use seamless_snapshotter::host::sys::RealSystem;
+use seamless_snapshotter::snapshot::snapshotter::Snapshotter;
+use seamless_snapshotter::snapshot::store::RecordKind;
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use seamless_snapshotter::layer::{build_layer, build_layer_parts, BuildContext, Compression, PathFilter};
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
+use seamless_snapshotter::oci::layer::{build_layer, build_layer_parts, BuildContext, Compression, PathFilter};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

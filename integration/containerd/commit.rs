@@ -10,7 +10,7 @@ use super::*;
 #[test]
 fn seamless_capture_of_a_running_container() {
     use seamless_snapshotter::capture::{capture_upper, CaptureMethod, FrozenMarkers};
-    use seamless_snapshotter::sys::{RealSystem, SystemOps};
+    use seamless_snapshotter::host::sys::{RealSystem, SystemOps};
 
     with_env("capture", Options::default(), |env| {
         let ns = env.namespace("cap");
@@ -30,7 +30,7 @@ fn seamless_capture_of_a_running_container() {
         let container = resolve_container(&runtime, env, &ns, prefix)?;
         ensure!(container.id == id, "prefix {prefix} resolved to {}", container.id);
         ensure!(container.snapshotter == "seamless", "{container:?}");
-        let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
+        let freezer = seamless_snapshotter::host::cgroup::freezer_of(container.pid)?;
 
         let mountinfo = env.exec(&ns, &id, "cat /proc/self/mountinfo")?;
         let upper = mountinfo
@@ -76,8 +76,8 @@ fn seamless_capture_of_a_running_container() {
 
         // The container runs on, on its own upper, and is not frozen.
         let state = std::fs::read_to_string(freezer.dir().join(match &freezer {
-            seamless_snapshotter::sys::Freezer::V1(_) => "freezer.state",
-            seamless_snapshotter::sys::Freezer::V2(_) => "cgroup.events",
+            seamless_snapshotter::host::sys::Freezer::V1(_) => "freezer.state",
+            seamless_snapshotter::host::sys::Freezer::V2(_) => "cgroup.events",
         }))?;
         ensure!(
             !state.contains("FROZEN") && !state.contains("frozen 1"),
@@ -325,8 +325,8 @@ fn seamless_commit_pushes_the_container_view() {
 /// one. Every image, pulled and run, has the tree the container had.
 #[test]
 fn commit_chain_is_incremental_and_merges_past_maximum_times() {
-    use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
-    use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
+    use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+    use seamless_snapshotter::oci::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
     with_env("chain", Options::default(), |env| {
         let ns = env.namespace("chain");
@@ -551,7 +551,7 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
         // The library API for embedding, against the restarted daemon.
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
                 let client = SeamlessSnapshot::new(SeamlessOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
@@ -638,7 +638,7 @@ fn daemon_killed_while_pushing_fails_the_job_with_its_stage() {
 
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
                 let client = SeamlessSnapshot::new(SeamlessOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use seamless_snapshotter::nydus;
-use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryOptions};
+use seamless_snapshotter::oci::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
 use nix::sys::signal::Signal;
 
@@ -267,7 +267,8 @@ async fn check_image(
         .await?;
     let layers = &pulled.manifest.layers;
     let (bootstrap, blobs) = layers.split_last().context("no layers")?;
-    let annotations = |l: &seamless_snapshotter::registry::OciDescriptor| l.annotations.clone().unwrap_or_default();
+    let annotations =
+        |l: &seamless_snapshotter::oci::registry::OciDescriptor| l.annotations.clone().unwrap_or_default();
     for blob in blobs {
         let a = annotations(blob);
         ensure!(

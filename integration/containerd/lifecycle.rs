@@ -222,7 +222,7 @@ fn daemon_sigterm_exits_cleanly_and_restarts() {
 /// container before serving.
 #[test]
 fn restart_thaws_a_container_left_frozen() {
-    use seamless_snapshotter::sys::{Freezer, RealSystem, SystemOps};
+    use seamless_snapshotter::host::sys::{Freezer, RealSystem, SystemOps};
 
     with_env("frozen", Options::default(), |env| {
         let ns = env.namespace("f");
@@ -231,7 +231,7 @@ fn restart_thaws_a_container_left_frozen() {
         env.run_container(&ns, &id)?;
         let runtime = tokio::runtime::Runtime::new()?;
         let container = resolve_container(&runtime, env, &ns, &id)?;
-        let freezer = seamless_snapshotter::cgroup::freezer_of(container.pid)?;
+        let freezer = seamless_snapshotter::host::cgroup::freezer_of(container.pid)?;
         let state_file = match &freezer {
             Freezer::V1(d) => d.join("freezer.state"),
             Freezer::V2(d) => d.join("cgroup.events"),

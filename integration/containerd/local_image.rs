@@ -16,8 +16,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
-use seamless_snapshotter::content::{ContentError, ContentStore};
-use seamless_snapshotter::registry::{Digest, RegistryAuth, RegistryClient, RegistryOptions};
+use seamless_snapshotter::oci::content::{ContentError, ContentStore};
+use seamless_snapshotter::oci::registry::{Digest, RegistryAuth, RegistryClient, RegistryOptions};
 use serde_json::json;
 
 use super::env::{with_env, Env, Options};

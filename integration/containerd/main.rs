@@ -95,7 +95,7 @@ fn expect_image_tree(
 async fn control_client(
     socket: std::path::PathBuf,
 ) -> Result<seamless_snapshotter::proto::control_client::ControlClient<tonic::transport::Channel>> {
-    let channel = seamless_snapshotter::client::connect(&socket).await?;
+    let channel = seamless_snapshotter::api::client::connect(&socket).await?;
     Ok(seamless_snapshotter::proto::control_client::ControlClient::new(channel))
 }
 
@@ -105,9 +105,9 @@ fn resolve_container(
     env: &Env,
     ns: &str,
     query: &str,
-) -> Result<seamless_snapshotter::containerd::ContainerInfo> {
+) -> Result<seamless_snapshotter::host::containerd::ContainerInfo> {
     runtime.block_on(async {
-        let client = seamless_snapshotter::containerd::Containerd::connect(&env.containerd_socket()).await?;
+        let client = seamless_snapshotter::host::containerd::Containerd::connect(&env.containerd_socket()).await?;
         Ok(client.resolve(ns, query).await?)
     })
 }

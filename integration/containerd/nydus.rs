@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use seamless_snapshotter::nydus::{self, Compressor, RafsOptions};
-use seamless_snapshotter::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryOptions};
+use seamless_snapshotter::oci::registry::{LayerData, LayerSource, RegistryAuth, RegistryClient, RegistryOptions};
 
 use super::env::{is_mount_point, with_env, Env, Options};
 use super::{
@@ -260,7 +260,7 @@ fn convert_and_push_naming(env: &Env, target: &str, blob_id: Option<&str>) -> Re
             &RegistryAuth::Anonymous,
         ))?;
         let tar = work.join(format!("oci-{i}.tar"));
-        seamless_snapshotter::nydus_image::decompress_layer(&layer.media_type, &blob, &tar)
+        seamless_snapshotter::commit::nydus_image::decompress_layer(&layer.media_type, &blob, &tar)
             .map_err(anyhow::Error::msg)?;
         let built = nydus::build_layer(&tar, None, &options, &work.join(format!("layer-{i}.boot")), &blob_dir)
             .with_context(|| format!("building RAFS of layer {i}"))?;

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use seamless_snapshotter::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryHosts, RegistryOptions};
+use seamless_snapshotter::oci::registry::{
+    RegistryAuth, RegistryClient, RegistryError, RegistryHosts, RegistryOptions,
+};
 
 use super::env::{outcome, with_env_config, Options};
 

@@ -1286,13 +1286,13 @@ fn a_checkpoint_whose_dump_did_not_finish_is_discarded_by_the_next_start() {
             work.join("work/dump.log"),
             "(00.000000) Version: 4.1\n(00.001000) Dumping processes (pid: 1)\n",
         )?;
-        let freezer = seamless_snapshotter::cgroup::freezer_of(task_pid(env, &ns, &id)?)?;
+        let freezer = seamless_snapshotter::host::cgroup::freezer_of(task_pid(env, &ns, &id)?)?;
         let state = match &freezer {
-            seamless_snapshotter::sys::Freezer::V1(dir) => {
+            seamless_snapshotter::host::sys::Freezer::V1(dir) => {
                 std::fs::write(dir.join("freezer.state"), "FROZEN")?;
                 dir.join("freezer.state")
             }
-            seamless_snapshotter::sys::Freezer::V2(dir) => {
+            seamless_snapshotter::host::sys::Freezer::V2(dir) => {
                 std::fs::write(dir.join("cgroup.freeze"), "1")?;
                 dir.join("cgroup.freeze")
             }

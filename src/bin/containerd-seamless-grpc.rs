@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use seamless_snapshotter::api::remote::RemoteListener;
+use seamless_snapshotter::api::rest::{self, RestApi};
+use seamless_snapshotter::api::{server, telemetry};
+use seamless_snapshotter::commit::nydus_image::BaseCache;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
-use seamless_snapshotter::nydus_image::BaseCache;
-use seamless_snapshotter::remote::RemoteListener;
-use seamless_snapshotter::rest::{self, RestApi};
-use seamless_snapshotter::snapshotter::{self, Snapshotter};
-use seamless_snapshotter::sys::RealSystem;
-use seamless_snapshotter::{server, telemetry};
+use seamless_snapshotter::host::sys::RealSystem;
+use seamless_snapshotter::snapshot::snapshotter::{self, Snapshotter};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 

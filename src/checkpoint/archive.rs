@@ -1822,7 +1822,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::catalogue::NewCheckpoint;
     use crate::checkpoint::objects::DirStore;
-    use crate::store::Store;
+    use crate::snapshot::store::Store;
     use std::sync::Arc;
 
     struct World {

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use super::filter::{Filter, Subject};
 use super::objects::{ObjectError, ObjectStore, PutBatch};
 use super::tree::{self, Delta, Tree, TreeDiff, TreeError};
-use crate::store::{RecordKind, Store, StoreError};
+use crate::snapshot::store::{RecordKind, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
@@ -140,7 +140,7 @@ pub struct ProcessState {
     /// checkpoints whose dumps they are.
     pub images: Vec<String>,
     pub dump_log_key: String,
-    pub stats: crate::criu::DumpStats,
+    pub stats: crate::host::criu::DumpStats,
     /// Anonymous memory of the container when dumped.
     pub memory_bytes: u64,
     /// Uncompressed bytes of this dump's own images.

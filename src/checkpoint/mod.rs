@@ -57,9 +57,9 @@ pub enum CheckpointError {
     #[error(transparent)]
     Process(#[from] process::ProcessError),
     #[error(transparent)]
-    Containerd(#[from] crate::containerd::ContainerdError),
+    Containerd(#[from] crate::host::containerd::ContainerdError),
     #[error(transparent)]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error(
         "container {container} has {used} bytes of memory ({used_mib} MiB), over the memory limit of {limit} bytes \
          ({limit_mib} MiB): nothing was dumped; raise --memory-limit or checkpoint with --fs-only"
@@ -308,7 +308,7 @@ impl CheckpointService {
     /// dump finished (the container is gone: CRIU stopped it), else
     /// discards what it left (CRIU may not have run, or was killed
     /// mid-dump: the container was thawed at start, see
-    /// [`crate::snapshotter::thaw_left_frozen`], and runs on). Then removes
+    /// [`crate::snapshot::snapshotter::thaw_left_frozen`], and runs on). Then removes
     /// the journal, its scratch directory and its capture.
     fn finish_journaled(&self, path: &Path, pending: journal::PendingCheckpoint) {
         let finished = process::dump_finished(&pending.work);
@@ -484,7 +484,7 @@ impl CheckpointService {
     /// its processes; stores both.
     #[instrument(skip_all, fields(namespace = %request.namespace, container = %request.container))]
     pub async fn create(&self, request: CreateRequest) -> Result<Checkpoint, CheckpointError> {
-        crate::containerd::validate_namespace(&request.namespace)
+        crate::host::containerd::validate_namespace(&request.namespace)
             .map_err(|e| CheckpointError::Invalid(e.to_string()))?;
         let labels = catalogue::parse_labels(&request.labels)?;
         let compression = Compression::parse(&request.compression)?;
@@ -522,7 +522,7 @@ impl CheckpointService {
                     .into(),
             ));
         }
-        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
         let _writing = self.writing.lock().await;
         // Storage calls block (S3 drives its client on this thread).
         let id = {
@@ -535,7 +535,7 @@ impl CheckpointService {
         let mut memory_bytes = 0;
         if !request.fs_only {
             let found = containerd.resolve(&request.namespace, &request.container).await?;
-            let (anon, _) = crate::cgroup::memory_of(found.pid)?.usage()?;
+            let (anon, _) = crate::host::cgroup::memory_of(found.pid)?.usage()?;
             if request.memory_limit > 0 && anon > request.memory_limit {
                 return Err(CheckpointError::MemoryLimit {
                     container: found.id,
@@ -616,7 +616,7 @@ impl CheckpointService {
         let freezer = if request.fs_only {
             None
         } else {
-            crate::cgroup::freezer_of(captured.container.pid).ok()
+            crate::host::cgroup::freezer_of(captured.container.pid).ok()
         };
         let work = self
             .root
@@ -765,7 +765,7 @@ impl CheckpointService {
     /// Checks the parent and reads what restore will need of the container.
     async fn prepare_create(
         &self,
-        containerd: &crate::containerd::Containerd,
+        containerd: &crate::host::containerd::Containerd,
         catalogue: &Catalogue,
         request: &CreateRequest,
         container_id: &str,
@@ -863,15 +863,15 @@ impl CheckpointService {
         .map_err(|e| CheckpointError::Task(e.to_string()))?
     }
 
-    /// Usage samples of containers of `namespace` (see [`crate::stats`]).
+    /// Usage samples of containers of `namespace` (see [`crate::host::stats`]).
     pub async fn container_stats(
         &self,
         namespace: &str,
         containers: &[String],
-    ) -> Result<Vec<crate::stats::Sample>, CheckpointError> {
-        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
-        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
-        Ok(crate::stats::sample(&containerd, namespace, containers).await?)
+    ) -> Result<Vec<crate::host::stats::Sample>, CheckpointError> {
+        crate::host::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        Ok(crate::host::stats::sample(&containerd, namespace, containers).await?)
     }
 
     /// Lets the processes of a container restored paused run: resumes its
@@ -882,11 +882,11 @@ impl CheckpointService {
         namespace: &str,
         container: &str,
     ) -> Result<(u32, String, String), CheckpointError> {
-        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        crate::host::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
         if container.is_empty() {
             return Err(CheckpointError::Invalid("a container id is required".into()));
         }
-        let containerd = crate::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
         containerd.container(namespace, container).await?;
         let Some(before) = containerd.task(namespace, container).await? else {
             return Err(CheckpointError::Unsupported(format!(
@@ -984,7 +984,7 @@ impl CheckpointService {
 
     /// A private scratch path for a streamed archive.
     /// The budget of an archive another node streams in: see
-    /// [`Snapshotter::receive_limit`](crate::snapshotter::Snapshotter::receive_limit).
+    /// [`Snapshotter::receive_limit`](crate::snapshot::snapshotter::Snapshotter::receive_limit).
     pub fn receive_budget(&self) -> Result<ReceiveBudget, CheckpointError> {
         let work = self.root.join("checkpoint-work");
         std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
@@ -1023,7 +1023,7 @@ impl CheckpointService {
         namespace: &str,
         path: &Path,
     ) -> Result<Vec<Checkpoint>, CheckpointError> {
-        crate::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        crate::host::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
         let catalogue = self.catalogue(storage)?;
         let _writing = self.writing.lock().await;
         let (namespace, path) = (namespace.to_string(), path.to_path_buf());

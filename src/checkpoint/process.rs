@@ -17,7 +17,7 @@ use super::catalogue::{
     blob_digest, Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
 };
 use super::tree;
-use crate::criu::{CriuSettings, DumpRequest};
+use crate::host::criu::{CriuSettings, DumpRequest};
 
 /// Label of a restored container: the checkpoint it was restored from.
 pub const RESTORED_FROM_LABEL: &str = "io.seamless.restored-from";
@@ -31,7 +31,7 @@ pub enum ProcessError {
     #[error(transparent)]
     Catalogue(#[from] CatalogueError),
     #[error(transparent)]
-    Criu(#[from] crate::criu::CriuError),
+    Criu(#[from] crate::host::criu::CriuError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -533,7 +533,7 @@ pub(super) fn dump(
             tcp_established: input.tcp_established,
             file_locks: input.file_locks,
         })?;
-        plan.pre_dump_pages_written = crate::criu::read_stats(&pre_work, &pre)?.pages_written;
+        plan.pre_dump_pages_written = crate::host::criu::read_stats(&pre_work, &pre)?.pages_written;
         // Kept: the final dump reads them as its parent.
         let (key, _, written) = store_images(catalogue, &pre, input.compression, false)?;
         plan.stored_bytes += written;
@@ -570,7 +570,7 @@ pub(super) fn dump(
 /// journaled dump whose storing was cut short is stored again whole.
 pub(super) fn store_dump(catalogue: &Catalogue, work: &Path, plan: &DumpPlan) -> Result<ProcessState, ProcessError> {
     let (dump, dump_work) = dump_dirs(work);
-    let stats = crate::criu::read_stats(&dump_work, &dump)?;
+    let stats = crate::host::criu::read_stats(&dump_work, &dump)?;
     let mut log = String::new();
     if plan.pre_dump {
         append_log(&mut log, "pre-dump", &work.join("pre-work"));
@@ -647,7 +647,7 @@ mod tests {
             runtime: Some(Runtime {
                 name: "io.containerd.runc.v2".into(),
                 options: Some(prost_types::Any {
-                    type_url: crate::criu::RUNC_OPTIONS_TYPE.into(),
+                    type_url: crate::host::criu::RUNC_OPTIONS_TYPE.into(),
                     value: vec![0x3a, 1, b'x'],
                 }),
             }),
@@ -700,7 +700,7 @@ mod tests {
     }
 
     fn catalogue(root: &Path) -> Catalogue {
-        let store = std::sync::Arc::new(crate::store::Store::open(&root.join("meta.redb")).unwrap());
+        let store = std::sync::Arc::new(crate::snapshot::store::Store::open(&root.join("meta.redb")).unwrap());
         Catalogue::new(
             "local".into(),
             std::sync::Arc::new(super::super::objects::DirStore::open(&root.join("objects"), "local").unwrap()),

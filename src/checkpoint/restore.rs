@@ -21,8 +21,8 @@ use super::remap::{self, Remap};
 use super::tree::{self, Entry, EntryKind, Tree, TreePath};
 use super::trust::{Admitted, RecordTrust};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
-use crate::containerd::Containerd;
 use crate::error::ErrorKind;
+use crate::host::containerd::Containerd;
 
 /// Blobs fetched at once unless the request says otherwise.
 pub const DEFAULT_PARALLEL: usize = 3;
@@ -116,7 +116,7 @@ impl CheckpointService {
     #[instrument(skip_all, fields(namespace = %request.namespace, id = %request.id))]
     pub async fn restore(&self, request: RestoreRequest) -> Result<Restored, CheckpointError> {
         let started = Instant::now();
-        crate::containerd::validate_namespace(&request.namespace)
+        crate::host::containerd::validate_namespace(&request.namespace)
             .map_err(|e| CheckpointError::Invalid(e.to_string()))?;
         if request.parallel == 0 || request.parallel > MAX_PARALLEL {
             return Err(CheckpointError::Invalid(format!(
@@ -222,7 +222,7 @@ impl CheckpointService {
                         step,
                         reason,
                         log: {
-                            let errors = crate::criu::log_errors(log);
+                            let errors = crate::host::criu::log_errors(log);
                             let said = if errors.is_empty() {
                                 String::new()
                             } else {
@@ -292,7 +292,7 @@ impl CheckpointService {
             .prepare_snapshot(ns, &lease, &record.snapshotter, name, &record.snapshot_parent)
             .await
             .map_err(|e| match e {
-                crate::containerd::ContainerdError::Missing { .. } => CheckpointError::Restore {
+                crate::host::containerd::ContainerdError::Missing { .. } => CheckpointError::Restore {
                     step: "snapshot",
                     reason: format!(
                         "the layers of image {} are not on snapshotter {} here (snapshot {} is missing): pull the \
@@ -381,7 +381,7 @@ impl CheckpointService {
                     .map_err(|e| failed("task", ErrorKind::Internal)(CheckpointError::Task(e.to_string())))?;
                 let settings = snapshotter.criu_settings();
                 Some(
-                    crate::criu::restore_options(
+                    crate::host::criu::restore_options(
                         record.runtime_options().as_ref(),
                         images,
                         &criu_work,

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{CheckpointError, CheckpointService, CreateRequest, StorageSpec};
-use crate::store::RecordKind;
+use crate::snapshot::store::RecordKind;
 
 /// Shortest interval a schedule may have.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,7 +88,7 @@ impl SecretsKey {
             Err(e) => return Err(bad(e.to_string())),
         }
         let meta = std::fs::symlink_metadata(&path).map_err(|e| bad(e.to_string()))?;
-        crate::private_file::check(&meta).map_err(|e| bad(e.to_string()))?;
+        crate::host::private_file::check(&meta).map_err(|e| bad(e.to_string()))?;
         let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
         let key = Key::try_from(bytes.as_slice()).map_err(|_| bad(format!("holds {} bytes, not 32", bytes.len())))?;
         Ok(SecretsKey {

@@ -64,7 +64,7 @@ use sha2::{Digest, Sha256};
 
 use super::process::ContainerRecord;
 use crate::config::AllowedMount;
-use crate::criu::RuncOptions;
+use crate::host::criu::RuncOptions;
 
 /// The node key's file under the daemon root.
 pub const NODE_KEY_FILE: &str = "record.key";
@@ -454,9 +454,9 @@ fn read_key(path: &Path) -> Result<RecordKey, TrustError> {
         .open(path)
         .map_err(io_err("open", path))?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
-    match crate::private_file::check(&meta) {
+    match crate::host::private_file::check(&meta) {
         Ok(()) => {}
-        Err(crate::private_file::PrivateFileError::Exposed { mode }) => {
+        Err(crate::host::private_file::PrivateFileError::Exposed { mode }) => {
             return Err(TrustError::LooseMode { path: shown, mode })
         }
         Err(_) => return Err(TrustError::NotAFile { path: shown }),
@@ -627,7 +627,7 @@ fn check_runtime_options(record: &ContainerRecord, refuse: &mut impl FnMut(Strin
     if options.value.is_empty() {
         return;
     }
-    if !options.type_url.ends_with(crate::criu::RUNC_OPTIONS_TYPE) {
+    if !options.type_url.ends_with(crate::host::criu::RUNC_OPTIONS_TYPE) {
         refuse(
             "runtime.options".into(),
             format!("options of type {:?} are not runc's", options.type_url),
@@ -1220,7 +1220,7 @@ mod tests {
     fn a_runtime_binary_is_refused() {
         use prost::Message;
         let mut hostile = record(ordinary_spec());
-        hostile.runtime_options_type = crate::criu::RUNC_OPTIONS_TYPE.into();
+        hostile.runtime_options_type = crate::host::criu::RUNC_OPTIONS_TYPE.into();
         hostile.runtime_options = super::super::tree::hex(
             &RuncOptions {
                 binary_name: "/tmp/evil-runc".into(),

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::MissedTickBehavior;
 
-use seamless_snapshotter::client::DaemonClient;
+use seamless_snapshotter::api::client::DaemonClient;
 use seamless_snapshotter::proto::{
     ContainerSample, ContainerStatsRequest, CreateCheckpointRequest, InspectCheckpointRequest, ListCheckpointsRequest,
     MergeCheckpointsRequest, PruneCheckpointsRequest, Storage,

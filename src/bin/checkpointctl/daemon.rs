@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use seamless_snapshotter::client::{self, ClientError, DaemonClient};
+use seamless_snapshotter::api::client::{self, ClientError, DaemonClient};
 
 use crate::settings::{NodeAddress, NodeSettings};
 use crate::CliError;

@@ -233,7 +233,7 @@ fn exit_code(err: &CliError) -> u8 {
         CliError::Unreachable { reason, .. } if reason.contains("Permission denied") => 4,
         CliError::Unreachable { .. } => 5,
         CliError::Rpc { status, .. } => {
-            let code = seamless_snapshotter::grpc::status::error_code(status);
+            let code = seamless_snapshotter::api::grpc::status::error_code(status);
             code.as_deref()
                 .and_then(commit_code_exit)
                 .unwrap_or(match status.code() {

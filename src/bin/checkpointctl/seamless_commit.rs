@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::ValueEnum;
-use seamless_snapshotter::client::DaemonClient;
+use seamless_snapshotter::api::client::DaemonClient;
 use seamless_snapshotter::commit::rfc3339;
-use seamless_snapshotter::credentials::RegistryCredentials;
+use seamless_snapshotter::oci::credentials::RegistryCredentials;
 use seamless_snapshotter::proto::{
     CommitJob, GetCommitRequest, ListCommitsRequest, SeamlessCommitRequest, SeamlessCommitResponse,
 };

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use seamless_snapshotter::api::remote::{parse_https_address, RemoteTarget};
 use seamless_snapshotter::checkpoint::filter::parse_size;
 use seamless_snapshotter::proto::Storage;
-use seamless_snapshotter::remote::{parse_https_address, RemoteTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -262,7 +262,7 @@ impl Settings {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        seamless_snapshotter::private_file::check(&meta).map_err(|e| SettingsError::Invalid {
+        seamless_snapshotter::host::private_file::check(&meta).map_err(|e| SettingsError::Invalid {
             path: path.display().to_string(),
             key: key.to_string(),
             reason: format!("is a secret, and the file {e}"),

@@ -11,7 +11,7 @@ use seamless_snapshotter::checkpoint::archive;
 use seamless_snapshotter::checkpoint::catalogue::{Compression, NewCheckpoint};
 use seamless_snapshotter::checkpoint::objects::DirStore;
 use seamless_snapshotter::checkpoint::Catalogue;
-use seamless_snapshotter::store::Store;
+use seamless_snapshotter::snapshot::store::Store;
 
 fn main() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/archive_import");

@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use seamless_snapshotter::checkpoint::archive;
 use seamless_snapshotter::checkpoint::objects::DirStore;
 use seamless_snapshotter::checkpoint::Catalogue;
-use seamless_snapshotter::store::Store;
+use seamless_snapshotter::snapshot::store::Store;
 
 /// One metadata store for every run (opening one costs seconds under the
 /// sanitizer); each run gets a storage of its own in it, so runs do not see

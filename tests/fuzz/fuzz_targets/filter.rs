@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use seamless_snapshotter::checkpoint::filter::{parse_duration, parse_size, Filter, Subject};
-use seamless_snapshotter::filter::{Fields, FilterSet};
+use seamless_snapshotter::snapshot::filter::{Fields, FilterSet};
 
 struct Checkpoint {
     labels: BTreeMap<String, String>,

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use seamless_snapshotter::rest::{parse_create, parse_list_query, MAX_BODY};
+use seamless_snapshotter::api::rest::{parse_create, parse_list_query, MAX_BODY};
 
 fuzz_target!(|data: &[u8]| {
     let (query, body) = match data.iter().position(|b| *b == b'\n') {

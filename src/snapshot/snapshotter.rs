@@ -18,16 +18,16 @@ use tracing::{info, warn};
 use crate::capture::{capture_upper, CaptureMethod, Captured, FrozenMarkers};
 use crate::config::{Config, ConfigError};
 use crate::error::{Classify, ErrorKind};
-use crate::filter::{Fields, FilterError, FilterSet};
-use crate::model::{Info, Kind, Labels, Mount, Usage};
+use crate::host::sys::{Freezer, SystemOps};
 use crate::nydus;
-use crate::rafs_fuse::{FuseServer, InProcessFuse};
-use crate::rafs_mount::{
+use crate::nydus::fuse::{FuseServer, InProcessFuse};
+use crate::nydus::mount::{
     digest_hex, BlobOrigin, BlobSource, MountLease, RafsMountError, RafsMounts, RegistryBlobSource,
 };
-use crate::storage::{DirKind, Storage, StorageError, StorageKind};
-use crate::store::{LabelUpdate, Record, Store, StoreError};
-use crate::sys::{Freezer, SystemOps};
+use crate::snapshot::filter::{Fields, FilterError, FilterSet};
+use crate::snapshot::model::{Info, Kind, Labels, Mount, Usage};
+use crate::snapshot::storage::{DirKind, Storage, StorageError, StorageKind};
+use crate::snapshot::store::{LabelUpdate, Record, Store, StoreError};
 
 /// containerd's cap on one label, key and value together.
 pub const MAX_LABEL_BYTES: usize = 4096;
@@ -168,7 +168,7 @@ pub struct Snapshotter {
     overlay: OverlayFeatures,
     upperdir_label: bool,
     rafs: RafsMounts,
-    criu: crate::criu::CriuSettings,
+    criu: crate::host::criu::CriuSettings,
     /// Namespaces whose committed layers one another may adopt.
     shared_namespaces: Vec<String>,
     /// Keys of checkpoint records: loaded here, with the rest of the
@@ -177,7 +177,7 @@ pub struct Snapshotter {
     /// The largest archive another node may stream in.
     max_received_archive: u64,
     /// How commits reach registries: `[registry]`'s host configuration.
-    registry: crate::registry::RegistryOptions,
+    registry: crate::oci::registry::RegistryOptions,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -400,12 +400,12 @@ impl Snapshotter {
 
     /// Options of the registry clients commits build: the host
     /// configuration (and credentials) every one of them uses.
-    pub fn registry_options(&self) -> crate::registry::RegistryOptions {
+    pub fn registry_options(&self) -> crate::oci::registry::RegistryOptions {
         self.registry.clone()
     }
 
     /// Which runc and criu process-state checkpoints use.
-    pub fn criu_settings(&self) -> &crate::criu::CriuSettings {
+    pub fn criu_settings(&self) -> &crate::host::criu::CriuSettings {
         &self.criu
     }
 
@@ -1054,8 +1054,8 @@ mod tests {
     use super::*;
     use crate::config::BackendChoice;
     use crate::config::FsDriver;
-    use crate::rafs_fuse::RecordingFuse;
-    use crate::sys::RecordingSystem;
+    use crate::host::sys::RecordingSystem;
+    use crate::nydus::fuse::RecordingFuse;
 
     fn open(upperdir_label: bool) -> (tempfile::TempDir, Snapshotter) {
         let tmp = tempfile::tempdir().unwrap();
@@ -1264,9 +1264,9 @@ mod tests {
         _tmp: tempfile::TempDir,
         root: PathBuf,
         sys: Arc<RecordingSystem>,
-        source: Arc<crate::rafs_mount::testing::DirBlobSource>,
+        source: Arc<crate::nydus::mount::testing::DirBlobSource>,
         fuse: Arc<RecordingFuse>,
-        image: crate::rafs_mount::testing::TestImage,
+        image: crate::nydus::mount::testing::TestImage,
         s: Snapshotter,
         /// The committed bootstrap layer.
         top: String,
@@ -1284,13 +1284,13 @@ mod tests {
         lazy_source: bool,
     ) -> NydusWorld {
         let tmp = tempfile::tempdir().unwrap();
-        let image = crate::rafs_mount::testing::build(&tmp.path().join("image"), compressor, fs_version);
+        let image = crate::nydus::mount::testing::build(&tmp.path().join("image"), compressor, fs_version);
         let root = tmp.path().join("root");
         let mut config = Config::default();
         config.storage.backend = BackendChoice::Directory;
         config.nydus.fs_driver = driver;
         let sys = Arc::new(RecordingSystem::plain());
-        let mut source = crate::rafs_mount::testing::DirBlobSource::new(&image.blob_dir);
+        let mut source = crate::nydus::mount::testing::DirBlobSource::new(&image.blob_dir);
         source.lazy = lazy_source;
         let source = Arc::new(source);
         let fuse = Arc::new(RecordingFuse::default());
@@ -1590,9 +1590,9 @@ mod tests {
                 m[0].options.last().unwrap(),
                 &format!("lowerdir={}", mountpoint.display())
             );
-            let expected = crate::rafs_fuse::FuseSpec {
+            let expected = crate::nydus::fuse::FuseSpec {
                 bootstrap: w.s.storage.upper_dir(boot.id).join(nydus::BOOTSTRAP_IN_LAYER),
-                backend: crate::rafs_fuse::BlobBackend::Registry {
+                backend: crate::nydus::fuse::BlobBackend::Registry {
                     host: "127.0.0.1:5000".into(),
                     repository: "nydus/app".into(),
                     scheme: "http",
@@ -1624,7 +1624,7 @@ mod tests {
         assert_eq!(w.source.fetched().len(), w.image.blob_digests.len());
         assert_eq!(
             w.fuse.served.lock().unwrap()[0].backend,
-            crate::rafs_fuse::BlobBackend::Local {
+            crate::nydus::fuse::BlobBackend::Local {
                 dir: w.root.join("nydus/blobs")
             }
         );

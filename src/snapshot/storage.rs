@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::config::{BackendChoice, PoolSize};
 use crate::error::{Classify, ErrorKind};
-use crate::sys::{FsType, SysError, SystemOps};
+use crate::host::sys::{FsType, SysError, SystemOps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -323,7 +323,7 @@ fn open_pool(root: &Path, size: PoolSize, sys: &dyn SystemOps) -> Result<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::RecordingSystem;
+    use crate::host::sys::RecordingSystem;
 
     #[test]
     fn btrfs_root_gives_subvolume_per_active_snapshot() {

@@ -21,8 +21,8 @@ use oci_client::manifest::{OciImageManifest, OciManifest};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use crate::containerd::{Containerd, ContainerdError};
-use crate::registry::{Digest, InvalidDigest, PulledManifest, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES};
+use crate::host::containerd::{Containerd, ContainerdError};
+use crate::oci::registry::{Digest, InvalidDigest, PulledManifest, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES};
 
 /// Chunks in flight between containerd's stream and the file writer.
 const CHUNKS_IN_FLIGHT: usize = 4;
@@ -143,7 +143,7 @@ impl ContentStore {
         if !self.holds(digest, size, &object).await? {
             return Ok(false);
         }
-        let partial = crate::registry::partial_path(dest);
+        let partial = crate::oci::registry::partial_path(dest);
         match self.stream_to(digest, size, &object, &partial).await {
             Ok(()) => {
                 std::fs::rename(&partial, dest).map_err(io_error(dest))?;
@@ -314,7 +314,7 @@ fn declared_size(object: &str, size: i64) -> Result<u64, ContentError> {
 }
 
 fn parse_manifest(body: &[u8], object: &str) -> Result<OciManifest, ContentError> {
-    crate::registry::manifest_v2(body).map_err(|message| ContentError::InvalidManifest {
+    crate::oci::registry::manifest_v2(body).map_err(|message| ContentError::InvalidManifest {
         object: object.to_string(),
         message,
     })

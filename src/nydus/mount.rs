@@ -39,10 +39,10 @@ use tracing::{info, warn};
 
 use crate::config::FsDriver;
 use crate::error::{Classify, ErrorKind};
+use crate::host::sys::{SysError, SystemOps};
+use crate::nydus::fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
 use crate::nydus::{self, BlobId, NydusError};
-use crate::rafs_fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
-use crate::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions, Scheme};
-use crate::sys::{SysError, SystemOps};
+use crate::oci::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions, Scheme};
 
 /// Blocks of RAFS v6 and of the kernel's view of a device.
 const BLOCK_SIZE: u64 = 4096;
@@ -1006,9 +1006,9 @@ pub(crate) mod testing {
     use std::sync::Mutex;
 
     use super::BlobSource;
+    use crate::nydus::fuse::BlobBackend;
     use crate::nydus::{self, Compressor, RafsOptions};
-    use crate::rafs_fuse::BlobBackend;
-    use crate::registry::RegistryError;
+    use crate::oci::registry::RegistryError;
 
     pub struct TestImage {
         /// The merged bootstrap of both layers.
@@ -1139,9 +1139,9 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{self, DirBlobSource};
     use super::*;
+    use crate::host::sys::RecordingSystem;
+    use crate::nydus::fuse::RecordingFuse;
     use crate::nydus::Compressor;
-    use crate::rafs_fuse::RecordingFuse;
-    use crate::sys::RecordingSystem;
 
     /// Each regular file's content read back from the cache files at the
     /// uncompressed offsets of its chunks, as the kernel reads it.
@@ -1406,7 +1406,7 @@ mod tests {
     fn lazy_reads_carry_the_sources_credentials_and_leave_cas_and_mirrors_to_whole_fetches() {
         #[derive(Debug)]
         struct Private;
-        impl crate::registry::CredentialSource for Private {
+        impl crate::oci::registry::CredentialSource for Private {
             fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
                 Ok((host == "private.example").then(|| RegistryAuth::Basic("user".into(), "s3cret".into())))
             }
@@ -1427,7 +1427,7 @@ mod tests {
         let source = RegistryBlobSource::with_options(
             Vec::new(),
             RegistryOptions {
-                hosts: crate::registry::RegistryHosts::at(dir.path()),
+                hosts: crate::oci::registry::RegistryHosts::at(dir.path()),
                 credentials: Some(Arc::new(Private)),
                 ..RegistryOptions::default()
             },
@@ -1494,7 +1494,7 @@ mod tests {
             "[::1]:5000",
             "127.5.0.1",
         ] {
-            assert!(crate::registry::is_loopback_registry(registry), "{registry}");
+            assert!(crate::oci::registry::is_loopback_registry(registry), "{registry}");
         }
         for registry in [
             "docker.io",
@@ -1502,7 +1502,7 @@ mod tests {
             "registry.local:5000",
             "[2001:db8::1]:5000",
         ] {
-            assert!(!crate::registry::is_loopback_registry(registry), "{registry}");
+            assert!(!crate::oci::registry::is_loopback_registry(registry), "{registry}");
         }
         let source = RegistryBlobSource::new(vec!["registry.local:5000".into()]);
         assert!(source.is_insecure("registry.local:5000/app:1"));

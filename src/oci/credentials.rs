@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use crate::registry::RegistryAuth;
+use crate::oci::registry::RegistryAuth;
 
 /// Where Docker keeps its config without `DOCKER_CONFIG`, for root.
 pub const DEFAULT_DOCKER_CONFIG: &str = "/root/.docker/config.json";
@@ -141,7 +141,7 @@ impl RegistryCredentials {
             path: path.display().to_string(),
             reason,
         };
-        let (file, _) = crate::private_file::open(path).map_err(|e| bad(e.to_string()))?;
+        let (file, _) = crate::host::private_file::open(path).map_err(|e| bad(e.to_string()))?;
         let mut text = String::new();
         file.take(MAX_HELPER_OUTPUT)
             .read_to_string(&mut text)
@@ -594,7 +594,7 @@ pub struct Keychain {
 }
 
 /// The registry client asks the keychain for each registry host it talks to.
-impl crate::registry::CredentialSource for Keychain {
+impl crate::oci::registry::CredentialSource for Keychain {
     fn credentials(&self, host: &str) -> Result<Option<RegistryAuth>, String> {
         self.auth_for(host).map_err(|e| e.to_string())
     }

@@ -4,6 +4,13 @@
 //! commit at a time per container) and the job lifecycle; every state change
 //! is persisted, and a restarted daemon ends interrupted jobs as failed with
 //! their reason. Knows nothing of gRPC: errors carry the commit error codes.
+//!
+//! Jobs, chains ([`chain`]) and their metrics ([`metrics`]) are this
+//! layer's; the Nydus image of a commit is assembled in [`nydus_image`].
+
+pub mod chain;
+pub mod metrics;
+pub mod nydus_image;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -13,16 +20,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, instrument, warn};
 
-use crate::chain::{self, Chain, ChainOrigin, CommitLayer, Plan};
-use crate::containerd::{validate_namespace, Containerd, ContainerdError};
-use crate::content::ContentStore;
-use crate::credentials::{RegistryCredentials, RequestAuth};
 use crate::error::{Classify, ErrorKind};
-use crate::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
-use crate::nydus_image::{self, Assembled, Reused};
-use crate::registry::{LayerData, LayerSource, PulledManifest, RegistryClient, RegistryError, RegistryOptions};
-use crate::snapshotter::{SnapshotError, Snapshotter};
-use crate::store::RecordKind;
+use crate::host::containerd::{validate_namespace, Containerd, ContainerdError};
+use crate::oci::content::ContentStore;
+use crate::oci::credentials::{RegistryCredentials, RequestAuth};
+use crate::oci::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
+use crate::oci::registry::{LayerData, LayerSource, PulledManifest, RegistryClient, RegistryError, RegistryOptions};
+use crate::snapshot::snapshotter::{SnapshotError, Snapshotter};
+use crate::snapshot::store::RecordKind;
+use chain::{Chain, ChainOrigin, CommitLayer, Plan};
+use nydus_image::{Assembled, Reused};
 
 /// How long a container may stay frozen before the watchdog thaws it.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -79,9 +86,9 @@ pub enum CommitError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error("commit job store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::snapshot::store::StoreError),
     #[error("background task failed: {0}")]
     Task(String),
 }
@@ -711,7 +718,7 @@ impl CommitService {
             service: self.clone(),
             slot,
         };
-        let freezer = crate::cgroup::freezer_of(container.pid)?;
+        let freezer = crate::host::cgroup::freezer_of(container.pid)?;
         let snapshotter = self.snapshotter.clone();
         let name = capture_name.to_string();
         let (captured, hold) = tokio::task::spawn_blocking(move || {
@@ -1202,7 +1209,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// A container captured by [`CommitService::capture`].
 #[derive(Debug)]
 pub struct CapturedContainer {
-    pub container: crate::containerd::ContainerInfo,
+    pub container: crate::host::containerd::ContainerInfo,
     /// The container's snapshot key and the snapshotter's id for it.
     pub snapshot_key: String,
     pub snapshot_id: u64,
@@ -1373,7 +1380,7 @@ mod tests {
 
     #[test]
     fn start_fails_interrupted_jobs_and_removes_their_captures() {
-        use crate::sys::{Freezer, RecordingSystem};
+        use crate::host::sys::{Freezer, RecordingSystem};
         let tmp = tempfile::tempdir().unwrap();
         let snapshotter = Arc::new(
             Snapshotter::open(
@@ -1385,7 +1392,12 @@ mod tests {
         );
         let (_, id) = {
             snapshotter
-                .prepare(crate::snapshotter::KeyStyle::Prefixed, "ns/1/c", "", Default::default())
+                .prepare(
+                    crate::snapshot::snapshotter::KeyStyle::Prefixed,
+                    "ns/1/c",
+                    "",
+                    Default::default(),
+                )
                 .unwrap();
             snapshotter.container_snapshot("ns", "c").unwrap()
         };
@@ -1474,7 +1486,7 @@ mod tests {
 
     #[test]
     fn without_containerd_the_base_comes_from_the_registry() {
-        use crate::sys::RecordingSystem;
+        use crate::host::sys::RecordingSystem;
         let tmp = tempfile::tempdir().unwrap();
         let snapshotter = Arc::new(
             Snapshotter::open(

@@ -12,6 +12,12 @@
 //!
 //! Uncompressed blobs are written with their chunks 4 KiB aligned, the layout
 //! the kernel's erofs can mount directly with the blob as a device.
+//!
+//! Running Nydus images is [`mount`]'s (blob fetch and caches, an erofs
+//! mount or the in-process FUSE server of [`fuse`]).
+
+pub mod fuse;
+pub mod mount;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -145,7 +151,7 @@ pub struct InvalidBlobId {
 
 impl BlobId {
     pub fn parse(id: &str) -> Result<BlobId, InvalidBlobId> {
-        if crate::registry::is_sha256_hex(id) {
+        if crate::oci::registry::is_sha256_hex(id) {
             Ok(BlobId(id.to_string()))
         } else {
             Err(InvalidBlobId {

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::types::Mount as ApiMount;
 
-use crate::model::{Info, Kind, Labels, Mount};
-use crate::snapshotter::KeyStyle;
+use crate::snapshot::model::{Info, Kind, Labels, Mount};
+use crate::snapshot::snapshotter::KeyStyle;
 
 /// The gRPC header containerd (1.7+) and its proxy client use to name the namespace.
 const NAMESPACE_HEADER: &str = "containerd-namespace";

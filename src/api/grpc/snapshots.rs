@@ -11,7 +11,7 @@ use tracing::instrument;
 
 use super::convert::{info_to_wire, key_style, labels_from_wire, mounts_to_wire};
 use super::status::{join_status, to_status};
-use crate::snapshotter::Snapshotter;
+use crate::snapshot::snapshotter::Snapshotter;
 
 /// containerd sends List results in batches of this many.
 const LIST_BATCH: usize = 100;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{Classify, ErrorKind};
-use crate::sys::{Freezer, SysError, SystemOps};
+use crate::host::sys::{Freezer, SysError, SystemOps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -401,7 +401,7 @@ pub fn capture_upper_and_hold(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::RecordingSystem;
+    use crate::host::sys::RecordingSystem;
 
     fn setup() -> (tempfile::TempDir, Arc<RecordingSystem>, FrozenMarkers) {
         let tmp = tempfile::tempdir().unwrap();

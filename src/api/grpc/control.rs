@@ -14,7 +14,7 @@ use crate::checkpoint::{
     StorageSpec,
 };
 use crate::commit::{CommitError, CommitOptions, CommitService, Job, JobState};
-use crate::credentials::RegistryCredentials;
+use crate::oci::credentials::RegistryCredentials;
 use crate::proto::control_server::Control;
 use crate::proto::{
     ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
@@ -27,7 +27,7 @@ use crate::proto::{
     ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse,
     SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
 };
-use crate::snapshotter::Snapshotter;
+use crate::snapshot::snapshotter::Snapshotter;
 
 #[derive(Debug, Clone)]
 pub struct ControlService {

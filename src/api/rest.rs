@@ -23,12 +23,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use crate::api::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
+use crate::api::remote::{read_token, RemoteError};
+use crate::commit::metrics::CommitMetrics;
 use crate::commit::{rfc3339, CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
 use crate::config::{ConnectionLimits, RestConfig};
-use crate::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
-use crate::credentials::RegistryCredentials;
-use crate::metrics::CommitMetrics;
-use crate::remote::{read_token, RemoteError};
+use crate::oci::credentials::RegistryCredentials;
 
 /// Request bodies larger than this are refused, before any byte of them is
 /// parsed.

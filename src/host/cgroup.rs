@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Classify, ErrorKind};
-use crate::sys::Freezer;
+use crate::host::sys::Freezer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {

@@ -15,14 +15,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::InterceptedService;
 use tracing::info;
 
+use crate::api::connections::AcceptBackoff;
+use crate::api::grpc::control::ControlService;
+use crate::api::grpc::remote::RemoteControl;
+use crate::api::grpc::snapshots::SnapshotsService;
+use crate::api::remote::RemoteListener;
 use crate::commit::CommitService;
-use crate::connections::AcceptBackoff;
-use crate::grpc::control::ControlService;
-use crate::grpc::remote::RemoteControl;
-use crate::grpc::snapshots::SnapshotsService;
 use crate::proto::control_server::ControlServer;
-use crate::remote::RemoteListener;
-use crate::snapshotter::Snapshotter;
+use crate::snapshot::snapshotter::Snapshotter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

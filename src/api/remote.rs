@@ -26,8 +26,8 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 use tracing::{debug, warn};
 
+use crate::api::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 use crate::config::{ConnectionLimits, RemoteConfig};
-use crate::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -58,14 +58,14 @@ const H2_PREFACE_LEN: u64 = 24;
 /// Refuses a secret (key or token) that other users may read: the file is
 /// the secret's only protection.
 pub fn check_private(what: &'static str, path: &Path) -> Result<(), RemoteError> {
-    use crate::private_file::PrivateFileError;
+    use crate::host::private_file::PrivateFileError;
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| RemoteError::File {
         what,
         path: shown.clone(),
         reason: e.to_string(),
     })?;
-    crate::private_file::check(&meta).map_err(|e| match e {
+    crate::host::private_file::check(&meta).map_err(|e| match e {
         PrivateFileError::Exposed { mode } => RemoteError::Exposed {
             what,
             path: shown,

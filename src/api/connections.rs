@@ -227,7 +227,7 @@ impl TokenAttempts {
                 return TokenVerdict::LockedOut { retry_in };
             }
         }
-        if given.is_some_and(|given| crate::remote::token_matches(given, expected)) {
+        if given.is_some_and(|given| crate::api::remote::token_matches(given, expected)) {
             if let Some(peer) = peer {
                 table.remove(&peer);
             }

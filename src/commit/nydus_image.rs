@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::chain::{CommitLayer, Plan};
+use crate::commit::chain::{CommitLayer, Plan};
 use crate::commit::BuiltLayer;
-use crate::content::ContentStore;
-use crate::credentials::RequestAuth;
 use crate::nydus::{self, LayerBuild, RafsOptions};
-use crate::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
+use crate::oci::content::ContentStore;
+use crate::oci::credentials::RequestAuth;
+use crate::oci::registry::{Digest, LayerData, LayerSource, PulledManifest, RegistryAuth, RegistryClient};
 
 /// What the commit hands over to make its Nydus image.
 #[derive(Debug, Clone)]
@@ -79,7 +79,7 @@ pub struct Reused {
 
 impl Reused {
     /// A layer of the image `from` as its manifest describes it.
-    pub fn of(descriptor: &crate::registry::OciDescriptor, from: &str, insecure: bool) -> Reused {
+    pub fn of(descriptor: &crate::oci::registry::OciDescriptor, from: &str, insecure: bool) -> Reused {
         Reused {
             layer: LayerSource {
                 media_type: descriptor.media_type.clone(),
@@ -238,11 +238,11 @@ pub async fn assemble(
 }
 
 /// Whether a manifest's layers are a Nydus image's (one is a bootstrap).
-pub fn is_nydus(layers: &[crate::registry::OciDescriptor]) -> bool {
+pub fn is_nydus(layers: &[crate::oci::registry::OciDescriptor]) -> bool {
     layers.iter().any(|l| has_annotation(l, nydus::ANNOTATION_BOOTSTRAP))
 }
 
-fn has_annotation(layer: &crate::registry::OciDescriptor, key: &str) -> bool {
+fn has_annotation(layer: &crate::oci::registry::OciDescriptor, key: &str) -> bool {
     layer
         .annotations
         .as_ref()
@@ -428,7 +428,7 @@ async fn convert_oci_base(
 
 /// The size a base image's manifest declares for a layer, which bounds its
 /// download.
-fn declared_size(input: &Input, descriptor: &crate::registry::OciDescriptor) -> Result<u64, String> {
+fn declared_size(input: &Input, descriptor: &crate::oci::registry::OciDescriptor) -> Result<u64, String> {
     u64::try_from(descriptor.size).map_err(|_| {
         format!(
             "base image {} layer {} declares {} bytes",
@@ -617,7 +617,7 @@ async fn fetch_blob(
     to: &Path,
     auth: &RegistryAuth,
 ) -> Result<(), String> {
-    let client = RegistryClient::new(crate::registry::RegistryOptions {
+    let client = RegistryClient::new(crate::oci::registry::RegistryOptions {
         insecure: layer.insecure,
         ..target.options().clone()
     });
@@ -672,7 +672,7 @@ pub async fn resolve_reused(
     work: &Path,
     progress: Progress<'_>,
 ) -> Result<Vec<LayerSource>, String> {
-    let text = |e: crate::registry::RegistryError| e.to_string();
+    let text = |e: crate::oci::registry::RegistryError| e.to_string();
     let total = reused.len().max(1) as f64;
     // Layers already local are pushed from their file; the rest are checked
     // against the target in one session.
@@ -704,7 +704,7 @@ pub async fn resolve_reused(
             let path = work.join(format!("reused-{i}"));
             // The target's host configuration and credentials, with the
             // source's own insecure flag.
-            let client = RegistryClient::new(crate::registry::RegistryOptions {
+            let client = RegistryClient::new(crate::oci::registry::RegistryOptions {
                 insecure: reused.insecure,
                 ..target.options().clone()
             });
@@ -869,7 +869,7 @@ mod tests {
 
     #[test]
     fn nydus_images_are_told_by_their_bootstrap_layer() {
-        let mut layer = crate::registry::OciDescriptor::default();
+        let mut layer = crate::oci::registry::OciDescriptor::default();
         assert!(!is_nydus(std::slice::from_ref(&layer)));
         layer.annotations = Some(BTreeMap::from([(
             nydus::ANNOTATION_BOOTSTRAP.to_string(),

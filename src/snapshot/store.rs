@@ -13,7 +13,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Classify, ErrorKind};
-use crate::model::{Info, Kind, Labels, Usage};
+use crate::snapshot::model::{Info, Kind, Labels, Usage};
 
 /// key or name -> JSON of [`Record`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use crate::containerd::{Containerd, ContainerdError};
+use crate::host::containerd::{Containerd, ContainerdError};
 
 /// One container's usage at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +74,8 @@ pub async fn sample(containerd: &Containerd, namespace: &str, ids: &[String]) ->
             Some(t) if t.status == "running" && t.pid > 0 => {
                 let pid = t.pid;
                 let read = tokio::task::spawn_blocking(move || {
-                    let cpu = crate::cgroup::cpu_usage_ns(pid).ok();
-                    let memory = crate::cgroup::memory_of(pid).ok();
+                    let cpu = crate::host::cgroup::cpu_usage_ns(pid).ok();
+                    let memory = crate::host::cgroup::memory_of(pid).ok();
                     let current = memory.as_ref().and_then(|m| m.current().ok());
                     let limit = memory
                         .as_ref()

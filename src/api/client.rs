@@ -9,10 +9,10 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::credentials::RegistryCredentials;
+use crate::api::remote::{BearerToken, RemoteTarget};
+use crate::oci::credentials::RegistryCredentials;
 use crate::proto::control_client::ControlClient;
 use crate::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest};
-use crate::remote::{BearerToken, RemoteTarget};
 
 /// A Control client of a daemon here (unix socket, no token) or on another
 /// host (TLS, with its token on every call).

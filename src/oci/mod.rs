@@ -1,0 +1,13 @@
+//! OCI images and where they live: the distribution registry client (bounded
+//! reads, retries, per-endpoint TLS and mirrors from containerd-style
+//! `hosts.toml`), Docker's `config.json` and credential helpers, images read
+//! from containerd's content store, and OCI layer tars written from overlay
+//! upper directories.
+//!
+//! Knows nothing of snapshots, jobs, chains or checkpoints: callers hand in
+//! directories and blobs and get back digests.
+
+pub mod content;
+pub mod credentials;
+pub mod layer;
+pub mod registry;
