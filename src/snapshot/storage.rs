@@ -15,17 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{BackendChoice, PoolSize};
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::host::sys::{FsType, SysError, SystemOps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Sys(#[from] SysError),
     #[error("storage backend btrfs needs the root {root} on btrfs, but it is not; use backend \"pool\" or \"auto\"")]
@@ -38,11 +34,6 @@ impl Classify for StorageError {
     fn kind(&self) -> ErrorKind {
         ErrorKind::Internal
     }
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
-    let path = path.display().to_string();
-    move |source| StorageError::Io { op, path, source }
 }
 
 /// What serves the writable layers.
@@ -108,7 +99,8 @@ fn ensure_dir(path: &Path, mode: u32) -> Result<(), StorageError> {
         .mode(mode)
         .create(path)
         .map_err(io_err("create directory", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))?;
+    Ok(())
 }
 
 impl Storage {
@@ -243,7 +235,7 @@ impl Storage {
         match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", dir)(e)),
+            Err(e) => Err(io_err("remove", dir)(e).into()),
         }
     }
 
