@@ -489,15 +489,25 @@ mod tests {
         assert!(matches!(err, CriuError::Timeout { .. }), "{err}");
         assert!(err.to_string().contains("did not finish within 2s"), "{err}");
         let grandchild: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-        // Killed: gone, or a zombie until init reaps it.
-        let state = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
-        assert!(
+        // Killed: gone, or a zombie until init reaps it. SIGKILL is acted on
+        // when the process is next scheduled, which on a loaded machine can
+        // be after killpg returns, so the state is read until it settles; a
+        // grandchild that was never signalled sleeps for 600 s and fails.
+        let dead = |state: &str| {
             state.is_empty()
                 || state
                     .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            "the grandchild {grandchild} still runs: {state}"
-        );
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        };
+        let mut state = String::new();
+        for _ in 0..300 {
+            state = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+            if dead(&state) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(dead(&state), "the grandchild {grandchild} still runs: {state}");
     }
 
     #[test]
