@@ -42,12 +42,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 use super::catalogue::{
     self, Catalogue, CatalogueError, Checkpoint, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
 };
 use super::tree::{self, Delta, Entry, EntryKind, Tree};
+use crate::oci::digest::{hex, sha256_hex, unhex};
+use crate::oci::overlay::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -63,8 +65,6 @@ const ANNOTATION_PREFIX: &str = "io.seamless.checkpoint.";
 /// Bumped when an older import could not read what an export writes.
 const ARCHIVE_VERSION: &str = "1";
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// On a directory member: "1" when it is an overlay opaque directory.
 const OPAQUE_RECORD: &str = "SEAMLESS.opaque";
 /// On a `.wh.` member: the entry it stands for ("whiteout" or "socket").
@@ -288,10 +288,6 @@ fn parse_pax_time(text: &str) -> Option<i64> {
     Some(if negative { -total } else { total })
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    tree::hex(&Sha256::digest(data))
-}
-
 // ----- streams ---------------------------------------------------------------
 
 use super::tree::Hashing;
@@ -396,7 +392,7 @@ impl<R: Read> Read for CheckedContent<R> {
             )));
         }
         if n == 0 && !buf.is_empty() {
-            let actual = tree::hex(&self.inner.hasher.clone().finalize());
+            let actual = hex(&self.inner.hasher.clone().finalize());
             if self.inner.bytes != self.size || actual != self.digest {
                 return Err(io::Error::other(format!(
                     "blob {} holds {} bytes hashing to sha256:{actual}, not the {} bytes of sha256:{}",
@@ -1001,8 +997,7 @@ fn append_member<W: Write>(
                 if name.is_empty() || name.contains(['=', '\0']) {
                     return Err(unexportable(format!("xattr name {name:?} cannot be a PAX record")));
                 }
-                let value =
-                    tree::unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
+                let value = unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
                 records.push((format!("{XATTR_RECORD}{name}"), value));
             }
             if matches!(member.kind, tar::EntryType::Char | tar::EntryType::Block) {
@@ -1637,7 +1632,7 @@ fn member_entry<R: Read>(member: &mut tar::Entry<'_, R>, kind: EntryKind) -> Res
         opaque: kind == EntryKind::Dir && records.iter().any(|(k, v)| k == OPAQUE_RECORD && v == b"1"),
         xattrs: records
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(XATTR_RECORD)?.to_string(), tree::hex(v))))
+            .filter_map(|(k, v)| Some((k.strip_prefix(XATTR_RECORD)?.to_string(), hex(v))))
             .collect(),
     };
     Ok((entry, records))
@@ -2188,8 +2183,8 @@ mod tests {
             size: 5,
             digest: Some(digest.clone()),
             xattrs: BTreeMap::from([
-                ("user.comment".to_string(), tree::hex(b"caf\xc3\xa9")),
-                ("security.capability".to_string(), tree::hex(&[1, 0, 0, 2, 0, 0xff])),
+                ("user.comment".to_string(), hex(b"caf\xc3\xa9")),
+                ("security.capability".to_string(), hex(&[1, 0, 0, 2, 0, 0xff])),
             ]),
             ..base.clone()
         };
@@ -2543,7 +2538,7 @@ mod tests {
             image_reference("Web_1", "cp-20261201-101112"),
             "seamless-checkpoint/web_1:cp-20261201-101112"
         );
-        assert_eq!(tree::unhex("00ff"), Some(vec![0, 255]));
-        assert_eq!(tree::unhex("0"), None);
+        assert_eq!(unhex("00ff"), Some(vec![0, 255]));
+        assert_eq!(unhex("0"), None);
     }
 }

@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::filter::{Filter, Subject};
 use super::objects::{ObjectError, ObjectStore, PutBatch};
 use super::tree::{self, Delta, Tree, TreeDiff, TreeError};
+use crate::oci::digest::sha256_hex;
 use crate::snapshot::store::{RecordKind, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -529,10 +529,6 @@ pub(super) struct StoredBlob {
     pub written: u64,
     /// Whether this call stored it (it was not there before).
     pub new: bool,
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    tree::hex(&Sha256::digest(data))
 }
 
 impl Catalogue {

@@ -98,7 +98,7 @@ impl ContainerRecord {
             snapshot_parent,
             runtime_name: runtime.name,
             runtime_options_type: options.type_url,
-            runtime_options: tree::hex(&options.value),
+            runtime_options: crate::oci::digest::hex(&options.value),
             spec_type: spec.type_url.clone(),
             spec: serde_json::from_slice(&spec.value)
                 .map_err(|e| ProcessError::Record(format!("the spec of {} is not JSON: {e}", container.id)))?,
@@ -108,7 +108,7 @@ impl ContainerRecord {
     }
 
     pub fn runtime_options(&self) -> Option<prost_types::Any> {
-        let value = tree::unhex(&self.runtime_options)?;
+        let value = crate::oci::digest::unhex(&self.runtime_options)?;
         (!self.runtime_options_type.is_empty()).then(|| prost_types::Any {
             type_url: self.runtime_options_type.clone(),
             value,
@@ -200,7 +200,7 @@ pub(super) fn store_bytes(
     let mut staged = StagedFile::create_named(&dir, prefix).map_err(io_err("create scratch file in", &dir))?;
     staged.file.write_all(bytes).map_err(io_err("write", &staged.path))?;
     staged.file.flush().map_err(io_err("write", &staged.path))?;
-    let digest = tree::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    let digest = crate::oci::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes));
     Ok(catalogue.store_blob(&staged.path, &digest, compression)?.key)
 }
 
@@ -774,7 +774,7 @@ mod tests {
         let mut builder = tar::Builder::new(Vec::new());
         builder.append(&header, data).unwrap();
         let bytes = builder.into_inner().unwrap();
-        let digest = tree::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let digest = crate::oci::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let path = dir.join(format!("hostile-{digest}.tar"));
         fs::write(&path, &bytes).unwrap();
         catalogue.store_blob(&path, &digest, Compression::None).unwrap().key

@@ -23,11 +23,11 @@ use super::trust::{Admitted, RecordTrust};
 use super::{visible, CheckpointError, CheckpointService, StorageSpec};
 use crate::error::ErrorKind;
 use crate::host::containerd::Containerd;
+use crate::oci::overlay::OPAQUE_XATTR;
 
 /// Blobs fetched at once unless the request says otherwise.
 pub const DEFAULT_PARALLEL: usize = 3;
 const MAX_PARALLEL: usize = 64;
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
@@ -824,7 +824,7 @@ fn set_metadata(written: Written<'_>, entry: &Entry) -> Result<(), CheckpointErr
             fchown(fd, Some(Uid::from_raw(entry.uid)), Some(Gid::from_raw(entry.gid)))
                 .map_err(|e| failed("chown", &e))?;
             for (name, value) in &entry.xattrs {
-                let bytes = tree::unhex(value)
+                let bytes = crate::oci::digest::unhex(value)
                     .ok_or_else(|| CheckpointError::Invalid(format!("{rel}: xattr {name}: value is not hex")))?;
                 file.set_xattr(name, &bytes)
                     .map_err(|e| failed(&format!("set xattr {name}"), &e))?;
@@ -840,8 +840,8 @@ fn set_metadata(written: Written<'_>, entry: &Entry) -> Result<(), CheckpointErr
     };
     at.set_owner(entry.uid, entry.gid).map_err(beneath_failure)?;
     for (name, value) in &entry.xattrs {
-        let bytes =
-            tree::unhex(value).ok_or_else(|| CheckpointError::Invalid(format!("xattr {name}: value is not hex")))?;
+        let bytes = crate::oci::digest::unhex(value)
+            .ok_or_else(|| CheckpointError::Invalid(format!("xattr {name}: value is not hex")))?;
         at.set_xattr(name, &bytes).map_err(beneath_failure)?;
     }
     if entry.kind != EntryKind::Symlink {

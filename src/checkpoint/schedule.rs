@@ -120,7 +120,7 @@ impl SecretsKey {
                 },
             )
             .map_err(|e| failed(e.to_string()))?;
-        storage.sealed_secrets = super::tree::hex(&[nonce.as_slice(), &sealed].concat());
+        storage.sealed_secrets = crate::oci::digest::hex(&[nonce.as_slice(), &sealed].concat());
         Ok(())
     }
 
@@ -135,7 +135,7 @@ impl SecretsKey {
                 "the sealed secrets of schedule {id} do not open: damaged, moved from another record, or sealed under another key"
             ))
         };
-        let bytes = super::tree::unhex(&storage.sealed_secrets).ok_or_else(bad)?;
+        let bytes = crate::oci::digest::unhex(&storage.sealed_secrets).ok_or_else(bad)?;
         if bytes.len() < NONCE_LEN {
             return Err(bad());
         }

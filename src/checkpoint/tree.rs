@@ -15,10 +15,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Extended attributes overlayfs keeps for itself: they describe the upper
-/// directory's relation to its lowers, not the container's files.
-const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
-const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+use crate::oci::digest::{hex, unhex};
+use crate::oci::overlay;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -325,7 +323,7 @@ fn validate_entry(path: &str, entry: &Entry) -> Result<(), TreeError> {
         }
         // overlayfs reads these from the upper directory (redirects,
         // origins, metacopy): a tree sets opacity through `opaque` only.
-        if OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if overlay::is_overlay_xattr(name) {
             return Err(refuse(format!("extended attribute {name} is overlayfs's own")));
         }
         match unhex(value) {
@@ -560,13 +558,15 @@ fn walk_tree(root: &Path, parent: Option<&Tree>, mut on_file: Option<OnFile<'_>>
         let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         let ft = meta.file_type();
         let xattrs_all = read_xattrs(&path)?;
+        // overlayfs's own xattrs describe the upper directory's relation to
+        // its lowers, not the container's files: only opacity is kept.
         let opaque = ft.is_dir()
-            && OPAQUE_XATTRS
+            && xattrs_all
                 .iter()
-                .any(|name| xattrs_all.get(*name).map(String::as_str) == Some("79"));
+                .any(|(name, value)| overlay::overlay_key(name) == Some("opaque") && value == "79");
         let xattrs: BTreeMap<String, String> = xattrs_all
             .into_iter()
-            .filter(|(k, _)| !OVERLAY_XATTR_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .filter(|(k, _)| !overlay::is_overlay_xattr(k))
             .collect();
         let kind = if ft.is_dir() {
             EntryKind::Dir
@@ -721,36 +721,17 @@ pub fn hash_file(path: &Path) -> Result<String, TreeError> {
     Ok(hex(&hasher.finalize()))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of [`hex`]'s text; None if it is not hex.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
+/// The xattrs of `path` whose names are text, values in hex.
 fn read_xattrs(path: &Path) -> Result<BTreeMap<String, String>, TreeError> {
-    let mut out = BTreeMap::new();
-    let names = match xattr::list(path) {
-        Ok(names) => names,
-        // Filesystems without xattrs have none to keep.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
-        Err(e) => return Err(io_err("list xattrs of", path)(e)),
-    };
-    for name in names {
-        let Some(key) = name.to_str() else { continue };
-        if let Some(value) = xattr::get(path, &name).map_err(io_err("read xattr of", path))? {
-            out.insert(key.to_string(), hex(&value));
-        }
-    }
-    Ok(out)
+    let xattrs = overlay::read_xattrs(path).map_err(|e| TreeError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })?;
+    Ok(xattrs
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, hex(&value))))
+        .collect())
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TreeError {

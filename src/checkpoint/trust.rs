@@ -244,7 +244,7 @@ impl RecordKey {
         let mut hasher = Sha256::new();
         hasher.update(KEY_ID_CONTEXT);
         hasher.update(bytes);
-        let id = super::tree::hex(&hasher.finalize()[..8]);
+        let id = crate::oci::digest::hex(&hasher.finalize()[..8]);
         RecordKey { id, bytes }
     }
 
@@ -320,7 +320,7 @@ impl RecordTrust {
         let mac = self.node.mac(record)?;
         record.seal = Some(RecordSeal {
             key_id: self.node.id.clone(),
-            hmac_sha256: super::tree::hex(&mac.finalize().into_bytes()),
+            hmac_sha256: crate::oci::digest::hex(&mac.finalize().into_bytes()),
         });
         Ok(())
     }
@@ -344,7 +344,7 @@ impl RecordTrust {
             ..record.clone()
         };
         // verify_slice compares in constant time.
-        let verified = match (key.mac(&unsealed), super::tree::unhex(&seal.hmac_sha256)) {
+        let verified = match (key.mac(&unsealed), crate::oci::digest::unhex(&seal.hmac_sha256)) {
             (Ok(mac), Some(given)) => mac.verify_slice(&given).is_ok(),
             _ => false,
         };
@@ -619,7 +619,7 @@ fn check_spelling(value: &Value, at: &str, refuse: &mut impl FnMut(String, Strin
 fn check_runtime_options(record: &ContainerRecord, refuse: &mut impl FnMut(String, String)) {
     use prost::Message;
     let Some(options) = record.runtime_options() else {
-        if !record.runtime_options.is_empty() && super::tree::unhex(&record.runtime_options).is_none() {
+        if !record.runtime_options.is_empty() && crate::oci::digest::unhex(&record.runtime_options).is_none() {
             refuse("runtime.options".into(), "not hex".into());
         }
         return;
@@ -1221,7 +1221,7 @@ mod tests {
         use prost::Message;
         let mut hostile = record(ordinary_spec());
         hostile.runtime_options_type = crate::host::criu::RUNC_OPTIONS_TYPE.into();
-        hostile.runtime_options = super::super::tree::hex(
+        hostile.runtime_options = crate::oci::digest::hex(
             &RuncOptions {
                 binary_name: "/tmp/evil-runc".into(),
                 ..Default::default()
@@ -1236,7 +1236,7 @@ mod tests {
         assert_eq!(fields, ["runtime.name", "runtime.options.BinaryName"]);
         // runc options that name nothing are fine.
         hostile.runtime_name = "io.containerd.runc.v2".into();
-        hostile.runtime_options = super::super::tree::hex(
+        hostile.runtime_options = crate::oci::digest::hex(
             &RuncOptions {
                 systemd_cgroup: true,
                 ..Default::default()

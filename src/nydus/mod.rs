@@ -151,7 +151,7 @@ pub struct InvalidBlobId {
 
 impl BlobId {
     pub fn parse(id: &str) -> Result<BlobId, InvalidBlobId> {
-        if crate::oci::registry::is_sha256_hex(id) {
+        if crate::oci::digest::is_sha256_hex(id) {
             Ok(BlobId(id.to_string()))
         } else {
             Err(InvalidBlobId {

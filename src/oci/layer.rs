@@ -60,17 +60,12 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use crate::error::{Classify, ErrorKind};
+use crate::oci::overlay::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
 
 pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MEDIA_TYPE_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const MEDIA_TYPE_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
-/// Prefix of an OCI whiteout file's name.
-pub const WHITEOUT_PREFIX: &str = ".wh.";
-/// Name of the OCI marker that makes its directory opaque.
-pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
-
-const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 const ZSTD_LEVEL: i32 = 3;
 
@@ -361,12 +356,9 @@ impl Node {
     }
 
     fn overlay_xattr(&self, key: &str) -> Option<&[u8]> {
+        // overlayfs's names are ASCII: a name that is not text is not one.
         self.xattrs.iter().find_map(|(name, value)| {
-            let name = name.as_bytes();
-            OVERLAY_XATTR_PREFIXES
-                .iter()
-                .any(|prefix| name.strip_prefix(prefix.as_bytes()) == Some(key.as_bytes()))
-                .then_some(value.as_slice())
+            (name.to_str().and_then(overlay::overlay_key) == Some(key)).then_some(value.as_slice())
         })
     }
 
@@ -403,11 +395,9 @@ impl Node {
 
     /// The attributes that belong in the layer: all but overlay's own.
     fn kept_xattrs(&self) -> impl Iterator<Item = &(OsString, Vec<u8>)> {
-        self.xattrs.iter().filter(|(name, _)| {
-            !OVERLAY_XATTR_PREFIXES
-                .iter()
-                .any(|prefix| name.as_bytes().starts_with(prefix.as_bytes()))
-        })
+        self.xattrs
+            .iter()
+            .filter(|(name, _)| !name.to_str().is_some_and(overlay::is_overlay_xattr))
     }
 
     /// Whether `self` differs from `other`, an earlier state of the same path,
@@ -441,20 +431,11 @@ impl Node {
 }
 
 fn read_xattrs(path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, LayerError> {
-    // `xattr::list` and `xattr::get` act on a symbolic link itself.
-    let names = match xattr::list(path) {
-        Ok(names) => names,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("listing extended attributes of", path)(e)),
-    };
-    let mut xattrs = Vec::new();
-    for name in names {
-        if let Some(value) = xattr::get(path, &name).map_err(io_err("reading extended attributes of", path))? {
-            xattrs.push((name, value));
-        }
-    }
-    xattrs.sort();
-    Ok(xattrs)
+    overlay::read_xattrs(path).map_err(|e| LayerError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// The entries of directory `dir`, sorted by name.

@@ -9,5 +9,7 @@
 
 pub mod content;
 pub mod credentials;
+pub mod digest;
 pub mod layer;
+pub mod overlay;
 pub mod registry;

@@ -58,6 +58,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Classify, ErrorKind};
+use crate::oci::digest::{hex, is_sha256_hex};
 
 pub use hosts::{is_loopback_registry, Capabilities, ClientIdentity, Endpoint, HostsError, RegistryHosts, Scheme};
 pub use oci_client::manifest::{OciDescriptor, OciImageManifest};
@@ -263,12 +264,6 @@ impl FromStr for Digest {
     fn from_str(digest: &str) -> Result<Digest, InvalidDigest> {
         Digest::parse(digest)
     }
-}
-
-/// Whether `hex` is 64 lowercase hex digits, a sha256 in the only spelling
-/// accepted.
-pub fn is_sha256_hex(hex: &str) -> bool {
-    hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// How the client talks to registries.
@@ -1108,14 +1103,6 @@ fn check_digest_format(blob: &str, digest: &str) -> Result<Digest, RegistryError
 
 fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError {
