@@ -29,6 +29,7 @@ pub mod host;
 pub mod nydus;
 pub mod oci;
 pub mod snapshot;
+pub mod time;
 
 /// Generated code of proto/seamless/v1/control.proto.
 pub mod proto {

@@ -26,9 +26,10 @@ use tracing::debug;
 use crate::api::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 use crate::api::remote::{read_token, RemoteError};
 use crate::commit::metrics::CommitMetrics;
-use crate::commit::{rfc3339, CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
+use crate::commit::{CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
 use crate::config::{ConnectionLimits, RestConfig};
 use crate::oci::credentials::RegistryCredentials;
+use crate::time::rfc3339;
 
 /// Request bodies larger than this are refused, before any byte of them is
 /// parsed.

@@ -39,7 +39,6 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -224,43 +223,6 @@ fn layer_compression(media_type: &str) -> Option<Compression> {
 /// and containerd accept (repository components are lower case).
 pub fn image_reference(container: &str, id: &str) -> String {
     format!("seamless-checkpoint/{}:{id}", container.to_ascii_lowercase())
-}
-
-fn rfc3339_of(unix: i64) -> String {
-    crate::commit::rfc3339(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64))
-}
-
-/// Unix seconds of `YYYY-MM-DDTHH:MM:SSZ`, what [`rfc3339_of`] writes.
-fn parse_rfc3339(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    let shape_ok = b.len() == 20
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b[10] == b'T'
-        && b[13] == b':'
-        && b[16] == b':'
-        && b[19] == b'Z';
-    if !shape_ok {
-        return None;
-    }
-    let number = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = text.get(range)?;
-        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
-    };
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm), the inverse of rfc3339's.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hour * 3_600 + minute * 60 + second)
 }
 
 /// A PAX time: seconds, a dot and nine digits of nanoseconds.
@@ -572,7 +534,7 @@ pub fn export(
         }
         layers.push(layer);
     }
-    let created = rfc3339_of(checkpoint.created_unix);
+    let created = crate::time::rfc3339_of_unix(checkpoint.created_unix);
     let config = ImageConfig {
         created: created.clone(),
         architecture: oci_architecture().into(),
@@ -585,7 +547,7 @@ pub fn export(
         history: chain
             .iter()
             .map(|c| History {
-                created: rfc3339_of(c.created_unix),
+                created: crate::time::rfc3339_of_unix(c.created_unix),
                 created_by: format!("seamless checkpoint {}", c.id),
                 comment: format!("writable layer of container {}/{}", c.namespace, c.container),
             })
@@ -769,7 +731,10 @@ fn build_layer(
     buffered.into_inner().map_err(|e| write(e.into_error()))?;
     let mut annotations = BTreeMap::from([
         (annotation("id"), checkpoint.id.clone()),
-        (annotation("created"), rfc3339_of(checkpoint.created_unix)),
+        (
+            annotation("created"),
+            crate::time::rfc3339_of_unix(checkpoint.created_unix),
+        ),
         (annotation("labels"), to_json_text(&checkpoint.labels)?),
         (annotation("compression"), checkpoint.compression.as_str().to_string()),
         (annotation("pause-ns"), checkpoint.pause_ns.to_string()),
@@ -1483,7 +1448,7 @@ fn plan_layers(layout: &Layout, manifest: &Manifest) -> Result<Vec<LayerPlan>, A
             return Err(bad(&format!("checkpoint {id} has two layers")));
         }
         let created_unix = get("created")
-            .and_then(|c| parse_rfc3339(c))
+            .and_then(|c| crate::time::parse_rfc3339(c))
             .ok_or_else(|| bad(&format!("{} is not YYYY-MM-DDTHH:MM:SSZ", annotation("created"))))?;
         let labels: BTreeMap<String, String> = match get("labels") {
             Some(json) => serde_json::from_str(json).map_err(|e| bad(&format!("labels: {e}")))?,
@@ -1819,6 +1784,7 @@ mod tests {
     use crate::checkpoint::objects::DirStore;
     use crate::snapshot::store::Store;
     use std::sync::Arc;
+    use std::time::Duration;
 
     struct World {
         _tmp: tempfile::TempDir,
@@ -2529,11 +2495,6 @@ mod tests {
         for bad in ["", "x", "1.x", "-", ".5"] {
             assert_eq!(parse_pax_time(bad), None, "{bad:?}");
         }
-        for unix in [0, 951_868_799, 951_868_800, 1_764_583_872, 4_107_542_400] {
-            assert_eq!(parse_rfc3339(&rfc3339_of(unix)), Some(unix), "{unix}");
-        }
-        assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
-        assert_eq!(parse_rfc3339("2026-12-01 00:00:00Z"), None);
         assert_eq!(
             image_reference("Web_1", "cp-20261201-101112"),
             "seamless-checkpoint/web_1:cp-20261201-101112"

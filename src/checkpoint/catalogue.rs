@@ -685,7 +685,7 @@ impl Catalogue {
     /// A new id for a checkpoint made at `now`: `cp-YYYYMMDD-HHMMSS`, with
     /// `-2`, `-3`... when taken.
     pub fn new_id(&self, now: SystemTime) -> Result<String, CatalogueError> {
-        let stamp = crate::commit::rfc3339(now);
+        let stamp = crate::time::rfc3339(now);
         // 2026-12-01T10:11:12Z -> 20261201-101112
         let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
         let base = format!("cp-{}-{}", &digits[..8], &digits[8..14]);

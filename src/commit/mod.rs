@@ -28,6 +28,7 @@ use crate::oci::layer::{build_layer_parts, BuildContext, Compression, LayerBlob,
 use crate::oci::registry::{LayerData, LayerSource, PulledManifest, RegistryClient, RegistryError, RegistryOptions};
 use crate::snapshot::snapshotter::{SnapshotError, Snapshotter};
 use crate::snapshot::store::RecordKind;
+use crate::time::rfc3339;
 use chain::{Chain, ChainOrigin, CommitLayer, Plan};
 use nydus_image::{Assembled, Reused};
 
@@ -1183,28 +1184,6 @@ pub fn derive_config(base: &[u8], commit_layers: &[CommitLayer]) -> Result<Vec<u
     serde_json::to_vec(&config).map_err(|e| e.to_string())
 }
 
-/// UTC, second precision: `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// Frees a container's commit slot when its job ends (or never starts).
 /// A container captured by [`CommitService::capture`].
 #[derive(Debug)]
@@ -1363,19 +1342,6 @@ mod tests {
         assert_eq!(v["created"], rfc3339(later));
         assert!(derive_config(b"[]", &layers).is_err());
         assert!(derive_config(br#"{"rootfs":{}}"#, &layers).is_err());
-    }
-
-    #[test]
-    fn rfc3339_is_utc_seconds() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_440_645)),
-            "2026-11-23T13:30:45Z"
-        );
     }
 
     #[test]

@@ -326,7 +326,7 @@ impl Containerd {
         // Expires by itself if the daemon dies before deleting it.
         labels.insert(
             "containerd.io/gc.expire".to_string(),
-            crate::commit::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)),
+            crate::time::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)),
         );
         LeasesClient::new(self.channel.clone())
             .create(namespaced(

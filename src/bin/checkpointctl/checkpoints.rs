@@ -8,8 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use seamless_snapshotter::commit::rfc3339;
 use seamless_snapshotter::proto::{Checkpoint, ProcessState};
+use seamless_snapshotter::time::rfc3339;
 
 use crate::CliError;
 

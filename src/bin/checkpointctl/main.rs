@@ -22,7 +22,7 @@ mod seamless_commit;
 mod settings;
 mod version;
 
-use seamless_snapshotter::commit::rfc3339;
+use seamless_snapshotter::time::rfc3339;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;

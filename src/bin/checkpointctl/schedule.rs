@@ -4,8 +4,8 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use seamless_snapshotter::commit::rfc3339;
 use seamless_snapshotter::proto::{ListSchedulesRequest, RemoveScheduleRequest, Schedule};
+use seamless_snapshotter::time::rfc3339;
 
 use crate::checkpoints::to_json;
 use crate::{daemon, CliError, Context};

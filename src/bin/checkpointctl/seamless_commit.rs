@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use seamless_snapshotter::api::client::DaemonClient;
-use seamless_snapshotter::commit::rfc3339;
 use seamless_snapshotter::oci::credentials::RegistryCredentials;
 use seamless_snapshotter::proto::{
     CommitJob, GetCommitRequest, ListCommitsRequest, SeamlessCommitRequest, SeamlessCommitResponse,
 };
+use seamless_snapshotter::time::rfc3339;
 use serde::Serialize;
 use tokio::time::Instant;
 
