@@ -12,6 +12,7 @@ use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use seamless_snapshotter::api::remote::{RemoteListener, RemoteTarget};
 use seamless_snapshotter::api::server;
+use seamless_snapshotter::capture::CaptureService;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::config::{ConnectionLimits, RemoteConfig};
@@ -50,8 +51,18 @@ impl Daemon {
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
-        let commits =
-            Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 4, None).unwrap());
+        let commits = Arc::new(
+            CommitService::new(
+                Arc::new(CaptureService::new(
+                    snapshotter.clone(),
+                    root,
+                    root.join("no-containerd.sock"),
+                )),
+                4,
+                None,
+            )
+            .unwrap(),
+        );
         let task = tokio::spawn(server::run(
             listener,
             remote,
@@ -504,7 +515,18 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
-    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4, None).unwrap());
+    let commits = Arc::new(
+        CommitService::new(
+            Arc::new(CaptureService::new(
+                snapshotter,
+                &root,
+                tmp.path().join("no-containerd.sock"),
+            )),
+            4,
+            None,
+        )
+        .unwrap(),
+    );
     let socket = tmp.path().join("rest.sock");
     let unix = Arc::new(server::bind_socket(&socket).unwrap());
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o7777;
@@ -1273,7 +1295,18 @@ async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
-    let commits = Arc::new(CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 4, None).unwrap());
+    let commits = Arc::new(
+        CommitService::new(
+            Arc::new(CaptureService::new(
+                snapshotter,
+                &root,
+                tmp.path().join("no-containerd.sock"),
+            )),
+            4,
+            None,
+        )
+        .unwrap(),
+    );
     let limits = ConnectionLimits {
         header_timeout_secs: 1,
         idle_timeout_secs: 1,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use seamless_snapshotter::api::server;
+use seamless_snapshotter::capture::CaptureService;
 use seamless_snapshotter::checkpoint::objects::DirStore;
 use seamless_snapshotter::checkpoint::{Catalogue, Compression, NewCheckpoint};
 use seamless_snapshotter::commit::CommitService;
@@ -120,7 +121,18 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let socket = tmp.path().join("d.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let commits = Arc::new(CommitService::new(snapshotter.clone(), root.join("no-containerd.sock"), 1, None).unwrap());
+    let commits = Arc::new(
+        CommitService::new(
+            Arc::new(CaptureService::new(
+                snapshotter.clone(),
+                &root,
+                root.join("no-containerd.sock"),
+            )),
+            1,
+            None,
+        )
+        .unwrap(),
+    );
     let server = {
         let _guard = runtime.enter();
         let listener = server::bind_socket(&socket).expect("bind");

@@ -10,11 +10,12 @@ use clap::Parser;
 use seamless_snapshotter::api::remote::RemoteListener;
 use seamless_snapshotter::api::rest::{self, RestApi};
 use seamless_snapshotter::api::{server, telemetry};
+use seamless_snapshotter::capture::{self, CaptureService, HOLD_MARGIN};
 use seamless_snapshotter::commit::nydus_image::BaseCache;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
 use seamless_snapshotter::host::sys::RealSystem;
-use seamless_snapshotter::snapshot::snapshotter::{self, Snapshotter};
+use seamless_snapshotter::snapshot::snapshotter::Snapshotter;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
@@ -60,7 +61,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     // First of all, before anything that may fail: a killed daemon may have
     // left a container frozen, and a bad config must not keep it so.
-    snapshotter::thaw_left_frozen(&args.root, &RealSystem);
+    capture::thaw_left_frozen(&args.root, &RealSystem);
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -88,10 +89,15 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
     let snapshotter = Arc::new(snapshotter);
+    // A container held frozen across a memory dump is thawed by a watchdog
+    // once the dump is past its own timeout.
+    let capture = Arc::new(
+        CaptureService::new(snapshotter.clone(), &args.root, args.containerd_address.clone())
+            .with_hold_limit(snapshotter.criu_settings().timeout + HOLD_MARGIN),
+    );
     let commits = Arc::new(
         CommitService::new(
-            snapshotter.clone(),
-            args.containerd_address.clone(),
+            capture.clone(),
             workers,
             Some(BaseCache {
                 dir: args.root.join("nydus-base"),

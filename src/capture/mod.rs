@@ -3,8 +3,12 @@
 //! ioctl; its dirty data is flushed before, while it runs. A container is
 //! never left frozen: a watchdog thread thaws it when the pause runs past its
 //! timeout, and a marker written before each freeze lets a restarted daemon
-//! thaw whatever a killed one left frozen. Owns no policy about which
-//! container or where: callers pass paths and the freezer.
+//! thaw whatever a killed one left frozen. [`CaptureService`] (`service.rs`)
+//! is the one entry point commit and checkpoint use: it resolves the
+//! container through containerd, takes its slot and finds its snapshot and
+//! cgroup; the functions here freeze, snapshot and thaw the paths and the
+//! freezer it found. Must not know what a capture is for: images, commit
+//! jobs, checkpoints.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -14,7 +18,14 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{Classify, ErrorKind};
+use crate::host::containerd::ContainerdError;
 use crate::host::sys::{Freezer, SysError, SystemOps};
+use crate::snapshot::snapshotter::{SnapshotError, SNAPSHOTTER_NAME};
+
+mod service;
+pub use service::{
+    pin_path, thaw_left_frozen, unpin, CaptureService, CapturedContainer, SlotGuard, HOLD_MARGIN, PAUSE_TIMEOUT,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -34,12 +45,33 @@ pub enum CaptureError {
     Marker { path: String, source: std::io::Error },
     #[error("stopping the processes of {cgroup} failed; it is thawed and keeps running: {source}")]
     Kill { cgroup: String, source: SysError },
+    #[error("container {container} in namespace {namespace} uses snapshotter {snapshotter:?}, not {SNAPSHOTTER_NAME}")]
+    WrongSnapshotter {
+        namespace: String,
+        container: String,
+        snapshotter: String,
+    },
+    #[error("a commit of container {container} is already in progress")]
+    InProgress { container: String },
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error(transparent)]
+    Snapshotter(#[from] SnapshotError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::host::cgroup::CgroupError),
+    #[error("background task failed: {0}")]
+    Task(String),
 }
 
 impl Classify for CaptureError {
     fn kind(&self) -> ErrorKind {
         match self {
             CaptureError::PauseTimeout { .. } => ErrorKind::Unavailable,
+            CaptureError::WrongSnapshotter { .. } => ErrorKind::InvalidArgument,
+            CaptureError::InProgress { .. } => ErrorKind::AlreadyExists,
+            CaptureError::Containerd(e) => e.kind(),
+            CaptureError::Snapshotter(e) => e.kind(),
+            CaptureError::Cgroup(_) => ErrorKind::FailedPrecondition,
             _ => ErrorKind::Internal,
         }
     }

@@ -16,7 +16,7 @@
 //! encryption key) are sealed with the daemon's [`SecretsKey`], never
 //! written in clear.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -75,7 +75,6 @@ const JOURNAL_PREFIX: &str = "pending-";
 const JOURNAL_SUFFIX: &str = ".json";
 /// Beside a capture in the captures directory: the capture is a pending
 /// checkpoint's.
-const PIN_SUFFIX: &str = ".journal-pin";
 /// Under the daemon's root: journals that could not be acted on, kept for
 /// an operator.
 pub const DAMAGED_DIR: &str = "checkpoint-journals-damaged";
@@ -209,7 +208,7 @@ impl PendingCheckpoint {
             reason: e.to_string(),
         })?;
         // The pin first: a journal never names a capture the sweep may take.
-        write_synced(&pin_of(&self.capture), b"")?;
+        write_synced(&crate::capture::pin_path(&self.capture), b"")?;
         let temp = dir.join(format!(".{JOURNAL_PREFIX}{}.tmp", self.id));
         write_synced(&temp, &bytes)?;
         std::fs::rename(&temp, &path).map_err(io_err("rename into place", &path))?;
@@ -277,52 +276,6 @@ pub fn journal_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
-}
-
-/// The pin file of `capture`.
-fn pin_of(capture: &Path) -> PathBuf {
-    let mut name = capture.as_os_str().to_os_string();
-    name.push(PIN_SUFFIX);
-    PathBuf::from(name)
-}
-
-/// Of the entries of the captures directory, the pins and the captures
-/// they pin: kept by the start-up sweep until the pending checkpoint is
-/// stored or discarded.
-pub fn pinned_captures(entries: &[PathBuf]) -> HashSet<PathBuf> {
-    let mut pinned = HashSet::new();
-    for entry in entries {
-        if let Some(capture) = entry
-            .to_str()
-            .and_then(|p| p.strip_suffix(PIN_SUFFIX))
-            .filter(|c| !c.is_empty())
-        {
-            pinned.insert(entry.clone());
-            pinned.insert(PathBuf::from(capture));
-        }
-    }
-    pinned
-}
-
-/// The pins among the entries of the captures directory.
-pub fn pins(entries: &[PathBuf]) -> impl Iterator<Item = &PathBuf> {
-    entries
-        .iter()
-        .filter(|e| e.to_str().is_some_and(|p| p.ends_with(PIN_SUFFIX)))
-}
-
-/// The capture a pin pins.
-pub fn pinned_by(pin: &Path) -> Option<PathBuf> {
-    pin.to_str().and_then(|p| p.strip_suffix(PIN_SUFFIX)).map(PathBuf::from)
-}
-
-/// Removes the pin of `capture`; an absent one is fine.
-pub fn unpin(capture: &Path) -> Result<(), JournalError> {
-    let pin = pin_of(capture);
-    match std::fs::remove_file(&pin) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", &pin)(e)),
-        _ => Ok(()),
-    }
 }
 
 /// Moves `path` (a journal, or a scratch directory it names) into
@@ -473,17 +426,10 @@ mod tests {
         let captures = tmp.path().join("captures");
         std::fs::create_dir(&journal.capture).unwrap();
         std::fs::create_dir(captures.join("checkpoint-9-9")).unwrap();
-        let entries: Vec<PathBuf> = std::fs::read_dir(&captures)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        let pinned = pinned_captures(&entries);
-        let pin = pin_of(&journal.capture);
-        assert_eq!(pinned, [journal.capture.clone(), pin.clone()].into_iter().collect());
-        assert_eq!(pins(&entries).collect::<Vec<_>>(), vec![&pin]);
-        assert_eq!(pinned_by(&pin), Some(journal.capture.clone()));
-        unpin(&journal.capture).unwrap();
-        unpin(&journal.capture).unwrap();
+        let pin = crate::capture::pin_path(&journal.capture);
+        assert!(pin.exists(), "the journal pins its capture");
+        crate::capture::unpin(&journal.capture).unwrap();
+        crate::capture::unpin(&journal.capture).unwrap();
         assert!(!pin.exists());
     }
 

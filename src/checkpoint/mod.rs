@@ -28,7 +28,7 @@ use std::time::SystemTime;
 
 use tracing::{error, info, instrument, warn};
 
-use crate::commit::{CommitError, CommitService};
+use crate::capture::{CaptureError, CaptureService};
 use crate::error::{Classify, ErrorKind};
 pub use catalogue::{
     Catalogue, CatalogueError, Checkpoint, Compression, MergePlan, MergePolicy, MergeStrategy, NewCheckpoint,
@@ -45,7 +45,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Archive(#[from] archive::ArchiveError),
     #[error(transparent)]
-    Capture(#[from] CommitError),
+    Capture(#[from] CaptureError),
     #[error(transparent)]
     Filter(#[from] filter::FilterError),
     #[error("{0}")]
@@ -219,7 +219,7 @@ pub struct Inspection {
 }
 
 pub struct CheckpointService {
-    commits: Arc<CommitService>,
+    capture: Arc<CaptureService>,
     root: PathBuf,
     /// Serializes what writes or collects a storage's objects, so a prune
     /// never collects the blobs of a create under way.
@@ -241,7 +241,7 @@ impl CheckpointService {
     /// daemon killed mid-create or mid-export) are deleted: no work is under
     /// way yet. Checkpoints a killed daemon journaled (see [`journal`]) are
     /// first finished: stored if their dump finished, else discarded.
-    pub fn new(commits: Arc<CommitService>, root: &Path) -> CheckpointService {
+    pub fn new(capture: Arc<CaptureService>, root: &Path) -> CheckpointService {
         let work = root.join("checkpoint-work");
         let mut pending = Vec::new();
         for path in journal::journal_files(&work) {
@@ -282,7 +282,7 @@ impl CheckpointService {
             }
         }
         let service = CheckpointService {
-            commits,
+            capture,
             root: root.to_path_buf(),
             writing: tokio::sync::Mutex::new(()),
             created: Mutex::new(0),
@@ -388,28 +388,18 @@ impl CheckpointService {
 
     /// Unpins and removes a capture of this service's.
     fn release_capture(&self, capture: &Path) {
-        if let Err(e) = journal::unpin(capture) {
-            warn!(capture = %capture.display(), error = %e, "cannot unpin a capture");
-        }
-        if !capture.exists() {
-            return;
-        }
-        if let Err(e) = self.commits.snapshotter().remove_capture(capture) {
-            warn!(capture = %capture.display(), error = %e, "capture left for the next start");
-        }
+        self.capture.release(capture);
     }
 
     /// Pins whose journal is gone (a daemon killed between pinning and
     /// writing the journal, or a journal moved aside) release their capture.
     fn remove_stale_pins(&self) {
-        let Ok(entries) = self.commits.snapshotter().captures() else {
+        let Ok(pinned) = self.capture.pinned() else {
             return;
         };
-        for pin in journal::pins(&entries) {
-            if let Some(capture) = journal::pinned_by(pin) {
-                warn!(capture = %capture.display(), "removing a capture pinned by no checkpoint journal");
-                self.release_capture(&capture);
-            }
+        for capture in pinned {
+            warn!(capture = %capture.display(), "removing a capture pinned by no checkpoint journal");
+            self.release_capture(&capture);
         }
     }
 
@@ -475,7 +465,7 @@ impl CheckpointService {
         Ok(Catalogue::new(
             id,
             objects,
-            self.commits.snapshotter().shared_store(),
+            self.capture.snapshotter().shared_store(),
             &work,
         ))
     }
@@ -499,7 +489,7 @@ impl CheckpointService {
             }
         }
         let catalogue = self.catalogue(&request.storage)?;
-        let settings = self.commits.snapshotter().criu_settings().clone();
+        let settings = self.capture.snapshotter().criu_settings().clone();
         // Without the kernel's dirty-page tracking CRIU cannot tell which
         // pages changed since an earlier dump: no pre-dump, and every dump
         // holds all the memory.
@@ -522,7 +512,7 @@ impl CheckpointService {
                     .into(),
             ));
         }
-        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = crate::host::containerd::Containerd::connect(self.capture.containerd_address()).await?;
         let _writing = self.writing.lock().await;
         // Storage calls block (S3 drives its client on this thread).
         let id = {
@@ -574,20 +564,16 @@ impl CheckpointService {
         };
         let journal_dir = self.root.join("checkpoint-work");
         let mut captured = self
-            .commits
-            .capture_with(&request.namespace, &request.container, &capture_name, hold)
+            .capture
+            .capture(&request.namespace, &request.container, &capture_name, hold)
             .await?;
         let held = captured.hold.take();
         let capture = captured.captured.snapshot.clone();
-        let snapshotter = self.commits.snapshotter().clone();
+        let capture_service = self.capture.clone();
         let remove_capture = {
-            let snapshotter = snapshotter.clone();
+            let capture_service = capture_service.clone();
             let capture = capture.clone();
-            move || {
-                if let Err(e) = snapshotter.remove_capture(&capture) {
-                    warn!(capture = %capture.display(), error = %e, "capture left for the next start");
-                }
-            }
+            move || capture_service.remove(&capture)
         };
         let container_id = captured.container.id.clone();
         let prepared = self
@@ -649,7 +635,7 @@ impl CheckpointService {
                     // is thawed here, or by the next start.
                     if let Some(freezer) = &freezer {
                         dump_guard = Some(
-                            snapshotter
+                            capture_service
                                 .thaw_on_release(&format!("{capture_name}-dump"), freezer)
                                 .map_err(|e| CheckpointError::Task(e.to_string()))?,
                         );
@@ -731,7 +717,7 @@ impl CheckpointService {
             }
             // Also when writing the journal failed after the pin.
             if journal_key.is_some() {
-                if let Err(e) = journal::unpin(&capture) {
+                if let Err(e) = crate::capture::unpin(&capture) {
                     warn!(capture = %capture.display(), error = %e, "capture pin left for the next start");
                 }
             }
@@ -797,7 +783,7 @@ impl CheckpointService {
             process::ContainerRecord::from_container(&container, snapshot_parent, process::process_identity(pid))?;
         // Sealed before it is stored: the seal travels with the record to
         // wherever the checkpoint goes, and only it makes the record trusted.
-        self.commits
+        self.capture
             .snapshotter()
             .record_trust()
             .seal(&mut record)
@@ -870,7 +856,7 @@ impl CheckpointService {
         containers: &[String],
     ) -> Result<Vec<crate::host::stats::Sample>, CheckpointError> {
         crate::host::containerd::validate_namespace(namespace).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
-        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = crate::host::containerd::Containerd::connect(self.capture.containerd_address()).await?;
         Ok(crate::host::stats::sample(&containerd, namespace, containers).await?)
     }
 
@@ -886,7 +872,7 @@ impl CheckpointService {
         if container.is_empty() {
             return Err(CheckpointError::Invalid("a container id is required".into()));
         }
-        let containerd = crate::host::containerd::Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = crate::host::containerd::Containerd::connect(self.capture.containerd_address()).await?;
         containerd.container(namespace, container).await?;
         let Some(before) = containerd.task(namespace, container).await? else {
             return Err(CheckpointError::Unsupported(format!(
@@ -988,7 +974,7 @@ impl CheckpointService {
     pub fn receive_budget(&self) -> Result<ReceiveBudget, CheckpointError> {
         let work = self.root.join("checkpoint-work");
         std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
-        let snapshotter = self.commits.snapshotter();
+        let snapshotter = self.capture.snapshotter();
         let limit = snapshotter
             .receive_limit(&work)
             .map_err(|e| CheckpointError::Task(e.to_string()))?;

@@ -143,7 +143,7 @@ impl CheckpointService {
             .clone()
             .unwrap_or_else(|| format!("{}-restored", checkpoint.container));
         validate_container_id(&name)?;
-        let containerd = Containerd::connect(self.commits.containerd_address()).await?;
+        let containerd = Containerd::connect(self.capture.containerd_address()).await?;
         if containerd.container_exists(&request.namespace, &name).await? {
             return Err(CheckpointError::Restore {
                 step: "name",
@@ -171,7 +171,7 @@ impl CheckpointService {
                 request.network_remap.clone(),
             );
             let admission = Admission {
-                trust: self.commits.snapshotter().record_trust().clone(),
+                trust: self.capture.snapshotter().record_trust().clone(),
                 namespace: request.namespace.clone(),
                 apply_untrusted: request.trust_record,
             };
@@ -305,19 +305,19 @@ impl CheckpointService {
                 other => failed("snapshot", ErrorKind::Internal)(other.into()),
             })?;
         made.snapshot = Some((record.snapshotter.clone(), name.to_string()));
-        if record.snapshotter != crate::commit::SNAPSHOTTER_NAME {
+        if record.snapshotter != crate::snapshot::snapshotter::SNAPSHOTTER_NAME {
             return Err(CheckpointError::Restore {
                 step: "filesystem",
                 reason: format!(
                     "the container was on snapshotter {}, not {}: only containers of this snapshotter are restored",
                     record.snapshotter,
-                    crate::commit::SNAPSHOTTER_NAME
+                    crate::snapshot::snapshotter::SNAPSHOTTER_NAME
                 ),
                 log: String::new(),
                 kind: ErrorKind::FailedPrecondition,
             });
         }
-        let snapshotter = self.commits.snapshotter().clone();
+        let snapshotter = self.capture.snapshotter().clone();
         let (_, snapshot_id) = snapshotter
             .container_snapshot(ns, name)
             .map_err(|e| failed("filesystem", ErrorKind::Internal)(CheckpointError::Task(e.to_string())))?;

@@ -254,7 +254,7 @@ fn unix(t: SystemTime) -> i64 {
 
 impl CheckpointService {
     fn schedules(&self) -> Result<Vec<Schedule>, CheckpointError> {
-        let store = self.commits.snapshotter().shared_store();
+        let store = self.capture.snapshotter().shared_store();
         let key = SecretsKey::open_or_create(&self.root)?;
         let mut out = Vec::new();
         for (id, bytes) in store
@@ -292,7 +292,7 @@ impl CheckpointService {
         let mut sealed = schedule.clone();
         SecretsKey::open_or_create(&self.root)?.seal(&schedule.id, &mut sealed.storage)?;
         let bytes = serde_json::to_vec(&sealed).map_err(|e| CheckpointError::Task(e.to_string()))?;
-        self.commits
+        self.capture
             .snapshotter()
             .store()
             .put_record(RecordKind::Schedules, &schedule.id, &bytes)
@@ -319,7 +319,7 @@ impl CheckpointService {
                     id: id.to_string(),
                 })
             })?;
-        self.commits
+        self.capture
             .snapshotter()
             .store()
             .remove_record(RecordKind::Schedules, id)

@@ -14,14 +14,15 @@ pub mod nydus_image;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, instrument, warn};
 
+use crate::capture::{CaptureError, CaptureService, CapturedContainer};
 use crate::error::{Classify, ErrorKind};
-use crate::host::containerd::{validate_namespace, Containerd, ContainerdError};
+use crate::host::containerd::{validate_namespace, ContainerdError};
 use crate::oci::content::ContentStore;
 use crate::oci::credentials::{RegistryCredentials, RequestAuth};
 use crate::oci::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
@@ -31,11 +32,6 @@ use crate::snapshot::store::RecordKind;
 use crate::time::rfc3339;
 use chain::{Chain, ChainOrigin, CommitLayer, Plan};
 use nydus_image::{Assembled, Reused};
-
-/// How long a container may stay frozen before the watchdog thaws it.
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The snapshotter name containers must use to be committed here.
-pub const SNAPSHOTTER_NAME: &str = "seamless";
 
 /// The error codes of seamless commit, shared by the CLI and the APIs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,14 +68,6 @@ impl CommitCode {
 pub enum CommitError {
     #[error("{0}")]
     InvalidParameter(String),
-    #[error("container {container} in namespace {namespace} uses snapshotter {snapshotter:?}, not {SNAPSHOTTER_NAME}")]
-    WrongSnapshotter {
-        namespace: String,
-        container: String,
-        snapshotter: String,
-    },
-    #[error("a commit of container {container} is already in progress")]
-    InProgress { container: String },
     #[error("no commit job {id}")]
     JobNotFound { id: String },
     #[error(transparent)]
@@ -87,7 +75,7 @@ pub enum CommitError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
-    Cgroup(#[from] crate::host::cgroup::CgroupError),
+    Capture(Box<CaptureError>),
     #[error("commit job store: {0}")]
     Store(#[from] crate::snapshot::store::StoreError),
     #[error("background task failed: {0}")]
@@ -98,25 +86,42 @@ impl CommitError {
     /// The commit error code this error reports as.
     pub fn code(&self) -> CommitCode {
         match self {
-            CommitError::InvalidParameter(_) | CommitError::WrongSnapshotter { .. } => CommitCode::InvalidParameter,
-            CommitError::InProgress { .. } => CommitCode::SnapshotInProgress,
-            CommitError::JobNotFound { .. } => CommitCode::InvalidParameter,
-            CommitError::Containerd(e) => match e {
-                ContainerdError::NotFound { .. } => CommitCode::ContainerNotFound,
-                ContainerdError::NotRunning { .. } => CommitCode::ContainerNotRunning,
-                ContainerdError::BadNamespace { .. } | ContainerdError::Ambiguous { .. } => {
-                    CommitCode::InvalidParameter
+            CommitError::InvalidParameter(_) | CommitError::JobNotFound { .. } => CommitCode::InvalidParameter,
+            CommitError::Containerd(e) => containerd_code(e),
+            CommitError::Capture(e) => match e.as_ref() {
+                CaptureError::WrongSnapshotter { .. } => CommitCode::InvalidParameter,
+                CaptureError::InProgress { .. } => CommitCode::SnapshotInProgress,
+                CaptureError::Containerd(e) => containerd_code(e),
+                CaptureError::Snapshotter(SnapshotError::ContainerSnapshotNotFound { .. }) => {
+                    CommitCode::ContainerNotFound
                 }
-                _ => CommitCode::InternalError,
-            },
-            CommitError::Snapshot(SnapshotError::Capture(e)) => match e {
-                crate::capture::CaptureError::PauseTimeout { .. } => CommitCode::PauseTimeout,
-                _ => CommitCode::AtomicSwitchFailed,
+                CaptureError::Cgroup(_) => CommitCode::ContainerNotRunning,
+                CaptureError::PauseTimeout { .. } => CommitCode::PauseTimeout,
+                CaptureError::Snapshotter(_) | CaptureError::Task(_) => CommitCode::InternalError,
+                CaptureError::Sync { .. }
+                | CaptureError::Snapshot { .. }
+                | CaptureError::Thaw { .. }
+                | CaptureError::Marker { .. }
+                | CaptureError::Kill { .. } => CommitCode::AtomicSwitchFailed,
             },
             CommitError::Snapshot(SnapshotError::ContainerSnapshotNotFound { .. }) => CommitCode::ContainerNotFound,
-            CommitError::Cgroup(_) => CommitCode::ContainerNotRunning,
             CommitError::Snapshot(_) | CommitError::Store(_) | CommitError::Task(_) => CommitCode::InternalError,
         }
+    }
+}
+
+impl From<CaptureError> for CommitError {
+    fn from(e: CaptureError) -> CommitError {
+        CommitError::Capture(Box::new(e))
+    }
+}
+
+fn containerd_code(e: &ContainerdError) -> CommitCode {
+    match e {
+        ContainerdError::NotFound { .. } => CommitCode::ContainerNotFound,
+        ContainerdError::NotRunning { .. } => CommitCode::ContainerNotRunning,
+        ContainerdError::BadNamespace { .. } | ContainerdError::Ambiguous { .. } => CommitCode::InvalidParameter,
+        _ => CommitCode::InternalError,
     }
 }
 
@@ -126,6 +131,7 @@ impl Classify for CommitError {
             CommitError::JobNotFound { .. } => ErrorKind::NotFound,
             CommitError::Containerd(e) => e.kind(),
             CommitError::Snapshot(e) => e.kind(),
+            CommitError::Capture(e) => e.kind(),
             _ => match self.code() {
                 CommitCode::InvalidParameter => ErrorKind::InvalidArgument,
                 CommitCode::ContainerNotFound => ErrorKind::NotFound,
@@ -408,10 +414,10 @@ pub struct Started {
 
 #[derive(Debug)]
 pub struct CommitService {
+    /// Takes the captures commits build from; holds a container's slot
+    /// until its job ends.
+    capture: Arc<CaptureService>,
     snapshotter: Arc<Snapshotter>,
-    containerd_address: PathBuf,
-    /// "<namespace>/<container id>" of commits not yet finished.
-    in_progress: Mutex<HashSet<String>>,
     /// Bounds the background jobs that run at once.
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
@@ -490,15 +496,13 @@ fn unix_nanos(t: SystemTime) -> u128 {
 impl CommitService {
     /// Creates the service and ends jobs a previous run left unfinished.
     pub fn new(
-        snapshotter: Arc<Snapshotter>,
-        containerd_address: PathBuf,
+        capture: Arc<CaptureService>,
         background_workers: u32,
         nydus_cache: Option<nydus_image::BaseCache>,
     ) -> Result<CommitService, CommitError> {
         let service = CommitService {
-            snapshotter,
-            containerd_address,
-            in_progress: Mutex::new(HashSet::new()),
+            snapshotter: capture.snapshotter().clone(),
+            capture,
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
             nydus_cache,
         };
@@ -522,16 +526,9 @@ impl CommitService {
         // (a daemon killed between a capture and persisting its job, or
         // between a push and recording its chain, leaves one).
         let heads: HashSet<PathBuf> = service.chains()?.into_iter().map(|(_, c)| c.head).collect();
-        // A checkpoint journaled before its dump keeps its capture until
-        // the checkpoint service stores or discards it.
-        let captures = service.snapshotter.captures()?;
-        let pinned = crate::checkpoint::journal::pinned_captures(&captures);
-        for capture in captures {
-            if !heads.contains(&capture) && !pinned.contains(&capture) {
-                warn!(capture = %capture.display(), "removing a capture no running job uses");
-                let _ = service.snapshotter.remove_capture(&capture);
-            }
-        }
+        // A pinned capture (a checkpoint journaled before its dump) stays
+        // until its owner stores or discards it.
+        service.capture.sweep(&heads)?;
         Ok(service)
     }
 
@@ -634,7 +631,8 @@ impl CommitService {
             slot: release,
             ..
         } = self
-            .capture(&options.namespace, &options.container, &snapshot_id)
+            .capture
+            .capture(&options.namespace, &options.container, &snapshot_id, false)
             .await?;
         let job = Job {
             snapshot_id: snapshot_id.clone(),
@@ -675,89 +673,19 @@ impl CommitService {
         Ok(started)
     }
 
-    /// Resolves container `container` (id or unique prefix) of `namespace`
-    /// and captures its writable layer as `capture_name`, pausing it for
-    /// milliseconds. One capture at a time per container, whoever asks
-    /// (commit or checkpoint): the slot is held until the result is dropped.
-    pub async fn capture(
-        self: &Arc<Self>,
-        namespace: &str,
-        container: &str,
-        capture_name: &str,
-    ) -> Result<CapturedContainer, CommitError> {
-        self.capture_with(namespace, container, capture_name, false).await
-    }
-
-    /// [`CommitService::capture`]; with `hold`, the container stays frozen
-    /// after the capture (see [`CapturedContainer::hold`]).
-    pub async fn capture_with(
-        self: &Arc<Self>,
-        namespace: &str,
-        container: &str,
-        capture_name: &str,
-        hold: bool,
-    ) -> Result<CapturedContainer, CommitError> {
-        let containerd = Containerd::connect(&self.containerd_address).await?;
-        let container = containerd.resolve(namespace, container).await?;
-        if container.snapshotter != SNAPSHOTTER_NAME {
-            return Err(CommitError::WrongSnapshotter {
-                namespace: container.namespace,
-                container: container.id,
-                snapshotter: container.snapshotter,
-            });
-        }
-        let (snapshot_key, id) = self
-            .snapshotter
-            .container_snapshot(namespace, &container.snapshot_key)?;
-        let slot = format!("{namespace}/{}", container.id);
-        if !self.in_progress.lock().expect("in-progress lock").insert(slot.clone()) {
-            return Err(CommitError::InProgress {
-                container: container.id,
-            });
-        }
-        let slot = SlotGuard {
-            service: self.clone(),
-            slot,
-        };
-        let freezer = crate::host::cgroup::freezer_of(container.pid)?;
-        let snapshotter = self.snapshotter.clone();
-        let name = capture_name.to_string();
-        let (captured, hold) = tokio::task::spawn_blocking(move || {
-            if hold {
-                snapshotter
-                    .capture_and_hold(id, &name, &freezer, PAUSE_TIMEOUT)
-                    .map(|(c, h)| (c, Some(h)))
-            } else {
-                snapshotter
-                    .capture(id, &name, &freezer, PAUSE_TIMEOUT)
-                    .map(|c| (c, None))
-            }
-        })
-        .await
-        .map_err(|e| CommitError::Task(e.to_string()))??;
-        Ok(CapturedContainer {
-            container,
-            snapshot_key,
-            snapshot_id: id,
-            captured,
-            slot,
-            hold,
-        })
-    }
-
     pub fn snapshotter(&self) -> &Arc<Snapshotter> {
         &self.snapshotter
     }
 
-    pub fn containerd_address(&self) -> &std::path::Path {
-        &self.containerd_address
+    pub fn capture_service(&self) -> &Arc<CaptureService> {
+        &self.capture
     }
 
     /// containerd's content store as `namespace` sees it, or None, with a
     /// warning, when containerd cannot be reached: the base image is then
     /// read from its registry.
     async fn content_store(&self, namespace: &str) -> Option<ContentStore> {
-        match ContentStore::connect(&self.containerd_address, namespace).await {
+        match ContentStore::connect(self.capture.containerd_address(), namespace).await {
             Ok(store) => Some(store),
             Err(e) => {
                 warn!(error = %e, "containerd's content store cannot be read: the base image comes from its registry");
@@ -1184,35 +1112,6 @@ pub fn derive_config(base: &[u8], commit_layers: &[CommitLayer]) -> Result<Vec<u
     serde_json::to_vec(&config).map_err(|e| e.to_string())
 }
 
-/// Frees a container's commit slot when its job ends (or never starts).
-/// A container captured by [`CommitService::capture`].
-#[derive(Debug)]
-pub struct CapturedContainer {
-    pub container: crate::host::containerd::ContainerInfo,
-    /// The container's snapshot key and the snapshotter's id for it.
-    pub snapshot_key: String,
-    pub snapshot_id: u64,
-    pub captured: crate::capture::Captured,
-    /// Keeps other captures of the container out until dropped.
-    pub slot: SlotGuard,
-    /// The container, still frozen, when asked to be held.
-    pub hold: Option<crate::capture::FrozenHold>,
-}
-
-#[derive(Debug)]
-pub struct SlotGuard {
-    service: Arc<CommitService>,
-    slot: String,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.service.in_progress.lock() {
-            set.remove(&self.slot);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -1367,12 +1266,19 @@ mod tests {
                 .unwrap();
             snapshotter.container_snapshot("ns", "c").unwrap()
         };
-        let captured = snapshotter
-            .capture(id, "snapshot-1", &Freezer::V1("/cg".into()), Duration::from_secs(1))
-            .unwrap();
-        let stray = snapshotter
-            .capture(id, "snapshot-2", &Freezer::V1("/cg".into()), Duration::from_secs(1))
-            .unwrap();
+        let capture = Arc::new(CaptureService::new(
+            snapshotter.clone(),
+            tmp.path(),
+            tmp.path().join("c.sock"),
+        ));
+        let take = |name: &str| {
+            capture
+                .capture_snapshot(id, name, &Freezer::V1("/cg".into()), false)
+                .unwrap()
+                .0
+        };
+        let captured = take("snapshot-1");
+        let stray = take("snapshot-2");
         let job = Job {
             snapshot_id: "snapshot-1".into(),
             container: "c".into(),
@@ -1400,12 +1306,8 @@ mod tests {
             .unwrap();
         // A chain of the live container keeps its head; one of a removed
         // container is dropped with its capture.
-        let head = snapshotter
-            .capture(id, "snapshot-0", &Freezer::V1("/cg".into()), Duration::from_secs(1))
-            .unwrap();
-        let gone_head = snapshotter
-            .capture(id, "snapshot-00", &Freezer::V1("/cg".into()), Duration::from_secs(1))
-            .unwrap();
+        let head = take("snapshot-0");
+        let gone_head = take("snapshot-00");
         let chain_of = |key: &str, head: &Path| Chain {
             origin: ChainOrigin {
                 snapshot_key: key.into(),
@@ -1427,7 +1329,7 @@ mod tests {
                 .put_record(RecordKind::Chains, name, &serde_json::to_vec(&chain).unwrap())
                 .unwrap();
         }
-        let service = CommitService::new(snapshotter.clone(), tmp.path().join("c.sock"), 1, None).unwrap();
+        let service = CommitService::new(capture.clone(), 1, None).unwrap();
         assert!(head.snapshot.exists(), "the live chain's head is kept");
         assert!(!gone_head.snapshot.exists(), "the removed container's head is removed");
         assert_eq!(
@@ -1462,7 +1364,12 @@ mod tests {
             )
             .unwrap(),
         );
-        let service = CommitService::new(snapshotter, tmp.path().join("no-containerd.sock"), 1, None).unwrap();
+        let capture = Arc::new(CaptureService::new(
+            snapshotter,
+            tmp.path(),
+            tmp.path().join("no-containerd.sock"),
+        ));
+        let service = CommitService::new(capture, 1, None).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1476,7 +1383,7 @@ mod tests {
 
     #[test]
     fn codes_classify() {
-        let e = CommitError::InProgress { container: "c".into() };
+        let e = CommitError::from(CaptureError::InProgress { container: "c".into() });
         assert_eq!(e.code(), CommitCode::SnapshotInProgress);
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         let e = CommitError::Containerd(ContainerdError::NotFound {

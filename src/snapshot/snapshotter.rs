@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::capture::{capture_upper, CaptureMethod, Captured, FrozenMarkers};
 use crate::config::{Config, ConfigError};
 use crate::error::{Classify, ErrorKind};
-use crate::host::sys::{Freezer, SystemOps};
+use crate::host::sys::SystemOps;
 use crate::nydus;
 use crate::nydus::fuse::{FuseServer, InProcessFuse};
 use crate::nydus::mount::{
@@ -41,11 +40,9 @@ pub const LABEL_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 const METADATA_FILE: &str = "metadata.redb";
-/// Markers of containers being frozen (see `capture`).
-const FROZEN_DIR: &str = "frozen";
-/// How long a container held frozen past the capture may stay so beyond
-/// the dump's own timeout, before a watchdog thaws it.
-const HOLD_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+/// The name containers must give as their snapshotter to be captured here:
+/// the proxy plugin's name in containerd's configuration.
+pub const SNAPSHOTTER_NAME: &str = "seamless";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -79,8 +76,6 @@ pub enum SnapshotError {
     #[error(transparent)]
     Rafs(#[from] RafsMountError),
     #[error(transparent)]
-    Capture(#[from] crate::capture::CaptureError),
-    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -105,7 +100,6 @@ impl Classify for SnapshotError {
                 ErrorKind::FailedPrecondition
             }
             SnapshotError::Rafs(e) => e.kind(),
-            SnapshotError::Capture(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
             SnapshotError::Usage { .. } | SnapshotError::Config(_) | SnapshotError::RecordKey(_) => ErrorKind::Internal,
             SnapshotError::Store(e) => e.kind(),
@@ -159,12 +153,19 @@ pub enum KeyStyle {
     Namespaced,
 }
 
+/// See [`Snapshotter::capture_site`].
+#[derive(Debug, Clone)]
+pub struct CaptureSite {
+    pub subvolume: PathBuf,
+    pub dest: PathBuf,
+    pub snapshots: bool,
+}
+
 #[derive(Debug)]
 pub struct Snapshotter {
     store: Arc<Store>,
     storage: Storage,
     sys: Arc<dyn SystemOps>,
-    markers: FrozenMarkers,
     overlay: OverlayFeatures,
     upperdir_label: bool,
     rafs: RafsMounts,
@@ -320,17 +321,6 @@ impl Fields for InfoFields<'_> {
     }
 }
 
-/// Thaws every container a killed daemon with this root left frozen;
-/// returns how many. Needs nothing but the root, so that it can run before
-/// anything that may fail (a bad config must not keep a container frozen).
-pub fn thaw_left_frozen(root: &Path, sys: &dyn SystemOps) -> usize {
-    let thawed = FrozenMarkers::new(root.join(FROZEN_DIR)).thaw_all(sys);
-    if thawed > 0 {
-        warn!(thawed, "thawed containers left frozen by a previous run");
-    }
-    thawed
-}
-
 impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
     /// metadata references (a crash mid-Prepare or mid-Remove) are deleted,
@@ -352,11 +342,6 @@ impl Snapshotter {
         blobs: Arc<dyn BlobSource>,
         fuse: Arc<dyn FuseServer>,
     ) -> Result<Snapshotter, SnapshotError> {
-        // A daemon killed mid-capture may have left a container frozen:
-        // thaw before anything else (the daemon's main did already, before
-        // reading its config; a test or embedder may not have).
-        thaw_left_frozen(root, sys.as_ref());
-        let markers = FrozenMarkers::new(root.join(FROZEN_DIR));
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
@@ -374,7 +359,6 @@ impl Snapshotter {
             store,
             storage,
             sys,
-            markers,
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
@@ -896,39 +880,11 @@ impl Snapshotter {
             })
     }
 
-    /// Captures active snapshot `id` as a read-only snapshot named
-    /// `capture_name` under the captures directory, freezing `freezer` only
-    /// around the snapshot.
-    pub fn capture(
-        &self,
-        id: u64,
-        capture_name: &str,
-        freezer: &Freezer,
-        pause_timeout: std::time::Duration,
-    ) -> Result<Captured, SnapshotError> {
-        let (dest, method) = self.capture_target(capture_name)?;
-        let captured = capture_upper(
-            &self.sys,
-            &self.markers,
-            capture_name,
-            &self.storage.snapshot_dir(id),
-            &dest,
-            freezer,
-            pause_timeout,
-            method,
-        )?;
-        if method == CaptureMethod::Copy {
-            warn!(
-                pause_ms = captured.pause.as_secs_f64() * 1000.0,
-                "storage is plain directories: the whole writable layer was copied while the container was frozen, \
-                 so the pause grows with its size; a btrfs root or the btrfs pool captures in O(1)"
-            );
-        }
-        Ok(captured)
-    }
-
-    /// Where capture `capture_name` goes, and how this storage takes it.
-    fn capture_target(&self, capture_name: &str) -> Result<(std::path::PathBuf, CaptureMethod), SnapshotError> {
+    /// Where active snapshot `id` is captured as `capture_name`: its
+    /// snapshot directory (holding the upper `fs` and `work`), the capture's
+    /// destination under the captures directory, and whether this storage
+    /// snapshots it in O(1) (else the capture copies it).
+    pub fn capture_site(&self, id: u64, capture_name: &str) -> Result<CaptureSite, SnapshotError> {
         validate_key(KeyStyle::Prefixed, "capture name", capture_name)?;
         if capture_name.contains('/') {
             return Err(SnapshotError::InvalidKey {
@@ -937,43 +893,16 @@ impl Snapshotter {
                 reason: "must be a single path element",
             });
         }
-        let method = if self.storage.supports_capture() {
-            CaptureMethod::Snapshot
-        } else {
-            CaptureMethod::Copy
-        };
-        Ok((self.storage.captures_dir().join(capture_name), method))
+        Ok(CaptureSite {
+            subvolume: self.storage.snapshot_dir(id),
+            dest: self.storage.captures_dir().join(capture_name),
+            snapshots: self.storage.supports_capture(),
+        })
     }
 
-    /// Like [`Snapshotter::capture`], but the container stays frozen after
-    /// the snapshot until the returned hold is thawed or dropped.
-    pub fn capture_and_hold(
-        &self,
-        id: u64,
-        capture_name: &str,
-        freezer: &Freezer,
-        pause_timeout: std::time::Duration,
-    ) -> Result<(Captured, crate::capture::FrozenHold), SnapshotError> {
-        let (dest, method) = self.capture_target(capture_name)?;
-        Ok(crate::capture::capture_upper_and_hold(
-            &self.sys,
-            &self.markers,
-            capture_name,
-            &self.storage.snapshot_dir(id),
-            &dest,
-            freezer,
-            pause_timeout,
-            // A hold spans a memory dump, which is killed at its timeout.
-            self.criu.timeout + HOLD_MARGIN,
-            method,
-        )?)
-    }
-
-    /// A hold on a container that something else may freeze (CRIU's dump):
-    /// thawed when released or dropped, and by a restarted daemon if this
-    /// one dies first.
-    pub fn thaw_on_release(&self, name: &str, freezer: &Freezer) -> Result<crate::capture::FrozenHold, SnapshotError> {
-        Ok(self.markers.thaw_on_release(&self.sys, name, freezer)?)
+    /// The system calls this snapshotter makes go through.
+    pub fn system(&self) -> &Arc<dyn SystemOps> {
+        &self.sys
     }
 
     /// The metadata store, for records other modules keep beside snapshots
@@ -1738,65 +1667,14 @@ mod tests {
             ErrorKind::NotFound
         );
 
-        let freezer = Freezer::V1("/sys/fs/cgroup/freezer/ns1/web".into());
-        let captured = s
-            .capture(id, "snapshot-ns1-1", &freezer, std::time::Duration::from_secs(1))
-            .unwrap();
-        assert_eq!(captured.snapshot, tmp.path().join("captures/snapshot-ns1-1"));
-        let calls = fake.calls();
-        let tail: Vec<&str> = calls.iter().rev().take(4).rev().map(String::as_str).collect();
-        let subvol = s.storage.snapshot_dir(id);
-        assert_eq!(
-            tail,
-            vec![
-                format!("syncfs {}", subvol.display()).as_str(),
-                "freeze /sys/fs/cgroup/freezer/ns1/web",
-                format!("snapshot readonly {} {}", subvol.display(), captured.snapshot.display()).as_str(),
-                "thaw /sys/fs/cgroup/freezer/ns1/web",
-            ]
-        );
-        let e = s
-            .capture(id, "../escape", &freezer, std::time::Duration::from_secs(1))
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    }
-
-    #[test]
-    fn directory_storage_copies_the_upper_while_frozen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.storage.backend = BackendChoice::Directory;
-        let fake = Arc::new(RecordingSystem::plain());
-        let s = Snapshotter::open(tmp.path(), &config, fake.clone()).unwrap();
-        s.prepare(KeyStyle::Prefixed, "ns/1/c", "", Labels::new()).unwrap();
-        let (_, id) = s.container_snapshot("ns", "c").unwrap();
-        let captured = s
-            .capture(id, "x", &Freezer::V2("/cg".into()), std::time::Duration::from_secs(1))
-            .unwrap();
-        let calls = fake.calls();
-        let tail: Vec<&str> = calls.iter().rev().take(3).rev().map(String::as_str).collect();
-        let copy = format!(
-            "copy {} {}",
-            s.storage.upper_dir(id).display(),
-            captured.snapshot.join("fs").display()
-        );
-        assert_eq!(tail, vec!["freeze /cg", copy.as_str(), "thaw /cg"]);
-        assert!(!calls.iter().any(|c| c.starts_with("snapshot readonly")));
-    }
-
-    #[test]
-    fn restart_thaws_what_a_killed_daemon_left_frozen() {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(tmp.path().join("frozen")).unwrap();
-        std::fs::write(
-            tmp.path().join("frozen/snapshot-x.json"),
-            serde_json::to_vec(&Freezer::V1("/cg/left-frozen".into())).unwrap(),
-        )
-        .unwrap();
-        let fake = Arc::new(RecordingSystem::btrfs());
-        let _s = Snapshotter::open(tmp.path(), &Config::default(), fake.clone()).unwrap();
-        assert_eq!(fake.calls().first().map(String::as_str), Some("thaw /cg/left-frozen"));
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        let site = s.capture_site(id, "snapshot-ns1-1").unwrap();
+        assert_eq!(site.dest, tmp.path().join("captures/snapshot-ns1-1"));
+        assert_eq!(site.subvolume, s.storage.snapshot_dir(id));
+        assert!(site.snapshots, "btrfs snapshots in O(1)");
+        for bad in ["../escape", "a/b", ""] {
+            let e = s.capture_site(id, bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
+        }
     }
 
     #[test]

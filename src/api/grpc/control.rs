@@ -42,7 +42,7 @@ impl ControlService {
         ControlService {
             snapshotter,
             checkpoints: {
-                let checkpoints = Arc::new(CheckpointService::new(commits.clone(), &root));
+                let checkpoints = Arc::new(CheckpointService::new(commits.capture_service().clone(), &root));
                 checkpoints.start_scheduler();
                 checkpoints
             },
@@ -54,7 +54,7 @@ impl ControlService {
 
 fn checkpoint_status(err: CheckpointError) -> Status {
     match err {
-        CheckpointError::Capture(e) => commit_status(e),
+        CheckpointError::Capture(e) => commit_status(CommitError::from(e)),
         other => to_status(other),
     }
 }

@@ -67,7 +67,9 @@ mod tests {
 
     #[test]
     fn commit_errors_carry_their_code_typed_in_the_details() {
-        let status = commit_status(CommitError::InProgress { container: "c1".into() });
+        let status = commit_status(CommitError::from(crate::capture::CaptureError::InProgress {
+            container: "c1".into(),
+        }));
         assert_eq!(status.code(), tonic::Code::AlreadyExists);
         assert_eq!(error_code(&status).as_deref(), Some("SNAPSHOT_IN_PROGRESS"));
         assert_eq!(
