@@ -68,7 +68,7 @@ fn main() {
     let catalogue = Catalogue::new(
         "local".into(),
         Arc::new(DirStore::open(&root.join("checkpoints"), "local").unwrap()),
-        snapshotter.shared_store(),
+        snapshotter.record_store(),
         &root.join("checkpoint-work"),
     );
     let real = catalogue
@@ -111,7 +111,7 @@ fn main() {
         };
         let json = serde_json::to_vec(&c).unwrap();
         snapshotter
-            .store()
+            .record_store()
             .put_record(RecordKind::Checkpoints, &format!("local|{}", c.id), &json)
             .expect("seed");
         std::fs::write(json_dir.join(format!("{}.json", c.id)), &json).unwrap();

@@ -220,6 +220,8 @@ pub struct Inspection {
 
 pub struct CheckpointService {
     capture: Arc<CaptureService>,
+    /// Recurring checkpoints, by schedule id (storage secrets sealed).
+    schedules: crate::snapshot::store::Records<schedule::Schedule>,
     root: PathBuf,
     /// Serializes what writes or collects a storage's objects, so a prune
     /// never collects the blobs of a create under way.
@@ -282,6 +284,10 @@ impl CheckpointService {
             }
         }
         let service = CheckpointService {
+            schedules: crate::snapshot::store::Records::new(
+                capture.snapshotter().record_store(),
+                crate::snapshot::store::RecordKind::Schedules,
+            ),
             capture,
             root: root.to_path_buf(),
             writing: tokio::sync::Mutex::new(()),
@@ -465,7 +471,7 @@ impl CheckpointService {
         Ok(Catalogue::new(
             id,
             objects,
-            self.capture.snapshotter().shared_store(),
+            self.capture.snapshotter().record_store(),
             &work,
         ))
     }

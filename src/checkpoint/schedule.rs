@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{CheckpointError, CheckpointService, CreateRequest, StorageSpec};
-use crate::snapshot::store::RecordKind;
 
 /// Shortest interval a schedule may have.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -254,14 +253,14 @@ fn unix(t: SystemTime) -> i64 {
 
 impl CheckpointService {
     fn schedules(&self) -> Result<Vec<Schedule>, CheckpointError> {
-        let store = self.capture.snapshotter().shared_store();
         let key = SecretsKey::open_or_create(&self.root)?;
         let mut out = Vec::new();
-        for (id, bytes) in store
-            .list_records(RecordKind::Schedules)
+        for (id, schedule) in self
+            .schedules
+            .list()
             .map_err(|e| CheckpointError::Task(e.to_string()))?
         {
-            let mut schedule = match serde_json::from_slice::<Schedule>(&bytes) {
+            let mut schedule = match schedule {
                 Ok(schedule) => schedule,
                 Err(e) => {
                     warn!(schedule = id, error = %e, "unreadable schedule record left as is");
@@ -291,11 +290,8 @@ impl CheckpointService {
     fn save_schedule(&self, schedule: &Schedule) -> Result<(), CheckpointError> {
         let mut sealed = schedule.clone();
         SecretsKey::open_or_create(&self.root)?.seal(&schedule.id, &mut sealed.storage)?;
-        let bytes = serde_json::to_vec(&sealed).map_err(|e| CheckpointError::Task(e.to_string()))?;
-        self.capture
-            .snapshotter()
-            .store()
-            .put_record(RecordKind::Schedules, &schedule.id, &bytes)
+        self.schedules
+            .put(&schedule.id, &sealed)
             .map_err(|e| CheckpointError::Task(e.to_string()))
     }
 
@@ -319,10 +315,8 @@ impl CheckpointService {
                     id: id.to_string(),
                 })
             })?;
-        self.capture
-            .snapshotter()
-            .store()
-            .remove_record(RecordKind::Schedules, id)
+        self.schedules
+            .remove(id)
             .map_err(|e| CheckpointError::Task(e.to_string()))?;
         info!(
             schedule = id,

@@ -28,7 +28,7 @@ use crate::oci::credentials::{RegistryCredentials, RequestAuth};
 use crate::oci::layer::{build_layer_parts, BuildContext, Compression, LayerBlob, PathFilter};
 use crate::oci::registry::{LayerData, LayerSource, PulledManifest, RegistryClient, RegistryError, RegistryOptions};
 use crate::snapshot::snapshotter::{SnapshotError, Snapshotter};
-use crate::snapshot::store::RecordKind;
+use crate::snapshot::store::{RecordKind, Records};
 use crate::time::rfc3339;
 use chain::{Chain, ChainOrigin, CommitLayer, Plan};
 use nydus_image::{Assembled, Reused};
@@ -418,6 +418,10 @@ pub struct CommitService {
     /// until its job ends.
     capture: Arc<CaptureService>,
     snapshotter: Arc<Snapshotter>,
+    /// Commit jobs, by snapshot id.
+    jobs: Records<Job>,
+    /// Commit chains, by "<namespace>/<container>".
+    chains: Records<Chain>,
     /// Bounds the background jobs that run at once.
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
@@ -500,14 +504,17 @@ impl CommitService {
         background_workers: u32,
         nydus_cache: Option<nydus_image::BaseCache>,
     ) -> Result<CommitService, CommitError> {
+        let store = capture.snapshotter().record_store();
         let service = CommitService {
             snapshotter: capture.snapshotter().clone(),
+            jobs: Records::new(store.clone(), RecordKind::Jobs),
+            chains: Records::new(store, RecordKind::Chains),
             capture,
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
             nydus_cache,
         };
-        for (id, bytes) in service.snapshotter.store().list_records(RecordKind::Jobs)? {
-            let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
+        for (id, job) in service.jobs.list()? {
+            let Ok(mut job) = job else {
                 warn!(job = id, "unreadable commit job record left as is");
                 continue;
             };
@@ -533,22 +540,16 @@ impl CommitService {
     }
 
     fn save(&self, job: &Job) -> Result<(), CommitError> {
-        // Plain data: serialising cannot fail.
-        let bytes = serde_json::to_vec(job).expect("job serialises");
-        self.snapshotter
-            .store()
-            .put_record(RecordKind::Jobs, &job.snapshot_id, &bytes)?;
-        Ok(())
+        Ok(self.jobs.put(&job.snapshot_id, job)?)
     }
 
     /// Every recorded chain, by "<namespace>/<container>".
     fn chains(&self) -> Result<Vec<(String, Chain)>, CommitError> {
         Ok(self
-            .snapshotter
-            .store()
-            .list_records(RecordKind::Chains)?
+            .chains
+            .list()?
             .into_iter()
-            .filter_map(|(key, bytes)| match serde_json::from_slice(&bytes) {
+            .filter_map(|(key, chain)| match chain {
                 Ok(chain) => Some((key, chain)),
                 Err(e) => {
                     warn!(chain = key, error = %e, "unreadable commit chain record ignored");
@@ -559,19 +560,18 @@ impl CommitService {
     }
 
     fn chain(&self, key: &str) -> Option<Chain> {
-        let bytes = self.snapshotter.store().get_record(RecordKind::Chains, key).ok()??;
-        serde_json::from_slice(&bytes).ok()
+        self.chains.get(key).ok()?
     }
 
     /// Drops the chains of containers whose snapshot is gone, with their
     /// captures.
     fn prune_chains(&self) -> Result<(), CommitError> {
         for (key, chain) in self.chains()? {
-            if self.snapshotter.store().get(&chain.origin.snapshot_key).is_ok() {
+            if self.snapshotter.has_snapshot(&chain.origin.snapshot_key) {
                 continue;
             }
             info!(chain = key, "container snapshot removed: dropping its commit chain");
-            self.snapshotter.store().remove_record(RecordKind::Chains, &key)?;
+            self.chains.remove(&key)?;
             if let Err(e) = self.snapshotter.remove_capture(&chain.head) {
                 warn!(capture = %chain.head.display(), error = %e, "cannot remove capture");
             }
@@ -584,9 +584,7 @@ impl CommitService {
     /// its layers plus a change since its head still make the right image.
     fn advance_chain(&self, key: &str, chain: &Chain) -> Result<(), CommitError> {
         let old = self.chain(key);
-        // Plain data: serialising cannot fail.
-        let bytes = serde_json::to_vec(chain).expect("chain serialises");
-        self.snapshotter.store().put_record(RecordKind::Chains, key, &bytes)?;
+        self.chains.put(key, chain)?;
         if let Some(old) = old.filter(|old| old.head != chain.head) {
             if let Err(e) = self.snapshotter.remove_capture(&old.head) {
                 warn!(capture = %old.head.display(), error = %e, "cannot remove capture");
@@ -596,23 +594,14 @@ impl CommitService {
     }
 
     pub fn job(&self, snapshot_id: &str) -> Result<Job, CommitError> {
-        let bytes = self
-            .snapshotter
-            .store()
-            .get_record(RecordKind::Jobs, snapshot_id)?
-            .ok_or_else(|| CommitError::JobNotFound { id: snapshot_id.into() })?;
-        serde_json::from_slice(&bytes).map_err(|e| CommitError::Task(format!("job {snapshot_id} record: {e}")))
+        self.jobs
+            .get(snapshot_id)?
+            .ok_or_else(|| CommitError::JobNotFound { id: snapshot_id.into() })
     }
 
     /// Every job, oldest first.
     pub fn jobs(&self) -> Result<Vec<Job>, CommitError> {
-        let mut jobs: Vec<Job> = self
-            .snapshotter
-            .store()
-            .list_records(RecordKind::Jobs)?
-            .into_iter()
-            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
-            .collect();
+        let mut jobs: Vec<Job> = self.jobs.list()?.into_iter().filter_map(|(_, job)| job.ok()).collect();
         jobs.sort_by_key(|j| j.started);
         Ok(jobs)
     }
@@ -1300,9 +1289,8 @@ mod tests {
             layer_plan: String::new(),
             commit_layers: 0,
         };
-        snapshotter
-            .store()
-            .put_record(RecordKind::Jobs, "snapshot-1", &serde_json::to_vec(&job).unwrap())
+        Records::new(snapshotter.record_store(), RecordKind::Jobs)
+            .put("snapshot-1", &job)
             .unwrap();
         // A chain of the live container keeps its head; one of a removed
         // container is dropped with its capture.
@@ -1324,9 +1312,8 @@ mod tests {
             ("ns/c", chain_of("ns/1/c", &head.snapshot)),
             ("ns/gone", chain_of("ns/9/gone", &gone_head.snapshot)),
         ] {
-            snapshotter
-                .store()
-                .put_record(RecordKind::Chains, name, &serde_json::to_vec(&chain).unwrap())
+            Records::new(snapshotter.record_store(), RecordKind::Chains)
+                .put(name, &chain)
                 .unwrap();
         }
         let service = CommitService::new(capture.clone(), 1, None).unwrap();

@@ -905,15 +905,16 @@ impl Snapshotter {
         &self.sys
     }
 
-    /// The metadata store, for records other modules keep beside snapshots
-    /// (commit jobs).
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The metadata database, for the record tables subsystems above keep
+    /// beside the snapshots: each builds its own typed
+    /// [`crate::snapshot::store::Records`] from it once, at start.
+    pub fn record_store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
-    /// The metadata store, for records other modules keep beside snapshots.
-    pub fn shared_store(&self) -> Arc<Store> {
-        self.store.clone()
+    /// Whether snapshot `key` exists.
+    pub fn has_snapshot(&self, key: &str) -> bool {
+        self.store.get(key).is_ok()
     }
 
     /// The lower directories of active snapshot `key`, nearest first (a

@@ -56,6 +56,76 @@ impl RecordKind {
     }
 }
 
+/// A record as read: decoded, or why it does not decode.
+pub type Decoded<T> = Result<T, StoreError>;
+
+/// One table of records a subsystem above keeps in this database (commit
+/// jobs, commit chains, checkpoint schedules), typed as that subsystem's
+/// own record `T` and stored as its JSON. The owner builds its tables once
+/// and keeps them; nothing else reads them.
+pub struct Records<T> {
+    store: std::sync::Arc<Store>,
+    kind: RecordKind,
+    record: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Records<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records").field("kind", &self.kind).finish()
+    }
+}
+
+impl<T: Serialize + serde::de::DeserializeOwned> Records<T> {
+    pub fn new(store: std::sync::Arc<Store>, kind: RecordKind) -> Records<T> {
+        Records {
+            store,
+            kind,
+            record: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `record` as `id` (one transaction).
+    pub fn put(&self, id: &str, record: &T) -> Result<(), StoreError> {
+        // Plain data: serialising cannot fail.
+        let bytes = serde_json::to_vec(record).expect("record serialises");
+        self.store.put_record(self.kind, id, &bytes)
+    }
+
+    /// Record `id`, None if there is none; a record that no longer decodes
+    /// is [`StoreError::Corrupt`].
+    pub fn get(&self, id: &str) -> Result<Option<T>, StoreError> {
+        self.store
+            .get_record(self.kind, id)?
+            .map(|bytes| decode_record(id, &bytes))
+            .transpose()
+    }
+
+    /// Deletes record `id`; a missing one is not an error.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.store.remove_record(self.kind, id)
+    }
+
+    /// Every record by id order, each decoded or the reason it does not.
+    pub fn list(&self) -> Result<Vec<(String, Decoded<T>)>, StoreError> {
+        Ok(self
+            .store
+            .list_records(self.kind)?
+            .into_iter()
+            .map(|(id, bytes)| {
+                let record = decode_record(&id, &bytes);
+                (id, record)
+            })
+            .collect())
+    }
+}
+
+fn decode_record<T: serde::de::DeserializeOwned>(id: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("snapshot {key} does not exist")]
@@ -573,6 +643,26 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn record_tables_are_typed_and_report_what_does_not_decode() {
+        let (_tmp, store) = store();
+        let store = std::sync::Arc::new(store);
+        let jobs: Records<Vec<u32>> = Records::new(store.clone(), RecordKind::Jobs);
+        let chains: Records<Vec<u32>> = Records::new(store.clone(), RecordKind::Chains);
+        jobs.put("a", &vec![1, 2]).unwrap();
+        assert_eq!(jobs.get("a").unwrap(), Some(vec![1, 2]));
+        assert_eq!(chains.get("a").unwrap(), None, "tables are apart");
+        store.put_record(RecordKind::Jobs, "b", b"not json").unwrap();
+        assert!(matches!(jobs.get("b"), Err(StoreError::Corrupt { .. })));
+        let listed = jobs.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].1.as_ref().unwrap(), &vec![1, 2]);
+        assert!(listed[1].1.is_err());
+        jobs.remove("a").unwrap();
+        jobs.remove("a").unwrap();
+        assert_eq!(jobs.get("a").unwrap(), None);
     }
 
     #[test]
