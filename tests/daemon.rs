@@ -13,6 +13,7 @@ use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use seamless_snapshotter::api::remote::{RemoteListener, RemoteTarget};
 use seamless_snapshotter::api::server;
 use seamless_snapshotter::capture::CaptureService;
+use seamless_snapshotter::checkpoint::{CheckpointService, CheckpointSettings};
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::config::{ConnectionLimits, RemoteConfig};
@@ -51,23 +52,20 @@ impl Daemon {
         let listener = server::bind_socket(socket).expect("bind socket");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let snapshotter = Arc::new(snapshotter);
-        let commits = Arc::new(
-            CommitService::new(
-                Arc::new(CaptureService::new(
-                    snapshotter.clone(),
-                    root,
-                    root.join("no-containerd.sock"),
-                )),
-                4,
-                None,
-            )
-            .unwrap(),
-        );
+        let capture = Arc::new(CaptureService::new(
+            snapshotter.clone(),
+            root,
+            root.join("no-containerd.sock"),
+        ));
+        let commits = Arc::new(CommitService::new(capture.clone(), 4, None).unwrap());
+        let settings = CheckpointSettings::load(root, config).expect("checkpoint settings");
+        let checkpoints = Arc::new(CheckpointService::new(capture, settings, root));
         let task = tokio::spawn(server::run(
             listener,
             remote,
             snapshotter,
             commits,
+            checkpoints,
             root.to_path_buf(),
             async {
                 let _ = stopped.await;

@@ -19,6 +19,7 @@ use seamless_snapshotter::api::server;
 use seamless_snapshotter::capture::CaptureService;
 use seamless_snapshotter::checkpoint::objects::DirStore;
 use seamless_snapshotter::checkpoint::{Catalogue, Compression, NewCheckpoint};
+use seamless_snapshotter::checkpoint::{CheckpointService, CheckpointSettings};
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::{BackendChoice, Config};
 use seamless_snapshotter::host::sys::RealSystem;
@@ -121,18 +122,14 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let socket = tmp.path().join("d.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let commits = Arc::new(
-        CommitService::new(
-            Arc::new(CaptureService::new(
-                snapshotter.clone(),
-                &root,
-                root.join("no-containerd.sock"),
-            )),
-            1,
-            None,
-        )
-        .unwrap(),
-    );
+    let capture = Arc::new(CaptureService::new(
+        snapshotter.clone(),
+        &root,
+        root.join("no-containerd.sock"),
+    ));
+    let commits = Arc::new(CommitService::new(capture.clone(), 1, None).unwrap());
+    let settings = CheckpointSettings::load(&root, &Config::default()).expect("checkpoint settings");
+    let checkpoints = Arc::new(CheckpointService::new(capture, settings, &root));
     let server = {
         let _guard = runtime.enter();
         let listener = server::bind_socket(&socket).expect("bind");
@@ -141,6 +138,7 @@ fn main() {
             None,
             snapshotter.clone(),
             commits,
+            checkpoints,
             root.clone(),
             async {
                 let _ = stopped.await;

@@ -20,6 +20,7 @@ use crate::api::grpc::control::ControlService;
 use crate::api::grpc::remote::RemoteControl;
 use crate::api::grpc::snapshots::SnapshotsService;
 use crate::api::remote::RemoteListener;
+use crate::checkpoint::CheckpointService;
 use crate::commit::CommitService;
 use crate::proto::control_server::ControlServer;
 use crate::snapshot::snapshotter::Snapshotter;
@@ -137,11 +138,12 @@ pub async fn run(
     remote: Option<RemoteListener>,
     snapshotter: Arc<Snapshotter>,
     commits: Arc<CommitService>,
+    checkpoints: Arc<CheckpointService>,
     root: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    // One service behind both listeners: it owns the checkpoint scheduler.
-    let control = Arc::new(ControlService::new(snapshotter.clone(), commits, root));
+    // One service behind both listeners: it runs the checkpoint scheduler.
+    let control = Arc::new(ControlService::new(snapshotter.clone(), commits, checkpoints, root));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let remote_served = remote.map(|remote| {
         // Callers over TCP get the restricted API, behind the token check.

@@ -11,6 +11,7 @@ use seamless_snapshotter::api::remote::RemoteListener;
 use seamless_snapshotter::api::rest::{self, RestApi};
 use seamless_snapshotter::api::{server, telemetry};
 use seamless_snapshotter::capture::{self, CaptureService, HOLD_MARGIN};
+use seamless_snapshotter::checkpoint::{CheckpointService, CheckpointSettings};
 use seamless_snapshotter::commit::nydus_image::BaseCache;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
@@ -85,15 +86,19 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let remote_config = config.remote.clone();
     // Secrets are checked before anything is opened or bound.
     let token = rest::read_token_file(&rest_config)?;
-    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&root, &config, Arc::new(RealSystem)))
-        .await?
-        .with_context(|| format!("opening snapshotter at {}", args.root.display()))?;
-    let snapshotter = Arc::new(snapshotter);
+    let registry = config.registry.options();
+    let (snapshotter, config) = tokio::task::spawn_blocking(move || {
+        let opened = Snapshotter::open(&root, &config, Arc::new(RealSystem));
+        (opened, config)
+    })
+    .await?;
+    let snapshotter = Arc::new(snapshotter.with_context(|| format!("opening snapshotter at {}", args.root.display()))?);
+    let checkpoint_settings = CheckpointSettings::load(&args.root, &config)?;
     // A container held frozen across a memory dump is thawed by a watchdog
     // once the dump is past its own timeout.
     let capture = Arc::new(
         CaptureService::new(snapshotter.clone(), &args.root, args.containerd_address.clone())
-            .with_hold_limit(snapshotter.criu_settings().timeout + HOLD_MARGIN),
+            .with_hold_limit(checkpoint_settings.criu.timeout + HOLD_MARGIN),
     );
     let commits = Arc::new(
         CommitService::new(
@@ -104,8 +109,16 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
                 limit_bytes: base_cache_bytes,
             }),
         )
-        .context("opening commit jobs")?,
+        .context("opening commit jobs")?
+        .with_registry(registry),
     );
+    // Finishes what a killed daemon journaled before anything is served.
+    let checkpoints = {
+        let (capture, root) = (capture.clone(), args.root.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || CheckpointService::new(capture, checkpoint_settings, &root)).await?,
+        )
+    };
     let listener = server::bind_socket(&args.address)?;
     let rest_socket = if rest_config.socket.is_empty() {
         args.address.with_file_name("rest.sock")
@@ -175,6 +188,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         remote,
         snapshotter,
         commits,
+        checkpoints,
         args.root.clone(),
         when_stopped(stopped),
     )

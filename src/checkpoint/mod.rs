@@ -218,8 +218,39 @@ pub struct Inspection {
     pub verification: Option<(u64, Vec<String>)>,
 }
 
+/// What checkpoints take from the daemon's configuration, loaded at start
+/// so that a loose key file or a bad size refuses the start.
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    /// Which runc and criu process-state checkpoints use.
+    pub criu: crate::host::criu::CriuSettings,
+    /// The keys checkpoint records are sealed with and trusted under.
+    pub trust: Arc<trust::RecordTrust>,
+    /// `checkpoint.max_received_archive`, in bytes: the largest archive
+    /// another node may stream in.
+    pub max_received_archive: u64,
+}
+
+impl CheckpointSettings {
+    /// Reads `config`'s checkpoint settings; the node's record key is
+    /// created under `root` if it has none.
+    pub fn load(root: &Path, config: &crate::config::Config) -> Result<CheckpointSettings, CheckpointError> {
+        let trusted: Vec<PathBuf> = config.checkpoint.trusted_record_keys.iter().map(Into::into).collect();
+        let trust = trust::RecordTrust::load(root, &trusted, config.checkpoint.untrusted_mounts.clone())
+            .map_err(|e| CheckpointError::Invalid(format!("checkpoint record keys: {e}")))?;
+        Ok(CheckpointSettings {
+            criu: config.criu.settings(),
+            trust: Arc::new(trust),
+            max_received_archive: config
+                .max_received_archive_bytes()
+                .map_err(|e| CheckpointError::Invalid(e.to_string()))?,
+        })
+    }
+}
+
 pub struct CheckpointService {
     capture: Arc<CaptureService>,
+    settings: CheckpointSettings,
     /// Recurring checkpoints, by schedule id (storage secrets sealed).
     schedules: crate::snapshot::store::Records<schedule::Schedule>,
     root: PathBuf,
@@ -243,7 +274,7 @@ impl CheckpointService {
     /// daemon killed mid-create or mid-export) are deleted: no work is under
     /// way yet. Checkpoints a killed daemon journaled (see [`journal`]) are
     /// first finished: stored if their dump finished, else discarded.
-    pub fn new(capture: Arc<CaptureService>, root: &Path) -> CheckpointService {
+    pub fn new(capture: Arc<CaptureService>, settings: CheckpointSettings, root: &Path) -> CheckpointService {
         let work = root.join("checkpoint-work");
         let mut pending = Vec::new();
         for path in journal::journal_files(&work) {
@@ -289,6 +320,7 @@ impl CheckpointService {
                 crate::snapshot::store::RecordKind::Schedules,
             ),
             capture,
+            settings,
             root: root.to_path_buf(),
             writing: tokio::sync::Mutex::new(()),
             created: Mutex::new(0),
@@ -495,7 +527,7 @@ impl CheckpointService {
             }
         }
         let catalogue = self.catalogue(&request.storage)?;
-        let settings = self.capture.snapshotter().criu_settings().clone();
+        let settings = self.settings.criu.clone();
         // Without the kernel's dirty-page tracking CRIU cannot tell which
         // pages changed since an earlier dump: no pre-dump, and every dump
         // holds all the memory.
@@ -789,9 +821,8 @@ impl CheckpointService {
             process::ContainerRecord::from_container(&container, snapshot_parent, process::process_identity(pid))?;
         // Sealed before it is stored: the seal travels with the record to
         // wherever the checkpoint goes, and only it makes the record trusted.
-        self.capture
-            .snapshotter()
-            .record_trust()
+        self.settings
+            .trust
             .seal(&mut record)
             .map_err(|e| CheckpointError::Task(e.to_string()))?;
         Ok((parent, record))
@@ -974,19 +1005,23 @@ impl CheckpointService {
         Ok(exported)
     }
 
-    /// A private scratch path for a streamed archive.
-    /// The budget of an archive another node streams in: see
-    /// [`Snapshotter::receive_limit`](crate::snapshot::snapshotter::Snapshotter::receive_limit).
+    /// The budget of an archive another node streams in: the configured
+    /// maximum, and no more than half the free space of the daemon's root
+    /// (the import copies it again).
     pub fn receive_budget(&self) -> Result<ReceiveBudget, CheckpointError> {
         let work = self.root.join("checkpoint-work");
         std::fs::create_dir_all(&work).map_err(|e| CheckpointError::Task(format!("{}: {e}", work.display())))?;
-        let snapshotter = self.capture.snapshotter();
-        let limit = snapshotter
-            .receive_limit(&work)
+        // The import copies it again: no more than half the free space.
+        let free = self
+            .capture
+            .snapshotter()
+            .system()
+            .free_bytes(&work)
             .map_err(|e| CheckpointError::Task(e.to_string()))?;
+        let limit = self.settings.max_received_archive.min(free / 2);
         Ok(ReceiveBudget {
             limit,
-            why: if limit < snapshotter.max_received_archive() {
+            why: if limit < self.settings.max_received_archive {
                 "half the free space of the daemon's root"
             } else {
                 "checkpoint.max_received_archive"

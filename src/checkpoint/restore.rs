@@ -171,7 +171,7 @@ impl CheckpointService {
                 request.network_remap.clone(),
             );
             let admission = Admission {
-                trust: self.capture.snapshotter().record_trust().clone(),
+                trust: self.settings.trust.clone(),
                 namespace: request.namespace.clone(),
                 apply_untrusted: request.trust_record,
             };
@@ -379,7 +379,7 @@ impl CheckpointService {
                 let criu_work = work.join("criu");
                 fs::create_dir_all(&criu_work)
                     .map_err(|e| failed("task", ErrorKind::Internal)(CheckpointError::Task(e.to_string())))?;
-                let settings = snapshotter.criu_settings();
+                let settings = &self.settings.criu;
                 Some(
                     crate::host::criu::restore_options(
                         record.runtime_options().as_ref(),

@@ -422,6 +422,8 @@ pub struct CommitService {
     jobs: Records<Job>,
     /// Commit chains, by "<namespace>/<container>".
     chains: Records<Chain>,
+    /// How jobs reach registries: `[registry]`'s host configuration.
+    registry: RegistryOptions,
     /// Bounds the background jobs that run at once.
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
@@ -509,6 +511,7 @@ impl CommitService {
             snapshotter: capture.snapshotter().clone(),
             jobs: Records::new(store.clone(), RecordKind::Jobs),
             chains: Records::new(store, RecordKind::Chains),
+            registry: RegistryOptions::default(),
             capture,
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
             nydus_cache,
@@ -537,6 +540,13 @@ impl CommitService {
         // until its owner stores or discards it.
         service.capture.sweep(&heads)?;
         Ok(service)
+    }
+
+    /// Jobs reach registries as `registry` says (hosts, mirrors, CAs,
+    /// credentials); without, as [`RegistryOptions::default`].
+    pub fn with_registry(mut self, registry: RegistryOptions) -> CommitService {
+        self.registry = registry;
+        self
     }
 
     fn save(&self, job: &Job) -> Result<(), CommitError> {
@@ -767,7 +777,7 @@ impl CommitService {
         self.update(job, 0.05, "reading the base image");
         let source = RegistryClient::new(RegistryOptions {
             insecure: job.options.source_insecure,
-            ..self.snapshotter.registry_options()
+            ..self.registry.clone()
         });
         // containerd's content store first: an image imported or built
         // locally may be in no registry at all.
@@ -781,7 +791,7 @@ impl CommitService {
         };
         let target = RegistryClient::new(RegistryOptions {
             insecure: job.options.target_insecure,
-            ..self.snapshotter.registry_options()
+            ..self.registry.clone()
         });
         // Credentials the target refuses fail the job now, not after the
         // layers are built. Any other failure shows again where it matters.

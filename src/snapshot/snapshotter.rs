@@ -83,8 +83,6 @@ pub enum SnapshotError {
     Filter(#[from] FilterError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
-    RecordKey(#[from] crate::checkpoint::trust::TrustError),
 }
 
 impl Classify for SnapshotError {
@@ -101,7 +99,7 @@ impl Classify for SnapshotError {
             }
             SnapshotError::Rafs(e) => e.kind(),
             SnapshotError::NoMounts { .. } => ErrorKind::FailedPrecondition,
-            SnapshotError::Usage { .. } | SnapshotError::Config(_) | SnapshotError::RecordKey(_) => ErrorKind::Internal,
+            SnapshotError::Usage { .. } | SnapshotError::Config(_) => ErrorKind::Internal,
             SnapshotError::Store(e) => e.kind(),
             SnapshotError::Storage(e) => e.kind(),
         }
@@ -169,16 +167,8 @@ pub struct Snapshotter {
     overlay: OverlayFeatures,
     upperdir_label: bool,
     rafs: RafsMounts,
-    criu: crate::host::criu::CriuSettings,
     /// Namespaces whose committed layers one another may adopt.
     shared_namespaces: Vec<String>,
-    /// Keys of checkpoint records: loaded here, with the rest of the
-    /// daemon's start-up state, so a loose key file refuses the start.
-    record_trust: Arc<crate::checkpoint::trust::RecordTrust>,
-    /// The largest archive another node may stream in.
-    max_received_archive: u64,
-    /// How commits reach registries: `[registry]`'s host configuration.
-    registry: crate::oci::registry::RegistryOptions,
 }
 
 fn validate_key(style: KeyStyle, what: &'static str, key: &str) -> Result<(), SnapshotError> {
@@ -345,16 +335,6 @@ impl Snapshotter {
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
         let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
-        let record_trust = Arc::new(crate::checkpoint::trust::RecordTrust::load(
-            root,
-            &config
-                .checkpoint
-                .trusted_record_keys
-                .iter()
-                .map(Into::into)
-                .collect::<Vec<_>>(),
-            config.checkpoint.untrusted_mounts.clone(),
-        )?);
         let snapshotter = Snapshotter {
             store,
             storage,
@@ -362,11 +342,7 @@ impl Snapshotter {
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
-            criu: config.criu.settings(),
-            registry: config.registry.options(),
             shared_namespaces: config.snapshotter.shared_namespaces.clone(),
-            record_trust,
-            max_received_archive: config.max_received_archive_bytes()?,
         };
         snapshotter.recover_rafs_mounts()?;
         let removed = snapshotter.cleanup()?;
@@ -382,39 +358,10 @@ impl Snapshotter {
         Ok(snapshotter)
     }
 
-    /// Options of the registry clients commits build: the host
-    /// configuration (and credentials) every one of them uses.
-    pub fn registry_options(&self) -> crate::oci::registry::RegistryOptions {
-        self.registry.clone()
-    }
-
-    /// Which runc and criu process-state checkpoints use.
-    pub fn criu_settings(&self) -> &crate::host::criu::CriuSettings {
-        &self.criu
-    }
-
     /// Where background jobs build what they build, unless told otherwise:
     /// 0700 beneath the daemon's root.
     pub fn scratch_dir(&self) -> &Path {
         self.storage.scratch_dir()
-    }
-
-    /// The keys checkpoint records are sealed with and trusted under.
-    pub fn record_trust(&self) -> &Arc<crate::checkpoint::trust::RecordTrust> {
-        &self.record_trust
-    }
-
-    /// `checkpoint.max_received_archive`, in bytes.
-    pub fn max_received_archive(&self) -> u64 {
-        self.max_received_archive
-    }
-
-    /// How many bytes an archive streamed in from another node may have
-    /// when landing in `dir`: the configured maximum, and no more than half
-    /// the free space of `dir`'s filesystem (the import copies it again).
-    pub fn receive_limit(&self, dir: &Path) -> Result<u64, SnapshotError> {
-        let free = self.sys.free_bytes(dir).map_err(StorageError::from)?;
-        Ok(self.max_received_archive.min(free / 2))
     }
 
     pub fn storage_kind(&self) -> StorageKind {

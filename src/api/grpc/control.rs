@@ -38,14 +38,17 @@ pub struct ControlService {
 }
 
 impl ControlService {
-    pub fn new(snapshotter: Arc<Snapshotter>, commits: Arc<CommitService>, root: PathBuf) -> Self {
+    /// Starts the checkpoint scheduler of `checkpoints`.
+    pub fn new(
+        snapshotter: Arc<Snapshotter>,
+        commits: Arc<CommitService>,
+        checkpoints: Arc<CheckpointService>,
+        root: PathBuf,
+    ) -> Self {
+        checkpoints.start_scheduler();
         ControlService {
             snapshotter,
-            checkpoints: {
-                let checkpoints = Arc::new(CheckpointService::new(commits.capture_service().clone(), &root));
-                checkpoints.start_scheduler();
-                checkpoints
-            },
+            checkpoints,
             commits,
             root,
         }
