@@ -210,8 +210,6 @@ impl Catalogue {
             .len())
     }
 
-    /// Reads blob `key` back, decompressed, and checks it against the
-    /// digest in its name.
     /// Writes the content of blob `key` to a new file at `target`, checking
     /// it against the digest the key names; a mismatch leaves no file.
     pub(in crate::checkpoint) fn fetch_verified(&self, key: &str, target: &Path) -> Result<u64, CatalogueError> {

@@ -263,7 +263,6 @@ impl Catalogue {
         Ok(chain)
     }
 
-    /// The writable layer `checkpoint` holds.
     /// The whole tree of `checkpoint` and where each file content of it is
     /// stored (its blob key, by digest): what a restore writes back.
     pub fn restore_plan(&self, checkpoint: &Checkpoint) -> Result<(Tree, HashMap<String, String>), CatalogueError> {
