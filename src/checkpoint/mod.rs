@@ -946,10 +946,12 @@ impl CheckpointService {
             };
             let mut text = String::new();
             std::io::Read::read_to_string(&mut catalogue.open_content(&process.dump_log_key)?, &mut text).map_err(
-                |source| CatalogueError::Io {
-                    op: "read",
-                    path: process.dump_log_key.clone(),
-                    source,
+                |source| {
+                    CatalogueError::Io(crate::error::IoError {
+                        op: "read",
+                        path: process.dump_log_key.clone(),
+                        source,
+                    })
                 },
             )?;
             Ok(text)

@@ -15,17 +15,14 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::{io_err, IoError};
 use crate::oci::digest::{hex, unhex};
 use crate::oci::overlay;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("file name {path:?} is not UTF-8; checkpoints store UTF-8 paths only")]
     NonUtf8 { path: String },
     /// A path that is not plain and relative: it could name something
@@ -723,20 +720,11 @@ pub fn hash_file(path: &Path) -> Result<String, TreeError> {
 
 /// The xattrs of `path` whose names are text, values in hex.
 fn read_xattrs(path: &Path) -> Result<BTreeMap<String, String>, TreeError> {
-    let xattrs = overlay::read_xattrs(path).map_err(|e| TreeError::Io {
-        op: e.op,
-        path: e.path,
-        source: e.source,
-    })?;
+    let xattrs = overlay::read_xattrs(path)?;
     Ok(xattrs
         .into_iter()
         .filter_map(|(name, value)| Some((name.into_string().ok()?, hex(&value))))
         .collect())
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TreeError {
-    let path = path.display().to_string();
-    move |source| TreeError::Io { op, path, source }
 }
 
 #[cfg(test)]

@@ -566,21 +566,24 @@ fn store_cached(dir: &Path, parts: &[LayerBuild]) -> std::io::Result<Vec<LayerBu
 /// Writes the uncompressed tar of a layer blob (gzip, zstd or none, by its
 /// media type).
 pub fn decompress_layer(media_type: &str, from: &Path, to: &Path) -> Result<(), String> {
+    use crate::oci::compress::{Compression, Decoder};
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |e: std::io::Error| format!("{path}: {e}")
     };
     let input = std::fs::File::open(from).map_err(io(from))?;
     let mut output = std::fs::File::create(to).map_err(io(to))?;
-    let mut reader: Box<dyn std::io::Read> = if media_type.ends_with("gzip") {
-        Box::new(flate2::read::GzDecoder::new(input))
+    // By suffix: Docker's media types (`...rootfs.diff.tar.gzip`) too.
+    let compression = if media_type.ends_with("gzip") {
+        Compression::Gzip
     } else if media_type.ends_with("zstd") {
-        Box::new(zstd::stream::read::Decoder::new(input).map_err(io(from))?)
+        Compression::Zstd
     } else if media_type.ends_with("tar") {
-        Box::new(input)
+        Compression::None
     } else {
         return Err(format!("base layer media type {media_type} is not a tar layer"));
     };
+    let mut reader = Decoder::new(input, compression).map_err(io(from))?;
     std::io::copy(&mut reader, &mut output).map_err(io(from))?;
     Ok(())
 }

@@ -60,11 +60,9 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use crate::error::{Classify, ErrorKind};
+use crate::oci::compress::Encoder;
+pub use crate::oci::compress::{Compression, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD};
 use crate::oci::overlay::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
-
-pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const MEDIA_TYPE_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MEDIA_TYPE_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 const ZSTD_LEVEL: i32 = 3;
@@ -103,26 +101,6 @@ impl Classify for LayerError {
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LayerError {
     let path = path.display().to_string();
     move |source| LayerError::Io { op, path, source }
-}
-
-/// How the layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compression {
-    None,
-    #[default]
-    Gzip,
-    Zstd,
-}
-
-impl Compression {
-    /// The OCI media type of a layer compressed this way.
-    pub fn media_type(self) -> &'static str {
-        match self {
-            Compression::None => MEDIA_TYPE_TAR,
-            Compression::Gzip => MEDIA_TYPE_TAR_GZIP,
-            Compression::Zstd => MEDIA_TYPE_TAR_ZSTD,
-        }
-    }
 }
 
 /// Which paths of the container a layer covers (a commit's `with_paths` and
@@ -852,49 +830,6 @@ impl<W: Write> Write for Digesting<W> {
     }
 }
 
-enum Compressor<W: Write> {
-    Plain(W),
-    Gzip(flate2::write::GzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Compressor<W> {
-    fn new(inner: W, compression: Compression) -> io::Result<Self> {
-        Ok(match compression {
-            Compression::None => Compressor::Plain(inner),
-            // The gzip header carries no name and mtime 0: the blob is reproducible.
-            Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(inner, flate2::Compression::default())),
-            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(inner, ZSTD_LEVEL)?),
-        })
-    }
-
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Compressor::Plain(inner) => Ok(inner),
-            Compressor::Gzip(encoder) => encoder.finish(),
-            Compressor::Zstd(encoder) => encoder.finish(),
-        }
-    }
-}
-
-impl<W: Write> Write for Compressor<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Plain(w) => w.write(buf),
-            Compressor::Gzip(w) => w.write(buf),
-            Compressor::Zstd(w) => w.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Plain(w) => w.flush(),
-            Compressor::Gzip(w) => w.flush(),
-            Compressor::Zstd(w) => w.flush(),
-        }
-    }
-}
-
 /// Reads exactly the size announced in the tar header, failing if the file
 /// is shorter (which would corrupt the archive) and ignoring any growth.
 struct ExactReader<R> {
@@ -920,7 +855,7 @@ impl<R: Read> Read for ExactReader<R> {
     }
 }
 
-type BlobWriter = Digesting<Compressor<Digesting<BufWriter<File>>>>;
+type BlobWriter = Digesting<Encoder<Digesting<BufWriter<File>>>>;
 
 fn write_blob<'a>(
     items: impl IntoIterator<Item = &'a Item>,
@@ -930,7 +865,7 @@ fn write_blob<'a>(
     let blob_err = || io_err("writing layer blob", out);
     let file = File::create(out).map_err(blob_err())?;
     let compressed = Digesting::new(BufWriter::with_capacity(1 << 20, file));
-    let tar_stream: BlobWriter = Digesting::new(Compressor::new(compressed, compression).map_err(blob_err())?);
+    let tar_stream: BlobWriter = Digesting::new(Encoder::new(compressed, compression, ZSTD_LEVEL).map_err(blob_err())?);
     let mut builder = tar::Builder::new(tar_stream);
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut entries = 0u64;

@@ -1,12 +1,14 @@
 //! OCI images and where they live: the distribution registry client (bounded
 //! reads, retries, per-endpoint TLS and mirrors from containerd-style
 //! `hosts.toml`), Docker's `config.json` and credential helpers, images read
-//! from containerd's content store, and OCI layer tars written from overlay
-//! upper directories.
+//! from containerd's content store, OCI layer tars written from overlay
+//! upper directories, and the gzip/zstd encoders and decoders every layer
+//! and blob stream goes through (`compress`).
 //!
 //! Knows nothing of snapshots, jobs, chains or checkpoints: callers hand in
 //! directories and blobs and get back digests.
 
+pub mod compress;
 pub mod content;
 pub mod credentials;
 pub mod digest;
