@@ -338,8 +338,10 @@ impl Snapshotter {
     /// Nydus blobs come from their image's registry; only registries on
     /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
-        let source =
-            RegistryBlobSource::with_options(config.nydus.insecure_registries.clone(), config.registry.options());
+        let source = RegistryBlobSource::with_options(
+            config.nydus.insecure_registries.clone(),
+            crate::oci::registry::RegistryOptions::from_config(&config.registry),
+        );
         Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), Arc::new(InProcessFuse::new()))
     }
 
@@ -378,8 +380,8 @@ impl Snapshotter {
             overlay: OverlayFeatures::detect(),
             upperdir_label: config.snapshotter.upperdir_label,
             rafs,
-            criu: config.criu.settings(),
-            registry: config.registry.options(),
+            criu: crate::host::criu::CriuSettings::from_config(&config.criu),
+            registry: crate::oci::registry::RegistryOptions::from_config(&config.registry),
             shared_namespaces: config.snapshotter.shared_namespaces.clone(),
             record_trust,
             max_received_archive: config.max_received_archive_bytes()?,

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-/// containerd's default `config_path`.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/containerd/certs.d";
+/// containerd's default `config_path` (the configuration's default too).
+pub const DEFAULT_CONFIG_PATH: &str = crate::config::DEFAULT_REGISTRY_CONFIG_PATH;
 /// The file in each host directory.
 const HOSTS_FILE: &str = "hosts.toml";
 /// The directory whose `hosts.toml` serves hosts without their own.
@@ -178,6 +178,16 @@ impl RegistryHosts {
     pub fn at(config_path: impl Into<PathBuf>) -> RegistryHosts {
         RegistryHosts {
             config_path: Some(config_path.into()),
+        }
+    }
+
+    /// The host configuration `registry.config_path` names; none when it
+    /// is empty.
+    pub fn from_config(config: &crate::config::RegistryConfig) -> RegistryHosts {
+        if config.config_path.is_empty() {
+            RegistryHosts::none()
+        } else {
+            RegistryHosts::at(&config.config_path)
         }
     }
 

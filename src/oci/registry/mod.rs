@@ -299,6 +299,23 @@ impl Default for RegistryOptions {
     }
 }
 
+impl RegistryOptions {
+    /// Options with the host configuration of `config` and the credentials
+    /// of its `docker_config` (none when it is empty).
+    pub fn from_config(config: &crate::config::RegistryConfig) -> RegistryOptions {
+        let credentials: Option<Arc<dyn CredentialSource>> = if config.docker_config.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::oci::credentials::Keychain::new(&config.docker_config)))
+        };
+        RegistryOptions {
+            hosts: RegistryHosts::from_config(config),
+            credentials,
+            ..RegistryOptions::default()
+        }
+    }
+}
+
 /// What a call asks of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Need {
