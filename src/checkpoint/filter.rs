@@ -8,13 +8,23 @@
 //! This module owns parsing, the canonical printed form and evaluation. It
 //! knows nothing of how checkpoints are stored: the caller presents each one
 //! as a [`Subject`].
+//!
+//! It is not containerd's language (`snapshot::filter`), which is a flat
+//! conjunction of `fieldpath op value` selectors (`==`, `!=`, `~=` regular
+//! expressions, dotted field paths, Go-escaped strings and `/re/`), its
+//! alternatives given as separate strings. This one has `&&`, `||`, `!` and
+//! parentheses, ordering operators and `in` lists, typed size and duration
+//! values, and quoted strings that escape only `"` and `\`. What the two
+//! share is written once, there: [`FilterError`] and the character cursor
+//! both parsers lex with.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::error::{Classify, ErrorKind};
+use crate::snapshot::filter::Cursor;
+pub use crate::snapshot::filter::FilterError;
 pub use crate::units::{parse_duration, parse_size};
 use crate::units::{scan_duration, scan_size};
 
@@ -24,22 +34,6 @@ use crate::units::{scan_duration, scan_size};
 const MAX_DEPTH: usize = 64;
 
 const FIELDS: &str = "size, age, label or status";
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("filter {input:?}: {message} at column {column}")]
-pub struct FilterError {
-    pub input: String,
-    /// 1-based character column where the problem is; one past the last
-    /// character when the input ended too early.
-    pub column: usize,
-    pub message: String,
-}
-
-impl Classify for FilterError {
-    fn kind(&self) -> ErrorKind {
-        ErrorKind::InvalidArgument
-    }
-}
 
 /// A checkpoint as the filter sees it.
 pub trait Subject {
@@ -62,15 +56,15 @@ impl Filter {
     pub fn parse(input: &str) -> Result<Filter, FilterError> {
         let mut parser = Parser::new(input);
         let expr = parser.any_of()?;
-        parser.skip_space();
-        if parser.pos < parser.chars.len() {
+        parser.cursor.skip_space();
+        if let Some(next) = parser.cursor.peek() {
             let found = parser.found();
-            let message = if parser.chars[parser.pos] == ')' {
+            let message = if next == ')' {
                 format!("expected '&&', '||' or end of input, found {found} with no '(' to close")
             } else {
                 format!("expected '&&', '||' or end of input, found {found}")
             };
-            return Err(parser.error_at(parser.pos, message));
+            return Err(parser.cursor.error_at(parser.cursor.pos, message));
         }
         Ok(Filter { expr })
     }
@@ -409,76 +403,35 @@ enum Operator {
 /// comparison := field op value | field 'in' '(' value (',' value)* ')'
 /// ```
 struct Parser<'a> {
-    input: &'a str,
-    chars: Vec<char>,
-    pos: usize,
+    cursor: Cursor<'a>,
     depth: usize,
 }
 
 impl<'a> Parser<'a> {
     fn new(input: &'a str) -> Self {
         Parser {
-            input,
-            chars: input.chars().collect(),
-            pos: 0,
+            cursor: Cursor::new(input),
             depth: 0,
         }
     }
 
-    fn error_at(&self, pos: usize, message: impl Into<String>) -> FilterError {
-        FilterError {
-            input: self.input.to_owned(),
-            column: pos + 1,
-            message: message.into(),
-        }
-    }
-
-    fn peek(&self) -> Option<char> {
-        self.chars.get(self.pos).copied()
-    }
-
-    fn skip_space(&mut self) {
-        while self.peek().is_some_and(char::is_whitespace) {
-            self.pos += 1;
-        }
-    }
-
-    fn looking_at(&self, text: &str) -> bool {
-        let end = self.pos + text.chars().count();
-        self.chars
-            .get(self.pos..end)
-            .is_some_and(|next| next.iter().copied().eq(text.chars()))
-    }
-
-    /// Skips space, then consumes `text` if it comes next.
-    fn eat(&mut self, text: &str) -> bool {
-        self.skip_space();
-        if self.looking_at(text) {
-            self.pos += text.chars().count();
-            true
-        } else {
-            false
-        }
-    }
-
     fn bare_word_len(&self, at: usize) -> usize {
-        self.chars[at..].iter().take_while(|&&c| is_bare(c)).count()
+        self.cursor.run_len(at, is_bare)
     }
 
     /// What stands at the current position, for "found ..." messages.
     fn found(&self) -> String {
         for two in ["&&", "||", "!=", ">=", "<="] {
-            if self.looking_at(two) {
+            if self.cursor.looking_at(two) {
                 return format!("'{two}'");
             }
         }
-        match self.peek() {
+        match self.cursor.peek() {
             None => "end of input".to_owned(),
             Some(c) if !is_bare(c) => format!("{c:?}"),
             Some(_) => {
-                let word: String = self.chars[self.pos..self.pos + self.bare_word_len(self.pos)]
-                    .iter()
-                    .collect();
+                let start = self.cursor.pos;
+                let word = self.cursor.text(start, start + self.bare_word_len(start));
                 format!("{word:?}")
             }
         }
@@ -486,11 +439,11 @@ impl<'a> Parser<'a> {
 
     fn any_of(&mut self) -> Result<Expr, FilterError> {
         let first = self.all_of()?;
-        if !self.eat("||") {
+        if !self.cursor.eat("||") {
             return Ok(first);
         }
         let mut terms = vec![first, self.all_of()?];
-        while self.eat("||") {
+        while self.cursor.eat("||") {
             terms.push(self.all_of()?);
         }
         Ok(Expr::Or(terms))
@@ -498,11 +451,11 @@ impl<'a> Parser<'a> {
 
     fn all_of(&mut self) -> Result<Expr, FilterError> {
         let first = self.unary()?;
-        if !self.eat("&&") {
+        if !self.cursor.eat("&&") {
             return Ok(first);
         }
         let mut terms = vec![first, self.unary()?];
-        while self.eat("&&") {
+        while self.cursor.eat("&&") {
             terms.push(self.unary()?);
         }
         Ok(Expr::And(terms))
@@ -510,8 +463,8 @@ impl<'a> Parser<'a> {
 
     fn enter(&mut self) -> Result<(), FilterError> {
         if self.depth == MAX_DEPTH {
-            return Err(self.error_at(
-                self.pos,
+            return Err(self.cursor.error_at(
+                self.cursor.pos,
                 format!("expected at most {MAX_DEPTH} levels of nested '(' and '!', found more"),
             ));
         }
@@ -520,37 +473,37 @@ impl<'a> Parser<'a> {
     }
 
     fn unary(&mut self) -> Result<Expr, FilterError> {
-        self.skip_space();
-        let start = self.pos;
-        match self.peek() {
-            Some('!') if !self.looking_at("!=") => {
+        self.cursor.skip_space();
+        let start = self.cursor.pos;
+        match self.cursor.peek() {
+            Some('!') if !self.cursor.looking_at("!=") => {
                 self.enter()?;
-                self.pos += 1;
+                self.cursor.pos += 1;
                 let inner = self.unary()?;
                 self.depth -= 1;
                 Ok(Expr::Not(Box::new(inner)))
             }
             Some('(') => {
                 self.enter()?;
-                self.pos += 1;
+                self.cursor.pos += 1;
                 let inner = self.any_of()?;
-                self.skip_space();
-                if self.peek() != Some(')') {
+                self.cursor.skip_space();
+                if self.cursor.peek() != Some(')') {
                     let found = self.found();
                     let column = start + 1;
-                    return Err(self.error_at(
-                        self.pos,
+                    return Err(self.cursor.error_at(
+                        self.cursor.pos,
                         format!("expected '&&', '||' or ')' to close the '(' at column {column}, found {found}"),
                     ));
                 }
-                self.pos += 1;
+                self.cursor.pos += 1;
                 self.depth -= 1;
                 Ok(inner)
             }
             Some(c) if is_bare(c) && c != '=' => Ok(Expr::Compare(self.comparison()?)),
             _ => {
                 let found = self.found();
-                Err(self.error_at(
+                Err(self.cursor.error_at(
                     start,
                     format!("expected a comparison such as label=prod, found {found}"),
                 ))
@@ -559,20 +512,19 @@ impl<'a> Parser<'a> {
     }
 
     fn comparison(&mut self) -> Result<Comparison, FilterError> {
-        let field_start = self.pos;
-        while self.peek().is_some_and(|c| is_bare(c) && c != '=') {
-            self.pos += 1;
-        }
-        let name: String = self.chars[field_start..self.pos].iter().collect();
-        let field = Field::from_name(&name)
-            .ok_or_else(|| self.error_at(field_start, format!("unknown field {name:?}: expected {FIELDS}")))?;
-        self.skip_space();
-        let op_start = self.pos;
+        let field_start = self.cursor.pos;
+        let name = self.cursor.take_while(|c| is_bare(c) && c != '=');
+        let field = Field::from_name(&name).ok_or_else(|| {
+            self.cursor
+                .error_at(field_start, format!("unknown field {name:?}: expected {FIELDS}"))
+        })?;
+        self.cursor.skip_space();
+        let op_start = self.cursor.pos;
         let operator = self.operator()?;
         let textual = matches!(field, Field::Label | Field::Status);
         if let Operator::Cmp(cmp @ (Cmp::Gt | Cmp::Lt | Cmp::Ge | Cmp::Le)) = operator {
             if textual {
-                return Err(self.error_at(
+                return Err(self.cursor.error_at(
                     op_start,
                     format!(
                         "operator {} does not apply to {}; use =, != or in",
@@ -615,35 +567,34 @@ impl<'a> Parser<'a> {
             (">", Cmp::Gt),
             ("<", Cmp::Lt),
         ] {
-            if self.looking_at(text) {
-                self.pos += text.len();
+            if self.cursor.looking_at(text) {
+                self.cursor.pos += text.len();
                 return Ok(Operator::Cmp(cmp));
             }
         }
         // `in` is a word: it must not run on into more word characters.
-        let len = self.chars[self.pos..]
-            .iter()
-            .take_while(|&&c| is_bare(c) && c != '=')
-            .count();
-        if len == 2 && self.looking_at("in") {
-            self.pos += 2;
+        let len = self.cursor.run_len(self.cursor.pos, |c| is_bare(c) && c != '=');
+        if len == 2 && self.cursor.looking_at("in") {
+            self.cursor.pos += 2;
             return Ok(Operator::In);
         }
         let found = self.found();
-        Err(self.error_at(
-            self.pos,
+        Err(self.cursor.error_at(
+            self.cursor.pos,
             format!("expected an operator (=, !=, >, <, >=, <= or in), found {found}"),
         ))
     }
 
     fn list(&mut self, field: Field) -> Result<Comparison, FilterError> {
-        self.skip_space();
-        if self.peek() != Some('(') {
+        self.cursor.skip_space();
+        if self.cursor.peek() != Some('(') {
             let found = self.found();
-            return Err(self.error_at(self.pos, format!("expected '(' after 'in', found {found}")));
+            return Err(self
+                .cursor
+                .error_at(self.cursor.pos, format!("expected '(' after 'in', found {found}")));
         }
-        let open_column = self.pos + 1;
-        self.pos += 1;
+        let open_column = self.cursor.pos + 1;
+        self.cursor.pos += 1;
         let mut numbers = Vec::new();
         let mut texts = Vec::new();
         let mut after = "'('";
@@ -652,20 +603,20 @@ impl<'a> Parser<'a> {
                 Field::Size | Field::Age => numbers.push(self.number(field, after)?),
                 Field::Label | Field::Status => texts.push(self.text(field, after)?),
             }
-            self.skip_space();
-            match self.peek() {
+            self.cursor.skip_space();
+            match self.cursor.peek() {
                 Some(',') => {
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                     after = "','";
                 }
                 Some(')') => {
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                     break;
                 }
                 _ => {
                     let found = self.found();
-                    return Err(self.error_at(
-                        self.pos,
+                    return Err(self.cursor.error_at(
+                        self.cursor.pos,
                         format!("expected ',' or ')' to close the list at column {open_column}, found {found}"),
                     ));
                 }
@@ -682,15 +633,15 @@ impl<'a> Parser<'a> {
     /// The start of a value, or an error naming what was expected after
     /// `after` (the operator, `(` or `,`).
     fn value_start(&mut self, field: Field, after: &str) -> Result<usize, FilterError> {
-        self.skip_space();
-        match self.peek() {
+        self.cursor.skip_space();
+        match self.cursor.peek() {
             // `=` cannot start a bare value: `label==x` is far more likely a
             // mistyped operator than a label named "=x".
-            Some(c) if is_bare(c) && c != '=' => Ok(self.pos),
+            Some(c) if is_bare(c) && c != '=' => Ok(self.cursor.pos),
             _ => {
                 let found = self.found();
-                Err(self.error_at(
-                    self.pos,
+                Err(self.cursor.error_at(
+                    self.cursor.pos,
                     format!("expected {} after {after}, found {found}", field.example()),
                 ))
             }
@@ -700,55 +651,54 @@ impl<'a> Parser<'a> {
     /// A size (in bytes) or an age (in seconds).
     fn number(&mut self, field: Field, after: &str) -> Result<u64, FilterError> {
         let start = self.value_start(field, after)?;
-        self.pos += self.bare_word_len(start);
-        let word = &self.chars[start..self.pos];
+        self.cursor.pos += self.bare_word_len(start);
+        let word = &self.cursor.chars[start..self.cursor.pos];
         let scanned = if field == Field::Size {
             scan_size(word)
         } else {
             scan_duration(word)
         };
-        scanned.map_err(|e| self.error_at(start + e.offset, e.message))
+        scanned.map_err(|e| self.cursor.error_at(start + e.offset, e.message))
     }
 
     /// A label or status: a bare word or a double-quoted string.
     fn text(&mut self, field: Field, after: &str) -> Result<String, FilterError> {
         let start = self.value_start(field, after)?;
-        if self.peek() != Some('"') {
-            self.pos += self.bare_word_len(start);
-            return Ok(self.chars[start..self.pos].iter().collect());
+        if self.cursor.peek() != Some('"') {
+            return Ok(self.cursor.take_while(is_bare));
         }
-        self.pos += 1;
+        self.cursor.pos += 1;
         let mut value = String::new();
         loop {
-            match self.peek() {
+            match self.cursor.peek() {
                 None => {
                     let column = start + 1;
-                    return Err(self.error_at(
-                        self.pos,
+                    return Err(self.cursor.error_at(
+                        self.cursor.pos,
                         format!("expected '\"' to close the quote at column {column}, found end of input"),
                     ));
                 }
                 Some('"') => {
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                     return Ok(value);
                 }
                 Some('\\') => {
-                    self.pos += 1;
-                    match self.peek() {
+                    self.cursor.pos += 1;
+                    match self.cursor.peek() {
                         Some(c @ ('"' | '\\')) => value.push(c),
                         _ => {
                             let found = self.found();
-                            return Err(self.error_at(
-                                self.pos,
+                            return Err(self.cursor.error_at(
+                                self.cursor.pos,
                                 format!("expected '\"' or '\\' after '\\' in a quoted value, found {found}"),
                             ));
                         }
                     }
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                 }
                 Some(c) => {
                     value.push(c);
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                 }
             }
         }
@@ -758,6 +708,7 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{Classify, ErrorKind};
 
     struct Checkpoint {
         size: u64,
