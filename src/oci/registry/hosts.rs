@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use crate::error::{io_err, IoError};
+
 /// containerd's default `config_path` (the configuration's default too).
 pub const DEFAULT_CONFIG_PATH: &str = crate::config::DEFAULT_REGISTRY_CONFIG_PATH;
 /// The file in each host directory.
@@ -57,8 +59,10 @@ pub enum HostsError {
         file: String,
         reason: String,
     },
-    #[error("registry hosts file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// Its op is "registry hosts file", whatever the call: the message
+    /// names the file, not the system call.
+    #[error(transparent)]
+    Read(#[from] IoError),
 }
 
 /// How an endpoint is spoken to.
@@ -203,10 +207,7 @@ impl RegistryHosts {
         let Some(file) = file else {
             return Ok(vec![default_server(host)]);
         };
-        let text = read_limited(&file, 1 << 20).map_err(|source| HostsError::Read {
-            path: file.display().to_string(),
-            source,
-        })?;
+        let text = read_limited(&file, 1 << 20).map_err(io_err("registry hosts file", &file))?;
         parse_hosts_file(&text, &file, host)
     }
 }
