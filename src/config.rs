@@ -70,8 +70,11 @@ pub struct RegistryConfig {
     pub docker_config: String,
 }
 
+/// containerd's default `config_path`, where `hosts.toml` files live.
+pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/containerd/certs.d";
+
 fn default_registry_config_path() -> String {
-    crate::oci::registry::hosts::DEFAULT_CONFIG_PATH.to_string()
+    DEFAULT_REGISTRY_CONFIG_PATH.to_string()
 }
 
 /// `$DOCKER_CONFIG/config.json`, else root's, as docker finds it.
@@ -87,35 +90,6 @@ impl Default for RegistryConfig {
         RegistryConfig {
             config_path: default_registry_config_path(),
             docker_config: default_docker_config(),
-        }
-    }
-}
-
-impl RegistryConfig {
-    /// The host configuration `config_path` names.
-    pub fn hosts(&self) -> crate::oci::registry::RegistryHosts {
-        if self.config_path.is_empty() {
-            crate::oci::registry::RegistryHosts::none()
-        } else {
-            crate::oci::registry::RegistryHosts::at(&self.config_path)
-        }
-    }
-
-    /// Registry client options with this host configuration and the
-    /// credentials of `docker_config` (none when it is empty).
-    pub fn options(&self) -> crate::oci::registry::RegistryOptions {
-        let credentials: Option<std::sync::Arc<dyn crate::oci::registry::CredentialSource>> =
-            if self.docker_config.is_empty() {
-                None
-            } else {
-                Some(std::sync::Arc::new(crate::oci::credentials::Keychain::new(
-                    &self.docker_config,
-                )))
-            };
-        crate::oci::registry::RegistryOptions {
-            hosts: self.hosts(),
-            credentials,
-            ..crate::oci::registry::RegistryOptions::default()
         }
     }
 }
@@ -244,17 +218,6 @@ impl Default for CriuConfig {
             runc_root: default_runc_root(),
             criu_path: String::new(),
             dump_timeout_seconds: default_dump_timeout_seconds(),
-        }
-    }
-}
-
-impl CriuConfig {
-    pub fn settings(&self) -> crate::host::criu::CriuSettings {
-        crate::host::criu::CriuSettings {
-            runc: self.runc.clone().into(),
-            runc_root: self.runc_root.clone().into(),
-            criu: Some(&self.criu_path).filter(|p| !p.is_empty()).map(Into::into),
-            timeout: std::time::Duration::from_secs(self.dump_timeout_seconds),
         }
     }
 }
@@ -676,7 +639,7 @@ impl Config {
         self.validate_remote()?;
         for namespace in &self.snapshotter.shared_namespaces {
             if namespace != "*" {
-                crate::host::containerd::validate_namespace(namespace).map_err(|e| ConfigError::Invalid {
+                crate::namespace::validate_namespace(namespace).map_err(|e| ConfigError::Invalid {
                     key: "snapshotter.shared_namespaces",
                     reason: e.to_string(),
                 })?;
@@ -778,7 +741,7 @@ pub const MIN_POOL_BYTES: u64 = 256 << 20;
 
 /// Sizes such as 512MiB or 10GB (powers of 1024), as every size setting and
 /// flag reads them.
-pub use crate::checkpoint::filter::parse_size;
+pub use crate::units::parse_size;
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,10 @@
 //! owns and what it must not know, and a layer imports only the layers below
 //! it (`.ci/layering` fails the build otherwise). Bottom up:
 //!
-//! - [`error`], [`config`]: the shared vocabulary of failure classes and the
-//!   daemon's configuration as plain data;
+//! - [`error`], [`config`], [`time`], [`units`], [`namespace`]: the shared
+//!   vocabulary of failure classes, the daemon's configuration as plain
+//!   data, RFC 3339 times, sizes and durations as people write them, and
+//!   containerd's namespace rule;
 //! - [`host`]: syscalls, cgroups, runc, CRIU and containerd's API;
 //! - [`oci`]: registries, credentials, image content and OCI layer tars;
 //! - [`nydus`]: RAFS builds and running Nydus images;
@@ -26,10 +28,12 @@ pub mod commit;
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod namespace;
 pub mod nydus;
 pub mod oci;
 pub mod snapshot;
 pub mod time;
+pub mod units;
 
 /// Generated code of proto/seamless/v1/control.proto.
 pub mod proto {

@@ -20,6 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use seamless_snapshotter::config::FsDriver;
+use seamless_snapshotter::error::io_err;
 use seamless_snapshotter::host::sys::{RealSystem, SysError, SystemOps};
 use seamless_snapshotter::nydus::fuse::{BlobBackend, FuseServer, FuseSpec, InProcessFuse};
 use seamless_snapshotter::nydus::mount::{
@@ -495,10 +496,8 @@ struct DirSource(PathBuf);
 
 impl BlobSource for DirSource {
     fn fetch(&self, _reference: &str, digest: &str, dest: &Path) -> Result<u64, RegistryError> {
-        fs::copy(self.0.join(digest.trim_start_matches("sha256:")), dest).map_err(|source| RegistryError::Io {
-            path: dest.display().to_string(),
-            source,
-        })
+        fs::copy(self.0.join(digest.trim_start_matches("sha256:")), dest)
+            .map_err(|source| RegistryError::Io(io_err("blob file", dest)(source)))
     }
 }
 

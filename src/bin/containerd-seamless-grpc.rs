@@ -16,6 +16,7 @@ use seamless_snapshotter::commit::nydus_image::BaseCache;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
 use seamless_snapshotter::host::sys::RealSystem;
+use seamless_snapshotter::oci::registry::RegistryOptions;
 use seamless_snapshotter::snapshot::snapshotter::Snapshotter;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
@@ -86,7 +87,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let remote_config = config.remote.clone();
     // Secrets are checked before anything is opened or bound.
     let token = rest::read_token_file(&rest_config)?;
-    let registry = config.registry.options();
+    let registry = RegistryOptions::from_config(&config.registry);
     let (snapshotter, config) = tokio::task::spawn_blocking(move || {
         let opened = Snapshotter::open(&root, &config, Arc::new(RealSystem));
         (opened, config)

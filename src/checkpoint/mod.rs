@@ -239,7 +239,7 @@ impl CheckpointSettings {
         let trust = trust::RecordTrust::load(root, &trusted, config.checkpoint.untrusted_mounts.clone())
             .map_err(|e| CheckpointError::Invalid(format!("checkpoint record keys: {e}")))?;
         Ok(CheckpointSettings {
-            criu: config.criu.settings(),
+            criu: crate::host::criu::CriuSettings::from_config(&config.criu),
             trust: Arc::new(trust),
             max_received_archive: config
                 .max_received_archive_bytes()

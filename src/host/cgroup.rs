@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::host::sys::Freezer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("process {pid} has no freezer: neither a cgroup v1 freezer nor a cgroup v2 hierarchy is mounted for it")]
     NoFreezer { pid: u32 },
     #[error("process {pid} has no memory cgroup: neither a cgroup v1 memory hierarchy nor a cgroup v2 one is mounted for it")]
@@ -22,7 +22,7 @@ pub enum CgroupError {
 impl Classify for CgroupError {
     fn kind(&self) -> ErrorKind {
         match self {
-            CgroupError::Read { .. } => ErrorKind::NotFound,
+            CgroupError::Io(_) => ErrorKind::NotFound,
             CgroupError::NoFreezer { .. } | CgroupError::NoMemoryCgroup { .. } | CgroupError::NoCpuCgroup { .. } => {
                 ErrorKind::FailedPrecondition
             }
@@ -32,7 +32,7 @@ impl Classify for CgroupError {
 
 /// The freezer of process `pid`, from /proc/<pid>/cgroup and our mount table.
 pub fn freezer_of(pid: u32) -> Result<Freezer, CgroupError> {
-    let read = |path: String| std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source });
+    let read = |path: String| std::fs::read_to_string(&path).map_err(io_err("read", Path::new(&path)));
     let cgroups = read(format!("/proc/{pid}/cgroup"))?;
     let mountinfo = read("/proc/self/mountinfo".to_string())?;
     resolve(&cgroups, &mountinfo).ok_or(CgroupError::NoFreezer { pid })
@@ -61,22 +61,14 @@ impl MemoryCgroup {
             MemoryCgroup::V1(dir) => dir.join("memory.usage_in_bytes"),
             MemoryCgroup::V2(dir) => dir.join("memory.current"),
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(io_err("read", &path))?;
         Ok(text.trim().parse().unwrap_or(0))
     }
 
     /// Anonymous memory of the cgroup (what a CRIU dump writes, roughly),
     /// and its limit if it has one, in bytes.
     pub fn usage(&self) -> Result<(u64, Option<u64>), CgroupError> {
-        let read = |path: PathBuf| {
-            std::fs::read_to_string(&path).map_err(|source| CgroupError::Read {
-                path: path.display().to_string(),
-                source,
-            })
-        };
+        let read = |path: PathBuf| std::fs::read_to_string(&path).map_err(io_err("read", &path));
         let (dir, anon_key, limit_file) = match self {
             MemoryCgroup::V1(dir) => (dir, "total_rss", "memory.limit_in_bytes"),
             MemoryCgroup::V2(dir) => (dir, "anon", "memory.max"),
@@ -97,7 +89,7 @@ impl MemoryCgroup {
 
 /// The memory cgroup of process `pid`.
 pub fn memory_of(pid: u32) -> Result<MemoryCgroup, CgroupError> {
-    let read = |path: String| std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source });
+    let read = |path: String| std::fs::read_to_string(&path).map_err(io_err("read", Path::new(&path)));
     let cgroups = read(format!("/proc/{pid}/cgroup"))?;
     let mountinfo = read("/proc/self/mountinfo".to_string())?;
     resolve_memory(&cgroups, &mountinfo).ok_or(CgroupError::NoMemoryCgroup { pid })
@@ -143,7 +135,7 @@ fn resolve_controller(cgroups: &str, mountinfo: &str, controller: &str) -> Optio
 
 /// Cumulative CPU time of process `pid`'s cgroup, nanoseconds.
 pub fn cpu_usage_ns(pid: u32) -> Result<u64, CgroupError> {
-    let read = |path: String| std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source });
+    let read = |path: String| std::fs::read_to_string(&path).map_err(io_err("read", Path::new(&path)));
     let cgroups = read(format!("/proc/{pid}/cgroup"))?;
     let mountinfo = read("/proc/self/mountinfo".to_string())?;
     match resolve_controller(&cgroups, &mountinfo, "cpuacct") {

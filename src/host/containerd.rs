@@ -27,6 +27,7 @@ use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Mount;
 
 use crate::error::{Classify, ErrorKind};
+use crate::namespace::InvalidNamespace;
 
 const NAMESPACE_HEADER: &str = "containerd-namespace";
 const LEASE_HEADER: &str = "containerd-lease";
@@ -35,8 +36,8 @@ const LEASE_HEADER: &str = "containerd-lease";
 pub enum ContainerdError {
     #[error("cannot reach containerd at {address}: {message}")]
     Unreachable { address: String, message: String },
-    #[error("invalid namespace {namespace:?}: letters, digits and . _ - between them, at most 76 characters")]
-    BadNamespace { namespace: String },
+    #[error(transparent)]
+    BadNamespace(#[from] InvalidNamespace),
     #[error("no container {query:?} in namespace {namespace}")]
     NotFound { namespace: String, query: String },
     #[error("container prefix {query:?} is ambiguous in namespace {namespace}: {matches}")]
@@ -100,20 +101,10 @@ pub struct ContainerInfo {
     pub pid: u32,
 }
 
-/// containerd's namespace rule; also keeps the value a valid gRPC header.
+/// containerd's namespace rule ([`crate::namespace`]); also keeps the
+/// value a valid gRPC header.
 pub fn validate_namespace(namespace: &str) -> Result<(), ContainerdError> {
-    let valid = !namespace.is_empty()
-        && namespace.len() <= 76
-        && namespace
-            .split(['.', '_', '-'])
-            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric()));
-    if valid {
-        Ok(())
-    } else {
-        Err(ContainerdError::BadNamespace {
-            namespace: namespace.chars().take(80).collect(),
-        })
-    }
+    Ok(crate::namespace::validate_namespace(namespace)?)
 }
 
 /// The container whose id is `query`, or else the one whose id starts with it.
@@ -148,9 +139,9 @@ pub struct Containerd {
 fn namespaced<T>(message: T, namespace: &str) -> Result<Request<T>, ContainerdError> {
     validate_namespace(namespace)?;
     let mut request = Request::new(message);
-    let value = namespace.parse().map_err(|_| ContainerdError::BadNamespace {
-        namespace: namespace.to_string(),
-    })?;
+    let value = namespace
+        .parse()
+        .map_err(|_| ContainerdError::BadNamespace(InvalidNamespace::new(namespace)))?;
     request.metadata_mut().insert(NAMESPACE_HEADER, value);
     Ok(request)
 }

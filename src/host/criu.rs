@@ -71,6 +71,19 @@ pub struct CriuSettings {
 /// What [`CriuSettings::default`] gives runc and CRIU.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
+impl CriuSettings {
+    /// The settings of the `[criu]` table; an empty `criu_path` leaves
+    /// runc to find criu on PATH.
+    pub fn from_config(config: &crate::config::CriuConfig) -> CriuSettings {
+        CriuSettings {
+            runc: config.runc.clone().into(),
+            runc_root: config.runc_root.clone().into(),
+            criu: Some(&config.criu_path).filter(|p| !p.is_empty()).map(Into::into),
+            timeout: Duration::from_secs(config.dump_timeout_seconds),
+        }
+    }
+}
+
 impl Default for CriuSettings {
     fn default() -> Self {
         CriuSettings {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
@@ -129,9 +129,13 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     fn fuse_mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError>;
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SysError {
-    let path = path.display().to_string();
-    move |source| SysError::Io { op, path, source }
+/// `SysError::Io` keeps its own fields because callers outside `host`
+/// match on `SysError::Io { source, .. }`; it is built from the crate's
+/// [`IoError`] so that `.map_err(io_err(op, path))?` works here as anywhere.
+impl From<IoError> for SysError {
+    fn from(IoError { op, path, source }: IoError) -> SysError {
+        SysError::Io { op, path, source }
+    }
 }
 
 fn errno_err(op: &'static str, path: &Path) -> impl FnOnce(nix::errno::Errno) -> SysError {
@@ -239,7 +243,7 @@ impl SystemOps for RealSystem {
         let meta = match std::fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_err("stat", path)(e)),
+            Err(e) => return Err(io_err("stat", path)(e).into()),
         };
         let parent = path.join("..");
         let parent_meta = std::fs::symlink_metadata(&parent).map_err(io_err("stat", &parent))?;
@@ -342,7 +346,7 @@ impl SystemOps for RealSystem {
             Freezer::V1(dir) => (dir.join("freezer.state"), "THAWED"),
             Freezer::V2(dir) => (dir.join("cgroup.freeze"), "0"),
         };
-        std::fs::write(&control, value).map_err(io_err("write", &control))
+        Ok(std::fs::write(&control, value).map_err(io_err("write", &control))?)
     }
 
     fn kill_cgroup(&self, cgroup: &Freezer) -> Result<usize, SysError> {
@@ -599,7 +603,7 @@ fn attach_loop(image: &Path) -> Result<(PathBuf, File), SysError> {
         let device = PathBuf::from(format!("/dev/loop{number}"));
         let loop_file = match OpenOptions::new().read(true).write(true).open(&device) {
             Ok(f) => f,
-            Err(e) => return Err(io_err("open", &device)(e)),
+            Err(e) => return Err(io_err("open", &device)(e).into()),
         };
         // SAFETY: LOOP_SET_FD takes the backing file descriptor by value.
         let rc = unsafe { libc::ioctl(loop_file.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
@@ -836,12 +840,12 @@ impl SystemOps for RecordingSystem {
 
     fn create_subvolume(&self, path: &Path) -> Result<(), SysError> {
         self.record(format!("subvolume create {}", path.display()));
-        std::fs::create_dir(path).map_err(io_err("mkdir", path))
+        Ok(std::fs::create_dir(path).map_err(io_err("mkdir", path))?)
     }
 
     fn delete_subvolume(&self, path: &Path) -> Result<(), SysError> {
         self.record(format!("subvolume delete {}", path.display()));
-        std::fs::remove_dir_all(path).map_err(io_err("remove", path))
+        Ok(std::fs::remove_dir_all(path).map_err(io_err("remove", path))?)
     }
 
     fn snapshot_readonly(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
@@ -850,12 +854,12 @@ impl SystemOps for RecordingSystem {
             std::thread::sleep(delay);
         }
         self.record_fallible(format!("snapshot readonly {} {}", source.display(), dest.display()))?;
-        std::fs::create_dir(dest).map_err(io_err("mkdir", dest))
+        Ok(std::fs::create_dir(dest).map_err(io_err("mkdir", dest))?)
     }
 
     fn copy_tree(&self, source: &Path, dest: &Path) -> Result<(), SysError> {
         self.record_fallible(format!("copy {} {}", source.display(), dest.display()))?;
-        std::fs::create_dir_all(dest).map_err(io_err("mkdir", dest))
+        Ok(std::fs::create_dir_all(dest).map_err(io_err("mkdir", dest))?)
     }
 
     fn syncfs(&self, path: &Path) -> Result<(), SysError> {

@@ -38,7 +38,7 @@ use nydus_utils::digest::{self, RafsDigest};
 use tracing::{info, warn};
 
 use crate::config::FsDriver;
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::host::sys::{SysError, SystemOps};
 use crate::nydus::fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
 use crate::nydus::{self, BlobId, NydusError};
@@ -53,12 +53,8 @@ const MOUNTS: &str = "mnt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RafsMountError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Sys(#[from] SysError),
     #[error(transparent)]
@@ -111,11 +107,6 @@ impl Classify for RafsMountError {
             | RafsMountError::CorruptChunk { .. } => ErrorKind::Internal,
         }
     }
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RafsMountError {
-    let path = path.display().to_string();
-    move |source| RafsMountError::Io { op, path, source }
 }
 
 /// The hex of a `sha256:<hex>` digest.
@@ -233,10 +224,7 @@ impl BlobSource for RegistryBlobSource {
             Err(_) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|source| RegistryError::Io {
-                    path: dest.display().to_string(),
-                    source,
-                })?
+                .map_err(io_err("blob file", dest))?
                 .block_on(pull),
         }
     }
@@ -482,7 +470,7 @@ pub fn build_cache_file(blob: &Path, chunks: &BlobChunks, cache: &Path) -> Resul
             .write_all_at(data, chunk.uncompressed_offset)
             .map_err(io_err("write", cache))?;
     }
-    output.sync_all().map_err(io_err("sync", cache))
+    Ok(output.sync_all().map_err(io_err("sync", cache))?)
 }
 
 /// Creates `path` 0700 if missing and enforces the mode if present.
@@ -492,14 +480,14 @@ fn ensure_private_dir(path: &Path) -> Result<(), RafsMountError> {
         .mode(0o700)
         .create(path)
         .map_err(io_err("create directory", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", path))
+    Ok(fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", path))?)
 }
 
 fn remove_file_if_present(path: &Path) -> Result<(), RafsMountError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", path)(e)),
+        Err(e) => Err(io_err("remove", path)(e).into()),
     }
 }
 
@@ -900,7 +888,7 @@ impl RafsMounts {
         match fs::remove_dir(&mountpoint) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &mountpoint)(e)),
+            Err(e) => Err(io_err("remove", &mountpoint)(e).into()),
         }
     }
 
@@ -975,7 +963,7 @@ fn read_applied(path: &Path) -> Result<BTreeSet<String>, RafsMountError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(text.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
-        Err(e) => Err(io_err("read", path)(e)),
+        Err(e) => Err(io_err("read", path)(e).into()),
     }
 }
 
@@ -994,7 +982,7 @@ fn write_applied(path: &Path, applied: &BTreeSet<String>) -> Result<(), RafsMoun
         writeln!(file, "{digest}").map_err(io_err("write", &partial))?;
     }
     file.sync_all().map_err(io_err("sync", &partial))?;
-    fs::rename(&partial, path).map_err(io_err("rename", &partial))
+    Ok(fs::rename(&partial, path).map_err(io_err("rename", &partial))?)
 }
 
 /// A small Nydus image built from tars, and a blob source serving its blobs,

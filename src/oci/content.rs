@@ -21,6 +21,7 @@ use oci_client::manifest::{OciImageManifest, OciManifest};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
+use crate::error::{io_err, IoError};
 use crate::host::containerd::{Containerd, ContainerdError};
 use crate::oci::registry::{Digest, InvalidDigest, PulledManifest, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES};
 
@@ -43,8 +44,10 @@ pub enum ContentError {
     DigestMismatch { object: String, actual: String },
     #[error("{object} in containerd's content store is not a usable manifest: {message}")]
     InvalidManifest { object: String, message: String },
-    #[error("blob file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// Its op is "blob file", whatever the call: the message names the
+    /// file, not the system call.
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// One namespace's view of containerd's images and content; cheap to clone.
@@ -146,7 +149,7 @@ impl ContentStore {
         let partial = crate::oci::registry::partial_path(dest);
         match self.stream_to(digest, size, &object, &partial).await {
             Ok(()) => {
-                std::fs::rename(&partial, dest).map_err(io_error(dest))?;
+                std::fs::rename(&partial, dest).map_err(io_err("blob file", dest))?;
                 Ok(true)
             }
             Err(e) => {
@@ -179,13 +182,13 @@ impl ContentStore {
         let mut check = BlobCheck::new(object, digest, size);
         let file_path = path.to_path_buf();
         let writer = tokio::task::spawn_blocking(move || -> Result<(), ContentError> {
-            let mut file = std::fs::File::create(&file_path).map_err(io_error(&file_path))?;
+            let mut file = std::fs::File::create(&file_path).map_err(io_err("blob file", &file_path))?;
             while let Some(chunk) = receiver.blocking_recv() {
                 check.add(&chunk)?;
-                file.write_all(&chunk).map_err(io_error(&file_path))?;
+                file.write_all(&chunk).map_err(io_err("blob file", &file_path))?;
             }
             check.finish()?;
-            file.sync_all().map_err(io_error(&file_path))
+            Ok(file.sync_all().map_err(io_err("blob file", &file_path))?)
         });
         let mut read_error = None;
         loop {
@@ -205,7 +208,7 @@ impl ContentStore {
         drop(sender);
         let written = writer
             .await
-            .map_err(|join| io_error(path)(std::io::Error::other(join)))?;
+            .map_err(|join| io_err("blob file", path)(std::io::Error::other(join)))?;
         if let Some(e) = read_error {
             return Err(e.into());
         }
@@ -318,11 +321,6 @@ fn parse_manifest(body: &[u8], object: &str) -> Result<OciManifest, ContentError
         object: object.to_string(),
         message,
     })
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ContentError {
-    let path = path.display().to_string();
-    move |source| ContentError::Io { path, source }
 }
 
 #[cfg(test)]

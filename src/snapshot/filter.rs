@@ -8,17 +8,105 @@
 //! `/re/` and `|re|`.
 //!
 //! This module owns parsing and matching only; what a field means is the
-//! caller's [`Fields`] implementation.
+//! caller's [`Fields`] implementation. It also owns what both filter
+//! languages of the crate share: the one [`FilterError`] and the character
+//! `Cursor` their parsers lex with (`checkpoint::filter`, the checkpoint
+//! list's language, is built on them).
 
 use regex::Regex;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+use crate::error::{Classify, ErrorKind};
+
+/// A filter that does not parse, in either filter language.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("filter {input:?}: {message} at column {column}")]
 pub struct FilterError {
     pub input: String,
-    /// 1-based character column where parsing stopped.
+    /// 1-based character column where the problem is; one past the last
+    /// character when the input ended too early.
     pub column: usize,
     pub message: String,
+}
+
+impl Classify for FilterError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InvalidArgument
+    }
+}
+
+/// A position in a filter's characters, for hand-written recursive descent:
+/// what a token is depends on where it stands in both languages, so they lex
+/// characters rather than a token stream. Columns count characters.
+pub(crate) struct Cursor<'a> {
+    input: &'a str,
+    pub(crate) chars: Vec<char>,
+    pub(crate) pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(input: &'a str) -> Self {
+        Cursor {
+            input,
+            chars: input.chars().collect(),
+            pos: 0,
+        }
+    }
+
+    /// An error at character offset `pos` (column `pos + 1`).
+    pub(crate) fn error_at(&self, pos: usize, message: impl Into<String>) -> FilterError {
+        FilterError {
+            input: self.input.to_owned(),
+            column: pos + 1,
+            message: message.into(),
+        }
+    }
+
+    /// The character at the position, white space included.
+    pub(crate) fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+
+    pub(crate) fn skip_space(&mut self) {
+        while self.peek().is_some_and(char::is_whitespace) {
+            self.pos += 1;
+        }
+    }
+
+    /// Whether `text` comes next, white space not skipped.
+    pub(crate) fn looking_at(&self, text: &str) -> bool {
+        let end = self.pos + text.chars().count();
+        self.chars
+            .get(self.pos..end)
+            .is_some_and(|next| next.iter().copied().eq(text.chars()))
+    }
+
+    /// Skips space, then consumes `text` if it comes next.
+    pub(crate) fn eat(&mut self, text: &str) -> bool {
+        self.skip_space();
+        if self.looking_at(text) {
+            self.pos += text.chars().count();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How many characters from offset `at` on satisfy `pred`.
+    pub(crate) fn run_len(&self, at: usize, pred: impl Fn(char) -> bool) -> usize {
+        self.chars[at..].iter().take_while(|&&c| pred(c)).count()
+    }
+
+    /// Consumes the run of characters satisfying `pred` and returns it.
+    pub(crate) fn take_while(&mut self, pred: impl Fn(char) -> bool) -> String {
+        let start = self.pos;
+        self.pos += self.run_len(start, pred);
+        self.text(start, self.pos)
+    }
+
+    /// The characters from offset `start` to `end`.
+    pub(crate) fn text(&self, start: usize, end: usize) -> String {
+        self.chars[start..end].iter().collect()
+    }
 }
 
 /// Supplies the value of a field path of the object being matched.
@@ -84,38 +172,27 @@ impl FilterSet {
     }
 }
 
+/// containerd's grammar over a [`Cursor`]; white space may stand between
+/// any two tokens.
 struct Parser<'a> {
-    input: &'a str,
-    chars: Vec<char>,
-    pos: usize,
+    cursor: Cursor<'a>,
 }
 
 impl<'a> Parser<'a> {
     fn new(input: &'a str) -> Self {
         Parser {
-            input,
-            chars: input.chars().collect(),
-            pos: 0,
+            cursor: Cursor::new(input),
         }
     }
 
     fn error(&self, message: impl Into<String>) -> FilterError {
-        FilterError {
-            input: self.input.to_string(),
-            column: self.pos + 1,
-            message: message.into(),
-        }
+        self.cursor.error_at(self.cursor.pos, message)
     }
 
-    fn skip_space(&mut self) {
-        while self.chars.get(self.pos).is_some_and(|c| c.is_whitespace()) {
-            self.pos += 1;
-        }
-    }
-
+    /// The next character after white space.
     fn peek(&mut self) -> Option<char> {
-        self.skip_space();
-        self.chars.get(self.pos).copied()
+        self.cursor.skip_space();
+        self.cursor.peek()
     }
 
     fn selectors(&mut self) -> Result<Vec<Selector>, FilterError> {
@@ -124,7 +201,7 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 None => return Ok(all),
                 Some(',') => {
-                    self.pos += 1;
+                    self.cursor.pos += 1;
                     all.push(self.selector()?);
                 }
                 Some(c) => return Err(self.error(format!("unexpected {c:?}, expected ',' or the end"))),
@@ -161,7 +238,7 @@ impl<'a> Parser<'a> {
     fn fieldpath(&mut self) -> Result<Vec<String>, FilterError> {
         let mut path = vec![self.field()?];
         while self.peek() == Some('.') {
-            self.pos += 1;
+            self.cursor.pos += 1;
             path.push(self.field()?);
         }
         Ok(path)
@@ -171,15 +248,7 @@ impl<'a> Parser<'a> {
         match self.peek() {
             Some('"') => self.quoted('"'),
             Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
-                let start = self.pos;
-                while self
-                    .chars
-                    .get(self.pos)
-                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
-                {
-                    self.pos += 1;
-                }
-                Ok(self.chars[start..self.pos].iter().collect())
+                Ok(self.cursor.take_while(|c| c.is_ascii_alphanumeric() || c == '_'))
             }
             Some(c) => Err(self.error(format!("unexpected {c:?}, expected a field name"))),
             None => Err(self.error("unexpected end, expected a field name")),
@@ -187,15 +256,12 @@ impl<'a> Parser<'a> {
     }
 
     fn operator(&mut self) -> Result<String, FilterError> {
-        let start = self.pos;
-        while self.chars.get(self.pos).is_some_and(|c| matches!(c, '=' | '!' | '~')) {
-            self.pos += 1;
-        }
-        let op: String = self.chars[start..self.pos].iter().collect();
+        let start = self.cursor.pos;
+        let op = self.cursor.take_while(|c| matches!(c, '=' | '!' | '~'));
         match op.as_str() {
             "==" | "!=" | "~=" => Ok(op),
             _ => {
-                self.pos = start;
+                self.cursor.pos = start;
                 Err(self.error(format!("{op:?} is not an operator, expected ==, != or ~=")))
             }
         }
@@ -213,32 +279,22 @@ impl<'a> Parser<'a> {
                 }
             }
             Some(',') => Err(self.error("unexpected ',', expected a value")),
-            Some(_) => {
-                let start = self.pos;
-                while self
-                    .chars
-                    .get(self.pos)
-                    .is_some_and(|c| *c != ',' && !c.is_whitespace())
-                {
-                    self.pos += 1;
-                }
-                Ok(self.chars[start..self.pos].iter().collect())
-            }
+            Some(_) => Ok(self.cursor.take_while(|c| c != ',' && !c.is_whitespace())),
         }
     }
 
     /// A string in `quote`s with Go-style escapes; for `/` and `|` quotes only
     /// the quote itself is escapable, everything else is kept for the regex.
     fn quoted(&mut self, quote: char) -> Result<String, FilterError> {
-        let open = self.pos;
-        self.pos += 1;
+        let open = self.cursor.pos;
+        self.cursor.pos += 1;
         let mut out = String::new();
         loop {
-            let Some(c) = self.chars.get(self.pos).copied() else {
-                self.pos = open;
+            let Some(c) = self.cursor.peek() else {
+                self.cursor.pos = open;
                 return Err(self.error("unterminated quoted string"));
             };
-            self.pos += 1;
+            self.cursor.pos += 1;
             if c == quote {
                 return Ok(out);
             }
@@ -246,10 +302,10 @@ impl<'a> Parser<'a> {
                 out.push(c);
                 continue;
             }
-            let Some(e) = self.chars.get(self.pos).copied() else {
+            let Some(e) = self.cursor.peek() else {
                 return Err(self.error("unterminated escape"));
             };
-            self.pos += 1;
+            self.cursor.pos += 1;
             if quote != '"' {
                 if e != quote {
                     out.push('\\');
@@ -272,13 +328,13 @@ impl<'a> Parser<'a> {
                         'u' => 4,
                         _ => 8,
                     };
-                    let digits: String = self.chars.iter().skip(self.pos).take(len).collect();
+                    let digits: String = self.cursor.chars.iter().skip(self.cursor.pos).take(len).collect();
                     let code = (digits.len() == len)
                         .then(|| u32::from_str_radix(&digits, 16).ok())
                         .flatten()
                         .and_then(char::from_u32)
                         .ok_or_else(|| self.error(format!("invalid escape \\{e}{digits}")))?;
-                    self.pos += len;
+                    self.cursor.pos += len;
                     out.push(code);
                 }
                 other => return Err(self.error(format!("invalid escape \\{other}"))),

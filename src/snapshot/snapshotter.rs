@@ -318,8 +318,10 @@ impl Snapshotter {
     /// Nydus blobs come from their image's registry; only registries on
     /// loopback are reached without trusted TLS.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
-        let source =
-            RegistryBlobSource::with_options(config.nydus.insecure_registries.clone(), config.registry.options());
+        let source = RegistryBlobSource::with_options(
+            config.nydus.insecure_registries.clone(),
+            crate::oci::registry::RegistryOptions::from_config(&config.registry),
+        );
         Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), Arc::new(InProcessFuse::new()))
     }
 

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-/// containerd's default `config_path`.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/containerd/certs.d";
+use crate::error::{io_err, IoError};
+
+/// containerd's default `config_path` (the configuration's default too).
+pub const DEFAULT_CONFIG_PATH: &str = crate::config::DEFAULT_REGISTRY_CONFIG_PATH;
 /// The file in each host directory.
 const HOSTS_FILE: &str = "hosts.toml";
 /// The directory whose `hosts.toml` serves hosts without their own.
@@ -57,8 +59,10 @@ pub enum HostsError {
         file: String,
         reason: String,
     },
-    #[error("registry hosts file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// Its op is "registry hosts file", whatever the call: the message
+    /// names the file, not the system call.
+    #[error(transparent)]
+    Read(#[from] IoError),
 }
 
 /// How an endpoint is spoken to.
@@ -181,6 +185,16 @@ impl RegistryHosts {
         }
     }
 
+    /// The host configuration `registry.config_path` names; none when it
+    /// is empty.
+    pub fn from_config(config: &crate::config::RegistryConfig) -> RegistryHosts {
+        if config.config_path.is_empty() {
+            RegistryHosts::none()
+        } else {
+            RegistryHosts::at(&config.config_path)
+        }
+    }
+
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()
     }
@@ -193,10 +207,7 @@ impl RegistryHosts {
         let Some(file) = file else {
             return Ok(vec![default_server(host)]);
         };
-        let text = read_limited(&file, 1 << 20).map_err(|source| HostsError::Read {
-            path: file.display().to_string(),
-            source,
-        })?;
+        let text = read_limited(&file, 1 << 20).map_err(io_err("registry hosts file", &file))?;
         parse_hosts_file(&text, &file, host)
     }
 }

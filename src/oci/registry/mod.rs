@@ -57,7 +57,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, instrument, warn};
 
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::oci::digest::{hex, is_sha256_hex};
 
 pub use hosts::{is_loopback_registry, Capabilities, ClientIdentity, Endpoint, HostsError, RegistryHosts, Scheme};
@@ -140,8 +140,10 @@ pub enum RegistryError {
         object: String,
         message: String,
     },
-    #[error("blob file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// Its op is "blob file", whatever the call: the message names the
+    /// file, not the system call.
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Boxed: a file error names more than any other, and every result
     /// of this module carries the largest variant's size.
     #[error(transparent)]
@@ -295,6 +297,23 @@ impl Default for RegistryOptions {
             retry_base_delay: Duration::from_millis(500),
             hosts: RegistryHosts::none(),
             credentials: None,
+        }
+    }
+}
+
+impl RegistryOptions {
+    /// Options with the host configuration of `config` and the credentials
+    /// of its `docker_config` (none when it is empty).
+    pub fn from_config(config: &crate::config::RegistryConfig) -> RegistryOptions {
+        let credentials: Option<Arc<dyn CredentialSource>> = if config.docker_config.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::oci::credentials::Keychain::new(&config.docker_config)))
+        };
+        RegistryOptions {
+            hosts: RegistryHosts::from_config(config),
+            credentials,
+            ..RegistryOptions::default()
         }
     }
 }
@@ -792,7 +811,7 @@ impl RegistryClient {
                 return Err(err);
             }
         };
-        std::fs::rename(&partial, dest).map_err(io_error(dest))?;
+        std::fs::rename(&partial, dest).map_err(io_err("blob file", dest))?;
         Ok(size)
     }
 
@@ -1105,11 +1124,6 @@ fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError {
-    let path = path.display().to_string();
-    move |source| RegistryError::Io { path, source }
-}
-
 fn layer_name(layer: &LayerSource) -> String {
     match &layer.data {
         LayerData::File(path) => format!("{} ({})", layer.digest, path.display()),
@@ -1127,12 +1141,9 @@ async fn verify_layer(layer: &LayerSource) -> Result<(), RegistryError> {
         LayerData::Bytes(bytes) => (sha256_digest(bytes), bytes.len() as u64),
         LayerData::File(path) => {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || hash_file(&path).map_err(io_error(&path)))
+            tokio::task::spawn_blocking(move || hash_file(&path).map_err(io_err("blob file", &path)))
                 .await
-                .map_err(|err| RegistryError::Io {
-                    path: name.clone(),
-                    source: std::io::Error::other(err),
-                })??
+                .map_err(|err| io_err("blob file", Path::new(&name))(std::io::Error::other(err)))??
         }
     };
     if actual_size != layer.size {
@@ -1244,7 +1255,7 @@ async fn upload_blob(
         Err(poisoned) => poisoned.into_inner().take(),
     };
     if let (Some(source), LayerData::File(path)) = (failed_read, data) {
-        return Err(io_error(path)(source));
+        return Err(io_err("blob file", path)(source).into());
     }
     let response = response?;
     if response.status() != StatusCode::CREATED {
@@ -1412,11 +1423,11 @@ async fn download_blob(
     drop(sender);
     let written = writer
         .await
-        .map_err(|join| io_error(partial)(std::io::Error::other(join)))?;
+        .map_err(|join| io_err("blob file", partial)(std::io::Error::other(join)))?;
     if let Some(err) = network {
         return Err(err);
     }
-    let (actual, written) = written.map_err(io_error(partial))?;
+    let (actual, written) = written.map_err(io_err("blob file", partial))?;
     if written != size {
         return Err(RegistryError::SizeMismatch {
             blob: object.to_string(),
