@@ -346,7 +346,7 @@ impl CheckpointService {
     /// dump finished (the container is gone: CRIU stopped it), else
     /// discards what it left (CRIU may not have run, or was killed
     /// mid-dump: the container was thawed at start, see
-    /// [`crate::snapshot::snapshotter::thaw_left_frozen`], and runs on). Then removes
+    /// [`crate::capture::thaw_left_frozen`], and runs on). Then removes
     /// the journal, its scratch directory and its capture.
     fn finish_journaled(&self, path: &Path, pending: journal::PendingCheckpoint) {
         let finished = process::dump_finished(&pending.work);

@@ -4,9 +4,11 @@
 //! in [`snapshotter`], containerd's filter language in [`filter`], and the
 //! wire-neutral types in [`model`].
 //!
-//! Knows nothing of gRPC, commits or checkpoints. Freezing containers is
-//! [`crate::capture`]'s; this layer only makes the O(1) read-only snapshot
-//! of an active snapshot's upper directory.
+//! Knows nothing of gRPC, captures, commits or checkpoints. Freezing and
+//! capturing containers is [`crate::capture`]'s; this layer only says where
+//! the capture of an active snapshot goes and whether btrfs makes it in
+//! O(1). The record tables of subsystems above live in the same database as
+//! typed [`store::Records`] their owners build.
 
 pub mod filter;
 pub mod model;

@@ -4,7 +4,7 @@
 //! it reaches the store. Layers of Nydus images are taken in as remote
 //! snapshotters take them: a blob layer is fetched and committed here (the
 //! unpacker then adopts it), and the RAFS mount of the image's bootstrap
-//! layer (owned by `rafs_mount`) is the lower layer of what is stacked on it.
+//! layer (owned by `nydus::mount`) is the lower layer of what is stacked on it.
 //! Blocking: callers on an async runtime use `spawn_blocking`. Knows nothing
 //! of gRPC.
 
@@ -878,7 +878,7 @@ impl Snapshotter {
         Ok(self.storage.captures_on_disk()?)
     }
 
-    /// Deletes a capture made by [`Snapshotter::capture`].
+    /// Deletes a capture (see [`crate::snapshot::snapshotter::Snapshotter::capture_site`]).
     pub fn remove_capture(&self, capture: &Path) -> Result<(), SnapshotError> {
         if capture.parent() != Some(self.storage.captures_dir()) {
             return Err(SnapshotError::InvalidKey {

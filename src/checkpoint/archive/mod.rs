@@ -3,7 +3,7 @@
 //! oci-archive:` read it), and such an archive back into a catalogue.
 //!
 //! Owns the format and nothing else: blobs, changes and metadata are
-//! stored through the [`Catalogue`], metadata last, so an import that fails
+//! stored through the [`Catalogue`](crate::checkpoint::Catalogue), metadata last, so an import that fails
 //! leaves nothing listed (and deletes what it stored).
 //!
 //! The image has one layer per checkpoint of the chain, oldest first. A
