@@ -1,6 +1,7 @@
 //! The daemon's surfaces: gRPC adapters ([`grpc`]: containerd's snapshots
-//! API, our Control API, the remote allow-list, the one mapping of errors to
-//! gRPC status), the REST API ([`rest`]), the TCP listener and its bounds
+//! API, our Control API, the remote allow-list, errors as gRPC statuses),
+//! the one table of how a failure shows as gRPC code, HTTP status and CLI
+//! exit status ([`codes`]), the REST API ([`rest`]), the TCP listener and its bounds
 //! ([`connections`], [`remote`]), the server that binds them ([`server`]),
 //! the embedding client ([`client`]) and logging ([`telemetry`]).
 //!
@@ -8,6 +9,7 @@
 //! rule lives here.
 
 pub mod client;
+pub mod codes;
 pub mod connections;
 pub mod grpc;
 pub mod remote;

@@ -177,18 +177,9 @@ fn job_view(job: Job) -> JobView {
     }
 }
 
-/// The HTTP status of a commit error code.
+/// The HTTP status of a commit error code (see [`crate::api::codes`]).
 pub fn http_status(code: CommitCode) -> StatusCode {
-    match code {
-        CommitCode::InvalidParameter => StatusCode::BAD_REQUEST,
-        CommitCode::PermissionDenied => StatusCode::FORBIDDEN,
-        CommitCode::ContainerNotFound => StatusCode::NOT_FOUND,
-        CommitCode::ContainerNotRunning | CommitCode::SnapshotInProgress => StatusCode::CONFLICT,
-        CommitCode::PauseTimeout
-        | CommitCode::AtomicSwitchFailed
-        | CommitCode::BackgroundProcessingFailed
-        | CommitCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(crate::api::codes::commit_surface(code).http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {

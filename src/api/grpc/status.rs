@@ -5,17 +5,11 @@ use crate::error::{Classify, ErrorKind};
 
 pub fn to_status<E: Classify + std::fmt::Display>(err: E) -> tonic::Status {
     let message = err.to_string();
-    match err.kind() {
-        ErrorKind::NotFound => tonic::Status::not_found(message),
-        ErrorKind::AlreadyExists => tonic::Status::already_exists(message),
-        ErrorKind::InvalidArgument => tonic::Status::invalid_argument(message),
-        ErrorKind::FailedPrecondition => tonic::Status::failed_precondition(message),
-        ErrorKind::Unavailable => tonic::Status::unavailable(message),
-        ErrorKind::Internal => {
-            tracing::error!(error = %message, "internal error");
-            tonic::Status::internal(message)
-        }
+    let kind = err.kind();
+    if kind == ErrorKind::Internal {
+        tracing::error!(error = %message, "internal error");
     }
+    tonic::Status::new(crate::api::codes::kind_grpc(kind), message)
 }
 
 /// A blocking task that panicked or was cancelled.
@@ -29,24 +23,19 @@ pub fn join_status(err: tokio::task::JoinError) -> tonic::Status {
 /// message, so clients can tell CONTAINER_NOT_FOUND from INVALID_PARAMETER
 /// whatever the gRPC code.
 pub fn commit_status(err: crate::commit::CommitError) -> tonic::Status {
-    use crate::commit::CommitCode as C;
     use prost::Message as _;
     use tonic::Code;
     let code = err.code();
     let message = format!("{}: {err}", code.as_str());
-    let grpc = match (code, err.kind()) {
-        (_, ErrorKind::Unavailable) => Code::Unavailable,
-        (C::InvalidParameter, _) => Code::InvalidArgument,
-        (C::ContainerNotFound, _) => Code::NotFound,
-        (C::PermissionDenied, _) => Code::PermissionDenied,
-        (C::ContainerNotRunning, _) => Code::FailedPrecondition,
-        (C::SnapshotInProgress, _) => Code::AlreadyExists,
-        (C::PauseTimeout, _) => Code::DeadlineExceeded,
-        _ => {
-            tracing::error!(error = %message, "commit failed");
-            Code::Internal
-        }
+    // A failure that may pass (containerd briefly away) is retried by
+    // clients whatever its commit code.
+    let grpc = match err.kind() {
+        ErrorKind::Unavailable => Code::Unavailable,
+        _ => crate::api::codes::commit_surface(code).grpc,
     };
+    if grpc == Code::Internal {
+        tracing::error!(error = %message, "commit failed");
+    }
     let detail = crate::proto::ErrorDetail {
         code: code.as_str().to_string(),
     };

@@ -22,6 +22,7 @@ mod seamless_commit;
 mod settings;
 mod version;
 
+use seamless_snapshotter::api::codes;
 use seamless_snapshotter::time::rfc3339;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -226,7 +227,7 @@ fn init_logging(level: &str) {
 
 /// 0 ok, 1 general, 2 bad arguments, 3 container not found, 4 permission,
 /// 5 network. The daemon's error code (typed, in the status details) decides
-/// first, then the gRPC code.
+/// first, then the gRPC code, as the one table in `api::codes` says.
 fn exit_code(err: &CliError) -> u8 {
     match err {
         // A socket the user may not open (0660 root) is a permission problem.
@@ -234,30 +235,11 @@ fn exit_code(err: &CliError) -> u8 {
         CliError::Unreachable { .. } => 5,
         CliError::Rpc { status, .. } => {
             let code = seamless_snapshotter::api::grpc::status::error_code(status);
-            code.as_deref()
-                .and_then(commit_code_exit)
-                .unwrap_or(match status.code() {
-                    Code::InvalidArgument => 2,
-                    Code::NotFound => 3,
-                    // A node that refused the token.
-                    Code::PermissionDenied | Code::Unauthenticated => 4,
-                    Code::Unavailable => 5,
-                    _ => 1,
-                })
+            codes::exit_status(code.as_deref(), status.code())
         }
-        CliError::JobFailed { code, .. } => commit_code_exit(code).unwrap_or(1),
+        CliError::JobFailed { code, .. } => codes::exit_status(Some(code), Code::Unknown),
         CliError::Settings(_) | CliError::Usage(_) => 2,
         CliError::WaitTimeout { .. } | CliError::Runtime(_) | CliError::Failed(_) => 1,
-    }
-}
-
-/// Exit codes of the commit error codes that have one of their own.
-fn commit_code_exit(code: &str) -> Option<u8> {
-    match code {
-        "INVALID_PARAMETER" => Some(2),
-        "CONTAINER_NOT_FOUND" => Some(3),
-        "PERMISSION_DENIED" => Some(4),
-        _ => None,
     }
 }
 
