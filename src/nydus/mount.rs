@@ -1446,25 +1446,7 @@ mod tests {
         // Nor a client certificate.
         let client_dir = dir.path().join("client.example");
         std::fs::create_dir_all(&client_dir).unwrap();
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ])
-            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
-            .current_dir(&client_dir)
-            .output()
-            .expect("run openssl (the tests need it)");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(client_dir.join("c.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
+        crate::oci::registry::hosts::testing::client_files(&client_dir);
         std::fs::write(client_dir.join("hosts.toml"), "client = [[\"c.crt\", \"c.key\"]]\n").unwrap();
         assert_eq!(
             source.lazy_backend("client.example/app:1"),

@@ -751,39 +751,10 @@ server = "https://registry.example"
         }
     }
 
-    /// A self-signed certificate and its key, made by openssl, in `dir`:
-    /// `c.crt`, `c.key` (0600) and `both.pem` (0600).
-    fn client_files(dir: &Path) {
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ])
-            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (the tests need it)");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        let both = [
-            std::fs::read(dir.join("c.crt")).unwrap(),
-            std::fs::read(dir.join("c.key")).unwrap(),
-        ]
-        .concat();
-        std::fs::write(dir.join("both.pem"), both).unwrap();
-        for name in ["c.key", "both.pem"] {
-            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-    }
-
     #[test]
     fn client_certificates_in_every_containerd_form() {
         let dir = tempfile::tempdir().unwrap();
-        client_files(dir.path());
+        testing::client_files(dir.path());
         let path = dir.path().join("hosts.toml");
         for (text, pairs) in [
             ("client = \"both.pem\"\n", vec![("both.pem", "both.pem")]),
@@ -823,7 +794,7 @@ server = "https://registry.example"
     #[test]
     fn client_files_missing_unusable_or_readable_by_others_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        client_files(dir.path());
+        testing::client_files(dir.path());
         std::fs::write(
             dir.path().join("nokey.pem"),
             std::fs::read(dir.path().join("c.crt")).unwrap(),
@@ -878,5 +849,41 @@ server = "https://registry.example"
             push: false
         }));
         assert!(Capabilities::ALL.covers(pull_only));
+    }
+}
+
+/// Test support other modules' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::Path;
+
+    /// A self-signed certificate and its key, made by openssl, in `dir`:
+    /// `c.crt`, `c.key` (0600) and `both.pem` (0600).
+    pub(crate) fn client_files(dir: &Path) {
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-days", "1", "-subj", "/CN=client", "-keyout", "c.key", "-out", "c.crt"])
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (the tests need it)");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let both = [
+            std::fs::read(dir.join("c.crt")).unwrap(),
+            std::fs::read(dir.join("c.key")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir.join("both.pem"), both).unwrap();
+        for name in ["c.key", "both.pem"] {
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
     }
 }
