@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::commit::chain::{CommitLayer, Plan};
-use crate::commit::BuiltLayer;
+use crate::commit::image::{derive_config, BuiltLayer};
 use crate::nydus::{self, LayerBuild, RafsOptions};
 use crate::oci::content::ContentStore;
 use crate::oci::credentials::RequestAuth;
@@ -228,7 +228,7 @@ pub async fn assemble(
     });
     let mut on_top = commit_layers.clone();
     on_top.push(bootstrap.clone());
-    let config = crate::commit::derive_config(&with_diff_ids(&base.config, &base_diff_ids)?, &on_top)?;
+    let config = derive_config(&with_diff_ids(&base.config, &base_diff_ids)?, &on_top)?;
     Ok(Assembled {
         layers,
         config,
