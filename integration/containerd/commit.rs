@@ -325,7 +325,7 @@ fn seamless_commit_pushes_the_container_view() {
 /// one. Every image, pulled and run, has the tree the container had.
 #[test]
 fn commit_chain_is_incremental_and_merges_past_maximum_times() {
-    use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+    use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
     use seamless_snapshotter::oci::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
     with_env("chain", Options::default(), |env| {
@@ -383,7 +383,7 @@ fn commit_chain_is_incremental_and_merges_past_maximum_times() {
                 })
                 .await?;
                 let mut options = CommitOptions::new(id.clone(), target.clone());
-                options.format = "oci".into();
+                options.format = Format::Oci;
                 options.compressor = "zstd".into();
                 options.work_dir = work.clone();
                 options.target_insecure = true;
@@ -551,14 +551,14 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
         // The library API for embedding, against the restarted daemon.
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
                 let client = SeamlessSnapshot::new(SeamlessOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
                 })
                 .await?;
                 let mut options = CommitOptions::new(id.clone(), env.registry_ref("killed/app:2"));
-                options.format = "oci".into();
+                options.format = Format::Oci;
                 options.work_dir = work.clone();
                 options.target_insecure = true;
                 options.source_insecure = true;
@@ -638,14 +638,14 @@ fn daemon_killed_while_pushing_fails_the_job_with_its_stage() {
 
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::api::client::{CommitOptions, SeamlessOptions, SeamlessSnapshot};
+                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
                 let client = SeamlessSnapshot::new(SeamlessOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
                 })
                 .await?;
                 let mut options = CommitOptions::new(id.clone(), env.registry_ref("stalled/app:2"));
-                options.format = "oci".into();
+                options.format = Format::Oci;
                 options.work_dir = work.clone();
                 options.target_insecure = true;
                 options.source_insecure = true;

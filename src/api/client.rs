@@ -9,8 +9,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::api::grpc::control_convert::commit_to_wire;
 use crate::api::remote::{BearerToken, RemoteTarget};
-use crate::oci::credentials::RegistryCredentials;
 use crate::proto::control_client::ControlClient;
 use crate::proto::{CommitJob, GetCommitRequest, SeamlessCommitRequest};
 
@@ -137,56 +137,10 @@ impl Default for SeamlessOptions {
     }
 }
 
-/// What to commit and how; the defaults are the commit's own
-/// ([`crate::commit::CommitOptions::default`]).
-#[derive(Debug, Clone)]
-pub struct CommitOptions {
-    pub container: String,
-    pub target: String,
-    /// "oci" or "nydus".
-    pub format: String,
-    pub work_dir: PathBuf,
-    pub fs_version: u32,
-    pub compressor: String,
-    pub target_insecure: bool,
-    pub source_insecure: bool,
-    pub with_paths: Vec<String>,
-    pub without_paths: Vec<String>,
-    pub maximum_times: u32,
-    /// Credentials for the target's registry, for this commit only.
-    pub target_creds: Option<RegistryCredentials>,
-    /// Credentials for the source image's registry, for this commit only.
-    pub source_creds: Option<RegistryCredentials>,
-}
-
-impl CommitOptions {
-    pub fn new(container: impl Into<String>, target: impl Into<String>) -> Self {
-        let defaults = crate::commit::CommitOptions::default();
-        CommitOptions {
-            container: container.into(),
-            target: target.into(),
-            format: defaults.format.as_str().into(),
-            work_dir: defaults.work_dir,
-            fs_version: defaults.fs_version,
-            compressor: defaults.compressor,
-            target_insecure: defaults.target_insecure,
-            source_insecure: defaults.source_insecure,
-            with_paths: Vec::new(),
-            without_paths: Vec::new(),
-            maximum_times: defaults.maximum_times,
-            target_creds: None,
-            source_creds: None,
-        }
-    }
-}
-
-fn creds_user(creds: &Option<RegistryCredentials>) -> String {
-    creds.as_ref().map(|c| c.username().to_string()).unwrap_or_default()
-}
-
-fn creds_password(creds: &Option<RegistryCredentials>) -> String {
-    creds.as_ref().map(|c| c.password().to_string()).unwrap_or_default()
-}
+/// What to commit and how: the commit's own request model, with its
+/// defaults ([`CommitOptions::new`]). Its `namespace` is the client's
+/// ([`SeamlessOptions::namespace`]), whatever the options say.
+pub use crate::commit::{CommitOptions, Format};
 
 /// A started commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,21 +178,7 @@ impl SeamlessSnapshot {
             .clone()
             .seamless_commit(SeamlessCommitRequest {
                 namespace: self.namespace.clone(),
-                container: options.container.clone(),
-                target: options.target.clone(),
-                format: options.format.clone(),
-                work_dir: options.work_dir.display().to_string(),
-                fs_version: options.fs_version,
-                compressor: options.compressor.clone(),
-                target_insecure: options.target_insecure,
-                source_insecure: options.source_insecure,
-                with_paths: options.with_paths.clone(),
-                without_paths: options.without_paths.clone(),
-                maximum_times: options.maximum_times,
-                target_username: creds_user(&options.target_creds),
-                target_password: creds_password(&options.target_creds),
-                source_username: creds_user(&options.source_creds),
-                source_password: creds_password(&options.source_creds),
+                ..commit_to_wire(options)
             })
             .await?
             .into_inner();

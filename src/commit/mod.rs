@@ -208,12 +208,42 @@ impl Default for CommitOptions {
     }
 }
 
+impl CommitOptions {
+    /// A commit of `container` to `target` with every other option its
+    /// default.
+    pub fn new(container: impl Into<String>, target: impl Into<String>) -> CommitOptions {
+        CommitOptions {
+            container: container.into(),
+            target: target.into(),
+            ..CommitOptions::default()
+        }
+    }
+}
+
 impl Format {
+    /// Every format's name, as the wire and the CLI spell it.
+    pub const NAMES: [&'static str; 2] = ["nydus", "oci"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Oci => "oci",
             Format::Nydus => "nydus",
         }
+    }
+
+    /// The format named `name` (one of [`Format::NAMES`]).
+    pub fn parse(name: &str) -> Option<Format> {
+        match name {
+            "oci" => Some(Format::Oci),
+            "nydus" => Some(Format::Nydus),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -221,12 +251,10 @@ impl CommitOptions {
     /// Parses the wire form of a format name.
     pub fn parse_format(text: &str) -> Result<Format, CommitError> {
         match text {
-            "oci" => Ok(Format::Oci),
-            "nydus" => Ok(Format::Nydus),
             "" => Ok(CommitOptions::default().format),
-            other => Err(CommitError::InvalidParameter(format!(
-                "format {other:?} is not one of nydus, oci"
-            ))),
+            other => Format::parse(other).ok_or_else(|| {
+                CommitError::InvalidParameter(format!("format {other:?} is not one of {}", Format::NAMES.join(", ")))
+            }),
         }
     }
 

@@ -89,7 +89,13 @@ pub enum Compressor {
     Zstd,
 }
 
+/// The RAFS versions this crate builds, as the CLI and the wire name them.
+pub const FS_VERSIONS: [&str; 2] = ["5", "6"];
+
 impl Compressor {
+    /// Every compressor's name, as `parse` reads it.
+    pub const NAMES: [&'static str; 3] = ["none", "lz4_block", "zstd"];
+
     pub fn parse(text: &str) -> Result<Compressor, NydusError> {
         match text {
             "none" => Ok(Compressor::None),

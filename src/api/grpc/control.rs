@@ -13,8 +13,7 @@ use crate::checkpoint::{
     self, CheckpointError, CheckpointService, CreateRequest, ExportRequest, MergePolicy, MergeStrategy, PrunePolicy,
     StorageSpec,
 };
-use crate::commit::{CommitError, CommitOptions, CommitService, Job, JobState};
-use crate::oci::credentials::RegistryCredentials;
+use crate::commit::{CommitError, CommitService, Job, JobState};
 use crate::proto::control_server::Control;
 use crate::proto::{
     ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
@@ -160,63 +159,6 @@ fn checkpoint_to_wire(c: checkpoint::Checkpoint) -> Checkpoint {
     }
 }
 
-/// A request's credentials for one registry: none when both are empty.
-fn credentials_from_wire(
-    what: &str,
-    username: &str,
-    password: &str,
-) -> Result<Option<RegistryCredentials>, CommitError> {
-    if username.is_empty() && password.is_empty() {
-        return Ok(None);
-    }
-    RegistryCredentials::new(what, username, password)
-        .map(Some)
-        .map_err(|e| CommitError::InvalidParameter(e.to_string()))
-}
-
-fn options_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, CommitError> {
-    let target_creds = credentials_from_wire(
-        "target_username/target_password",
-        &r.target_username,
-        &r.target_password,
-    )?;
-    let source_creds = credentials_from_wire(
-        "source_username/source_password",
-        &r.source_username,
-        &r.source_password,
-    )?;
-    // proto3's zero values stand for "not given": the commit's defaults.
-    let defaults = CommitOptions::default();
-    Ok(CommitOptions {
-        target_creds,
-        source_creds,
-        format: CommitOptions::parse_format(&r.format)?,
-        namespace: r.namespace,
-        container: r.container,
-        target: r.target,
-        work_dir: r.work_dir.into(),
-        fs_version: if r.fs_version == 0 {
-            defaults.fs_version
-        } else {
-            r.fs_version
-        },
-        compressor: if r.compressor.is_empty() {
-            defaults.compressor
-        } else {
-            r.compressor
-        },
-        target_insecure: r.target_insecure,
-        source_insecure: r.source_insecure,
-        with_paths: r.with_paths.into_iter().map(PathBuf::from).collect(),
-        without_paths: r.without_paths.into_iter().map(PathBuf::from).collect(),
-        maximum_times: if r.maximum_times == 0 {
-            defaults.maximum_times
-        } else {
-            r.maximum_times
-        },
-    })
-}
-
 fn unix_ms(t: std::time::SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -303,7 +245,7 @@ impl Control for ControlService {
         &self,
         request: Request<SeamlessCommitRequest>,
     ) -> Result<Response<SeamlessCommitResponse>, Status> {
-        let options = options_from_wire(request.into_inner()).map_err(commit_status)?;
+        let options = super::control_convert::commit_from_wire(request.into_inner()).map_err(commit_status)?;
         let started = self.commits.commit(options).await.map_err(commit_status)?;
         Ok(Response::new(SeamlessCommitResponse {
             snapshot_id: started.snapshot_id,

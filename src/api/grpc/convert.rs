@@ -1,4 +1,5 @@
-//! Wire <-> domain conversions for containerd's snapshots API.
+//! Wire <-> domain conversions for containerd's snapshots API (the Control
+//! API's are in `control_convert`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -10,8 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::ValueEnum;
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use seamless_snapshotter::api::client::DaemonClient;
+use seamless_snapshotter::api::grpc::control_convert::commit_to_wire;
+use seamless_snapshotter::commit::{CommitOptions, Format};
 use seamless_snapshotter::oci::credentials::RegistryCredentials;
 use seamless_snapshotter::proto::{
     CommitJob, GetCommitRequest, ListCommitsRequest, SeamlessCommitRequest, SeamlessCommitResponse,
@@ -81,7 +83,8 @@ pub struct Args {
     #[arg(long, value_parser = non_empty)]
     target: String,
     /// Layer format of the image.
-    #[arg(long, value_enum, default_value_t = Format::default_value())]
+    #[arg(long, default_value_t = defaults().format,
+          value_parser = PossibleValuesParser::new(Format::NAMES).map(|name| Format::parse(&name).expect("a listed name")))]
     format: Format,
     /// Wait for the background job to build and push the image.
     #[arg(long)]
@@ -92,11 +95,13 @@ pub struct Args {
     #[arg(long, value_parser = absolute_path)]
     work_dir: Option<PathBuf>,
     /// Nydus filesystem version.
-    #[arg(long, value_enum, default_value_t = FsVersion::default_value())]
-    fs_version: FsVersion,
+    #[arg(long, default_value_t = defaults().fs_version,
+          value_parser = PossibleValuesParser::new(seamless_snapshotter::nydus::FS_VERSIONS).map(|v| v.parse::<u32>().expect("a listed number")))]
+    fs_version: u32,
     /// Compression of the layer data.
-    #[arg(long, value_enum, default_value_t = Compressor::default_value())]
-    compressor: Compressor,
+    #[arg(long, default_value_t = defaults().compressor,
+          value_parser = PossibleValuesParser::new(seamless_snapshotter::nydus::Compressor::NAMES))]
+    compressor: String,
     /// Plain HTTP or unverified TLS to the target registry.
     #[arg(long)]
     target_insecure: bool,
@@ -162,119 +167,29 @@ fn read_creds_file(path: &str) -> Result<RegistryCredentials, String> {
     RegistryCredentials::read_file(Path::new(path)).map_err(|e| e.to_string())
 }
 
-/// The wire's user name and password for optional credentials.
-fn creds_to_wire(creds: Option<&RegistryCredentials>) -> (String, String) {
-    creds.map_or_else(Default::default, |c| (c.username().to_owned(), c.password().to_owned()))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Nydus,
-    Oci,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum FsVersion {
-    #[value(name = "5")]
-    V5,
-    #[value(name = "6")]
-    V6,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Compressor {
-    None,
-    #[value(name = "lz4_block")]
-    Lz4Block,
-    Zstd,
-}
-
 /// The commit's own defaults, which the flags' defaults are.
 fn defaults() -> seamless_snapshotter::commit::CommitOptions {
     seamless_snapshotter::commit::CommitOptions::default()
 }
 
-impl Format {
-    fn default_value() -> Format {
-        match defaults().format {
-            seamless_snapshotter::commit::Format::Oci => Format::Oci,
-            seamless_snapshotter::commit::Format::Nydus => Format::Nydus,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Format::Nydus => "nydus",
-            Format::Oci => "oci",
-        }
-    }
-}
-
-impl FsVersion {
-    fn default_value() -> FsVersion {
-        if defaults().fs_version == 5 {
-            FsVersion::V5
-        } else {
-            FsVersion::V6
-        }
-    }
-
-    fn number(self) -> u32 {
-        match self {
-            FsVersion::V5 => 5,
-            FsVersion::V6 => 6,
-        }
-    }
-}
-
-impl Compressor {
-    fn default_value() -> Compressor {
-        let compressor = defaults().compressor;
-        Compressor::value_variants()
-            .iter()
-            .copied()
-            .find(|c| c.as_str() == compressor)
-            .unwrap_or(Compressor::Lz4Block)
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Compressor::None => "none",
-            Compressor::Lz4Block => "lz4_block",
-            Compressor::Zstd => "zstd",
-        }
-    }
-}
-
 impl Args {
     fn request(&self, namespace: &str) -> SeamlessCommitRequest {
-        let paths = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect();
-        let (target_username, target_password) =
-            creds_to_wire(self.target_creds.as_ref().or(self.target_creds_file.as_ref()));
-        let (source_username, source_password) =
-            creds_to_wire(self.source_creds.as_ref().or(self.source_creds_file.as_ref()));
-        SeamlessCommitRequest {
+        let options = CommitOptions {
             namespace: namespace.to_owned(),
-            container: self.container.clone(),
-            target: self.target.clone(),
-            format: self.format.as_str().to_owned(),
-            work_dir: self
-                .work_dir
-                .as_ref()
-                .map(|dir| dir.display().to_string())
-                .unwrap_or_default(),
-            fs_version: self.fs_version.number(),
-            compressor: self.compressor.as_str().to_owned(),
+            format: self.format,
+            work_dir: self.work_dir.clone().unwrap_or_default(),
+            fs_version: self.fs_version,
+            compressor: self.compressor.clone(),
             target_insecure: self.target_insecure,
             source_insecure: self.source_insecure,
-            with_paths: paths(&self.with_paths),
-            without_paths: paths(&self.without_paths),
+            with_paths: self.with_paths.clone(),
+            without_paths: self.without_paths.clone(),
             maximum_times: self.maximum_times,
-            target_username,
-            target_password,
-            source_username,
-            source_password,
-        }
+            target_creds: self.target_creds.clone().or_else(|| self.target_creds_file.clone()),
+            source_creds: self.source_creds.clone().or_else(|| self.source_creds_file.clone()),
+            ..CommitOptions::new(self.container.clone(), self.target.clone())
+        };
+        commit_to_wire(&options)
     }
 }
 
