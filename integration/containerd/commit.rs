@@ -9,7 +9,7 @@ use super::*;
 /// around the snapshot, and running afterwards.
 #[test]
 fn seamless_capture_of_a_running_container() {
-    use seamless_snapshotter::capture::{capture_upper, CaptureMethod, FrozenMarkers};
+    use seamless_snapshotter::capture::{capture_upper, CaptureMethod, CaptureTarget, FrozenMarkers};
     use seamless_snapshotter::host::sys::{RealSystem, SystemOps};
 
     with_env("capture", Options::default(), |env| {
@@ -46,16 +46,15 @@ fn seamless_capture_of_a_running_container() {
         let dest = env.storage_dir().join("test-capture");
         let sys: std::sync::Arc<dyn SystemOps> = std::sync::Arc::new(RealSystem);
         let markers = FrozenMarkers::new(env.dir().join("frozen"));
-        let captured = capture_upper(
-            &sys,
-            &markers,
-            "t1",
-            &subvolume,
-            &dest,
-            &freezer,
-            Duration::from_secs(2),
-            CaptureMethod::Snapshot,
-        )?;
+        let target = CaptureTarget {
+            name: "t1",
+            subvolume: &subvolume,
+            dest: &dest,
+            freezer: &freezer,
+            pause_timeout: Duration::from_secs(2),
+            method: CaptureMethod::Snapshot,
+        };
+        let captured = capture_upper(&sys, &markers, &target)?;
         eprintln!(
             "capture of a container writing in a loop paused it for {:?}",
             captured.pause

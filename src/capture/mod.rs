@@ -244,63 +244,97 @@ fn take_snapshot(
     }
 }
 
-/// Captures `subvolume` (the snapshot directory holding the container's
-/// upper `fs` and `work`) at `dest`, which then holds the frozen upper as
-/// `dest/fs`; `freezer` is frozen only around the snapshot (or the copy).
-/// `name` names the marker.
-#[allow(clippy::too_many_arguments)]
+/// One capture: `subvolume` (the snapshot directory holding the
+/// container's upper `fs` and `work`) is taken at `dest`, which then holds
+/// the frozen upper as `dest/fs`; `freezer` is frozen only around the
+/// snapshot (or the copy), at most `pause_timeout`. `name` names the marker.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureTarget<'a> {
+    pub name: &'a str,
+    pub subvolume: &'a Path,
+    pub dest: &'a Path,
+    pub freezer: &'a Freezer,
+    pub pause_timeout: Duration,
+    pub method: CaptureMethod,
+}
+
+/// What both captures share: the layer flushed while the container runs,
+/// the marker recorded, then the freeze and, if it froze, the snapshot.
+/// `hold` is armed with a watchdog at `watchdog_limit` before the freeze
+/// and thaws when dropped, so that no error path leaves the container
+/// frozen.
+struct FrozenCapture {
+    hold: FrozenHold,
+    frozen: Result<(), SysError>,
+    snapshot: Result<(), SysError>,
+}
+
+fn freeze_and_snapshot(
+    sys: &Arc<dyn SystemOps>,
+    markers: &FrozenMarkers,
+    target: &CaptureTarget<'_>,
+    watchdog_limit: Duration,
+) -> Result<FrozenCapture, CaptureError> {
+    sys.syncfs(target.subvolume).map_err(|source| CaptureError::Sync {
+        path: target.subvolume.display().to_string(),
+        source,
+    })?;
+    let marker = markers.record(target.name, target.freezer)?;
+    let watchdog = Watchdog::arm(sys.clone(), target.freezer.clone(), watchdog_limit);
+    let start = Instant::now();
+    let hold = FrozenHold {
+        sys: sys.clone(),
+        markers: markers.clone(),
+        marker: Some(marker),
+        freezer: target.freezer.clone(),
+        start,
+        watchdog: Some(watchdog),
+    };
+    let frozen = sys.freeze_cgroup(target.freezer, start + target.pause_timeout);
+    let snapshot = match &frozen {
+        Ok(()) => take_snapshot(sys, target.subvolume, target.dest, target.method),
+        Err(_) => Ok(()),
+    };
+    Ok(FrozenCapture { hold, frozen, snapshot })
+}
+
+impl CaptureTarget<'_> {
+    fn pause_timeout_err(&self, source: SysError) -> CaptureError {
+        CaptureError::PauseTimeout {
+            cgroup: self.freezer.dir().display().to_string(),
+            timeout: self.pause_timeout,
+            source,
+        }
+    }
+
+    fn snapshot_err(&self, source: SysError) -> CaptureError {
+        CaptureError::Snapshot {
+            source_dir: self.subvolume.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Captures `target`, freezing its container only around the snapshot (or
+/// the copy); a watchdog thaws it if the pause runs past its timeout.
 pub fn capture_upper(
     sys: &Arc<dyn SystemOps>,
     markers: &FrozenMarkers,
-    name: &str,
-    subvolume: &Path,
-    dest: &Path,
-    freezer: &Freezer,
-    pause_timeout: Duration,
-    method: CaptureMethod,
+    target: &CaptureTarget<'_>,
 ) -> Result<Captured, CaptureError> {
-    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
-        path: subvolume.display().to_string(),
-        source,
-    })?;
-    let marker = markers.record(name, freezer)?;
-    let watchdog = Watchdog::arm(sys.clone(), freezer.clone(), pause_timeout);
-    let start = Instant::now();
-    let frozen = sys.freeze_cgroup(freezer, start + pause_timeout);
-    let snapshot = match &frozen {
-        Ok(()) => take_snapshot(sys, subvolume, dest, method),
-        Err(_) => Ok(()),
-    };
-    let thawed = sys.thaw_cgroup(freezer);
-    let pause = start.elapsed();
-    let watchdog_fired = watchdog.disarm();
-    if let Err(source) = thawed {
-        if !watchdog_fired {
-            return Err(CaptureError::Thaw {
-                cgroup: freezer.dir().display().to_string(),
-                source,
-            });
-        }
-    }
-    markers.clear(&marker);
+    let FrozenCapture { hold, frozen, snapshot } = freeze_and_snapshot(sys, markers, target, target.pause_timeout)?;
+    let (pause, watchdog_fired) = hold.thaw_after_capture()?;
     if let Err(source) = frozen {
-        return Err(CaptureError::PauseTimeout {
-            cgroup: freezer.dir().display().to_string(),
-            timeout: pause_timeout,
-            source,
-        });
+        return Err(target.pause_timeout_err(source));
     }
-    snapshot.map_err(|source| CaptureError::Snapshot {
-        source_dir: subvolume.display().to_string(),
-        source,
-    })?;
+    snapshot.map_err(|source| target.snapshot_err(source))?;
     if watchdog_fired {
         warn!(?pause, "capture completed after the watchdog thawed the container");
     }
-    info!(pause_us = pause.as_micros() as u64, snapshot = %dest.display(), "captured writable layer");
+    info!(pause_us = pause.as_micros() as u64, snapshot = %target.dest.display(), "captured writable layer");
     Ok(Captured {
         pause,
-        snapshot: dest.to_path_buf(),
+        snapshot: target.dest.to_path_buf(),
     })
 }
 
@@ -347,6 +381,31 @@ impl FrozenHold {
         Ok(killed)
     }
 
+    /// Ends a plain capture: thaws, then disarms the watchdog, so that a
+    /// thaw failing after the watchdog's own is no error; a thaw failing
+    /// otherwise keeps the marker for the next start. Returns the pause
+    /// and whether the watchdog had to thaw.
+    fn thaw_after_capture(mut self) -> Result<(Duration, bool), CaptureError> {
+        let watchdog = self.watchdog.take();
+        // Taken so that the drop after this does nothing.
+        let marker = self.marker.take();
+        let thawed = self.sys.thaw_cgroup(&self.freezer);
+        let pause = self.start.elapsed();
+        let watchdog_fired = watchdog.is_some_and(Watchdog::disarm);
+        if let Err(source) = thawed {
+            if !watchdog_fired {
+                return Err(CaptureError::Thaw {
+                    cgroup: self.freezer.dir().display().to_string(),
+                    source,
+                });
+            }
+        }
+        if let Some(marker) = marker {
+            self.markers.clear(&marker);
+        }
+        Ok((pause, watchdog_fired))
+    }
+
     fn release(&mut self) -> Result<Duration, CaptureError> {
         if let Some(watchdog) = self.watchdog.take() {
             if watchdog.disarm() {
@@ -383,50 +442,24 @@ impl Drop for FrozenHold {
 /// snapshot until the returned hold is thawed, and at most `hold_limit`:
 /// a watchdog thaws it then, as the capture's own watchdog does a pause
 /// past its timeout.
-#[allow(clippy::too_many_arguments)]
 pub fn capture_upper_and_hold(
     sys: &Arc<dyn SystemOps>,
     markers: &FrozenMarkers,
-    name: &str,
-    subvolume: &Path,
-    dest: &Path,
-    freezer: &Freezer,
-    pause_timeout: Duration,
+    target: &CaptureTarget<'_>,
     hold_limit: Duration,
-    method: CaptureMethod,
 ) -> Result<(Captured, FrozenHold), CaptureError> {
-    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
-        path: subvolume.display().to_string(),
-        source,
-    })?;
-    let marker = markers.record(name, freezer)?;
-    let start = Instant::now();
-    let hold = FrozenHold {
-        sys: sys.clone(),
-        markers: markers.clone(),
-        marker: Some(marker),
-        freezer: freezer.clone(),
-        start,
-        watchdog: Some(Watchdog::arm(sys.clone(), freezer.clone(), hold_limit)),
-    };
-    if let Err(source) = sys.freeze_cgroup(freezer, start + pause_timeout) {
+    let FrozenCapture { hold, frozen, snapshot } = freeze_and_snapshot(sys, markers, target, hold_limit)?;
+    if let Err(source) = frozen {
         drop(hold);
-        return Err(CaptureError::PauseTimeout {
-            cgroup: freezer.dir().display().to_string(),
-            timeout: pause_timeout,
-            source,
-        });
+        return Err(target.pause_timeout_err(source));
     }
     // Dropping the hold on error thaws.
-    take_snapshot(sys, subvolume, dest, method).map_err(|source| CaptureError::Snapshot {
-        source_dir: subvolume.display().to_string(),
-        source,
-    })?;
+    snapshot.map_err(|source| target.snapshot_err(source))?;
     let captured = Captured {
-        pause: start.elapsed(),
-        snapshot: dest.to_path_buf(),
+        pause: hold.start.elapsed(),
+        snapshot: target.dest.to_path_buf(),
     };
-    info!(snapshot = %dest.display(), "captured writable layer; container held frozen");
+    info!(snapshot = %target.dest.display(), "captured writable layer; container held frozen");
     Ok((captured, hold))
 }
 
@@ -441,6 +474,24 @@ mod tests {
         (tmp, Arc::new(RecordingSystem::btrfs()), markers)
     }
 
+    /// A snapshot capture of `subvolume` as `name` into `dest`.
+    fn target<'a>(
+        name: &'a str,
+        subvolume: &'a str,
+        dest: &'a Path,
+        freezer: &'a Freezer,
+        pause_timeout: Duration,
+    ) -> CaptureTarget<'a> {
+        CaptureTarget {
+            name,
+            subvolume: Path::new(subvolume),
+            dest,
+            freezer,
+            pause_timeout,
+            method: CaptureMethod::Snapshot,
+        }
+    }
+
     #[test]
     fn flushes_while_running_and_freezes_only_around_the_snapshot() {
         let (tmp, fake, markers) = setup();
@@ -450,12 +501,7 @@ mod tests {
         let got = capture_upper(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &dest,
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
+            &target("c1", "/s/1", &dest, &freezer, Duration::from_secs(1)),
         )
         .unwrap();
         assert_eq!(
@@ -485,13 +531,8 @@ mod tests {
         let (got, hold) = capture_upper_and_hold(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &dest,
-            &freezer,
-            Duration::from_secs(1),
+            &target("c1", "/s/1", &dest, &freezer, Duration::from_secs(1)),
             Duration::from_secs(600),
-            CaptureMethod::Snapshot,
         )
         .unwrap();
         assert_eq!(got.snapshot, dest);
@@ -518,13 +559,8 @@ mod tests {
         let (_, hold) = capture_upper_and_hold(
             &sys,
             &markers,
-            "c2",
-            Path::new("/s/2"),
-            &tmp.path().join("cap2"),
-            &freezer,
-            Duration::from_secs(1),
+            &target("c2", "/s/2", &tmp.path().join("cap2"), &freezer, Duration::from_secs(1)),
             Duration::from_secs(600),
-            CaptureMethod::Snapshot,
         )
         .unwrap();
         drop(hold);
@@ -533,13 +569,8 @@ mod tests {
         assert!(capture_upper_and_hold(
             &sys,
             &markers,
-            "c3",
-            Path::new("/s/3"),
-            &tmp.path().join("cap3"),
-            &freezer,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-            CaptureMethod::Snapshot,
+            &target("c3", "/s/3", &tmp.path().join("cap3"), &freezer, Duration::from_secs(1)),
+            Duration::from_secs(600)
         )
         .is_err());
         assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
@@ -554,13 +585,8 @@ mod tests {
         let (_, hold) = capture_upper_and_hold(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
+            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
             Duration::from_millis(50),
-            CaptureMethod::Snapshot,
         )
         .unwrap();
         // The holder never thaws: the watchdog must. Wait for its thaw (no
@@ -606,12 +632,7 @@ mod tests {
         let err = capture_upper(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
+            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
         )
         .unwrap_err();
         assert!(matches!(err, CaptureError::Snapshot { .. }), "{err}");
@@ -627,12 +648,7 @@ mod tests {
         let err = capture_upper(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
+            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
         )
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable);
@@ -649,12 +665,7 @@ mod tests {
         let err = capture_upper(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(5),
-            CaptureMethod::Snapshot,
+            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(5)),
         )
         .unwrap_err();
         assert!(matches!(err, CaptureError::Thaw { .. }), "{err}");
@@ -675,12 +686,13 @@ mod tests {
         capture_upper(
             &sys,
             &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_millis(50),
-            CaptureMethod::Snapshot,
+            &target(
+                "c1",
+                "/s/1",
+                &tmp.path().join("cap"),
+                &freezer,
+                Duration::from_millis(50),
+            ),
         )
         .unwrap();
         let calls = slow.calls();
