@@ -254,20 +254,7 @@ fn seamless_commit_pushes_the_container_view() {
 
         // The REST API on the daemon's rest.sock, same daemon and container.
         let rest = |method: &str, path: &str, body: &str| -> Result<(u16, serde_json::Value, String)> {
-            use std::io::{Read, Write};
-            let mut s = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
-            write!(
-                s,
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )?;
-            let mut response = String::new();
-            s.read_to_string(&mut response)?;
-            let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
-            let text = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
+            let (status, text) = env.rest(method, path, body)?;
             Ok((
                 status,
                 serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
