@@ -108,7 +108,7 @@ impl Classify for CheckpointError {
                 process::ProcessError::BadImages { .. } | process::ProcessError::Record(_) => {
                     ErrorKind::FailedPrecondition
                 }
-                process::ProcessError::Io { .. } | process::ProcessError::Journal(_) => ErrorKind::Internal,
+                process::ProcessError::Io(_) | process::ProcessError::Journal(_) => ErrorKind::Internal,
             },
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
