@@ -129,7 +129,7 @@ fn catalogue_kind(e: &CatalogueError) -> ErrorKind {
             objects::ObjectError::NotFound { .. } | objects::ObjectError::TooLarge { .. } => {
                 ErrorKind::FailedPrecondition
             }
-            objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
+            objects::ObjectError::Io(_) => ErrorKind::Unavailable,
         },
         _ => ErrorKind::Internal,
     }
