@@ -468,44 +468,87 @@ mod tests {
     use super::*;
     use crate::host::sys::RecordingSystem;
 
-    fn setup() -> (tempfile::TempDir, Arc<RecordingSystem>, FrozenMarkers) {
-        let tmp = tempfile::tempdir().unwrap();
-        let markers = FrozenMarkers::new(tmp.path().join("frozen"));
-        (tmp, Arc::new(RecordingSystem::btrfs()), markers)
+    const SECOND: Duration = Duration::from_secs(1);
+    const HOLD_LIMIT: Duration = Duration::from_secs(600);
+
+    /// A recording btrfs, the markers in `<tmp>/frozen`, and captures of
+    /// `/s/<n>` as `c<n>` into `<tmp>/cap<n>`.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        fake: Arc<RecordingSystem>,
+        sys: Arc<dyn SystemOps>,
+        markers: FrozenMarkers,
     }
 
-    /// A snapshot capture of `subvolume` as `name` into `dest`.
-    fn target<'a>(
-        name: &'a str,
-        subvolume: &'a str,
-        dest: &'a Path,
-        freezer: &'a Freezer,
-        pause_timeout: Duration,
-    ) -> CaptureTarget<'a> {
-        CaptureTarget {
-            name,
-            subvolume: Path::new(subvolume),
-            dest,
-            freezer,
-            pause_timeout,
-            method: CaptureMethod::Snapshot,
+    impl Fixture {
+        fn new() -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let markers = FrozenMarkers::new(tmp.path().join("frozen"));
+            let fake = Arc::new(RecordingSystem::btrfs());
+            Fixture {
+                tmp,
+                sys: fake.clone(),
+                fake,
+                markers,
+            }
+        }
+
+        fn dest(&self, n: u32) -> PathBuf {
+            self.tmp
+                .path()
+                .join(if n == 1 { "cap".to_string() } else { format!("cap{n}") })
+        }
+
+        /// Captures `/s/<n>` as `c<n>` into [`Self::dest`], by snapshot.
+        fn with_target<T>(
+            &self,
+            n: u32,
+            freezer: &Freezer,
+            pause_timeout: Duration,
+            capture: impl FnOnce(&CaptureTarget<'_>) -> T,
+        ) -> T {
+            let (name, subvolume, dest) = (format!("c{n}"), PathBuf::from(format!("/s/{n}")), self.dest(n));
+            capture(&CaptureTarget {
+                name: &name,
+                subvolume: &subvolume,
+                dest: &dest,
+                freezer,
+                pause_timeout,
+                method: CaptureMethod::Snapshot,
+            })
+        }
+
+        fn capture(&self, n: u32, freezer: &Freezer, pause_timeout: Duration) -> Result<Captured, CaptureError> {
+            self.with_target(n, freezer, pause_timeout, |target| {
+                capture_upper(&self.sys, &self.markers, target)
+            })
+        }
+
+        fn capture_and_hold(
+            &self,
+            n: u32,
+            freezer: &Freezer,
+            hold_limit: Duration,
+        ) -> Result<(Captured, FrozenHold), CaptureError> {
+            self.with_target(n, freezer, SECOND, |target| {
+                capture_upper_and_hold(&self.sys, &self.markers, target, hold_limit)
+            })
+        }
+
+        /// How many frozen-container markers are on disk.
+        fn markers_left(&self) -> usize {
+            std::fs::read_dir(self.tmp.path().join("frozen")).unwrap().count()
         }
     }
 
     #[test]
     fn flushes_while_running_and_freezes_only_around_the_snapshot() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let dest = tmp.path().join("cap");
-        let got = capture_upper(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &dest, &freezer, Duration::from_secs(1)),
-        )
-        .unwrap();
+        let got = f.capture(1, &freezer, SECOND).unwrap();
+        let dest = f.dest(1);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec![
                 "syncfs /s/1".to_string(),
                 "freeze /cg/ctr".to_string(),
@@ -514,30 +557,19 @@ mod tests {
             ]
         );
         assert_eq!(got.snapshot, dest);
-        assert!(got.pause < Duration::from_secs(1));
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            0,
-            "marker cleared"
-        );
+        assert!(got.pause < SECOND);
+        assert_eq!(f.markers_left(), 0, "marker cleared");
     }
 
     #[test]
     fn a_held_capture_stays_frozen_until_thawed_or_dropped() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let dest = tmp.path().join("cap");
-        let (got, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &dest, &freezer, Duration::from_secs(1)),
-            Duration::from_secs(600),
-        )
-        .unwrap();
+        let (got, hold) = f.capture_and_hold(1, &freezer, HOLD_LIMIT).unwrap();
+        let dest = f.dest(1);
         assert_eq!(got.snapshot, dest);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec![
                 "syncfs /s/1".to_string(),
                 "freeze /cg/ctr".to_string(),
@@ -545,157 +577,98 @@ mod tests {
             ],
             "still frozen"
         );
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            1,
-            "a restarted daemon would thaw it"
-        );
+        assert_eq!(f.markers_left(), 1, "a restarted daemon would thaw it");
         hold.thaw().unwrap();
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.markers_left(), 0);
 
         // Dropped (the dump failed, say): thawed all the same, also when
         // the snapshot itself fails.
-        let (_, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            &target("c2", "/s/2", &tmp.path().join("cap2"), &freezer, Duration::from_secs(1)),
-            Duration::from_secs(600),
-        )
-        .unwrap();
+        let (_, hold) = f.capture_and_hold(2, &freezer, HOLD_LIMIT).unwrap();
         drop(hold);
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        fake.fail_calls_starting_with("snapshot");
-        assert!(capture_upper_and_hold(
-            &sys,
-            &markers,
-            &target("c3", "/s/3", &tmp.path().join("cap3"), &freezer, Duration::from_secs(1)),
-            Duration::from_secs(600)
-        )
-        .is_err());
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        f.fake.fail_calls_starting_with("snapshot");
+        assert!(f.capture_and_hold(3, &freezer, HOLD_LIMIT).is_err());
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn a_hold_past_its_limit_is_thawed_by_the_watchdog() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let (_, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
-            Duration::from_millis(50),
-        )
-        .unwrap();
+        let (_, hold) = f.capture_and_hold(1, &freezer, Duration::from_millis(50)).unwrap();
         // The holder never thaws: the watchdog must. Wait for its thaw (no
         // bound on how long: what is checked is that it comes at all).
-        while !fake.calls().iter().any(|c| c == "thaw /cg/ctr") {
+        while !f.fake.calls().iter().any(|c| c == "thaw /cg/ctr") {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            1,
-            "the marker stays until released"
-        );
+        assert_eq!(f.markers_left(), 1, "the marker stays until released");
         hold.thaw().unwrap();
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn a_guard_around_a_dump_thaws_when_dropped_and_marks_until_then() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V2("/cg/dumped".into());
-        let guard = markers.thaw_on_release(&sys, "dump-1", &freezer).unwrap();
-        assert!(fake.calls().is_empty(), "the guard itself freezes nothing");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        let guard = f.markers.thaw_on_release(&f.sys, "dump-1", &freezer).unwrap();
+        assert!(f.fake.calls().is_empty(), "the guard itself freezes nothing");
+        assert_eq!(f.markers_left(), 1);
         // The daemon dies here: its successor thaws what the dump froze.
-        assert_eq!(markers.thaw_all(&RecordingSystem::btrfs()), 1);
-        let guard2 = markers.thaw_on_release(&sys, "dump-2", &freezer).unwrap();
+        assert_eq!(f.markers.thaw_all(&RecordingSystem::btrfs()), 1);
+        let guard2 = f.markers.thaw_on_release(&f.sys, "dump-2", &freezer).unwrap();
         drop(guard);
         drop(guard2);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec!["thaw /cg/dumped".to_string(), "thaw /cg/dumped".to_string()]
         );
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn failed_snapshot_still_thaws() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("snapshot");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V2("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("snapshot");
+        let err = f.capture(1, &Freezer::V2("/cg/ctr".into()), SECOND).unwrap_err();
         assert!(matches!(err, CaptureError::Snapshot { .. }), "{err}");
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
     }
 
     #[test]
     fn freeze_timeout_thaws_and_reports_pause_timeout() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("freeze");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(1)),
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("freeze");
+        let err = f.capture(1, &Freezer::V1("/cg/ctr".into()), SECOND).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable);
-        assert!(!fake.calls().iter().any(|c| c.starts_with("snapshot")));
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert!(!f.fake.calls().iter().any(|c| c.starts_with("snapshot")));
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
     }
 
     #[test]
     fn failed_thaw_keeps_the_marker_for_the_next_start() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("thaw");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            &target("c1", "/s/1", &tmp.path().join("cap"), &freezer, Duration::from_secs(5)),
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("thaw");
+        let err = f
+            .capture(1, &Freezer::V1("/cg/ctr".into()), Duration::from_secs(5))
+            .unwrap_err();
         assert!(matches!(err, CaptureError::Thaw { .. }), "{err}");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        assert_eq!(f.markers_left(), 1);
         // The next start thaws it.
         let healthy = RecordingSystem::btrfs();
-        assert_eq!(markers.thaw_all(&healthy), 1);
+        assert_eq!(f.markers.thaw_all(&healthy), 1);
         assert_eq!(healthy.calls(), vec!["thaw /cg/ctr".to_string()]);
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn watchdog_thaws_when_the_pause_overruns() {
-        let (tmp, slow, markers) = setup();
-        *slow.snapshot_delay.lock().unwrap() = Some(Duration::from_millis(300));
-        let sys: Arc<dyn SystemOps> = slow.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        capture_upper(
-            &sys,
-            &markers,
-            &target(
-                "c1",
-                "/s/1",
-                &tmp.path().join("cap"),
-                &freezer,
-                Duration::from_millis(50),
-            ),
-        )
-        .unwrap();
-        let calls = slow.calls();
+        let f = Fixture::new();
+        *f.fake.snapshot_delay.lock().unwrap() = Some(Duration::from_millis(300));
+        f.capture(1, &Freezer::V1("/cg/ctr".into()), Duration::from_millis(50))
+            .unwrap();
+        let calls = f.fake.calls();
         let freeze = calls.iter().position(|c| c == "freeze /cg/ctr").unwrap();
         let snapshot = calls.iter().position(|c| c.starts_with("snapshot")).unwrap();
         let first_thaw = calls.iter().position(|c| c == "thaw /cg/ctr").unwrap();
