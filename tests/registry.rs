@@ -409,6 +409,41 @@ async fn push_plain(
         .await
 }
 
+/// Pulls layer `index` of `image` from `reference` into a temporary file
+/// and checks it is the layer's bytes; `what` says how, for a failure.
+async fn pull_layer_back(client: &RegistryClient, reference: &str, image: &TestImage, index: usize, what: &str) {
+    let out = tempfile::tempdir().expect("temp dir");
+    let dest = out.path().join("blob");
+    let layer = &image.layers[index];
+    client
+        .pull_blob_to(reference, &layer.digest, layer.size, &dest, &RegistryAuth::Anonymous)
+        .await
+        .unwrap_or_else(|e| panic!("pull a blob {what}: {e}"));
+    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[index]);
+}
+
+/// Pushes `image` to `reference` anonymously and pulls it back: the same
+/// manifest digest, the same config, the same first layer. `what` says
+/// how, for a failure.
+async fn push_and_pull_back(
+    client: &RegistryClient,
+    reference: &str,
+    image: &TestImage,
+    what: &str,
+) -> seamless_snapshotter::oci::registry::PushedImage {
+    let pushed = push_plain(client, reference, &image.layers, &image.config)
+        .await
+        .unwrap_or_else(|e| panic!("push {what}: {e}"));
+    let pulled = client
+        .pull_manifest_and_config(reference, &RegistryAuth::Anonymous)
+        .await
+        .unwrap_or_else(|e| panic!("pull back {what}: {e}"));
+    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
+    assert_eq!(pulled.config, image.config);
+    pull_layer_back(client, reference, image, 0, what).await;
+    pushed
+}
+
 #[tokio::test]
 async fn second_push_uploads_no_blob_again() {
     let registry = Registry::start(Flavour::Plain);
@@ -1199,28 +1234,13 @@ async fn tls_with_a_private_ca_from_hosts_toml_and_credentials_from_the_source()
         &certs_d,
         Some(FixedCredentials::with(&host, USER, PASSWORD)),
     ));
-    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
-        .await
-        .expect("push over TLS trusted by the CA in hosts.toml, credentials from the source");
-    let pulled = client
-        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
-        .await
-        .expect("pull back");
-    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
-    assert_eq!(pulled.config, image.config);
-    let out = tempfile::tempdir().expect("temp dir");
-    let dest = out.path().join("blob");
-    client
-        .pull_blob_to(
-            &reference,
-            &image.layers[0].digest,
-            image.layers[0].size,
-            &dest,
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect("pull a blob");
-    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
+    let pushed = push_and_pull_back(
+        &client,
+        &reference,
+        &image,
+        "over TLS trusted by the CA in hosts.toml, credentials from the source",
+    )
+    .await;
 
     // No credentials: the registry refuses.
     let anonymous = RegistryClient::new(options_with(&certs_d, None));
@@ -1363,19 +1383,7 @@ async fn a_mirror_serves_pulls_and_the_upstream_takes_pushes() {
         .await
         .expect("the mirror serves while the upstream is down");
     assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
-    let out = tempfile::tempdir().expect("temp dir");
-    let dest = out.path().join("blob");
-    client
-        .pull_blob_to(
-            &reference,
-            &image.layers[1].digest,
-            image.layers[1].size,
-            &dest,
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect("a blob from the mirror");
-    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[1]);
+    pull_layer_back(&client, &reference, &image, 1, "from the mirror").await;
     assert!(
         mirror.requests("GET", "/v2/mirrored/app/blobs/") >= 2,
         "{}",
@@ -1681,29 +1689,8 @@ async fn bearer_tokens_from_the_realm_with_the_sources_credentials() {
         credentials: Some(FixedCredentials::with(&host, USER, PASSWORD)),
         ..fast_options(false)
     });
-    let pushed = push_plain(&client, &reference, &image.layers, &image.config)
-        .await
-        .expect("push with a bearer token");
+    push_and_pull_back(&client, &reference, &image, "with a bearer token").await;
     assert!(tokens.issued() > 0, "the client asked the realm for a token");
-    let pulled = client
-        .pull_manifest_and_config(&reference, &RegistryAuth::Anonymous)
-        .await
-        .expect("pull with a bearer token");
-    assert_eq!(pulled.manifest_digest, pushed.manifest_digest);
-    assert_eq!(pulled.config, image.config);
-    let out = tempfile::tempdir().expect("temp dir");
-    let dest = out.path().join("blob");
-    client
-        .pull_blob_to(
-            &reference,
-            &image.layers[0].digest,
-            image.layers[0].size,
-            &dest,
-            &RegistryAuth::Anonymous,
-        )
-        .await
-        .expect("pull a blob with a bearer token");
-    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
 
     let refused_before = tokens.refused();
     let wrong = RegistryClient::new(RegistryOptions {
@@ -1896,18 +1883,7 @@ async fn client_certificates_from_hosts_toml_for_a_registry_that_requires_them()
     push_plain(&pair, &second, &image.layers, &image.config)
         .await
         .expect("push with a certificate and key pair");
-    let out = tempfile::tempdir().expect("temp dir");
-    let dest = out.path().join("blob");
-    pair.pull_blob_to(
-        &second,
-        &image.layers[0].digest,
-        image.layers[0].size,
-        &dest,
-        &RegistryAuth::Anonymous,
-    )
-    .await
-    .expect("pull a blob with a certificate and key pair");
-    assert_eq!(std::fs::read(&dest).expect("read blob"), image.layer_bytes[0]);
+    pull_layer_back(&pair, &second, &image, 0, "with a certificate and key pair").await;
 
     // Without a client certificate the registry refuses the handshake.
     let none_d = dir.path().join("none.d");

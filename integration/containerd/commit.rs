@@ -9,7 +9,7 @@ use super::*;
 /// around the snapshot, and running afterwards.
 #[test]
 fn seamless_capture_of_a_running_container() {
-    use seamless_snapshotter::capture::{capture_upper, CaptureMethod, FrozenMarkers};
+    use seamless_snapshotter::capture::{capture_upper, CaptureMethod, CaptureTarget, FrozenMarkers};
     use seamless_snapshotter::host::sys::{RealSystem, SystemOps};
 
     with_env("capture", Options::default(), |env| {
@@ -46,16 +46,15 @@ fn seamless_capture_of_a_running_container() {
         let dest = env.storage_dir().join("test-capture");
         let sys: std::sync::Arc<dyn SystemOps> = std::sync::Arc::new(RealSystem);
         let markers = FrozenMarkers::new(env.dir().join("frozen"));
-        let captured = capture_upper(
-            &sys,
-            &markers,
-            "t1",
-            &subvolume,
-            &dest,
-            &freezer,
-            Duration::from_secs(2),
-            CaptureMethod::Snapshot,
-        )?;
+        let target = CaptureTarget {
+            name: "t1",
+            subvolume: &subvolume,
+            dest: &dest,
+            freezer: &freezer,
+            pause_timeout: Duration::from_secs(2),
+            method: CaptureMethod::Snapshot,
+        };
+        let captured = capture_upper(&sys, &markers, &target)?;
         eprintln!(
             "capture of a container writing in a loop paused it for {:?}",
             captured.pause
@@ -255,20 +254,7 @@ fn seamless_commit_pushes_the_container_view() {
 
         // The REST API on the daemon's rest.sock, same daemon and container.
         let rest = |method: &str, path: &str, body: &str| -> Result<(u16, serde_json::Value, String)> {
-            use std::io::{Read, Write};
-            let mut s = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
-            write!(
-                s,
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )?;
-            let mut response = String::new();
-            s.read_to_string(&mut response)?;
-            let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
-            let text = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
+            let (status, text) = env.rest(method, path, body)?;
             Ok((
                 status,
                 serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),

@@ -168,7 +168,7 @@ fn background_failures_are_seen_in_jobs_log_and_metrics() {
                 "the daemon log has job {snapshot_id}'s failure with its container and target"
             );
         }
-        let metrics = rest_get(env, "/metrics")?;
+        let (_, metrics) = env.rest("GET", "/metrics", "")?;
         ensure!(
             metrics.contains("nydus_seamless_snapshots_total{status=\"failed\"} 3"),
             "three failures counted:\n{metrics}"
@@ -182,17 +182,4 @@ fn background_failures_are_seen_in_jobs_log_and_metrics() {
 /// checkpointctl against the test's daemon: exit code, stdout, stderr.
 fn cli(env: &Env, ns: &str, args: &[&str]) -> Result<(i32, String, String)> {
     outcome(env.checkpointctl(ns).args(args))
-}
-
-/// A GET on the daemon's REST socket; the body.
-fn rest_get(env: &Env, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
 }

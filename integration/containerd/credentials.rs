@@ -186,25 +186,6 @@ fn with_connection_close(head: &str) -> String {
     out
 }
 
-/// One request on the daemon's REST socket: status and body.
-fn rest(env: &crate::env::Env, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut s = std::os::unix::net::UnixStream::connect(env.daemon_socket().with_file_name("rest.sock"))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// Files larger than this are the loop-mounted pool's backing image: what it
 /// holds is walked as files through its mount point instead.
 const MAX_SCANNED_FILE: u64 = 256 << 20;
@@ -335,14 +316,14 @@ fn commits_push_with_the_callers_credentials_and_never_keep_them() {
             "target_creds": {"username": USER, "password": PASSWORD},
         })
         .to_string();
-        let (status, created) = rest(env, "POST", "/api/v1/snapshots", &body)?;
+        let (status, created) = env.rest("POST", "/api/v1/snapshots", &body)?;
         ensure!(status == 201, "REST commit with credentials: {status} {created}");
         let created: serde_json::Value = serde_json::from_str(&created)?;
         let rest_id = created["snapshot_id"].as_str().context("snapshot_id")?.to_string();
         let accepted_before = front.seen.accepted.load(Ordering::SeqCst);
         let mut report = String::new();
         for _ in 0..1200 {
-            let (_, text) = rest(env, "GET", &format!("/api/v1/snapshots/{rest_id}"), "")?;
+            let (_, text) = env.rest("GET", &format!("/api/v1/snapshots/{rest_id}"), "")?;
             report = text;
             if report.contains("\"completed\"") || report.contains("\"failed\"") {
                 break;

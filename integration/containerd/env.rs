@@ -153,6 +153,26 @@ impl Env {
         self.dir().join("s.sock")
     }
 
+    /// One request on the daemon's REST socket (`rest.sock` beside its
+    /// gRPC socket), `body` sent as JSON: the status and the body.
+    pub fn rest(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        let mut stream = UnixStream::connect(self.daemon_socket().with_file_name("rest.sock"))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.split(' ').nth(1).unwrap_or("0").parse()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
     pub fn containerd_socket(&self) -> PathBuf {
         self.dir().join("c.sock")
     }

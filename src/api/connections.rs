@@ -68,6 +68,21 @@ impl AcceptBackoff {
     pub fn succeeded(&mut self) {
         self.delay = FIRST_ACCEPT_DELAY;
     }
+
+    /// What an accept returned, resetting the delay; or, for a failed
+    /// accept, nothing once its delay has passed (the caller accepts again).
+    pub async fn accepted<T>(&mut self, accepted: io::Result<T>) -> Option<T> {
+        match accepted {
+            Ok(accepted) => {
+                self.succeeded();
+                Some(accepted)
+            }
+            Err(e) => {
+                self.failed(&e).await;
+                None
+            }
+        }
+    }
 }
 
 /// A client's stream with its slot of `max_connections` (given back when

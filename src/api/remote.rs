@@ -234,15 +234,8 @@ impl RemoteListener {
                     accepted = listener.accept() => accepted,
                     _ = tx.closed() => return,
                 };
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => {
-                        backoff.succeeded();
-                        accepted
-                    }
-                    Err(e) => {
-                        backoff.failed(&e).await;
-                        continue;
-                    }
+                let Some((stream, peer)) = backoff.accepted(accepted).await else {
+                    continue;
                 };
                 let opened = tokio::time::Instant::now();
                 let (acceptor, tx, limits) = (acceptor.clone(), tx.clone(), limits.clone());

@@ -513,18 +513,12 @@ pub async fn serve<S, A, F>(
                 Err(_) => return,
             },
         };
-        let (stream, peer) = tokio::select! {
+        let accepted = tokio::select! {
             _ = &mut shutdown => return,
-            accepted = accept() => match accepted {
-                Ok(accepted) => {
-                    backoff.succeeded();
-                    accepted
-                }
-                Err(e) => {
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            },
+            accepted = accept() => accepted,
+        };
+        let Some((stream, peer)) = backoff.accepted(accepted).await else {
+            continue;
         };
         // One byte opens a request; hyper's header timeout then bounds the
         // rest of its headers.

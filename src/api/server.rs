@@ -112,14 +112,10 @@ fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<UnixStream
                 accepted = listener.accept() => accepted,
                 _ = tx.closed() => return,
             };
-            match accepted {
-                Ok((stream, _)) => {
-                    backoff.succeeded();
-                    if tx.send(Ok(stream)).await.is_err() {
-                        return;
-                    }
+            if let Some((stream, _)) = backoff.accepted(accepted).await {
+                if tx.send(Ok(stream)).await.is_err() {
+                    return;
                 }
-                Err(e) => backoff.failed(&e).await,
             }
         }
     });

@@ -244,63 +244,97 @@ fn take_snapshot(
     }
 }
 
-/// Captures `subvolume` (the snapshot directory holding the container's
-/// upper `fs` and `work`) at `dest`, which then holds the frozen upper as
-/// `dest/fs`; `freezer` is frozen only around the snapshot (or the copy).
-/// `name` names the marker.
-#[allow(clippy::too_many_arguments)]
+/// One capture: `subvolume` (the snapshot directory holding the
+/// container's upper `fs` and `work`) is taken at `dest`, which then holds
+/// the frozen upper as `dest/fs`; `freezer` is frozen only around the
+/// snapshot (or the copy), at most `pause_timeout`. `name` names the marker.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureTarget<'a> {
+    pub name: &'a str,
+    pub subvolume: &'a Path,
+    pub dest: &'a Path,
+    pub freezer: &'a Freezer,
+    pub pause_timeout: Duration,
+    pub method: CaptureMethod,
+}
+
+/// What both captures share: the layer flushed while the container runs,
+/// the marker recorded, then the freeze and, if it froze, the snapshot.
+/// `hold` is armed with a watchdog at `watchdog_limit` before the freeze
+/// and thaws when dropped, so that no error path leaves the container
+/// frozen.
+struct FrozenCapture {
+    hold: FrozenHold,
+    frozen: Result<(), SysError>,
+    snapshot: Result<(), SysError>,
+}
+
+fn freeze_and_snapshot(
+    sys: &Arc<dyn SystemOps>,
+    markers: &FrozenMarkers,
+    target: &CaptureTarget<'_>,
+    watchdog_limit: Duration,
+) -> Result<FrozenCapture, CaptureError> {
+    sys.syncfs(target.subvolume).map_err(|source| CaptureError::Sync {
+        path: target.subvolume.display().to_string(),
+        source,
+    })?;
+    let marker = markers.record(target.name, target.freezer)?;
+    let watchdog = Watchdog::arm(sys.clone(), target.freezer.clone(), watchdog_limit);
+    let start = Instant::now();
+    let hold = FrozenHold {
+        sys: sys.clone(),
+        markers: markers.clone(),
+        marker: Some(marker),
+        freezer: target.freezer.clone(),
+        start,
+        watchdog: Some(watchdog),
+    };
+    let frozen = sys.freeze_cgroup(target.freezer, start + target.pause_timeout);
+    let snapshot = match &frozen {
+        Ok(()) => take_snapshot(sys, target.subvolume, target.dest, target.method),
+        Err(_) => Ok(()),
+    };
+    Ok(FrozenCapture { hold, frozen, snapshot })
+}
+
+impl CaptureTarget<'_> {
+    fn pause_timeout_err(&self, source: SysError) -> CaptureError {
+        CaptureError::PauseTimeout {
+            cgroup: self.freezer.dir().display().to_string(),
+            timeout: self.pause_timeout,
+            source,
+        }
+    }
+
+    fn snapshot_err(&self, source: SysError) -> CaptureError {
+        CaptureError::Snapshot {
+            source_dir: self.subvolume.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Captures `target`, freezing its container only around the snapshot (or
+/// the copy); a watchdog thaws it if the pause runs past its timeout.
 pub fn capture_upper(
     sys: &Arc<dyn SystemOps>,
     markers: &FrozenMarkers,
-    name: &str,
-    subvolume: &Path,
-    dest: &Path,
-    freezer: &Freezer,
-    pause_timeout: Duration,
-    method: CaptureMethod,
+    target: &CaptureTarget<'_>,
 ) -> Result<Captured, CaptureError> {
-    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
-        path: subvolume.display().to_string(),
-        source,
-    })?;
-    let marker = markers.record(name, freezer)?;
-    let watchdog = Watchdog::arm(sys.clone(), freezer.clone(), pause_timeout);
-    let start = Instant::now();
-    let frozen = sys.freeze_cgroup(freezer, start + pause_timeout);
-    let snapshot = match &frozen {
-        Ok(()) => take_snapshot(sys, subvolume, dest, method),
-        Err(_) => Ok(()),
-    };
-    let thawed = sys.thaw_cgroup(freezer);
-    let pause = start.elapsed();
-    let watchdog_fired = watchdog.disarm();
-    if let Err(source) = thawed {
-        if !watchdog_fired {
-            return Err(CaptureError::Thaw {
-                cgroup: freezer.dir().display().to_string(),
-                source,
-            });
-        }
-    }
-    markers.clear(&marker);
+    let FrozenCapture { hold, frozen, snapshot } = freeze_and_snapshot(sys, markers, target, target.pause_timeout)?;
+    let (pause, watchdog_fired) = hold.thaw_after_capture()?;
     if let Err(source) = frozen {
-        return Err(CaptureError::PauseTimeout {
-            cgroup: freezer.dir().display().to_string(),
-            timeout: pause_timeout,
-            source,
-        });
+        return Err(target.pause_timeout_err(source));
     }
-    snapshot.map_err(|source| CaptureError::Snapshot {
-        source_dir: subvolume.display().to_string(),
-        source,
-    })?;
+    snapshot.map_err(|source| target.snapshot_err(source))?;
     if watchdog_fired {
         warn!(?pause, "capture completed after the watchdog thawed the container");
     }
-    info!(pause_us = pause.as_micros() as u64, snapshot = %dest.display(), "captured writable layer");
+    info!(pause_us = pause.as_micros() as u64, snapshot = %target.dest.display(), "captured writable layer");
     Ok(Captured {
         pause,
-        snapshot: dest.to_path_buf(),
+        snapshot: target.dest.to_path_buf(),
     })
 }
 
@@ -347,6 +381,31 @@ impl FrozenHold {
         Ok(killed)
     }
 
+    /// Ends a plain capture: thaws, then disarms the watchdog, so that a
+    /// thaw failing after the watchdog's own is no error; a thaw failing
+    /// otherwise keeps the marker for the next start. Returns the pause
+    /// and whether the watchdog had to thaw.
+    fn thaw_after_capture(mut self) -> Result<(Duration, bool), CaptureError> {
+        let watchdog = self.watchdog.take();
+        // Taken so that the drop after this does nothing.
+        let marker = self.marker.take();
+        let thawed = self.sys.thaw_cgroup(&self.freezer);
+        let pause = self.start.elapsed();
+        let watchdog_fired = watchdog.is_some_and(Watchdog::disarm);
+        if let Err(source) = thawed {
+            if !watchdog_fired {
+                return Err(CaptureError::Thaw {
+                    cgroup: self.freezer.dir().display().to_string(),
+                    source,
+                });
+            }
+        }
+        if let Some(marker) = marker {
+            self.markers.clear(&marker);
+        }
+        Ok((pause, watchdog_fired))
+    }
+
     fn release(&mut self) -> Result<Duration, CaptureError> {
         if let Some(watchdog) = self.watchdog.take() {
             if watchdog.disarm() {
@@ -383,50 +442,24 @@ impl Drop for FrozenHold {
 /// snapshot until the returned hold is thawed, and at most `hold_limit`:
 /// a watchdog thaws it then, as the capture's own watchdog does a pause
 /// past its timeout.
-#[allow(clippy::too_many_arguments)]
 pub fn capture_upper_and_hold(
     sys: &Arc<dyn SystemOps>,
     markers: &FrozenMarkers,
-    name: &str,
-    subvolume: &Path,
-    dest: &Path,
-    freezer: &Freezer,
-    pause_timeout: Duration,
+    target: &CaptureTarget<'_>,
     hold_limit: Duration,
-    method: CaptureMethod,
 ) -> Result<(Captured, FrozenHold), CaptureError> {
-    sys.syncfs(subvolume).map_err(|source| CaptureError::Sync {
-        path: subvolume.display().to_string(),
-        source,
-    })?;
-    let marker = markers.record(name, freezer)?;
-    let start = Instant::now();
-    let hold = FrozenHold {
-        sys: sys.clone(),
-        markers: markers.clone(),
-        marker: Some(marker),
-        freezer: freezer.clone(),
-        start,
-        watchdog: Some(Watchdog::arm(sys.clone(), freezer.clone(), hold_limit)),
-    };
-    if let Err(source) = sys.freeze_cgroup(freezer, start + pause_timeout) {
+    let FrozenCapture { hold, frozen, snapshot } = freeze_and_snapshot(sys, markers, target, hold_limit)?;
+    if let Err(source) = frozen {
         drop(hold);
-        return Err(CaptureError::PauseTimeout {
-            cgroup: freezer.dir().display().to_string(),
-            timeout: pause_timeout,
-            source,
-        });
+        return Err(target.pause_timeout_err(source));
     }
     // Dropping the hold on error thaws.
-    take_snapshot(sys, subvolume, dest, method).map_err(|source| CaptureError::Snapshot {
-        source_dir: subvolume.display().to_string(),
-        source,
-    })?;
+    snapshot.map_err(|source| target.snapshot_err(source))?;
     let captured = Captured {
-        pause: start.elapsed(),
-        snapshot: dest.to_path_buf(),
+        pause: hold.start.elapsed(),
+        snapshot: target.dest.to_path_buf(),
     };
-    info!(snapshot = %dest.display(), "captured writable layer; container held frozen");
+    info!(snapshot = %target.dest.display(), "captured writable layer; container held frozen");
     Ok((captured, hold))
 }
 
@@ -435,31 +468,87 @@ mod tests {
     use super::*;
     use crate::host::sys::RecordingSystem;
 
-    fn setup() -> (tempfile::TempDir, Arc<RecordingSystem>, FrozenMarkers) {
-        let tmp = tempfile::tempdir().unwrap();
-        let markers = FrozenMarkers::new(tmp.path().join("frozen"));
-        (tmp, Arc::new(RecordingSystem::btrfs()), markers)
+    const SECOND: Duration = Duration::from_secs(1);
+    const HOLD_LIMIT: Duration = Duration::from_secs(600);
+
+    /// A recording btrfs, the markers in `<tmp>/frozen`, and captures of
+    /// `/s/<n>` as `c<n>` into `<tmp>/cap<n>`.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        fake: Arc<RecordingSystem>,
+        sys: Arc<dyn SystemOps>,
+        markers: FrozenMarkers,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let markers = FrozenMarkers::new(tmp.path().join("frozen"));
+            let fake = Arc::new(RecordingSystem::btrfs());
+            Fixture {
+                tmp,
+                sys: fake.clone(),
+                fake,
+                markers,
+            }
+        }
+
+        fn dest(&self, n: u32) -> PathBuf {
+            self.tmp
+                .path()
+                .join(if n == 1 { "cap".to_string() } else { format!("cap{n}") })
+        }
+
+        /// Captures `/s/<n>` as `c<n>` into [`Self::dest`], by snapshot.
+        fn with_target<T>(
+            &self,
+            n: u32,
+            freezer: &Freezer,
+            pause_timeout: Duration,
+            capture: impl FnOnce(&CaptureTarget<'_>) -> T,
+        ) -> T {
+            let (name, subvolume, dest) = (format!("c{n}"), PathBuf::from(format!("/s/{n}")), self.dest(n));
+            capture(&CaptureTarget {
+                name: &name,
+                subvolume: &subvolume,
+                dest: &dest,
+                freezer,
+                pause_timeout,
+                method: CaptureMethod::Snapshot,
+            })
+        }
+
+        fn capture(&self, n: u32, freezer: &Freezer, pause_timeout: Duration) -> Result<Captured, CaptureError> {
+            self.with_target(n, freezer, pause_timeout, |target| {
+                capture_upper(&self.sys, &self.markers, target)
+            })
+        }
+
+        fn capture_and_hold(
+            &self,
+            n: u32,
+            freezer: &Freezer,
+            hold_limit: Duration,
+        ) -> Result<(Captured, FrozenHold), CaptureError> {
+            self.with_target(n, freezer, SECOND, |target| {
+                capture_upper_and_hold(&self.sys, &self.markers, target, hold_limit)
+            })
+        }
+
+        /// How many frozen-container markers are on disk.
+        fn markers_left(&self) -> usize {
+            std::fs::read_dir(self.tmp.path().join("frozen")).unwrap().count()
+        }
     }
 
     #[test]
     fn flushes_while_running_and_freezes_only_around_the_snapshot() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let dest = tmp.path().join("cap");
-        let got = capture_upper(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &dest,
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap();
+        let got = f.capture(1, &freezer, SECOND).unwrap();
+        let dest = f.dest(1);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec![
                 "syncfs /s/1".to_string(),
                 "freeze /cg/ctr".to_string(),
@@ -468,35 +557,19 @@ mod tests {
             ]
         );
         assert_eq!(got.snapshot, dest);
-        assert!(got.pause < Duration::from_secs(1));
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            0,
-            "marker cleared"
-        );
+        assert!(got.pause < SECOND);
+        assert_eq!(f.markers_left(), 0, "marker cleared");
     }
 
     #[test]
     fn a_held_capture_stays_frozen_until_thawed_or_dropped() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let dest = tmp.path().join("cap");
-        let (got, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &dest,
-            &freezer,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap();
+        let (got, hold) = f.capture_and_hold(1, &freezer, HOLD_LIMIT).unwrap();
+        let dest = f.dest(1);
         assert_eq!(got.snapshot, dest);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec![
                 "syncfs /s/1".to_string(),
                 "freeze /cg/ctr".to_string(),
@@ -504,186 +577,98 @@ mod tests {
             ],
             "still frozen"
         );
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            1,
-            "a restarted daemon would thaw it"
-        );
+        assert_eq!(f.markers_left(), 1, "a restarted daemon would thaw it");
         hold.thaw().unwrap();
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.markers_left(), 0);
 
         // Dropped (the dump failed, say): thawed all the same, also when
         // the snapshot itself fails.
-        let (_, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            "c2",
-            Path::new("/s/2"),
-            &tmp.path().join("cap2"),
-            &freezer,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap();
+        let (_, hold) = f.capture_and_hold(2, &freezer, HOLD_LIMIT).unwrap();
         drop(hold);
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        fake.fail_calls_starting_with("snapshot");
-        assert!(capture_upper_and_hold(
-            &sys,
-            &markers,
-            "c3",
-            Path::new("/s/3"),
-            &tmp.path().join("cap3"),
-            &freezer,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-            CaptureMethod::Snapshot,
-        )
-        .is_err());
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        f.fake.fail_calls_starting_with("snapshot");
+        assert!(f.capture_and_hold(3, &freezer, HOLD_LIMIT).is_err());
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn a_hold_past_its_limit_is_thawed_by_the_watchdog() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V1("/cg/ctr".into());
-        let (_, hold) = capture_upper_and_hold(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
-            Duration::from_millis(50),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap();
+        let (_, hold) = f.capture_and_hold(1, &freezer, Duration::from_millis(50)).unwrap();
         // The holder never thaws: the watchdog must. Wait for its thaw (no
         // bound on how long: what is checked is that it comes at all).
-        while !fake.calls().iter().any(|c| c == "thaw /cg/ctr") {
+        while !f.fake.calls().iter().any(|c| c == "thaw /cg/ctr") {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(),
-            1,
-            "the marker stays until released"
-        );
+        assert_eq!(f.markers_left(), 1, "the marker stays until released");
         hold.thaw().unwrap();
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn a_guard_around_a_dump_thaws_when_dropped_and_marks_until_then() {
-        let (tmp, fake, markers) = setup();
-        let sys: Arc<dyn SystemOps> = fake.clone();
+        let f = Fixture::new();
         let freezer = Freezer::V2("/cg/dumped".into());
-        let guard = markers.thaw_on_release(&sys, "dump-1", &freezer).unwrap();
-        assert!(fake.calls().is_empty(), "the guard itself freezes nothing");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        let guard = f.markers.thaw_on_release(&f.sys, "dump-1", &freezer).unwrap();
+        assert!(f.fake.calls().is_empty(), "the guard itself freezes nothing");
+        assert_eq!(f.markers_left(), 1);
         // The daemon dies here: its successor thaws what the dump froze.
-        assert_eq!(markers.thaw_all(&RecordingSystem::btrfs()), 1);
-        let guard2 = markers.thaw_on_release(&sys, "dump-2", &freezer).unwrap();
+        assert_eq!(f.markers.thaw_all(&RecordingSystem::btrfs()), 1);
+        let guard2 = f.markers.thaw_on_release(&f.sys, "dump-2", &freezer).unwrap();
         drop(guard);
         drop(guard2);
         assert_eq!(
-            fake.calls(),
+            f.fake.calls(),
             vec!["thaw /cg/dumped".to_string(), "thaw /cg/dumped".to_string()]
         );
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn failed_snapshot_still_thaws() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("snapshot");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V2("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("snapshot");
+        let err = f.capture(1, &Freezer::V2("/cg/ctr".into()), SECOND).unwrap_err();
         assert!(matches!(err, CaptureError::Snapshot { .. }), "{err}");
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
     }
 
     #[test]
     fn freeze_timeout_thaws_and_reports_pause_timeout() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("freeze");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(1),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("freeze");
+        let err = f.capture(1, &Freezer::V1("/cg/ctr".into()), SECOND).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable);
-        assert!(!fake.calls().iter().any(|c| c.starts_with("snapshot")));
-        assert_eq!(fake.calls().last().unwrap(), "thaw /cg/ctr");
+        assert!(!f.fake.calls().iter().any(|c| c.starts_with("snapshot")));
+        assert_eq!(f.fake.calls().last().unwrap(), "thaw /cg/ctr");
     }
 
     #[test]
     fn failed_thaw_keeps_the_marker_for_the_next_start() {
-        let (tmp, fake, markers) = setup();
-        fake.fail_calls_starting_with("thaw");
-        let sys: Arc<dyn SystemOps> = fake.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        let err = capture_upper(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_secs(5),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap_err();
+        let f = Fixture::new();
+        f.fake.fail_calls_starting_with("thaw");
+        let err = f
+            .capture(1, &Freezer::V1("/cg/ctr".into()), Duration::from_secs(5))
+            .unwrap_err();
         assert!(matches!(err, CaptureError::Thaw { .. }), "{err}");
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 1);
+        assert_eq!(f.markers_left(), 1);
         // The next start thaws it.
         let healthy = RecordingSystem::btrfs();
-        assert_eq!(markers.thaw_all(&healthy), 1);
+        assert_eq!(f.markers.thaw_all(&healthy), 1);
         assert_eq!(healthy.calls(), vec!["thaw /cg/ctr".to_string()]);
-        assert_eq!(std::fs::read_dir(tmp.path().join("frozen")).unwrap().count(), 0);
+        assert_eq!(f.markers_left(), 0);
     }
 
     #[test]
     fn watchdog_thaws_when_the_pause_overruns() {
-        let (tmp, slow, markers) = setup();
-        *slow.snapshot_delay.lock().unwrap() = Some(Duration::from_millis(300));
-        let sys: Arc<dyn SystemOps> = slow.clone();
-        let freezer = Freezer::V1("/cg/ctr".into());
-        capture_upper(
-            &sys,
-            &markers,
-            "c1",
-            Path::new("/s/1"),
-            &tmp.path().join("cap"),
-            &freezer,
-            Duration::from_millis(50),
-            CaptureMethod::Snapshot,
-        )
-        .unwrap();
-        let calls = slow.calls();
+        let f = Fixture::new();
+        *f.fake.snapshot_delay.lock().unwrap() = Some(Duration::from_millis(300));
+        f.capture(1, &Freezer::V1("/cg/ctr".into()), Duration::from_millis(50))
+            .unwrap();
+        let calls = f.fake.calls();
         let freeze = calls.iter().position(|c| c == "freeze /cg/ctr").unwrap();
         let snapshot = calls.iter().position(|c| c.starts_with("snapshot")).unwrap();
         let first_thaw = calls.iter().position(|c| c == "thaw /cg/ctr").unwrap();

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{capture_upper, capture_upper_and_hold, CaptureError, CaptureMethod, Captured, FrozenHold, FrozenMarkers};
+use super::{
+    capture_upper, capture_upper_and_hold, CaptureError, CaptureMethod, CaptureTarget, Captured, FrozenHold,
+    FrozenMarkers,
+};
 use crate::host::containerd::{ContainerInfo, Containerd};
 use crate::host::sys::{Freezer, SystemOps};
 use crate::snapshot::snapshotter::{Snapshotter, SNAPSHOTTER_NAME};
@@ -200,30 +203,19 @@ impl CaptureService {
         } else {
             CaptureMethod::Copy
         };
+        let target = CaptureTarget {
+            name,
+            subvolume: &site.subvolume,
+            dest: &site.dest,
+            freezer,
+            pause_timeout: PAUSE_TIMEOUT,
+            method,
+        };
         if hold {
-            let (captured, hold) = capture_upper_and_hold(
-                &self.sys,
-                &self.markers,
-                name,
-                &site.subvolume,
-                &site.dest,
-                freezer,
-                PAUSE_TIMEOUT,
-                self.hold_limit,
-                method,
-            )?;
+            let (captured, hold) = capture_upper_and_hold(&self.sys, &self.markers, &target, self.hold_limit)?;
             return Ok((captured, Some(hold)));
         }
-        let captured = capture_upper(
-            &self.sys,
-            &self.markers,
-            name,
-            &site.subvolume,
-            &site.dest,
-            freezer,
-            PAUSE_TIMEOUT,
-            method,
-        )?;
+        let captured = capture_upper(&self.sys, &self.markers, &target)?;
         if method == CaptureMethod::Copy {
             warn!(
                 pause_ms = captured.pause.as_secs_f64() * 1000.0,

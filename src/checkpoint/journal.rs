@@ -16,15 +16,13 @@
 //! encryption key) are sealed with the daemon's [`SecretsKey`], never
 //! written in clear.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::catalogue::{Compression, NewCheckpoint, ProcessState};
+use super::catalogue::{NewCheckpoint, ProcessState};
 use super::process::DumpPlan;
 use super::schedule::{SavedStorage, SecretsKey};
 use super::StorageSpec;
@@ -109,15 +107,10 @@ pub struct PendingCheckpoint {
     pub id: String,
     /// Where it is stored; its secrets only sealed.
     pub storage: SavedStorage,
-    pub namespace: String,
-    pub container: String,
-    pub image: String,
-    pub labels: BTreeMap<String, String>,
-    pub parent: Option<String>,
-    pub compression: Compression,
-    pub pause_ns: u64,
-    /// The container record's blob, stored before the dump.
-    pub container_key: Option<String>,
+    /// What the catalogue is to store, but for the process state the dump
+    /// makes; its fields stand at the top level of the file.
+    #[serde(flatten)]
+    pub checkpoint: NewCheckpoint,
     /// The filesystem capture (its `fs` is the upper stored).
     pub capture: PathBuf,
     /// The CRIU scratch directory of the dump.
@@ -141,14 +134,10 @@ impl PendingCheckpoint {
             version: VERSION,
             id: id.to_string(),
             storage: SavedStorage::from(storage),
-            namespace: new.namespace.clone(),
-            container: new.container.clone(),
-            image: new.image.clone(),
-            labels: new.labels.clone(),
-            parent: new.parent.clone(),
-            compression: new.compression,
-            pause_ns: u64::try_from(new.pause.as_nanos()).unwrap_or(u64::MAX),
-            container_key: new.container_key.clone(),
+            checkpoint: NewCheckpoint {
+                process: None,
+                ..new.clone()
+            },
             capture: capture.to_path_buf(),
             work: work.to_path_buf(),
             dump,
@@ -158,15 +147,8 @@ impl PendingCheckpoint {
     /// What the catalogue stores for it, with the dump's `process` state.
     pub fn new_checkpoint(&self, process: ProcessState) -> NewCheckpoint {
         NewCheckpoint {
-            namespace: self.namespace.clone(),
-            container: self.container.clone(),
-            image: self.image.clone(),
-            labels: self.labels.clone(),
-            parent: self.parent.clone(),
-            compression: self.compression,
-            pause: Duration::from_nanos(self.pause_ns),
             process: Some(process),
-            container_key: self.container_key.clone(),
+            ..self.checkpoint.clone()
         }
     }
 
@@ -319,7 +301,9 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
+    use super::super::catalogue::Compression;
     use super::*;
 
     fn pending(tmp: &Path) -> (PendingCheckpoint, StorageSpec) {
@@ -457,5 +441,73 @@ mod tests {
         assert!(!path.exists());
         assert!(aside.starts_with(tmp.path().join(DAMAGED_DIR)));
         assert_eq!(std::fs::read(&aside).unwrap(), b"{\"version\": 1, \"id\": ");
+    }
+
+    /// A journal as the daemon wrote it before the new checkpoint's fields
+    /// were one part: the same file, field for field, reads and writes.
+    #[test]
+    fn a_journal_of_the_earlier_shape_reads_and_writes_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (journal, _) = pending(tmp.path());
+        let work = tmp.path().join("checkpoint-work");
+        let old = format!(
+            r#"{{
+  "version": 1,
+  "id": "cp-20261201-120100",
+  "storage": {{
+    "backend": "s3",
+    "path": "",
+    "bucket": "bucket",
+    "region": "eu-1",
+    "endpoint": "http://127.0.0.1:9000",
+    "access_key": "AKID"
+  }},
+  "namespace": "ns1",
+  "container": "web",
+  "image": "docker.io/library/busybox:latest",
+  "labels": {{
+    "golden": ""
+  }},
+  "parent": "cp-20261201-120000",
+  "compression": "zstd",
+  "pause_ns": 1500000,
+  "container_key": "blobs/sha256/aa.zst",
+  "capture": "{capture}",
+  "work": "{work}",
+  "dump": {{
+    "images": [
+      "blobs/sha256/bb.chunks"
+    ],
+    "pre_dump": false,
+    "pre_dump_pages_written": 0,
+    "stored_bytes": 0,
+    "tcp_established": true,
+    "file_locks": false,
+    "leave_running": false,
+    "memory_bytes": 4096,
+    "process_identity": "7:100",
+    "criu_version": "4.1",
+    "compression": "zstd",
+    "consume_images": false
+  }}
+}}"#,
+            capture = journal.capture.display(),
+            work = journal.work.display(),
+        );
+        let path = journal.path_in(&work);
+        std::fs::write(&path, &old).unwrap();
+        let read = PendingCheckpoint::read(&path, &work).unwrap();
+        let mut without_secrets = journal.clone();
+        without_secrets.storage.secret_key.clear();
+        without_secrets.storage.encryption_key.clear();
+        assert_eq!(read, without_secrets);
+        assert_eq!(read.checkpoint.pause, Duration::from_micros(1500));
+        assert_eq!(serde_json::to_string_pretty(&read).unwrap(), old);
+
+        // Unknown fields are still refused, at the top level too.
+        let extra = old.replacen("\"version\": 1,", "\"version\": 1, \"surprise\": 2,", 1);
+        std::fs::write(&path, extra).unwrap();
+        let err = PendingCheckpoint::read(&path, &work).unwrap_err();
+        assert!(err.to_string().contains("surprise"), "{err}");
     }
 }

@@ -111,7 +111,7 @@ impl Classify for CheckpointError {
                 process::ProcessError::BadImages { .. } | process::ProcessError::Record(_) => {
                     ErrorKind::FailedPrecondition
                 }
-                process::ProcessError::Io { .. } | process::ProcessError::Journal(_) => ErrorKind::Internal,
+                process::ProcessError::Io(_) | process::ProcessError::Journal(_) => ErrorKind::Internal,
             },
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
@@ -132,7 +132,7 @@ fn catalogue_kind(e: &CatalogueError) -> ErrorKind {
             objects::ObjectError::NotFound { .. } | objects::ObjectError::TooLarge { .. } => {
                 ErrorKind::FailedPrecondition
             }
-            objects::ObjectError::Io { .. } => ErrorKind::Unavailable,
+            objects::ObjectError::Io(_) => ErrorKind::Unavailable,
         },
         _ => ErrorKind::Internal,
     }
@@ -369,8 +369,8 @@ impl CheckpointService {
             ),
             Ok(None) => warn!(
                 id = pending.id,
-                namespace = pending.namespace,
-                container = pending.container,
+                namespace = pending.checkpoint.namespace,
+                container = pending.checkpoint.container,
                 "discarded the checkpoint a previous run was killed in: its dump had not finished, so the container \
                  was not stopped"
             ),
@@ -382,8 +382,8 @@ impl CheckpointService {
                 let work_aside = journal::move_aside(&self.root, &pending.work);
                 error!(
                     id = pending.id,
-                    namespace = pending.namespace,
-                    container = pending.container,
+                    namespace = pending.checkpoint.namespace,
+                    container = pending.checkpoint.container,
                     error = %e,
                     journal = %journal_aside.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string()),
                     images = %work_aside.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string()),
@@ -414,7 +414,10 @@ impl CheckpointService {
             .map_err(|e| CheckpointError::Task(e.to_string()))?;
         let catalogue = self.catalogue(&storage)?;
         let id = match catalogue.get(&pending.id) {
-            Ok(found) if found.namespace == pending.namespace && found.container == pending.container => {
+            Ok(found)
+                if found.namespace == pending.checkpoint.namespace
+                    && found.container == pending.checkpoint.container =>
+            {
                 return Ok(Some(found))
             }
             // Shared storage: another node took the id since.

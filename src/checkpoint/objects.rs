@@ -11,18 +11,16 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::error::{io_err, IoError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
     #[error("object {key} not found in {store}")]
     NotFound { store: String, key: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(
         "object {key} in {store} is larger than {limit} bytes, more than any document the catalogue writes: refused"
     )]
@@ -47,7 +45,7 @@ pub(crate) fn read_document(
     (&mut reader)
         .take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| ObjectError::Io {
+        .map_err(|source| IoError {
             op: "read",
             path: format!("{} in {}", key, store.describe()),
             source,
@@ -191,7 +189,7 @@ impl DirStore {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(io_err("create", &tmp))
+            .map_err(|e| ObjectError::from(io_err("create", &tmp)(e)))
             .and_then(|mut file| fill(&mut file, &tmp).map(|()| file));
         match filled {
             Ok(file) => Ok((tmp, path, file)),
@@ -213,7 +211,10 @@ impl DirStore {
             file.sync_all().map_err(io_err("sync", &tmp))?;
             fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
             // The rename itself reaches the disk with the directory.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync", dir))?;
+            Ok::<(), ObjectError>(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -233,7 +234,7 @@ impl DirStore {
     fn sync_filesystem(&self) -> Result<(), ObjectError> {
         let root = File::open(&self.root).map_err(io_err("open", &self.root))?;
         nix::unistd::syncfs(root.as_raw_fd())
-            .map_err(|errno| io_err("sync the filesystem of", &self.root)(std::io::Error::from(errno)))
+            .map_err(|errno| io_err("sync the filesystem of", &self.root)(std::io::Error::from(errno)).into())
     }
 }
 
@@ -255,9 +256,9 @@ impl DirBatch<'_> {
 
 impl PutBatch for DirBatch<'_> {
     fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
-        let (tmp, path, _) = self
-            .store
-            .write_temporary(key, |file, tmp| file.write_all(data).map_err(io_err("write", tmp)))?;
+        let (tmp, path, _) = self.store.write_temporary(key, |file, tmp| {
+            Ok(file.write_all(data).map_err(io_err("write", tmp))?)
+        })?;
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -300,7 +301,9 @@ impl ObjectStore for DirStore {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
-        self.write_with(key, |file, tmp| file.write_all(data).map_err(io_err("write", tmp)))
+        self.write_with(key, |file, tmp| {
+            Ok(file.write_all(data).map_err(io_err("write", tmp))?)
+        })
     }
 
     fn put_file(&self, key: &str, source: &Path) -> Result<(), ObjectError> {
@@ -320,7 +323,7 @@ impl ObjectStore for DirStore {
         match File::open(&path) {
             Ok(file) => Ok(Box::new(file)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.not_found(key)),
-            Err(e) => Err(io_err("open", &path)(e)),
+            Err(e) => Err(io_err("open", &path)(e).into()),
         }
     }
 
@@ -329,7 +332,7 @@ impl ObjectStore for DirStore {
         match fs::metadata(&path) {
             Ok(meta) => Ok(Some(meta.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("stat", &path)(e)),
+            Err(e) => Err(io_err("stat", &path)(e).into()),
         }
     }
 
@@ -338,7 +341,7 @@ impl ObjectStore for DirStore {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &path)(e)),
+            Err(e) => Err(io_err("remove", &path)(e).into()),
         }
     }
 
@@ -358,7 +361,7 @@ impl ObjectStore for DirStore {
             let entries = match fs::read_dir(&dir) {
                 Ok(entries) => entries,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("read directory", &dir)(e)),
+                Err(e) => return Err(io_err("read directory", &dir)(e).into()),
             };
             for entry in entries {
                 let entry = entry.map_err(io_err("read directory", &dir))?;
@@ -381,16 +384,11 @@ impl ObjectStore for DirStore {
 }
 
 fn create_private_dir(path: &Path) -> Result<(), ObjectError> {
-    DirBuilder::new()
+    Ok(DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(io_err("create directory", path))
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ObjectError {
-    let path = path.display().to_string();
-    move |source| ObjectError::Io { op, path, source }
+        .map_err(io_err("create directory", path))?)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use super::catalogue::{
     blob_digest, Catalogue, CatalogueError, Compression, ProcessState, StagedFile, IMAGE_CHUNK_SIZES,
 };
 use super::tree;
+use crate::error::{io_err, IoError};
 use crate::host::criu::{CriuSettings, DumpRequest};
 
 /// Label of a restored container: the checkpoint it was restored from.
@@ -32,23 +33,14 @@ pub enum ProcessError {
     Catalogue(#[from] CatalogueError),
     #[error(transparent)]
     Criu(#[from] crate::host::criu::CriuError),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("stored CRIU images {key}: {reason}")]
     BadImages { key: String, reason: String },
     #[error("container record: {0}")]
     Record(String),
     #[error(transparent)]
     Journal(#[from] super::journal::JournalError),
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ProcessError {
-    let path = path.display().to_string();
-    move |source| ProcessError::Io { op, path, source }
 }
 
 /// What restore needs to create the container again.

@@ -942,7 +942,6 @@ async fn validate(containerd: &Containerd, ns: &str, name: &str, resume: bool, p
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     const D1: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
@@ -950,19 +949,10 @@ mod tests {
 
     fn entry(kind: EntryKind, mode: u32) -> Entry {
         Entry {
-            kind,
-            mode,
             uid: 1000,
             gid: 100,
             mtime_ns: 1_600_000_000_123_456_789,
-            ctime_ns: 0,
-            size: 0,
-            digest: None,
-            hardlink: None,
-            target: None,
-            rdev: 0,
-            opaque: false,
-            xattrs: BTreeMap::new(),
+            ..Entry::bare(kind, mode)
         }
     }
 

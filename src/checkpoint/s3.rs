@@ -21,6 +21,7 @@ use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutPayl
 use tokio_stream::{Stream, StreamExt};
 
 use super::objects::{validate_key, ImmediateBatch, ObjectError, ObjectStore, PutBatch};
+use crate::error::IoError;
 
 /// Files up to this size go in one PUT; larger ones in parts of at least
 /// this size, so that an upload holds a few parts in memory, never the file.
@@ -147,10 +148,12 @@ impl S3Store {
 
     fn with_retry(config: &S3Config, retry: RetryConfig) -> Result<S3Store, ObjectError> {
         let bucket = Arc::new(Bucket::new(config));
-        let invalid = |reason: String| ObjectError::Io {
-            op: "configure",
-            path: bucket.describe(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+        let invalid = |reason: String| {
+            ObjectError::Io(IoError {
+                op: "configure",
+                path: bucket.describe(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+            })
         };
         config.validate().map_err(invalid)?;
         install_crypto_provider();
@@ -409,17 +412,17 @@ impl Bucket {
             while let Some(next) = cause.source() {
                 cause = next;
             }
-            return ObjectError::Io {
+            return ObjectError::Io(IoError {
                 op: "connect to",
                 path: format!("s3 endpoint {}", self.endpoint),
                 source: io::Error::other(self.scrub(cause.to_string())),
-            };
+            });
         }
-        ObjectError::Io {
+        ObjectError::Io(IoError {
             op,
             path: self.url(key),
             source: io::Error::other(self.scrub(e.to_string())),
-        }
+        })
     }
 
     /// `text` on one line (servers answer in indented XML), and without
@@ -504,11 +507,11 @@ fn block_on<F: Future>(work: F) -> Result<F::Output, ObjectError> {
     });
     match runtime {
         Ok(runtime) => Ok(runtime.block_on(work)),
-        Err(e) => Err(ObjectError::Io {
+        Err(e) => Err(ObjectError::Io(IoError {
             op: "start",
             path: "the runtime of the s3 client".into(),
             source: io::Error::new(e.kind(), e.to_string()),
-        }),
+        })),
     }
 }
 
@@ -534,11 +537,11 @@ fn without_userinfo(url: &str) -> String {
 }
 
 fn local_error(op: &'static str, path: &Path, source: io::Error) -> ObjectError {
-    ObjectError::Io {
+    ObjectError::Io(IoError {
         op,
         path: path.display().to_string(),
         source,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -815,7 +818,7 @@ mod tests {
         );
         let err = store.put("checkpoints/cp-1.json", b"{}").unwrap_err();
         let message = err.to_string();
-        assert!(matches!(err, ObjectError::Io { .. }), "{message}");
+        assert!(matches!(err, ObjectError::Io(_)), "{message}");
         assert!(
             message.starts_with(&format!("connect to s3 endpoint http://127.0.0.1:{port}: ")),
             "{message}"

@@ -29,6 +29,7 @@ use chacha20poly1305::aead::Generate;
 use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305};
 
 use super::objects::{validate_key, ObjectError, ObjectStore, PutBatch};
+use crate::error::{io_err, IoError};
 
 const MAGIC: &[u8; 8] = b"seamseal";
 const VERSION: u8 = 1;
@@ -145,7 +146,7 @@ impl SealedStore {
             .recursive(true)
             .mode(0o700)
             .create(&self.staging)
-            .map_err(io_error("create directory", &self.staging))?;
+            .map_err(io_err("create directory", &self.staging))?;
         let n = self.staged.fetch_add(1, Ordering::Relaxed);
         let path = self.staging.join(format!(".sealing-{}-{n}", std::process::id()));
         let file = OpenOptions::new()
@@ -153,7 +154,7 @@ impl SealedStore {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(io_error("create", &path))?;
+            .map_err(io_err("create", &path))?;
         Ok(Staged { path, file })
     }
 
@@ -181,7 +182,7 @@ impl SealedStore {
         self.seal(key, &mut &data[..], &mut sealed)
             .map_err(|failure| match failure {
                 Failure::Seal(e) => object_error(key, e),
-                Failure::Read(e) | Failure::Write(e) => io_error("seal", Path::new(key))(e),
+                Failure::Read(e) | Failure::Write(e) => io_err("seal", Path::new(key))(e).into(),
             })?;
         Ok(sealed)
     }
@@ -214,13 +215,13 @@ impl ObjectStore for SealedStore {
 
     fn put_file(&self, key: &str, source: &Path) -> Result<(), ObjectError> {
         validate_key(key)?;
-        let mut input = File::open(source).map_err(io_error("open", source))?;
+        let mut input = File::open(source).map_err(io_err("open", source))?;
         let mut staged = self.stage()?;
         self.seal(key, &mut input, &mut staged.file)
             .map_err(|failure| match failure {
                 Failure::Seal(e) => object_error(key, e),
-                Failure::Read(e) => io_error("read", source)(e),
-                Failure::Write(e) => io_error("write", &staged.path)(e),
+                Failure::Read(e) => io_err("read", source)(e).into(),
+                Failure::Write(e) => io_err("write", &staged.path)(e).into(),
             })?;
         self.inner.put_file(key, &staged.path)
     }
@@ -286,7 +287,7 @@ impl Failure {
     fn into_object_error(self, key: &str) -> ObjectError {
         match self {
             Failure::Seal(e) => object_error(key, e),
-            Failure::Read(e) | Failure::Write(e) => io_error("read", Path::new(key))(e),
+            Failure::Read(e) | Failure::Write(e) => io_err("read", Path::new(key))(e).into(),
         }
     }
 }
@@ -477,16 +478,11 @@ fn object_error(key: &str, e: SealError) -> ObjectError {
         SealError::Random(_) => io::ErrorKind::Other,
         _ => io::ErrorKind::InvalidData,
     };
-    ObjectError::Io {
+    ObjectError::Io(IoError {
         op: "object",
         path: key.to_string(),
         source: io::Error::new(kind, e),
-    }
-}
-
-fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ObjectError {
-    let path = path.display().to_string();
-    move |source| ObjectError::Io { op, path, source }
+    })
 }
 
 #[cfg(test)]

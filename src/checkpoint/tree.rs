@@ -728,24 +728,39 @@ fn read_xattrs(path: &Path) -> Result<BTreeMap<String, String>, TreeError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(digest: &str, size: u64) -> Entry {
+impl Entry {
+    /// For tests: `kind` and `mode`, owned by root, with no times, size,
+    /// content, link or attributes; tests fill in what they check.
+    pub(crate) fn bare(kind: EntryKind, mode: u32) -> Entry {
         Entry {
-            kind: EntryKind::File,
-            mode: 0o644,
+            kind,
+            mode,
             uid: 0,
             gid: 0,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            size,
-            digest: Some(digest.into()),
+            mtime_ns: 0,
+            ctime_ns: 0,
+            size: 0,
+            digest: None,
             hardlink: None,
             target: None,
             rdev: 0,
             opaque: false,
             xattrs: BTreeMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(digest: &str, size: u64) -> Entry {
+        Entry {
+            mtime_ns: 1,
+            ctime_ns: 1,
+            size,
+            digest: Some(digest.into()),
+            ..Entry::bare(EntryKind::File, 0o644)
         }
     }
 

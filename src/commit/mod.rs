@@ -835,18 +835,27 @@ mod tests {
         assert!(derive_config(br#"{"rootfs":{}}"#, &layers).is_err());
     }
 
-    #[test]
-    fn start_fails_interrupted_jobs_and_removes_their_captures() {
-        use crate::host::sys::{Freezer, RecordingSystem};
-        let tmp = tempfile::tempdir().unwrap();
+    /// A snapshotter on a recording btrfs in `dir`, and the capture service
+    /// over it that would reach containerd at `dir/socket`.
+    fn capture_service(dir: &Path, socket: &str) -> (Arc<Snapshotter>, Arc<CaptureService>) {
+        use crate::host::sys::RecordingSystem;
         let snapshotter = Arc::new(
             Snapshotter::open(
-                tmp.path(),
+                dir,
                 &crate::config::Config::default(),
                 Arc::new(RecordingSystem::btrfs()),
             )
             .unwrap(),
         );
+        let capture = Arc::new(CaptureService::new(snapshotter.clone(), dir, dir.join(socket)));
+        (snapshotter, capture)
+    }
+
+    #[test]
+    fn start_fails_interrupted_jobs_and_removes_their_captures() {
+        use crate::host::sys::Freezer;
+        let tmp = tempfile::tempdir().unwrap();
+        let (snapshotter, capture) = capture_service(tmp.path(), "c.sock");
         let (_, id) = {
             snapshotter
                 .prepare(
@@ -858,11 +867,6 @@ mod tests {
                 .unwrap();
             snapshotter.container_snapshot("ns", "c").unwrap()
         };
-        let capture = Arc::new(CaptureService::new(
-            snapshotter.clone(),
-            tmp.path(),
-            tmp.path().join("c.sock"),
-        ));
         let take = |name: &str| {
             capture
                 .capture_snapshot(id, name, &Freezer::V1("/cg".into()), false)
@@ -944,21 +948,8 @@ mod tests {
 
     #[test]
     fn without_containerd_the_base_comes_from_the_registry() {
-        use crate::host::sys::RecordingSystem;
         let tmp = tempfile::tempdir().unwrap();
-        let snapshotter = Arc::new(
-            Snapshotter::open(
-                tmp.path(),
-                &crate::config::Config::default(),
-                Arc::new(RecordingSystem::btrfs()),
-            )
-            .unwrap(),
-        );
-        let capture = Arc::new(CaptureService::new(
-            snapshotter,
-            tmp.path(),
-            tmp.path().join("no-containerd.sock"),
-        ));
+        let (_, capture) = capture_service(tmp.path(), "no-containerd.sock");
         let service = CommitService::new(capture, 1, None).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

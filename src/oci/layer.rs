@@ -59,7 +59,7 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use crate::error::{Classify, ErrorKind};
+use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::oci::compress::Encoder;
 pub use crate::oci::compress::{Compression, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD};
 use crate::oci::overlay::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
@@ -69,12 +69,8 @@ const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: String,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("filter path {path:?}: {reason}")]
     InvalidFilterPath { path: String, reason: &'static str },
     #[error("layer source {path} is not a directory")]
@@ -96,11 +92,6 @@ impl Classify for LayerError {
             _ => ErrorKind::Internal,
         }
     }
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LayerError {
-    let path = path.display().to_string();
-    move |source| LayerError::Io { op, path, source }
 }
 
 /// Which paths of the container a layer covers (a commit's `with_paths` and
@@ -321,7 +312,7 @@ impl Node {
         let meta = match fs::symlink_metadata(&path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("inspecting", &path)(e)),
+            Err(e) => return Err(io_err("inspecting", &path)(e).into()),
         };
         let xattrs = read_xattrs(&path)?;
         let name = path.file_name().map(OsStr::to_owned).unwrap_or_default();
@@ -409,11 +400,7 @@ impl Node {
 }
 
 fn read_xattrs(path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, LayerError> {
-    overlay::read_xattrs(path).map_err(|e| LayerError::Io {
-        op: e.op,
-        path: e.path,
-        source: e.source,
-    })
+    Ok(overlay::read_xattrs(path)?)
 }
 
 /// The entries of directory `dir`, sorted by name.
@@ -685,7 +672,7 @@ impl Planner<'_> {
                     Ok(meta) if meta.is_dir() => {}
                     Ok(_) => return Ok(None),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(io_err("inspecting", &path)(e)),
+                    Err(e) => return Err(io_err("inspecting", &path)(e).into()),
                 }
             }
         }
@@ -911,7 +898,7 @@ fn append_item(
     if file_type.is_file() && meta.nlink() > 1 {
         if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
             header.set_entry_type(tar::EntryType::Link);
-            return builder.append_link(&mut header, rel, first).map_err(archive_err());
+            return Ok(builder.append_link(&mut header, rel, first).map_err(archive_err())?);
         }
         links.insert((meta.dev(), meta.ino()), rel.clone());
     }
@@ -934,9 +921,9 @@ fn append_item(
         header.set_entry_type(tar::EntryType::Directory);
         let mut dir = rel.as_os_str().to_owned();
         dir.push("/");
-        builder
+        Ok(builder
             .append_data(&mut header, dir, io::empty())
-            .map_err(archive_err())
+            .map_err(archive_err())?)
     } else if file_type.is_file() {
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(meta.len());
@@ -949,11 +936,11 @@ fn append_item(
             inner: file,
             remaining: meta.len(),
         };
-        builder.append_data(&mut header, rel, data).map_err(archive_err())
+        Ok(builder.append_data(&mut header, rel, data).map_err(archive_err())?)
     } else if file_type.is_symlink() {
         header.set_entry_type(tar::EntryType::Symlink);
         let target = fs::read_link(&node.path).map_err(archive_err())?;
-        builder.append_link(&mut header, rel, target).map_err(archive_err())
+        Ok(builder.append_link(&mut header, rel, target).map_err(archive_err())?)
     } else if file_type.is_char_device() || file_type.is_block_device() || file_type.is_fifo() {
         header.set_entry_type(if file_type.is_char_device() {
             tar::EntryType::Char
@@ -974,9 +961,9 @@ fn append_item(
         };
         header.set_device_major(major).map_err(too_big)?;
         header.set_device_minor(minor).map_err(too_big)?;
-        builder
+        Ok(builder
             .append_data(&mut header, rel, io::empty())
-            .map_err(archive_err())
+            .map_err(archive_err())?)
     } else {
         // Sockets are filtered out while planning; nothing else exists.
         Ok(())
@@ -992,9 +979,9 @@ fn append_marker(builder: &mut tar::Builder<BlobWriter>, path: &Path) -> Result<
     header.set_gid(0);
     header.set_mtime(0);
     header.set_size(0);
-    builder
+    Ok(builder
         .append_data(&mut header, path, io::empty())
-        .map_err(io_err("archiving whiteout", path))
+        .map_err(io_err("archiving whiteout", path))?)
 }
 
 #[cfg(test)]
@@ -1417,7 +1404,7 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Internal);
         }
         let err = build_layer(&ctx(&tmp.path().join("missing"), &filter), &tmp.path().join("layer")).unwrap_err();
-        assert!(matches!(err, LayerError::Io { .. }), "{err}");
+        assert!(matches!(err, LayerError::Io(_)), "{err}");
     }
 
     /// Sets every mtime under `root` to a fixed time, so that later writes

@@ -1009,25 +1009,15 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert!(e.to_string().contains("maximum of 4096"), "{e}");
-        assert_eq!(
-            s.prepare(KeyStyle::Prefixed, "k", "missing", Labels::new())
+        let prepare_fails = |key: &str, parent: &str| {
+            s.prepare(KeyStyle::Prefixed, key, parent, Labels::new())
                 .unwrap_err()
-                .kind(),
-            ErrorKind::NotFound
-        );
+                .kind()
+        };
+        assert_eq!(prepare_fails("k", "missing"), ErrorKind::NotFound);
         s.prepare(KeyStyle::Prefixed, "k", "", Labels::new()).unwrap();
-        assert_eq!(
-            s.prepare(KeyStyle::Prefixed, "k", "", Labels::new())
-                .unwrap_err()
-                .kind(),
-            ErrorKind::AlreadyExists
-        );
-        assert_eq!(
-            s.prepare(KeyStyle::Prefixed, "c", "k", Labels::new())
-                .unwrap_err()
-                .kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(prepare_fails("k", ""), ErrorKind::AlreadyExists);
+        assert_eq!(prepare_fails("c", "k"), ErrorKind::InvalidArgument);
         s.view(KeyStyle::Prefixed, "v", "", Labels::new()).unwrap();
         assert_eq!(
             s.commit(KeyStyle::Prefixed, "V", "v", Labels::new())

@@ -825,19 +825,11 @@ mod tests {
         let digest = tree::hash_file(&content).unwrap();
         let stored = w.catalogue.store_blob(&content, &digest, Compression::Gzip).unwrap();
         let base = Entry {
-            kind: EntryKind::Dir,
-            mode: 0o755,
             uid: 1000,
             gid: 3_000_000,
             mtime_ns: 1_764_583_872_123_456_789,
             ctime_ns: 1_764_583_873_000_000_001,
-            size: 0,
-            digest: None,
-            hardlink: None,
-            target: None,
-            rdev: 0,
-            opaque: false,
-            xattrs: BTreeMap::new(),
+            ..Entry::bare(EntryKind::Dir, 0o755)
         };
         let long_dir = "l".repeat(120);
         let file = Entry {

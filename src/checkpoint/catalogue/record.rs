@@ -164,8 +164,10 @@ pub fn validate_id(id: &str) -> Result<(), CatalogueError> {
     }
 }
 
-/// What a create stores.
-#[derive(Debug, Clone)]
+/// What a create stores. Serialised in the journal of a dump that stops
+/// its container (`checkpoint::journal`), before the dump: without its
+/// process state then, the pause in nanoseconds as `pause_ns`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewCheckpoint {
     pub namespace: String,
     pub container: String,
@@ -173,9 +175,26 @@ pub struct NewCheckpoint {
     pub labels: BTreeMap<String, String>,
     pub parent: Option<String>,
     pub compression: Compression,
+    #[serde(rename = "pause_ns", with = "duration_ns")]
     pub pause: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessState>,
     pub container_key: Option<String>,
+}
+
+/// A duration as whole nanoseconds (saturating at `u64::MAX`).
+mod duration_ns {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_nanos)
+    }
 }
 
 /// The rules of a prune.

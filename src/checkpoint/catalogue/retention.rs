@@ -405,6 +405,11 @@ mod tests {
     use crate::checkpoint::tree::Tree;
     use std::fs;
 
+    /// Prunes the test world's container `ns/c1` for real.
+    fn prune(w: &World, policy: PrunePolicy) -> PrunePlan {
+        w.catalogue.prune("ns", "c1", &policy, false).unwrap()
+    }
+
     #[test]
     fn prune_folds_removed_parents_into_kept_children_and_frees_their_data() {
         let w = world();
@@ -466,18 +471,13 @@ mod tests {
         assert!(err.to_string().contains("--keep-latest"), "{err}");
 
         // Storage limit: the oldest goes until the rest fits.
-        let plan = w
-            .catalogue
-            .prune(
-                "ns",
-                "c1",
-                &PrunePolicy {
-                    max_storage: Some(1),
-                    ..PrunePolicy::default()
-                },
-                false,
-            )
-            .unwrap();
+        let plan = prune(
+            &w,
+            PrunePolicy {
+                max_storage: Some(1),
+                ..PrunePolicy::default()
+            },
+        );
         assert_eq!(plan.removed.len(), 2);
         assert_eq!(blob_count(&w), 0);
         assert!(fs::read_dir(w.objects.join("deltas")).unwrap().next().is_none());
@@ -621,18 +621,13 @@ mod tests {
             .unwrap();
         objects.put("deltas/cp-20261201-100100-1.json.zst", b"orphan").unwrap();
         assert_eq!(w.catalogue.all().unwrap().len(), 1, "nothing half-written is listed");
-        let plan = w
-            .catalogue
-            .prune(
-                "ns",
-                "c1",
-                &PrunePolicy {
-                    keep_latest: Some(5),
-                    ..PrunePolicy::default()
-                },
-                false,
-            )
-            .unwrap();
+        let plan = prune(
+            &w,
+            PrunePolicy {
+                keep_latest: Some(5),
+                ..PrunePolicy::default()
+            },
+        );
         assert!(plan.removed.is_empty());
         assert!(objects
             .size(&format!("blobs/sha256/{}.zst", "ab".repeat(32)))
