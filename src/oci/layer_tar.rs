@@ -244,3 +244,85 @@ impl<W: Write> Write for Digesting<W> {
         self.inner.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::digest::sha256_hex;
+
+    /// A member as read back: path, mode, uid and PAX record keys.
+    type Seen = (String, u32, u64, Vec<String>);
+
+    /// The members written in `style`, read back; the raw tar.
+    fn write(style: HeaderStyle) -> (Vec<Seen>, Vec<u8>) {
+        let mut tar = LayerTar::new(Vec::new(), Compression::Gzip, 3, style).unwrap();
+        tar.whiteout(Path::new("dir/gone")).unwrap();
+        tar.opaque(Path::new("dir")).unwrap();
+        let long = format!("dir/{}", "n".repeat(120));
+        let member = TarMember {
+            path: Path::new(&long),
+            kind: tar::EntryType::Regular,
+            mode: 0o640,
+            uid: 3_000_000,
+            gid: 7,
+            mtime: 1,
+            size: 2,
+            link: None,
+            device: None,
+        };
+        let records = [(xattr_record("user.a"), b"1".to_vec())];
+        tar.member(&member, &records, &b"hi"[..]).unwrap();
+        assert!(whiteout_path(Path::new("")).is_none());
+        assert!(tar.whiteout(Path::new("")).is_err());
+        let (blob, digests) = tar.finish().unwrap();
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut raw).unwrap();
+        assert_eq!(digests.digest, format!("sha256:{}", sha256_hex(&blob)));
+        assert_eq!(digests.diff_id, format!("sha256:{}", sha256_hex(&raw)));
+        assert_eq!(digests.size, blob.len() as u64);
+        let mut archive = tar::Archive::new(&raw[..]);
+        let mut members = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let keys = match entry.pax_extensions().unwrap() {
+                Some(pax) => pax.map(|r| r.unwrap().key().unwrap().to_string()).collect(),
+                None => Vec::new(),
+            };
+            let header = entry.header();
+            let (mode, uid) = (header.mode().unwrap(), header.uid().unwrap());
+            members.push((entry.path().unwrap().display().to_string(), mode, uid, keys));
+        }
+        (members, raw)
+    }
+
+    #[test]
+    fn both_styles_write_markers_and_long_members_their_own_way() {
+        let long = format!("dir/{}", "n".repeat(120));
+        let (gnu, gnu_raw) = write(HeaderStyle::Gnu);
+        assert_eq!(
+            gnu,
+            [
+                ("dir/.wh.gone".to_string(), 0o644, 0, vec![]),
+                ("dir/.wh..wh..opq".to_string(), 0o644, 0, vec![]),
+                (long.clone(), 0o640, 3_000_000, vec!["SCHILY.xattr.user.a".to_string()]),
+            ]
+        );
+        // The long name as a GNU long-name member.
+        assert!(gnu_raw.windows(13).any(|w| w == b"././@LongLink"));
+        let (ustar, ustar_raw) = write(HeaderStyle::Ustar);
+        assert_eq!(
+            ustar,
+            [
+                ("dir/.wh.gone".to_string(), 0o600, 0, vec![]),
+                ("dir/.wh..wh..opq".to_string(), 0o600, 0, vec![]),
+                (
+                    long,
+                    0o640,
+                    3_000_000,
+                    ["path", "uid", "SCHILY.xattr.user.a"].map(String::from).to_vec()
+                ),
+            ]
+        );
+        assert!(!ustar_raw.windows(13).any(|w| w == b"././@LongLink"));
+    }
+}
