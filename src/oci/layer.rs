@@ -51,20 +51,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use crate::error::{io_err, Classify, ErrorKind, IoError};
-use crate::oci::compress::Encoder;
 pub use crate::oci::compress::{Compression, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD};
-use crate::oci::overlay::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::oci::layer_tar::{whiteout_path, xattr_record, HeaderStyle, LayerTar, TarMember};
+use crate::oci::overlay::{self, OPAQUE_MARKER};
 
-const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -424,13 +422,6 @@ fn by_name(nodes: Vec<Node>) -> BTreeMap<OsString, Node> {
     nodes.into_iter().map(|node| (node.name.clone(), node)).collect()
 }
 
-/// `dir/.wh.name` for `dir/name`.
-fn whiteout_path(rel: &Path) -> PathBuf {
-    let mut name = OsString::from(WHITEOUT_PREFIX);
-    name.push(rel.file_name().unwrap_or_default());
-    rel.with_file_name(name)
-}
-
 /// One tar entry to write, in order.
 #[derive(Debug)]
 enum Item {
@@ -781,42 +772,6 @@ fn redirect_target(path: &Path, redirect: &[u8]) -> Result<Target, LayerError> {
     }
 }
 
-/// Passes bytes through while hashing them and counting them.
-struct Digesting<W> {
-    inner: W,
-    hasher: Sha256,
-    written: u64,
-}
-
-impl<W: Write> Digesting<W> {
-    fn new(inner: W) -> Self {
-        Digesting {
-            inner,
-            hasher: Sha256::new(),
-            written: 0,
-        }
-    }
-
-    /// The inner writer, the `sha256:<hex>` digest and the byte count.
-    fn finish(self) -> (W, String, u64) {
-        let hex: String = self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        (self.inner, format!("sha256:{hex}"), self.written)
-    }
-}
-
-impl<W: Write> Write for Digesting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Reads exactly the size announced in the tar header, failing if the file
 /// is shorter (which would corrupt the archive) and ignoring any growth.
 struct ExactReader<R> {
@@ -842,8 +797,6 @@ impl<R: Read> Read for ExactReader<R> {
     }
 }
 
-type BlobWriter = Digesting<Encoder<Digesting<BufWriter<File>>>>;
-
 fn write_blob<'a>(
     items: impl IntoIterator<Item = &'a Item>,
     out: &Path,
@@ -851,59 +804,70 @@ fn write_blob<'a>(
 ) -> Result<LayerBlob, LayerError> {
     let blob_err = || io_err("writing layer blob", out);
     let file = File::create(out).map_err(blob_err())?;
-    let compressed = Digesting::new(BufWriter::with_capacity(1 << 20, file));
-    let tar_stream: BlobWriter = Digesting::new(Encoder::new(compressed, compression, ZSTD_LEVEL).map_err(blob_err())?);
-    let mut builder = tar::Builder::new(tar_stream);
+    let buffered = BufWriter::with_capacity(1 << 20, file);
+    let mut tar = LayerTar::new(buffered, compression, ZSTD_LEVEL, HeaderStyle::Gnu).map_err(blob_err())?;
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut entries = 0u64;
     for item in items {
-        append_item(&mut builder, item, &mut links)?;
+        append_item(&mut tar, item, &mut links)?;
         entries += 1;
     }
-    let tar_stream = builder.into_inner().map_err(blob_err())?;
-    let (compressor, diff_id, _) = tar_stream.finish();
-    let compressed = compressor.finish().map_err(blob_err())?;
-    let (buffered, digest, size) = compressed.finish();
+    let (buffered, digests) = tar.finish().map_err(blob_err())?;
     let file = buffered.into_inner().map_err(|e| blob_err()(e.into_error()))?;
     file.sync_all().map_err(blob_err())?;
     Ok(LayerBlob {
-        digest,
-        size,
-        diff_id,
+        digest: digests.digest,
+        size: digests.size,
+        diff_id: digests.diff_id,
         media_type: compression.media_type(),
         entries,
     })
 }
 
 fn append_item(
-    builder: &mut tar::Builder<BlobWriter>,
+    tar: &mut LayerTar<BufWriter<File>>,
     item: &Item,
     links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> Result<(), LayerError> {
     let (rel, node) = match item {
         Item::Entry { rel, node } => (rel, &**node),
-        Item::Whiteout { rel } => return append_marker(builder, &whiteout_path(rel)),
-        Item::Opaque { rel } => return append_marker(builder, &rel.join(OPAQUE_MARKER)),
+        Item::Whiteout { rel } => {
+            let marker = whiteout_path(rel).unwrap_or_default();
+            return Ok(tar.whiteout(rel).map_err(io_err("archiving whiteout", &marker))?);
+        }
+        Item::Opaque { rel } => {
+            let marker = rel.join(OPAQUE_MARKER);
+            return Ok(tar.opaque(rel).map_err(io_err("archiving whiteout", &marker))?);
+        }
     };
     let archive_err = || io_err("archiving", &node.path);
     let meta = &node.meta;
-    let mut header = tar::Header::new_gnu();
-    header.set_mode(meta.mode() & 0o7777);
-    header.set_uid(u64::from(meta.uid()));
-    header.set_gid(u64::from(meta.gid()));
-    header.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
-    header.set_size(0);
+    let mut member = TarMember {
+        path: rel,
+        kind: tar::EntryType::Regular,
+        mode: meta.mode() & 0o7777,
+        uid: u64::from(meta.uid()),
+        gid: u64::from(meta.gid()),
+        mtime: u64::try_from(meta.mtime()).unwrap_or(0),
+        size: 0,
+        link: None,
+        device: None,
+    };
     let file_type = meta.file_type();
 
     if file_type.is_file() && meta.nlink() > 1 {
         if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
-            header.set_entry_type(tar::EntryType::Link);
-            return Ok(builder.append_link(&mut header, rel, first).map_err(archive_err())?);
+            let link = TarMember {
+                kind: tar::EntryType::Link,
+                link: Some(first),
+                ..member
+            };
+            return Ok(tar.member(&link, &[], io::empty()).map_err(archive_err())?);
         }
         links.insert((meta.dev(), meta.ino()), rel.clone());
     }
 
-    let mut pax: Vec<(String, &[u8])> = Vec::new();
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, value) in node.kept_xattrs() {
         let Some(name) = name.to_str() else {
             return Err(LayerError::XattrName {
@@ -911,22 +875,21 @@ fn append_item(
                 name: name.to_string_lossy().into_owned(),
             });
         };
-        pax.push((format!("{PAX_XATTR_PREFIX}{name}"), value));
+        pax.push((xattr_record(name), value.to_vec()));
     }
-    builder
-        .append_pax_extensions(pax.iter().map(|(key, value)| (key.as_str(), *value)))
-        .map_err(archive_err())?;
 
     if file_type.is_dir() {
-        header.set_entry_type(tar::EntryType::Directory);
         let mut dir = rel.as_os_str().to_owned();
         dir.push("/");
-        Ok(builder
-            .append_data(&mut header, dir, io::empty())
-            .map_err(archive_err())?)
+        let dir = PathBuf::from(dir);
+        let member = TarMember {
+            path: &dir,
+            kind: tar::EntryType::Directory,
+            ..member
+        };
+        Ok(tar.member(&member, &pax, io::empty()).map_err(archive_err())?)
     } else if file_type.is_file() {
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_size(meta.len());
+        member.size = meta.len();
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -936,57 +899,42 @@ fn append_item(
             inner: file,
             remaining: meta.len(),
         };
-        Ok(builder.append_data(&mut header, rel, data).map_err(archive_err())?)
+        Ok(tar.member(&member, &pax, data).map_err(archive_err())?)
     } else if file_type.is_symlink() {
-        header.set_entry_type(tar::EntryType::Symlink);
         let target = fs::read_link(&node.path).map_err(archive_err())?;
-        Ok(builder.append_link(&mut header, rel, target).map_err(archive_err())?)
+        let member = TarMember {
+            kind: tar::EntryType::Symlink,
+            link: Some(&target),
+            ..member
+        };
+        Ok(tar.member(&member, &pax, io::empty()).map_err(archive_err())?)
     } else if file_type.is_char_device() || file_type.is_block_device() || file_type.is_fifo() {
-        header.set_entry_type(if file_type.is_char_device() {
+        member.kind = if file_type.is_char_device() {
             tar::EntryType::Char
         } else if file_type.is_block_device() {
             tar::EntryType::Block
         } else {
             tar::EntryType::Fifo
-        });
+        };
         // A fifo gets explicit zeros, as GNU tar writes: readers such as
         // the Nydus tar builder parse the device fields of every special file.
-        let (major, minor) = if file_type.is_fifo() {
+        member.device = Some(if file_type.is_fifo() {
             (0, 0)
         } else {
             (libc::major(meta.rdev()), libc::minor(meta.rdev()))
-        };
-        let too_big = |_| LayerError::DeviceNumber {
-            path: node.path.display().to_string(),
-        };
-        header.set_device_major(major).map_err(too_big)?;
-        header.set_device_minor(minor).map_err(too_big)?;
-        Ok(builder
-            .append_data(&mut header, rel, io::empty())
-            .map_err(archive_err())?)
+        });
+        Ok(tar.member(&member, &pax, io::empty()).map_err(archive_err())?)
     } else {
         // Sockets are filtered out while planning; nothing else exists.
         Ok(())
     }
 }
 
-/// Appends an OCI whiteout or opaque marker: an empty regular file.
-fn append_marker(builder: &mut tar::Builder<BlobWriter>, path: &Path) -> Result<(), LayerError> {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_size(0);
-    Ok(builder
-        .append_data(&mut header, path, io::empty())
-        .map_err(io_err("archiving whiteout", path))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::layer_tar::PAX_XATTR_PREFIX;
+    use sha2::{Digest, Sha256};
     use std::os::unix::fs::{symlink, PermissionsExt};
 
     #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,23 +16,21 @@ use sha2::Digest;
 use super::format::{
     annotation, oci_architecture, pax_time, Descriptor, History, ImageConfig, Index, Manifest, PaxRecords, Platform,
     RootFs, ARCHIVE_VERSION, IMAGE_CREATED, KIND_RECORD, MEDIA_CONFIG, MEDIA_INDEX, MEDIA_MANIFEST, OPAQUE_RECORD,
-    REF_NAME, XATTR_RECORD,
+    REF_NAME,
 };
 use super::paths::{join, split_parent, validate_target};
 use super::{image_reference, ArchiveError};
 use crate::checkpoint::catalogue::{self, Catalogue, CatalogueError, Checkpoint, StagedFile};
 use crate::checkpoint::tree::{self, Delta, Entry, EntryKind, Hashing, Tree};
 use crate::error::io_err;
-use crate::oci::compress::Encoder;
 use crate::oci::digest::{hex, sha256_hex, unhex};
-use crate::oci::overlay::{OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::oci::layer_tar::{xattr_record, HeaderStyle, LayerTar, TarMember};
+use crate::oci::overlay::WHITEOUT_PREFIX;
 
 /// The zstd level of layers.
 const ZSTD_LEVEL: i32 = 3;
 /// Largest device number a ustar header holds (7 octal digits).
 const MAX_DEVICE_NUMBER: u64 = 0o7777777;
-/// Largest owner id a ustar header holds; larger ones go in PAX records.
-const MAX_USTAR_ID: u32 = 0o7777777;
 
 /// A blob's content on its way into a layer: exactly `size` bytes that
 /// hash to `digest`, or an error at the end, so that a damaged blob never
@@ -147,7 +145,7 @@ pub fn export(
         config: serde_json::json!({}),
         rootfs: RootFs {
             kind: "layers".into(),
-            diff_ids: layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect(),
+            diff_ids: layers.iter().map(|l| l.diff_id.clone()).collect(),
         },
         history: chain
             .iter()
@@ -320,12 +318,15 @@ fn build_layer(
     let staged = StagedFile::create_named(scratch, "layer").map_err(io_err("create a file in", scratch))?;
     let write = |e| ArchiveError::from(io_err("write the layer of checkpoint", Path::new(&checkpoint.id))(e));
     let file = staged.file.try_clone().map_err(io_err("open", &staged.path))?;
-    let encoder =
-        Encoder::new(Hashing::new(BufWriter::new(file)), checkpoint.compression, ZSTD_LEVEL).map_err(write)?;
-    let mut builder = tar::Builder::new(Hashing::new(encoder));
-    write_change(&mut builder, catalogue, checkpoint, delta, below)?;
-    let (encoder, diff_id, _) = builder.into_inner().map_err(write)?.into_parts();
-    let (buffered, digest, size) = encoder.finish().map_err(write)?.into_parts();
+    let mut tar = LayerTar::new(
+        BufWriter::new(file),
+        checkpoint.compression,
+        ZSTD_LEVEL,
+        HeaderStyle::Ustar,
+    )
+    .map_err(write)?;
+    write_change(&mut tar, catalogue, checkpoint, delta, below)?;
+    let (buffered, digests) = tar.finish().map_err(write)?;
     buffered.into_inner().map_err(|e| write(e.into_error()))?;
     let mut annotations = BTreeMap::from([
         (annotation("id"), checkpoint.id.clone()),
@@ -344,39 +345,27 @@ fn build_layer(
         file: staged,
         descriptor: Descriptor {
             media_type: checkpoint.compression.media_type().to_string(),
-            digest: format!("sha256:{digest}"),
-            size,
+            digest: digests.digest,
+            size: digests.size,
             annotations,
             platform: None,
         },
-        diff_id,
+        diff_id: digests.diff_id,
     })
 }
 
-/// One member of a layer.
+/// One member of a layer that stands for an entry (the markers of removed
+/// paths and opaque directories are [`LayerTar::whiteout`] and
+/// [`LayerTar::opaque`]).
 struct Member<'a> {
     name: String,
     kind: tar::EntryType,
-    /// The entry whose metadata the member carries; None for the markers
-    /// of removed paths and opaque directories.
-    meta: Option<&'a Entry>,
+    /// The entry whose metadata the member carries.
+    meta: &'a Entry,
     link: Option<&'a str>,
     size: u64,
     /// The [`KIND_RECORD`] of a `.wh.` member that stands for an entry.
     stands_for: Option<&'static str>,
-}
-
-impl Member<'_> {
-    fn marker(name: String) -> Member<'static> {
-        Member {
-            name,
-            kind: tar::EntryType::Regular,
-            meta: None,
-            link: None,
-            size: 0,
-            stands_for: None,
-        }
-    }
 }
 
 /// The tar members of `delta`, the change over the tree `below`: removals
@@ -385,7 +374,7 @@ impl Member<'_> {
 /// (directories before what they hold), hard links last (their first path
 /// may sort after them).
 fn write_change<W: Write>(
-    builder: &mut tar::Builder<W>,
+    tar: &mut LayerTar<W>,
     catalogue: &Catalogue,
     checkpoint: &Checkpoint,
     delta: &Delta,
@@ -408,8 +397,10 @@ fn write_change<W: Write>(
         }
         Ok(join(dir, &format!("{WHITEOUT_PREFIX}{name}")))
     };
+    let write = |e| ArchiveError::from(io_err("write the layer of checkpoint", Path::new(&checkpoint.id))(e));
     for path in &delta.removed {
-        append_member(builder, checkpoint, &Member::marker(whiteout_name(path)?), io::empty())?;
+        whiteout_name(path)?; // refuses the root
+        tar.whiteout(Path::new(path)).map_err(write)?;
     }
     let mut links = Vec::new();
     for (path, entry) in &delta.changed {
@@ -422,7 +413,7 @@ fn write_change<W: Write>(
         let member = |kind| Member {
             name: path.clone(),
             kind,
-            meta: Some(entry),
+            meta: entry,
             link: None,
             size: 0,
             stands_for: None,
@@ -435,7 +426,7 @@ fn write_change<W: Write>(
                     format!("{path}/")
                 };
                 append_member(
-                    builder,
+                    tar,
                     checkpoint,
                     &Member {
                         name,
@@ -444,8 +435,7 @@ fn write_change<W: Write>(
                     io::empty(),
                 )?;
                 if entry.opaque && !opaque_below(path) {
-                    let marker = Member::marker(join(path, OPAQUE_MARKER));
-                    append_member(builder, checkpoint, &marker, io::empty())?;
+                    tar.opaque(Path::new(path)).map_err(write)?;
                 }
             }
             EntryKind::File if entry.hardlink.is_some() => links.push((path, entry)),
@@ -465,7 +455,7 @@ fn write_change<W: Write>(
                     size: entry.size,
                     ..member(tar::EntryType::Regular)
                 };
-                append_member(builder, checkpoint, &file, content)?;
+                append_member(tar, checkpoint, &file, content)?;
             }
             EntryKind::Symlink => {
                 let target = entry
@@ -476,11 +466,11 @@ fn write_change<W: Write>(
                     link: Some(target),
                     ..member(tar::EntryType::Symlink)
                 };
-                append_member(builder, checkpoint, &symlink, io::empty())?;
+                append_member(tar, checkpoint, &symlink, io::empty())?;
             }
-            EntryKind::Fifo => append_member(builder, checkpoint, &member(tar::EntryType::Fifo), io::empty())?,
-            EntryKind::Char => append_member(builder, checkpoint, &member(tar::EntryType::Char), io::empty())?,
-            EntryKind::Block => append_member(builder, checkpoint, &member(tar::EntryType::Block), io::empty())?,
+            EntryKind::Fifo => append_member(tar, checkpoint, &member(tar::EntryType::Fifo), io::empty())?,
+            EntryKind::Char => append_member(tar, checkpoint, &member(tar::EntryType::Char), io::empty())?,
+            EntryKind::Block => append_member(tar, checkpoint, &member(tar::EntryType::Block), io::empty())?,
             EntryKind::Whiteout | EntryKind::Socket => {
                 let stands_for = Member {
                     name: whiteout_name(path)?,
@@ -491,7 +481,7 @@ fn write_change<W: Write>(
                     }),
                     ..member(tar::EntryType::Regular)
                 };
-                append_member(builder, checkpoint, &stands_for, io::empty())?;
+                append_member(tar, checkpoint, &stands_for, io::empty())?;
             }
         }
     }
@@ -499,28 +489,18 @@ fn write_change<W: Write>(
         let link = Member {
             name: path.clone(),
             kind: tar::EntryType::Link,
-            meta: Some(entry),
+            meta: entry,
             link: entry.hardlink.as_deref(),
             size: 0,
             stands_for: None,
         };
-        append_member(builder, checkpoint, &link, io::empty())?;
+        append_member(tar, checkpoint, &link, io::empty())?;
     }
     Ok(())
 }
 
-/// Copies `value` into a ustar name field; returns whether it did not fit
-/// (then a PAX record holds it and the field a truncated copy).
-fn set_name_field(field: &mut [u8], value: &str) -> bool {
-    let bytes = value.as_bytes();
-    let n = bytes.len().min(field.len());
-    field[..n].copy_from_slice(&bytes[..n]);
-    field[n..].fill(0);
-    bytes.len() > field.len()
-}
-
 fn append_member<W: Write>(
-    builder: &mut tar::Builder<W>,
+    tar: &mut LayerTar<W>,
     checkpoint: &Checkpoint,
     member: &Member,
     data: impl Read,
@@ -530,74 +510,46 @@ fn append_member<W: Write>(
         entry: member.name.trim_end_matches('/').to_string(),
         reason,
     };
-    let mut header = tar::Header::new_ustar();
+    let entry = member.meta;
     let mut records = PaxRecords::new();
-    if set_name_field(&mut header.as_old_mut().name, &member.name) {
-        records.push(("path".into(), member.name.clone().into_bytes()));
+    records.push(("mtime".into(), pax_time(entry.mtime_ns).into_bytes()));
+    records.push(("ctime".into(), pax_time(entry.ctime_ns).into_bytes()));
+    for (name, hex) in &entry.xattrs {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(unexportable(format!("xattr name {name:?} cannot be a PAX record")));
+        }
+        let value = unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
+        records.push((xattr_record(name), value));
     }
-    if let Some(link) = member.link {
-        if set_name_field(&mut header.as_old_mut().linkname, link) {
-            records.push(("linkpath".into(), link.as_bytes().to_vec()));
+    let mut device = None;
+    if matches!(member.kind, tar::EntryType::Char | tar::EntryType::Block) {
+        let (major, minor) = (nix::sys::stat::major(entry.rdev), nix::sys::stat::minor(entry.rdev));
+        if major > MAX_DEVICE_NUMBER || minor > MAX_DEVICE_NUMBER {
+            return Err(unexportable(format!(
+                "device {major}:{minor} does not fit a tar header"
+            )));
         }
-    }
-    header.set_entry_type(member.kind);
-    header.set_size(member.size);
-    match member.meta {
-        Some(entry) => {
-            header.set_mode(entry.mode & 0o7777);
-            header.set_uid(entry.uid.into());
-            header.set_gid(entry.gid.into());
-            if entry.uid > MAX_USTAR_ID {
-                records.push(("uid".into(), entry.uid.to_string().into_bytes()));
-            }
-            if entry.gid > MAX_USTAR_ID {
-                records.push(("gid".into(), entry.gid.to_string().into_bytes()));
-            }
-            header.set_mtime(entry.mtime_ns.div_euclid(1_000_000_000).max(0) as u64);
-            records.push(("mtime".into(), pax_time(entry.mtime_ns).into_bytes()));
-            records.push(("ctime".into(), pax_time(entry.ctime_ns).into_bytes()));
-            for (name, hex) in &entry.xattrs {
-                if name.is_empty() || name.contains(['=', '\0']) {
-                    return Err(unexportable(format!("xattr name {name:?} cannot be a PAX record")));
-                }
-                let value = unhex(hex).ok_or_else(|| unexportable(format!("xattr {name} is not stored as hex")))?;
-                records.push((format!("{XATTR_RECORD}{name}"), value));
-            }
-            if matches!(member.kind, tar::EntryType::Char | tar::EntryType::Block) {
-                let (major, minor) = (nix::sys::stat::major(entry.rdev), nix::sys::stat::minor(entry.rdev));
-                if major > MAX_DEVICE_NUMBER || minor > MAX_DEVICE_NUMBER {
-                    return Err(unexportable(format!(
-                        "device {major}:{minor} does not fit a tar header"
-                    )));
-                }
-                let write = io_err("write the layer of checkpoint", Path::new(&checkpoint.id));
-                header
-                    .set_device_major(major as u32)
-                    .and_then(|()| header.set_device_minor(minor as u32))
-                    .map_err(write)?;
-            }
-        }
-        None => {
-            header.set_mode(0o600);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-        }
+        device = Some((major as u32, minor as u32));
     }
     if let Some(kind) = member.stands_for {
         records.push((KIND_RECORD.into(), kind.as_bytes().to_vec()));
     }
-    if member.kind == tar::EntryType::Directory && member.meta.is_some_and(|e| e.opaque) {
+    if member.kind == tar::EntryType::Directory && entry.opaque {
         records.push((OPAQUE_RECORD.into(), b"1".to_vec()));
     }
-    let write = |e| ArchiveError::from(io_err("write the layer of checkpoint", Path::new(&checkpoint.id))(e));
-    if !records.is_empty() {
-        builder
-            .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-            .map_err(write)?;
-    }
-    header.set_cksum();
-    builder.append(&header, data).map_err(write)
+    let header = TarMember {
+        path: Path::new(&member.name),
+        kind: member.kind,
+        mode: entry.mode & 0o7777,
+        uid: entry.uid.into(),
+        gid: entry.gid.into(),
+        mtime: entry.mtime_ns.div_euclid(1_000_000_000).max(0) as u64,
+        size: member.size,
+        link: member.link.map(Path::new),
+        device,
+    };
+    let write = io_err("write the layer of checkpoint", Path::new(&checkpoint.id));
+    tar.member(&header, &records, data).map_err(|e| write(e).into())
 }
 
 /// The archive being written: a 0600 file beside the target, deleted

@@ -28,7 +28,7 @@ pub(super) const ARCHIVE_VERSION: &str = "1";
 pub(super) const OPAQUE_RECORD: &str = "SEAMLESS.opaque";
 /// On a `.wh.` member: the entry it stands for ("whiteout" or "socket").
 pub(super) const KIND_RECORD: &str = "SEAMLESS.kind";
-pub(super) const XATTR_RECORD: &str = "SCHILY.xattr.";
+pub(super) const XATTR_RECORD: &str = crate::oci::layer_tar::PAX_XATTR_PREFIX;
 
 /// A member's PAX records: key, value.
 pub(super) type PaxRecords = Vec<(String, Vec<u8>)>;
