@@ -507,24 +507,20 @@ async fn http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     (status, body)
 }
 
+/// A commit service over a directory-storage snapshotter under `dir/root`,
+/// with no containerd to reach.
+fn commit_service(dir: &Path) -> Arc<CommitService> {
+    let root = dir.join("root");
+    let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
+    let capture = CaptureService::new(snapshotter, &root, dir.join("no-containerd.sock"));
+    Arc::new(CommitService::new(Arc::new(capture), 4, None).unwrap())
+}
+
 #[tokio::test]
 async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     use seamless_snapshotter::api::rest::{self, RestApi};
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
-    let commits = Arc::new(
-        CommitService::new(
-            Arc::new(CaptureService::new(
-                snapshotter,
-                &root,
-                tmp.path().join("no-containerd.sock"),
-            )),
-            4,
-            None,
-        )
-        .unwrap(),
-    );
+    let commits = commit_service(tmp.path());
     let socket = tmp.path().join("rest.sock");
     let unix = Arc::new(server::bind_socket(&socket).unwrap());
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o7777;
@@ -1291,20 +1287,7 @@ async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
     use seamless_snapshotter::api::rest::{self, RestApi};
     use tokio::io::AsyncWriteExt;
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let snapshotter = Arc::new(Snapshotter::open(&root, &directory_config(), Arc::new(RealSystem)).unwrap());
-    let commits = Arc::new(
-        CommitService::new(
-            Arc::new(CaptureService::new(
-                snapshotter,
-                &root,
-                tmp.path().join("no-containerd.sock"),
-            )),
-            4,
-            None,
-        )
-        .unwrap(),
-    );
+    let commits = commit_service(tmp.path());
     let limits = ConnectionLimits {
         header_timeout_secs: 1,
         idle_timeout_secs: 1,

@@ -655,13 +655,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn namespaces_follow_containerd() {
-        for ok in ["default", "k8s.io", "moby", "seamless-test_1"] {
-            validate_namespace(ok).unwrap();
-        }
-        for bad in ["", "-a", "a..b", "a/b", "a b", "é", &"a".repeat(77)] {
-            assert!(validate_namespace(bad).is_err(), "{bad:?}");
-        }
+    fn bad_namespaces_are_bad_namespace_errors() {
+        // The rule itself is `crate::namespace`'s, tested there.
+        validate_namespace("k8s.io").unwrap();
+        assert!(matches!(
+            validate_namespace("a/b"),
+            Err(ContainerdError::BadNamespace(_))
+        ));
     }
 
     #[test]
