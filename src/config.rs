@@ -288,6 +288,20 @@ pub struct RestConfig {
     /// Limits on the connections of both REST listeners.
     #[serde(default)]
     pub connections: ConnectionLimits,
+    /// The containerd namespace of requests that name none (the reference's
+    /// requests never do); empty means `default`.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+impl RestConfig {
+    /// The namespace of requests that name none.
+    pub fn namespace(&self) -> &str {
+        match self.namespace.as_str() {
+            "" => "default",
+            named => named,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -403,6 +417,15 @@ pub struct CommitConfig {
     /// as pending. The capture itself is never queued.
     #[serde(default = "default_background_workers")]
     pub background_workers: u32,
+    /// Commits of one container accepted while earlier ones are still
+    /// building or pushing: each is captured at once and builds on the one
+    /// before it, in order. One more is refused with SNAPSHOT_IN_PROGRESS.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
+}
+
+fn default_max_queued() -> u32 {
+    32
 }
 
 fn default_background_workers() -> u32 {
@@ -413,6 +436,7 @@ impl Default for CommitConfig {
     fn default() -> Self {
         CommitConfig {
             background_workers: default_background_workers(),
+            max_queued: default_max_queued(),
         }
     }
 }
@@ -635,6 +659,10 @@ impl Config {
             }
         }
         self.rest.connections.validate("rest.connections")?;
+        crate::namespace::validate_namespace(self.rest.namespace()).map_err(|e| ConfigError::Invalid {
+            key: "rest.namespace",
+            reason: e.to_string(),
+        })?;
         self.remote.connections.validate("remote.connections")?;
         self.validate_remote()?;
         for namespace in &self.snapshotter.shared_namespaces {
@@ -666,6 +694,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "commit.background_workers",
                 reason: format!("{} is not between 1 and 64", self.commit.background_workers),
+            });
+        }
+        if !(1..=1024).contains(&self.commit.max_queued) {
+            return Err(ConfigError::Invalid {
+                key: "commit.max_queued",
+                reason: format!("{} is not between 1 and 1024", self.commit.max_queued),
             });
         }
         Ok(())
@@ -842,6 +876,14 @@ mod tests {
         );
         let err = Config::parse("[commit]\nbackground_workers = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("commit.background_workers"), "{err}");
+        let err = Config::parse("[commit]\nmax_queued = 0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("commit.max_queued"), "{err}");
+        assert_eq!(Config::default().commit.max_queued, 32);
+        assert_eq!(Config::default().rest.namespace(), "default");
+        let parsed = Config::parse("[rest]\nnamespace = \"apps\"\n", "t").unwrap();
+        assert_eq!(parsed.rest.namespace(), "apps");
+        let err = Config::parse("[rest]\nnamespace = \"no spaces\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("rest.namespace"), "{err}");
         let err = Config::parse("[storage]\npool_size = \"1MiB\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("minimum"), "{err}");
         assert!(Config::parse("[storage]\nbackend = \"zfs\"\n", "t").is_err());

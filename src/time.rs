@@ -85,11 +85,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
     }
     let mut total: u128 = 0;
     while !rest.is_empty() {
-        let number_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
+        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
         let (number, after) = rest.split_at(number_end);
-        let unit_end = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
         let (unit, next) = after.split_at(unit_end);
         let scale: u128 = match unit {
             "ns" => 1,
@@ -104,7 +104,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
         if whole.is_empty() && fraction.is_empty() {
             return Err(bad());
         }
-        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
         let mut part = whole.checked_mul(scale).ok_or_else(bad)?;
         // Each fraction digit is a tenth of the one before; digits past the
         // nanosecond are dropped, as Go does.
@@ -183,7 +187,17 @@ mod tests {
         assert_eq!(parse_go_duration("512.3μs"), Ok(ns(512_300)), "Greek mu");
         assert_eq!(parse_go_duration(".5s"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_go_duration("+1.0000000019s"), Ok(ns(1_000_000_001)));
-        for bad in ["", "5", "-1s", "1d", "1.2.3s", "s", ".s", "1 s", "99999999999999999999999h"] {
+        for bad in [
+            "",
+            "5",
+            "-1s",
+            "1d",
+            "1.2.3s",
+            "s",
+            ".s",
+            "1 s",
+            "99999999999999999999999h",
+        ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?}");
         }
     }

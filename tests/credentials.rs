@@ -320,6 +320,7 @@ fn job_with(options: CommitOptions) -> Job {
         capture: PathBuf::from("/var/lib/x"),
         new_upper: PathBuf::from("/var/lib/y"),
         pause: Duration::from_millis(3),
+        total: Duration::from_millis(9),
         state: JobState::Pending,
         progress: 0.0,
         stage: "queued".into(),
@@ -327,6 +328,7 @@ fn job_with(options: CommitOptions) -> Job {
         ended: None,
         error_code: None,
         error: None,
+        cause: None,
         manifest_digest: None,
         layer_plan: String::new(),
         commit_layers: 0,
@@ -338,7 +340,9 @@ fn request_credentials_are_never_persisted_nor_shown() {
     let body = br#"{"container": "c1", "target": "registry.local/app:v2", "format": "oci",
         "target_creds": {"username": "alice", "password": "target-pass-1"},
         "source_creds": {"username": "bob", "password": "source-pass-2"}}"#;
-    let options = seamless_snapshotter::api::rest::parse_create(body).unwrap();
+    let options = seamless_snapshotter::api::rest::parse_create(body, "default")
+        .unwrap()
+        .options;
     assert_eq!(options.format, Format::Oci);
     assert_eq!(options.target_creds.as_ref().unwrap().password(), "target-pass-1");
     assert_eq!(options.source_creds.as_ref().unwrap().username(), "bob");
@@ -361,7 +365,7 @@ fn rest_bodies_with_bad_credentials_are_refused_without_quoting_them() {
         r#"{"container": "c1", "target": "r/a:1", "target_creds": {"username": "alice", "password": 31415926}}"#,
         r#"{"container": "c1", "target": "r/a:1", "source_creds": {"password": "TOPSECRET"}}"#,
     ] {
-        let err = match seamless_snapshotter::api::rest::parse_create(body.as_bytes()) {
+        let err = match seamless_snapshotter::api::rest::parse_create(body.as_bytes(), "default") {
             Err(seamless_snapshotter::api::rest::RequestError::Malformed(message)) => message,
             other => panic!("{body}: {other:?}"),
         };

@@ -528,7 +528,7 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let limits = ConnectionLimits::default();
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), &limits, None)),
+        Arc::new(RestApi::new(commits.clone(), "default", &limits, None)),
         limits.clone(),
         move || {
             let l = unix.clone();
@@ -541,7 +541,7 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let tcp = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let tcp_addr = tcp.local_addr().unwrap();
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), &limits, Some("s3cret".into()))),
+        Arc::new(RestApi::new(commits.clone(), "default", &limits, Some("s3cret".into()))),
         limits.clone(),
         move || {
             let l = tcp.clone();
@@ -563,8 +563,12 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     let (status, body) = unix_req("GET", "/api/v1/snapshots/snapshot-404", "").await;
     assert_eq!(status, 404, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(v["error"]["code"].is_string() && v["error"]["message"].as_str().unwrap().contains("snapshot-404"));
-    assert!(v["error"].get("details").is_some(), "{body}");
+    assert_eq!(v["error"]["code"], "SNAPSHOT_NOT_FOUND", "{body}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("snapshot-404"));
+    // The reference's details: the subject, and when.
+    assert_eq!(v["error"]["details"]["snapshot_id"], "snapshot-404", "{body}");
+    let when = v["error"]["details"]["timestamp"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(when).is_ok() && when.ends_with('Z'), "{when}");
 
     for (path, needle) in [
         ("/api/v1/snapshots?state=sleeping", "state"),
@@ -605,13 +609,32 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
         body.contains("INTERNAL_ERROR") && body.contains("cannot reach containerd"),
         "{body}"
     );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["details"]["container_id"], "c", "{body}");
+    // The reference's body is refused for the same reason, not for its shape.
+    let (status, body) = unix_req(
+        "POST",
+        "/api/v1/snapshots",
+        r#"{"container_id":"c","target_ref":"r/a:1","options":{"wait":false,"work_dir":"/tmp","fs_version":"6","compressor":"lz4_block"}}"#,
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("cannot reach containerd"), "{body}");
     let (status, body) = unix_req("DELETE", "/api/v1/snapshots", "").await;
     assert_eq!(status, 405, "{body}");
 
     let (status, body) = unix_req("GET", "/metrics", "").await;
     assert_eq!(status, 200);
     assert!(
-        body.contains("nydus_seamless_snapshots_total{status=\"completed\"} 0"),
+        body.contains("nydus_seamless_snapshots_total{status=\"success\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("nydus_seamless_snapshots_total{status=\"failed\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("nydus_seamless_pause_time_seconds{quantile=\"0.95\"} 0"),
         "{body}"
     );
     assert!(body.contains("nydus_seamless_pause_time_seconds_count 0"), "{body}");
@@ -621,10 +644,11 @@ async fn rest_api_on_unix_socket_and_token_guarded_tcp() {
     );
     let (status, body) = unix_req("GET", "/api/v1/metrics", "").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["completed"],
-        0
-    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["completed"], 0, "our fields stay: {body}");
+    assert_eq!(v["metrics"]["total_snapshots"], 0, "{body}");
+    assert_eq!(v["metrics"]["average_pause_time"], "0s", "{body}");
+    assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{body}");
 
     // TCP: the token or nothing.
     let tcp = || async { tokio::net::TcpStream::connect(tcp_addr).await.unwrap() };
@@ -1298,7 +1322,7 @@ async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
     let socket = tmp.path().join("rest.sock");
     let unix = Arc::new(server::bind_socket(&socket).unwrap());
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), &limits, None)),
+        Arc::new(RestApi::new(commits.clone(), "default", &limits, None)),
         limits.clone(),
         move || {
             let l = unix.clone();
@@ -1309,7 +1333,7 @@ async fn hostile_rest_clients_are_cut_off_and_the_daemon_keeps_serving() {
     let tcp = Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let tcp_addr = tcp.local_addr().unwrap();
     tokio::spawn(rest::serve(
-        Arc::new(RestApi::new(commits.clone(), &limits, Some("s3cret".into()))),
+        Arc::new(RestApi::new(commits.clone(), "default", &limits, Some("s3cret".into()))),
         limits.clone(),
         move || {
             let l = tcp.clone();

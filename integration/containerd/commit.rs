@@ -295,7 +295,7 @@ fn seamless_commit_pushes_the_container_view() {
         );
         let (status, _, metrics) = rest("GET", "/metrics", "")?;
         ensure!(
-            status == 200 && metrics.contains("nydus_seamless_snapshots_total{status=\"completed\"} 3"),
+            status == 200 && metrics.contains("nydus_seamless_snapshots_total{status=\"success\"} 3"),
             "three commits completed (API, CLI, REST):\n{metrics}"
         );
 
@@ -458,15 +458,16 @@ fn commit_chain_is_incremental_and_merges_past_maximum_times() {
     });
 }
 
-/// A second commit of a container whose job is still running is refused
-/// with SNAPSHOT_IN_PROGRESS; a daemon killed mid-job leaves the container
-/// running and thawed, and the restarted daemon reports the job failed with
-/// its reason, removes the capture and commits again.
+/// A second commit of a container whose job is still running is accepted
+/// and queued behind it; past `commit.max_queued` waiting jobs one more is
+/// refused with SNAPSHOT_IN_PROGRESS. A daemon killed mid-job leaves the
+/// container running and thawed, and the restarted daemon reports the jobs
+/// failed with their reason, removes the captures and commits again.
 #[test]
 fn commit_in_progress_and_daemon_killed_mid_job() {
     use seamless_snapshotter::proto::{GetCommitRequest, SeamlessCommitRequest};
 
-    with_env("commitkill", Options::default(), |env| {
+    with_env_config("commitkill", Options::default(), "[commit]\nmax_queued = 1\n", |env| {
         let ns = env.namespace("k");
         env.pull(&ns)?;
         let id = env.container_id("busy");
@@ -491,15 +492,28 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
             ..Default::default()
         };
         let runtime = tokio::runtime::Runtime::new()?;
-        let (first, second) = runtime.block_on(async {
+        let (first, second, third, queued) = runtime.block_on(async {
             let mut control = control_client(env.daemon_socket()).await?;
             let first = control.seamless_commit(request.clone()).await?.into_inner();
-            let second = control.seamless_commit(request.clone()).await;
-            Ok::<_, anyhow::Error>((first, second))
+            let second = control.seamless_commit(request.clone()).await?.into_inner();
+            let third = control.seamless_commit(request.clone()).await;
+            let queued = control
+                .get_commit(GetCommitRequest {
+                    snapshot_id: second.snapshot_id.clone(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>((first, second, third, queued))
         })?;
-        let refused = second.expect_err("a second commit while the first job runs is refused");
         ensure!(
-            refused.code() == tonic::Code::AlreadyExists && refused.message().starts_with("SNAPSHOT_IN_PROGRESS"),
+            queued.state == "pending" && queued.stage.contains(&first.snapshot_id),
+            "the second commit waits for the first: {queued:?}"
+        );
+        let refused = third.expect_err("a third commit while one runs and one waits is refused (max_queued = 1)");
+        ensure!(
+            refused.code() == tonic::Code::AlreadyExists
+                && refused.message().starts_with("SNAPSHOT_IN_PROGRESS")
+                && refused.message().contains("commit.max_queued"),
             "{refused:?}"
         );
 
@@ -527,9 +541,24 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
                 && job.error.contains("daemon stopped"),
             "interrupted job after restart: {job:?}"
         );
+        let waiting = runtime.block_on(async {
+            let mut control = control_client(env.daemon_socket()).await?;
+            Ok::<_, anyhow::Error>(
+                control
+                    .get_commit(GetCommitRequest {
+                        snapshot_id: second.snapshot_id.clone(),
+                    })
+                    .await?
+                    .into_inner(),
+            )
+        })?;
         ensure!(
-            !Path::new(&first.old_upper_dir).exists(),
-            "the interrupted job's capture is removed"
+            waiting.state == "failed" && waiting.error.contains("daemon stopped"),
+            "the queued job after restart: {waiting:?}"
+        );
+        ensure!(
+            !Path::new(&first.old_upper_dir).exists() && !Path::new(&second.old_upper_dir).exists(),
+            "the interrupted jobs' captures are removed"
         );
         let out = env.exec(&ns, &id, "echo alive > /alive && cat /alive")?;
         ensure!(out.trim() == "alive", "container works after the kill: {out:?}");

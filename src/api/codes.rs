@@ -21,12 +21,13 @@ pub struct Surface {
 }
 
 /// Every commit code, for readers that parse one back from its name.
-pub const COMMIT_CODES: [CommitCode; 9] = [
+pub const COMMIT_CODES: [CommitCode; 10] = [
     CommitCode::InvalidParameter,
     CommitCode::ContainerNotFound,
     CommitCode::PermissionDenied,
     CommitCode::ContainerNotRunning,
     CommitCode::SnapshotInProgress,
+    CommitCode::SnapshotNotFound,
     CommitCode::PauseTimeout,
     CommitCode::AtomicSwitchFailed,
     CommitCode::BackgroundProcessingFailed,
@@ -39,8 +40,11 @@ pub fn commit_surface(code: CommitCode) -> Surface {
         CommitCode::InvalidParameter => (Code::InvalidArgument, 400, Some(2)),
         CommitCode::ContainerNotFound => (Code::NotFound, 404, Some(3)),
         CommitCode::PermissionDenied => (Code::PermissionDenied, 403, Some(4)),
-        CommitCode::ContainerNotRunning => (Code::FailedPrecondition, 409, None),
+        // 400, as the seamless-commit reference has it.
+        CommitCode::ContainerNotRunning => (Code::FailedPrecondition, 400, None),
         CommitCode::SnapshotInProgress => (Code::AlreadyExists, 409, None),
+        // Exit 3 is for a container; an unknown job is a general failure.
+        CommitCode::SnapshotNotFound => (Code::NotFound, 404, Some(1)),
         CommitCode::PauseTimeout => (Code::DeadlineExceeded, 500, None),
         CommitCode::AtomicSwitchFailed | CommitCode::BackgroundProcessingFailed | CommitCode::InternalError => {
             (Code::Internal, 500, None)
@@ -105,6 +109,8 @@ mod tests {
         // Codes without an exit of their own fall back to the gRPC code.
         assert_eq!(exit_status(Some("PAUSE_TIMEOUT"), Code::Unavailable), 5);
         assert_eq!(exit_status(Some("SNAPSHOT_IN_PROGRESS"), Code::AlreadyExists), 1);
+        assert_eq!(exit_status(Some("SNAPSHOT_NOT_FOUND"), Code::NotFound), 1);
+        assert_eq!(exit_status(Some("PAUSE_TIMEOUT"), Code::DeadlineExceeded), 1);
         assert_eq!(exit_status(None, Code::NotFound), 3);
         assert_eq!(exit_status(None, Code::Unauthenticated), 4);
         assert_eq!(exit_status(Some("BOGUS"), Code::InvalidArgument), 2);

@@ -89,8 +89,10 @@ impl AcceptBackoff {
 /// the connection ends) and two read deadlines: the first `opening_bytes`
 /// must arrive within the header timeout of the accept (a client that
 /// connects and says nothing, or trickles its first bytes, is cut), and
-/// after that any read may wait at most the idle timeout. Hitting either
-/// fails the read with `TimedOut`, which ends the connection.
+/// after that any read may wait at most the idle timeout, unless a request
+/// of the connection is being answered (see [`Guarded::busy`]): a client
+/// waiting for a long answer is not idle. Hitting either deadline fails the
+/// read with `TimedOut`, which ends the connection.
 pub struct Guarded<S> {
     inner: S,
     _slot: OwnedSemaphorePermit,
@@ -98,6 +100,34 @@ pub struct Guarded<S> {
     read_bytes: u64,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    busy: Busy,
+}
+
+/// Counts the requests of a connection being answered; see
+/// [`Guarded::busy`].
+#[derive(Debug, Clone, Default)]
+pub struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One request being answered, until dropped.
+#[derive(Debug)]
+pub struct Answering(Busy);
+
+impl Busy {
+    /// Marks a request as being answered until the result is dropped.
+    pub fn answering(&self) -> Answering {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Answering(self.clone())
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl<S> Guarded<S> {
@@ -118,11 +148,18 @@ impl<S> Guarded<S> {
             read_bytes: 0,
             idle: limits.idle_timeout(),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            busy: Busy::default(),
         }
     }
 
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The handle the server marks its requests with while it answers
+    /// them: meanwhile the idle deadline does not end the connection.
+    pub fn busy(&self) -> Busy {
+        self.busy.clone()
     }
 }
 
@@ -143,6 +180,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if this.read_bytes >= this.opening_bytes && this.busy.any() => {
+                    // Waiting for our answer is not idling: look again later.
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.deadline.as_mut().reset(next);
+                    match this.deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
                 Poll::Ready(()) => {
                     let what = if this.read_bytes < this.opening_bytes {
                         "the client did not open its request within the header timeout"
@@ -382,6 +431,24 @@ mod tests {
         let mut guarded = Guarded::new(server, slot, &limits(1, 2), tokio::time::Instant::now(), 4);
         client.write_all(b"open").await.unwrap();
         assert_eq!(guarded.read(&mut buf).await.unwrap(), 4);
+        let err = guarded.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("idle timeout"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_waiting_for_its_answer_is_not_idle() {
+        let slots = Arc::new(Semaphore::new(1));
+        let (mut client, server) = tokio::io::duplex(64);
+        let slot = slots.clone().try_acquire_owned().unwrap();
+        let mut guarded = Guarded::new(server, slot, &limits(1, 2), tokio::time::Instant::now(), 4);
+        client.write_all(b"open").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 4);
+        let answering = guarded.busy().answering();
+        // Three idle timeouts pass while the request is answered.
+        let read = tokio::time::timeout(Duration::from_secs(7), guarded.read(&mut buf)).await;
+        assert!(read.is_err(), "still reading, not cut: {read:?}");
+        drop(answering);
         let err = guarded.read(&mut buf).await.unwrap_err();
         assert!(err.to_string().contains("idle timeout"), "{err}");
     }

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper::body::HttpBody;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
@@ -26,20 +26,25 @@ use tracing::debug;
 use crate::api::connections::{AcceptBackoff, Guarded, TokenAttempts, TokenVerdict};
 use crate::api::remote::{read_token, RemoteError};
 use crate::commit::metrics::CommitMetrics;
-use crate::commit::{CommitCode, CommitError, CommitOptions, CommitService, Job, JobState};
+use crate::commit::{CommitCode, CommitError, CommitOptions, CommitService, FailureCause, Job, JobState};
 use crate::config::{ConnectionLimits, RestConfig};
 use crate::oci::credentials::RegistryCredentials;
-use crate::time::rfc3339;
+use crate::time::{go_duration, rfc3339};
 
 /// Request bodies larger than this are refused, before any byte of them is
 /// parsed.
 pub const MAX_BODY: usize = 1 << 20;
 const MAX_LIMIT: usize = 1000;
+/// The longest a `"wait": true` request waits for its job; past it the
+/// answer is the job as it stands.
+const WAIT_LIMIT: Duration = Duration::from_secs(6 * 3600);
 
 /// What the REST API serves, and whether it asks for the token.
 #[derive(Debug, Clone)]
 pub struct RestApi {
     commits: Arc<CommitService>,
+    /// The namespace of requests that name none (`[rest] namespace`).
+    namespace: String,
     token: Option<Token>,
     /// How long a request's body may take to arrive, whole.
     body_timeout: Duration,
@@ -66,55 +71,64 @@ pub fn read_token_file(config: &RestConfig) -> Result<Option<String>, RemoteErro
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The options of a commit request, by the JSON tags of the reference's
+/// `CommitOptions` (and ours: `format`, the credentials). A request gives
+/// them under `"options"` (the reference's body) or beside its container
+/// and target (our earlier flat body); missing ones take the commit's
+/// defaults.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateSnapshot {
-    container: String,
-    target: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
+struct RequestOptions {
+    /// Answer when the job has ended, not when the capture is taken.
     #[serde(default)]
-    format: String,
-    #[serde(default = "default_work_dir")]
-    work_dir: PathBuf,
-    #[serde(default = "default_fs_version")]
-    fs_version: u32,
-    #[serde(default = "default_compressor")]
-    compressor: String,
-    #[serde(default)]
-    target_insecure: bool,
-    #[serde(default)]
-    source_insecure: bool,
-    #[serde(default)]
-    with_paths: Vec<PathBuf>,
-    #[serde(default)]
-    without_paths: Vec<PathBuf>,
-    #[serde(default = "default_maximum_times")]
-    maximum_times: u32,
+    wait: bool,
+    format: Option<String>,
+    work_dir: Option<PathBuf>,
+    fs_version: Option<FsVersion>,
+    compressor: Option<String>,
+    target_insecure: Option<bool>,
+    source_insecure: Option<bool>,
+    with_paths: Option<Vec<PathBuf>>,
+    without_paths: Option<Vec<PathBuf>>,
+    maximum_times: Option<u32>,
+    /// The reference client's own bound on its jobs; the daemon's is
+    /// `[commit] background_workers`. Checked, then left to the client.
+    background_workers: Option<u32>,
     /// `{"username": .., "password": ..}` for the target's registry, for
     /// this request only: never stored or shown.
-    #[serde(default)]
     target_creds: Option<RegistryCredentials>,
     /// The same for the source image's registry.
-    #[serde(default)]
     source_creds: Option<RegistryCredentials>,
 }
 
-// Missing fields take the commit's own defaults.
-fn default_namespace() -> String {
-    CommitOptions::default().namespace
+/// The reference writes the RAFS version as a string ("6"); a number is
+/// taken too.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FsVersion {
+    Number(u32),
+    Text(String),
 }
-fn default_work_dir() -> PathBuf {
-    CommitOptions::default().work_dir
+
+impl FsVersion {
+    fn number(&self) -> Result<u32, RequestError> {
+        match self {
+            FsVersion::Number(n) => Ok(*n),
+            FsVersion::Text(text) => text.parse().map_err(|_| {
+                RequestError::Commit(CommitError::InvalidParameter(format!(
+                    "fs_version {text:?} is not 5 or 6"
+                )))
+            }),
+        }
+    }
 }
-fn default_fs_version() -> u32 {
-    CommitOptions::default().fs_version
-}
-fn default_compressor() -> String {
-    CommitOptions::default().compressor
-}
-fn default_maximum_times() -> u32 {
-    CommitOptions::default().maximum_times
+
+/// A `POST /api/v1/snapshots` request, parsed.
+#[derive(Debug)]
+pub struct CreateRequest {
+    pub options: CommitOptions,
+    /// Answer when the job has ended.
+    pub wait: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,54 +140,146 @@ struct ErrorBody<'a> {
 struct ErrorDetail<'a> {
     code: &'a str,
     message: String,
-    details: String,
+    details: Details,
 }
 
+/// An error's `details`: what it is about (`container_id`, `snapshot_id`,
+/// `path`, ...), then when it happened, as the reference writes it.
+#[derive(Debug, Default)]
+struct Details(Vec<(&'static str, String)>);
+
+impl Details {
+    fn about(key: &'static str, value: impl Into<String>) -> Details {
+        Details(vec![(key, value.into())])
+    }
+}
+
+impl Serialize for Details {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len() + 1))?;
+        for (key, value) in &self.0 {
+            map.serialize_entry(key, value)?;
+        }
+        map.serialize_entry("timestamp", &rfc3339(SystemTime::now()))?;
+        map.end()
+    }
+}
+
+/// A job as every answer shows it: the reference's fields first (those of
+/// its `SnapshotStatus`, then those of its `SnapshotResult`), ours after.
 #[derive(Debug, Serialize)]
 struct JobView {
     snapshot_id: String,
-    namespace: String,
-    container: String,
-    target: String,
     state: &'static str,
     progress: f64,
+    start_time: String,
+    /// Null while the job runs.
+    end_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Go durations: the container's pause, and the commit call's own time.
+    pause_time: String,
+    total_time: String,
+    old_upper_dir: String,
+    new_upper_dir: String,
+    // Ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'static str>,
+    /// "network" when a registry could not be reached or timed out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_cause: Option<&'static str>,
+    namespace: String,
+    container_id: String,
+    target_ref: String,
+    format: &'static str,
     stage: String,
     pause_time_seconds: f64,
-    started_at: String,
-    ended_at: Option<String>,
+    /// From the capture to the job's end; null while it runs.
+    background_time: Option<String>,
     manifest_digest: Option<String>,
     /// "full", "incremental" or "merged"; empty until decided.
     layer_plan: String,
     /// Commit layers above the source image's own in the pushed image.
     commit_layers: u32,
-    error: Option<JobError>,
-}
-
-#[derive(Debug, Serialize)]
-struct JobError {
-    code: &'static str,
-    message: String,
 }
 
 fn job_view(job: Job) -> JobView {
     JobView {
         state: job.state.as_str(),
+        start_time: rfc3339(job.started),
+        end_time: job.ended.map(rfc3339),
+        error: job.error.filter(|_| job.state == JobState::Failed),
+        pause_time: go_duration(job.pause),
+        total_time: go_duration(job.total),
+        old_upper_dir: job.capture.join("fs").display().to_string(),
+        new_upper_dir: job.new_upper.display().to_string(),
+        error_code: job.error_code.map(CommitCode::as_str),
+        error_cause: job.cause.map(FailureCause::as_str),
+        format: job.options.format.as_str(),
         pause_time_seconds: job.pause.as_secs_f64(),
-        started_at: rfc3339(job.started),
-        ended_at: job.ended.map(rfc3339),
-        error: job.error_code.map(|c| JobError {
-            code: c.as_str(),
-            message: job.error.clone().unwrap_or_default(),
-        }),
+        background_time: job
+            .ended
+            .map(|ended| go_duration(ended.duration_since(job.started).unwrap_or_default())),
         snapshot_id: job.snapshot_id,
         namespace: job.namespace,
-        container: job.container,
-        target: job.options.target,
+        container_id: job.container,
+        target_ref: job.options.target,
         progress: job.progress,
         stage: job.stage,
         manifest_digest: job.manifest_digest,
         layer_plan: job.layer_plan,
         commit_layers: job.commit_layers,
+    }
+}
+
+/// `GET /api/v1/snapshots`: a page of jobs, and how many match in all.
+#[derive(Debug, Serialize)]
+struct JobPage {
+    snapshots: Vec<JobView>,
+    total: usize,
+    limit: usize,
+    offset: usize,
+}
+
+/// `GET /api/v1/metrics`: the reference's `metrics` and `timestamp`, then
+/// our counts and summaries in seconds.
+#[derive(Debug, Serialize)]
+struct MetricsView {
+    metrics: ReferenceMetrics,
+    timestamp: String,
+    #[serde(flatten)]
+    ours: CommitMetrics,
+}
+
+#[derive(Debug, Serialize)]
+struct ReferenceMetrics {
+    total_snapshots: u64,
+    successful_snapshots: u64,
+    failed_snapshots: u64,
+    average_pause_time: String,
+    average_total_time: String,
+    average_background_time: String,
+    // Ours.
+    pending_snapshots: u64,
+    processing_snapshots: u64,
+}
+
+fn metrics_view(metrics: CommitMetrics) -> MetricsView {
+    let average = |s: &crate::commit::metrics::Summary| go_duration(Duration::from_secs_f64(s.mean()));
+    MetricsView {
+        metrics: ReferenceMetrics {
+            total_snapshots: metrics.pending + metrics.processing + metrics.completed + metrics.failed,
+            successful_snapshots: metrics.completed,
+            failed_snapshots: metrics.failed,
+            average_pause_time: average(&metrics.pause_time_seconds),
+            average_total_time: average(&metrics.total_time_seconds),
+            average_background_time: average(&metrics.background_time_seconds),
+            pending_snapshots: metrics.pending,
+            processing_snapshots: metrics.processing,
+        },
+        timestamp: rfc3339(SystemTime::now()),
+        ours: metrics,
     }
 }
 
@@ -194,7 +300,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     response
 }
 
-fn error(status: StatusCode, code: &str, message: String, details: String) -> Response<Body> {
+fn error(status: StatusCode, code: &str, message: String, details: Details) -> Response<Body> {
     json(
         status,
         &ErrorBody {
@@ -203,13 +309,10 @@ fn error(status: StatusCode, code: &str, message: String, details: String) -> Re
     )
 }
 
-fn commit_error(e: CommitError) -> Response<Body> {
+/// A commit error about `details`' subject, with its code's status.
+fn commit_error(e: CommitError, details: Details) -> Response<Body> {
     let code = e.code();
-    let status = match e {
-        CommitError::JobNotFound { .. } => StatusCode::NOT_FOUND,
-        _ => http_status(code),
-    };
-    error(status, code.as_str(), e.to_string(), String::new())
+    error(http_status(code), code.as_str(), e.to_string(), details)
 }
 
 fn bad_request(message: String) -> Response<Body> {
@@ -217,16 +320,18 @@ fn bad_request(message: String) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         CommitCode::InvalidParameter.as_str(),
         message,
-        String::new(),
+        Details::default(),
     )
 }
 
 impl RestApi {
     /// `token` set: every request must carry `Authorization: Bearer <token>`,
     /// and wrong ones count against the caller's address as `limits` says.
-    pub fn new(commits: Arc<CommitService>, limits: &ConnectionLimits, token: Option<String>) -> Self {
+    /// Requests that name no namespace are for `namespace`.
+    pub fn new(commits: Arc<CommitService>, namespace: &str, limits: &ConnectionLimits, token: Option<String>) -> Self {
         RestApi {
             commits,
+            namespace: namespace.to_string(),
             token: token.map(|value| Token {
                 value: value.into(),
                 attempts: Arc::new(TokenAttempts::new(limits)),
@@ -252,7 +357,7 @@ impl RestApi {
                         StatusCode::FORBIDDEN,
                         CommitCode::PermissionDenied.as_str(),
                         "a valid bearer token is required".into(),
-                        String::new(),
+                        Details::default(),
                     )
                 }
                 TokenVerdict::LockedOut { retry_in } => {
@@ -263,7 +368,7 @@ impl RestApi {
                         "too many requests with a wrong bearer token from this address: refused for {} more seconds",
                         retry_in.as_secs().max(1)
                     ),
-                        String::new(),
+                        Details::default(),
                     )
                 }
             }
@@ -275,11 +380,11 @@ impl RestApi {
             (&Method::GET, ["api", "v1", "snapshots"]) => self.list(request.uri().query().unwrap_or_default()),
             (&Method::GET, ["api", "v1", "snapshots", id]) => match self.commits.job(id) {
                 Ok(job) => json(StatusCode::OK, &job_view(job)),
-                Err(e) => commit_error(e),
+                Err(e) => commit_error(e, Details::about("snapshot_id", *id)),
             },
             (&Method::GET, ["api", "v1", "metrics"]) => match self.commits.jobs() {
-                Ok(jobs) => json(StatusCode::OK, &CommitMetrics::of(&jobs)),
-                Err(e) => commit_error(e),
+                Ok(jobs) => json(StatusCode::OK, &metrics_view(CommitMetrics::of(&jobs))),
+                Err(e) => commit_error(e, Details::default()),
             },
             (&Method::GET, ["metrics"]) => match self.commits.jobs() {
                 Ok(jobs) => {
@@ -290,23 +395,28 @@ impl RestApi {
                     );
                     r
                 }
-                Err(e) => commit_error(e),
+                Err(e) => commit_error(e, Details::default()),
             },
             (_, ["api", "v1", "snapshots", ..]) | (_, ["api", "v1", "metrics"]) | (_, ["metrics"]) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 CommitCode::InvalidParameter.as_str(),
                 format!("{method} is not allowed on {path}"),
-                String::new(),
+                Details::about("path", path.as_str()),
             ),
             _ => error(
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",
-                format!("no endpoint {path}"),
-                "endpoints: /api/v1/snapshots, /api/v1/snapshots/{id}, /api/v1/metrics, /metrics".into(),
+                format!(
+                    "no endpoint {path}: the endpoints are /api/v1/snapshots, /api/v1/snapshots/{{id}}, \
+                     /api/v1/metrics and /metrics"
+                ),
+                Details::about("path", path.as_str()),
             ),
         }
     }
 
+    /// `POST /api/v1/snapshots`: 201 with the job once captured, or with
+    /// `wait` once it has ended (an error answer if it failed).
     async fn create(&self, request: Request<Body>) -> Response<Body> {
         let bytes = match tokio::time::timeout(self.body_timeout, read_body(request)).await {
             Ok(Ok(bytes)) => bytes,
@@ -318,25 +428,43 @@ impl RestApi {
                 ))
             }
         };
-        let options = match parse_create(&bytes) {
-            Ok(options) => options,
+        let CreateRequest { options, wait } = match parse_create(&bytes, &self.namespace) {
+            Ok(request) => request,
             Err(RequestError::Malformed(message)) => return bad_request(message),
-            Err(RequestError::Commit(e)) => return commit_error(e),
+            Err(RequestError::Commit(e)) => return commit_error(e, Details::default()),
         };
-        match self.commits.commit(options).await {
-            Ok(started) => {
-                let job = match self.commits.job(&started.snapshot_id) {
-                    Ok(job) => job,
-                    Err(e) => return commit_error(e),
-                };
-                let mut r = json(StatusCode::CREATED, &job_view(job));
-                if let Ok(location) = format!("/api/v1/snapshots/{}", started.snapshot_id).parse() {
-                    r.headers_mut().insert(LOCATION, location);
-                }
-                r
-            }
-            Err(e) => commit_error(e),
+        let container = options.container.clone();
+        let started = match self.commits.commit(options).await {
+            Ok(started) => started,
+            Err(e) => return commit_error(e, Details::about("container_id", container)),
+        };
+        let id = started.snapshot_id;
+        let job = match wait {
+            true => self.commits.wait_job(&id, WAIT_LIMIT).await,
+            false => self.commits.job(&id),
+        };
+        let job = match job {
+            Ok(job) => job,
+            Err(e) => return commit_error(e, Details::about("snapshot_id", id)),
+        };
+        if job.state == JobState::Failed {
+            let code = job.error_code.unwrap_or(CommitCode::BackgroundProcessingFailed);
+            let message = format!(
+                "background commit processing failed: {}",
+                job.error.as_deref().unwrap_or("no reason recorded")
+            );
+            return error(
+                http_status(code),
+                code.as_str(),
+                message,
+                Details::about("snapshot_id", id),
+            );
         }
+        let mut r = json(StatusCode::CREATED, &job_view(job));
+        if let Ok(location) = format!("/api/v1/snapshots/{id}").parse() {
+            r.headers_mut().insert(LOCATION, location);
+        }
+        r
     }
 
     fn list(&self, query: &str) -> Response<Body> {
@@ -346,17 +474,22 @@ impl RestApi {
         };
         let jobs = match self.commits.jobs() {
             Ok(jobs) => jobs,
-            Err(e) => return commit_error(e),
+            Err(e) => return commit_error(e, Details::default()),
         };
         let matching: Vec<Job> = jobs
             .into_iter()
             .filter(|j| state.is_none_or(|s| j.state == s))
             .collect();
         let total = matching.len();
-        let page: Vec<JobView> = matching.into_iter().skip(offset).take(limit).map(job_view).collect();
+        let snapshots = matching.into_iter().skip(offset).take(limit).map(job_view).collect();
         json(
             StatusCode::OK,
-            &serde_json::json!({"snapshots": page, "total": total, "limit": limit, "offset": offset}),
+            &JobPage {
+                snapshots,
+                total,
+                limit,
+                offset,
+            },
         )
     }
 }
@@ -370,27 +503,93 @@ pub enum RequestError {
     Commit(CommitError),
 }
 
-/// The commit a `POST /api/v1/snapshots` body asks for. Values are checked
-/// in full by the commit itself ([`CommitOptions::validate`]).
-pub fn parse_create(body: &[u8]) -> Result<CommitOptions, RequestError> {
-    let create: CreateSnapshot =
-        serde_json::from_slice(body).map_err(|e| RequestError::Malformed(format!("request body: {e}")))?;
-    Ok(CommitOptions {
-        format: CommitOptions::parse_format(&create.format).map_err(RequestError::Commit)?,
-        namespace: create.namespace,
-        container: create.container,
-        target: create.target,
-        work_dir: create.work_dir,
-        fs_version: create.fs_version,
-        compressor: create.compressor,
-        target_insecure: create.target_insecure,
-        source_insecure: create.source_insecure,
-        with_paths: create.with_paths,
-        without_paths: create.without_paths,
-        maximum_times: create.maximum_times,
-        target_creds: create.target_creds,
-        source_creds: create.source_creds,
+/// The commit a `POST /api/v1/snapshots` body asks for: the reference's
+/// `{"container_id", "target_ref", "options": {..}}`, or our flat body
+/// (`container`, `target` and the options beside them). `namespace` is
+/// used when the body names none. Values are checked in full by the commit
+/// itself ([`CommitOptions::validate`]).
+pub fn parse_create(body: &[u8], namespace: &str) -> Result<CreateRequest, RequestError> {
+    let malformed = |m: String| RequestError::Malformed(format!("request body: {m}"));
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    let container = take_text(&mut fields, &["container_id", "container"])?
+        .ok_or_else(|| malformed("missing field `container_id`".into()))?;
+    let target = take_text(&mut fields, &["target_ref", "target"])?
+        .ok_or_else(|| malformed("missing field `target_ref`".into()))?;
+    let namespace = take_text(&mut fields, &["namespace"])?.unwrap_or_else(|| namespace.to_string());
+    // The options object, with any option given flat beside it; one given
+    // in both places is refused rather than guessed.
+    let mut options = match fields.remove("options") {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(options)) => options,
+        Some(_) => return Err(malformed("`options` must be an object".into())),
+    };
+    // The reference's `CommitOptions` also carries the container's id.
+    match options.remove("container_id") {
+        Some(serde_json::Value::String(id)) if id == container => {}
+        None => {}
+        Some(_) => {
+            return Err(malformed(
+                "options.container_id differs from container_id: name the container once".into(),
+            ))
+        }
+    }
+    for (key, value) in fields {
+        if options.contains_key(&key) {
+            return Err(malformed(format!("`{key}` is given both in options and beside them")));
+        }
+        options.insert(key, value);
+    }
+    let given: RequestOptions =
+        serde_json::from_value(serde_json::Value::Object(options)).map_err(|e| malformed(e.to_string()))?;
+    if given.background_workers == Some(0) {
+        return Err(RequestError::Commit(CommitError::InvalidParameter(
+            "background_workers must be at least 1".into(),
+        )));
+    }
+    let defaults = CommitOptions::default();
+    Ok(CreateRequest {
+        wait: given.wait,
+        options: CommitOptions {
+            format: CommitOptions::parse_format(given.format.as_deref().unwrap_or_default())
+                .map_err(RequestError::Commit)?,
+            namespace,
+            container,
+            target,
+            work_dir: given.work_dir.unwrap_or(defaults.work_dir),
+            fs_version: match given.fs_version {
+                Some(version) => version.number()?,
+                None => defaults.fs_version,
+            },
+            compressor: given.compressor.unwrap_or(defaults.compressor),
+            target_insecure: given.target_insecure.unwrap_or(defaults.target_insecure),
+            source_insecure: given.source_insecure.unwrap_or(defaults.source_insecure),
+            with_paths: given.with_paths.unwrap_or(defaults.with_paths),
+            without_paths: given.without_paths.unwrap_or(defaults.without_paths),
+            maximum_times: given.maximum_times.unwrap_or(defaults.maximum_times),
+            target_creds: given.target_creds,
+            source_creds: given.source_creds,
+        },
     })
+}
+
+/// Removes the string field of `fields` named by one of `names` (their
+/// spellings); None when none is there. Two spellings at once are refused.
+fn take_text(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+    names: &[&str],
+) -> Result<Option<String>, RequestError> {
+    let malformed = |m: String| RequestError::Malformed(format!("request body: {m}"));
+    let mut found = None;
+    for name in names {
+        match fields.remove(*name) {
+            None => {}
+            Some(_) if found.is_some() => return Err(malformed(format!("give only one of {}", names.join(", ")))),
+            Some(serde_json::Value::String(text)) => found = Some(text),
+            Some(_) => return Err(malformed(format!("`{name}` must be a string"))),
+        }
+    }
+    Ok(found)
 }
 
 /// What `GET /api/v1/snapshots?state=&limit=&offset=` asks for.
@@ -433,7 +632,7 @@ fn payload_too_large() -> Response<Body> {
         StatusCode::PAYLOAD_TOO_LARGE,
         CommitCode::InvalidParameter.as_str(),
         format!("request body is larger than {MAX_BODY} bytes"),
-        String::new(),
+        Details::default(),
     )
 }
 
@@ -481,7 +680,7 @@ fn body_timeout(reason: &dyn std::fmt::Display) -> Response<Body> {
         StatusCode::REQUEST_TIMEOUT,
         CommitCode::InvalidParameter.as_str(),
         format!("the request body did not arrive in time: {reason}"),
-        String::new(),
+        Details::default(),
     )
 }
 
@@ -523,12 +722,19 @@ pub async fn serve<S, A, F>(
         // One byte opens a request; hyper's header timeout then bounds the
         // rest of its headers.
         let stream = Guarded::new(stream, slot, &limits, tokio::time::Instant::now(), 1);
+        let busy = stream.busy();
         let api = api.clone();
         let header_timeout = limits.header_timeout();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
+                // A client waiting for a job's end is not idle.
+                let answering = busy.answering();
+                async move {
+                    let response = api.handle(request, peer).await;
+                    drop(answering);
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(e) = hyper::server::conn::Http::new()
                 .http1_only(true)
@@ -548,26 +754,95 @@ mod tests {
 
     #[test]
     fn request_bodies_and_queries_are_parsed_or_refused_saying_why() {
-        let options =
-            parse_create(br#"{"container":"c1","target":"r/app:1","format":"oci","with_paths":["/data"]}"#).unwrap();
+        // Our flat body.
+        let flat = parse_create(
+            br#"{"container":"c1","target":"r/app:1","format":"oci","with_paths":["/data"]}"#,
+            "default",
+        )
+        .unwrap();
+        let options = &flat.options;
         assert_eq!(options.format, crate::commit::Format::Oci);
         assert_eq!((options.namespace.as_str(), options.maximum_times), ("default", 10));
+        assert!(!flat.wait);
         assert!(
             options.work_dir.as_os_str().is_empty(),
             "the daemon's private work dir by default"
         );
-        let refused = |body: &[u8]| match parse_create(body) {
+        let refused = |body: &[u8]| match parse_create(body, "default") {
             Err(RequestError::Malformed(m)) => m,
             other => panic!("{other:?}"),
         };
-        assert!(refused(br#"{"container":"c1"}"#).contains("missing field `target`"));
+        assert!(refused(br#"{"container":"c1"}"#).contains("missing field `target_ref`"));
         assert!(refused(br#"{"container":"c1","target":"t","hooks":[]}"#).contains("unknown field `hooks`"));
         assert!(refused(b"\xff{").contains("request body"));
         assert!(matches!(
-            parse_create(br#"{"container":"c1","target":"r/a:1","format":"docker"}"#),
+            parse_create(br#"{"container":"c1","target":"r/a:1","format":"docker"}"#, "default"),
             Err(RequestError::Commit(_))
         ));
+    }
 
+    #[test]
+    fn the_reference_body_is_taken_with_every_option_by_its_json_tag() {
+        let body = br#"{"container_id": "mycontainer", "target_ref": "registry.example.com/myimage:snapshot",
+            "options": {"wait": true, "work_dir": "/data/nydus-work", "fs_version": "5", "compressor": "zstd",
+                "target_insecure": true, "source_insecure": true, "with_paths": ["/app"],
+                "without_paths": ["/app/cache"], "maximum_times": 3, "background_workers": 2,
+                "container_id": "mycontainer"}}"#;
+        let parsed = parse_create(body, "apps").unwrap();
+        assert!(parsed.wait);
+        let o = parsed.options;
+        assert_eq!(
+            (o.namespace.as_str(), o.container.as_str(), o.target.as_str()),
+            ("apps", "mycontainer", "registry.example.com/myimage:snapshot"),
+            "a request naming no namespace is for the daemon's [rest] namespace"
+        );
+        assert_eq!((o.fs_version, o.compressor.as_str(), o.maximum_times), (5, "zstd", 3));
+        assert_eq!(o.work_dir, PathBuf::from("/data/nydus-work"));
+        assert!(o.target_insecure && o.source_insecure);
+        assert_eq!(o.with_paths, vec![PathBuf::from("/app")]);
+        assert_eq!(o.without_paths, vec![PathBuf::from("/app/cache")]);
+        assert_eq!(o.format, crate::commit::Format::Nydus, "nydus unless told");
+
+        // The reference's minimal body, with the version as a number too,
+        // and a namespace of its own.
+        let minimal = parse_create(
+            br#"{"container_id":"c","target_ref":"r/a:1","namespace":"k8s.io","options":{"fs_version":6}}"#,
+            "apps",
+        )
+        .unwrap();
+        assert_eq!(
+            (minimal.options.namespace.as_str(), minimal.options.fs_version),
+            ("k8s.io", 6)
+        );
+
+        let refused = |body: &[u8]| match parse_create(body, "default") {
+            Err(RequestError::Malformed(m)) => m,
+            Err(RequestError::Commit(e)) => e.to_string(),
+            Ok(other) => panic!("{other:?}"),
+        };
+        assert!(refused(br#"{"container_id":"c","container":"c","target_ref":"r/a:1"}"#).contains("only one of"));
+        assert!(refused(
+            br#"{"container_id":"c","target_ref":"r/a:1","compressor":"zstd","options":{"compressor":"none"}}"#
+        )
+        .contains("both in options and beside them"));
+        assert!(
+            refused(br#"{"container_id":"c","target_ref":"r/a:1","options":{"fs_version":"six"}}"#)
+                .contains("fs_version \"six\"")
+        );
+        assert!(
+            refused(br#"{"container_id":"c","target_ref":"r/a:1","options":{"background_workers":0}}"#)
+                .contains("background_workers")
+        );
+        assert!(
+            refused(br#"{"container_id":"c","target_ref":"r/a:1","options":{"container_id":"d"}}"#).contains("differs")
+        );
+        assert!(refused(br#"{"container_id":"c","target_ref":"r/a:1","options":[]}"#).contains("must be an object"));
+        assert!(refused(br#"{"container_id":7,"target_ref":"r/a:1"}"#).contains("must be a string"));
+        assert!(refused(br#"[]"#).contains("request body"));
+    }
+
+    #[test]
+    fn list_queries_are_parsed_or_refused_saying_why() {
         assert_eq!(
             parse_list_query("state=failed&limit=5&offset=10").unwrap(),
             ListQuery {
@@ -590,6 +865,8 @@ mod tests {
         assert_eq!(http_status(CommitCode::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(http_status(CommitCode::ContainerNotFound), StatusCode::NOT_FOUND);
         assert_eq!(http_status(CommitCode::SnapshotInProgress), StatusCode::CONFLICT);
+        assert_eq!(http_status(CommitCode::ContainerNotRunning), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(CommitCode::SnapshotNotFound), StatusCode::NOT_FOUND);
         assert_eq!(http_status(CommitCode::PauseTimeout), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -82,6 +82,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let root = args.root.clone();
     let workers = config.commit.background_workers;
+    let max_queued = config.commit.max_queued;
     let base_cache_bytes = config.nydus_base_cache_bytes()?;
     let rest_config = config.rest.clone();
     let remote_config = config.remote.clone();
@@ -111,7 +112,8 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             }),
         )
         .context("opening commit jobs")?
-        .with_registry(registry),
+        .with_registry(registry)
+        .with_max_queued(max_queued),
     );
     // Finishes what a killed daemon journaled before anything is served.
     let checkpoints = {
@@ -156,7 +158,12 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     // The unix socket needs no token: its 0660 mode is the access control.
-    let unix_api = Arc::new(RestApi::new(commits.clone(), &rest_config.connections, None));
+    let unix_api = Arc::new(RestApi::new(
+        commits.clone(),
+        rest_config.namespace(),
+        &rest_config.connections,
+        None,
+    ));
     tokio::spawn(rest::serve(
         unix_api,
         rest_config.connections.clone(),
@@ -173,7 +180,12 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding rest.tcp_address {}", rest_config.tcp_address))?,
         );
         info!(address = %rest_config.tcp_address, "REST API also on TCP, bearer token required");
-        let tcp_api = Arc::new(RestApi::new(commits.clone(), &rest_config.connections, token));
+        let tcp_api = Arc::new(RestApi::new(
+            commits.clone(),
+            rest_config.namespace(),
+            &rest_config.connections,
+            token,
+        ));
         tokio::spawn(rest::serve(
             tcp_api,
             rest_config.connections.clone(),

@@ -78,7 +78,8 @@ pub struct CapturedContainer {
 }
 
 /// A container's capture slot: taken by a capture, freed when dropped (a
-/// commit keeps it until its job ends).
+/// commit frees it once its job is recorded; a checkpoint keeps it until
+/// its dump is stored).
 #[derive(Debug)]
 pub struct SlotGuard {
     service: Arc<CaptureService>,
@@ -136,12 +137,19 @@ impl CaptureService {
         &self.containerd_address
     }
 
-    /// Resolves container `container` (id or unique prefix) of `namespace`
-    /// and captures its writable layer as `capture_name`, pausing it for
-    /// milliseconds; with `hold`, the container stays frozen after the
-    /// capture until [`CapturedContainer::hold`] is thawed or dropped. One
-    /// capture at a time per container: the slot is held until the result's
-    /// `slot` is dropped.
+    /// Container `container` (id, name or unique prefix of either) of
+    /// `namespace`, as containerd knows it.
+    pub async fn resolve(&self, namespace: &str, container: &str) -> Result<ContainerInfo, CaptureError> {
+        let containerd = Containerd::connect(&self.containerd_address).await?;
+        Ok(containerd.resolve(namespace, container).await?)
+    }
+
+    /// Resolves container `container` (id, name or unique prefix) of
+    /// `namespace` and captures its writable layer as `capture_name`,
+    /// pausing it for milliseconds; with `hold`, the container stays frozen
+    /// after the capture until [`CapturedContainer::hold`] is thawed or
+    /// dropped. One capture at a time per container: the slot is held until
+    /// the result's `slot` is dropped.
     pub async fn capture(
         self: &Arc<Self>,
         namespace: &str,
@@ -149,8 +157,18 @@ impl CaptureService {
         capture_name: &str,
         hold: bool,
     ) -> Result<CapturedContainer, CaptureError> {
-        let containerd = Containerd::connect(&self.containerd_address).await?;
-        let container = containerd.resolve(namespace, container).await?;
+        let container = self.resolve(namespace, container).await?;
+        self.capture_resolved(namespace, container, capture_name, hold).await
+    }
+
+    /// [`CaptureService::capture`] of a container already resolved.
+    pub async fn capture_resolved(
+        self: &Arc<Self>,
+        namespace: &str,
+        container: ContainerInfo,
+        capture_name: &str,
+        hold: bool,
+    ) -> Result<CapturedContainer, CaptureError> {
         if container.snapshotter != SNAPSHOTTER_NAME {
             return Err(CaptureError::WrongSnapshotter {
                 namespace: container.namespace,

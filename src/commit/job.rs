@@ -58,9 +58,10 @@ impl CommitService {
                     "commit pushed"
                 );
             }
-            Err(JobFailure { code, message }) => {
+            Err(JobFailure { code, cause, message }) => {
                 job.state = JobState::Failed;
                 job.error_code = Some(code);
+                job.cause = cause;
                 // The job runs in the background: this line (with the job's
                 // id from the span), the job record and the metrics are how
                 // a failure is seen by whoever did not `--wait`.
@@ -121,8 +122,9 @@ impl CommitService {
             insecure: job.options.target_insecure,
             ..self.registry.clone()
         });
-        // Credentials the target refuses fail the job now, not after the
-        // layers are built. Any other failure shows again where it matters.
+        // Credentials the target refuses, or a target that cannot be
+        // reached, fail the job now, not after the layers are built. Any
+        // other failure shows again where it matters.
         self.update(job, 0.1, "checking access to the target");
         if let Err(e) = target
             .has_blob(
@@ -132,7 +134,9 @@ impl CommitService {
             )
             .await
         {
-            if e.is_permission() {
+            // A registry that refuses us, or that cannot be reached even
+            // after the client's retries, fails the job before its build.
+            if e.is_permission() || e.is_network() {
                 return Err(text(e));
             }
         }
@@ -352,10 +356,45 @@ impl CommitService {
     }
 }
 
-/// Creates the job's own directory, 0700, under `root`; one a previous run
-/// left there is removed first.
-pub(super) fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<PathBuf, String> {
+/// A job's own directory, removed with what the job left in it when
+/// dropped.
+#[derive(Debug)]
+pub(super) struct JobDir(PathBuf);
+
+impl std::ops::Deref for JobDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %self.0.display(), error = %e, "cannot remove the job's work directory");
+            }
+        }
+    }
+}
+
+/// Creates the job's own directory, 0700, under `root`. In a directory
+/// only the daemon's user writes, it is `<root>/<snapshot id>` (one a
+/// previous run left is removed first). In a shared sticky directory such
+/// as /tmp, where others could plant a predictable name first, it gets a
+/// fresh random name, created atomically.
+pub(super) fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<JobDir, String> {
     use std::os::unix::fs::DirBuilderExt;
+    if is_shared_sticky(root) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("seamless-{snapshot_id}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(root)
+            .map_err(|e| format!("create a private directory in {}: {e}", root.display()))?;
+        return Ok(JobDir(dir.keep()));
+    }
     let dir = root.join(snapshot_id);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
@@ -366,7 +405,14 @@ pub(super) fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<PathBuf, 
         .mode(0o700)
         .create(&dir)
         .map_err(|e| format!("create {}: {e}", dir.display()))?;
-    Ok(dir)
+    Ok(JobDir(dir))
+}
+
+/// A directory others may write but, being sticky, not rename or remove
+/// our entries in (as /tmp).
+pub(super) fn is_shared_sticky(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.mode() & 0o1000 != 0 && m.mode() & 0o022 != 0)
 }
 
 /// Image `name`'s manifest and config from containerd's content store, or

@@ -15,6 +15,7 @@ mod image;
 mod job;
 pub mod metrics;
 pub mod nydus_image;
+mod queue;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub enum CommitCode {
     PermissionDenied,
     ContainerNotRunning,
     SnapshotInProgress,
+    /// No commit job has the snapshot id asked for.
+    SnapshotNotFound,
     PauseTimeout,
     AtomicSwitchFailed,
     BackgroundProcessingFailed,
@@ -63,6 +66,7 @@ impl CommitCode {
             CommitCode::PermissionDenied => "PERMISSION_DENIED",
             CommitCode::ContainerNotRunning => "CONTAINER_NOT_RUNNING",
             CommitCode::SnapshotInProgress => "SNAPSHOT_IN_PROGRESS",
+            CommitCode::SnapshotNotFound => "SNAPSHOT_NOT_FOUND",
             CommitCode::PauseTimeout => "PAUSE_TIMEOUT",
             CommitCode::AtomicSwitchFailed => "ATOMIC_SWITCH_FAILED",
             CommitCode::BackgroundProcessingFailed => "BACKGROUND_PROCESSING_FAILED",
@@ -75,8 +79,13 @@ impl CommitCode {
 pub enum CommitError {
     #[error("{0}")]
     InvalidParameter(String),
-    #[error("no commit job {id}")]
+    #[error("no snapshot {id}: no commit job has this id")]
     JobNotFound { id: String },
+    #[error(
+        "{queued} commits of container {container} are already waiting for its earlier ones to build and push \
+         (commit.max_queued); try again when one has ended"
+    )]
+    QueueFull { container: String, queued: usize },
     #[error(transparent)]
     Containerd(#[from] ContainerdError),
     #[error(transparent)]
@@ -93,7 +102,9 @@ impl CommitError {
     /// The commit error code this error reports as.
     pub fn code(&self) -> CommitCode {
         match self {
-            CommitError::InvalidParameter(_) | CommitError::JobNotFound { .. } => CommitCode::InvalidParameter,
+            CommitError::InvalidParameter(_) => CommitCode::InvalidParameter,
+            CommitError::JobNotFound { .. } => CommitCode::SnapshotNotFound,
+            CommitError::QueueFull { .. } => CommitCode::SnapshotInProgress,
             CommitError::Containerd(e) => containerd_code(e),
             CommitError::Capture(e) => match e.as_ref() {
                 CaptureError::WrongSnapshotter { .. } => CommitCode::InvalidParameter,
@@ -144,6 +155,7 @@ impl Classify for CommitError {
                 CommitCode::ContainerNotFound => ErrorKind::NotFound,
                 CommitCode::ContainerNotRunning => ErrorKind::FailedPrecondition,
                 CommitCode::SnapshotInProgress => ErrorKind::AlreadyExists,
+                CommitCode::SnapshotNotFound => ErrorKind::NotFound,
                 CommitCode::PauseTimeout => ErrorKind::Unavailable,
                 _ => ErrorKind::Internal,
             },
@@ -383,6 +395,10 @@ pub struct Job {
     pub capture: PathBuf,
     pub new_upper: PathBuf,
     pub pause: Duration,
+    /// The commit call's own time, from the request to the started job
+    /// (resolving the container, flushing, the pause).
+    #[serde(default)]
+    pub total: Duration,
     pub state: JobState,
     pub progress: f64,
     pub stage: String,
@@ -390,6 +406,11 @@ pub struct Job {
     pub ended: Option<SystemTime>,
     pub error_code: Option<CommitCode>,
     pub error: Option<String>,
+    /// What kind of failure a failed job met, when known: a network one
+    /// (a registry that could not be reached or timed out) shows as such
+    /// to the CLI (exit 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<FailureCause>,
     pub manifest_digest: Option<String>,
     /// How the new layers were made: "full", "incremental" or "merged"
     /// (empty until the job has decided).
@@ -399,6 +420,26 @@ pub struct Job {
     #[serde(default)]
     pub commit_layers: u32,
 }
+
+/// The kind of failure a job met, beside its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureCause {
+    /// A registry could not be reached, or timed out.
+    Network,
+}
+
+impl FailureCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCause::Network => "network",
+        }
+    }
+}
+
+/// Jobs of one container accepted while earlier ones run, unless told
+/// otherwise.
+const DEFAULT_MAX_QUEUED: usize = 32;
 
 /// The credentials a job's request gave, by registry.
 fn request_auth(job: &Job) -> RequestAuth {
@@ -413,6 +454,7 @@ fn request_auth(job: &Job) -> RequestAuth {
 #[derive(Debug)]
 struct JobFailure {
     code: CommitCode,
+    cause: Option<FailureCause>,
     message: String,
 }
 
@@ -420,6 +462,7 @@ impl From<String> for JobFailure {
     fn from(message: String) -> JobFailure {
         JobFailure {
             code: CommitCode::BackgroundProcessingFailed,
+            cause: None,
             message,
         }
     }
@@ -433,6 +476,7 @@ impl From<RegistryError> for JobFailure {
             } else {
                 CommitCode::BackgroundProcessingFailed
             },
+            cause: e.is_network().then_some(FailureCause::Network),
             message: e.to_string(),
         }
     }
@@ -443,6 +487,8 @@ impl From<RegistryError> for JobFailure {
 pub struct Started {
     pub snapshot_id: String,
     pub pause: Duration,
+    /// The commit call's own time (see [`Job::total`]).
+    pub total: Duration,
     pub old_upper: PathBuf,
     pub new_upper: PathBuf,
 }
@@ -463,12 +509,18 @@ pub struct CommitService {
     workers: tokio::sync::Semaphore,
     /// Where OCI base layers converted to Nydus are kept for later commits.
     nydus_cache: Option<nydus_image::BaseCache>,
+    /// The jobs of each container, run one after another.
+    queues: queue::Queues,
+    /// Woken whenever a job ends.
+    ended: tokio::sync::Notify,
 }
 
 /// A work directory a request names is where root writes the layers it
 /// builds: it must be an absolute directory that no other user can write
-/// to or swap (a symlink, or a directory writable by group or others such
-/// as /tmp, would let them read or plant what the daemon builds). A
+/// to or swap (a symlink, or a directory writable by group or others,
+/// would let them read or plant what the daemon builds), or a root-owned
+/// sticky one such as /tmp, in which each job makes a private directory
+/// under a random name. A
 /// missing one is created 0700 with `create` (its parent must exist);
 /// without, only its parent must exist.
 fn check_work_dir(dir: &Path, create: bool) -> Result<(), CommitError> {
@@ -500,10 +552,13 @@ fn check_work_dir(dir: &Path, create: bool) -> Result<(), CommitError> {
     if !meta.is_dir() {
         return Err(bad("is not a directory".into()));
     }
-    if meta.mode() & 0o022 != 0 {
+    // A shared sticky directory (/tmp, the reference's default) is taken:
+    // each job builds in a private directory with a random name made
+    // inside it (see `job::create_job_dir`).
+    if meta.mode() & 0o022 != 0 && !(meta.mode() & 0o1000 != 0 && meta.uid() == 0) {
         return Err(bad(format!(
-            "may be written by other users (mode {:04o}); use a directory only root can write, or leave \
-             work-dir out to use the daemon's private one",
+            "may be written by other users (mode {:04o}) and is not a root-owned sticky directory such as \
+             /tmp; use a directory only root can write, or leave work-dir out to use the daemon's private one",
             meta.mode() & 0o7777
         )));
     }
@@ -533,6 +588,8 @@ impl CommitService {
             capture,
             workers: tokio::sync::Semaphore::new(background_workers.max(1) as usize),
             nydus_cache,
+            queues: queue::Queues::new(DEFAULT_MAX_QUEUED),
+            ended: tokio::sync::Notify::new(),
         };
         for (id, job) in service.jobs.list()? {
             let Ok(mut job) = job else {
@@ -558,6 +615,13 @@ impl CommitService {
         // until its owner stores or discards it.
         service.capture.sweep(&heads)?;
         Ok(service)
+    }
+
+    /// At most `max_queued` jobs per container are accepted while earlier
+    /// ones still run (`[commit] max_queued`); without, 32.
+    pub fn with_max_queued(mut self, max_queued: u32) -> CommitService {
+        self.queues = queue::Queues::new(max_queued.max(1) as usize);
+        self
     }
 
     /// Jobs reach registries as `registry` says (hosts, mirrors, CAs,
@@ -634,10 +698,19 @@ impl CommitService {
         Ok(jobs)
     }
 
-    /// Captures the container and starts its background job.
+    /// Captures the container and starts its background job. A container
+    /// whose earlier commits still build or push is captured all the same:
+    /// its job waits for theirs and builds on the last one's capture, in
+    /// order, up to `max_queued` jobs per container.
     #[instrument(skip_all, fields(namespace = %options.namespace, container = %options.container, target = %options.target))]
     pub async fn commit(self: &Arc<Self>, options: CommitOptions) -> Result<Started, CommitError> {
+        let began = std::time::Instant::now();
         options.validate()?;
+        let container = self.capture.resolve(&options.namespace, &options.container).await?;
+        let queue_key = chain_key(&options.namespace, &container.id);
+        // A place in the container's queue before it is paused: a full
+        // queue refuses without touching the container.
+        let place = self.queues.reserve(&queue_key, &container.id)?;
         let now = SystemTime::now();
         let snapshot_id = format!("snapshot-{}", unix_nanos(now));
         let CapturedContainer {
@@ -645,12 +718,13 @@ impl CommitService {
             snapshot_key,
             snapshot_id: id,
             captured,
-            slot: release,
+            slot,
             ..
         } = self
             .capture
-            .capture(&options.namespace, &options.container, &snapshot_id, false)
+            .capture_resolved(&options.namespace, container, &snapshot_id, false)
             .await?;
+        let total = began.elapsed();
         let job = Job {
             snapshot_id: snapshot_id.clone(),
             container: container.id.clone(),
@@ -660,6 +734,7 @@ impl CommitService {
             capture: captured.snapshot.clone(),
             new_upper: self.snapshotter.upper_dir(id),
             pause: captured.pause,
+            total,
             state: JobState::Pending,
             progress: 0.0,
             stage: "queued".into(),
@@ -667,6 +742,7 @@ impl CommitService {
             ended: None,
             error_code: None,
             error: None,
+            cause: None,
             manifest_digest: None,
             layer_plan: String::new(),
             commit_layers: 0,
@@ -676,18 +752,52 @@ impl CommitService {
             let _ = self.snapshotter.remove_capture(&job.capture);
             return Err(e);
         }
+        // Taken while the slot is held, so jobs run in the order of their
+        // captures; then the next capture may come.
+        let mut turn = place.enter(&snapshot_id);
+        drop(slot);
         let started = Started {
             snapshot_id,
             pause: captured.pause,
+            total,
             old_upper: captured.snapshot.join("fs"),
             new_upper: job.new_upper.clone(),
         };
         let service = self.clone();
         tokio::spawn(async move {
-            let _release = release;
+            let mut job = job;
+            if let Some(before) = turn.before() {
+                job.stage = format!("waiting for {before} of the same container");
+                if let Err(e) = service.save(&job) {
+                    warn!(job = job.snapshot_id, error = %e, "cannot persist job progress");
+                }
+            }
+            turn.wait().await;
             service.run_job(job).await;
+            drop(turn);
+            service.ended.notify_waiters();
         });
         Ok(started)
+    }
+
+    /// The job `snapshot_id` once it has ended (completed or failed), or
+    /// as it stands after `timeout`.
+    pub async fn wait_job(&self, snapshot_id: &str, timeout: Duration) -> Result<Job, CommitError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the state is read, so an end in between
+            // still wakes this waiter.
+            let ended = self.ended.notified();
+            let job = self.job(snapshot_id)?;
+            if matches!(job.state, JobState::Completed | JobState::Failed) {
+                return Ok(job);
+            }
+            // The record is the truth; the notification only saves polling.
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            if tokio::time::timeout_at(wake, ended).await.is_err() && tokio::time::Instant::now() >= deadline {
+                return self.job(snapshot_id);
+            }
+        }
     }
 
     pub fn snapshotter(&self) -> &Arc<Snapshotter> {
@@ -749,7 +859,7 @@ mod tests {
         check(&|o| o.maximum_times = 0, "maximum-times");
         check(&|o| o.with_paths = vec!["etc".into()], "etc");
         check(&|o| o.namespace = "bad ns".into(), "namespace");
-        check(&|o| o.work_dir = "/tmp".into(), "may be written by other users");
+        check(&|o| o.work_dir = "/tmp/../tmp/no/such".into(), "nor does its parent");
         assert!(CommitOptions::parse_format("docker").is_err());
         assert_eq!(CommitOptions::parse_format("").unwrap(), Format::Nydus);
     }
@@ -794,10 +904,38 @@ mod tests {
         assert!(e.contains("is not a directory"), "{e}");
 
         let job = create_job_dir(&missing, "job-1").unwrap();
-        assert_eq!(fs::metadata(&job).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(job.to_path_buf(), missing.join("job-1"));
+        assert_eq!(fs::metadata(&*job).unwrap().mode() & 0o777, 0o700);
         fs::write(job.join("left-over"), b"x").unwrap();
+        std::mem::forget(job);
         let again = create_job_dir(&missing, "job-1").unwrap();
         assert!(!again.join("left-over").exists(), "a previous run's files are gone");
+        let path = again.to_path_buf();
+        drop(again);
+        assert!(!path.exists(), "a job's directory goes with it");
+
+        // A root-owned sticky directory such as /tmp (the reference's
+        // default) is taken: each job gets a private directory with a
+        // random name, so a name planted in advance is never used.
+        let sticky = tmp.path().join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        with(sticky.clone()).validate().unwrap();
+        with(PathBuf::from("/tmp")).validate().unwrap();
+        let planted = sticky.join("snapshot-7");
+        fs::create_dir(&planted).unwrap();
+        let job = create_job_dir(&sticky, "snapshot-7").unwrap();
+        assert_ne!(job.to_path_buf(), planted);
+        assert!(
+            job.starts_with(&sticky)
+                && job
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("seamless-snapshot-7-")
+        );
+        assert_eq!(fs::metadata(&*job).unwrap().mode() & 0o7777, 0o700);
+        assert!(planted.exists(), "what others made is left alone");
     }
 
     fn commit_layer(n: u64, created: SystemTime) -> CommitLayer {
@@ -885,6 +1023,7 @@ mod tests {
             capture: captured.snapshot.clone(),
             new_upper: snapshotter.upper_dir(id),
             pause: Duration::from_millis(2),
+            total: Duration::from_millis(9),
             state: JobState::Processing,
             progress: 0.5,
             stage: "building the layer".into(),
@@ -892,6 +1031,7 @@ mod tests {
             ended: None,
             error_code: None,
             error: None,
+            cause: None,
             manifest_digest: None,
             layer_plan: String::new(),
             commit_layers: 0,

@@ -4,6 +4,7 @@
 //! content store (an image's target descriptor, blobs as byte streams).
 //! Knows nothing of snapshots' storage, nor of what a blob holds.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
@@ -40,7 +41,7 @@ pub enum ContainerdError {
     BadNamespace(#[from] InvalidNamespace),
     #[error("no container {query:?} in namespace {namespace}")]
     NotFound { namespace: String, query: String },
-    #[error("container prefix {query:?} is ambiguous in namespace {namespace}: {matches}")]
+    #[error("container name or prefix {query:?} is ambiguous in namespace {namespace}: {matches}")]
     Ambiguous {
         namespace: String,
         query: String,
@@ -107,28 +108,73 @@ pub fn validate_namespace(namespace: &str) -> Result<(), ContainerdError> {
     Ok(crate::namespace::validate_namespace(namespace)?)
 }
 
-/// The container whose id is `query`, or else the one whose id starts with it.
-pub fn pick_container<'a>(ids: &[&'a str], namespace: &str, query: &str) -> Result<&'a str, ContainerdError> {
-    if let Some(exact) = ids.iter().find(|id| **id == query) {
-        return Ok(exact);
+/// The label nerdctl gives a container's name.
+pub const NERDCTL_NAME_LABEL: &str = "nerdctl/name";
+/// The labels the CRI plugin gives a Kubernetes container: its name, its
+/// pod's name and the pod's namespace.
+pub const CRI_CONTAINER_NAME_LABEL: &str = "io.kubernetes.container.name";
+pub const CRI_POD_NAME_LABEL: &str = "io.kubernetes.pod.name";
+pub const CRI_POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+
+/// The names a container is known by, from its labels: nerdctl's name, and
+/// for a Kubernetes container its name alone, `<pod>/<name>` and
+/// `<pod namespace>/<pod>/<name>`.
+pub fn container_names(labels: &HashMap<String, String>) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(name) = labels.get(NERDCTL_NAME_LABEL).filter(|n| !n.is_empty()) {
+        names.push(name.clone());
     }
-    let matches: Vec<&str> = ids
-        .iter()
-        .copied()
-        .filter(|id| !query.is_empty() && id.starts_with(query))
-        .collect();
-    match matches.as_slice() {
-        [one] => Ok(one),
-        [] => Err(ContainerdError::NotFound {
-            namespace: namespace.to_string(),
-            query: query.to_string(),
-        }),
+    if let Some(name) = labels.get(CRI_CONTAINER_NAME_LABEL).filter(|n| !n.is_empty()) {
+        names.push(name.clone());
+        if let Some(pod) = labels.get(CRI_POD_NAME_LABEL).filter(|p| !p.is_empty()) {
+            names.push(format!("{pod}/{name}"));
+            if let Some(pod_ns) = labels.get(CRI_POD_NAMESPACE_LABEL).filter(|n| !n.is_empty()) {
+                names.push(format!("{pod_ns}/{pod}/{name}"));
+            }
+        }
+    }
+    names
+}
+
+/// A container as a query may name it: its id and its names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named<'a> {
+    pub id: &'a str,
+    pub names: Vec<String>,
+}
+
+/// The id of the container `query` names: the one whose id it is, else the
+/// one whose name it is, else the one whose id or a name starts with it. A
+/// name or prefix that fits more than one container is refused, listing
+/// them.
+pub fn pick_container<'a>(containers: &[Named<'a>], namespace: &str, query: &str) -> Result<&'a str, ContainerdError> {
+    if let Some(exact) = containers.iter().find(|c| c.id == query) {
+        return Ok(exact.id);
+    }
+    let unique = |matches: Vec<&Named<'a>>| match matches.as_slice() {
+        [one] => Ok(Some(one.id)),
+        [] => Ok(None),
         many => Err(ContainerdError::Ambiguous {
             namespace: namespace.to_string(),
             query: query.to_string(),
-            matches: many.join(", "),
+            matches: many.iter().map(|c| c.id).collect::<Vec<_>>().join(", "),
         }),
+    };
+    let by_name = containers
+        .iter()
+        .filter(|c| c.names.iter().any(|n| n == query))
+        .collect();
+    if let Some(id) = unique(by_name)? {
+        return Ok(id);
     }
+    let by_prefix = containers
+        .iter()
+        .filter(|c| !query.is_empty() && (c.id.starts_with(query) || c.names.iter().any(|n| n.starts_with(query))))
+        .collect();
+    unique(by_prefix)?.ok_or_else(|| ContainerdError::NotFound {
+        namespace: namespace.to_string(),
+        query: query.to_string(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -157,8 +203,9 @@ impl Containerd {
         Ok(Containerd { channel })
     }
 
-    /// Resolves `query` (an id or a unique id prefix) in `namespace` to a
-    /// container with a running task.
+    /// Resolves `query` (an id, a name, or a unique prefix of either; see
+    /// [`pick_container`]) in `namespace` to a container with a running
+    /// task.
     pub async fn resolve(&self, namespace: &str, query: &str) -> Result<ContainerInfo, ContainerdError> {
         let listed = ContainersClient::new(self.channel.clone())
             .list(namespaced(ListContainersRequest { filters: vec![] }, namespace)?)
@@ -169,8 +216,14 @@ impl Containerd {
             })?
             .into_inner()
             .containers;
-        let ids: Vec<&str> = listed.iter().map(|c| c.id.as_str()).collect();
-        let id = pick_container(&ids, namespace, query)?.to_string();
+        let named: Vec<Named> = listed
+            .iter()
+            .map(|c| Named {
+                id: &c.id,
+                names: container_names(&c.labels),
+            })
+            .collect();
+        let id = pick_container(&named, namespace, query)?.to_string();
         let container = listed
             .into_iter()
             .find(|c| c.id == id)
@@ -666,7 +719,10 @@ mod tests {
 
     #[test]
     fn exact_id_beats_prefix_and_prefix_must_be_unique() {
-        let ids = ["web", "web-2", "db-1"];
+        let ids: Vec<Named> = ["web", "web-2", "db-1"]
+            .into_iter()
+            .map(|id| Named { id, names: vec![] })
+            .collect();
         assert_eq!(pick_container(&ids, "ns", "web").unwrap(), "web");
         assert_eq!(pick_container(&ids, "ns", "db").unwrap(), "db-1");
         let e = pick_container(&ids, "ns", "we").unwrap_err();
@@ -674,5 +730,49 @@ mod tests {
         assert!(e.to_string().contains("web, web-2"), "{e}");
         assert_eq!(pick_container(&ids, "ns", "x").unwrap_err().kind(), ErrorKind::NotFound);
         assert_eq!(pick_container(&ids, "ns", "").unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn containers_are_found_by_their_nerdctl_and_kubernetes_names() {
+        let labels = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let nerdctl = labels(&[(NERDCTL_NAME_LABEL, "shop-db")]);
+        let cri = labels(&[
+            (CRI_CONTAINER_NAME_LABEL, "app"),
+            (CRI_POD_NAME_LABEL, "web-7f9c"),
+            (CRI_POD_NAMESPACE_LABEL, "prod"),
+        ]);
+        assert_eq!(container_names(&nerdctl), vec!["shop-db"]);
+        assert_eq!(container_names(&cri), vec!["app", "web-7f9c/app", "prod/web-7f9c/app"]);
+        assert!(container_names(&labels(&[("other", "x")])).is_empty());
+
+        let containers = vec![
+            Named {
+                id: "4f1c2e",
+                names: container_names(&nerdctl),
+            },
+            Named {
+                id: "9ab0d1",
+                names: container_names(&cri),
+            },
+            Named {
+                id: "app",
+                names: vec![],
+            },
+        ];
+        assert_eq!(pick_container(&containers, "ns", "shop-db").unwrap(), "4f1c2e");
+        assert_eq!(
+            pick_container(&containers, "ns", "shop").unwrap(),
+            "4f1c2e",
+            "a name prefix"
+        );
+        assert_eq!(pick_container(&containers, "ns", "web-7f9c/app").unwrap(), "9ab0d1");
+        assert_eq!(pick_container(&containers, "ns", "prod/web").unwrap(), "9ab0d1");
+        // An id is matched before a name.
+        assert_eq!(pick_container(&containers, "ns", "app").unwrap(), "app");
+        let e = pick_container(&containers, "ns", "a").unwrap_err();
+        assert!(e.to_string().contains("9ab0d1, app"), "{e}");
+        assert!(pick_container(&containers, "ns", "4f1c2e-x").is_err());
     }
 }

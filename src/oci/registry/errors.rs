@@ -99,6 +99,11 @@ impl RegistryError {
         matches!(self, RegistryError::Denied { .. })
     }
 
+    /// The registry could not be reached, or did not answer in time.
+    pub fn is_network(&self) -> bool {
+        matches!(self, RegistryError::Unreachable { .. })
+    }
+
     /// Worth another attempt: the network failed, or the registry said it is
     /// overloaded or broken for now.
     pub(super) fn is_transient(&self) -> bool {

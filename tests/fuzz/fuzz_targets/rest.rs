@@ -18,6 +18,6 @@ fuzz_target!(|data: &[u8]| {
     }
     // The server never hands the parser more than this.
     if body.len() <= MAX_BODY {
-        let _ = parse_create(body);
+        let _ = parse_create(body, "default");
     }
 });
