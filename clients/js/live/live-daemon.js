@@ -127,6 +127,9 @@ async function main({ env = process.env, print = console.log } = {}) {
         if (result.raw.state !== undefined) {
           expect(result.state === SnapshotState.COMPLETED, `state ${JSON.stringify(result.raw.state)} after wait`);
         }
+        for (const extra of ['start_time', 'end_time']) {
+          if (result.raw[extra] !== undefined && result.raw[extra] !== null) expectRFC3339(result.raw[extra], extra);
+        }
         ids.waited = result.snapshotId;
         expectCompletedStatus(await client.getSnapshot(result.snapshotId), result.snapshotId, 'get after wait');
         return `${result.snapshotId} pause ${result.pauseTime} total ${result.totalTime}`;

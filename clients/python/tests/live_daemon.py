@@ -124,6 +124,9 @@ def main():
             expect(isinstance(value, str) and value.startswith("/"), f"{field} {value!r} is an absolute path")
         if "state" in result.raw:
             expect(result.state is SnapshotState.COMPLETED, f"state {result.raw['state']!r} after wait")
+        for extra in ("start_time", "end_time"):
+            if result.raw.get(extra) is not None:
+                expect_rfc3339(result.raw[extra], extra)
         state["waited"] = result.snapshot_id
         expect_ended_status(client.get_snapshot(result.snapshot_id), result.snapshot_id, "get after wait")
         return f"{result.snapshot_id} pause {result.pause_time} total {result.total_time}"
