@@ -311,7 +311,7 @@ fn seamless_commit_pushes_the_container_view() {
 /// one. Every image, pulled and run, has the tree the container had.
 #[test]
 fn commit_chain_is_incremental_and_merges_past_maximum_times() {
-    use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
+    use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessSnapshot, SnapshotState};
     use seamless_snapshotter::oci::registry::{RegistryAuth, RegistryClient, RegistryOptions};
 
     with_env("chain", Options::default(), |env| {
@@ -363,24 +363,24 @@ fn commit_chain_is_incremental_and_merges_past_maximum_times() {
             let expected = tree_of(&env.container_rootfs(&ns, &id))?;
             let target = env.registry_ref(repository);
             let (result, job) = runtime.block_on(async {
-                let client = SeamlessSnapshot::new(SeamlessOptions {
+                let client = SeamlessSnapshot::new(CommitOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
+                    format: Format::Oci,
+                    compressor: "zstd".into(),
+                    work_dir: work.clone(),
+                    target_insecure: true,
+                    source_insecure: true,
+                    maximum_times: 2,
+                    ..CommitOptions::default()
                 })
                 .await?;
-                let mut options = CommitOptions::new(id.clone(), target.clone());
-                options.format = Format::Oci;
-                options.compressor = "zstd".into();
-                options.work_dir = work.clone();
-                options.target_insecure = true;
-                options.source_insecure = true;
-                options.maximum_times = 2;
-                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                let result = client.commit_with_wait(&id, &target, Duration::from_secs(120)).await?;
                 let job = client.get_status(&result.snapshot_id).await?;
                 Ok::<_, anyhow::Error>((result, job))
             })?;
             ensure!(
-                job.state == "completed" && job.layer_plan == plan && job.commit_layers == commit_layers,
+                job.state == SnapshotState::Completed && job.layer_plan == plan && job.commit_layers == commit_layers,
                 "commit {step}: expected a {plan} layer and {commit_layers} commit layers: {job:?}"
             );
             let pushed = runtime.block_on(registry.pull_manifest_and_config(&target, &RegistryAuth::Anonymous))?;
@@ -566,24 +566,29 @@ fn commit_in_progress_and_daemon_killed_mid_job() {
         // The library API for embedding, against the restarted daemon.
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
-                let client = SeamlessSnapshot::new(SeamlessOptions {
+                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessSnapshot};
+                let client = SeamlessSnapshot::new(CommitOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
+                    format: Format::Oci,
+                    work_dir: work.clone(),
+                    target_insecure: true,
+                    source_insecure: true,
+                    ..CommitOptions::default()
                 })
                 .await?;
-                let mut options = CommitOptions::new(id.clone(), env.registry_ref("killed/app:2"));
-                options.format = Format::Oci;
-                options.work_dir = work.clone();
-                options.target_insecure = true;
-                options.source_insecure = true;
-                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                let result = client
+                    .commit_with_wait(&id, &env.registry_ref("killed/app:2"), Duration::from_secs(120))
+                    .await?;
                 let job = client.get_status(&result.snapshot_id).await?;
                 ensure!(result.total_time >= result.pause_time, "{result:?}");
                 Ok::<_, anyhow::Error>(job)
             })
         })?;
-        ensure!(again.state == "completed", "commit after restart: {again:?}");
+        ensure!(
+            again.state == seamless_snapshotter::api::client::SnapshotState::Completed,
+            "commit after restart: {again:?}"
+        );
         Ok(())
     });
 }
@@ -653,22 +658,27 @@ fn daemon_killed_while_pushing_fails_the_job_with_its_stage() {
 
         let again = retry(Duration::from_secs(15), "commit after the restart", || {
             runtime.block_on(async {
-                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessOptions, SeamlessSnapshot};
-                let client = SeamlessSnapshot::new(SeamlessOptions {
+                use seamless_snapshotter::api::client::{CommitOptions, Format, SeamlessSnapshot};
+                let client = SeamlessSnapshot::new(CommitOptions {
                     address: env.daemon_socket(),
                     namespace: ns.clone(),
+                    format: Format::Oci,
+                    work_dir: work.clone(),
+                    target_insecure: true,
+                    source_insecure: true,
+                    ..CommitOptions::default()
                 })
                 .await?;
-                let mut options = CommitOptions::new(id.clone(), env.registry_ref("stalled/app:2"));
-                options.format = Format::Oci;
-                options.work_dir = work.clone();
-                options.target_insecure = true;
-                options.source_insecure = true;
-                let result = client.commit_with_wait(&options, Duration::from_secs(120)).await?;
+                let result = client
+                    .commit_with_wait(&id, &env.registry_ref("stalled/app:2"), Duration::from_secs(120))
+                    .await?;
                 Ok::<_, anyhow::Error>(client.get_status(&result.snapshot_id).await?)
             })
         })?;
-        ensure!(again.state == "completed", "commit after restart: {again:?}");
+        ensure!(
+            again.state == seamless_snapshotter::api::client::SnapshotState::Completed,
+            "commit after restart: {again:?}"
+        );
         Ok(())
     });
 }

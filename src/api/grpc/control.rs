@@ -180,6 +180,8 @@ fn job_to_wire(job: Job) -> CommitJob {
         commit_layers: job.commit_layers,
         container: job.container,
         namespace: job.namespace,
+        error_cause: job.cause.map(|c| c.as_str().to_string()).unwrap_or_default(),
+        total_time_ns: job.total.as_nanos() as u64,
     }
 }
 
@@ -252,6 +254,7 @@ impl Control for ControlService {
             pause_time_ns: started.pause.as_nanos() as u64,
             old_upper_dir: started.old_upper.display().to_string(),
             new_upper_dir: started.new_upper.display().to_string(),
+            total_time_ns: started.total.as_nanos() as u64,
         }))
     }
 

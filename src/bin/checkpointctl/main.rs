@@ -38,7 +38,8 @@ use tonic::Code;
     about = "commit running containers through containerd-seamless-grpc"
 )]
 struct Cli {
-    /// Unix socket of containerd-seamless-grpc.
+    /// Unix socket of containerd-seamless-grpc (an extension of nydusify's
+    /// flags when run as nydusify).
     #[arg(
         long,
         global = true,
@@ -111,10 +112,14 @@ pub enum CliError {
     // Boxed: a Status is large and this error travels up every call.
     #[error("{action}: {}", status.message())]
     Rpc { action: String, status: Box<tonic::Status> },
-    #[error("background processing of snapshot {snapshot_id} failed: {code}: {reason}")]
+    /// The reference's own line: `background commit processing failed: `
+    /// and the reason, then which job and its code.
+    #[error("background commit processing failed: {reason} (snapshot {snapshot_id}, {code})")]
     JobFailed {
         snapshot_id: String,
         code: String,
+        /// "network" when a registry could not be reached or timed out.
+        cause: String,
         reason: String,
     },
     #[error("timed out after {waited} waiting for snapshot {snapshot_id}, job still {state}")]
@@ -145,8 +150,39 @@ impl CliError {
     }
 }
 
+/// The name under which checkpointctl answers as the seamless-commit
+/// reference's CLI (`nydusify seamless-commit ...`, `nydusify version`),
+/// through a link of that name.
+const NYDUSIFY: &str = "nydusify";
+
+/// The command line, parsed as checkpointctl's, or as nydusify's when run
+/// under that name: then only `seamless-commit` and `version` are served.
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let invoked = args
+        .first()
+        .and_then(|arg0| std::path::Path::new(arg0).file_name())
+        .is_some_and(|name| name == NYDUSIFY);
+    if !invoked {
+        return Cli::try_parse_from(args);
+    }
+    let mut command = Cli::command()
+        .name(NYDUSIFY)
+        .bin_name(NYDUSIFY)
+        .about("nydusify's seamless-commit and version, served by checkpointctl through containerd-seamless-grpc");
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::SeamlessCommit(_) | Command::Version => Ok(cli),
+        _ => Err(command.error(
+            clap::error::ErrorKind::InvalidSubcommand,
+            "as nydusify, only `seamless-commit` and `version` are served; run checkpointctl for the rest",
+        )),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -237,6 +273,9 @@ fn exit_code(err: &CliError) -> u8 {
             let code = seamless_snapshotter::api::grpc::status::error_code(status);
             codes::exit_status(code.as_deref(), status.code())
         }
+        // A registry that cannot be reached or times out is a network error
+        // (5), whatever the job's code.
+        CliError::JobFailed { cause, .. } if cause == "network" => 5,
         CliError::JobFailed { code, .. } => codes::exit_status(Some(code), Code::Unknown),
         CliError::Settings(_) | CliError::Usage(_) => 2,
         CliError::WaitTimeout { .. } | CliError::Runtime(_) | CliError::Failed(_) => 1,
@@ -348,13 +387,24 @@ mod tests {
             unreachable.to_string(),
             "cannot reach the daemon at /run/x.sock: No such file or directory (os error 2)"
         );
-        let failed = |code: &str| CliError::JobFailed {
+        let failed = |code: &str, cause: &str| CliError::JobFailed {
             snapshot_id: "s1".into(),
             code: code.into(),
+            cause: cause.into(),
             reason: "r".into(),
         };
-        assert_eq!(exit_code(&failed("PERMISSION_DENIED")), 4);
-        assert_eq!(exit_code(&failed("BACKGROUND_PROCESSING_FAILED")), 1);
+        assert_eq!(exit_code(&failed("PERMISSION_DENIED", "")), 4);
+        assert_eq!(exit_code(&failed("BACKGROUND_PROCESSING_FAILED", "")), 1);
+        assert_eq!(
+            exit_code(&failed("BACKGROUND_PROCESSING_FAILED", "network")),
+            5,
+            "a registry that cannot be reached"
+        );
+        assert!(
+            fatal_line(at(0), &failed("BACKGROUND_PROCESSING_FAILED", "").to_string())
+                .starts_with("FATA[1970-01-01T00:00:00Z] background commit processing failed: r"),
+            "the reference's line"
+        );
         let timeout = CliError::WaitTimeout {
             snapshot_id: "s1".into(),
             waited: "30m".into(),
@@ -396,5 +446,43 @@ mod tests {
             cli.address,
             PathBuf::from("/run/containerd-seamless/containerd-seamless-grpc.sock")
         );
+    }
+
+    #[test]
+    fn as_nydusify_only_seamless_commit_and_version_are_served() {
+        let args = |line: &[&str]| line.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let cli = parse_cli(args(&[
+            "/usr/local/bin/nydusify",
+            "seamless-commit",
+            "--container",
+            "mycontainer",
+            "--target",
+            "registry.example.com/myimage:snapshot",
+            "--wait",
+            "--address",
+            "/run/x.sock",
+        ]))
+        .unwrap();
+        assert!(matches!(cli.command, Command::SeamlessCommit(_)));
+        assert_eq!(
+            cli.address,
+            PathBuf::from("/run/x.sock"),
+            "global flags stay, as extensions"
+        );
+        assert!(matches!(
+            parse_cli(args(&["nydusify", "version"])).unwrap().command,
+            Command::Version
+        ));
+        let refused = parse_cli(args(&["nydusify", "list"])).unwrap_err();
+        assert!(
+            refused.to_string().contains("only `seamless-commit` and `version`"),
+            "{refused}"
+        );
+        assert_eq!(refused.exit_code(), 2);
+        // Under its own name every command is served.
+        assert!(matches!(
+            parse_cli(args(&["checkpointctl", "list"])).unwrap().command,
+            Command::List(_)
+        ));
     }
 }

@@ -76,7 +76,8 @@ struct JobsArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Container id or unique id prefix.
+    /// Container id, name (nerdctl's; Kubernetes' NAME, POD/NAME or
+    /// NAMESPACE/POD/NAME), or a unique prefix of either.
     #[arg(long, value_parser = non_empty)]
     container: String,
     /// Image reference to push to.
@@ -245,6 +246,7 @@ async fn wait_for_job(client: &mut DaemonClient, snapshot_id: &str, timeout: Dur
                 return Err(CliError::JobFailed {
                     snapshot_id: snapshot_id.to_owned(),
                     code: job.error_code,
+                    cause: job.error_cause,
                     reason: job.error,
                 })
             }
@@ -460,13 +462,10 @@ fn render_progress(job: &CommitJob) -> String {
     format!("progress: {percent}% {doing}").trim_end().to_owned()
 }
 
-/// Milliseconds with two decimals below a second, seconds with three above.
+/// As Go prints a `time.Duration`, like the reference's CLI and REST API:
+/// `8.72416ms`, `512.3µs`.
 fn format_pause(nanos: u64) -> String {
-    if nanos < 1_000_000_000 {
-        format!("{:.2}ms", nanos as f64 / 1e6)
-    } else {
-        format!("{:.3}s", nanos as f64 / 1e9)
-    }
+    seamless_snapshotter::time::go_duration(Duration::from_nanos(nanos))
 }
 
 /// Go-style durations of whole seconds: one or more of `<n>h`, `<n>m`,
@@ -598,10 +597,11 @@ mod tests {
     #[test]
     fn pause_is_milliseconds_below_a_second() {
         assert_eq!(format_pause(4_210_000), "4.21ms");
-        assert_eq!(format_pause(0), "0.00ms");
-        assert_eq!(format_pause(999_990_000), "999.99ms");
-        assert_eq!(format_pause(1_000_000_000), "1.000s");
-        assert_eq!(format_pause(12_345_678_901), "12.346s");
+        assert_eq!(format_pause(8_724_160), "8.72416ms");
+        assert_eq!(format_pause(512_300), "512.3µs");
+        assert_eq!(format_pause(0), "0s");
+        assert_eq!(format_pause(1_000_000_000), "1s");
+        assert_eq!(format_pause(12_345_678_901), "12.345678901s");
     }
 
     #[test]
@@ -756,15 +756,16 @@ mod tests {
     fn creation_prints_the_documented_block() {
         let created = SeamlessCommitResponse {
             snapshot_id: "snap-7".into(),
-            pause_time_ns: 4_210_000,
+            pause_time_ns: 512_300,
             old_upper_dir: "/var/lib/containerd-seamless/snapshots/7/fs".into(),
             new_upper_dir: "/var/lib/containerd-seamless/snapshots/8/fs".into(),
+            total_time_ns: 22_802_283,
         };
         assert_eq!(
             render_created(&created),
             "Seamless snapshot created successfully:\n\
              \x20 Snapshot ID: snap-7\n\
-             \x20 Pause Time: 4.21ms\n\
+             \x20 Pause Time: 512.3µs\n\
              \x20 Old Upper Dir: /var/lib/containerd-seamless/snapshots/7/fs\n\
              \x20 New Upper Dir: /var/lib/containerd-seamless/snapshots/8/fs\n\
              Background commit processing started for snapshot: snap-7\n"
@@ -1107,7 +1108,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "background processing of snapshot snap-7 failed: PERMISSION_DENIED: push to registry.local/app denied"
+            "background commit processing failed: push to registry.local/app denied (snapshot snap-7, PERMISSION_DENIED)"
         );
         assert!(matches!(err, CliError::JobFailed { ref code, .. } if code == "PERMISSION_DENIED"));
     }

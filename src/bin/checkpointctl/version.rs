@@ -1,4 +1,5 @@
-//! `checkpointctl version`: what the daemon runs and where.
+//! `checkpointctl version` (and `nydusify version`): this client's version,
+//! then what the daemon runs and where.
 
 use std::path::Path;
 
@@ -7,6 +8,8 @@ use seamless_snapshotter::proto::{VersionRequest, VersionResponse};
 use crate::{daemon, CliError};
 
 pub async fn run(socket: &Path) -> Result<(), CliError> {
+    // Printed first: it needs no daemon.
+    println!("client: {}", env!("CARGO_PKG_VERSION"));
     let mut client = daemon::connect(socket).await?;
     let response = client
         .version(VersionRequest {})
