@@ -22,6 +22,7 @@ mod checkpoints;
 mod commit;
 mod commit_jobs;
 mod commit_nydus;
+mod contract;
 mod credentials;
 mod cri;
 mod cri_plugin;
