@@ -123,10 +123,14 @@ record() {
     printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$SAMPLES"
 }
 
-# "4.21ms" or "1.234s" -> ms
+# A Go duration as checkpointctl prints it ("8.72416ms", "512.3µs",
+# "1.5s") -> ms
 pause_ms() {
     case $1 in
+    *ns) awk -v s="${1%ns}" 'BEGIN { printf "%.6f\n", s / 1000000 }' ;;
+    *µs) awk -v s="${1%µs}" 'BEGIN { printf "%.3f\n", s / 1000 }' ;;
     *ms) echo "${1%ms}" ;;
+    *m*s) die "a pause of minutes: '$1'" ;;
     *s) awk -v s="${1%s}" 'BEGIN { printf "%.3f\n", s * 1000 }' ;;
     *) die "cannot parse Pause Time '$1'" ;;
     esac
