@@ -808,6 +808,40 @@ fn recurring_checkpoints_survive_a_restart() {
     });
 }
 
+/// The reference's `create NAME -i 30m -l production -p cp-x`, with a short
+/// interval: the schedule's first checkpoint is on the given parent, the
+/// next one on the first; removing the schedule stops it.
+#[test]
+fn a_schedule_starts_on_the_given_parent() {
+    with_env("checkpoints-schedule-parent", Options::default(), |env| {
+        let (web, cli) = container_and_cli(env, "schedp", "")?;
+        let base = cli.ok(&["create", &web, "--fs-only"])?.trim().to_string();
+        ensure!(is_checkpoint_id(&base), "{base}");
+        let out = cli.ok(&["create", &web, "-i", "2s", "-l", "auto", "-p", &base, "--fs-only"])?;
+        let mut lines = out.lines();
+        let first = lines.next().unwrap_or_default().to_string();
+        let schedule_id = lines
+            .next()
+            .and_then(|l| l.strip_prefix("schedule "))
+            .and_then(|l| l.split(':').next())
+            .context("no schedule line")?
+            .to_string();
+        let listed = wait_for(env, &cli, &web, 2)?;
+        ensure!(listed[0]["id"] == first.as_str(), "{listed:?}");
+        ensure!(
+            listed[0]["parent"] == base.as_str(),
+            "the first scheduled checkpoint is on {base}: {listed:?}"
+        );
+        ensure!(
+            listed[1]["parent"] == first.as_str(),
+            "then on the previous one: {listed:?}"
+        );
+        cli.ok(&["schedule", "rm", &schedule_id])?;
+        ensure!(cli.json(&["schedule", "ls", "-o", "json"])?.is_empty());
+        Ok(())
+    });
+}
+
 /// Waits until `count` checkpoints labelled auto exist, writing to the
 /// container meanwhile so each has a change.
 fn wait_for(env: &Env, cli: &Cli, container: &str, count: usize) -> Result<Vec<serde_json::Value>> {
