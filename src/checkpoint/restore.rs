@@ -44,6 +44,9 @@ pub struct RestoreRequest {
     /// Apply a container record no trusted key sealed as it is
     /// (`--trust-record`), instead of refusing what it may not have.
     pub trust_record: bool,
+    /// The criu binary the caller names, run only as
+    /// [`super::criu_choice`] allows; None: the daemon's own.
+    pub criu_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,9 @@ impl CheckpointService {
                 request.parallel
             )));
         }
+        // A criu binary the daemon will not run is refused before anything
+        // is fetched or created (and checked again where it is used).
+        self.settings.criu_for(request.criu_path.as_deref())?;
         let catalogue = self.catalogue(&request.storage)?;
         let checkpoint = {
             let (catalogue, namespace, id) = (catalogue.clone(), request.namespace.clone(), request.id.clone());
@@ -379,7 +385,10 @@ impl CheckpointService {
                 let criu_work = work.join("criu");
                 fs::create_dir_all(&criu_work)
                     .map_err(|e| failed("task", ErrorKind::Internal)(CheckpointError::Task(e.to_string())))?;
-                let settings = &self.settings.criu;
+                let settings = self
+                    .settings
+                    .criu_for(request.criu_path.as_deref())
+                    .map_err(failed("task", ErrorKind::FailedPrecondition))?;
                 Some(
                     crate::host::criu::restore_options(
                         record.runtime_options().as_ref(),

@@ -231,6 +231,10 @@ pub struct Schedule {
     pub tcp_established: bool,
     #[serde(default)]
     pub file_locks: bool,
+    /// The criu binary the caller named, checked again at each run (see
+    /// [`super::criu_choice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_path: Option<String>,
 }
 
 fn filesystem_only() -> bool {
@@ -365,6 +369,7 @@ impl CheckpointService {
             memory_limit: request.memory_limit,
             tcp_established: request.tcp_established,
             file_locks: request.file_locks,
+            criu_path: request.criu_path.clone(),
         };
         self.save_schedule(&schedule)?;
         info!(
@@ -409,6 +414,7 @@ impl CheckpointService {
                 tcp_established: schedule.tcp_established,
                 file_locks: schedule.file_locks,
                 pre_dump: false,
+                criu_path: schedule.criu_path.clone(),
             };
             schedule.last_run_unix = unix(SystemTime::now());
             match self.create(request).await {
@@ -559,6 +565,7 @@ mod tests {
             memory_limit: 0,
             tcp_established: false,
             file_locks: false,
+            criu_path: None,
         };
         assert!(!s.is_due(1059));
         assert!(s.is_due(1060));

@@ -93,6 +93,7 @@ fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
         tcp_established: r.tcp_established,
         file_locks: r.file_locks,
         pre_dump: r.pre_dump,
+        criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
     }
 }
 
@@ -367,6 +368,7 @@ impl Control for ControlService {
                     .collect::<Result<_, _>>()
                     .map_err(|reason| Status::invalid_argument(format!("network remap: {reason}")))?,
                 trust_record: r.trust_record,
+                criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
             })
             .await
             .map_err(checkpoint_status)?;

@@ -120,6 +120,7 @@ impl Args {
             tcp_established: self.tcp_established,
             file_locks: self.file_locks,
             pre_dump: self.pre_dump,
+            criu_path: context.criu_path.clone().unwrap_or_default(),
         };
         Ok(Plan { request, interval })
     }
@@ -212,6 +213,7 @@ mod tests {
             address: "/nonexistent/d.sock".into(),
             namespace: "default".into(),
             storage: Default::default(),
+            criu_path: None,
         }
     }
 

@@ -100,6 +100,9 @@ pub struct Context {
     pub address: PathBuf,
     pub namespace: String,
     pub storage: seamless_snapshotter::proto::Storage,
+    /// `--criu-path`, else the config's `criu_path`: sent with each
+    /// process-state request; the daemon runs it only if its config allows.
+    pub criu_path: Option<String>,
 }
 
 /// Everything that can fail after the arguments parsed. Each variant names
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         address: cli.address.clone(),
         namespace: cli.namespace.clone(),
         storage: settings.storage(cli.storage_backend.as_deref()),
+        criu_path: settings.criu_path(cli.criu_path.as_deref())?,
     };
     runtime.block_on(async {
         match cli.command {

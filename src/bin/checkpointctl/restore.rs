@@ -77,6 +77,7 @@ pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(
             validate: args.validate,
             network_remap: args.network_remaps.iter().map(ToString::to_string).collect(),
             trust_record: args.trust_record,
+            criu_path: context.criu_path.clone().unwrap_or_default(),
         })
         .await
         .map_err(|status| CliError::rpc(restore_action(&id, args.target_node.as_deref()), status))?
@@ -306,6 +307,7 @@ mod tests {
                 backend: backend.into(),
                 ..Storage::default()
             },
+            criu_path: None,
         }
     }
 

@@ -22,6 +22,8 @@ pub enum SettingsError {
     Invalid { path: String, key: String, reason: String },
     #[error("unknown node {node:?}: {}", defined_nodes(known))]
     UnknownNode { node: String, known: Vec<String> },
+    #[error("{from}: criu path {path:?} is not an absolute UTF-8 path")]
+    CriuPath { from: &'static str, path: String },
 }
 
 fn defined_nodes(known: &[String]) -> String {
@@ -41,7 +43,9 @@ pub struct Settings {
     pub automerge: AutomergeSettings,
     #[serde(default)]
     pub logging: LoggingSettings,
-    /// CRIU binary, for process-state checkpoints.
+    /// CRIU binary, for process-state checkpoints: sent with each request
+    /// (`--criu-path` overrides it); the daemon runs it only if its own
+    /// config lists it in `[criu] allowed_paths`.
     #[serde(default)]
     pub criu_path: Option<String>,
     /// Other hosts' daemons by name, for `restore --target-node`.
@@ -350,6 +354,28 @@ impl Settings {
         }
     }
 
+    /// The criu binary requests name: `--criu-path` over the file's
+    /// `criu_path`; None: the daemon's own.
+    pub fn criu_path(&self, flag: Option<&std::path::Path>) -> Result<Option<String>, SettingsError> {
+        let (from, path) = match (flag, &self.criu_path) {
+            (Some(flag), _) => (
+                "--criu-path",
+                flag.to_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| SettingsError::CriuPath {
+                        from: "--criu-path",
+                        path: flag.display().to_string(),
+                    })?,
+            ),
+            (None, Some(path)) => ("criu_path of the config file", path.clone()),
+            (None, None) => return Ok(None),
+        };
+        if !path.starts_with('/') {
+            return Err(SettingsError::CriuPath { from, path });
+        }
+        Ok(Some(path))
+    }
+
     /// The storage a request names: `--storage-backend` over the file.
     pub fn storage(&self, backend_flag: Option<&str>) -> Storage {
         let backend = backend_flag
@@ -413,6 +439,29 @@ logging: {level: info, max_size: 100MB}
             (s3.path.as_str(), s3.bucket.as_str(), s3.secret_key.as_str()),
             ("", "b", "s")
         );
+    }
+
+    #[test]
+    fn the_criu_path_flag_overrides_the_file_and_must_be_absolute() {
+        use std::path::Path;
+        let settings = Settings::parse("criu_path: /opt/criu/sbin/criu\n", "c.yaml").unwrap();
+        assert_eq!(
+            settings.criu_path(None).unwrap().as_deref(),
+            Some("/opt/criu/sbin/criu")
+        );
+        assert_eq!(
+            settings
+                .criu_path(Some(Path::new("/usr/sbin/criu")))
+                .unwrap()
+                .as_deref(),
+            Some("/usr/sbin/criu")
+        );
+        assert_eq!(Settings::default().criu_path(None).unwrap(), None);
+        let e = settings.criu_path(Some(Path::new("criu"))).unwrap_err().to_string();
+        assert!(e.contains("--criu-path") && e.contains("not an absolute"), "{e}");
+        let relative = Settings::parse("criu_path: bin/criu\n", "c.yaml").unwrap();
+        let e = relative.criu_path(None).unwrap_err().to_string();
+        assert!(e.contains("criu_path of the config file"), "{e}");
     }
 
     #[test]
