@@ -460,3 +460,100 @@ fn alive(pid: Pid) -> bool {
         .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
         .unwrap_or(false)
 }
+
+/// `automerge` of checkpointctl's config runs after every scheduled
+/// checkpoint (the daemon merges, with the rules the schedule was created
+/// with) and after every automanaged one of a rule without a merge of its
+/// own: with `strategy: incremental` a container's chain is squashed into
+/// its newest checkpoint each time, so however many were taken, one stays.
+#[test]
+fn automerge_runs_after_scheduled_and_automanaged_checkpoints() {
+    with_env("automerge", Options::default(), |env| {
+        let ns = env.namespace("m");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let config = env.dir().join("automerge.yaml");
+        std::fs::write(&config, "automerge: {strategy: incremental}\n")?;
+        let with_config = |args: &[&str]| -> Result<String> {
+            let out = ctl.command().arg("-c").arg(&config).args(args).output()?;
+            ensure!(
+                out.status.success(),
+                "checkpointctl {args:?} exited {}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        };
+
+        // Scheduled: three runs or more, one checkpoint left.
+        let scheduled = env.container_id("scheduled");
+        run_container(env, &ns, &scheduled, &[], QUIET)?;
+        let out = with_config(&["create", &scheduled, "-i", "1s", "--fs-only", "-l", "auto"])?;
+        let schedule_id = out
+            .lines()
+            .find_map(|l| l.strip_prefix("schedule "))
+            .and_then(|l| l.split(':').next())
+            .context("no schedule line")?
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed: Vec<Value> = serde_json::from_str(&ctl.ok(&["schedule", "ls", "-o", "json"])?)?;
+            let runs = listed.first().and_then(|s| s["runs"].as_u64()).unwrap_or(0);
+            ensure!(
+                listed.first().is_some_and(|s| s["last_error"].is_null()),
+                "the schedule's runs and merges succeed: {listed:?}"
+            );
+            if runs >= 3 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "3 scheduled runs expected: {listed:?}");
+            sleep(Duration::from_millis(500));
+        }
+        ctl.ok(&["schedule", "rm", &schedule_id])?;
+        // A run under way when the schedule went still merges.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = ctl.checkpoints(&scheduled)?;
+            if left.len() == 1 {
+                ensure!(left[0]["parent"].is_null(), "squashed whole: {left:?}");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "automerge left {} checkpoints of the schedule: {:?}",
+                left.len(),
+                ids(&left)
+            );
+            sleep(Duration::from_millis(500));
+        }
+
+        // Automanaged, by a rule with no merge: two runs, one checkpoint left.
+        let managed = env.container_id("managed");
+        run_container(env, &ns, &managed, &[], QUIET)?;
+        let policy_file = env.dir().join("automerge-policy.yaml");
+        write_policy(
+            &policy_file,
+            &format!("check_interval: 1s\ncontainers:\n  - id: {managed}\n    interval: 1s\n    fs_only: true\n"),
+        )?;
+        let policy_arg = policy_file.display().to_string();
+        for run in 1..=2 {
+            let log = with_config(&["automanage", "--once", "--schedule-file", &policy_arg])?;
+            ensure!(log.contains("checkpoint taken"), "run {run}: {log}");
+            ensure!(
+                log.contains("automerge") && log.contains("merge:"),
+                "run {run} merged: {log}"
+            );
+        }
+        let left = ctl.checkpoints(&managed)?;
+        ensure!(
+            left.len() == 1,
+            "automerge after each automanaged checkpoint: {:?}",
+            ids(&left)
+        );
+        Ok(())
+    });
+}

@@ -20,11 +20,11 @@ use crate::proto::{
     CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest,
     ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse,
     ListCheckpointsRequest, ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest,
-    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck,
-    RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, Schedule,
-    ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse,
-    SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
+    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, MergeRules, ProcessState,
+    PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest,
+    RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest,
+    ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest,
+    SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshot::snapshotter::Snapshotter;
 
@@ -95,6 +95,16 @@ fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
         pre_dump: r.pre_dump,
         criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
     }
+}
+
+fn merge_rules_from_wire(r: MergeRules) -> Result<MergePolicy, CheckpointError> {
+    Ok(MergePolicy {
+        strategy: MergeStrategy::parse(&r.strategy)?,
+        keep_daily: r.has_keep_daily.then_some(r.keep_daily),
+        keep_hourly: r.has_keep_hourly.then_some(r.keep_hourly),
+        retain_labels: r.retain_labels,
+        aggressive: r.aggressive,
+    })
 }
 
 fn schedule_to_wire(s: checkpoint::schedule::Schedule) -> Schedule {
@@ -306,11 +316,17 @@ impl Control for ControlService {
     ) -> Result<Response<ScheduleCheckpointsResponse>, Status> {
         let r = request.into_inner();
         let checkpoint = r.checkpoint.unwrap_or_default();
+        let automerge = r
+            .automerge
+            .map(merge_rules_from_wire)
+            .transpose()
+            .map_err(checkpoint_status)?;
         let (schedule, first) = self
             .checkpoints
             .schedule(
                 create_request_from_wire(checkpoint),
                 std::time::Duration::from_secs(r.interval_secs),
+                automerge,
             )
             .await
             .map_err(checkpoint_status)?;

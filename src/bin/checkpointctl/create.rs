@@ -6,6 +6,7 @@ use seamless_snapshotter::checkpoint::filter::{parse_duration, parse_size};
 use seamless_snapshotter::proto::{CreateCheckpointRequest, ScheduleCheckpointsRequest};
 
 use crate::checkpoints::checkpoint_id;
+use crate::settings::AutomergeSettings;
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -126,7 +127,9 @@ impl Args {
     }
 }
 
-pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
+/// `automerge` (of the config file) goes with a schedule: the daemon
+/// merges the container's checkpoints after each scheduled one.
+pub async fn run(context: &Context, automerge: &AutomergeSettings, args: Args) -> Result<(), CliError> {
     let Plan { request, interval } = args.plan(context)?;
     let container = request.container.clone();
     let mut client = daemon::connect(&context.address).await?;
@@ -145,6 +148,7 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
                 .schedule_checkpoints(ScheduleCheckpointsRequest {
                     checkpoint: Some(request),
                     interval_secs: interval.as_secs(),
+                    automerge: automerge.rules(),
                 })
                 .await
                 .map_err(|status| CliError::rpc(action, status))?
@@ -263,9 +267,13 @@ mod tests {
     #[tokio::test]
     async fn a_conflict_is_a_usage_error_before_any_connection() {
         let context = context();
-        let err = run(&context, parse(&["--fs-only", "--tcp-established"]))
-            .await
-            .unwrap_err();
+        let err = run(
+            &context,
+            &Default::default(),
+            parse(&["--fs-only", "--tcp-established"]),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CliError::Usage(_)), "{err:?}");
         assert!(err.to_string().contains("--tcp-established"), "{err}");
     }

@@ -198,7 +198,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     runtime.block_on(async {
         match cli.command {
             Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, *args).await,
-            Command::Create(args) => create::run(&context, args).await,
+            Command::Create(args) => create::run(&context, &settings.automerge, args).await,
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
             Command::Restore(args) => restore::run(&context, &settings, args).await,
@@ -207,7 +207,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Schedule(args) => schedule::run(&context, args).await,
-            Command::Automanage(args) => automanage::run(&context, args).await,
+            Command::Automanage(args) => automanage::run(&context, &settings.automerge, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

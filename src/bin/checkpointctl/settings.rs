@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use seamless_snapshotter::api::remote::{parse_https_address, RemoteTarget};
 use seamless_snapshotter::checkpoint::filter::parse_size;
-use seamless_snapshotter::proto::Storage;
+use seamless_snapshotter::proto::{MergeRules, Storage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -195,6 +195,27 @@ pub struct AutomergeSettings {
     pub keep_hourly: Option<u32>,
     #[serde(default)]
     pub aggressive: bool,
+}
+
+impl AutomergeSettings {
+    /// The merge that runs after every scheduled and automanaged
+    /// checkpoint: None unless the file names a strategy or a window
+    /// (`aggressive` alone decides nothing). The strategy defaults to
+    /// time-based, as for `checkpointctl merge`.
+    pub fn rules(&self) -> Option<MergeRules> {
+        if self.strategy.is_none() && self.keep_daily.is_none() && self.keep_hourly.is_none() {
+            return None;
+        }
+        Some(MergeRules {
+            strategy: self.strategy.clone().unwrap_or_else(|| "time-based".into()),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            has_keep_daily: self.keep_daily.is_some(),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            has_keep_hourly: self.keep_hourly.is_some(),
+            retain_labels: Vec::new(),
+            aggressive: self.aggressive,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -439,6 +460,26 @@ logging: {level: info, max_size: 100MB}
             (s3.path.as_str(), s3.bucket.as_str(), s3.secret_key.as_str()),
             ("", "b", "s")
         );
+    }
+
+    #[test]
+    fn automerge_runs_only_when_the_file_names_a_strategy_or_a_window() {
+        let rules = |text: &str| Settings::parse(text, "c.yaml").unwrap().automerge.rules();
+        assert_eq!(rules(""), None);
+        assert_eq!(rules("automerge: {aggressive: true}\n"), None);
+        let daily = rules("automerge: {keep_daily: 7, aggressive: true}\n").unwrap();
+        assert_eq!(
+            (
+                daily.strategy.as_str(),
+                daily.keep_daily,
+                daily.has_keep_daily,
+                daily.has_keep_hourly,
+                daily.aggressive
+            ),
+            ("time-based", 7, true, false, true)
+        );
+        let incremental = rules("automerge: {strategy: incremental}\n").unwrap();
+        assert_eq!(incremental.strategy, "incremental");
     }
 
     #[test]
