@@ -557,3 +557,73 @@ fn automerge_runs_after_scheduled_and_automanaged_checkpoints() {
         Ok(())
     });
 }
+
+/// `logging.max_size` of the config keeps the log of `--daemonize` small:
+/// past the size it becomes `<log>.1`, the older ones move up, and no more
+/// than `logging.max_backups` are kept.
+#[test]
+fn the_daemonized_log_rotates_past_max_size() {
+    with_env("automanage-log-rotation", Options::default(), |env| {
+        let ns = env.namespace("r");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let quiet = env.container_id("quiet");
+        run_container(env, &ns, &quiet, &[], QUIET)?;
+        let config = env.dir().join("rotation.yaml");
+        std::fs::write(&config, "logging: {level: debug, max_size: 1KB, max_backups: 2}\n")?;
+        // Samples every second, never checkpoints: a line or more per tick.
+        let policy_file = env.dir().join("rotation-policy.yaml");
+        write_policy(
+            &policy_file,
+            &format!("check_interval: 1s\ncontainers: [{{id: {quiet}}}]\n"),
+        )?;
+        let log = env.dir().join("rotated.log");
+        let backup = |n: u32| std::path::PathBuf::from(format!("{}.{n}", log.display()));
+        let out = ctl
+            .command()
+            .arg("-c")
+            .arg(&config)
+            .args(["automanage", "--daemonize", "--log-file"])
+            .arg(&log)
+            .arg("--schedule-file")
+            .arg(&policy_file)
+            .output()?;
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let pid = Pid::from_raw(String::from_utf8_lossy(&out.stdout).trim().parse()?);
+        let result = (|| -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !backup(2).exists() {
+                ensure!(alive(pid), "automanage exited: {:?}", std::fs::read_to_string(&log));
+                ensure!(Instant::now() < deadline, "the log was not rotated twice within 90 s");
+                sleep(Duration::from_millis(500));
+            }
+            // One tick more: a third rotation drops the oldest, never keeps it.
+            sleep(Duration::from_secs(2));
+            ensure!(!backup(3).exists(), "only max_backups (2) are kept");
+            for n in [1, 2] {
+                let size = std::fs::metadata(backup(n))?.len();
+                ensure!(
+                    (1024..64 * 1024).contains(&size),
+                    "{} rotated just past 1KB: {size} bytes",
+                    backup(n).display()
+                );
+            }
+            let current = std::fs::read_to_string(&log)?;
+            ensure!(
+                current.len() < 64 * 1024 && std::fs::read_to_string(backup(1))?.contains("no checkpoint"),
+                "the log goes on in the new file"
+            );
+            Ok(())
+        })();
+        kill(pid, Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(pid) {
+            ensure!(Instant::now() < deadline, "automanage did not stop on SIGTERM");
+            sleep(Duration::from_millis(100));
+        }
+        result
+    });
+}

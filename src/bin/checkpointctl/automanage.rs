@@ -10,7 +10,10 @@
 //! out, with the hysteresis state of each threshold. This module owns the
 //! loop, the signals (SIGHUP reloads the policy, SIGTERM and SIGINT stop
 //! between ticks) and detaching (`--daemonize`); the policy file is
-//! [`crate::policy`]'s.
+//! [`crate::policy`]'s; keeping the detached log under `logging.max_size`
+//! is [`log_rotation`]'s.
+
+mod log_rotation;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,8 +30,9 @@ use seamless_snapshotter::proto::{
 
 use crate::checkpoints::human_size;
 use crate::policy::{parse_interval, parse_percent, Defaults, Limits, MergeRule, Policy, Rule, REASON_LABEL};
-use crate::settings::AutomergeSettings;
+use crate::settings::{LoggingSettings, Settings, DEFAULT_MAX_BACKUPS};
 use crate::{daemon, CliError, Context};
+use log_rotation::LogRotation;
 
 /// Set in the environment of the detached process, so that it runs the loop
 /// instead of detaching again.
@@ -293,11 +297,7 @@ pub fn detach(args: &Args) -> Result<(), CliError> {
     if let Some(dir) = log_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| failed("creating the directory of", e))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_file)
-        .map_err(|e| failed("opening", e))?;
+    let log = log_rotation::open_log(&log_file).map_err(|e| failed("opening", e))?;
     let stdout = log.try_clone().map_err(|e| failed("opening", e))?;
     let exe = std::env::current_exe().map_err(|e| CliError::Failed(format!("finding checkpointctl itself: {e}")))?;
     let mut command = std::process::Command::new(exe);
@@ -341,10 +341,42 @@ fn default_log_file() -> Result<PathBuf, CliError> {
     Ok(state.join("checkpointctl/automanage.log"))
 }
 
-/// `automerge` (of the config file) merges after each checkpoint of a rule
-/// that has no `merge` of its own.
-pub async fn run(context: &Context, automerge: &AutomergeSettings, args: Args) -> Result<(), CliError> {
-    let automerge = automerge.rules();
+/// The rotation of the detached process's log, if `logging.max_size` asks
+/// for one (a foreground automanage writes to the terminal).
+fn log_rotation(args: &Args, logging: &LoggingSettings) -> Result<Option<LogRotation>, CliError> {
+    let Some(max_size) = logging.max_size_bytes() else {
+        return Ok(None);
+    };
+    if !args.daemonize || std::env::var_os(DETACHED_ENV).is_none() {
+        return Ok(None);
+    }
+    let log = match &args.log_file {
+        Some(path) => path.clone(),
+        None => default_log_file()?,
+    };
+    let max_backups = logging.max_backups.unwrap_or(DEFAULT_MAX_BACKUPS);
+    Ok(Some(LogRotation::new(log, max_size, max_backups)))
+}
+
+/// Rotates the log if it grew past its size; a failure is logged, never
+/// fatal.
+fn rotate_log(rotation: Option<&LogRotation>) {
+    if let Some(rotation) = rotation {
+        match rotation.check() {
+            Ok(true) => tracing::info!("log rotated: over logging.max_size"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot rotate the log: {e}"),
+        }
+    }
+}
+
+/// Of the config file: `automerge` merges after each checkpoint of a rule
+/// that has no `merge` of its own; `logging.max_size` rotates the log of
+/// `--daemonize`.
+pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(), CliError> {
+    let automerge = settings.automerge.rules();
+    let rotation = log_rotation(&args, &settings.logging)?;
+    rotate_log(rotation.as_ref());
     let defaults = args.defaults()?;
     let mut policy = args.load_policy()?;
     let source = match &args.schedule_file {
@@ -380,6 +412,7 @@ pub async fn run(context: &Context, automerge: &AutomergeSettings, args: Args) -
                 if let Err(e) = manager.tick(&policy, true).await {
                     tracing::warn!("sampling failed, trying again next tick: {e}");
                 }
+                rotate_log(rotation.as_ref());
             }
             _ = signals.hangup.recv() => {
                 let Some(path) = &args.schedule_file else {

@@ -207,7 +207,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Schedule(args) => schedule::run(&context, args).await,
-            Command::Automanage(args) => automanage::run(&context, &settings.automerge, args).await,
+            Command::Automanage(args) => automanage::run(&context, &settings, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

@@ -224,9 +224,24 @@ pub struct LoggingSettings {
     /// debug, info, warn or error.
     #[serde(default)]
     pub level: Option<String>,
-    /// A size such as 100MB.
+    /// A size such as 100MB: the log of `automanage --daemonize` is
+    /// rotated (`<log>.1` the newest) when it grows past it.
     #[serde(default)]
     pub max_size: Option<String>,
+    /// Rotated logs kept beside it, `<log>.1` to `<log>.N` (default 3);
+    /// 0 truncates the log instead.
+    #[serde(default)]
+    pub max_backups: Option<u32>,
+}
+
+/// Rotated automanage logs kept when `logging.max_backups` is not given.
+pub const DEFAULT_MAX_BACKUPS: u32 = 3;
+
+impl LoggingSettings {
+    /// `max_size` in bytes, if given (checked when the file was loaded).
+    pub fn max_size_bytes(&self) -> Option<u64> {
+        self.max_size.as_deref().and_then(|s| parse_size(s).ok())
+    }
 }
 
 /// A value that is never printed.
@@ -341,7 +356,10 @@ impl Settings {
         one_of("automerge.strategy", &self.automerge.strategy, &STRATEGIES)?;
         one_of("logging.level", &self.logging.level, &LOG_LEVELS)?;
         if let Some(size) = &self.logging.max_size {
-            parse_size(size).map_err(|reason| invalid("logging.max_size", reason))?;
+            let bytes = parse_size(size).map_err(|reason| invalid("logging.max_size", reason))?;
+            if bytes == 0 {
+                return Err(invalid("logging.max_size", "must be more than 0 bytes".into()));
+            }
         }
         let key = &self.storage.encryption_key.0;
         if !key.is_empty() && (key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -550,6 +568,8 @@ logging: {level: info, max_size: 100MB}
             ),
             ("storage:\n  s3: {bukket: x}\n", "storage.s3", "unknown field `bukket`"),
             ("logging: {max_size: lots}\n", "logging.max_size", ""),
+            ("logging: {max_size: 0}\n", "logging.max_size", "more than 0"),
+            ("logging: {max_backups: -1}\n", "logging.max_backups", "expected u32"),
             ("automerge: {keep_daily: -1}\n", "automerge.keep_daily", "expected u32"),
             ("automerge: {strategy: random}\n", "automerge.strategy", "time-based"),
             (
