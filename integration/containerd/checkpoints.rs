@@ -25,8 +25,14 @@ struct Cli {
 
 impl Cli {
     fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        self.run_in(Path::new("."), args)
+    }
+
+    /// Runs in the directory `dir`.
+    fn run_in(&self, dir: &Path, args: &[&str]) -> Result<(i32, String, String)> {
         crate::env::outcome(
             Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .current_dir(dir)
                 .arg("--address")
                 .arg(&self.socket)
                 .arg("--namespace")
@@ -474,6 +480,21 @@ fn checkpoint_archives_export_and_import() {
         cli.ok(&["info", &id3, "--export", &archive_arg, "--force"])?;
         let (code, _, err) = cli.run(&["info", &id3, "--export", "/no/such/dir/x.tar"])?;
         ensure!(code == 2, "a missing directory is a usage error: {code} {err}");
+        // Without a path: <id>.tar in the current directory.
+        let here = env.dir().join("here");
+        std::fs::create_dir_all(&here)?;
+        let (code, text, err) = cli.run_in(&here, &["info", &id3, "--export"])?;
+        ensure!(code == 0, "info --export without a path: {code} {text}{err}");
+        let default = here.join(format!("{id3}.tar"));
+        ensure!(
+            text.contains(&default.display().to_string()),
+            "written as {}: {text}",
+            default.display()
+        );
+        ensure!(
+            std::fs::read(&default)? == std::fs::read(&archive)?,
+            "the same archive as with a path"
+        );
 
         // Any OCI tool reads it: containerd names the image, skopeo inspects it.
         env.ctr(&ns, &["images", "import", &archive_arg])?;
