@@ -919,6 +919,26 @@ fn a_caller_named_criu_runs_only_if_the_daemon_allows_it() {
         let info = cli.json(&["list", "-o", "json"])?;
         ensure!(info.len() == 1 && info[0]["fs_only"] != true, "{info:?}");
 
+        // Restore too: refused before anything is created, then through the
+        // allowed binary (runc in the shim runs it: a second mark).
+        let restored = format!("{web}-r");
+        let (code, _, err) = cli.run(&["--criu-path", &unlisted, "restore", &id, "--name", &restored])?;
+        ensure!(
+            code == 1 && err.contains("criu.allowed_paths"),
+            "restore with an unlisted criu: {err}"
+        );
+        ensure!(
+            !env.ctr(&cli.ns, &["containers", "ls", "-q"])?.contains(&restored),
+            "a refused restore creates no container"
+        );
+        let marks = std::fs::read_to_string(&mark)?.lines().count();
+        cli.ok(&["--criu-path", &allowed, "restore", &id, "--name", &restored, "--resume"])?;
+        let after = std::fs::read_to_string(&mark)?;
+        ensure!(
+            after.lines().count() > marks && after.lines().last().is_some_and(|l| l.starts_with("swrk")),
+            "the restore ran the named criu: {after}"
+        );
+
         // The config file's criu_path, as --criu-path.
         let (cfg_cli, _) = nfs_cli(env, &cli.ns, "criu-config")?;
         let mut text = std::fs::read_to_string(&cfg_cli.config)?;
