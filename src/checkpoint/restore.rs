@@ -127,9 +127,6 @@ impl CheckpointService {
                 request.parallel
             )));
         }
-        // A criu binary the daemon will not run is refused before anything
-        // is fetched or created (and checked again where it is used).
-        self.settings.criu_for(request.criu_path.as_deref())?;
         let catalogue = self.catalogue(&request.storage)?;
         let checkpoint = {
             let (catalogue, namespace, id) = (catalogue.clone(), request.namespace.clone(), request.id.clone());
@@ -137,6 +134,12 @@ impl CheckpointService {
                 .await
                 .map_err(|e| CheckpointError::Task(e.to_string()))??
         };
+        // A criu binary the daemon will not run is refused before anything
+        // is created (and checked again where it is used); a checkpoint
+        // without process state runs no CRIU, as create ignores it then.
+        if checkpoint.process.is_some() {
+            self.settings.criu_for(request.criu_path.as_deref())?;
+        }
         let Some(record_key) = checkpoint.container_key.clone() else {
             return Err(CheckpointError::Invalid(format!(
                 "checkpoint {} holds no container record (it was made by an older version or imported from an \
