@@ -193,6 +193,13 @@ pub struct CriuConfig {
     /// criu binary for runc; empty: runc finds `criu` on PATH.
     #[serde(default)]
     pub criu_path: String,
+    /// criu binaries a caller may name per request (`checkpointctl
+    /// --criu-path`, its config's `criu_path`): absolute paths, each a
+    /// regular executable file owned by root that neither group nor others
+    /// may write, in directories likewise. Empty (the default): callers
+    /// cannot choose the binary the daemon runs as root.
+    #[serde(default)]
+    pub allowed_paths: Vec<String>,
     /// A dump (runc checkpoint and the CRIU it runs) still running after
     /// this many seconds is killed, and the container thawed; 1 to 86400.
     #[serde(default = "default_dump_timeout_seconds")]
@@ -217,6 +224,7 @@ impl Default for CriuConfig {
             runc: default_runc(),
             runc_root: default_runc_root(),
             criu_path: String::new(),
+            allowed_paths: Vec::new(),
             dump_timeout_seconds: default_dump_timeout_seconds(),
         }
     }
@@ -634,6 +642,17 @@ impl Config {
                 });
             }
         }
+        if let Some(bad) = self
+            .criu
+            .allowed_paths
+            .iter()
+            .find(|p| !p.starts_with('/') || p.split('/').any(|c| c == ".."))
+        {
+            return Err(ConfigError::Invalid {
+                key: "criu.allowed_paths",
+                reason: format!("{bad:?} must be an absolute path without '..'"),
+            });
+        }
         if !(1..=86_400).contains(&self.criu.dump_timeout_seconds) {
             return Err(ConfigError::Invalid {
                 key: "criu.dump_timeout_seconds",
@@ -800,6 +819,17 @@ mod tests {
         ] {
             let err = Config::parse(&format!("[checkpoint]\nuntrusted_mounts = [{bad}]\n"), "t").unwrap_err();
             assert!(err.to_string().contains("checkpoint.untrusted_mounts"), "{err}");
+        }
+    }
+
+    #[test]
+    fn criu_allowed_paths_are_absolute() {
+        let config = Config::parse("[criu]\nallowed_paths = [\"/opt/criu/sbin/criu\"]\n", "t").unwrap();
+        assert_eq!(config.criu.allowed_paths, ["/opt/criu/sbin/criu"]);
+        assert!(Config::default().criu.allowed_paths.is_empty());
+        for bad in ["criu", "/opt/../tmp/criu"] {
+            let err = Config::parse(&format!("[criu]\nallowed_paths = [\"{bad}\"]\n"), "t").unwrap_err();
+            assert!(err.to_string().contains("criu.allowed_paths"), "{err}");
         }
     }
 

@@ -960,6 +960,7 @@ async fn remote_callers_get_only_what_restore_needs() {
                         ..Default::default()
                     }),
                     interval_secs: 60,
+                    automerge: None,
                 })
                 .await
                 .map(drop),

@@ -460,3 +460,170 @@ fn alive(pid: Pid) -> bool {
         .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
         .unwrap_or(false)
 }
+
+/// `automerge` of checkpointctl's config runs after every scheduled
+/// checkpoint (the daemon merges, with the rules the schedule was created
+/// with) and after every automanaged one of a rule without a merge of its
+/// own: with `strategy: incremental` a container's chain is squashed into
+/// its newest checkpoint each time, so however many were taken, one stays.
+#[test]
+fn automerge_runs_after_scheduled_and_automanaged_checkpoints() {
+    with_env("automerge", Options::default(), |env| {
+        let ns = env.namespace("m");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let config = env.dir().join("automerge.yaml");
+        std::fs::write(&config, "automerge: {strategy: incremental}\n")?;
+        let with_config = |args: &[&str]| -> Result<String> {
+            let out = ctl.command().arg("-c").arg(&config).args(args).output()?;
+            ensure!(
+                out.status.success(),
+                "checkpointctl {args:?} exited {}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        };
+
+        // Scheduled: three runs or more, one checkpoint left.
+        let scheduled = env.container_id("scheduled");
+        run_container(env, &ns, &scheduled, &[], QUIET)?;
+        let out = with_config(&["create", &scheduled, "-i", "1s", "--fs-only", "-l", "auto"])?;
+        let schedule_id = out
+            .lines()
+            .find_map(|l| l.strip_prefix("schedule "))
+            .and_then(|l| l.split(':').next())
+            .context("no schedule line")?
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed: Vec<Value> = serde_json::from_str(&ctl.ok(&["schedule", "ls", "-o", "json"])?)?;
+            let runs = listed.first().and_then(|s| s["runs"].as_u64()).unwrap_or(0);
+            ensure!(
+                listed.first().is_some_and(|s| s["last_error"].is_null()),
+                "the schedule's runs and merges succeed: {listed:?}"
+            );
+            if runs >= 3 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "3 scheduled runs expected: {listed:?}");
+            sleep(Duration::from_millis(500));
+        }
+        ctl.ok(&["schedule", "rm", &schedule_id])?;
+        // A run under way when the schedule went still merges.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = ctl.checkpoints(&scheduled)?;
+            if left.len() == 1 {
+                ensure!(left[0]["parent"].is_null(), "squashed whole: {left:?}");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "automerge left {} checkpoints of the schedule: {:?}",
+                left.len(),
+                ids(&left)
+            );
+            sleep(Duration::from_millis(500));
+        }
+
+        // Automanaged, by a rule with no merge: two runs, one checkpoint left.
+        let managed = env.container_id("managed");
+        run_container(env, &ns, &managed, &[], QUIET)?;
+        let policy_file = env.dir().join("automerge-policy.yaml");
+        write_policy(
+            &policy_file,
+            &format!("check_interval: 1s\ncontainers:\n  - id: {managed}\n    interval: 1s\n    fs_only: true\n"),
+        )?;
+        let policy_arg = policy_file.display().to_string();
+        for run in 1..=2 {
+            let log = with_config(&["automanage", "--once", "--schedule-file", &policy_arg])?;
+            ensure!(log.contains("checkpoint taken"), "run {run}: {log}");
+            ensure!(
+                log.contains("automerge") && log.contains("merge:"),
+                "run {run} merged: {log}"
+            );
+        }
+        let left = ctl.checkpoints(&managed)?;
+        ensure!(
+            left.len() == 1,
+            "automerge after each automanaged checkpoint: {:?}",
+            ids(&left)
+        );
+        Ok(())
+    });
+}
+
+/// `logging.max_size` of the config keeps the log of `--daemonize` small:
+/// past the size it becomes `<log>.1`, the older ones move up, and no more
+/// than `logging.max_backups` are kept.
+#[test]
+fn the_daemonized_log_rotates_past_max_size() {
+    with_env("automanage-log-rotation", Options::default(), |env| {
+        let ns = env.namespace("r");
+        env.pull(&ns)?;
+        let ctl = Ctl {
+            socket: env.daemon_socket(),
+            ns: ns.clone(),
+        };
+        let quiet = env.container_id("quiet");
+        run_container(env, &ns, &quiet, &[], QUIET)?;
+        let config = env.dir().join("rotation.yaml");
+        std::fs::write(&config, "logging: {level: debug, max_size: 1KB, max_backups: 2}\n")?;
+        // Samples every second, never checkpoints: a line or more per tick.
+        let policy_file = env.dir().join("rotation-policy.yaml");
+        write_policy(
+            &policy_file,
+            &format!("check_interval: 1s\ncontainers: [{{id: {quiet}}}]\n"),
+        )?;
+        let log = env.dir().join("rotated.log");
+        let backup = |n: u32| std::path::PathBuf::from(format!("{}.{n}", log.display()));
+        let out = ctl
+            .command()
+            .arg("-c")
+            .arg(&config)
+            .args(["automanage", "--daemonize", "--log-file"])
+            .arg(&log)
+            .arg("--schedule-file")
+            .arg(&policy_file)
+            .output()?;
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let pid = Pid::from_raw(String::from_utf8_lossy(&out.stdout).trim().parse()?);
+        let result = (|| -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !backup(2).exists() {
+                ensure!(alive(pid), "automanage exited: {:?}", std::fs::read_to_string(&log));
+                ensure!(Instant::now() < deadline, "the log was not rotated twice within 90 s");
+                sleep(Duration::from_millis(500));
+            }
+            // One tick more: a third rotation drops the oldest, never keeps it.
+            sleep(Duration::from_secs(2));
+            ensure!(!backup(3).exists(), "only max_backups (2) are kept");
+            for n in [1, 2] {
+                let size = std::fs::metadata(backup(n))?.len();
+                ensure!(
+                    (1024..64 * 1024).contains(&size),
+                    "{} rotated just past 1KB: {size} bytes",
+                    backup(n).display()
+                );
+            }
+            let current = std::fs::read_to_string(&log)?;
+            ensure!(
+                current.len() < 64 * 1024 && std::fs::read_to_string(backup(1))?.contains("no checkpoint"),
+                "the log goes on in the new file"
+            );
+            Ok(())
+        })();
+        kill(pid, Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(pid) {
+            ensure!(Instant::now() < deadline, "automanage did not stop on SIGTERM");
+            sleep(Duration::from_millis(100));
+        }
+        result
+    });
+}

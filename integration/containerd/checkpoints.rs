@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::env::{with_env, Env, Options};
+use super::env::{with_env, with_env_config, Env, Options};
 
 struct Cli {
     socket: std::path::PathBuf,
@@ -25,8 +25,14 @@ struct Cli {
 
 impl Cli {
     fn run(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        self.run_in(Path::new("."), args)
+    }
+
+    /// Runs in the directory `dir`.
+    fn run_in(&self, dir: &Path, args: &[&str]) -> Result<(i32, String, String)> {
         crate::env::outcome(
             Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+                .current_dir(dir)
                 .arg("--address")
                 .arg(&self.socket)
                 .arg("--namespace")
@@ -474,6 +480,21 @@ fn checkpoint_archives_export_and_import() {
         cli.ok(&["info", &id3, "--export", &archive_arg, "--force"])?;
         let (code, _, err) = cli.run(&["info", &id3, "--export", "/no/such/dir/x.tar"])?;
         ensure!(code == 2, "a missing directory is a usage error: {code} {err}");
+        // Without a path: <id>.tar in the current directory.
+        let here = env.dir().join("here");
+        std::fs::create_dir_all(&here)?;
+        let (code, text, err) = cli.run_in(&here, &["info", &id3, "--export"])?;
+        ensure!(code == 0, "info --export without a path: {code} {text}{err}");
+        let default = here.join(format!("{id3}.tar"));
+        ensure!(
+            text.contains(&default.display().to_string()),
+            "written as {}: {text}",
+            default.display()
+        );
+        ensure!(
+            std::fs::read(&default)? == std::fs::read(&archive)?,
+            "the same archive as with a path"
+        );
 
         // Any OCI tool reads it: containerd names the image, skopeo inspects it.
         env.ctr(&ns, &["images", "import", &archive_arg])?;
@@ -806,6 +827,133 @@ fn recurring_checkpoints_survive_a_restart() {
         ensure!(code == 3, "an unknown schedule");
         Ok(())
     });
+}
+
+/// The reference's `create NAME -i 30m -l production -p cp-x`, with a short
+/// interval: the schedule's first checkpoint is on the given parent, the
+/// next one on the first; removing the schedule stops it.
+#[test]
+fn a_schedule_starts_on_the_given_parent() {
+    with_env("checkpoints-schedule-parent", Options::default(), |env| {
+        let (web, cli) = container_and_cli(env, "schedp", "")?;
+        let base = cli.ok(&["create", &web, "--fs-only"])?.trim().to_string();
+        ensure!(is_checkpoint_id(&base), "{base}");
+        let out = cli.ok(&["create", &web, "-i", "2s", "-l", "auto", "-p", &base, "--fs-only"])?;
+        let mut lines = out.lines();
+        let first = lines.next().unwrap_or_default().to_string();
+        let schedule_id = lines
+            .next()
+            .and_then(|l| l.strip_prefix("schedule "))
+            .and_then(|l| l.split(':').next())
+            .context("no schedule line")?
+            .to_string();
+        let listed = wait_for(env, &cli, &web, 2)?;
+        ensure!(listed[0]["id"] == first.as_str(), "{listed:?}");
+        ensure!(
+            listed[0]["parent"] == base.as_str(),
+            "the first scheduled checkpoint is on {base}: {listed:?}"
+        );
+        ensure!(
+            listed[1]["parent"] == first.as_str(),
+            "then on the previous one: {listed:?}"
+        );
+        cli.ok(&["schedule", "rm", &schedule_id])?;
+        ensure!(cli.json(&["schedule", "ls", "-o", "json"])?.is_empty());
+        Ok(())
+    });
+}
+
+/// `--criu-path` and the config's `criu_path` reach the daemon, which runs
+/// a caller-named criu only if its `[criu] allowed_paths` lists it and only
+/// root can change it: a listed wrapper of the real criu dumps (and leaves
+/// its mark), an unlisted or group-writable one is refused naming the key.
+#[test]
+fn a_caller_named_criu_runs_only_if_the_daemon_allows_it() {
+    let dir = std::path::PathBuf::from(format!("/run/seamless-it-criu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the criu directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let real = std::fs::canonicalize(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("criu"))
+            .find(|p| p.is_file())
+            .expect("criu on PATH"),
+    )
+    .expect("criu's real path");
+    let mark = dir.join("ran");
+    let wrapper = |name: &str, mode: u32| {
+        let path = dir.join(name);
+        let script = format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nexec {} \"$@\"\n",
+            mark.display(),
+            real.display()
+        );
+        std::fs::write(&path, script).expect("writing a criu wrapper");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    };
+    let allowed = wrapper("criu-allowed", 0o755);
+    let loose = wrapper("criu-loose", 0o775);
+    let unlisted = wrapper("criu-unlisted", 0o755);
+    let config = format!("[criu]\nallowed_paths = [\"{allowed}\", \"{loose}\"]\n");
+    with_env_config("checkpoints-criu-path", Options::default(), &config, |env| {
+        let (web, cli) = container_and_cli(env, "criupath", "")?;
+        let (code, out, err) = cli.run(&["--criu-path", &unlisted, "create", &web])?;
+        ensure!(code == 1, "an unlisted criu is refused: {code} {out}{err}");
+        ensure!(
+            err.contains("criu.allowed_paths") && err.contains("criu-unlisted"),
+            "the refusal names the binary and the key: {err}"
+        );
+        let (code, _, err) = cli.run(&["--criu-path", &loose, "create", &web])?;
+        ensure!(
+            code == 1 && err.contains("mode 0775"),
+            "a group-writable criu is refused: {err}"
+        );
+        ensure!(!mark.exists(), "no refused criu ran");
+        ensure!(cli.json(&["list", "-o", "json"])?.is_empty(), "nothing was stored");
+
+        let id = cli.ok(&["--criu-path", &allowed, "create", &web])?.trim().to_string();
+        ensure!(is_checkpoint_id(&id), "{id}");
+        let ran = std::fs::read_to_string(&mark).context("the allowed criu did not run")?;
+        ensure!(ran.contains("swrk"), "runc ran the named criu: {ran}");
+        let info = cli.json(&["list", "-o", "json"])?;
+        ensure!(info.len() == 1 && info[0]["fs_only"] != true, "{info:?}");
+
+        // Restore too: refused before anything is created, then through the
+        // allowed binary (runc in the shim runs it: a second mark).
+        let restored = format!("{web}-r");
+        let (code, _, err) = cli.run(&["--criu-path", &unlisted, "restore", &id, "--name", &restored])?;
+        ensure!(
+            code == 1 && err.contains("criu.allowed_paths"),
+            "restore with an unlisted criu: {err}"
+        );
+        ensure!(
+            !env.ctr(&cli.ns, &["containers", "ls", "-q"])?.contains(&restored),
+            "a refused restore creates no container"
+        );
+        let marks = std::fs::read_to_string(&mark)?.lines().count();
+        cli.ok(&["--criu-path", &allowed, "restore", &id, "--name", &restored, "--resume"])?;
+        let after = std::fs::read_to_string(&mark)?;
+        ensure!(
+            after.lines().count() > marks && after.lines().last().is_some_and(|l| l.starts_with("swrk")),
+            "the restore ran the named criu: {after}"
+        );
+
+        // The config file's criu_path, as --criu-path.
+        let (cfg_cli, _) = nfs_cli(env, &cli.ns, "criu-config")?;
+        let mut text = std::fs::read_to_string(&cfg_cli.config)?;
+        text.push_str(&format!("criu_path: {unlisted}\n"));
+        std::fs::write(&cfg_cli.config, text)?;
+        let (code, _, err) = cfg_cli.run(&["create", &web])?;
+        ensure!(
+            code == 1 && err.contains("criu-unlisted") && err.contains("criu.allowed_paths"),
+            "{err}"
+        );
+        // Only a process dump runs criu: a filesystem-only one ignores it.
+        cfg_cli.ok(&["create", &web, "--fs-only"])?;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Waits until `count` checkpoints labelled auto exist, writing to the

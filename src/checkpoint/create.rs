@@ -25,8 +25,14 @@ impl CheckpointService {
                 )));
             }
         }
+        // CRIU runs only for process state: a filesystem-only checkpoint
+        // ignores the caller's choice of binary.
+        let settings = if request.fs_only {
+            self.settings.criu.clone()
+        } else {
+            self.settings.criu_for(request.criu_path.as_deref())?
+        };
         let catalogue = self.catalogue(&request.storage)?;
-        let settings = self.settings.criu.clone();
         // Without the kernel's dirty-page tracking CRIU cannot tell which
         // pages changed since an earlier dump: no pre-dump, and every dump
         // holds all the memory.

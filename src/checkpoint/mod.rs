@@ -13,6 +13,7 @@ pub mod archive;
 pub mod beneath;
 pub mod catalogue;
 mod create;
+pub mod criu_choice;
 pub mod filter;
 pub mod journal;
 pub mod objects;
@@ -63,6 +64,8 @@ pub enum CheckpointError {
     Containerd(#[from] crate::host::containerd::ContainerdError),
     #[error(transparent)]
     Cgroup(#[from] crate::host::cgroup::CgroupError),
+    #[error(transparent)]
+    CriuChoice(#[from] criu_choice::CriuChoiceError),
     #[error(
         "container {container} has {used} bytes of memory ({used_mib} MiB), over the memory limit of {limit} bytes \
          ({limit_mib} MiB): nothing was dumped; raise --memory-limit or checkpoint with --fs-only"
@@ -115,6 +118,7 @@ impl Classify for CheckpointError {
             },
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
+            CheckpointError::CriuChoice(e) => e.kind(),
             CheckpointError::MemoryLimit { .. }
             | CheckpointError::Unsupported(_)
             | CheckpointError::ArchiveTooLarge { .. } => ErrorKind::FailedPrecondition,
@@ -183,6 +187,9 @@ pub struct CreateRequest {
     pub tcp_established: bool,
     pub file_locks: bool,
     pub pre_dump: bool,
+    /// The criu binary the caller names, run only as [`criu_choice`]
+    /// allows; None: the daemon's own (`[criu] criu_path`).
+    pub criu_path: Option<String>,
 }
 
 impl CreateRequest {
@@ -232,6 +239,8 @@ pub struct CheckpointSettings {
     /// `checkpoint.max_received_archive`, in bytes: the largest archive
     /// another node may stream in.
     pub max_received_archive: u64,
+    /// `[criu] allowed_paths`: the criu binaries a caller may name.
+    pub allowed_criu: Vec<PathBuf>,
 }
 
 impl CheckpointSettings {
@@ -243,11 +252,25 @@ impl CheckpointSettings {
             .map_err(|e| CheckpointError::Invalid(format!("checkpoint record keys: {e}")))?;
         Ok(CheckpointSettings {
             criu: crate::host::criu::CriuSettings::from_config(&config.criu),
+            allowed_criu: config.criu.allowed_paths.iter().map(Into::into).collect(),
             trust: Arc::new(trust),
             max_received_archive: config
                 .max_received_archive_bytes()
                 .map_err(|e| CheckpointError::Invalid(e.to_string()))?,
         })
+    }
+}
+
+impl CheckpointSettings {
+    /// runc and criu for a request whose caller named `requested` (or
+    /// nothing): the daemon's own, with the binary swapped for the named
+    /// one only as [`criu_choice::caller_criu`] allows.
+    pub fn criu_for(&self, requested: Option<&str>) -> Result<crate::host::criu::CriuSettings, CheckpointError> {
+        let mut settings = self.criu.clone();
+        if let Some(requested) = requested.filter(|r| !r.is_empty()) {
+            settings.criu = Some(criu_choice::caller_criu(&self.allowed_criu, requested)?);
+        }
+        Ok(settings)
     }
 }
 

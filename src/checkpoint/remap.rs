@@ -60,13 +60,17 @@ fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
 }
 
 impl Remap {
-    /// `SRC_CIDR:DST_CIDR` or `SRC_CIDR->DST_CIDR`: two different IPv4
+    /// `SRC_CIDR:DST_CIDR`, `SRC_CIDR->DST_CIDR` or `SRC_CIDR→DST_CIDR`
+    /// (U+2192, as the reference's table writes it): two different IPv4
     /// networks of the same prefix length.
     pub fn parse(spec: &str) -> Result<Remap, String> {
         let (from, to) = spec
             .split_once("->")
+            .or_else(|| spec.split_once('\u{2192}'))
             .or_else(|| spec.split_once(':'))
-            .ok_or_else(|| format!("{spec:?} is not SRC_CIDR:DST_CIDR or SRC_CIDR->DST_CIDR"))?;
+            .ok_or_else(|| {
+                format!("{spec:?} is not SRC_CIDR:DST_CIDR, SRC_CIDR->DST_CIDR or SRC_CIDR\u{2192}DST_CIDR")
+            })?;
         let (from, from_prefix) = parse_cidr(from.trim())?;
         let (to, to_prefix) = parse_cidr(to.trim())?;
         if from_prefix != to_prefix {
@@ -440,6 +444,9 @@ mod tests {
     fn remaps_parse_and_translate_the_host_part() {
         let r = remap("10.201.0.0/24:10.202.0.0/24");
         assert_eq!(r, remap(" 10.201.0.0/24 -> 10.202.0.0/24 "));
+        // The reference's table writes the arrow as U+2192.
+        assert_eq!(r, remap("10.201.0.0/24\u{2192}10.202.0.0/24"));
+        assert_eq!(r, remap("10.201.0.0/24 → 10.202.0.0/24"));
         assert_eq!(
             r.translate("10.201.0.2".parse().unwrap()),
             Some("10.202.0.2".parse().unwrap())
@@ -453,6 +460,8 @@ mod tests {
         let cases = [
             ("10.0.0.0/24", "is not SRC_CIDR:DST_CIDR"),
             ("10.0.0.0/24=>10.1.0.0/24", "is not SRC_CIDR:DST_CIDR"),
+            ("10.0.0.0/24\u{2190}10.1.0.0/24", "SRC_CIDR\u{2192}DST_CIDR"),
+            ("10.0.0.0/24→10.1.0.0/16", "same prefix length"),
             ("10.0.0.0/24:10.1.0.0/16", "same prefix length"),
             ("10.0.0.0:10.1.0.0", "is not an IPv4 CIDR (a.b.c.d/n)"),
             ("10.0.0.0/33:10.1.0.0/33", "is not 0 to 32"),

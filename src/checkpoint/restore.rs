@@ -44,6 +44,9 @@ pub struct RestoreRequest {
     /// Apply a container record no trusted key sealed as it is
     /// (`--trust-record`), instead of refusing what it may not have.
     pub trust_record: bool,
+    /// The criu binary the caller names, run only as
+    /// [`super::criu_choice`] allows; None: the daemon's own.
+    pub criu_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +134,12 @@ impl CheckpointService {
                 .await
                 .map_err(|e| CheckpointError::Task(e.to_string()))??
         };
+        // A criu binary the daemon will not run is refused before anything
+        // is created (and checked again where it is used); a checkpoint
+        // without process state runs no CRIU, as create ignores it then.
+        if checkpoint.process.is_some() {
+            self.settings.criu_for(request.criu_path.as_deref())?;
+        }
         let Some(record_key) = checkpoint.container_key.clone() else {
             return Err(CheckpointError::Invalid(format!(
                 "checkpoint {} holds no container record (it was made by an older version or imported from an \
@@ -379,7 +388,10 @@ impl CheckpointService {
                 let criu_work = work.join("criu");
                 fs::create_dir_all(&criu_work)
                     .map_err(|e| failed("task", ErrorKind::Internal)(CheckpointError::Task(e.to_string())))?;
-                let settings = &self.settings.criu;
+                let settings = self
+                    .settings
+                    .criu_for(request.criu_path.as_deref())
+                    .map_err(failed("task", ErrorKind::FailedPrecondition))?;
                 Some(
                     crate::host::criu::restore_options(
                         record.runtime_options().as_ref(),

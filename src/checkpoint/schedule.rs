@@ -21,7 +21,7 @@ use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{CheckpointError, CheckpointService, CreateRequest, StorageSpec};
+use super::{CheckpointError, CheckpointService, CreateRequest, MergePolicy, StorageSpec};
 
 /// Shortest interval a schedule may have.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -231,6 +231,14 @@ pub struct Schedule {
     pub tcp_established: bool,
     #[serde(default)]
     pub file_locks: bool,
+    /// The criu binary the caller named, checked again at each run (see
+    /// [`super::criu_choice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_path: Option<String>,
+    /// Merged after each of its checkpoints (the first included): the
+    /// `automerge` of the client's config when it registered the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automerge: Option<MergePolicy>,
 }
 
 fn filesystem_only() -> bool {
@@ -327,11 +335,13 @@ impl CheckpointService {
     }
 
     /// Takes the first checkpoint now, then registers the schedule that
-    /// takes one every `interval`, each on the previous one.
+    /// takes one every `interval`, each on the previous one; `automerge`,
+    /// if any, merges the container's checkpoints after each.
     pub async fn schedule(
         &self,
         request: CreateRequest,
         interval: Duration,
+        automerge: Option<MergePolicy>,
     ) -> Result<(Schedule, super::Checkpoint), CheckpointError> {
         if interval < MIN_INTERVAL {
             return Err(CheckpointError::Invalid(format!(
@@ -340,6 +350,11 @@ impl CheckpointService {
                 MIN_INTERVAL.as_secs()
             )));
         }
+        if let Some(policy) = &automerge {
+            // A policy the catalogue would refuse at every run is refused
+            // now, before anything is taken.
+            policy.check()?;
+        }
         let first = self.create(request.clone()).await?;
         let now = unix(SystemTime::now());
         let n = {
@@ -347,7 +362,7 @@ impl CheckpointService {
             *created += 1;
             *created
         };
-        let schedule = Schedule {
+        let mut schedule = Schedule {
             id: format!("sched-{now}-{n}"),
             namespace: request.namespace.clone(),
             container: first.container.clone(),
@@ -365,7 +380,12 @@ impl CheckpointService {
             memory_limit: request.memory_limit,
             tcp_established: request.tcp_established,
             file_locks: request.file_locks,
+            criu_path: request.criu_path.clone(),
+            automerge,
         };
+        if let Err(e) = self.automerge(&schedule).await {
+            schedule.last_error = Some(e);
+        }
         self.save_schedule(&schedule)?;
         info!(
             schedule = schedule.id,
@@ -409,12 +429,13 @@ impl CheckpointService {
                 tcp_established: schedule.tcp_established,
                 file_locks: schedule.file_locks,
                 pre_dump: false,
+                criu_path: schedule.criu_path.clone(),
             };
             schedule.last_run_unix = unix(SystemTime::now());
             match self.create(request).await {
                 Ok(checkpoint) => {
                     schedule.last_checkpoint = Some(checkpoint.id);
-                    schedule.last_error = None;
+                    schedule.last_error = self.automerge(&schedule).await.err();
                     schedule.runs += 1;
                 }
                 Err(e) => {
@@ -431,6 +452,35 @@ impl CheckpointService {
             ran += 1;
         }
         Ok(ran)
+    }
+
+    /// The schedule's automerge over its container's checkpoints, if it
+    /// has one; a failure is logged and returned as the schedule's error
+    /// (the checkpoint itself was taken).
+    async fn automerge(&self, schedule: &Schedule) -> Result<(), String> {
+        let Some(policy) = schedule.automerge.clone() else {
+            return Ok(());
+        };
+        let storage = StorageSpec::from(&schedule.storage);
+        match self
+            .merge(&storage, &schedule.namespace, &schedule.container, policy, false)
+            .await
+        {
+            Ok(plan) => {
+                info!(
+                    schedule = schedule.id,
+                    merged = plan.merged.len(),
+                    kept = plan.kept.len(),
+                    freed = plan.freed_bytes,
+                    "automerge after a scheduled checkpoint"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                warn!(schedule = schedule.id, error = %e, "automerge after a scheduled checkpoint failed");
+                Err(format!("automerge: {e}"))
+            }
+        }
     }
 
     /// Runs due schedules until the runtime stops.
@@ -559,6 +609,8 @@ mod tests {
             memory_limit: 0,
             tcp_established: false,
             file_locks: false,
+            criu_path: None,
+            automerge: None,
         };
         assert!(!s.is_due(1059));
         assert!(s.is_due(1060));

@@ -20,11 +20,11 @@ use crate::proto::{
     CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest,
     ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse,
     ListCheckpointsRequest, ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest,
-    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, ProcessState, PruneCheckpointsRequest,
-    PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck,
-    RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, Schedule,
-    ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse,
-    SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
+    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, MergeRules, ProcessState,
+    PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest,
+    RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest,
+    ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest,
+    SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
 };
 use crate::snapshot::snapshotter::Snapshotter;
 
@@ -93,7 +93,18 @@ fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
         tcp_established: r.tcp_established,
         file_locks: r.file_locks,
         pre_dump: r.pre_dump,
+        criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
     }
+}
+
+fn merge_rules_from_wire(r: MergeRules) -> Result<MergePolicy, CheckpointError> {
+    Ok(MergePolicy {
+        strategy: MergeStrategy::parse(&r.strategy)?,
+        keep_daily: r.has_keep_daily.then_some(r.keep_daily),
+        keep_hourly: r.has_keep_hourly.then_some(r.keep_hourly),
+        retain_labels: r.retain_labels,
+        aggressive: r.aggressive,
+    })
 }
 
 fn schedule_to_wire(s: checkpoint::schedule::Schedule) -> Schedule {
@@ -308,11 +319,17 @@ impl Control for ControlService {
     ) -> Result<Response<ScheduleCheckpointsResponse>, Status> {
         let r = request.into_inner();
         let checkpoint = r.checkpoint.unwrap_or_default();
+        let automerge = r
+            .automerge
+            .map(merge_rules_from_wire)
+            .transpose()
+            .map_err(checkpoint_status)?;
         let (schedule, first) = self
             .checkpoints
             .schedule(
                 create_request_from_wire(checkpoint),
                 std::time::Duration::from_secs(r.interval_secs),
+                automerge,
             )
             .await
             .map_err(checkpoint_status)?;
@@ -370,6 +387,7 @@ impl Control for ControlService {
                     .collect::<Result<_, _>>()
                     .map_err(|reason| Status::invalid_argument(format!("network remap: {reason}")))?,
                 trust_record: r.trust_record,
+                criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
             })
             .await
             .map_err(checkpoint_status)?;

@@ -1,15 +1,19 @@
 //! `checkpointctl automanage`: a loop that samples the containers of a
 //! namespace (one ContainerStats call per tick) and checkpoints those a
 //! policy manages when a CPU or memory threshold is crossed, or when an
-//! interval is due; after each checkpoint it applies the rule's merge, then
-//! its prune. Each decision is logged with the container, the reason and
+//! interval is due; after each checkpoint it applies the rule's merge (or,
+//! for a rule without one, the `automerge` of the config file), then its
+//! prune. Each decision is logged with the container, the reason and
 //! the numbers.
 //!
 //! The decisions are pure ([`Watch::observe`]): samples in, a [`Decision`]
 //! out, with the hysteresis state of each threshold. This module owns the
 //! loop, the signals (SIGHUP reloads the policy, SIGTERM and SIGINT stop
 //! between ticks) and detaching (`--daemonize`); the policy file is
-//! [`crate::policy`]'s.
+//! [`crate::policy`]'s; keeping the detached log under `logging.max_size`
+//! is [`log_rotation`]'s.
+
+mod log_rotation;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,12 +25,14 @@ use tokio::time::MissedTickBehavior;
 use seamless_snapshotter::api::client::DaemonClient;
 use seamless_snapshotter::proto::{
     ContainerSample, ContainerStatsRequest, CreateCheckpointRequest, InspectCheckpointRequest, ListCheckpointsRequest,
-    MergeCheckpointsRequest, PruneCheckpointsRequest, Storage,
+    MergeCheckpointsRequest, MergeRules, PruneCheckpointsRequest, Storage,
 };
 
 use crate::checkpoints::human_size;
-use crate::policy::{parse_interval, parse_percent, Defaults, Limits, Policy, Rule, REASON_LABEL};
+use crate::policy::{parse_interval, parse_percent, Defaults, Limits, MergeRule, Policy, Rule, REASON_LABEL};
+use crate::settings::{LoggingSettings, Settings, DEFAULT_MAX_BACKUPS};
 use crate::{daemon, CliError, Context};
+use log_rotation::LogRotation;
 
 /// Set in the environment of the detached process, so that it runs the loop
 /// instead of detaching again.
@@ -291,11 +297,7 @@ pub fn detach(args: &Args) -> Result<(), CliError> {
     if let Some(dir) = log_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| failed("creating the directory of", e))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_file)
-        .map_err(|e| failed("opening", e))?;
+    let log = log_rotation::open_log(&log_file).map_err(|e| failed("opening", e))?;
     let stdout = log.try_clone().map_err(|e| failed("opening", e))?;
     let exe = std::env::current_exe().map_err(|e| CliError::Failed(format!("finding checkpointctl itself: {e}")))?;
     let mut command = std::process::Command::new(exe);
@@ -339,7 +341,42 @@ fn default_log_file() -> Result<PathBuf, CliError> {
     Ok(state.join("checkpointctl/automanage.log"))
 }
 
-pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
+/// The rotation of the detached process's log, if `logging.max_size` asks
+/// for one (a foreground automanage writes to the terminal).
+fn log_rotation(args: &Args, logging: &LoggingSettings) -> Result<Option<LogRotation>, CliError> {
+    let Some(max_size) = logging.max_size_bytes() else {
+        return Ok(None);
+    };
+    if !args.daemonize || std::env::var_os(DETACHED_ENV).is_none() {
+        return Ok(None);
+    }
+    let log = match &args.log_file {
+        Some(path) => path.clone(),
+        None => default_log_file()?,
+    };
+    let max_backups = logging.max_backups.unwrap_or(DEFAULT_MAX_BACKUPS);
+    Ok(Some(LogRotation::new(log, max_size, max_backups)))
+}
+
+/// Rotates the log if it grew past its size; a failure is logged, never
+/// fatal.
+fn rotate_log(rotation: Option<&LogRotation>) {
+    if let Some(rotation) = rotation {
+        match rotation.check() {
+            Ok(true) => tracing::info!("log rotated: over logging.max_size"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot rotate the log: {e}"),
+        }
+    }
+}
+
+/// Of the config file: `automerge` merges after each checkpoint of a rule
+/// that has no `merge` of its own; `logging.max_size` rotates the log of
+/// `--daemonize`.
+pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(), CliError> {
+    let automerge = settings.automerge.rules();
+    let rotation = log_rotation(&args, &settings.logging)?;
+    rotate_log(rotation.as_ref());
     let defaults = args.defaults()?;
     let mut policy = args.load_policy()?;
     let source = match &args.schedule_file {
@@ -347,7 +384,7 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         None => "no policy file: every running container".into(),
     };
     if args.once {
-        let mut manager = Manager::connect(context, true).await?;
+        let mut manager = Manager::connect(context, automerge.clone(), true).await?;
         tracing::info!(namespace = %context.namespace, rules = policy.rules.len(), "automanage once with {source}");
         manager.tick(&policy, false).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -359,7 +396,7 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
     }
     // Before connecting: a SIGHUP must never find the default action (exit).
     let mut signals = Signals::new()?;
-    let mut manager = Manager::connect(context, false).await?;
+    let mut manager = Manager::connect(context, automerge, false).await?;
     tracing::info!(
         namespace = %context.namespace,
         rules = policy.rules.len(),
@@ -375,6 +412,7 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
                 if let Err(e) = manager.tick(&policy, true).await {
                     tracing::warn!("sampling failed, trying again next tick: {e}");
                 }
+                rotate_log(rotation.as_ref());
             }
             _ = signals.hangup.recv() => {
                 let Some(path) = &args.schedule_file else {
@@ -447,11 +485,33 @@ struct Manager {
     /// Containers no rule selects, logged once each.
     unmanaged: HashSet<String>,
     once: bool,
+    /// The config file's `automerge`.
+    automerge: Option<MergeRules>,
+}
+
+/// The merge after a checkpoint of `rule`'s: its own, else the config
+/// file's `automerge`, else none.
+fn merge_after(rule: &Rule, automerge: Option<&MergeRules>) -> Option<(MergeRules, &'static str)> {
+    let own = |m: &MergeRule| MergeRules {
+        strategy: m.strategy.as_str().into(),
+        keep_daily: m.keep_daily.unwrap_or(0),
+        has_keep_daily: m.keep_daily.is_some(),
+        keep_hourly: m.keep_hourly.unwrap_or(0),
+        has_keep_hourly: m.keep_hourly.is_some(),
+        retain_labels: m.retain_labels.clone(),
+        aggressive: m.aggressive,
+    };
+    match (&rule.merge, automerge) {
+        (Some(m), _) => Some((own(m), "policy")),
+        (None, Some(rules)) => Some((rules.clone(), "automerge")),
+        (None, None) => None,
+    }
 }
 
 impl Manager {
-    async fn connect(context: &Context, once: bool) -> Result<Manager, CliError> {
+    async fn connect(context: &Context, automerge: Option<MergeRules>, once: bool) -> Result<Manager, CliError> {
         Ok(Manager {
+            automerge,
             client: daemon::connect(&context.address).await?,
             namespace: context.namespace.clone(),
             storage: context.storage.clone(),
@@ -650,19 +710,20 @@ impl Manager {
     /// The rule's merge, then its prune; returns how many failed.
     async fn retain(&mut self, container: &str, rule: &Rule) -> usize {
         let mut failures = 0;
-        if let Some(merge) = &rule.merge {
+        if let Some((merge, from)) = merge_after(rule, self.automerge.as_ref()) {
+            let strategy = merge.strategy.clone();
             let merged = self
                 .client
                 .merge_checkpoints(MergeCheckpointsRequest {
                     storage: Some(self.storage.clone()),
                     namespace: self.namespace.clone(),
                     container: container.to_string(),
-                    strategy: merge.strategy.as_str().into(),
-                    keep_daily: merge.keep_daily.unwrap_or(0),
-                    has_keep_daily: merge.keep_daily.is_some(),
-                    keep_hourly: merge.keep_hourly.unwrap_or(0),
-                    has_keep_hourly: merge.keep_hourly.is_some(),
-                    retain_labels: merge.retain_labels.clone(),
+                    strategy: merge.strategy,
+                    keep_daily: merge.keep_daily,
+                    has_keep_daily: merge.has_keep_daily,
+                    keep_hourly: merge.keep_hourly,
+                    has_keep_hourly: merge.has_keep_hourly,
+                    retain_labels: merge.retain_labels,
                     aggressive: merge.aggressive,
                     dry_run: false,
                 })
@@ -672,7 +733,8 @@ impl Manager {
                     let plan = plan.into_inner();
                     tracing::info!(
                         container = %container,
-                        strategy = %merge.strategy.as_str(),
+                        strategy = %strategy,
+                        rules = from,
                         "merge: {} merged, {} kept, {} freed",
                         plan.merged.len(),
                         plan.kept.len(),
@@ -681,7 +743,7 @@ impl Manager {
                 }
                 Err(status) => {
                     failures += 1;
-                    tracing::warn!(container = %container, "merge failed: {}", status.message());
+                    tracing::warn!(container = %container, rules = from, "merge failed: {}", status.message());
                 }
             }
         }
@@ -727,6 +789,32 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_without_merge_merges_as_the_config_automerge_says() {
+        let defaults = Defaults {
+            check_interval: Duration::from_secs(300),
+            cpu_threshold: 80.0,
+            mem_threshold: 90.0,
+        };
+        let policy = Policy::parse(
+            "containers:\n- {id: a, merge: {strategy: tagged}}\n- {id: b}\n",
+            "p.yaml",
+            &defaults,
+        )
+        .unwrap();
+        let (own, plain) = (&policy.rules[0], &policy.rules[1]);
+        let automerge = crate::settings::AutomergeSettings {
+            strategy: Some("incremental".into()),
+            ..Default::default()
+        }
+        .rules();
+        let (rules, from) = merge_after(own, automerge.as_ref()).unwrap();
+        assert_eq!((rules.strategy.as_str(), from), ("tagged", "policy"));
+        let (rules, from) = merge_after(plain, automerge.as_ref()).unwrap();
+        assert_eq!((rules.strategy.as_str(), from), ("incremental", "automerge"));
+        assert!(merge_after(plain, None).is_none());
+    }
 
     const SECOND: u64 = 1_000_000_000;
 

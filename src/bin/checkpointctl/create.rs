@@ -6,6 +6,7 @@ use seamless_snapshotter::checkpoint::filter::{parse_duration, parse_size};
 use seamless_snapshotter::proto::{CreateCheckpointRequest, ScheduleCheckpointsRequest};
 
 use crate::checkpoints::checkpoint_id;
+use crate::settings::AutomergeSettings;
 use crate::{daemon, CliError, Context};
 
 #[derive(Debug, clap::Args)]
@@ -19,7 +20,8 @@ pub struct Args {
     /// Label the checkpoint: k=v or a bare k (repeatable).
     #[arg(short = 'l', long = "label")]
     labels: Vec<String>,
-    /// Store only the changes since this checkpoint.
+    /// Store only the changes since this checkpoint; with --interval, the
+    /// schedule's first checkpoint is taken on it.
     #[arg(short = 'p', long)]
     parent: Option<String>,
     /// Compression of the stored data.
@@ -77,43 +79,61 @@ impl Args {
     }
 }
 
-pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
-    if let Some(flag) = args.process_flag_with_fs_only() {
-        return Err(CliError::Usage(format!(
-            "--fs-only excludes {flag}: a filesystem-only checkpoint dumps no processes"
-        )));
+/// What `create` asks of the daemon: one checkpoint, or (with an
+/// interval) a schedule whose first checkpoint is taken now.
+#[derive(Debug)]
+struct Plan {
+    request: CreateCheckpointRequest,
+    interval: Option<std::time::Duration>,
+}
+
+impl Args {
+    /// Checks the flags together and builds the request; a conflict is a
+    /// usage error before any connection. `--parent` goes with `--interval`
+    /// (`create web -i 30m -p cp-x`): the schedule's first checkpoint is
+    /// taken on that parent, each later one on the schedule's previous one.
+    fn plan(self, context: &Context) -> Result<Plan, CliError> {
+        if let Some(flag) = self.process_flag_with_fs_only() {
+            return Err(CliError::Usage(format!(
+                "--fs-only excludes {flag}: a filesystem-only checkpoint dumps no processes"
+            )));
+        }
+        let memory_limit =
+            parse_size(&self.memory_limit).map_err(|reason| CliError::Usage(format!("--memory-limit: {reason}")))?;
+        let interval = self
+            .interval
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|reason| CliError::Usage(format!("--interval: {reason}")))?;
+        let parent = self.parent.as_deref().map(checkpoint_id).transpose()?;
+        let request = CreateCheckpointRequest {
+            storage: Some(context.storage.clone()),
+            namespace: context.namespace.clone(),
+            container: self.container,
+            labels: self.labels,
+            parent: parent.unwrap_or_default(),
+            compression: self.compression,
+            pre_freeze: self.pre_freeze,
+            memory_limit,
+            fs_only: self.fs_only,
+            exit_after: !self.leave_running,
+            tcp_established: self.tcp_established,
+            file_locks: self.file_locks,
+            pre_dump: self.pre_dump,
+            criu_path: context.criu_path.clone().unwrap_or_default(),
+        };
+        Ok(Plan { request, interval })
     }
-    let memory_limit =
-        parse_size(&args.memory_limit).map_err(|reason| CliError::Usage(format!("--memory-limit: {reason}")))?;
-    let interval = args
-        .interval
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|reason| CliError::Usage(format!("--interval: {reason}")))?;
-    let parent = args.parent.as_deref().map(checkpoint_id).transpose()?;
-    if interval.is_some() && parent.is_some() {
-        return Err(CliError::Usage(
-            "--interval and --parent exclude each other: a schedule builds each checkpoint on its previous one".into(),
-        ));
-    }
-    let request = CreateCheckpointRequest {
-        storage: Some(context.storage.clone()),
-        namespace: context.namespace.clone(),
-        container: args.container.clone(),
-        labels: args.labels,
-        parent: parent.unwrap_or_default(),
-        compression: args.compression,
-        pre_freeze: args.pre_freeze,
-        memory_limit,
-        fs_only: args.fs_only,
-        exit_after: !args.leave_running,
-        tcp_established: args.tcp_established,
-        file_locks: args.file_locks,
-        pre_dump: args.pre_dump,
-    };
+}
+
+/// `automerge` (of the config file) goes with a schedule: the daemon
+/// merges the container's checkpoints after each scheduled one.
+pub async fn run(context: &Context, automerge: &AutomergeSettings, args: Args) -> Result<(), CliError> {
+    let Plan { request, interval } = args.plan(context)?;
+    let container = request.container.clone();
     let mut client = daemon::connect(&context.address).await?;
-    let action = format!("checkpoint of container {}", args.container);
+    let action = format!("checkpoint of container {container}");
     match interval {
         None => {
             let created = client
@@ -128,6 +148,7 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
                 .schedule_checkpoints(ScheduleCheckpointsRequest {
                     checkpoint: Some(request),
                     interval_secs: interval.as_secs(),
+                    automerge: automerge.rules(),
                 })
                 .await
                 .map_err(|status| CliError::rpc(action, status))?
@@ -191,16 +212,68 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_conflict_is_a_usage_error_before_any_connection() {
-        let context = Context {
+    fn context() -> Context {
+        Context {
             address: "/nonexistent/d.sock".into(),
             namespace: "default".into(),
             storage: Default::default(),
+            criu_path: None,
+        }
+    }
+
+    /// The reference's own example: a schedule labelled production whose
+    /// first checkpoint is taken on cp-x.
+    #[test]
+    fn an_interval_goes_with_a_label_and_a_parent() {
+        let plan = parse(&["-i", "30m", "-l", "production", "-p", "cp-x"])
+            .plan(&context())
+            .unwrap();
+        assert_eq!(plan.interval, Some(std::time::Duration::from_secs(1800)));
+        assert_eq!(plan.request.parent, "cp-x");
+        assert_eq!(plan.request.labels, ["production"]);
+        assert_eq!(plan.request.container, "web");
+        let long = parse(&["--interval", "1h", "--label", "a=b", "--parent", "\"cp-y\""])
+            .plan(&context())
+            .unwrap();
+        assert_eq!(long.interval, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(long.request.parent, "cp-y");
+        // The whole command line, global options included: no short flag
+        // of checkpointctl's collides with -i, -l or -p.
+        let cli = crate::Cli::try_parse_from([
+            "checkpointctl",
+            "-c",
+            "/dev/null",
+            "create",
+            "web",
+            "-i",
+            "30m",
+            "-l",
+            "production",
+            "-p",
+            "cp-x",
+        ])
+        .unwrap();
+        let crate::Command::Create(args) = cli.command else {
+            panic!("{:?} is not create", cli.command);
         };
-        let err = run(&context, parse(&["--fs-only", "--tcp-established"]))
-            .await
-            .unwrap_err();
+        assert_eq!(args.plan(&context()).unwrap().request.parent, "cp-x");
+        let err = parse(&["-i", "soon"]).plan(&context()).unwrap_err();
+        assert!(
+            matches!(err, CliError::Usage(_)) && err.to_string().contains("--interval"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_a_usage_error_before_any_connection() {
+        let context = context();
+        let err = run(
+            &context,
+            &Default::default(),
+            parse(&["--fs-only", "--tcp-established"]),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CliError::Usage(_)), "{err:?}");
         assert!(err.to_string().contains("--tcp-established"), "{err}");
     }

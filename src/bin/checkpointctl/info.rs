@@ -33,9 +33,15 @@ pub struct Args {
     /// Write the checkpoint and its chain as an OCI image archive (a tar
     /// file, 0600, one layer per checkpoint) that `ctr images import`,
     /// `skopeo` and `checkpointctl import` read. The daemon writes it:
-    /// PATH is on the daemon's host and its directory must exist.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["metadata", "diff", "verify"])]
-    export: Option<PathBuf>,
+    /// PATH is on the daemon's host and its directory must exist. Without
+    /// PATH: `<ID>.tar` in the current directory.
+    #[arg(
+        long,
+        value_name = "PATH",
+        num_args = 0..=1,
+        conflicts_with_all = ["metadata", "diff", "verify"]
+    )]
+    export: Option<Option<PathBuf>>,
     /// With --export: replace a regular file already at PATH (atomically).
     #[arg(long, requires = "export")]
     force: bool,
@@ -44,7 +50,7 @@ pub struct Args {
 pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
     let id = checkpoint_id(&args.id)?;
     if let Some(path) = &args.export {
-        return export(context, &id, path, args.force).await;
+        return export(context, &id, &export_path(&id, path.as_deref()), args.force).await;
     }
     let other = args.diff.as_deref().map(checkpoint_id).transpose()?;
     let mut client = daemon::connect(&context.address).await?;
@@ -147,6 +153,11 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         println!("checkpoint {id}: {} objects verified", verification.checked);
     }
     Ok(())
+}
+
+/// Where `--export` writes: PATH, or `<id>.tar` in the current directory.
+fn export_path(id: &str, given: Option<&std::path::Path>) -> PathBuf {
+    given.map_or_else(|| PathBuf::from(format!("{id}.tar")), PathBuf::from)
 }
 
 /// Lines of dump.log that `--metadata` shows without `--full-log`: CRIU
@@ -264,7 +275,7 @@ mod tests {
     #[test]
     fn export_stands_alone_and_force_needs_it() {
         let parsed = Info::try_parse_from(["info", "cp-20261201-101112", "--export", "x.tar", "--force"]).unwrap();
-        assert_eq!(parsed.args.export.as_deref(), Some(std::path::Path::new("x.tar")));
+        assert_eq!(parsed.args.export, Some(Some(PathBuf::from("x.tar"))));
         assert!(parsed.args.force);
         for bad in [
             &["info", "cp-20261201-101112", "--force"][..],
@@ -281,6 +292,30 @@ mod tests {
             let err = Info::try_parse_from(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn export_without_a_path_writes_the_id_dot_tar_here() {
+        let id = "cp-20261201-101112";
+        for argv in [
+            &["info", id, "--export"][..],
+            &["info", id, "--export", "--force"],
+            &["info", "--export", "--force", id],
+        ] {
+            let args = Info::try_parse_from(argv).unwrap().args;
+            assert_eq!(args.export, Some(None), "{argv:?}");
+            assert_eq!(export_path(id, None), PathBuf::from("cp-20261201-101112.tar"));
+        }
+        let args = Info::try_parse_from(["info", id, "--export=/tmp/x.tar"]).unwrap().args;
+        let given = args.export.unwrap();
+        assert_eq!(export_path(id, given.as_deref()), PathBuf::from("/tmp/x.tar"));
+        // The name is resolved where checkpointctl runs, as the daemon needs it.
+        let here = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(
+            new_file_path(&export_path(id, None)).unwrap(),
+            here.join("cp-20261201-101112.tar")
+        );
+        assert_eq!(Info::try_parse_from(["info", id]).unwrap().args.export, None);
     }
 
     #[test]

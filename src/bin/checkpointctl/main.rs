@@ -101,6 +101,9 @@ pub struct Context {
     pub address: PathBuf,
     pub namespace: String,
     pub storage: seamless_snapshotter::proto::Storage,
+    /// `--criu-path`, else the config's `criu_path`: sent with each
+    /// process-state request; the daemon runs it only if its config allows.
+    pub criu_path: Option<String>,
 }
 
 /// Everything that can fail after the arguments parsed. Each variant names
@@ -226,11 +229,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
         address: cli.address.clone(),
         namespace: cli.namespace.clone(),
         storage: settings.storage(cli.storage_backend.as_deref()),
+        criu_path: settings.criu_path(cli.criu_path.as_deref())?,
     };
     runtime.block_on(async {
         match cli.command {
             Command::SeamlessCommit(args) => seamless_commit::run(&cli.address, &cli.namespace, *args).await,
-            Command::Create(args) => create::run(&context, args).await,
+            Command::Create(args) => create::run(&context, &settings.automerge, args).await,
             Command::List(args) => list::run(&context, args).await,
             Command::Info(args) => info::run(&context, args).await,
             Command::Restore(args) => restore::run(&context, &settings, args).await,
@@ -239,7 +243,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Prune(args) => prune::run(&context, args).await,
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Schedule(args) => schedule::run(&context, args).await,
-            Command::Automanage(args) => automanage::run(&context, args).await,
+            Command::Automanage(args) => automanage::run(&context, &settings, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

@@ -33,8 +33,9 @@ pub struct Args {
     /// the same storage, which must be s3 or nfs).
     #[arg(short = 't', long, value_name = "NODE")]
     target_node: Option<String>,
-    /// Move addresses of SRC_CIDR into DST_CIDR, as SRC_CIDR:DST_CIDR or
-    /// SRC_CIDR->DST_CIDR (IPv4, one prefix length; repeatable).
+    /// Move addresses of SRC_CIDR into DST_CIDR, as SRC_CIDR:DST_CIDR,
+    /// SRC_CIDR->DST_CIDR or SRC_CIDR→DST_CIDR (IPv4, one prefix length;
+    /// repeatable).
     #[arg(long = "network-remap", value_name = "SPEC", value_parser = Remap::parse)]
     network_remaps: Vec<Remap>,
     /// Apply the checkpoint's container record as it is even when no key
@@ -77,6 +78,7 @@ pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(
             validate: args.validate,
             network_remap: args.network_remaps.iter().map(ToString::to_string).collect(),
             trust_record: args.trust_record,
+            criu_path: context.criu_path.clone().unwrap_or_default(),
         })
         .await
         .map_err(|status| CliError::rpc(restore_action(&id, args.target_node.as_deref()), status))?
@@ -263,6 +265,11 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         let ok = parse(&["cp-1", "--network-remap", "10.0.0.0/24->10.1.0.0/24"]).unwrap();
         assert_eq!(ok.network_remaps[0].to_string(), "10.0.0.0/24->10.1.0.0/24");
+        // As the reference's table writes it; sent to the daemon as ->.
+        let arrow = parse(&["cp-1", "--network-remap", "10.0.0.0/24\u{2192}10.1.0.0/24"]).unwrap();
+        assert_eq!(arrow.network_remaps, ok.network_remaps);
+        let err = parse(&["cp-1", "--network-remap=10.0.0.0/24\u{2192}10.1.0.0/16"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
@@ -306,6 +313,7 @@ mod tests {
                 backend: backend.into(),
                 ..Storage::default()
             },
+            criu_path: None,
         }
     }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use seamless_snapshotter::api::remote::{parse_https_address, RemoteTarget};
 use seamless_snapshotter::checkpoint::filter::parse_size;
-use seamless_snapshotter::proto::Storage;
+use seamless_snapshotter::proto::{MergeRules, Storage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -22,6 +22,8 @@ pub enum SettingsError {
     Invalid { path: String, key: String, reason: String },
     #[error("unknown node {node:?}: {}", defined_nodes(known))]
     UnknownNode { node: String, known: Vec<String> },
+    #[error("{from}: criu path {path:?} is not an absolute UTF-8 path")]
+    CriuPath { from: &'static str, path: String },
 }
 
 fn defined_nodes(known: &[String]) -> String {
@@ -41,7 +43,9 @@ pub struct Settings {
     pub automerge: AutomergeSettings,
     #[serde(default)]
     pub logging: LoggingSettings,
-    /// CRIU binary, for process-state checkpoints.
+    /// CRIU binary, for process-state checkpoints: sent with each request
+    /// (`--criu-path` overrides it); the daemon runs it only if its own
+    /// config lists it in `[criu] allowed_paths`.
     #[serde(default)]
     pub criu_path: Option<String>,
     /// Other hosts' daemons by name, for `restore --target-node`.
@@ -193,15 +197,51 @@ pub struct AutomergeSettings {
     pub aggressive: bool,
 }
 
+impl AutomergeSettings {
+    /// The merge that runs after every scheduled and automanaged
+    /// checkpoint: None unless the file names a strategy or a window
+    /// (`aggressive` alone decides nothing). The strategy defaults to
+    /// time-based, as for `checkpointctl merge`.
+    pub fn rules(&self) -> Option<MergeRules> {
+        if self.strategy.is_none() && self.keep_daily.is_none() && self.keep_hourly.is_none() {
+            return None;
+        }
+        Some(MergeRules {
+            strategy: self.strategy.clone().unwrap_or_else(|| "time-based".into()),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            has_keep_daily: self.keep_daily.is_some(),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            has_keep_hourly: self.keep_hourly.is_some(),
+            retain_labels: Vec::new(),
+            aggressive: self.aggressive,
+        })
+    }
+}
+
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSettings {
     /// debug, info, warn or error.
     #[serde(default)]
     pub level: Option<String>,
-    /// A size such as 100MB.
+    /// A size such as 100MB: the log of `automanage --daemonize` is
+    /// rotated (`<log>.1` the newest) when it grows past it.
     #[serde(default)]
     pub max_size: Option<String>,
+    /// Rotated logs kept beside it, `<log>.1` to `<log>.N` (default 3);
+    /// 0 truncates the log instead.
+    #[serde(default)]
+    pub max_backups: Option<u32>,
+}
+
+/// Rotated automanage logs kept when `logging.max_backups` is not given.
+pub const DEFAULT_MAX_BACKUPS: u32 = 3;
+
+impl LoggingSettings {
+    /// `max_size` in bytes, if given (checked when the file was loaded).
+    pub fn max_size_bytes(&self) -> Option<u64> {
+        self.max_size.as_deref().and_then(|s| parse_size(s).ok())
+    }
 }
 
 /// A value that is never printed.
@@ -316,7 +356,10 @@ impl Settings {
         one_of("automerge.strategy", &self.automerge.strategy, &STRATEGIES)?;
         one_of("logging.level", &self.logging.level, &LOG_LEVELS)?;
         if let Some(size) = &self.logging.max_size {
-            parse_size(size).map_err(|reason| invalid("logging.max_size", reason))?;
+            let bytes = parse_size(size).map_err(|reason| invalid("logging.max_size", reason))?;
+            if bytes == 0 {
+                return Err(invalid("logging.max_size", "must be more than 0 bytes".into()));
+            }
         }
         let key = &self.storage.encryption_key.0;
         if !key.is_empty() && (key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -348,6 +391,28 @@ impl Settings {
                 known: self.nodes.keys().cloned().collect(),
             }),
         }
+    }
+
+    /// The criu binary requests name: `--criu-path` over the file's
+    /// `criu_path`; None: the daemon's own.
+    pub fn criu_path(&self, flag: Option<&std::path::Path>) -> Result<Option<String>, SettingsError> {
+        let (from, path) = match (flag, &self.criu_path) {
+            (Some(flag), _) => (
+                "--criu-path",
+                flag.to_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| SettingsError::CriuPath {
+                        from: "--criu-path",
+                        path: flag.display().to_string(),
+                    })?,
+            ),
+            (None, Some(path)) => ("criu_path of the config file", path.clone()),
+            (None, None) => return Ok(None),
+        };
+        if !path.starts_with('/') {
+            return Err(SettingsError::CriuPath { from, path });
+        }
+        Ok(Some(path))
     }
 
     /// The storage a request names: `--storage-backend` over the file.
@@ -416,6 +481,49 @@ logging: {level: info, max_size: 100MB}
     }
 
     #[test]
+    fn automerge_runs_only_when_the_file_names_a_strategy_or_a_window() {
+        let rules = |text: &str| Settings::parse(text, "c.yaml").unwrap().automerge.rules();
+        assert_eq!(rules(""), None);
+        assert_eq!(rules("automerge: {aggressive: true}\n"), None);
+        let daily = rules("automerge: {keep_daily: 7, aggressive: true}\n").unwrap();
+        assert_eq!(
+            (
+                daily.strategy.as_str(),
+                daily.keep_daily,
+                daily.has_keep_daily,
+                daily.has_keep_hourly,
+                daily.aggressive
+            ),
+            ("time-based", 7, true, false, true)
+        );
+        let incremental = rules("automerge: {strategy: incremental}\n").unwrap();
+        assert_eq!(incremental.strategy, "incremental");
+    }
+
+    #[test]
+    fn the_criu_path_flag_overrides_the_file_and_must_be_absolute() {
+        use std::path::Path;
+        let settings = Settings::parse("criu_path: /opt/criu/sbin/criu\n", "c.yaml").unwrap();
+        assert_eq!(
+            settings.criu_path(None).unwrap().as_deref(),
+            Some("/opt/criu/sbin/criu")
+        );
+        assert_eq!(
+            settings
+                .criu_path(Some(Path::new("/usr/sbin/criu")))
+                .unwrap()
+                .as_deref(),
+            Some("/usr/sbin/criu")
+        );
+        assert_eq!(Settings::default().criu_path(None).unwrap(), None);
+        let e = settings.criu_path(Some(Path::new("criu"))).unwrap_err().to_string();
+        assert!(e.contains("--criu-path") && e.contains("not an absolute"), "{e}");
+        let relative = Settings::parse("criu_path: bin/criu\n", "c.yaml").unwrap();
+        let e = relative.criu_path(None).unwrap_err().to_string();
+        assert!(e.contains("criu_path of the config file"), "{e}");
+    }
+
+    #[test]
     fn a_file_with_secrets_that_others_can_read_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
@@ -460,6 +568,8 @@ logging: {level: info, max_size: 100MB}
             ),
             ("storage:\n  s3: {bukket: x}\n", "storage.s3", "unknown field `bukket`"),
             ("logging: {max_size: lots}\n", "logging.max_size", ""),
+            ("logging: {max_size: 0}\n", "logging.max_size", "more than 0"),
+            ("logging: {max_backups: -1}\n", "logging.max_backups", "expected u32"),
             ("automerge: {keep_daily: -1}\n", "automerge.keep_daily", "expected u32"),
             ("automerge: {strategy: random}\n", "automerge.strategy", "time-based"),
             (

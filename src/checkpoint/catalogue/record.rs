@@ -216,7 +216,8 @@ pub struct PrunePlan {
 }
 
 /// How a merge decides which checkpoints stay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MergeStrategy {
     /// The newest checkpoint of each of the last `keep_daily` days and
     /// `keep_hourly` hours that have one (restic's `forget` rules, OR-ed).
@@ -240,7 +241,8 @@ impl MergeStrategy {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Serialised in a schedule's record (its automerge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergePolicy {
     pub strategy: MergeStrategy,
     pub keep_daily: Option<u32>,
@@ -250,6 +252,19 @@ pub struct MergePolicy {
     /// Also split the large files of what stays into content-defined
     /// chunks, stored once across checkpoints and files.
     pub aggressive: bool,
+}
+
+impl MergePolicy {
+    /// Whether the policy can decide anything: time-based needs a window.
+    pub fn check(&self) -> Result<(), CatalogueError> {
+        if self.strategy == MergeStrategy::TimeBased && self.keep_daily.is_none() && self.keep_hourly.is_none() {
+            return Err(CatalogueError::Invalid(
+                "the time-based strategy needs --keep-daily or --keep-hourly (or automerge.keep_daily in the config)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

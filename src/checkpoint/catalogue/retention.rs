@@ -135,12 +135,7 @@ impl Catalogue {
         policy: &MergePolicy,
         dry_run: bool,
     ) -> Result<MergePlan, CatalogueError> {
-        if policy.strategy == MergeStrategy::TimeBased && policy.keep_daily.is_none() && policy.keep_hourly.is_none() {
-            return Err(CatalogueError::Invalid(
-                "the time-based strategy needs --keep-daily or --keep-hourly (or automerge.keep_daily in the config)"
-                    .into(),
-            ));
-        }
+        policy.check()?;
         let all = self.all()?;
         let mine: Vec<&Checkpoint> = all
             .iter()
