@@ -507,6 +507,10 @@ fn automerge_runs_after_scheduled_and_automanaged_checkpoints() {
                 listed.first().is_some_and(|s| s["last_error"].is_null()),
                 "the schedule's runs and merges succeed: {listed:?}"
             );
+            ensure!(
+                listed.first().is_some_and(|s| s["automerge"] == "incremental"),
+                "schedule ls shows the schedule's automerge: {listed:?}"
+            );
             if runs >= 3 {
                 break;
             }

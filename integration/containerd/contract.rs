@@ -114,7 +114,7 @@ fn wait_completed(env: &Env, id: &str) -> Result<Value> {
 #[test]
 fn the_rest_api_answers_as_the_reference_and_its_clients_work() {
     let ns = format!("sit-restref-apps-{}", std::process::id());
-    let config = format!("[rest]\nnamespace = \"{ns}\"\n");
+    let config = format!("[rest]\nnamespace = \"{ns}\"\n\n[commit]\nmax_queued = 1\n");
     with_env_config("restref", Options::default(), &config, |env| {
         ensure!(env.namespace("apps") == ns, "the namespace the config names");
         env.pull(&ns)?;
@@ -269,6 +269,62 @@ fn the_rest_api_answers_as_the_reference_and_its_clients_work() {
             "nydus_seamless_background_time_seconds{quantile=\"0.99\"}",
         ] {
             ensure!(prometheus.contains(line), "{line} in:\n{prometheus}");
+        }
+
+        // A waited commit whose job fails: the error answer, with the job.
+        let closed = free_port()?;
+        let (status, body, text) = rest(
+            env,
+            "POST",
+            "/api/v1/snapshots",
+            &json!({"container_id": web, "target_ref": format!("127.0.0.1:{closed}/gone/app:1"),
+                    "options": {"wait": true, "format": "oci", "target_insecure": true, "source_insecure": true}}),
+        )?;
+        ensure!(
+            status == 500
+                && body["error"]["code"] == "BACKGROUND_PROCESSING_FAILED"
+                && body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("background commit processing failed: ")),
+            "{status} {text}"
+        );
+        let failed = body["error"]["details"]["snapshot_id"]
+            .as_str()
+            .context("details.snapshot_id")?;
+        let (_, job, text) = rest(env, "GET", &format!("/api/v1/snapshots/{failed}"), &Value::Null)?;
+        check_status_fields(&job)?;
+        ensure!(
+            job["state"] == "failed" && job["error_cause"] == "network",
+            "an unreachable registry: {text}"
+        );
+
+        // SNAPSHOT_IN_PROGRESS over HTTP: with `max_queued = 1`, a commit
+        // while one job runs and one waits is refused (409), naming the
+        // container; the two accepted ones both complete.
+        env.exec(
+            &ns,
+            &app,
+            "dd if=/dev/urandom of=/big bs=1M count=64 2>/dev/null && sync",
+        )?;
+        let slow = json!({"container_id": app, "target_ref": env.registry_ref("restref/app:2"),
+                          "options": {"format": "oci", "compressor": "zstd", "target_insecure": true,
+                                      "source_insecure": true}});
+        let (first, running, text) = rest(env, "POST", "/api/v1/snapshots", &slow)?;
+        ensure!(first == 201, "{text}");
+        let (second, waiting, text) = rest(env, "POST", "/api/v1/snapshots", &slow)?;
+        ensure!(
+            second == 201 && waiting["state"] == "pending",
+            "queued behind the first: {text}"
+        );
+        let (status, body, text) = rest(env, "POST", "/api/v1/snapshots", &slow)?;
+        ensure!(
+            status == 409
+                && body["error"]["code"] == "SNAPSHOT_IN_PROGRESS"
+                && body["error"]["details"]["container_id"] == app.as_str(),
+            "a full line: {status} {text}"
+        );
+        for job in [&running, &waiting] {
+            wait_completed(env, job["snapshot_id"].as_str().context("snapshot_id")?)?;
         }
 
         // The clients: their offline suites, then their live flow here.

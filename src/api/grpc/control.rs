@@ -107,6 +107,18 @@ fn merge_rules_from_wire(r: MergeRules) -> Result<MergePolicy, CheckpointError> 
     })
 }
 
+fn merge_rules_to_wire(p: MergePolicy) -> MergeRules {
+    MergeRules {
+        strategy: p.strategy.as_str().to_string(),
+        keep_daily: p.keep_daily.unwrap_or_default(),
+        has_keep_daily: p.keep_daily.is_some(),
+        keep_hourly: p.keep_hourly.unwrap_or_default(),
+        has_keep_hourly: p.keep_hourly.is_some(),
+        retain_labels: p.retain_labels,
+        aggressive: p.aggressive,
+    }
+}
+
 fn schedule_to_wire(s: checkpoint::schedule::Schedule) -> Schedule {
     Schedule {
         id: s.id,
@@ -126,6 +138,7 @@ fn schedule_to_wire(s: checkpoint::schedule::Schedule) -> Schedule {
         last_error: s.last_error.unwrap_or_default(),
         runs: s.runs,
         failures: s.failures,
+        automerge: s.automerge.map(merge_rules_to_wire),
     }
 }
 

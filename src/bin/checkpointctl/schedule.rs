@@ -4,7 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use seamless_snapshotter::proto::{ListSchedulesRequest, RemoveScheduleRequest, Schedule};
+use seamless_snapshotter::proto::{ListSchedulesRequest, MergeRules, RemoveScheduleRequest, Schedule};
 use seamless_snapshotter::time::rfc3339;
 
 use crate::checkpoints::to_json;
@@ -43,6 +43,26 @@ struct View {
     last_error: Option<String>,
     runs: u64,
     failures: u64,
+    /// What is merged after each run, e.g. `time-based keep_daily=7`.
+    automerge: Option<String>,
+}
+
+/// Merge rules in one word group: the strategy, then what it keeps.
+fn rules_text(r: &MergeRules) -> String {
+    let mut text = r.strategy.clone();
+    if r.has_keep_daily {
+        text += &format!(" keep_daily={}", r.keep_daily);
+    }
+    if r.has_keep_hourly {
+        text += &format!(" keep_hourly={}", r.keep_hourly);
+    }
+    if !r.retain_labels.is_empty() {
+        text += &format!(" retain={}", r.retain_labels.join(","));
+    }
+    if r.aggressive {
+        text += " aggressive";
+    }
+    text
 }
 
 fn at(unix: i64) -> String {
@@ -61,6 +81,7 @@ fn view(s: &Schedule) -> View {
         last_error: Some(s.last_error.clone()).filter(|e| !e.is_empty()),
         runs: s.runs,
         failures: s.failures,
+        automerge: s.automerge.as_ref().map(rules_text),
     }
 }
 
@@ -82,18 +103,19 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
                 return Ok(());
             }
             println!(
-                "{:<24}  {:<16}  {:>9}  {:<20}  {:<24}  {:>5}  LAST ERROR",
-                "ID", "CONTAINER", "INTERVAL", "NEXT RUN", "LAST CHECKPOINT", "RUNS"
+                "{:<24}  {:<16}  {:>9}  {:<20}  {:<24}  {:>5}  {:<24}  LAST ERROR",
+                "ID", "CONTAINER", "INTERVAL", "NEXT RUN", "LAST CHECKPOINT", "RUNS", "AUTOMERGE"
             );
             for v in views {
                 println!(
-                    "{:<24}  {:<16}  {:>8}s  {:<20}  {:<24}  {:>5}  {}",
+                    "{:<24}  {:<16}  {:>8}s  {:<20}  {:<24}  {:>5}  {:<24}  {}",
                     v.id,
                     v.container,
                     v.interval_secs,
                     v.next_run,
                     v.last_checkpoint.unwrap_or_else(|| "-".into()),
                     v.runs,
+                    v.automerge.unwrap_or_else(|| "-".into()),
                     v.last_error.unwrap_or_default()
                 );
             }
@@ -110,4 +132,30 @@ pub async fn run(context: &Context, args: Args) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedules_automerge_is_shown_in_one_word_group() {
+        let rules = MergeRules {
+            strategy: "time-based".into(),
+            keep_daily: 7,
+            has_keep_daily: true,
+            retain_labels: vec!["golden".into()],
+            ..Default::default()
+        };
+        assert_eq!(rules_text(&rules), "time-based keep_daily=7 retain=golden");
+        let schedule = Schedule {
+            automerge: Some(rules),
+            ..Default::default()
+        };
+        assert_eq!(
+            view(&schedule).automerge.as_deref(),
+            Some("time-based keep_daily=7 retain=golden")
+        );
+        assert_eq!(view(&Schedule::default()).automerge, None);
+    }
 }

@@ -229,6 +229,15 @@ pub enum MergeStrategy {
 }
 
 impl MergeStrategy {
+    /// The name [`MergeStrategy::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeStrategy::TimeBased => "time-based",
+            MergeStrategy::Incremental => "incremental",
+            MergeStrategy::Tagged => "tagged",
+        }
+    }
+
     pub fn parse(text: &str) -> Result<MergeStrategy, CatalogueError> {
         match text {
             "time-based" => Ok(MergeStrategy::TimeBased),
