@@ -509,7 +509,6 @@ pub enum RequestError {
 /// used when the body names none. Values are checked in full by the commit
 /// itself ([`CommitOptions::validate`]).
 pub fn parse_create(body: &[u8], namespace: &str) -> Result<CreateRequest, RequestError> {
-    let malformed = |m: String| RequestError::Malformed(format!("request body: {m}"));
     let mut fields: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
     let container = take_text(&mut fields, &["container_id", "container"])?
@@ -573,13 +572,17 @@ pub fn parse_create(body: &[u8], namespace: &str) -> Result<CreateRequest, Reque
     })
 }
 
+/// A body that is not the JSON the API takes, saying why.
+fn malformed(reason: String) -> RequestError {
+    RequestError::Malformed(format!("request body: {reason}"))
+}
+
 /// Removes the string field of `fields` named by one of `names` (their
 /// spellings); None when none is there. Two spellings at once are refused.
 fn take_text(
     fields: &mut serde_json::Map<String, serde_json::Value>,
     names: &[&str],
 ) -> Result<Option<String>, RequestError> {
-    let malformed = |m: String| RequestError::Malformed(format!("request body: {m}"));
     let mut found = None;
     for name in names {
         match fields.remove(*name) {

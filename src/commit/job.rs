@@ -386,7 +386,7 @@ impl Drop for JobDir {
 /// fresh random name, created atomically.
 pub(super) fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<JobDir, String> {
     use std::os::unix::fs::DirBuilderExt;
-    if is_shared_sticky(root) {
+    if std::fs::symlink_metadata(root).is_ok_and(|m| is_shared_sticky(&m)) {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix(&format!("seamless-{snapshot_id}-"))
@@ -410,9 +410,9 @@ pub(super) fn create_job_dir(root: &Path, snapshot_id: &str) -> Result<JobDir, S
 
 /// A directory others may write but, being sticky, not rename or remove
 /// our entries in (as /tmp).
-pub(super) fn is_shared_sticky(dir: &Path) -> bool {
+pub(super) fn is_shared_sticky(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.mode() & 0o1000 != 0 && m.mode() & 0o022 != 0)
+    meta.is_dir() && meta.mode() & 0o1000 != 0 && meta.mode() & 0o022 != 0
 }
 
 /// Image `name`'s manifest and config from containerd's content store, or

@@ -555,7 +555,7 @@ fn check_work_dir(dir: &Path, create: bool) -> Result<(), CommitError> {
     // A shared sticky directory (/tmp, the reference's default) is taken:
     // each job builds in a private directory with a random name made
     // inside it (see `job::create_job_dir`).
-    if meta.mode() & 0o022 != 0 && !(meta.mode() & 0o1000 != 0 && meta.uid() == 0) {
+    if meta.mode() & 0o022 != 0 && !(job::is_shared_sticky(&meta) && meta.uid() == 0) {
         return Err(bad(format!(
             "may be written by other users (mode {:04o}) and is not a root-owned sticky directory such as \
              /tmp; use a directory only root can write, or leave work-dir out to use the daemon's private one",
