@@ -10,11 +10,14 @@
 //!   vocabulary of failure classes, the daemon's configuration as plain
 //!   data, RFC 3339 times, sizes and durations as people write them, and
 //!   containerd's namespace rule;
-//! - [`host`]: syscalls, cgroups, runc, CRIU and containerd's API;
+//! - [`host`]: syscalls, cgroups, runc, CRIU, containerd's API and
+//!   Docker's engine API;
 //! - [`oci`]: registries, credentials, image content and OCI layer tars;
 //! - [`nydus`]: RAFS builds and running Nydus images;
 //! - [`snapshot`]: containerd's snapshotter on btrfs and its metadata store;
 //! - [`capture`]: freezing a container around an O(1) snapshot;
+//! - [`docker`]: Docker Engine containers checkpointed with their processes
+//!   and writable layer into a directory, and restored through the engine;
 //! - [`commit`] and [`checkpoint`], side by side: seamless commits, and the
 //!   checkpoint catalogue with its restore;
 //! - [`api`]: gRPC, REST, the TCP listener, the server and the client.
@@ -26,6 +29,7 @@ pub mod capture;
 pub mod checkpoint;
 pub mod commit;
 pub mod config;
+pub mod docker;
 pub mod error;
 pub mod host;
 pub mod namespace;

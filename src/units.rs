@@ -32,6 +32,22 @@ fn describe_text(chars: &[char]) -> String {
     }
 }
 
+/// 1.5 MB, 320 B: powers of 1024, one decimal.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// Parses sizes such as `512`, `10KB`, `100MB`, `1.5GB`, `2TiB`. Units are
 /// powers of 1024 whatever their spelling (`G`, `GB` and `GiB` alike, as
 /// every size setting and flag reads them), case-insensitive; a fraction is rounded

@@ -49,6 +49,7 @@ fn seamless_capture_of_a_running_container() {
         let target = CaptureTarget {
             name: "t1",
             subvolume: &subvolume,
+            upper: seamless_snapshotter::capture::SNAPSHOT_UPPER,
             dest: &dest,
             freezer: &freezer,
             pause_timeout: Duration::from_secs(2),

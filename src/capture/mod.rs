@@ -77,6 +77,9 @@ impl Classify for CaptureError {
     }
 }
 
+/// The upper directory's name in our snapshots' directories.
+pub const SNAPSHOT_UPPER: &str = "fs";
+
 /// How the frozen state of a writable layer is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureMethod {
@@ -226,13 +229,9 @@ impl Watchdog {
 
 /// Takes the read-only copy of `subvolume` at `dest` while frozen: a btrfs
 /// snapshot, or a copy of its upper where snapshots are not possible.
-fn take_snapshot(
-    sys: &Arc<dyn SystemOps>,
-    subvolume: &Path,
-    dest: &Path,
-    method: CaptureMethod,
-) -> Result<(), SysError> {
-    match method {
+fn take_snapshot(sys: &Arc<dyn SystemOps>, target: &CaptureTarget<'_>) -> Result<(), SysError> {
+    let (subvolume, dest) = (target.subvolume, target.dest);
+    match target.method {
         CaptureMethod::Snapshot => sys.snapshot_readonly(subvolume, dest),
         CaptureMethod::Copy => std::fs::create_dir(dest)
             .map_err(|source| SysError::Io {
@@ -240,18 +239,21 @@ fn take_snapshot(
                 path: dest.display().to_string(),
                 source,
             })
-            .and_then(|()| sys.copy_tree(&subvolume.join("fs"), &dest.join("fs"))),
+            .and_then(|()| sys.copy_tree(&subvolume.join(target.upper), &dest.join(SNAPSHOT_UPPER))),
     }
 }
 
 /// One capture: `subvolume` (the snapshot directory holding the
-/// container's upper `fs` and `work`) is taken at `dest`, which then holds
-/// the frozen upper as `dest/fs`; `freezer` is frozen only around the
+/// container's upper, named `upper`, and overlayfs' `work`) is taken at
+/// `dest`, which then holds the frozen upper as `dest/fs`; `freezer` is frozen only around the
 /// snapshot (or the copy), at most `pause_timeout`. `name` names the marker.
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureTarget<'a> {
     pub name: &'a str,
     pub subvolume: &'a Path,
+    /// The upper's name in `subvolume`: [`SNAPSHOT_UPPER`] for ours,
+    /// `diff` for a Docker overlay2 layer.
+    pub upper: &'a str,
     pub dest: &'a Path,
     pub freezer: &'a Freezer,
     pub pause_timeout: Duration,
@@ -292,7 +294,7 @@ fn freeze_and_snapshot(
     };
     let frozen = sys.freeze_cgroup(target.freezer, start + target.pause_timeout);
     let snapshot = match &frozen {
-        Ok(()) => take_snapshot(sys, target.subvolume, target.dest, target.method),
+        Ok(()) => take_snapshot(sys, target),
         Err(_) => Ok(()),
     };
     Ok(FrozenCapture { hold, frozen, snapshot })
@@ -511,6 +513,7 @@ mod tests {
             capture(&CaptureTarget {
                 name: &name,
                 subvolume: &subvolume,
+                upper: SNAPSHOT_UPPER,
                 dest: &dest,
                 freezer,
                 pause_timeout,

@@ -224,6 +224,7 @@ impl CaptureService {
         let target = CaptureTarget {
             name,
             subvolume: &site.subvolume,
+            upper: super::SNAPSHOT_UPPER,
             dest: &site.dest,
             freezer,
             pause_timeout: PAUSE_TIMEOUT,

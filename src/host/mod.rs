@@ -3,7 +3,7 @@
 //! btrfs ioctls, the freezer), so that the layers above are tested against a
 //! recording double. Also here: cgroup paths and usage samples, running runc
 //! and CRIU bounded in time, containerd's own API (containers, tasks, leases,
-//! content), and files that hold secrets.
+//! content), Docker's engine API, and files that hold secrets.
 //!
 //! Knows nothing of snapshots, images, commits or checkpoints: it imports
 //! nothing of this crate but [`crate::error`] and [`crate::config`].
@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod containerd;
 pub mod criu;
+pub mod docker;
 pub mod private_file;
 pub mod stats;
 pub mod sys;

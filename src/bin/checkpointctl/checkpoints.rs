@@ -141,21 +141,7 @@ pub fn labels_text(c: &Checkpoint) -> String {
         .join(",")
 }
 
-/// 1.5 MB, 320 B: powers of 1024, one decimal.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use seamless_snapshotter::units::human_size;
 
 /// An id as given: surrounding white space and JSON double quotes go.
 pub fn checkpoint_id(raw: &str) -> Result<String, CliError> {

@@ -1,0 +1,440 @@
+//! Restoring a checkpoint directory as a new Docker container: the
+//! directory checked (private, every digest matching, the record confined,
+//! the writable layer free of devices and of links out of it) before the
+//! engine is asked for anything; then a container created from the record,
+//! the writable layer copied into its upper directory and CRIU's images
+//! into its own checkpoint directory, and the engine asked to start it from
+//! them. A failure removes the new container; the checkpoint is never
+//! changed but for `restore.log`, which says what happened.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::layout::{CheckpointDir, RECORD, RESTORE_LOG, ROOTFS_DIFF};
+use super::verify::{verify, Verification};
+use super::DockerCheckpointError;
+use crate::error::io_err;
+use crate::host::docker::{DockerClient, DockerError};
+use crate::host::sys::{RealSystem, SystemOps};
+
+/// The largest `container.json` read (an inspect answer is a few KiB).
+const MAX_RECORD: u64 = 4 << 20;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The container the checkpoint was taken of, as named then.
+    pub container: String,
+    pub name: String,
+    pub dir: PathBuf,
+    pub new_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub id: String,
+    pub path: PathBuf,
+    /// From the engine's create call to its start returning.
+    pub restore_time: Duration,
+    pub verification: Verification,
+}
+
+/// Restores `<dir>/<container>/<name>/` as the container `new_name`, then
+/// verifies it; `restore.log` in the checkpoint says what was done.
+pub async fn restore(engine: &DockerClient, options: &RestoreOptions) -> Result<RestoreReport, DockerCheckpointError> {
+    let dir = CheckpointDir::open(&options.dir, &options.container, &options.name)?;
+    let mut log = RestoreLog::new(&dir, options);
+    let result = restore_into(engine, &dir, options, &mut log).await;
+    match &result {
+        Ok(report) => {
+            for check in &report.verification.checks {
+                log.line(&format!(
+                    "verify {}: {} ({})",
+                    check.name,
+                    if check.ok { "ok" } else { "FAILED" },
+                    check.detail
+                ));
+            }
+        }
+        Err(e) => log.line(&format!("restore failed: {e}")),
+    }
+    log.save();
+    result
+}
+
+async fn restore_into(
+    engine: &DockerClient,
+    dir: &CheckpointDir,
+    options: &RestoreOptions,
+    log: &mut RestoreLog,
+) -> Result<RestoreReport, DockerCheckpointError> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || dir.check_sums(threads))
+            .await
+            .map_err(|e| DockerCheckpointError::Copy {
+                what: "the checkpoint's digests".into(),
+                message: e.to_string(),
+            })??;
+    }
+    log.line("every file matches SHA256SUMS");
+    let record = read_record(&dir.join(RECORD))?;
+    let body = super::record::create_body(&record).map_err(|reason| DockerCheckpointError::Record {
+        path: dir.join(RECORD).display().to_string(),
+        reason,
+    })?;
+    let images = dir.criu_files()?;
+    if !images.iter().any(|f| f.starts_with("core-") && f.ends_with(".img")) {
+        return Err(DockerCheckpointError::Damaged {
+            path: dir.path().display().to_string(),
+            reason: "it holds no CRIU images (core-*.img)".into(),
+        });
+    }
+    let rootfs = dir.join(ROOTFS_DIFF);
+    check_layer(&rootfs)?;
+    let info = engine.info().await?;
+    if info.get("ExperimentalBuild").and_then(Value::as_bool) != Some(true) {
+        return Err(DockerCheckpointError::NotExperimental);
+    }
+    let docker_root = info
+        .get("DockerRootDir")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| DockerError::Answer {
+            call: "info".into(),
+            what: "no absolute DockerRootDir".into(),
+        })?;
+    match engine.inspect(&options.new_name).await {
+        Ok(_) => return Err(DockerCheckpointError::NameTaken(options.new_name.clone())),
+        Err(DockerError::NoSuchContainer(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let started = Instant::now();
+    let id = engine.create(&options.new_name, &body).await.map_err(|e| match e {
+        DockerError::Refused { status: 409, .. } => DockerCheckpointError::NameTaken(options.new_name.clone()),
+        other => other.into(),
+    })?;
+    log.line(&format!("created container {} ({id})", options.new_name));
+    let placed = place_and_start(engine, dir, &id, &docker_root, &images, &options.name, log).await;
+    if let Err(e) = placed {
+        if let DockerCheckpointError::Engine(DockerError::Refused { message, .. }) = &e {
+            if let Some(criu_log) = named_restore_log(message, &id).and_then(|p| read_log(&p)) {
+                log.block("CRIU's restore.log", &criu_log);
+            }
+        }
+        if let Err(removal) = engine.remove(&id).await {
+            tracing::warn!(container = %id, error = %removal, "cannot remove the container of a failed restore");
+        }
+        log.line(&format!("removed container {id}"));
+        return Err(e);
+    }
+    let restore_time = started.elapsed();
+    log.line(&format!("started from the checkpoint in {restore_time:?}"));
+    if let Some(criu_log) = running_restore_log(engine, &id).await.and_then(|p| read_log(&p)) {
+        log.block("CRIU's restore.log", &criu_log);
+    }
+    let verification = verify(engine, &id, super::tty_of(&record)).await;
+    Ok(RestoreReport {
+        id,
+        path: dir.path().to_path_buf(),
+        restore_time,
+        verification,
+    })
+}
+
+/// Copies the writable layer into the new container's upper directory and
+/// CRIU's images into its checkpoint directory, then starts it from them.
+async fn place_and_start(
+    engine: &DockerClient,
+    dir: &CheckpointDir,
+    id: &str,
+    docker_root: &Path,
+    images: &[String],
+    name: &str,
+    log: &mut RestoreLog,
+) -> Result<(), DockerCheckpointError> {
+    let created = engine.inspect(id).await?;
+    let upper = created
+        .get("GraphDriver")
+        .and_then(|g| g.get("Data"))
+        .and_then(|d| d.get("UpperDir"))
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(docker_root) && p.is_dir())
+        .ok_or_else(|| DockerCheckpointError::Runtime {
+            container: id.into(),
+            reason: format!("no overlay2 upper directory under {}", docker_root.display()),
+        })?;
+    if !super::is_container_id(id) {
+        return Err(DockerCheckpointError::Runtime {
+            container: id.into(),
+            reason: "the engine gave a malformed id".into(),
+        });
+    }
+    let checkpoints = docker_root.join("containers").join(id).join("checkpoints").join(name);
+    {
+        let (rootfs, upper, source, checkpoints, images) = (
+            dir.join(ROOTFS_DIFF),
+            upper.clone(),
+            dir.path().to_path_buf(),
+            checkpoints.clone(),
+            images.to_vec(),
+        );
+        tokio::task::spawn_blocking(move || {
+            RealSystem
+                .copy_tree(&rootfs, &upper)
+                .map_err(|e| DockerCheckpointError::Copy {
+                    what: "the writable layer".into(),
+                    message: e.to_string(),
+                })?;
+            place_images(&source, &checkpoints, &images)
+        })
+        .await
+        .map_err(|e| DockerCheckpointError::Copy {
+            what: "the checkpoint".into(),
+            message: e.to_string(),
+        })??;
+    }
+    log.line(&format!(
+        "copied the writable layer into {} and {} CRIU files into {}",
+        upper.display(),
+        images.len(),
+        checkpoints.display()
+    ));
+    let started = engine.start(id, Some(name)).await;
+    // The engine has read them into its own store by now.
+    if let Err(e) = fs::remove_dir_all(&checkpoints) {
+        tracing::warn!(path = %checkpoints.display(), error = %e, "cannot remove the engine's copy of the checkpoint");
+    }
+    started.map_err(DockerCheckpointError::from)
+}
+
+/// Links (or, across filesystems, copies) CRIU's files into the engine's
+/// checkpoint directory `target`, made 0700.
+fn place_images(source: &Path, target: &Path, images: &[String]) -> Result<(), DockerCheckpointError> {
+    if let Some(parent) = target.parent() {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(parent)
+            .map_err(io_err("create", parent))?;
+    }
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(target)
+        .map_err(io_err("create", target))?;
+    for name in images {
+        let (from, to) = (source.join(name), target.join(name));
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).map_err(io_err("copy", &from))?;
+        }
+    }
+    Ok(())
+}
+
+/// The most of CRIU's restore log copied into `restore.log`.
+const MAX_CRIU_LOG: u64 = 4 << 20;
+
+/// The CRIU log a failed start names ("log file: <bundle>/work/restore.log"),
+/// if it is the one of container `id`'s bundle.
+fn named_restore_log(message: &str, id: &str) -> Option<PathBuf> {
+    let path = message.split("log file: ").nth(1)?.split([':', '\n']).next()?.trim();
+    let path = PathBuf::from(path);
+    let in_bundle = path.is_absolute()
+        && path.ends_with("work/restore.log")
+        && path.parent()?.parent()?.file_name()? == std::ffi::OsStr::new(id)
+        && !path.components().any(|c| c == std::path::Component::ParentDir);
+    in_bundle.then_some(path)
+}
+
+/// CRIU's log of the restore of the running container `id`: in the work
+/// directory of its shim's bundle (the shim is its init's parent, and
+/// works in the bundle).
+async fn running_restore_log(engine: &DockerClient, id: &str) -> Option<PathBuf> {
+    let inspect = engine.inspect(id).await.ok()?;
+    let pid = inspect.get("State")?.get("Pid")?.as_u64()?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let shim = super::parent_pid(&stat)?;
+    let bundle = fs::read_link(format!("/proc/{shim}/cwd")).ok()?;
+    (bundle.file_name()? == std::ffi::OsStr::new(id)).then(|| bundle.join("work").join("restore.log"))
+}
+
+fn read_log(path: &Path) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let mut text = Vec::new();
+    file.take(MAX_CRIU_LOG).read_to_end(&mut text).ok()?;
+    Some(String::from_utf8_lossy(&text).into_owned())
+}
+
+fn read_record(path: &Path) -> Result<Value, DockerCheckpointError> {
+    let bad = |reason: String| DockerCheckpointError::Record {
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut text = Vec::new();
+    file.take(MAX_RECORD + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_RECORD {
+        return Err(bad(format!("larger than {MAX_RECORD} bytes")));
+    }
+    serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))
+}
+
+/// Refuses a writable layer holding what a container's own files cannot:
+/// a device other than overlayfs' whiteouts (character 0:0), or a hard
+/// link to a file outside the layer (which the copy would read into the
+/// container).
+pub fn check_layer(root: &Path) -> Result<(), DockerCheckpointError> {
+    let damaged = |reason: String| DockerCheckpointError::Damaged {
+        path: root.display().to_string(),
+        reason,
+    };
+    let meta = fs::symlink_metadata(root).map_err(|e| damaged(format!("no writable layer: {e}")))?;
+    if !meta.is_dir() {
+        return Err(damaged("the writable layer is not a directory".into()));
+    }
+    let mut links: HashMap<(u64, u64), (u64, u64, PathBuf)> = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).map_err(io_err("inspect", &path))?;
+            let kind = meta.file_type();
+            let shown = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_block_device() || (kind.is_char_device() && meta.rdev() != 0) {
+                return Err(damaged(format!("{shown} is a device: a container's layer holds none")));
+            } else if kind.is_file() && meta.nlink() > 1 {
+                let seen = links
+                    .entry((meta.dev(), meta.ino()))
+                    .or_insert((meta.nlink(), 0, path.clone()));
+                seen.1 += 1;
+            }
+        }
+    }
+    if let Some((_, _, path)) = links.values().find(|(nlink, found, _)| found < nlink) {
+        let shown = path.strip_prefix(root).unwrap_or(path).display().to_string();
+        return Err(damaged(format!("{shown} is a hard link to a file outside the layer")));
+    }
+    Ok(())
+}
+
+/// `restore.log`: what one restore did, appended to the checkpoint's
+/// (0600), for the troubleshooting the reference describes.
+struct RestoreLog {
+    dir: CheckpointDir,
+    text: String,
+}
+
+impl RestoreLog {
+    fn new(dir: &CheckpointDir, options: &RestoreOptions) -> RestoreLog {
+        let mut log = RestoreLog {
+            dir: dir.clone(),
+            text: String::new(),
+        };
+        log.line(&format!(
+            "restore of {}/{} as {}",
+            options.container, options.name, options.new_name
+        ));
+        log
+    }
+
+    fn line(&mut self, text: &str) {
+        let now = crate::time::rfc3339(std::time::SystemTime::now());
+        self.text.push_str(&format!("{now} {text}\n"));
+    }
+
+    /// `text` under a heading, as it is.
+    fn block(&mut self, heading: &str, text: &str) {
+        self.line(&format!("{heading}:"));
+        self.text.push_str(text);
+        if !text.ends_with('\n') {
+            self.text.push('\n');
+        }
+    }
+
+    fn save(&self) {
+        let path = self.dir.join(RESTORE_LOG);
+        let mut all = fs::read(&path).unwrap_or_default();
+        all.extend_from_slice(self.text.as_bytes());
+        if let Err(e) = self.dir.write_file(RESTORE_LOG, &all) {
+            tracing::warn!(error = %e, "cannot write restore.log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_restore_log_of_the_new_containers_bundle_is_read() {
+        let id = "3d".repeat(32);
+        let message = format!(
+            "OCI runtime restore failed: criu failed: type NOTIFY errno 0\nlog file: \
+             /run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/{id}/work/restore.log: unknown"
+        );
+        assert_eq!(
+            named_restore_log(&message, &id),
+            Some(PathBuf::from(format!(
+                "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/{id}/work/restore.log"
+            )))
+        );
+        let other = "ab".repeat(32);
+        assert_eq!(named_restore_log(&message, &other), None);
+        assert_eq!(named_restore_log("log file: /etc/shadow", &id), None);
+        assert_eq!(
+            named_restore_log(&format!("log file: /x/{id}/work/../../../etc/work/restore.log"), &id),
+            None
+        );
+        assert_eq!(named_restore_log("no log named", &id), None);
+    }
+
+    #[test]
+    fn a_layer_with_a_device_or_an_outside_hard_link_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = tmp.path().join("layer");
+        fs::create_dir_all(layer.join("etc")).unwrap();
+        fs::write(layer.join("etc/a"), b"a").unwrap();
+        fs::hard_link(layer.join("etc/a"), layer.join("etc/b")).unwrap();
+        check_layer(&layer).unwrap();
+
+        fs::write(tmp.path().join("secret"), b"s").unwrap();
+        fs::hard_link(tmp.path().join("secret"), layer.join("etc/shadow")).unwrap();
+        let err = check_layer(&layer).unwrap_err();
+        assert!(err.to_string().contains("etc/shadow is a hard link"), "{err}");
+        fs::remove_file(layer.join("etc/shadow")).unwrap();
+
+        // As root (the unit tests run as root): a whiteout is fine, a real
+        // device is not.
+        use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+        mknod(&layer.join("gone"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), 0).unwrap();
+        check_layer(&layer).unwrap();
+        mknod(
+            &layer.join("sda"),
+            SFlag::S_IFBLK,
+            Mode::from_bits_truncate(0o600),
+            makedev(8, 0),
+        )
+        .unwrap();
+        let err = check_layer(&layer).unwrap_err();
+        assert!(err.to_string().contains("sda is a device"), "{err}");
+        assert!(check_layer(&tmp.path().join("missing")).is_err());
+    }
+}
