@@ -1,0 +1,213 @@
+//! A private Docker engine per test: dockerd with its own config file
+//! (data-root, exec-root, pidfile and socket under the test's directory,
+//! no iptables, no bridge, experimental mode for checkpoints), the
+//! reference's `alpine:latest` imported from a busybox root filesystem (no
+//! image can be pulled here), and the programs under test pointed at it
+//! through `DOCKER_HOST`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// How long dockerd may take to answer after its start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct DockerEnv {
+    dir: PathBuf,
+    dockerd: Option<Child>,
+}
+
+impl DockerEnv {
+    /// Starts an engine for `test` under a fresh directory of /tmp.
+    pub fn start(test: &str) -> Result<DockerEnv> {
+        let missing: Vec<&str> = ["dockerd", "docker", "runc", "criu", "busybox"]
+            .into_iter()
+            .filter(|tool| {
+                !Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect();
+        ensure!(nix::unistd::geteuid().is_root(), "the docker tests run as root");
+        ensure!(missing.is_empty(), "missing programs: {missing:?} (run .ci/setup)");
+        let dir = PathBuf::from(format!("/tmp/sit-docker-{test}-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let config = serde_json::json!({
+            "data-root": dir.join("data"),
+            "exec-root": dir.join("exec"),
+            "pidfile": dir.join("docker.pid"),
+            "hosts": [format!("unix://{}", dir.join("docker.sock").display())],
+            "iptables": false,
+            "ip-masq": false,
+            "bridge": "none",
+            "experimental": true,
+            "storage-driver": "overlay2",
+        });
+        std::fs::write(dir.join("daemon.json"), config.to_string())?;
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let dockerd = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(dir.join("daemon.json"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("start dockerd")?;
+        let env = DockerEnv {
+            dir,
+            dockerd: Some(dockerd),
+        };
+        let started = Instant::now();
+        loop {
+            if env.docker(&["version", "--format", "{{.Server.Version}}"]).is_ok() {
+                break;
+            }
+            if started.elapsed() > START_TIMEOUT {
+                bail!(
+                    "dockerd did not answer within {START_TIMEOUT:?}; its log:\n{}",
+                    std::fs::read_to_string(env.dir.join("dockerd.log")).unwrap_or_default()
+                );
+            }
+            sleep(Duration::from_millis(200));
+        }
+        env.import_alpine()?;
+        Ok(env)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.dir.join("docker.sock").display())
+    }
+
+    /// A busybox root filesystem imported as `alpine:latest`.
+    fn import_alpine(&self) -> Result<()> {
+        let rootfs = self.dir.join("rootfs");
+        for sub in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
+            std::fs::create_dir_all(rootfs.join(sub))?;
+        }
+        let busybox = String::from_utf8(Command::new("sh").args(["-c", "command -v busybox"]).output()?.stdout)?;
+        std::fs::copy(busybox.trim(), rootfs.join("bin/busybox"))?;
+        for applet in ["sh", "echo", "sleep", "cat", "ls", "ps", "true", "wc", "tail"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+        }
+        let script = format!(
+            "tar -C {} -c . | DOCKER_HOST={} docker import - alpine:latest",
+            rootfs.display(),
+            self.host()
+        );
+        let out = Command::new("sh").args(["-c", &script]).output()?;
+        ensure!(
+            out.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Runs Docker's CLI against this engine; fails unless it succeeds.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker_output(args)?;
+        ensure!(
+            out.status.success(),
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn docker_output(&self, args: &[&str]) -> Result<Output> {
+        Command::new("docker")
+            .args(args)
+            .env("DOCKER_HOST", self.host())
+            .output()
+            .context("run docker")
+    }
+
+    /// Runs the `docker-checkpoint` under test against this engine.
+    pub fn checkpoint_tool(&self, args: &[&str]) -> Result<Output> {
+        let out = Command::new(env!("CARGO_BIN_EXE_docker-checkpoint"))
+            .args(args)
+            .env("DOCKER_HOST", self.host())
+            .output()
+            .context("run docker-checkpoint")?;
+        eprintln!(
+            "docker-checkpoint {} -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+
+    /// The container's `docker inspect` field `format` (a Go template).
+    pub fn inspect(&self, container: &str, format: &str) -> Result<String> {
+        Ok(self.docker(&["inspect", "-f", format, container])?.trim().to_string())
+    }
+
+    /// Waits until the container's log holds `needle`.
+    pub fn wait_for_log(&self, container: &str, needle: &str, timeout: Duration) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            let out = self.docker_output(&["logs", container])?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if started.elapsed() > timeout {
+                bail!("{container} did not log {needle:?} within {timeout:?}; it logged:\n{text}");
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for DockerEnv {
+    fn drop(&mut self) {
+        // Containers first, so that dockerd leaves no shim or mount behind.
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids);
+                let _ = self.docker_output(&args);
+            }
+        }
+        if let Some(mut dockerd) = self.dockerd.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(dockerd.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if matches!(dockerd.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                sleep(Duration::from_millis(100));
+            }
+            let _ = dockerd.kill();
+            let _ = dockerd.wait();
+        }
+        // Whatever dockerd left mounted under the directory goes first.
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "grep -o ' {}/[^ ]*' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l",
+                    self.dir.display()
+                ),
+            ])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
