@@ -15,6 +15,20 @@ use anyhow::{bail, ensure, Context, Result};
 /// How long dockerd may take to answer after its start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `flocker FILE`: takes an exclusive flock(2) on FILE, then counts as
+/// the reference's counter does, a line a second.
+const FLOCKER: &str = r#"
+#include <sys/file.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDWR | O_CREAT, 0644);
+    if (fd < 0 || flock(fd, LOCK_EX) != 0) { perror("flock"); return 1; }
+    for (unsigned long i = 0;; i++) { printf("Counter: %lu\n", i); fflush(stdout); sleep(1); }
+}
+"#;
+
 pub struct DockerEnv {
     dir: PathBuf,
     dockerd: Option<Child>,
@@ -23,7 +37,7 @@ pub struct DockerEnv {
 impl DockerEnv {
     /// Starts an engine for `test` under a fresh directory of /tmp.
     pub fn start(test: &str) -> Result<DockerEnv> {
-        let missing: Vec<&str> = ["dockerd", "docker", "runc", "criu", "busybox"]
+        let missing: Vec<&str> = ["dockerd", "docker", "runc", "criu", "busybox", "cc"]
             .into_iter()
             .filter(|tool| {
                 !Command::new("sh")
@@ -96,9 +110,23 @@ impl DockerEnv {
         }
         let busybox = String::from_utf8(Command::new("sh").args(["-c", "command -v busybox"]).output()?.stdout)?;
         std::fs::copy(busybox.trim(), rootfs.join("bin/busybox"))?;
-        for applet in ["sh", "echo", "sleep", "cat", "ls", "ps", "true", "wc", "tail"] {
+        for applet in ["sh", "echo", "sleep", "cat", "ls", "ps", "true", "wc", "tail", "nc"] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
         }
+        // Busybox has no flock: a static program that holds one.
+        let source = self.dir.join("flocker.c");
+        std::fs::write(&source, FLOCKER)?;
+        let out = Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(rootfs.join("bin/flocker"))
+            .arg(&source)
+            .output()
+            .context("run cc")?;
+        ensure!(
+            out.status.success(),
+            "cc flocker.c: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let script = format!(
             "tar -C {} -c . | DOCKER_HOST={} docker import - alpine:latest",
             rootfs.display(),

@@ -342,3 +342,112 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
     ensure!(env.inspect("app", "{{.State.Running}}")? == "true");
     Ok(())
 }
+
+#[test]
+fn tcp_connections_and_file_locks_are_checkpointed_as_asked() -> Result<()> {
+    let env = DockerEnv::start("tcplocks")?;
+    let dir = env.dir().join("checkpoints");
+    let dir_arg = dir.to_str().context("utf-8")?;
+
+    // An established connection over the container's loopback: a sender
+    // writes a numbered line a second to a listener that keeps them.
+    let pair = "sleep 100000 | nc -l -p 9000 > /tmp/got & sleep 1; \
+                (i=0; while true; do echo msg $i; i=$((i+1)); sleep 1; done) | nc 127.0.0.1 9000 & \
+                i=0; while true; do echo Counter: $i; i=$((i+1)); sleep 1; done";
+    env.docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "tcp",
+        "alpine:latest",
+        "sh",
+        "-c",
+        pair,
+    ])?;
+    env.wait_for_log("tcp", "Counter: 3", Duration::from_secs(30))?;
+    let out = env.checkpoint_tool(&["-container", "tcp", "-name", "notcp", "-dir", dir_arg, "-tcp=false"])?;
+    ensure!(!out.status.success(), "-tcp=false dumped an established connection");
+    ensure!(stderr(&out).contains("dump failed"), "{}", stderr(&out));
+    ensure!(
+        env.inspect("tcp", "{{.State.Running}}")? == "true",
+        "a failed dump stopped the container"
+    );
+    let out = env.checkpoint_tool(&["-container", "tcp", "-name", "c1", "-dir", dir_arg])?;
+    ensure!(out.status.success(), "checkpoint failed: {}", stderr(&out));
+    let got_before = env.docker(&["exec", "tcp", "cat", "/tmp/got"])?.lines().count();
+    env.docker(&["rm", "-f", "tcp"])?;
+    let out = env.checkpoint_tool(&["-restore", "-container", "tcp", "-name", "c1", "-dir", dir_arg])?;
+    ensure!(out.status.success(), "restore failed: {}", stderr(&out));
+    ensure!(
+        !Path::new(docker_restore_config()).exists(),
+        "the CRIU options written for the restore were left"
+    );
+    // The restored pair goes on over the same connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = env.docker(&["exec", "tcp-restored", "cat", "/tmp/got"])?;
+        let lines: Vec<&str> = got.lines().collect();
+        let expected: Vec<String> = (0..lines.len()).map(|i| format!("msg {i}")).collect();
+        ensure!(lines == expected, "the connection's stream broke: {lines:?}");
+        if lines.len() >= got_before + 3 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "nothing more came over the restored connection"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // A process holding a file lock.
+    env.docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "lk",
+        "alpine:latest",
+        "/bin/flocker",
+        "/lockfile",
+    ])?;
+    env.wait_for_log("lk", "Counter: 1", Duration::from_secs(30))?;
+    let out = env.checkpoint_tool(&[
+        "-container",
+        "lk",
+        "-name",
+        "nolocks",
+        "-dir",
+        dir_arg,
+        "-file-locks=false",
+    ])?;
+    ensure!(!out.status.success(), "-file-locks=false dumped a held lock");
+    let out = env.checkpoint_tool(&["-container", "lk", "-name", "c1", "-dir", dir_arg])?;
+    ensure!(out.status.success(), "checkpoint failed: {}", stderr(&out));
+    env.docker(&["rm", "-f", "lk"])?;
+    let out = env.checkpoint_tool(&["-restore", "-container", "lk", "-name", "c1", "-dir", dir_arg])?;
+    ensure!(out.status.success(), "restore failed: {}", stderr(&out));
+    let pid = env.inspect("lk-restored", "{{.State.Pid}}")?;
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    ensure!(
+        locks
+            .lines()
+            .any(|l| l.contains("FLOCK") && l.split_whitespace().nth(4) == Some(pid.as_str())),
+        "the restored process {pid} holds no lock:\n{locks}"
+    );
+    let log = std::fs::read_to_string(dir.join("lk/c1/restore.log"))?;
+    ensure!(log.contains("CRIU restores with file-locks"), "{log}");
+    ensure!(
+        log.contains("Restore finished successfully"),
+        "CRIU's own log is not in restore.log"
+    );
+    Ok(())
+}
+
+/// runc's CRIU options file, which a restore needing options writes for
+/// its length only.
+fn docker_restore_config() -> &'static str {
+    seamless_snapshotter::docker::criu_config::RUNC_CRIU_CONFIG
+}

@@ -24,6 +24,7 @@ use serde_json::Value;
 use crate::error::{Classify, ErrorKind, IoError};
 use crate::host::docker::{DockerClient, DockerError};
 
+pub mod criu_config;
 pub mod dump;
 pub mod layout;
 pub mod record;
@@ -75,6 +76,8 @@ pub enum DockerCheckpointError {
     NameTaken(String),
     #[error("{0}")]
     PreDump(String),
+    #[error("{0}")]
+    CriuConfig(String),
     #[error("{action} failed: {message}")]
     Criu { action: &'static str, message: String },
     #[error(transparent)]
@@ -95,7 +98,7 @@ impl Classify for DockerCheckpointError {
             E::Engine(DockerError::Connect { .. } | DockerError::Transport { .. }) => ErrorKind::Unavailable,
             E::Engine(DockerError::Host(_)) => ErrorKind::InvalidArgument,
             E::Exists { .. } | E::NameTaken(_) => ErrorKind::AlreadyExists,
-            E::NotRunning { .. } | E::NotExperimental | E::PreDump(_) | E::Unsupported { .. } => {
+            E::NotRunning { .. } | E::NotExperimental | E::PreDump(_) | E::CriuConfig(_) | E::Unsupported { .. } => {
                 ErrorKind::FailedPrecondition
             }
             E::Layout { .. } | E::Damaged { .. } | E::Record { .. } => ErrorKind::InvalidArgument,

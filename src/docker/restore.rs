@@ -33,6 +33,10 @@ pub struct RestoreOptions {
     pub name: String,
     pub dir: PathBuf,
     pub new_name: String,
+    /// Where the lock serialising restores' CRIU options is kept.
+    pub state_root: PathBuf,
+    /// runc's CRIU options file ([`super::criu_config::RUNC_CRIU_CONFIG`]).
+    pub runc_criu_config: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -122,13 +126,8 @@ async fn restore_into(
         other => other.into(),
     })?;
     log.line(&format!("created container {} ({id})", options.new_name));
-    let placed = place_and_start(engine, dir, &id, &docker_root, &images, &options.name, log).await;
+    let placed = place_and_start(engine, dir, &id, &docker_root, &images, options, log).await;
     if let Err(e) = placed {
-        if let DockerCheckpointError::Engine(DockerError::Refused { message, .. }) = &e {
-            if let Some(criu_log) = named_restore_log(message, &id).and_then(|p| read_log(&p)) {
-                log.block("CRIU's restore.log", &criu_log);
-            }
-        }
         if let Err(removal) = engine.remove(&id).await {
             tracing::warn!(container = %id, error = %removal, "cannot remove the container of a failed restore");
         }
@@ -137,9 +136,6 @@ async fn restore_into(
     }
     let restore_time = started.elapsed();
     log.line(&format!("started from the checkpoint in {restore_time:?}"));
-    if let Some(criu_log) = running_restore_log(engine, &id).await.and_then(|p| read_log(&p)) {
-        log.block("CRIU's restore.log", &criu_log);
-    }
     let verification = verify(engine, &id, super::tty_of(&record)).await;
     Ok(RestoreReport {
         id,
@@ -157,9 +153,10 @@ async fn place_and_start(
     id: &str,
     docker_root: &Path,
     images: &[String],
-    name: &str,
+    options: &RestoreOptions,
     log: &mut RestoreLog,
 ) -> Result<(), DockerCheckpointError> {
+    let name = options.name.as_str();
     let created = engine.inspect(id).await?;
     let upper = created
         .get("GraphDriver")
@@ -208,12 +205,84 @@ async fn place_and_start(
         images.len(),
         checkpoints.display()
     ));
+    let needs = super::criu_config::restore_options(images);
+    let _lock = super::criu_config::lock(&options.state_root.join("criu-config.lock"))?;
+    let config = super::criu_config::provide(&options.runc_criu_config, &needs)?;
+    if !needs.is_empty() {
+        log.line(&format!(
+            "CRIU restores with {} (from {})",
+            needs.join(", "),
+            options.runc_criu_config.display()
+        ));
+    }
+    let watcher = tokio::spawn(open_restore_log(id.to_string()));
     let started = engine.start(id, Some(name)).await;
+    drop(config);
     // The engine has read them into its own store by now.
     if let Err(e) = fs::remove_dir_all(&checkpoints) {
         tracing::warn!(path = %checkpoints.display(), error = %e, "cannot remove the engine's copy of the checkpoint");
     }
+    // Opened while CRIU wrote it: readable after the engine removes it.
+    let criu_log = if watcher.is_finished() {
+        watcher.await.ok().flatten()
+    } else {
+        watcher.abort();
+        None
+    };
+    match criu_log.and_then(read_log) {
+        Some(text) => log.block("CRIU's restore.log", &text),
+        None => log.line("CRIU's restore.log could not be read before the engine removed it"),
+    }
     started.map_err(DockerCheckpointError::from)
+}
+
+/// How often the shim of a container being restored is looked for.
+const WATCH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Opens CRIU's log of the restore of container `id` once it appears: in
+/// the work directory of the bundle of its shim (the process whose
+/// arguments are `-id <id>`, working in the bundle). Runs until aborted.
+async fn open_restore_log(id: String) -> Option<fs::File> {
+    let mut bundle: Option<PathBuf> = None;
+    loop {
+        if bundle.is_none() {
+            bundle = find_shim_bundle(&id);
+        }
+        if let Some(bundle) = &bundle {
+            if let Ok(file) = open_nofollow(&bundle.join("work").join("restore.log")) {
+                return Some(file);
+            }
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// The bundle of the shim serving container `id`, by its arguments.
+fn find_shim_bundle(id: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let serves = args.windows(2).any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
+        if serves && args.first().is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2")) {
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            return (cwd.file_name()? == std::ffi::OsStr::new(id)).then_some(cwd);
+        }
+    }
+    None
+}
+
+fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Links (or, across filesystems, copies) CRIU's files into the engine's
@@ -242,37 +311,7 @@ fn place_images(source: &Path, target: &Path, images: &[String]) -> Result<(), D
 /// The most of CRIU's restore log copied into `restore.log`.
 const MAX_CRIU_LOG: u64 = 4 << 20;
 
-/// The CRIU log a failed start names ("log file: <bundle>/work/restore.log"),
-/// if it is the one of container `id`'s bundle.
-fn named_restore_log(message: &str, id: &str) -> Option<PathBuf> {
-    let path = message.split("log file: ").nth(1)?.split([':', '\n']).next()?.trim();
-    let path = PathBuf::from(path);
-    let in_bundle = path.is_absolute()
-        && path.ends_with("work/restore.log")
-        && path.parent()?.parent()?.file_name()? == std::ffi::OsStr::new(id)
-        && !path.components().any(|c| c == std::path::Component::ParentDir);
-    in_bundle.then_some(path)
-}
-
-/// CRIU's log of the restore of the running container `id`: in the work
-/// directory of its shim's bundle (the shim is its init's parent, and
-/// works in the bundle).
-async fn running_restore_log(engine: &DockerClient, id: &str) -> Option<PathBuf> {
-    let inspect = engine.inspect(id).await.ok()?;
-    let pid = inspect.get("State")?.get("Pid")?.as_u64()?;
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let shim = super::parent_pid(&stat)?;
-    let bundle = fs::read_link(format!("/proc/{shim}/cwd")).ok()?;
-    (bundle.file_name()? == std::ffi::OsStr::new(id)).then(|| bundle.join("work").join("restore.log"))
-}
-
-fn read_log(path: &Path) -> Option<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
+fn read_log(file: fs::File) -> Option<String> {
     let mut text = Vec::new();
     file.take(MAX_CRIU_LOG).read_to_end(&mut text).ok()?;
     Some(String::from_utf8_lossy(&text).into_owned())
@@ -382,29 +421,6 @@ impl RestoreLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_restore_log_of_the_new_containers_bundle_is_read() {
-        let id = "3d".repeat(32);
-        let message = format!(
-            "OCI runtime restore failed: criu failed: type NOTIFY errno 0\nlog file: \
-             /run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/{id}/work/restore.log: unknown"
-        );
-        assert_eq!(
-            named_restore_log(&message, &id),
-            Some(PathBuf::from(format!(
-                "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/{id}/work/restore.log"
-            )))
-        );
-        let other = "ab".repeat(32);
-        assert_eq!(named_restore_log(&message, &other), None);
-        assert_eq!(named_restore_log("log file: /etc/shadow", &id), None);
-        assert_eq!(
-            named_restore_log(&format!("log file: /x/{id}/work/../../../etc/work/restore.log"), &id),
-            None
-        );
-        assert_eq!(named_restore_log("no log named", &id), None);
-    }
 
     #[test]
     fn a_layer_with_a_device_or_an_outside_hard_link_is_refused() {

@@ -121,6 +121,8 @@ async fn run_restore(engine: &DockerClient, container: String, args: args::Args,
         name: args.name,
         dir: args.dir,
         new_name: new_name.clone(),
+        state_root: PathBuf::from(STATE_ROOT),
+        runc_criu_config: PathBuf::from(docker::criu_config::RUNC_CRIU_CONFIG),
     };
     match docker::restore(engine, &options).await {
         Ok(report) => {
