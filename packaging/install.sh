@@ -17,7 +17,7 @@ CONFDIR=${CONFDIR:-/etc/containerd-seamless}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 BUILD=${BUILD:-target/release}
 
-for bin in containerd-seamless-grpc checkpointctl; do
+for bin in containerd-seamless-grpc checkpointctl docker-checkpoint; do
   if [ ! -x "$BUILD/$bin" ]; then
     echo "install: $BUILD/$bin is missing: run cargo build --release first" >&2
     exit 1
@@ -25,7 +25,7 @@ for bin in containerd-seamless-grpc checkpointctl; do
 done
 
 install -d "$DESTDIR$BINDIR" "$DESTDIR$CONFDIR" "$DESTDIR$UNITDIR"
-install -m 0755 "$BUILD/containerd-seamless-grpc" "$BUILD/checkpointctl" "$DESTDIR$BINDIR/"
+install -m 0755 "$BUILD/containerd-seamless-grpc" "$BUILD/checkpointctl" "$BUILD/docker-checkpoint" "$DESTDIR$BINDIR/"
 if [ -e "$DESTDIR$CONFDIR/config.toml" ]; then
   echo "install: keeping $DESTDIR$CONFDIR/config.toml"
 else
