@@ -53,6 +53,30 @@ pub struct Config {
     /// How registries are reached: host configuration and credentials.
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Docker's engine, for checkpoints of its containers
+    /// (`checkpointctl --engine docker`).
+    #[serde(default)]
+    pub docker: DockerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The engine's API socket (an absolute path).
+    #[serde(default = "default_docker_address")]
+    pub address: String,
+}
+
+fn default_docker_address() -> String {
+    "/var/run/docker.sock".into()
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            address: default_docker_address(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -527,6 +551,7 @@ impl Default for Config {
             criu: CriuConfig::default(),
             checkpoint: CheckpointConfig::default(),
             registry: RegistryConfig::default(),
+            docker: DockerConfig::default(),
         }
     }
 }
@@ -613,6 +638,12 @@ impl Config {
             });
         }
         self.pool_size()?;
+        if !self.docker.address.starts_with('/') || self.docker.address.split('/').any(|p| p == "..") {
+            return Err(ConfigError::Invalid {
+                key: "docker.address",
+                reason: format!("{:?} is not an absolute path", self.docker.address),
+            });
+        }
         for (key, value) in [
             ("registry.config_path", &self.registry.config_path),
             ("registry.docker_config", &self.registry.docker_config),

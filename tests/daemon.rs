@@ -1728,6 +1728,7 @@ async fn hostile_archives_are_refused_by_import() {
                 storage: None,
                 namespace: "default".into(),
                 path: archive.display().to_string(),
+                ..Default::default()
             })
             .await
             .expect_err(what);

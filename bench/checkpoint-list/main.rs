@@ -86,6 +86,7 @@ fn main() {
                 pause: Duration::from_millis(2),
                 process: None,
                 container_key: None,
+                engine: String::new(),
             },
         )
         .expect("create");

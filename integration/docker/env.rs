@@ -32,6 +32,8 @@ int main(int argc, char **argv) {
 pub struct DockerEnv {
     dir: PathBuf,
     dockerd: Option<Child>,
+    /// Our daemons, by node name (see [`DockerEnv::start_daemon`]).
+    daemons: Vec<Child>,
 }
 
 impl DockerEnv {
@@ -76,6 +78,7 @@ impl DockerEnv {
         let env = DockerEnv {
             dir,
             dockerd: Some(dockerd),
+            daemons: Vec::new(),
         };
         let started = Instant::now();
         loop {
@@ -139,6 +142,75 @@ impl DockerEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
+    }
+
+    /// Starts our daemon as node `node` (its root and socket under the
+    /// test's directory, directory storage), reaching this engine through
+    /// `[docker] address`. Returns its socket.
+    pub fn start_daemon(&mut self, node: &str) -> Result<PathBuf> {
+        let root = self.dir.join(format!("{node}-root"));
+        // Its own directory: the daemon puts its REST socket beside it.
+        let run = self.dir.join(format!("{node}-run"));
+        std::fs::create_dir_all(&run)?;
+        let socket = run.join("daemon.sock");
+        let config = self.dir.join(format!("{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n[storage]\nbackend = \"directory\"\n[docker]\naddress = \"{}\"\n",
+                self.dir.join("docker.sock").display()
+            ),
+        )?;
+        let log = std::fs::File::create(self.dir.join(format!("{node}.log")))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_containerd-seamless-grpc"))
+            .arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--containerd-address")
+            .arg(self.dir.join("no-containerd.sock"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("start containerd-seamless-grpc")?;
+        self.daemons.push(child);
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if started.elapsed() > START_TIMEOUT {
+                bail!(
+                    "daemon {node} did not serve within {START_TIMEOUT:?}; its log:\n{}",
+                    std::fs::read_to_string(self.dir.join(format!("{node}.log"))).unwrap_or_default()
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
+        Ok(socket)
+    }
+
+    /// `checkpointctl` of the daemon at `socket`, with the config file
+    /// `config` (YAML), on `args`; prints what it said.
+    pub fn checkpointctl(&self, socket: &Path, config: &Path, args: &[&str]) -> Result<Output> {
+        let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+            .arg("--address")
+            .arg(socket)
+            .args(["--namespace", "sit-docker", "--config"])
+            .arg(config)
+            .args(args)
+            .output()
+            .context("run checkpointctl")?;
+        eprintln!(
+            "checkpointctl {} -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
     }
 
     /// Runs Docker's CLI against this engine; fails unless it succeeds.
@@ -210,6 +282,18 @@ impl Drop for DockerEnv {
                 args.extend(ids);
                 let _ = self.docker_output(&args);
             }
+        }
+        for mut daemon in self.daemons.drain(..) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline && !matches!(daemon.try_wait(), Ok(Some(_))) {
+                sleep(Duration::from_millis(50));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
         }
         if let Some(mut dockerd) = self.dockerd.take() {
             let _ = nix::sys::signal::kill(

@@ -451,3 +451,122 @@ fn tcp_connections_and_file_locks_are_checkpointed_as_asked() -> Result<()> {
 fn docker_restore_config() -> &'static str {
     seamless_snapshotter::docker::criu_config::RUNC_CRIU_CONFIG
 }
+
+#[test]
+fn checkpointctl_keeps_docker_checkpoints_in_its_catalogue_and_restores_them_on_another_node() -> Result<()> {
+    let mut env = DockerEnv::start("catalogue")?;
+    let node1 = env.start_daemon("node1")?;
+    let node2 = env.start_daemon("node2")?;
+    // Shared storage both daemons reach; `engine: docker` from the file.
+    let shared = env.dir().join("shared");
+    std::fs::create_dir(&shared)?;
+    let config = env.dir().join("checkpointctl.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "engine: docker\nstorage:\n  backend: nfs\n  nfs: {{path: {}}}\n",
+            shared.display()
+        ),
+    )?;
+    let ok = |out: std::process::Output| -> Result<String> {
+        ensure!(out.status.success(), "checkpointctl failed: {}", stderr(&out));
+        Ok(stdout(&out).trim().to_string())
+    };
+
+    env.docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "web",
+        "alpine:latest",
+        "sh",
+        "-c",
+        COUNTER,
+    ])?;
+    env.wait_for_log("web", "Counter: 1", Duration::from_secs(30))?;
+    // By a unique prefix of its id, as Docker resolves it.
+    let id = env.inspect("web", "{{.Id}}")?;
+    let first = ok(env.checkpointctl(&node1, &config, &["create", &id[..10], "-l", "golden"])?)?;
+    ensure!(
+        env.inspect("web", "{{.State.Running}}")? == "true",
+        "create stopped the container"
+    );
+    env.wait_for_log("web", "Counter: 3", Duration::from_secs(30))?;
+    let before_second = *counters(&env.docker(&["logs", "web"])?).last().context("no counter")?;
+    let second = ok(env.checkpointctl(&node1, &config, &["create", "web", "--parent", &first])?)?;
+
+    let listed: serde_json::Value = serde_json::from_str(&ok(env.checkpointctl(
+        &node1,
+        &config,
+        &["list", "web", "-o", "json"],
+    )?)?)?;
+    let rows = listed.as_array().context("list is not an array")?;
+    ensure!(rows.len() == 2, "list: {listed}");
+    ensure!(
+        rows.iter().all(|r| r["engine"] == "docker" && r["container"] == "web"),
+        "{listed}"
+    );
+    ensure!(
+        rows[1]["parent"] == first.as_str() && rows[0]["labels"]["golden"] == "",
+        "{listed}"
+    );
+    ensure!(
+        rows[1]["process"]["pages_written"].as_u64().unwrap_or(0) > 0,
+        "no process state: {listed}"
+    );
+    let filtered = ok(env.checkpointctl(&node1, &config, &["list", "--filter", "label=golden", "-o", "json"])?)?;
+    ensure!(filtered.contains(&first) && !filtered.contains(&second), "{filtered}");
+    ok(env.checkpointctl(&node1, &config, &["info", &second, "--verify"])?)?;
+
+    // Restored by the other node's daemon, from the shared storage.
+    env.docker(&["rm", "-f", "web"])?;
+    let restored = ok(env.checkpointctl(&node2, &config, &["restore", &second, "--name", "web-restored"])?)?;
+    ensure!(restored.contains("web-restored"), "{restored}");
+    let ps = env.docker(&["ps"])?;
+    ensure!(ps.contains("web-restored"), "docker ps does not list it:\n{ps}");
+    let log = env.wait_for_log("web-restored", "Counter: ", Duration::from_secs(30))?;
+    let after = counters(&log);
+    ensure!(
+        after[0] > before_second,
+        "the counter restarted: {after:?} after {before_second}"
+    );
+    ensure!(env.docker(&["exec", "web-restored", "echo", "ok"])?.trim() == "ok");
+    let stats = env.docker(&["stats", "--no-stream", "--format", "{{.Name}}", "web-restored"])?;
+    ensure!(stats.trim() == "web-restored", "{stats}");
+
+    // A docker-checkpoint directory, imported into the catalogue and
+    // restored from it.
+    let dir = env.dir().join("dirs");
+    let out = env.checkpoint_tool(&[
+        "-container",
+        "web-restored",
+        "-name",
+        "c1",
+        "-dir",
+        dir.to_str().context("utf-8")?,
+    ])?;
+    ensure!(out.status.success(), "docker-checkpoint: {}", stderr(&out));
+    let path = dir.join("web-restored/c1");
+    let imported = ok(env.checkpointctl(
+        &node1,
+        &config,
+        &["import", path.to_str().context("utf-8")?, "-l", "from-dir"],
+    )?)?;
+    let shown = ok(env.checkpointctl(&node1, &config, &["list", "web-restored", "-o", "json"])?)?;
+    ensure!(shown.contains(&imported) && shown.contains("from-dir"), "{shown}");
+    ok(env.checkpointctl(&node1, &config, &["restore", &imported, "--name", "from-dir"])?)?;
+    env.wait_for_log("from-dir", "Counter: ", Duration::from_secs(30))?;
+
+    // Unknown container: the CLI's not-found exit.
+    let out = env.checkpointctl(&node1, &config, &["--engine", "docker", "create", "nosuch"])?;
+    ensure!(
+        out.status.code() == Some(3),
+        "exit {:?}: {}",
+        out.status.code(),
+        stderr(&out)
+    );
+    ensure!(stderr(&out).contains("no such container: nosuch"), "{}", stderr(&out));
+    Ok(())
+}

@@ -245,6 +245,31 @@ impl CaptureService {
         Ok((captured, None))
     }
 
+    /// Captures the writable layer of a container this snapshotter does not
+    /// serve (a Docker container's overlay2 layer `layer`, whose upper is
+    /// named `upper`): copied into `dest/fs` while frozen, and kept frozen
+    /// (for a memory dump that must match) until the hold is released, with
+    /// the same watchdog and markers as every capture.
+    pub fn capture_foreign_and_hold(
+        &self,
+        name: &str,
+        layer: &Path,
+        upper: &str,
+        dest: &Path,
+        freezer: &Freezer,
+    ) -> Result<(Captured, FrozenHold), CaptureError> {
+        let target = CaptureTarget {
+            name,
+            subvolume: layer,
+            upper,
+            dest,
+            freezer,
+            pause_timeout: PAUSE_TIMEOUT,
+            method: CaptureMethod::Copy,
+        };
+        capture_upper_and_hold(&self.sys, &self.markers, &target, self.hold_limit)
+    }
+
     /// A hold on a container that something else may freeze (CRIU's dump):
     /// thawed when released or dropped, and by a restarted daemon if this
     /// one dies first.

@@ -13,6 +13,15 @@ impl CheckpointService {
     pub async fn create(&self, request: CreateRequest) -> Result<Checkpoint, CheckpointError> {
         crate::host::containerd::validate_namespace(&request.namespace)
             .map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        match request.engine.as_str() {
+            "" | "containerd" => {}
+            catalogue::ENGINE_DOCKER => return self.create_docker(request).await,
+            other => {
+                return Err(CheckpointError::Invalid(format!(
+                    "engine {other:?}: containerd or docker"
+                )))
+            }
+        }
         let labels = catalogue::parse_labels(&request.labels)?;
         let compression = Compression::parse(&request.compression)?;
         if let Some(parent) = &request.parent {
@@ -140,6 +149,7 @@ impl CheckpointService {
             pause: captured.captured.pause,
             process: None,
             container_key: None,
+            engine: String::new(),
         };
         // Without a freezer (no cgroup found) there is nothing to guard.
         let freezer = if request.fs_only {

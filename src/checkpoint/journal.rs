@@ -330,6 +330,7 @@ mod tests {
             pause: Duration::from_micros(1500),
             process: None,
             container_key: Some("blobs/sha256/aa.zst".into()),
+            engine: String::new(),
         };
         let dump = DumpPlan {
             images: vec!["blobs/sha256/bb.chunks".into()],

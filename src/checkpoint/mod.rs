@@ -14,6 +14,7 @@ pub mod beneath;
 pub mod catalogue;
 mod create;
 pub mod criu_choice;
+mod docker;
 pub mod filter;
 pub mod journal;
 pub mod objects;
@@ -66,6 +67,8 @@ pub enum CheckpointError {
     Cgroup(#[from] crate::host::cgroup::CgroupError),
     #[error(transparent)]
     CriuChoice(#[from] criu_choice::CriuChoiceError),
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerCheckpointError),
     #[error(
         "container {container} has {used} bytes of memory ({used_mib} MiB), over the memory limit of {limit} bytes \
          ({limit_mib} MiB): nothing was dumped; raise --memory-limit or checkpoint with --fs-only"
@@ -119,6 +122,7 @@ impl Classify for CheckpointError {
             CheckpointError::Containerd(e) => e.kind(),
             CheckpointError::Cgroup(e) => e.kind(),
             CheckpointError::CriuChoice(e) => e.kind(),
+            CheckpointError::Docker(e) => e.kind(),
             CheckpointError::MemoryLimit { .. }
             | CheckpointError::Unsupported(_)
             | CheckpointError::ArchiveTooLarge { .. } => ErrorKind::FailedPrecondition,
@@ -190,6 +194,9 @@ pub struct CreateRequest {
     /// The criu binary the caller names, run only as [`criu_choice`]
     /// allows; None: the daemon's own (`[criu] criu_path`).
     pub criu_path: Option<String>,
+    /// Whose container it is: empty or `containerd` for containerd's,
+    /// `docker` for Docker Engine's.
+    pub engine: String,
 }
 
 impl CreateRequest {
@@ -241,6 +248,8 @@ pub struct CheckpointSettings {
     pub max_received_archive: u64,
     /// `[criu] allowed_paths`: the criu binaries a caller may name.
     pub allowed_criu: Vec<PathBuf>,
+    /// `[docker] address`: Docker's engine, for its containers' checkpoints.
+    pub docker_socket: PathBuf,
 }
 
 impl CheckpointSettings {
@@ -253,6 +262,7 @@ impl CheckpointSettings {
         Ok(CheckpointSettings {
             criu: crate::host::criu::CriuSettings::from_config(&config.criu),
             allowed_criu: config.criu.allowed_paths.iter().map(Into::into).collect(),
+            docker_socket: config.docker.address.clone().into(),
             trust: Arc::new(trust),
             max_received_archive: config
                 .max_received_archive_bytes()

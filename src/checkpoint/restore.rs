@@ -70,7 +70,7 @@ pub struct Restored {
 }
 
 /// containerd's rule for container ids.
-fn validate_container_id(id: &str) -> Result<(), CheckpointError> {
+pub(super) fn validate_container_id(id: &str) -> Result<(), CheckpointError> {
     let valid = !id.is_empty()
         && id.len() <= 76
         && id.as_bytes()[0].is_ascii_alphanumeric()
@@ -134,6 +134,9 @@ impl CheckpointService {
                 .await
                 .map_err(|e| CheckpointError::Task(e.to_string()))??
         };
+        if checkpoint.engine == super::catalogue::ENGINE_DOCKER {
+            return self.restore_docker(&request, catalogue, checkpoint).await;
+        }
         // A criu binary the daemon will not run is refused before anything
         // is created (and checked again where it is used); a checkpoint
         // without process state runs no CRIU, as create ignores it then.
@@ -486,7 +489,7 @@ impl CheckpointError {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     use std::io::Write;
     let mut file = fs::OpenOptions::new()
         .write(true)

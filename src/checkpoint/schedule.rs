@@ -239,6 +239,9 @@ pub struct Schedule {
     /// `automerge` of the client's config when it registered the schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub automerge: Option<MergePolicy>,
+    /// Whose container: empty for containerd's, `docker` for Docker's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
 }
 
 fn filesystem_only() -> bool {
@@ -382,6 +385,7 @@ impl CheckpointService {
             file_locks: request.file_locks,
             criu_path: request.criu_path.clone(),
             automerge,
+            engine: request.engine.clone(),
         };
         if let Err(e) = self.automerge(&schedule).await {
             schedule.last_error = Some(e);
@@ -430,6 +434,7 @@ impl CheckpointService {
                 file_locks: schedule.file_locks,
                 pre_dump: false,
                 criu_path: schedule.criu_path.clone(),
+                engine: schedule.engine.clone(),
             };
             schedule.last_run_unix = unix(SystemTime::now());
             match self.create(request).await {
@@ -611,6 +616,7 @@ mod tests {
             file_locks: false,
             criu_path: None,
             automerge: None,
+            engine: String::new(),
         };
         assert!(!s.is_due(1059));
         assert!(s.is_due(1060));

@@ -94,14 +94,98 @@ async fn restore_into(
         reason,
     })?;
     let images = dir.criu_files()?;
-    if !images.iter().any(|f| f.starts_with("core-") && f.ends_with(".img")) {
+    let rootfs = dir.join(ROOTFS_DIFF);
+    check_layer(&rootfs)?;
+    let plan = EnginePlan {
+        body: &body,
+        new_name: &options.new_name,
+        checkpoint_name: &options.name,
+        images_dir: dir.path(),
+        images: &images,
+        state_root: &options.state_root,
+        runc_criu_config: &options.runc_criu_config,
+    };
+    let mut lines = Vec::new();
+    let restored = restore_through_engine(
+        engine,
+        &plan,
+        move |upper| {
+            RealSystem
+                .copy_tree(&rootfs, upper)
+                .map_err(|e| DockerCheckpointError::Copy {
+                    what: "the writable layer".into(),
+                    message: e.to_string(),
+                })
+        },
+        &mut lines,
+    )
+    .await;
+    for line in lines {
+        log.line(&line);
+    }
+    let restored = restored?;
+    match &restored.criu_log {
+        Some(text) => log.block("CRIU's restore.log", text),
+        None => log.line("CRIU's restore.log could not be read before the engine removed it"),
+    }
+    let verification = verify(engine, &restored.id, super::tty_of(&record)).await;
+    Ok(RestoreReport {
+        id: restored.id,
+        path: dir.path().to_path_buf(),
+        restore_time: restored.restore_time,
+        verification,
+    })
+}
+
+/// What a restore through the engine starts from: the create body (from
+/// a checked record), and CRIU's files, flat in `images_dir`.
+#[derive(Debug, Clone, Copy)]
+pub struct EnginePlan<'a> {
+    pub body: &'a Value,
+    pub new_name: &'a str,
+    /// The name the images take in the new container's checkpoint
+    /// directory (a single path component).
+    pub checkpoint_name: &'a str,
+    pub images_dir: &'a Path,
+    pub images: &'a [String],
+    /// Where the lock serialising restores' CRIU options is kept.
+    pub state_root: &'a Path,
+    pub runc_criu_config: &'a Path,
+}
+
+/// A container the engine restored.
+#[derive(Debug, Clone)]
+pub struct EngineRestored {
+    pub id: String,
+    /// From the create call to the start returning.
+    pub restore_time: Duration,
+    /// CRIU's log of the restore, when it could be read.
+    pub criu_log: Option<String>,
+}
+
+/// Creates the container `plan.new_name`, has `write_layer` fill its
+/// (empty) upper directory, places CRIU's images in its checkpoint
+/// directory and starts it from them; a failure removes it. `log` gets a
+/// line per step.
+pub async fn restore_through_engine<W>(
+    engine: &DockerClient,
+    plan: &EnginePlan<'_>,
+    write_layer: W,
+    log: &mut Vec<String>,
+) -> Result<EngineRestored, DockerCheckpointError>
+where
+    W: FnOnce(&Path) -> Result<(), DockerCheckpointError> + Send + 'static,
+{
+    if !plan
+        .images
+        .iter()
+        .any(|f| f.starts_with("core-") && f.ends_with(".img"))
+    {
         return Err(DockerCheckpointError::Damaged {
-            path: dir.path().display().to_string(),
+            path: plan.images_dir.display().to_string(),
             reason: "it holds no CRIU images (core-*.img)".into(),
         });
     }
-    let rootfs = dir.join(ROOTFS_DIFF);
-    check_layer(&rootfs)?;
     let info = engine.info().await?;
     if info.get("ExperimentalBuild").and_then(Value::as_bool) != Some(true) {
         return Err(DockerCheckpointError::NotExperimental);
@@ -115,49 +199,56 @@ async fn restore_into(
             call: "info".into(),
             what: "no absolute DockerRootDir".into(),
         })?;
-    match engine.inspect(&options.new_name).await {
-        Ok(_) => return Err(DockerCheckpointError::NameTaken(options.new_name.clone())),
+    match engine.inspect(plan.new_name).await {
+        Ok(_) => return Err(DockerCheckpointError::NameTaken(plan.new_name.to_string())),
         Err(DockerError::NoSuchContainer(_)) => {}
         Err(e) => return Err(e.into()),
     }
     let started = Instant::now();
-    let id = engine.create(&options.new_name, &body).await.map_err(|e| match e {
-        DockerError::Refused { status: 409, .. } => DockerCheckpointError::NameTaken(options.new_name.clone()),
+    let id = engine.create(plan.new_name, plan.body).await.map_err(|e| match e {
+        DockerError::Refused { status: 409, .. } => DockerCheckpointError::NameTaken(plan.new_name.to_string()),
         other => other.into(),
     })?;
-    log.line(&format!("created container {} ({id})", options.new_name));
-    let placed = place_and_start(engine, dir, &id, &docker_root, &images, options, log).await;
-    if let Err(e) = placed {
-        if let Err(removal) = engine.remove(&id).await {
-            tracing::warn!(container = %id, error = %removal, "cannot remove the container of a failed restore");
+    log.push(format!("created container {} ({id})", plan.new_name));
+    let placed = place_and_start(engine, plan, &id, &docker_root, write_layer, log).await;
+    match placed {
+        Ok(criu_log) => {
+            let restore_time = started.elapsed();
+            log.push(format!("started from the checkpoint in {restore_time:?}"));
+            Ok(EngineRestored {
+                id,
+                restore_time,
+                criu_log,
+            })
         }
-        log.line(&format!("removed container {id}"));
-        return Err(e);
+        Err((e, criu_log)) => {
+            if let Err(removal) = engine.remove(&id).await {
+                tracing::warn!(container = %id, error = %removal, "cannot remove the container of a failed restore");
+            }
+            if let Some(text) = criu_log {
+                log.push(format!("CRIU's restore.log:\n{}", text.trim_end()));
+            }
+            log.push(format!("removed container {id}"));
+            Err(e)
+        }
     }
-    let restore_time = started.elapsed();
-    log.line(&format!("started from the checkpoint in {restore_time:?}"));
-    let verification = verify(engine, &id, super::tty_of(&record)).await;
-    Ok(RestoreReport {
-        id,
-        path: dir.path().to_path_buf(),
-        restore_time,
-        verification,
-    })
 }
 
-/// Copies the writable layer into the new container's upper directory and
-/// CRIU's images into its checkpoint directory, then starts it from them.
-async fn place_and_start(
+/// Fills the new container's upper directory and checkpoint directory,
+/// then starts it from them. Returns CRIU's log of the restore (also with
+/// the error).
+async fn place_and_start<W>(
     engine: &DockerClient,
-    dir: &CheckpointDir,
+    plan: &EnginePlan<'_>,
     id: &str,
     docker_root: &Path,
-    images: &[String],
-    options: &RestoreOptions,
-    log: &mut RestoreLog,
-) -> Result<(), DockerCheckpointError> {
-    let name = options.name.as_str();
-    let created = engine.inspect(id).await?;
+    write_layer: W,
+    log: &mut Vec<String>,
+) -> Result<Option<String>, (DockerCheckpointError, Option<String>)>
+where
+    W: FnOnce(&Path) -> Result<(), DockerCheckpointError> + Send + 'static,
+{
+    let created = engine.inspect(id).await.map_err(|e| (e.into(), None))?;
     let upper = created
         .get("GraphDriver")
         .and_then(|g| g.get("Data"))
@@ -165,58 +256,62 @@ async fn place_and_start(
         .and_then(Value::as_str)
         .map(PathBuf::from)
         .filter(|p| p.starts_with(docker_root) && p.is_dir())
-        .ok_or_else(|| DockerCheckpointError::Runtime {
-            container: id.into(),
-            reason: format!("no overlay2 upper directory under {}", docker_root.display()),
+        .ok_or_else(|| {
+            let e = DockerCheckpointError::Runtime {
+                container: id.into(),
+                reason: format!("no overlay2 upper directory under {}", docker_root.display()),
+            };
+            (e, None)
         })?;
     if !super::is_container_id(id) {
-        return Err(DockerCheckpointError::Runtime {
+        let e = DockerCheckpointError::Runtime {
             container: id.into(),
             reason: "the engine gave a malformed id".into(),
-        });
+        };
+        return Err((e, None));
     }
-    let checkpoints = docker_root.join("containers").join(id).join("checkpoints").join(name);
+    let checkpoints = docker_root
+        .join("containers")
+        .join(id)
+        .join("checkpoints")
+        .join(plan.checkpoint_name);
     {
-        let (rootfs, upper, source, checkpoints, images) = (
-            dir.join(ROOTFS_DIFF),
+        let (upper, source, checkpoints, images) = (
             upper.clone(),
-            dir.path().to_path_buf(),
+            plan.images_dir.to_path_buf(),
             checkpoints.clone(),
-            images.to_vec(),
+            plan.images.to_vec(),
         );
         tokio::task::spawn_blocking(move || {
-            RealSystem
-                .copy_tree(&rootfs, &upper)
-                .map_err(|e| DockerCheckpointError::Copy {
-                    what: "the writable layer".into(),
-                    message: e.to_string(),
-                })?;
+            write_layer(&upper)?;
             place_images(&source, &checkpoints, &images)
         })
         .await
         .map_err(|e| DockerCheckpointError::Copy {
             what: "the checkpoint".into(),
             message: e.to_string(),
-        })??;
+        })
+        .and_then(|r| r)
+        .map_err(|e| (e, None))?;
     }
-    log.line(&format!(
-        "copied the writable layer into {} and {} CRIU files into {}",
+    log.push(format!(
+        "wrote the writable layer into {} and placed {} CRIU files in {}",
         upper.display(),
-        images.len(),
+        plan.images.len(),
         checkpoints.display()
     ));
-    let needs = super::criu_config::restore_options(images);
-    let _lock = super::criu_config::lock(&options.state_root.join("criu-config.lock"))?;
-    let config = super::criu_config::provide(&options.runc_criu_config, &needs)?;
+    let needs = super::criu_config::restore_options(plan.images);
+    let _lock = super::criu_config::lock(&plan.state_root.join("criu-config.lock")).map_err(|e| (e, None))?;
+    let config = super::criu_config::provide(plan.runc_criu_config, &needs).map_err(|e| (e, None))?;
     if !needs.is_empty() {
-        log.line(&format!(
+        log.push(format!(
             "CRIU restores with {} (from {})",
             needs.join(", "),
-            options.runc_criu_config.display()
+            plan.runc_criu_config.display()
         ));
     }
     let watcher = tokio::spawn(open_restore_log(id.to_string()));
-    let started = engine.start(id, Some(name)).await;
+    let started = engine.start(id, Some(plan.checkpoint_name)).await;
     drop(config);
     // The engine has read them into its own store by now.
     if let Err(e) = fs::remove_dir_all(&checkpoints) {
@@ -228,12 +323,12 @@ async fn place_and_start(
     } else {
         watcher.abort();
         None
-    };
-    match criu_log.and_then(read_log) {
-        Some(text) => log.block("CRIU's restore.log", &text),
-        None => log.line("CRIU's restore.log could not be read before the engine removed it"),
     }
-    started.map_err(DockerCheckpointError::from)
+    .and_then(read_log);
+    match started {
+        Ok(()) => Ok(criu_log),
+        Err(e) => Err((e.into(), criu_log)),
+    }
 }
 
 /// How often the shim of a container being restored is looked for.

@@ -94,6 +94,7 @@ fn create_request_from_wire(r: CreateCheckpointRequest) -> CreateRequest {
         file_locks: r.file_locks,
         pre_dump: r.pre_dump,
         criu_path: Some(r.criu_path).filter(|p| !p.is_empty()),
+        engine: r.engine,
     }
 }
 
@@ -180,6 +181,7 @@ fn checkpoint_to_wire(c: checkpoint::Checkpoint) -> Checkpoint {
             leave_running: p.leave_running,
             criu_version: p.criu_version,
         }),
+        engine: c.engine,
     }
 }
 
@@ -686,15 +688,20 @@ impl Control for ControlService {
         request: Request<ImportCheckpointRequest>,
     ) -> Result<Response<ImportCheckpointResponse>, Status> {
         let r = request.into_inner();
-        let imported = self
-            .checkpoints
-            .import(
-                &storage_from_wire(r.storage),
-                &r.namespace,
-                std::path::Path::new(&r.path),
-            )
-            .await
-            .map_err(checkpoint_status)?;
+        let storage = storage_from_wire(r.storage);
+        let path = std::path::Path::new(&r.path);
+        let imported = if r.docker_dir {
+            vec![self
+                .checkpoints
+                .import_docker_dir(&storage, &r.namespace, path, &r.labels)
+                .await
+                .map_err(checkpoint_status)?]
+        } else {
+            self.checkpoints
+                .import(&storage, &r.namespace, path)
+                .await
+                .map_err(checkpoint_status)?
+        };
         Ok(Response::new(ImportCheckpointResponse {
             checkpoints: imported.into_iter().map(checkpoint_to_wire).collect(),
         }))

@@ -37,6 +37,8 @@ pub struct View {
     pub delta_digest: String,
     /// The CRIU dump; null for a filesystem-only checkpoint.
     pub process: Option<ProcessView>,
+    /// Whose container: "containerd" or "docker".
+    pub engine: String,
 }
 
 /// A checkpoint's process state: what CRIU reported of the dump.
@@ -106,6 +108,11 @@ pub fn process_state(c: &Checkpoint) -> Option<&ProcessState> {
 impl View {
     pub fn of(c: &Checkpoint) -> View {
         View {
+            engine: if c.engine.is_empty() {
+                "containerd".into()
+            } else {
+                c.engine.clone()
+            },
             id: c.id.clone(),
             namespace: c.namespace.clone(),
             container: c.container.clone(),

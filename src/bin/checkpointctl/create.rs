@@ -122,6 +122,7 @@ impl Args {
             file_locks: self.file_locks,
             pre_dump: self.pre_dump,
             criu_path: context.criu_path.clone().unwrap_or_default(),
+            engine: context.engine.clone(),
         };
         Ok(Plan { request, interval })
     }
@@ -218,6 +219,7 @@ mod tests {
             namespace: "default".into(),
             storage: Default::default(),
             criu_path: None,
+            engine: "containerd".into(),
         }
     }
 

@@ -62,6 +62,11 @@ struct Cli {
     /// CRIU binary for process-state checkpoints (overrides criu_path).
     #[arg(long, global = true)]
     criu_path: Option<PathBuf>,
+    /// Whose containers `create` checkpoints and `import` of a directory
+    /// reads: containerd's, or Docker Engine's (overrides `engine` of the
+    /// config file). Restore follows the checkpoint's own engine.
+    #[arg(long, global = true, value_parser = ["containerd", "docker"])]
+    engine: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,6 +109,8 @@ pub struct Context {
     /// `--criu-path`, else the config's `criu_path`: sent with each
     /// process-state request; the daemon runs it only if its config allows.
     pub criu_path: Option<String>,
+    /// `--engine`, else the config's `engine`: "containerd" or "docker".
+    pub engine: String,
 }
 
 /// Everything that can fail after the arguments parsed. Each variant names
@@ -230,6 +237,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         namespace: cli.namespace.clone(),
         storage: settings.storage(cli.storage_backend.as_deref()),
         criu_path: settings.criu_path(cli.criu_path.as_deref())?,
+        engine: cli
+            .engine
+            .clone()
+            .or_else(|| settings.engine.clone())
+            .unwrap_or_else(|| "containerd".into()),
     };
     runtime.block_on(async {
         match cli.command {

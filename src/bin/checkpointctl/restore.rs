@@ -314,6 +314,7 @@ mod tests {
                 ..Storage::default()
             },
             criu_path: None,
+            engine: "containerd".into(),
         }
     }
 

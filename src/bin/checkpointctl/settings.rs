@@ -51,6 +51,20 @@ pub struct Settings {
     /// Other hosts' daemons by name, for `restore --target-node`.
     #[serde(default)]
     pub nodes: BTreeMap<String, NodeSettings>,
+    /// Whose containers are checkpointed: `containerd` (the default) or
+    /// `docker` (`--engine` overrides it).
+    #[serde(default, deserialize_with = "engine_name")]
+    pub engine: Option<String>,
+}
+
+fn engine_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let name = <Option<String> as Deserialize>::deserialize(deserializer)?;
+    match name.as_deref() {
+        None | Some("containerd") | Some("docker") => Ok(name),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "engine {other:?}: containerd or docker"
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize, PartialEq)]

@@ -341,6 +341,9 @@ fn build_layer(
     if let Some(parent) = &checkpoint.parent {
         annotations.insert(annotation("parent"), parent.clone());
     }
+    if !checkpoint.engine.is_empty() {
+        annotations.insert(annotation("engine"), checkpoint.engine.clone());
+    }
     Ok(BuiltLayer {
         file: staged,
         descriptor: Descriptor {
@@ -940,6 +943,7 @@ mod tests {
                 delta_digest,
                 process: None,
                 container_key: None,
+                engine: String::new(),
             };
             w.catalogue.publish(&checkpoint).unwrap();
             chain.push(checkpoint);

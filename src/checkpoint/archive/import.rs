@@ -145,6 +145,8 @@ struct LayerPlan {
     /// How the checkpoint stores its blobs.
     compression: Compression,
     pause_ns: u64,
+    /// See `Checkpoint::engine`: empty, or a Docker container's.
+    engine: String,
 }
 
 /// What a layer's members said, before hard links are resolved.
@@ -257,6 +259,7 @@ pub fn import(catalogue: &Catalogue, source: &Path, namespace: &str) -> Result<V
                 pause_ns: plan.pause_ns,
                 delta_key,
                 delta_digest,
+                engine: plan.engine.clone(),
             });
         }
         // Metadata last, oldest first: a parent is listed before its child.
@@ -402,7 +405,13 @@ fn plan_layers(layout: &Layout, manifest: &Manifest) -> Result<Vec<LayerPlan>, A
             Some(text) => text.parse().map_err(|_| bad(&format!("pause-ns {text:?}")))?,
             None => 0,
         };
+        let engine = match get("engine") {
+            None => String::new(),
+            Some(e) if e == catalogue::ENGINE_DOCKER => e.clone(),
+            Some(e) => return Err(bad(&format!("engine {e:?} is not one of ours"))),
+        };
         plans.push(LayerPlan {
+            engine,
             descriptor: descriptor.clone(),
             diff_id,
             encoding,

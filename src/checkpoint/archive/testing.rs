@@ -51,6 +51,7 @@ pub(super) fn new(parent: Option<&str>, labels: &[&str], compression: Compressio
         pause: Duration::from_micros(1_500),
         process: None,
         container_key: None,
+        engine: String::new(),
     }
 }
 

@@ -357,6 +357,7 @@ impl Catalogue {
             delta_digest,
             process: new.process.clone(),
             container_key: new.container_key.clone(),
+            engine: new.engine.clone(),
         };
         self.publish(&checkpoint)?;
         Ok(checkpoint)

@@ -43,7 +43,7 @@ pub(super) use blobs::{blob_digest, content_key};
 pub(super) use chunks::IMAGE_CHUNK_SIZES;
 pub use record::{
     parse_labels, validate_id, Checkpoint, MergePlan, MergePolicy, MergeStrategy, NewCheckpoint, ProcessState,
-    PrunePlan, PrunePolicy,
+    PrunePlan, PrunePolicy, ENGINE_DOCKER,
 };
 pub(super) use staging::StagedFile;
 

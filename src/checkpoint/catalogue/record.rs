@@ -58,7 +58,15 @@ pub struct Checkpoint {
     /// restore recreates it from; checkpoints of older versions have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_key: Option<String>,
+    /// The engine whose container it is: empty for containerd's,
+    /// [`ENGINE_DOCKER`] for Docker's (its record is then the engine's
+    /// inspect answer).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
 }
+
+/// [`Checkpoint::engine`] of a Docker Engine container's checkpoint.
+pub const ENGINE_DOCKER: &str = "docker";
 
 /// A CRIU dump of a checkpoint's processes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +188,9 @@ pub struct NewCheckpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessState>,
     pub container_key: Option<String>,
+    /// See [`Checkpoint::engine`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
 }
 
 /// A duration as whole nanoseconds (saturating at `u64::MAX`).

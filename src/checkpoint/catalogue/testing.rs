@@ -47,6 +47,7 @@ pub(super) fn new(parent: Option<&str>, labels: &[&str], compression: Compressio
         pause: Duration::from_millis(2),
         process: None,
         container_key: None,
+        engine: String::new(),
     }
 }
 
