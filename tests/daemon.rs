@@ -1145,6 +1145,7 @@ async fn remote_callers_get_only_what_restore_needs() {
             "ResumeContainer",
             client
                 .resume_container(ResumeContainerRequest {
+                    engine: String::new(),
                     namespace: "default".into(),
                     container: "c".into(),
                 })

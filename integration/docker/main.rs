@@ -522,8 +522,22 @@ fn checkpointctl_keeps_docker_checkpoints_in_its_catalogue_and_restores_them_on_
 
     // Restored by the other node's daemon, from the shared storage.
     env.docker(&["rm", "-f", "web"])?;
-    let restored = ok(env.checkpointctl(&node2, &config, &["restore", &second, "--name", "web-restored"])?)?;
-    ensure!(restored.contains("web-restored"), "{restored}");
+    let restored = ok(env.checkpointctl(
+        &node2,
+        &config,
+        &["restore", &second, "--name", "web-restored", "--resume", "--validate"],
+    )?)?;
+    ensure!(restored.contains("as container web-restored"), "{restored}");
+    for check in ["status", "process", "api", "logs", "stats"] {
+        ensure!(
+            restored.contains(&format!("ok    {check}")),
+            "check {check} not passed:\n{restored}"
+        );
+    }
+    ensure!(
+        restored.contains("restore log: "),
+        "CRIU's log was not kept: {restored}"
+    );
     let ps = env.docker(&["ps"])?;
     ensure!(ps.contains("web-restored"), "docker ps does not list it:\n{ps}");
     let log = env.wait_for_log("web-restored", "Counter: ", Duration::from_secs(30))?;
@@ -556,7 +570,14 @@ fn checkpointctl_keeps_docker_checkpoints_in_its_catalogue_and_restores_them_on_
     )?)?;
     let shown = ok(env.checkpointctl(&node1, &config, &["list", "web-restored", "-o", "json"])?)?;
     ensure!(shown.contains(&imported) && shown.contains("from-dir"), "{shown}");
+    // Without --resume, paused as every restore is, until resumed.
     ok(env.checkpointctl(&node1, &config, &["restore", &imported, "--name", "from-dir"])?)?;
+    ensure!(
+        env.inspect("from-dir", "{{.State.Status}}")? == "paused",
+        "not left paused"
+    );
+    let resumed = ok(env.checkpointctl(&node1, &config, &["resume", "from-dir"])?)?;
+    ensure!(env.inspect("from-dir", "{{.State.Status}}")? == "running", "{resumed}");
     env.wait_for_log("from-dir", "Counter: ", Duration::from_secs(30))?;
 
     // Unknown container: the CLI's not-found exit.

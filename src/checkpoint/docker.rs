@@ -312,6 +312,11 @@ impl CheckpointService {
         } else {
             Vec::new()
         };
+        // As every restore: paused until `checkpointctl resume` (the
+        // engine's pause: `docker unpause` resumes it too), unless --resume.
+        if !request.resume {
+            engine.pause(&restored.id).await.map_err(DockerCheckpointError::from)?;
+        }
         let inspect = engine.inspect(&restored.id).await.ok();
         let state_of = |key: &str| {
             inspect
@@ -324,6 +329,9 @@ impl CheckpointService {
         let status = state_of("Status")
             .and_then(|s| s.as_str().map(str::to_string))
             .unwrap_or_else(|| "unknown".into());
+        if !request.network_remap.is_empty() {
+            warn!("--network-remap is not applied to Docker containers: the engine gives the new one its network");
+        }
         Ok(Restored {
             container: name,
             pid,
@@ -334,6 +342,36 @@ impl CheckpointService {
             restore_log,
             blobs_fetched: 1 + checkpoint.process.as_ref().map_or(0, |p| p.images.len() as u64),
         })
+    }
+
+    /// `resume` of a Docker container that a restore left paused: the
+    /// engine unpauses it. Returns its pid, status now and status before.
+    pub async fn resume_docker(&self, container: &str) -> Result<(u32, String, String), CheckpointError> {
+        let engine = self.docker_engine();
+        let status = |inspect: &Value| {
+            let state = inspect.get("State");
+            (
+                state.and_then(|s| s.get("Pid")).and_then(Value::as_u64).unwrap_or(0) as u32,
+                state
+                    .and_then(|s| s.get("Status"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_string(),
+            )
+        };
+        let (_, before) = status(&engine.inspect(container).await.map_err(DockerCheckpointError::from)?);
+        match before.as_str() {
+            "paused" => engine.unpause(container).await.map_err(DockerCheckpointError::from)?,
+            "running" => {}
+            other => {
+                return Err(CheckpointError::Unsupported(format!(
+                    "Docker container {container} is {other}: only a paused one can be resumed"
+                )))
+            }
+        }
+        let (pid, now) = status(&engine.inspect(container).await.map_err(DockerCheckpointError::from)?);
+        info!(container, from = %before, to = %now, pid, "Docker container resumed");
+        Ok((pid, now, before))
     }
 
     /// Stores the `docker-checkpoint` directory `path`

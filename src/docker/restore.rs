@@ -310,26 +310,35 @@ where
             plan.runc_criu_config.display()
         ));
     }
-    let watcher = tokio::spawn(open_restore_log(id.to_string()));
+    let mut watcher = tokio::spawn(open_restore_log(id.to_string()));
     let started = engine.start(id, Some(plan.checkpoint_name)).await;
     drop(config);
     // The engine has read them into its own store by now.
     if let Err(e) = fs::remove_dir_all(&checkpoints) {
         tracing::warn!(path = %checkpoints.display(), error = %e, "cannot remove the engine's copy of the checkpoint");
     }
-    // Opened while CRIU wrote it: readable after the engine removes it.
-    let criu_log = if watcher.is_finished() {
-        watcher.await.ok().flatten()
-    } else {
-        watcher.abort();
-        None
-    }
-    .and_then(read_log);
+    // Opened while CRIU wrote it: readable after the engine removes it. A
+    // watcher that has not found it yet gets a moment more; after a
+    // successful start the shim (and its bundle) are still there anyway.
+    let watched = match tokio::time::timeout(LAST_LOOK, &mut watcher).await {
+        Ok(found) => found.ok().flatten(),
+        Err(_) => {
+            watcher.abort();
+            None
+        }
+    };
+    let criu_log = watched
+        .or_else(|| find_shim_bundle(id).and_then(|b| open_nofollow(&b.join("work").join("restore.log")).ok()))
+        .and_then(read_log);
     match started {
         Ok(()) => Ok(criu_log),
         Err(e) => Err((e.into(), criu_log)),
     }
 }
+
+/// How long the watcher of CRIU's log may still take once the start has
+/// returned.
+const LAST_LOOK: Duration = Duration::from_millis(500);
 
 /// How often the shim of a container being restored is looked for.
 const WATCH_INTERVAL: Duration = Duration::from_millis(5);

@@ -115,6 +115,22 @@ impl DockerClient {
         Ok(())
     }
 
+    /// `POST /containers/{id}/pause` (the engine freezes it).
+    pub async fn pause(&self, id: &str) -> Result<(), DockerError> {
+        let path = format!("/containers/{}/pause", encode(id));
+        self.call(Method::POST, &path, None, &format!("pause {id}")).await?;
+        Ok(())
+    }
+
+    /// `POST /containers/{id}/unpause`.
+    pub async fn unpause(&self, id: &str) -> Result<(), DockerError> {
+        let path = format!("/containers/{}/unpause", encode(id));
+        self.call(Method::POST, &path, None, &format!("unpause {id}"))
+            .await
+            .map_err(|e| not_found_as(e, id))?;
+        Ok(())
+    }
+
     /// `DELETE /containers/{id}?force=1`.
     pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
         let path = format!("/containers/{}?force=1", encode(id));

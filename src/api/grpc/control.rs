@@ -489,11 +489,12 @@ impl Control for ControlService {
         request: Request<ResumeContainerRequest>,
     ) -> Result<Response<ResumeContainerResponse>, Status> {
         let r = request.into_inner();
-        let (pid, status, previous_status) = self
-            .checkpoints
-            .resume_container(&r.namespace, &r.container)
-            .await
-            .map_err(checkpoint_status)?;
+        let resumed = if r.engine == checkpoint::catalogue::ENGINE_DOCKER {
+            self.checkpoints.resume_docker(&r.container).await
+        } else {
+            self.checkpoints.resume_container(&r.namespace, &r.container).await
+        };
+        let (pid, status, previous_status) = resumed.map_err(checkpoint_status)?;
         Ok(Response::new(ResumeContainerResponse {
             pid,
             status,

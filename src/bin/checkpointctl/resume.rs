@@ -31,6 +31,7 @@ pub async fn run(context: &Context, settings: &Settings, args: Args) -> Result<(
         .resume_container(ResumeContainerRequest {
             namespace: context.namespace.clone(),
             container: args.container.clone(),
+            engine: context.engine.clone(),
         })
         .await
         .map_err(|status| CliError::rpc(format!("resume of container {}", args.container), status))?
