@@ -177,10 +177,6 @@ RUNC=$(docker info --format '{{.RuncCommit.ID}}')
 CRIU=$(criu --version | awk '/^Version/ {print $2}')
 log "engine: dockerd $SERVER (client $CLIENT), containerd $CONTAINERD, runc $RUNC, criu $CRIU"
 log "ours: $BIN"
-# The running poll's resolution: one `docker inspect` takes this long.
-t0=$EPOCHREALTIME
-for ((i = 0; i < 10; i++)); do docker inspect -f '{{.State.Running}}' "$(docker images -q | head -1)" >/dev/null 2>&1 || true; done
-INSPECT_MS=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", (b - a) * 100}')
 
 # --- helpers ------------------------------------------------------------------
 samples=$DIR/samples.tsv
@@ -207,12 +203,14 @@ debug_duration_ms() {
         else exit 1;
         printf "%.3f", v }' || die "cannot read the duration '$1'"
 }
-# CRIU's freezing and frozen times from the stats-dump in DIR, as samples.
+# CRIU's times from the stats-dump in DIR, as samples.
 criu_stats() { # size run tool dir
     local stats
     stats=$(python3 "$HERE/../criu/read_stats_dump.py" "$4") || die "no CRIU statistics in $4"
     sample "$1" "$2" "$3.criu_freezing_ms" "$(jq .freezing_ms <<<"$stats")"
     sample "$1" "$2" "$3.criu_frozen_ms" "$(jq .frozen_ms <<<"$stats")"
+    sample "$1" "$2" "$3.criu_memdump_ms" "$(jq .memdump_ms <<<"$stats")"
+    sample "$1" "$2" "$3.criu_memwrite_ms" "$(jq .memwrite_ms <<<"$stats")"
 }
 last_counter() { docker logs --tail 1 "$1" 2>&1 | awk '/^Counter: / {print $2}'; }
 
@@ -404,6 +402,12 @@ for size in small large; do
     log "$size: starting $OURS and $THEIRS"
     anon=$(start_container "$size" "$OURS")
     a2=$(start_container "$size" "$THEIRS")
+    if [[ $size == small ]]; then
+        # The running poll's resolution: one `docker inspect` takes this long.
+        t0=$EPOCHREALTIME
+        for ((i = 0; i < 10; i++)); do inspect "$THEIRS" '{{.State.Running}}' >/dev/null; done
+        INSPECT_MS=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", (b - a) * 100}')
+    fi
     if [[ $size == large ]]; then
         sample large 0 ours.memory_bytes "$anon"
         sample large 0 docker.memory_bytes "$a2"
@@ -463,6 +467,8 @@ for size in small large; do
         "$(awk -v s="$(median $size docker.gc_wait_s)" 'BEGIN {printf "%.0f", s * 1000}')"
     printf '%-52s ours %s MiB, Docker %s MiB\n' "  left by containerd in its TMPDIR per restore" \
         "$(($(median $size ours.containerd_left_bytes) >> 20))" "$(($(median $size docker.containerd_left_bytes) >> 20))"
+    row "  CRIU's memdump time (stats-dump), both" "$(median $size ours.criu_memdump_ms)" "$(median $size docker.criu_memdump_ms)" ms
+    row "  CRIU's memwrite time (stats-dump), both" "$(median $size ours.criu_memwrite_ms)" "$(median $size docker.criu_memwrite_ms)" ms
     printf '%-52s ours %s, Docker %s\n' "  frozen ms, min-max (ours 'frozen for:')" \
         "$(spread $size ours.frozen_ms 1)" "$(spread $size docker.criu_frozen_ms 1)"
     printf '%-52s ours %s, Docker %s\n' "  checkpoint wall ms, min-max" \
