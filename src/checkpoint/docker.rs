@@ -132,13 +132,7 @@ impl CheckpointService {
                 let mut new = NewCheckpoint {
                     namespace: request.namespace.clone(),
                     container: container.name.clone(),
-                    image: container
-                        .inspect
-                        .get("Config")
-                        .and_then(|c| c.get("Image"))
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
+                    image: crate::docker::image_of(&container.inspect),
                     labels,
                     parent: request.parent.clone(),
                     compression,
@@ -427,21 +421,7 @@ fn fetch_docker(
     parallel: usize,
     validate: bool,
 ) -> Result<(Value, PathBuf, Vec<String>, bool), CheckpointError> {
-    fs::create_dir_all(work).map_err(task)?;
-    fs::set_permissions(work, fs::Permissions::from_mode(0o700)).map_err(task)?;
-    if validate {
-        let (checked, failures) = catalogue.verify(checkpoint)?;
-        if !failures.is_empty() {
-            return Err(CheckpointError::Invalid(format!(
-                "{} of {checked} objects of checkpoint {} do not match their digests: {}",
-                failures.len(),
-                checkpoint.id,
-                failures.join("; ")
-            )));
-        }
-    }
-    let record_path = work.join("record.json");
-    catalogue.fetch_verified(record_key, &record_path)?;
+    let record_path = super::restore::fetch_record(catalogue, checkpoint, record_key, work, validate)?;
     let text = fs::read(&record_path).map_err(task)?;
     if text.len() as u64 > MAX_RECORD {
         return Err(CheckpointError::Invalid(format!(
@@ -529,12 +509,7 @@ fn import_dir(
     let new = NewCheckpoint {
         namespace,
         container,
-        image: record
-            .get("Config")
-            .and_then(|c| c.get("Image"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        image: crate::docker::image_of(&record),
         labels,
         parent: None,
         compression: Compression::Zstd,

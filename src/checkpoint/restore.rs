@@ -595,21 +595,7 @@ fn fetch(
     remaps: &[Remap],
     admission: &Admission,
 ) -> Result<Fetched, CheckpointError> {
-    fs::create_dir_all(work).map_err(CheckpointError::from_io(work))?;
-    fs::set_permissions(work, fs::Permissions::from_mode(0o700)).map_err(CheckpointError::from_io(work))?;
-    if validate {
-        let (checked, failures) = catalogue.verify(checkpoint)?;
-        if !failures.is_empty() {
-            return Err(CheckpointError::Invalid(format!(
-                "{} of {checked} objects of checkpoint {} do not match their digests: {}",
-                failures.len(),
-                checkpoint.id,
-                failures.join("; ")
-            )));
-        }
-    }
-    let record_path = work.join("record.json");
-    catalogue.fetch_verified(record_key, &record_path)?;
+    let record_path = fetch_record(catalogue, checkpoint, record_key, work, validate)?;
     let mut record: ContainerRecord =
         serde_json::from_slice(&fs::read(&record_path).map_err(CheckpointError::from_io(&record_path))?)
             .map_err(|e| CheckpointError::Invalid(format!("container record of {}: {e}", checkpoint.id)))?;
@@ -669,6 +655,34 @@ fn fetch(
         blobs,
         netns,
     })
+}
+
+/// Makes the private scratch directory `work`, verifies every object of
+/// `checkpoint` when asked, and fetches its container record (checked
+/// against its digest) into `work/record.json`, whose path it returns.
+pub(super) fn fetch_record(
+    catalogue: &Catalogue,
+    checkpoint: &Checkpoint,
+    record_key: &str,
+    work: &Path,
+    validate: bool,
+) -> Result<PathBuf, CheckpointError> {
+    fs::create_dir_all(work).map_err(CheckpointError::from_io(work))?;
+    fs::set_permissions(work, fs::Permissions::from_mode(0o700)).map_err(CheckpointError::from_io(work))?;
+    if validate {
+        let (checked, failures) = catalogue.verify(checkpoint)?;
+        if !failures.is_empty() {
+            return Err(CheckpointError::Invalid(format!(
+                "{} of {checked} objects of checkpoint {} do not match their digests: {}",
+                failures.len(),
+                checkpoint.id,
+                failures.join("; ")
+            )));
+        }
+    }
+    let record_path = work.join("record.json");
+    catalogue.fetch_verified(record_key, &record_path)?;
+    Ok(record_path)
 }
 
 fn network_failure(reason: String) -> CheckpointError {

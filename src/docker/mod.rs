@@ -200,6 +200,17 @@ impl RunningContainer {
     }
 }
 
+/// The image an inspect answer says the container was created from (as
+/// named then), or empty.
+pub fn image_of(inspect: &Value) -> String {
+    inspect
+        .get("Config")
+        .and_then(|c| c.get("Image"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
 pub(crate) fn tty_of(inspect: &Value) -> bool {
     inspect
         .get("Config")

@@ -28,7 +28,19 @@ const HOST_ACCESS: [(&str, &str); 9] = [
 ];
 
 /// Network modes a record may ask for: a private network namespace.
-const NETWORK_MODES: [&str; 3] = ["none", "default", "bridge"];
+pub const NETWORK_MODES: [&str; 3] = ["none", "default", "bridge"];
+
+/// The resource limits of a record's `HostConfig` a restore keeps; with
+/// `NetworkMode`, all a create body's `HostConfig` ever holds.
+pub const LIMITS: [&str; 7] = [
+    "Memory",
+    "MemorySwap",
+    "NanoCpus",
+    "CpuShares",
+    "CpuQuota",
+    "CpuPeriod",
+    "PidsLimit",
+];
 
 /// The body of the engine's create call that recreates the container
 /// `record` describes, or why it is refused.
