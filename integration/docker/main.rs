@@ -519,6 +519,11 @@ fn checkpointctl_keeps_docker_checkpoints_in_its_catalogue_and_restores_them_on_
     let filtered = ok(env.checkpointctl(&node1, &config, &["list", "--filter", "label=golden", "-o", "json"])?)?;
     ensure!(filtered.contains(&first) && !filtered.contains(&second), "{filtered}");
     ok(env.checkpointctl(&node1, &config, &["info", &second, "--verify"])?)?;
+    ok(env.checkpointctl(&node1, &config, &["prune", "web", "--keep-latest", "1", "--dry-run"])?)?;
+    // A real merge: the first folds into the second, which must restore.
+    ok(env.checkpointctl(&node1, &config, &["merge", "web", "-s", "incremental"])?)?;
+    let merged = ok(env.checkpointctl(&node1, &config, &["list", "web", "-o", "json"])?)?;
+    ensure!(!merged.contains(&first) && merged.contains(&second), "{merged}");
 
     // Restored by the other node's daemon, from the shared storage.
     env.docker(&["rm", "-f", "web"])?;
