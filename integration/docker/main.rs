@@ -123,6 +123,15 @@ fn the_reference_workflow_word_for_word() -> Result<()> {
         );
     }
     ensure!(cp.join("restore.log").is_file(), "no restore.log");
+    // containerd's own copy of the images (it never removes it) is gone.
+    let inventory = std::fs::read(cp.join("inventory.img"))?;
+    let left: Vec<_> = std::fs::read_dir("/tmp")?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ctrd-checkpoint"))
+        .filter(|e| std::fs::read(e.path().join("inventory.img")).is_ok_and(|i| i == inventory))
+        .map(|e| e.path())
+        .collect();
+    ensure!(left.is_empty(), "containerd's copies of the images were left: {left:?}");
     ensure!(mode(&cp.join("restore.log")) == 0o600);
 
     let ps = env.docker(&["ps"])?;
