@@ -151,6 +151,9 @@ teardown() {
     exit "$rc"
 }
 trap teardown EXIT
+# A signal ends the run through the teardown too (bash runs no EXIT trap when killed).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 # --- the private engine ----------------------------------------------------
 cat >"$DIR/daemon.json" <<EOF
