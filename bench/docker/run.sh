@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Docker Engine checkpoints: our docker-checkpoint against Docker's own
+# Docker Engine checkpoints: our docker-checkpoint and `checkpointctl
+# --engine docker` (through our daemon, started here) against Docker's own
 # `docker checkpoint create` / `docker start --checkpoint`, in one run, on
 # the same kind of container, on a private dockerd started here.
 #
@@ -9,13 +10,20 @@
 #   - large: a busybox shell holding LARGE_MB MB (10^6 bytes) of base64 text
 #     of /dev/urandom in a variable (as bench/criu/memory.sh does: random,
 #     so nothing flatters anyone; the fill is not timed).
-# Per size, each tool has its own container, and each run, in alternating
-# order (ours first on even runs, Docker first on odd ones), takes for each
-# tool a checkpoint that leaves the container running, stops the
-# container, and restores it; the restored container is the next run's:
+# Per size, each tool has its own container, and each run, in rotating
+# order (ours, Docker, ctl; then Docker, ctl, ours; then ctl, ours,
+# Docker), takes for each tool a checkpoint that leaves the container
+# running, stops the container, and restores it; the restored container is
+# the next run's:
 #   - ours: `docker-checkpoint -container C -name N -dir D`, then `docker
 #     stop` and `docker rm` of C, then `docker-checkpoint -restore
 #     -container C -name N -dir D -new-name X` (a new container X);
+#   - ctl: `checkpointctl --engine docker create C` (the checkpoint goes
+#     into the daemon's catalogue, its default local storage under the
+#     daemon's root), then `docker stop` and `docker rm` of C, then
+#     `checkpointctl restore ID --name X --resume --validate` (a new
+#     container X, unpaused, then the same five checks as ours: its
+#     --validate, as docker-checkpoint's restore always checks);
 #   - Docker: `docker checkpoint create --leave-running C N`, then `docker
 #     stop` of C, then `docker start --checkpoint N C` (the same container).
 # Not timed either: before Docker's restore, the wait until containerd has
@@ -25,12 +33,17 @@
 # and never removes (their size is shown).
 # Each restored container is checked (not timed): the counter continues
 # from where it was checkpointed, or the memory is there (its cgroup's
-# total_rss). Then the checkpoint is removed (not timed). `sync` runs (not
-# timed) before every timed step.
+# total_rss). Then the checkpoint is removed (not timed; ctl's stay in the
+# catalogue until the run ends). `sync` runs (not timed) before every timed
+# step.
 #
-# Rows (medians, nearest rank, of all runs; ratio ours/Docker):
+# Rows (medians, nearest rank, of all runs; ratios ours/Docker and
+# ctl/Docker):
 #   - frozen time: ours, the "frozen for:" line docker-checkpoint prints
 #     (its freeze to its thaw: the copy of the writable layer and the dump);
+#     ctl's, the checkpoint's pause_ms from `checkpointctl list -o json`
+#     (the daemon's freeze to its thaw), and CRIU's frozen time from its
+#     process.frozen_ms (the daemon reads CRIU's stats-dump);
 #     Docker's, CRIU's frozen time from its stats-dump. Docker keeps none
 #     (containerd's runc shim gives CRIU a work dir that it deletes after the
 #     dump, and the checkpoint directory holds only what the images tar
@@ -41,25 +54,28 @@
 #     and dump.log in DIR. Ours keeps stats-dump in its checkpoint
 #     directory: CRIU's frozen time of our dump is shown besides, so that
 #     CRIU's frozen times compare like for like.
-#   - container stopped, watched from the host the same way for both
+#   - container stopped, watched from the host the same way for all three
 #     (bench/criu/watch_stopped.py: the container's freezer not THAWED, or
-#     its main process traced by CRIU): the like-for-like stall. Ours is
-#     its freeze to its thaw. Docker's is longer than CRIU's frozen time:
-#     containerd's client (Task.Checkpoint, which the engine calls) pauses
-#     the task through the freezer before the dump and resumes it only
-#     after containerd has written the images as a tar into its content
-#     store; the engine unpacks that tar into its checkpoint directory
-#     after the resume.
+#     its main process traced by CRIU): the like-for-like stall. Ours and
+#     ctl's are their freeze to their thaw. Docker's is longer than CRIU's
+#     frozen time: containerd's client (Task.Checkpoint, which the engine
+#     calls) pauses the task through the freezer before the dump and
+#     resumes it only after containerd has written the images as a tar into
+#     its content store; the engine unpacks that tar into its checkpoint
+#     directory after the resume.
 #   - checkpoint wall time of the command.
 #   - restore to running: from launching the restore command until `docker
-#     inspect -f '{{.State.Running}}'` says true (a background loop, every
-#     10 ms); and the restore command's whole wall time (ours includes its
-#     five verification checks, one of which takes a stats sample).
+#     inspect -f '{{.State.Status}}'` says running (a background loop, every
+#     10 ms; not State.Running, which is true of a paused container too, as
+#     ctl's restore is until it resumes it); and the restore command's whole
+#     wall time (ours and ctl's include the five verification checks, one
+#     of which takes a stats sample).
 #
 # Environment: BENCH_ITERS (runs per size; default 5 small, 3 large),
-# BENCH_LARGE_MB [1000], DOCKER_CHECKPOINT_BIN (default
-# target/release/docker-checkpoint, built with `cargo build --release --bin
-# docker-checkpoint` when missing), BENCH_SAMPLES_OUT (copy the raw samples
+# BENCH_LARGE_MB [1000], DOCKER_CHECKPOINT_BIN, SEAMLESS_GRPC_BIN,
+# CHECKPOINTCTL_BIN (default target/release/docker-checkpoint,
+# containerd-seamless-grpc and checkpointctl, built with `nice cargo build
+# --release --bins` when one is missing), BENCH_SAMPLES_OUT (copy the raw samples
 # TSV: size, run, metric, value). Needs root, dockerd (Docker 20.10 with
 # experimental mode, set in its config here), docker (the CLI; DOCKER_HOST
 # points it and docker-checkpoint at the private engine), runc, criu,
@@ -90,20 +106,22 @@ LARGE_ITERS=${BENCH_ITERS:-3}
 LARGE_MB=${BENCH_LARGE_MB:-1000}
 [[ $LARGE_MB =~ ^[1-9][0-9]*$ ]] || die "BENCH_LARGE_MB takes a positive number, got '$LARGE_MB'"
 
-if [[ -n ${DOCKER_CHECKPOINT_BIN:-} ]]; then
-    BIN=$DOCKER_CHECKPOINT_BIN
-else
-    BIN=$ROOT/target/release/docker-checkpoint
-    if [[ ! -x $BIN ]]; then
-        log "building $BIN (release)"
-        (cd "$ROOT" && nice cargo build --release --bin docker-checkpoint) || die "cargo build failed"
-    fi
+BIN=${DOCKER_CHECKPOINT_BIN:-$ROOT/target/release/docker-checkpoint}
+DAEMON_BIN=${SEAMLESS_GRPC_BIN:-$ROOT/target/release/containerd-seamless-grpc}
+CTL_BIN=${CHECKPOINTCTL_BIN:-$ROOT/target/release/checkpointctl}
+if [[ -z ${DOCKER_CHECKPOINT_BIN:-} && ! -x $BIN ]] || [[ -z ${SEAMLESS_GRPC_BIN:-} && ! -x $DAEMON_BIN ]] ||
+    [[ -z ${CHECKPOINTCTL_BIN:-} && ! -x $CTL_BIN ]]; then
+    log "building the release binaries"
+    (cd "$ROOT" && nice cargo build --release --bins) || die "cargo build failed"
 fi
 [[ -x $BIN ]] || die "docker-checkpoint not found at $BIN"
+[[ -x $DAEMON_BIN ]] || die "containerd-seamless-grpc not found at $DAEMON_BIN"
+[[ -x $CTL_BIN ]] || die "checkpointctl not found at $CTL_BIN"
 
 DIR=$(mktemp -d /tmp/docker-bench.XXXXXX)
 export DOCKER_HOST=unix://$DIR/docker.sock
 DOCKERD_PID=""
+DAEMON_PID=""
 WATCH_PID=""
 POLL_PID=""
 teardown() {
@@ -112,6 +130,10 @@ teardown() {
     [[ -n $WATCH_PID ]] && kill -TERM "$WATCH_PID" 2>/dev/null
     [[ -n $POLL_PID ]] && kill -TERM "$POLL_PID" 2>/dev/null
     [[ -f $DIR/runc.conf.ours ]] && rm -f "$RUNC_CONF" && rmdir /etc/criu 2>/dev/null
+    if [[ -n $DAEMON_PID ]]; then
+        kill -TERM "$DAEMON_PID" 2>/dev/null
+        wait "$DAEMON_PID" 2>/dev/null
+    fi
     if [[ -n $DOCKERD_PID ]]; then
         # Containers first, so that dockerd leaves no shim or mount behind.
         ids=$(docker ps -aq 2>/dev/null)
@@ -129,6 +151,9 @@ teardown() {
     exit "$rc"
 }
 trap teardown EXIT
+# A signal ends the run through the teardown too (bash runs no EXIT trap when killed).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 # --- the private engine ----------------------------------------------------
 cat >"$DIR/daemon.json" <<EOF
@@ -177,6 +202,34 @@ RUNC=$(docker info --format '{{.RuncCommit.ID}}')
 CRIU=$(criu --version | awk '/^Version/ {print $2}')
 log "engine: dockerd $SERVER (client $CLIENT), containerd $CONTAINERD, runc $RUNC, criu $CRIU"
 log "ours: $BIN"
+
+# --- our daemon, for checkpointctl --engine docker ------------------------------
+# In a directory of its own (it puts its REST socket beside its gRPC one);
+# plain directories for storage; the engine above; no containerd (a Docker
+# container's checkpoints do not use it). checkpointctl reads a config file
+# of ours, not the host's ~/.checkpointctl.yaml.
+mkdir -p "$DIR/seamless/run"
+SEAMLESS_SOCK=$DIR/seamless/run/daemon.sock
+printf 'version = 1\n[storage]\nbackend = "directory"\n[docker]\naddress = "%s"\n' "$DIR/docker.sock" \
+    >"$DIR/seamless/config.toml"
+echo "engine: docker" >"$DIR/seamless/checkpointctl.yaml"
+"$DAEMON_BIN" --root "$DIR/seamless/root" --address "$SEAMLESS_SOCK" \
+    --containerd-address "$DIR/seamless/no-containerd.sock" --config "$DIR/seamless/config.toml" \
+    </dev/null >"$DIR/seamless/daemon.log" 2>&1 &
+DAEMON_PID=$!
+for ((i = 0; ; i++)); do
+    python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$SEAMLESS_SOCK" 2>/dev/null && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || die "containerd-seamless-grpc exited; its log:
+$(cat "$DIR/seamless/daemon.log")"
+    ((i < 300)) || die "containerd-seamless-grpc did not serve within 60 s; its log:
+$(cat "$DIR/seamless/daemon.log")"
+    sleep 0.2
+done
+ctl() {
+    "$CTL_BIN" --address "$SEAMLESS_SOCK" --namespace bench --config "$DIR/seamless/checkpointctl.yaml" \
+        --engine docker "$@"
+}
+log "ctl: $CTL_BIN through $DAEMON_BIN"
 
 # --- helpers ------------------------------------------------------------------
 samples=$DIR/samples.tsv
@@ -269,8 +322,8 @@ $(cat "$DIR/out")"
     sample "$size" "$run" "$tool.stopped_ms" "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["stopped_ms"])' <"$DIR/watch.json")"
 }
 
-poll_running() { # container file: writes the time at which it runs
-    while [[ $(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null) != true ]]; do
+poll_running() { # container file: writes the time at which it runs, unpaused
+    while [[ $(docker inspect -f '{{.State.Status}}' "$1" 2>/dev/null) != running ]]; do
         sleep 0.01
     done
     echo "$EPOCHREALTIME" >"$2"
@@ -328,7 +381,7 @@ check_restored() { # size container counter-before since anon-bytes
 }
 
 # --- one run of each tool ------------------------------------------------------
-# Globals: size, run, anon; OURS and THEIRS name each tool's container.
+# Globals: size, run, anon; OURS, CTL and THEIRS name each tool's container.
 run_ours() {
     local name=ck$run before since next=ours-$size-$((run + 1)) out
     before=$(last_counter "$OURS")
@@ -350,6 +403,31 @@ $(cat "$DIR/out")"
     check_restored "$size" "$next" "${before:-0}" "$since" "$anon"
     rm -rf "${DIR:?}/ours/$OURS"
     OURS=$next
+}
+run_ctl() {
+    local before since next=ctl-$size-$((run + 1)) id row check
+    before=$(last_counter "$CTL")
+    timed_checkpoint "$size" "$run" ctl "$CTL" ctl create "$CTL"
+    id=$(tail -n 1 "$DIR/out")
+    row=$(ctl list "$CTL" -o json | jq -e --arg id "$id" '.[] | select(.id == $id)') ||
+        die "checkpointctl create printed '$id', which its list does not show:
+$(cat "$DIR/out")"
+    [[ $(jq -r .engine <<<"$row") == docker ]] || die "checkpoint $id is not a Docker one: $row"
+    sample "$size" "$run" ctl.frozen_ms "$(jq -e .pause_ms <<<"$row")"
+    sample "$size" "$run" ctl.criu_freezing_ms "$(jq -e .process.freezing_ms <<<"$row")"
+    sample "$size" "$run" ctl.criu_frozen_ms "$(jq -e .process.frozen_ms <<<"$row")"
+    sample "$size" "$run" ctl.criu_memdump_ms "$(jq -e .process.memdump_ms <<<"$row")"
+    sample "$size" "$run" ctl.criu_memwrite_ms "$(jq -e .process.memwrite_ms <<<"$row")"
+    docker stop -t 0 "$CTL" >/dev/null
+    docker rm "$CTL" >/dev/null
+    since=$(date +%s.%N)
+    timed_restore "$size" "$run" ctl "$next" ctl restore "$id" --name "$next" --resume --validate
+    for check in status process api logs stats; do
+        grep -q "ok    $check" "$DIR/out" || die "checkpointctl restore did not pass its check $check:
+$(cat "$DIR/out")"
+    done
+    check_restored "$size" "$next" "${before:-0}" "$since" "$anon"
+    CTL=$next
 }
 # Docker 20.10 uploads the checkpoint directory to containerd as a tar at
 # restore and fails with "commit failed: content sha256:...: already exists"
@@ -398,10 +476,12 @@ for size in small large; do
     iters=$SMALL_ITERS
     [[ $size == large ]] && iters=$LARGE_ITERS
     OURS=ours-$size-0
+    CTL=ctl-$size-0
     THEIRS=docker-$size
-    log "$size: starting $OURS and $THEIRS"
+    log "$size: starting $OURS, $CTL and $THEIRS"
     anon=$(start_container "$size" "$OURS")
     a2=$(start_container "$size" "$THEIRS")
+    a3=$(start_container "$size" "$CTL")
     if [[ $size == small ]]; then
         # The running poll's resolution: one `docker inspect` takes this long.
         t0=$EPOCHREALTIME
@@ -411,14 +491,20 @@ for size in small large; do
     if [[ $size == large ]]; then
         sample large 0 ours.memory_bytes "$anon"
         sample large 0 docker.memory_bytes "$a2"
-        log "large: $((anon >> 20)) MiB and $((a2 >> 20)) MiB of anonymous memory"
+        sample large 0 ctl.memory_bytes "$a3"
+        log "large: $((anon >> 20)), $((a2 >> 20)) and $((a3 >> 20)) MiB of anonymous memory"
         ((a2 < anon)) && anon=$a2
+        ((a3 < anon)) && anon=$a3
     fi
     for ((run = 0; run < iters; run++)); do
         log "$size: run $((run + 1)) of $iters"
-        if ((run % 2 == 0)); then run_ours; run_docker; else run_docker; run_ours; fi
+        case $((run % 3)) in
+            0) run_ours; run_docker; run_ctl ;;
+            1) run_docker; run_ctl; run_ours ;;
+            2) run_ctl; run_ours; run_docker ;;
+        esac
     done
-    docker rm -f "$OURS" "$THEIRS" >/dev/null
+    docker rm -f "$OURS" "$CTL" "$THEIRS" >/dev/null
     rm -rf "${DIR:?}/ours"
 done
 
@@ -432,17 +518,21 @@ spread() { # size metric scale
         awk -v k="$3" '{a[NR] = $1} END {if (NR) printf "%.0f-%.0f", a[1] * k, a[NR] * k}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "n/a"}'; }
-row() { # label ours docker unit(s|ms)
-    local fmt
-    case $4 in
-        s) fmt='%-52s %10.3f s  %10.3f s  %9s\n' ;;
-        ms) fmt='%-52s %9.1f ms  %9.1f ms  %9s\n' ;;
+row() { # label metric-ours metric-ctl metric-docker unit(s|ms), of $size
+    local fmt ours ctl docker
+    ours=$(median "$size" "$2")
+    ctl=$(median "$size" "$3")
+    docker=$(median "$size" "$4")
+    case $5 in
+        s) fmt='%-52s %10.3f s  %10.3f s  %10.3f s  %9s  %9s\n' ;;
+        ms) fmt='%-52s %9.1f ms  %9.1f ms  %9.1f ms  %9s  %9s\n' ;;
     esac
     # shellcheck disable=SC2059
-    printf "$fmt" "$1" "$2" "$3" "$(ratio "$2" "$3")"
+    printf "$fmt" "$1" "$ours" "$ctl" "$docker" "$(ratio "$ours" "$docker")" "$(ratio "$ctl" "$docker")"
 }
 echo
-echo "Docker Engine checkpoints: docker-checkpoint ($BIN) vs docker checkpoint, same run"
+echo "Docker Engine checkpoints: docker-checkpoint ($BIN) and checkpointctl --engine docker ($CTL_BIN,"
+echo "daemon $DAEMON_BIN) vs docker checkpoint, same run"
 echo "dockerd $SERVER (experimental), containerd $CONTAINERD, runc $RUNC, criu $CRIU, client $CLIENT"
 echo "kernel $(uname -r), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "one docker inspect (the running poll's step, plus 10 ms): $INSPECT_MS ms"
@@ -455,26 +545,29 @@ for size in small large; do
     fi
     echo
     echo "$label, medians of $iters runs"
-    printf '%-52s %12s  %12s  %9s\n' "" "ours" "Docker" "ours/Dock"
-    row "frozen: ours 'frozen for:' / Docker CRIU frozen" "$(median $size ours.frozen_ms)" "$(median $size docker.criu_frozen_ms)" ms
-    row "frozen: CRIU's frozen time (stats-dump), both" "$(median $size ours.criu_frozen_ms)" "$(median $size docker.criu_frozen_ms)" ms
-    row "container stopped, watched from the host" "$(median $size ours.stopped_ms)" "$(median $size docker.stopped_ms)" ms
-    row "checkpoint, wall time" "$(median $size ours.checkpoint_wall_s)" "$(median $size docker.checkpoint_wall_s)" s
-    row "restore, to running" "$(median $size ours.restore_running_s)" "$(median $size docker.restore_running_s)" s
-    row "restore, command's wall time (ours: + 5 checks)" "$(median $size ours.restore_wall_s)" "$(median $size docker.restore_wall_s)" s
-    row "  CRIU's freezing time (stats-dump), both" "$(median $size ours.criu_freezing_ms)" "$(median $size docker.criu_freezing_ms)" ms
+    printf '%-52s %12s  %12s  %12s  %9s  %9s\n' "" "ours" "ctl" "Docker" "ours/Dock" "ctl/Dock"
+    row "frozen: ours 'frozen for:', ctl pause_ms / CRIU's" ours.frozen_ms ctl.frozen_ms docker.criu_frozen_ms ms
+    row "frozen: CRIU's frozen time (stats-dump), all" ours.criu_frozen_ms ctl.criu_frozen_ms docker.criu_frozen_ms ms
+    row "container stopped, watched from the host" ours.stopped_ms ctl.stopped_ms docker.stopped_ms ms
+    row "checkpoint, wall time" ours.checkpoint_wall_s ctl.checkpoint_wall_s docker.checkpoint_wall_s s
+    row "restore, to running" ours.restore_running_s ctl.restore_running_s docker.restore_running_s s
+    row "restore, command's wall time (ours, ctl: + 5 checks)" ours.restore_wall_s ctl.restore_wall_s docker.restore_wall_s s
+    row "  CRIU's freezing time (stats-dump), all" ours.criu_freezing_ms ctl.criu_freezing_ms docker.criu_freezing_ms ms
     printf '%-52s %s ms (median)\n' "  Docker: wait for containerd's GC (not timed)" \
         "$(awk -v s="$(median $size docker.gc_wait_s)" 'BEGIN {printf "%.0f", s * 1000}')"
-    printf '%-52s ours %s MiB, Docker %s MiB\n' "  left by containerd in its TMPDIR per restore" \
-        "$(($(median $size ours.containerd_left_bytes) >> 20))" "$(($(median $size docker.containerd_left_bytes) >> 20))"
-    row "  CRIU's memdump time (stats-dump), both" "$(median $size ours.criu_memdump_ms)" "$(median $size docker.criu_memdump_ms)" ms
-    row "  CRIU's memwrite time (stats-dump), both" "$(median $size ours.criu_memwrite_ms)" "$(median $size docker.criu_memwrite_ms)" ms
-    printf '%-52s ours %s, Docker %s\n' "  frozen ms, min-max (ours 'frozen for:')" \
-        "$(spread $size ours.frozen_ms 1)" "$(spread $size docker.criu_frozen_ms 1)"
-    printf '%-52s ours %s, Docker %s\n' "  checkpoint wall ms, min-max" \
-        "$(spread $size ours.checkpoint_wall_s 1000)" "$(spread $size docker.checkpoint_wall_s 1000)"
-    printf '%-52s ours %s, Docker %s\n' "  restore to running ms, min-max" \
-        "$(spread $size ours.restore_running_s 1000)" "$(spread $size docker.restore_running_s 1000)"
+    printf '%-52s ours %s MiB, ctl %s MiB, Docker %s MiB\n' "  left by containerd in its TMPDIR per restore" \
+        "$(($(median $size ours.containerd_left_bytes) >> 20))" "$(($(median $size ctl.containerd_left_bytes) >> 20))" \
+        "$(($(median $size docker.containerd_left_bytes) >> 20))"
+    row "  CRIU's memdump time (stats-dump), all" ours.criu_memdump_ms ctl.criu_memdump_ms docker.criu_memdump_ms ms
+    row "  CRIU's memwrite time (stats-dump), all" ours.criu_memwrite_ms ctl.criu_memwrite_ms docker.criu_memwrite_ms ms
+    printf '%-52s ours %s, ctl %s, Docker %s\n' "  frozen ms, min-max (as the first row)" \
+        "$(spread $size ours.frozen_ms 1)" "$(spread $size ctl.frozen_ms 1)" "$(spread $size docker.criu_frozen_ms 1)"
+    printf '%-52s ours %s, ctl %s, Docker %s\n' "  checkpoint wall ms, min-max" \
+        "$(spread $size ours.checkpoint_wall_s 1000)" "$(spread $size ctl.checkpoint_wall_s 1000)" \
+        "$(spread $size docker.checkpoint_wall_s 1000)"
+    printf '%-52s ours %s, ctl %s, Docker %s\n' "  restore to running ms, min-max" \
+        "$(spread $size ours.restore_running_s 1000)" "$(spread $size ctl.restore_running_s 1000)" \
+        "$(spread $size docker.restore_running_s 1000)"
 done
 if [[ -n ${BENCH_SAMPLES_OUT:-} ]]; then
     cp "$samples" "$BENCH_SAMPLES_OUT"
