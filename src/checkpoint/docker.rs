@@ -27,9 +27,6 @@ use crate::docker::{DockerCheckpointError, RunningContainer};
 use crate::error::ErrorKind;
 use crate::host::docker::DockerClient;
 
-/// The largest record read back (an inspect answer is a few KiB).
-const MAX_RECORD: u64 = 4 << 20;
-
 fn task<E: std::fmt::Display>(e: E) -> CheckpointError {
     CheckpointError::Task(e.to_string())
 }
@@ -422,15 +419,7 @@ fn fetch_docker(
     validate: bool,
 ) -> Result<(Value, PathBuf, Vec<String>, bool), CheckpointError> {
     let record_path = super::restore::fetch_record(catalogue, checkpoint, record_key, work, validate)?;
-    let text = fs::read(&record_path).map_err(task)?;
-    if text.len() as u64 > MAX_RECORD {
-        return Err(CheckpointError::Invalid(format!(
-            "the container record of {} is larger than {MAX_RECORD} bytes",
-            checkpoint.id
-        )));
-    }
-    let record: Value = serde_json::from_slice(&text)
-        .map_err(|e| CheckpointError::Invalid(format!("container record of {}: {e}", checkpoint.id)))?;
+    let record = crate::docker::restore::read_record(&record_path)?;
     let body = crate::docker::record::create_body(&record).map_err(|reason| CheckpointError::Restore {
         step: "record",
         reason: format!("checkpoint {}: {reason}", checkpoint.id),
@@ -477,9 +466,7 @@ fn import_dir(
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     dir.check_sums(threads)?;
     let record_path = dir.join(crate::docker::layout::RECORD);
-    let text = fs::read(&record_path).map_err(task)?;
-    let record: Value = serde_json::from_slice(&text)
-        .map_err(|e| CheckpointError::Invalid(format!("{}: {e}", record_path.display())))?;
+    let record = crate::docker::restore::read_record(&record_path)?;
     crate::docker::record::create_body(&record)
         .map_err(|reason| CheckpointError::Invalid(format!("{}: {reason}", record_path.display())))?;
     let rootfs = dir.join(crate::docker::layout::ROOTFS_DIFF);
@@ -529,7 +516,12 @@ fn import_dir(
             criu_version: String::new(),
             process_identity: String::new(),
         }),
-        container_key: Some(process::store_bytes(catalogue, &text, Compression::Zstd, "record")?),
+        container_key: Some(process::store_bytes(
+            catalogue,
+            &serde_json::to_vec(&record).map_err(task)?,
+            Compression::Zstd,
+            "record",
+        )?),
         engine: ENGINE_DOCKER.into(),
     };
     let checkpoint = catalogue.create(&id, &rootfs, &new)?;

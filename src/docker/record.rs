@@ -122,15 +122,7 @@ pub fn create_body(record: &Value) -> Result<Value, String> {
     if !network.is_empty() {
         host_body.insert("NetworkMode".into(), json!(network));
     }
-    for field in [
-        "Memory",
-        "MemorySwap",
-        "NanoCpus",
-        "CpuShares",
-        "CpuQuota",
-        "CpuPeriod",
-        "PidsLimit",
-    ] {
+    for field in LIMITS {
         match host.get(field) {
             None | Some(Value::Null) => {}
             Some(Value::Number(n)) if n.as_i64().is_some() => {

@@ -502,7 +502,9 @@ fn read_log(file: fs::File) -> Option<String> {
     Some(String::from_utf8_lossy(&text).into_owned())
 }
 
-fn read_record(path: &Path) -> Result<Value, DockerCheckpointError> {
+/// `container.json` at `path` as JSON, read only up to its bound (the
+/// file is outside our trust: a larger one is refused, not read whole).
+pub fn read_record(path: &Path) -> Result<Value, DockerCheckpointError> {
     let bad = |reason: String| DockerCheckpointError::Record {
         path: path.display().to_string(),
         reason,
@@ -606,6 +608,19 @@ impl RestoreLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_or_malformed_record_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("container.json");
+        fs::write(&path, vec![b' '; (MAX_RECORD + 1) as usize]).unwrap();
+        let err = read_record(&path).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        fs::write(&path, b"{\"Config\":").unwrap();
+        assert!(read_record(&path).unwrap_err().to_string().contains("not JSON"));
+        fs::write(&path, b"{\"Config\":{}}").unwrap();
+        assert!(read_record(&path).is_ok());
+    }
 
     #[test]
     fn a_layer_with_a_device_or_an_outside_hard_link_is_refused() {
