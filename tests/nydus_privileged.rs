@@ -681,3 +681,189 @@ fn a_bootstrap_naming_a_traversing_blob_id_is_refused_with_nothing_touched_outsi
         );
     }
 }
+
+/// Reads every file under `root` again and again until `stop`, each read
+/// going to the FUSE server (the page cache of the file is dropped after
+/// it), and compares the tree with `expected`, counting `rounds`. Returns
+/// the failures.
+fn read_continuously(
+    root: PathBuf,
+    expected: BTreeMap<String, String>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    counted: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let (mut rounds, mut failures) = (0, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let round = std::panic::catch_unwind(|| {
+                let tree = tree_of(&root);
+                drop_page_cache(&root);
+                tree
+            });
+            match round {
+                Ok(tree) => {
+                    let differences = diff(&expected, &tree);
+                    if !differences.is_empty() {
+                        failures.push(format!("round {rounds}: {}", differences.join("; ")));
+                    }
+                }
+                Err(_) => failures.push(format!("round {rounds}: a read failed (see the panic above)")),
+            }
+            rounds += 1;
+            counted.store(rounds, std::sync::atomic::Ordering::Relaxed);
+        }
+        failures
+    })
+}
+
+/// Drops the page cache of every file under `dir`, so the next read asks
+/// the filesystem.
+fn drop_page_cache(dir: &Path) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            drop_page_cache(&path);
+        } else if meta.is_file() {
+            let file = fs::File::open(&path).unwrap();
+            nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// Waits up to 60 s for `condition`.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serving_processes_survive_a_kill_a_new_supervisor_and_an_upgrade_while_files_are_read() {
+    use seamless_snapshotter::nydus::serving::supervisor::ProcessFuse;
+    require_root_and_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let Layers {
+        base: _,
+        expected,
+        tars: [base_tar, upper_tar],
+    } = layers(tmp.path());
+    let work = tmp.path().join("image");
+    let bootstrap = build_image(&[&base_tar, &upper_tar], 6, Compressor::Zstd, &work);
+    let nydus_dir = tmp.path().join("root/nydus");
+    let mountpoint = nydus_dir.join("mnt/1");
+    fs::create_dir_all(&mountpoint).unwrap();
+    let spec = FuseSpec {
+        bootstrap,
+        backend: BlobBackend::Local {
+            dir: work.join("blobs"),
+        },
+        cache_dir: nydus_dir.join("fuse-cache"),
+        mountpoint: mountpoint.clone(),
+    };
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_containerd-seamless-grpc"));
+    let sys = Arc::new(RealSystem);
+    let _unmount = Mounted(mountpoint.clone());
+
+    let first = ProcessFuse::open(&exe, &nydus_dir, sys.clone()).unwrap();
+    first.serve(&spec).unwrap();
+    assert!(first.serves(&mountpoint));
+    let pid = first.served()[0].pid;
+    assert_eq!(
+        nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid as i32)))
+            .unwrap()
+            .as_raw(),
+        pid as i32,
+        "a serving process leads a session of its own"
+    );
+    assert!(nydus_dir.join(format!("servers/{pid}.sock")).exists());
+    assert_eq!(diff(&expected, &tree_of(&mountpoint)), Vec::<String>::new());
+    // A file kept open across every change below.
+    let mut held = fs::File::open(mountpoint.join("etc/hosts")).unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = read_continuously(mountpoint.clone(), expected.clone(), stop.clone(), rounds.clone());
+    // Each step below happens while a round reads, and the next round must
+    // read the whole tree right.
+    let read_on = |what: &str| {
+        let at = rounds.load(std::sync::atomic::Ordering::Relaxed);
+        wait_until(&format!("two more full reads after {what}"), || {
+            rounds.load(std::sync::atomic::Ordering::Relaxed) >= at + 2
+        });
+    };
+    let read_held = |held: &mut fs::File| {
+        use std::io::{Read, Seek};
+        held.rewind().unwrap();
+        let mut text = String::new();
+        held.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "10.0.0.1 replaced\n");
+    };
+    read_on("the start");
+
+    // kill -9 of the serving process: another takes the connection.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).unwrap();
+    wait_until("a serving process in place of the killed one", || {
+        first.served().first().is_some_and(|s| s.pid != pid && s.restarts == 1)
+    });
+    let restarted = first.served()[0].pid;
+    read_held(&mut held);
+    read_on("the kill");
+
+    // The daemon goes (its supervisor lets go) and a new one finds the
+    // serving process and takes a copy of its connection.
+    first.abandon();
+    drop(first);
+    let second = ProcessFuse::open(&exe, &nydus_dir, sys.clone()).unwrap();
+    assert_eq!(second.served().len(), 1);
+    assert_eq!(second.served()[0].pid, restarted, "the same process, adopted");
+    assert!(second.serves(&mountpoint));
+    read_held(&mut held);
+    read_on("the new supervisor");
+
+    // An upgrade: the daemon's binary at another path replaces the process.
+    second.abandon();
+    drop(second);
+    let upgraded_exe = tmp.path().join("containerd-seamless-grpc.new");
+    fs::copy(&exe, &upgraded_exe).unwrap();
+    let third = ProcessFuse::open(&upgraded_exe, &nydus_dir, sys.clone()).unwrap();
+    let successor = third.served()[0].pid;
+    assert_ne!(successor, restarted, "replaced by a process of the new binary");
+    assert_eq!(
+        fs::read_link(format!("/proc/{successor}/exe")).unwrap(),
+        upgraded_exe,
+        "the successor runs the new binary"
+    );
+    wait_until("the predecessor to exit", || {
+        !Path::new(&format!("/proc/{restarted}")).exists()
+    });
+    read_held(&mut held);
+    read_on("the upgrade");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = reader.join().unwrap();
+    assert!(failures.is_empty(), "reads failed or differed: {failures:#?}");
+    eprintln!(
+        "serving processes: {} full reads of the tree, no failure",
+        rounds.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(held);
+
+    // The last user goes: unmounted, and the process ends.
+    assert!(third.stop(&mountpoint).unwrap());
+    assert!(!RealSystem.is_mountpoint(&mountpoint).unwrap());
+    wait_until("the serving process to exit", || {
+        !Path::new(&format!("/proc/{successor}")).exists()
+    });
+    wait_until("its control socket to go", || {
+        fs::read_dir(nydus_dir.join("servers")).unwrap().count() == 0
+    });
+}

@@ -1,7 +1,7 @@
 //! containerd-seamless-grpc: the snapshotter daemon containerd reaches as the
 //! proxy plugin `seamless`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use seamless_snapshotter::commit::nydus_image::BaseCache;
 use seamless_snapshotter::commit::CommitService;
 use seamless_snapshotter::config::Config;
 use seamless_snapshotter::host::sys::RealSystem;
+use seamless_snapshotter::nydus::serving::{self, supervisor::ProcessFuse};
 use seamless_snapshotter::oci::registry::RegistryOptions;
 use seamless_snapshotter::snapshot::snapshotter::Snapshotter;
 use tokio::signal::unix::{signal, SignalKind};
@@ -43,6 +44,21 @@ struct Args {
     /// trace, debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+/// What the daemon runs of its own binary; not for people.
+#[derive(Debug, clap::Subcommand)]
+enum Internal {
+    /// A serving process of one RAFS mount over FUSE (started by the daemon,
+    /// with the connection on descriptor 3).
+    #[command(name = "serve-rafs", hide = true)]
+    ServeRafs {
+        /// Where its control socket goes (`<root>/nydus/servers`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +66,15 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(&args.log_level) {
         eprintln!("containerd-seamless-grpc: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(Internal::ServeRafs { dir }) = &args.internal {
+        return match serving::server::run_on_inherited_link(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("serving RAFS: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,11 +115,19 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let token = rest::read_token_file(&rest_config)?;
     let registry = RegistryOptions::from_config(&config.registry);
     let (snapshotter, config) = tokio::task::spawn_blocking(move || {
-        let opened = Snapshotter::open(&root, &config, Arc::new(RealSystem));
+        // Serving processes of this binary (whatever its path now) serve
+        // RAFS over FUSE; those a previous run left are taken over first.
+        let sys: Arc<RealSystem> = Arc::new(RealSystem);
+        let opened = ProcessFuse::open(Path::new("/proc/self/exe"), &root.join("nydus"), sys.clone())
+            .context("taking over RAFS serving processes")
+            .and_then(|fuse| {
+                Snapshotter::open_with_fuse(&root, &config, sys, Arc::new(fuse))
+                    .with_context(|| format!("opening snapshotter at {}", root.display()))
+            });
         (opened, config)
     })
     .await?;
-    let snapshotter = Arc::new(snapshotter.with_context(|| format!("opening snapshotter at {}", args.root.display()))?);
+    let snapshotter = Arc::new(snapshotter?);
     let checkpoint_settings = CheckpointSettings::load(&args.root, &config)?;
     // A container held frozen across a memory dump is thawed by a watchdog
     // once the dump is past its own timeout.

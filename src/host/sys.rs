@@ -121,6 +121,12 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     /// `target`, with `devices` (regular files too) as its extra devices in
     /// the order of its device table.
     fn mount_erofs(&self, source: &Path, devices: &[PathBuf], target: &Path) -> Result<(), SysError>;
+    /// Mounts a read-only FUSE filesystem of type `fuse.<subtype>` at
+    /// `target` (an existing directory), open to every user, its requests
+    /// at most `max_read` bytes of data, and returns the connection's
+    /// `/dev/fuse` descriptor (non-blocking): whoever holds a copy of it
+    /// keeps the connection, and so the mount, alive.
+    fn mount_fuse(&self, target: &Path, subtype: &str, max_read: usize) -> Result<OwnedFd, SysError>;
     /// Unmounts `target`; when it is busy, detaches it lazily, so the
     /// filesystem goes once its last user lets go.
     fn unmount(&self, target: &Path) -> Result<(), SysError>;
@@ -496,6 +502,43 @@ impl SystemOps for RealSystem {
             return Err(failed(nix::errno::Errno::last(), None));
         }
         Ok(())
+    }
+
+    fn mount_fuse(&self, target: &Path, subtype: &str, max_read: usize) -> Result<OwnedFd, SysError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let device = Path::new("/dev/fuse");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(device)
+            .map_err(io_err("open", device))?;
+        let fd = OwnedFd::from(file);
+        let root_mode = std::fs::metadata(target).map_err(io_err("stat", target))?.mode() & libc::S_IFMT;
+        // default_permissions: the kernel checks modes itself, as for any
+        // filesystem; allow_other: containers run as any user.
+        let options = format!(
+            "fd={},rootmode={root_mode:o},user_id=0,group_id=0,max_read={max_read},default_permissions,allow_other",
+            fd.as_raw_fd()
+        );
+        let flags = nix::mount::MsFlags::MS_RDONLY
+            | nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOATIME;
+        nix::mount::mount(
+            Some("seamless-rafs"),
+            target,
+            Some(format!("fuse.{subtype}").as_str()),
+            flags,
+            Some(options.as_str()),
+        )
+        .map_err(|errno| SysError::Mount {
+            fs_type: "fuse",
+            target: target.display().to_string(),
+            errno,
+            kernel_log: String::new(),
+        })?;
+        Ok(fd)
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
@@ -900,6 +943,21 @@ impl SystemOps for RecordingSystem {
             source.display(),
             target.display()
         ))
+    }
+
+    /// Recorded as the mount(8) command line it amounts to; the descriptor
+    /// is `/dev/null`'s.
+    fn mount_fuse(&self, target: &Path, subtype: &str, max_read: usize) -> Result<OwnedFd, SysError> {
+        self.record_fallible(format!(
+            "mount -t fuse.{subtype} -o ro,max_read={max_read},allow_other seamless-rafs {}",
+            target.display()
+        ))?;
+        self.fuse_mounts
+            .lock()
+            .expect("fuse_mounts lock poisoned")
+            .push(target.to_path_buf());
+        let null = Path::new("/dev/null");
+        Ok(OwnedFd::from(std::fs::File::open(null).map_err(io_err("open", null))?))
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {

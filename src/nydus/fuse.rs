@@ -32,7 +32,7 @@ use crate::nydus::{self, BlobId, InvalidBlobId};
 
 /// Threads reading requests of one mount: reads that wait on the registry
 /// do not hold up the others.
-const THREADS_PER_MOUNT: usize = 4;
+pub(crate) const THREADS_PER_MOUNT: usize = 4;
 /// Seconds a chunk read from a registry may take, and its connection.
 const REGISTRY_TIMEOUT_SECS: u64 = 60;
 const REGISTRY_CONNECT_TIMEOUT_SECS: u64 = 10;
@@ -194,46 +194,26 @@ impl InProcessFuse {
 
 impl FuseServer for InProcessFuse {
     fn serve(&self, spec: &FuseSpec) -> Result<(), FuseError> {
-        let bootstrap = spec.bootstrap.display().to_string();
-        let load = |message: String| FuseError::Load {
-            bootstrap: bootstrap.clone(),
-            message,
-        };
         let session_err = |message: String| FuseError::Session {
             mountpoint: spec.mountpoint.display().to_string(),
             message,
         };
-        let rs = nydus::load_bootstrap(&spec.bootstrap).map_err(|e| load(e.to_string()))?;
-        for info in rs.superblock.get_blob_infos() {
-            BlobId::parse(&info.blob_id()).map_err(|source| FuseError::InvalidBlobId {
-                bootstrap: bootstrap.clone(),
-                source,
-            })?;
-        }
-        drop(rs);
-        std::fs::create_dir_all(&spec.cache_dir).map_err(|e| FuseError::Config {
-            bootstrap: bootstrap.clone(),
-            message: format!("creating cache directory {}: {e}", spec.cache_dir.display()),
-        })?;
-        let config = Arc::new(rafs_config(spec)?);
         let instance = format!("seamless-rafs-{}", self.mounted.fetch_add(1, Ordering::Relaxed));
-        let (mut rafs, reader) = Rafs::new(&config, &instance, &spec.bootstrap).map_err(|e| load(format!("{e:?}")))?;
-        rafs.import(reader, None).map_err(|e| load(format!("{e:?}")))?;
-        let vfs = Vfs::new(VfsOptions::default());
-        vfs.mount(Box::new(rafs), "/").map_err(|e| load(format!("{e:?}")))?;
-        let server = Arc::new(Server::new(Arc::new(vfs)));
+        let server = load_server(spec, &instance)?;
 
         let mut session = FuseSession::new(&spec.mountpoint, "seamless-rafs", "rafs", true)
             .map_err(|e| session_err(e.to_string()))?;
         session.mount().map_err(|e| session_err(e.to_string()))?;
         // From here a failure drops the session, which unmounts.
+        let answered = Arc::new(AtomicU64::new(0));
         for thread in 0..THREADS_PER_MOUNT {
             let channel = session.new_channel().map_err(|e| session_err(e.to_string()))?;
             let server = server.clone();
             let mountpoint = spec.mountpoint.clone();
+            let answered = answered.clone();
             std::thread::Builder::new()
                 .name(format!("rafs-fuse-{thread}"))
-                .spawn(move || serve_channel(channel, &server, &mountpoint))
+                .spawn(move || serve_channel(channel, &server, &mountpoint, &answered))
                 .map_err(|e| session_err(format!("starting a serving thread: {e}")))?;
         }
         info!(
@@ -265,11 +245,58 @@ impl FuseServer for InProcessFuse {
     }
 }
 
+/// Loads `spec.bootstrap` for serving: its blob ids checked before
+/// nydus-storage names a file after them, nydus-rafs over the spec's
+/// backend and chunk cache, under the name `instance` (unique in this
+/// process). A bootstrap loaded again gives every file the same inode number,
+/// so a successor serves a connection its predecessor answered.
+pub(crate) fn load_server(spec: &FuseSpec, instance: &str) -> Result<Arc<Server<Arc<Vfs>>>, FuseError> {
+    let bootstrap = spec.bootstrap.display().to_string();
+    let load = |message: String| FuseError::Load {
+        bootstrap: bootstrap.clone(),
+        message,
+    };
+    let rs = nydus::load_bootstrap(&spec.bootstrap).map_err(|e| load(e.to_string()))?;
+    for info in rs.superblock.get_blob_infos() {
+        BlobId::parse(&info.blob_id()).map_err(|source| FuseError::InvalidBlobId {
+            bootstrap: bootstrap.clone(),
+            source,
+        })?;
+    }
+    drop(rs);
+    std::fs::create_dir_all(&spec.cache_dir).map_err(|e| FuseError::Config {
+        bootstrap: bootstrap.clone(),
+        message: format!("creating cache directory {}: {e}", spec.cache_dir.display()),
+    })?;
+    let config = Arc::new(rafs_config(spec)?);
+    let (mut rafs, reader) = Rafs::new(&config, instance, &spec.bootstrap).map_err(|e| load(format!("{e:?}")))?;
+    rafs.import(reader, None).map_err(|e| load(format!("{e:?}")))?;
+    let vfs = Vfs::new(VfsOptions::default());
+    vfs.mount(Box::new(rafs), "/").map_err(|e| load(format!("{e:?}")))?;
+    Ok(Arc::new(Server::new(Arc::new(vfs))))
+}
+
+/// The largest request a channel reads (fuse-backend-rs's buffer): a mount
+/// must say so as its `max_read`, or the kernel sends reads that do not fit.
+pub fn max_read() -> usize {
+    // A session is plain data until mounted; "/" is only there to be valid.
+    FuseSession::new(Path::new("/"), "seamless-rafs", "rafs", true)
+        .map(|session| session.bufsize())
+        .unwrap_or(256 * 4096 + 4096)
+}
+
 /// Answers the requests of one channel until the connection ends.
-fn serve_channel(mut channel: FuseChannel, server: &Server<Arc<Vfs>>, mountpoint: &Path) {
+/// `answered` counts the requests answered.
+pub(crate) fn serve_channel(
+    mut channel: FuseChannel,
+    server: &Server<Arc<Vfs>>,
+    mountpoint: &Path,
+    answered: &AtomicU64,
+) {
     loop {
         match channel.get_request() {
             Ok(Some((reader, writer))) => {
+                answered.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
                     if let fuse_backend_rs::Error::EncodeMessage(io) = &e {
                         // The connection is gone (unmounted, or aborted).

@@ -14,10 +14,12 @@
 //! the kernel's erofs can mount directly with the blob as a device.
 //!
 //! Running Nydus images is [`mount`]'s (blob fetch and caches, an erofs
-//! mount or the in-process FUSE server of [`fuse`]).
+//! mount or a FUSE server of [`fuse`]: in-process, or the serving processes
+//! of [`serving`] that outlive the daemon).
 
 pub mod fuse;
 pub mod mount;
+pub mod serving;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -49,7 +49,7 @@ const BLOCK_SIZE: u64 = 4096;
 const BLOBS: &str = "blobs";
 const CACHE: &str = "cache";
 const FUSE_CACHE: &str = "fuse-cache";
-const MOUNTS: &str = "mnt";
+pub(crate) const MOUNTS: &str = "mnt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RafsMountError {
@@ -569,8 +569,9 @@ impl Drop for MountLease<'_> {
 
 impl RafsMounts {
     /// Opens (creating 0700) `<root>/nydus`. FUSE mounts a previous run
-    /// left are dead (their server went with it): they are detached, to be
-    /// mounted again by whoever uses them.
+    /// left that `fuse` does not serve (it took over the serving processes
+    /// still alive) are dead: they are detached, to be mounted again by
+    /// whoever uses them.
     pub fn open(
         root: &Path,
         sys: Arc<dyn SystemOps>,
@@ -598,11 +599,14 @@ impl RafsMounts {
         Ok(mounts)
     }
 
-    /// Detaches the FUSE mounts under `mnt/`: this process serves none
-    /// yet, so their server (a previous run) is gone. (A stat would not
-    /// tell: the kernel answers from cached attributes for a while.)
+    /// Detaches the FUSE mounts under `mnt/` that no server of ours serves:
+    /// their server (a previous run's) is gone. (A stat would not tell: the
+    /// kernel answers from cached attributes for a while.)
     fn detach_dead_mounts(&self) -> Result<(), RafsMountError> {
         for path in self.sys.fuse_mounts_under(&self.mounts)? {
+            if self.fuse.serves(&path) {
+                continue;
+            }
             self.sys.unmount(&path)?;
             warn!(mountpoint = %path.display(), "detached a RAFS FUSE mount left by a previous run");
         }

@@ -317,12 +317,24 @@ impl Snapshotter {
     /// and the RAFS mounts of Nydus images in use are mounted again if gone.
     /// Nydus blobs come from their image's registry; only registries on
     /// loopback are reached without trusted TLS.
+    /// RAFS images are served over FUSE by threads of this process.
     pub fn open(root: &Path, config: &Config, sys: Arc<dyn SystemOps>) -> Result<Snapshotter, SnapshotError> {
+        Snapshotter::open_with_fuse(root, config, sys, Arc::new(InProcessFuse::new()))
+    }
+
+    /// [`Snapshotter::open`] with RAFS images served over FUSE by `fuse`
+    /// (the daemon's: serving processes that outlive it).
+    pub fn open_with_fuse(
+        root: &Path,
+        config: &Config,
+        sys: Arc<dyn SystemOps>,
+        fuse: Arc<dyn FuseServer>,
+    ) -> Result<Snapshotter, SnapshotError> {
         let source = RegistryBlobSource::with_options(
             config.nydus.insecure_registries.clone(),
             crate::oci::registry::RegistryOptions::from_config(&config.registry),
         );
-        Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), Arc::new(InProcessFuse::new()))
+        Snapshotter::open_with_nydus_io(root, config, sys, Arc::new(source), fuse)
     }
 
     /// [`Snapshotter::open`] with Nydus blobs fetched through `blobs` and
