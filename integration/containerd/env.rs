@@ -89,6 +89,8 @@ pub struct Env {
     registry: Option<Child>,
     registry_port: u16,
     daemon: Option<Child>,
+    /// The daemon's binary: [`DAEMON_BIN`] unless a test upgrades it.
+    daemon_bin: PathBuf,
     containerd: Option<Child>,
     namespaces: BTreeSet<String>,
     /// `[nydus] fs_driver` written into the daemon's configuration.
@@ -110,6 +112,7 @@ impl Env {
             registry: None,
             registry_port: 0,
             daemon: None,
+            daemon_bin: PathBuf::from(DAEMON_BIN),
             containerd: None,
             namespaces: BTreeSet::new(),
             nydus_fs_driver: None,
@@ -337,8 +340,9 @@ impl Env {
         text.push_str(&self.daemon_config);
         std::fs::write(&config, text)?;
         let log = self.log_file("daemon.log")?;
-        writeln!(&log, "===== test harness: starting {DAEMON_BIN}")?;
-        let child = Command::new(DAEMON_BIN)
+        let bin = self.daemon_bin.clone();
+        writeln!(&log, "===== test harness: starting {}", bin.display())?;
+        let child = Command::new(&bin)
             .arg("--root")
             .arg(self.daemon_root())
             .arg("--address")
@@ -354,7 +358,7 @@ impl Env {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {DAEMON_BIN}"))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         self.daemon = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -376,6 +380,17 @@ impl Env {
             );
             sleep(Duration::from_millis(25));
         }
+    }
+
+    /// The next [`Env::start_daemon`] runs `binary` (an upgrade).
+    pub fn set_daemon_binary(&mut self, binary: &Path) {
+        self.daemon_bin = binary.to_path_buf();
+    }
+
+    /// The live serving processes of this test's daemon root: pid and
+    /// executable.
+    pub fn serving_processes(&self) -> Vec<(i32, PathBuf)> {
+        serving_processes_of(&self.daemon_root())
     }
 
     /// Sends `signal` to the daemon and waits for it to exit.
@@ -764,6 +779,11 @@ disabled_plugins = [{disabled}]
         if let Some(child) = self.daemon.take() {
             stop_child(child, "the daemon");
         }
+        // They outlive the daemon by design; they end with their mounts
+        // below anyway, but a test that failed must not leave them waiting.
+        for (pid, _) in serving_processes_of(&self.daemon_root()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         if let Some(child) = self.registry.take() {
             stop_child(child, "docker-registry");
         }
@@ -984,6 +1004,40 @@ fn stop_child(mut child: Child, what: &str) {
 
 /// Shims outlive containerd. Ours carry our containerd's address on their
 /// command line; kill them and the container processes they supervise.
+/// Live (not zombie) `serve-rafs` processes whose control sockets are under
+/// `root`: pid and executable.
+fn serving_processes_of(root: &Path) -> Vec<(i32, PathBuf)> {
+    let servers = root.join("nydus/servers").display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours =
+            args.iter().any(|a| a == "serve-rafs") && args.windows(2).any(|w| w[0] == "--dir" && w[1] == servers);
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        if ours && !zombie {
+            let exe = std::fs::read_link(entry.path().join("exe")).unwrap_or_default();
+            found.push((pid, exe));
+        }
+    }
+    found.sort();
+    found
+}
+
 fn kill_leftover_shims(dir: &Path, containerd_socket: &Path) {
     let address = containerd_socket.display().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -32,6 +32,7 @@ mod image;
 mod lifecycle;
 mod local_image;
 mod nydus;
+mod outlive;
 mod registry_auth;
 mod restore;
 mod sharing;

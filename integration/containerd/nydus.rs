@@ -227,15 +227,20 @@ pub(super) fn rafs_mounts(env: &Env) -> Result<Vec<(PathBuf, String)>> {
 /// Converts the test image to a RAFS v6 Nydus image at `target`, laid out
 /// as nydusify does (a blob layer per OCI layer, then the bootstrap layer;
 /// diff_ids follow). Returns the blob digests.
-fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
-    convert_and_push_naming(env, target, None)
+pub(super) fn convert_and_push(env: &Env, target: &str) -> Result<Vec<String>> {
+    convert_and_push_naming(env, target, None, Compressor::Lz4Block)
 }
 
 /// [`convert_and_push`], the bootstrap's first blob renamed `blob_id` in its
 /// blob and device tables when one is given (an id of 64 bytes keeps the
 /// bootstrap loadable): a hostile image whose layers are all genuine.
-fn convert_and_push_naming(env: &Env, target: &str, blob_id: Option<&str>) -> Result<Vec<String>> {
-    let work = env.dir().join("nydus-convert");
+pub(super) fn convert_and_push_naming(
+    env: &Env,
+    target: &str,
+    blob_id: Option<&str>,
+    compressor: Compressor,
+) -> Result<Vec<String>> {
+    let work = env.dir().join(format!("nydus-convert-{compressor:?}"));
     std::fs::create_dir_all(&work)?;
     let registry = RegistryClient::new(RegistryOptions {
         insecure: true,
@@ -246,7 +251,7 @@ fn convert_and_push_naming(env: &Env, target: &str, blob_id: Option<&str>) -> Re
     let pulled = runtime.block_on(registry.pull_manifest_and_config(&source, &RegistryAuth::Anonymous))?;
     let options = RafsOptions {
         fs_version: 6,
-        compressor: Compressor::Lz4Block,
+        compressor,
     };
     let blob_dir = work.join("blobs");
     let mut builds = Vec::new();
@@ -354,7 +359,7 @@ fn nydus_image_naming_a_traversing_blob_id_is_refused_and_the_daemon_serves_on()
         std::fs::write(&sentinel, content)?;
 
         let evil_ref = env.registry_ref("seamless-nydus-evil:1");
-        convert_and_push_naming(env, &evil_ref, Some(&evil_id))?;
+        convert_and_push_naming(env, &evil_ref, Some(&evil_id), Compressor::Lz4Block)?;
         let ns = env.namespace("n");
         run_rpull(env, &rpull, &ns, &evil_ref)?;
         let id = env.container_id("evil");
