@@ -270,12 +270,42 @@ pub struct NydusConfig {
     /// How the filesystem of a Nydus image is served: "auto" mounts RAFS v6
     /// images whose blobs are stored uncompressed with the kernel's erofs
     /// (blobs fetched whole on first use) and serves the others (compressed
-    /// blobs, RAFS v5) over FUSE from the daemon, reading chunks lazily from
+    /// blobs, RAFS v5) over FUSE, reading chunks lazily from
     /// the registry; "erofs" fetches every blob when its layer is pulled and
     /// mounts with erofs (RAFS v5 is refused); "fuse" serves every image over
-    /// FUSE.
+    /// FUSE. FUSE mounts are served by processes of their own that outlive
+    /// the daemon.
     #[serde(default)]
     pub fs_driver: FsDriver,
+    /// Bound on what `<root>/nydus` keeps of Nydus blobs (whole blobs, erofs
+    /// cache files, FUSE chunk caches): a size ("20GiB") or a share of the
+    /// filesystem holding it ("20%"). Past it, the blobs of images no
+    /// container uses go, least recently used first; an image that needs
+    /// them again fetches them from its registry.
+    #[serde(default = "default_cache_max_size")]
+    pub cache_max_size: String,
+}
+
+fn default_cache_max_size() -> String {
+    "20%".into()
+}
+
+/// [`NydusConfig::cache_max_size`], parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheBound {
+    Bytes(u64),
+    /// Percent of the filesystem's size, 1 to 100.
+    Percent(u8),
+}
+
+impl CacheBound {
+    /// The bound in bytes on a filesystem of `filesystem_bytes`.
+    pub fn bytes(self, filesystem_bytes: u64) -> u64 {
+        match self {
+            CacheBound::Bytes(bytes) => bytes,
+            CacheBound::Percent(percent) => (filesystem_bytes as u128 * percent as u128 / 100) as u64,
+        }
+    }
 }
 
 /// How Nydus images are served; see [`NydusConfig::fs_driver`].
@@ -297,6 +327,7 @@ impl Default for NydusConfig {
         NydusConfig {
             insecure_registries: Vec::new(),
             base_cache_size: default_base_cache_size(),
+            cache_max_size: default_cache_max_size(),
             fs_driver: FsDriver::default(),
         }
     }
@@ -739,6 +770,7 @@ impl Config {
             }
         }
         self.nydus_base_cache_bytes()?;
+        self.nydus_cache_bound()?;
         self.max_received_archive_bytes()?;
         if !(1..=64).contains(&self.commit.background_workers) {
             return Err(ConfigError::Invalid {
@@ -800,6 +832,22 @@ impl Config {
             key: "nydus.base_cache_size",
             reason,
         })
+    }
+
+    /// `nydus.cache_max_size`, parsed.
+    pub fn nydus_cache_bound(&self) -> Result<CacheBound, ConfigError> {
+        let text = self.nydus.cache_max_size.trim();
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "nydus.cache_max_size",
+            reason,
+        };
+        match text.strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(CacheBound::Percent(p)),
+                _ => Err(invalid(format!("{text:?}: a share of the filesystem is 1% to 100%"))),
+            },
+            None => parse_size(text).map(CacheBound::Bytes).map_err(invalid),
+        }
     }
 
     pub fn pool_size(&self) -> Result<PoolSize, ConfigError> {
@@ -956,6 +1004,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.nydus.insecure_registries.len(), 2);
+        let config = Config::parse("[nydus]\ncache_max_size = \"30%\"\n", "t").unwrap();
+        assert_eq!(config.nydus_cache_bound().unwrap(), CacheBound::Percent(30));
+        assert_eq!(CacheBound::Percent(30).bytes(1000), 300);
+        assert_eq!(Config::default().nydus_cache_bound().unwrap(), CacheBound::Percent(20));
+        let config = Config::parse("[nydus]\ncache_max_size = \"5GiB\"\n", "t").unwrap();
+        assert_eq!(config.nydus_cache_bound().unwrap(), CacheBound::Bytes(5 << 30));
+        for bad in ["0%", "101%", "lots", "-3%"] {
+            let err = Config::parse(&format!("[nydus]\ncache_max_size = \"{bad}\"\n"), "t").unwrap_err();
+            assert!(err.to_string().contains("nydus.cache_max_size"), "{bad}: {err}");
+        }
         let err = Config::parse("[nydus]\nbase_cache_size = \"lots\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("nydus.base_cache_size"), "{err}");
         assert_eq!(Config::default().nydus_base_cache_bytes().unwrap(), 10 << 30);

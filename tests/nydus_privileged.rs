@@ -867,3 +867,72 @@ fn serving_processes_survive_a_kill_a_new_supervisor_and_an_upgrade_while_files_
         fs::read_dir(nydus_dir.join("servers")).unwrap().count() == 0
     });
 }
+
+#[test]
+fn a_serving_process_no_snapshot_uses_is_stopped_by_the_next_daemon() {
+    use seamless_snapshotter::nydus::serving::supervisor::ProcessFuse;
+    require_root_and_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let Layers {
+        base: _,
+        expected: _,
+        tars: [base_tar, upper_tar],
+    } = layers(tmp.path());
+    let work = tmp.path().join("image");
+    let bootstrap = build_image(&[&base_tar, &upper_tar], 6, Compressor::Lz4Block, &work);
+    let origins: Vec<BlobOrigin> = nydus::load_bootstrap(&bootstrap)
+        .unwrap()
+        .superblock
+        .get_blob_infos()
+        .iter()
+        .map(|b| BlobOrigin {
+            reference: "127.0.0.1:1/app:1".to_string(),
+            digest: format!("sha256:{}", b.blob_id()),
+        })
+        .collect();
+    let root = tmp.path().join("root");
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_containerd-seamless-grpc"));
+    let sys = Arc::new(RealSystem);
+    let open = |fuse: &ProcessFuse| {
+        RafsMounts::open(
+            &root,
+            sys.clone(),
+            Arc::new(DirSource(work.join("blobs"))),
+            FsDriver::Fuse,
+            Arc::new(fuse.clone()),
+        )
+        .unwrap()
+    };
+
+    let first = ProcessFuse::open(&exe, &root.join("nydus"), sys.clone()).unwrap();
+    let mounts = open(&first);
+    let _unmount = Mounted(mounts.mountpoint(1));
+    let lease = mounts.acquire(1, &bootstrap, &origins).unwrap();
+    assert_eq!(
+        fs::read(lease.mountpoint.join("etc/hosts")).unwrap(),
+        b"10.0.0.1 replaced\n"
+    );
+    lease.bind(10);
+    let status = mounts.status().unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].users, vec![10]);
+    let pid = status[0].server.expect("served by a process").pid;
+    assert!(mounts.cache_bytes(&bootstrap).unwrap() > 0, "the blobs fetched count");
+
+    // The daemon dies; while it is down its snapshot goes (nothing uses the
+    // mount now). The next daemon takes the process over, finds no user,
+    // and stops it.
+    first.abandon();
+    drop(mounts);
+    let second = ProcessFuse::open(&exe, &root.join("nydus"), sys.clone()).unwrap();
+    assert_eq!(second.served()[0].pid, pid, "taken over");
+    let mounts = open(&second);
+    let (unmounted, _) = mounts.sweep(&std::collections::BTreeSet::new()).unwrap();
+    assert_eq!(unmounted, 1);
+    assert!(!RealSystem.is_mountpoint(&mounts.mountpoint(1)).unwrap_or(false));
+    wait_until("the serving process to exit", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(second.served().is_empty());
+    assert!(mounts.status().unwrap().is_empty(), "its mount point went too");
+}

@@ -102,6 +102,7 @@ fn outlive(driver: &'static str) {
         );
         wait_rounds(env, &ns, &reader, 2)?;
         check_reference(env, &ns, &reader)?;
+        check_mounts_listed(env, &image, &reader, &mountpoint, 0)?;
 
         let dropping = CacheDropper::start(&mountpoint);
         let mut steps = vec![Step::KillDaemon, Step::RestartDaemon, Step::Upgrade];
@@ -148,6 +149,9 @@ fn outlive(driver: &'static str) {
                 rafs_mounts(env)?
             );
             check_serving_after(env, step, served_over_fuse, &server_before)?;
+            // The daemon's count of restarts starts with the daemon.
+            let restarts = u32::from(step == Step::KillServer);
+            check_mounts_listed(env, &image, &reader, &mountpoint, restarts)?;
             env.remove_container(&ns, &during)?;
             env.remove_container(&ns, &after)?;
         }
@@ -282,6 +286,45 @@ fn check_serving_after(env: &Env, step: Step, fuse: bool, before: &[(i32, PathBu
         );
         sleep(Duration::from_millis(100));
     }
+}
+
+/// `checkpointctl mounts -o json` lists the image's one mount: its state,
+/// image, serving process, users (the reader among them) and cache.
+fn check_mounts_listed(env: &Env, image: &str, reader: &str, mountpoint: &Path, restarts: u32) -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_checkpointctl"))
+        .arg("--address")
+        .arg(env.daemon_socket())
+        .args(["mounts", "-o", "json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "checkpointctl mounts: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mounts = listed.as_array().context("an array")?;
+    ensure!(mounts.len() == 1, "one mount listed: {listed}");
+    let mount = &mounts[0];
+    ensure!(mount["mountpoint"] == mountpoint.display().to_string(), "{mount}");
+    ensure!(mount["image"] == image, "{mount}");
+    ensure!(mount["cache_bytes"].as_u64().is_some_and(|b| b > 0), "{mount}");
+    let users = mount["snapshots"].as_array().context("snapshots")?;
+    ensure!(
+        users.iter().any(|u| u.as_str().is_some_and(|u| u.ends_with(reader))),
+        "the reader's snapshot uses it: {mount}"
+    );
+    match env.serving_processes().as_slice() {
+        [] => ensure!(
+            mount["state"] == "mounted" && mount.get("server_pid").is_none(),
+            "{mount}"
+        ),
+        [(pid, _)] => ensure!(
+            mount["state"] == "served" && mount["server_pid"] == *pid && mount["server_restarts"] == restarts,
+            "served by {pid} after {restarts} restarts: {mount}"
+        ),
+        more => bail!("serving processes {more:?}"),
+    }
+    Ok(())
 }
 
 fn run_reader(env: &Env, ns: &str, image: &str, id: &str) -> Result<()> {

@@ -1411,3 +1411,51 @@ fn a_stopping_dump_that_cannot_be_stored_is_stored_by_the_next_start() {
         result
     });
 }
+
+#[test]
+fn what_interrupted_restores_left_is_swept_when_the_daemon_starts() {
+    with_env("restore-sweep", Options::default(), |env| {
+        let ns = env.namespace("r");
+        // A lease as a killed run's restore left it (its label names
+        // another run), one of somebody else, and a restore's work
+        // directory.
+        env.ctr(
+            &ns,
+            &[
+                "leases",
+                "create",
+                "--id",
+                "seamless-restore-gone-1",
+                "io.seamless.restore=1-1",
+            ],
+        )?;
+        env.ctr(&ns, &["leases", "create", "--id", "someone-elses", "team=web"])?;
+        let work = env.daemon_root().join("restore-work/gone-1700000000");
+        std::fs::create_dir_all(work.join("images"))?;
+        std::fs::write(work.join("images/pages-1.img"), b"left by a killed restore")?;
+
+        env.signal_daemon(nix::sys::signal::Signal::SIGKILL)?;
+        env.start_daemon()?;
+        ensure!(
+            !env.daemon_root().join("restore-work/gone-1700000000").exists(),
+            "the restore's work directory is removed before the daemon serves"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leases = env.ctr(&ns, &["leases", "ls", "-q"])?;
+            if !leases.contains("seamless-restore-gone-1") {
+                ensure!(
+                    leases.contains("someone-elses"),
+                    "a lease not of ours went too: {leases:?}"
+                );
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the restore's lease is still there: {leases:?}"
+            );
+            sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    });
+}

@@ -155,6 +155,7 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || CheckpointService::new(capture, checkpoint_settings, &root)).await?,
         )
     };
+    tokio::spawn(checkpoints.clone().sweep_restore_leases());
     let listener = server::bind_socket(&args.address)?;
     let rest_socket = if rest_config.socket.is_empty() {
         args.address.with_file_name("rest.sock")

@@ -305,6 +305,27 @@ impl std::fmt::Debug for CheckpointService {
     }
 }
 
+/// Removes what restores a previous run left in `<root>/restore-work`: no
+/// restore runs before the service exists.
+fn remove_restore_work(root: &Path) {
+    let dir = root.join("restore-work");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => warn!(path = %path.display(), "removed the work directory of a restore a previous run left"),
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot remove a restore's work directory"),
+        }
+    }
+}
+
 impl CheckpointService {
     /// Scratch files a previous run left in `<root>/checkpoint-work` (a
     /// daemon killed mid-create or mid-export) are deleted: no work is under
@@ -350,6 +371,7 @@ impl CheckpointService {
                 }
             }
         }
+        remove_restore_work(root);
         let service = CheckpointService {
             schedules: crate::snapshot::store::Records::new(
                 capture.snapshotter().record_store(),
@@ -376,6 +398,32 @@ impl CheckpointService {
             }
         });
         service
+    }
+
+    /// Deletes the containerd leases of restores a previous run left (its
+    /// snapshot goes with the lease, unless a container uses it). Tries
+    /// until containerd answers (it starts after the daemon) for up to ten
+    /// minutes.
+    pub async fn sweep_restore_leases(self: Arc<Self>) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            let swept = match crate::host::containerd::Containerd::connect(self.capture.containerd_address()).await {
+                Ok(containerd) => containerd.delete_restore_leases().await,
+                Err(e) => Err(e),
+            };
+            match swept {
+                Ok(deleted) if deleted.is_empty() => return,
+                Ok(deleted) => {
+                    warn!(leases = ?deleted, "deleted the containerd leases of restores a previous run left");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    warn!(error = %e, "cannot delete the containerd leases of interrupted restores");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(5)).await,
+            }
+        }
     }
 
     /// Finishes a checkpoint a killed daemon journaled: stores it if its

@@ -11,6 +11,7 @@ use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::namespaces_client::NamespacesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
     MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
@@ -19,8 +20,8 @@ use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetImageRequest, GetRequest,
-    InfoRequest, KillRequest, ListContainersRequest, MetricsRequest, PauseTaskRequest, ReadContentRequest,
-    ReadContentResponse, ResumeTaskRequest, StartRequest,
+    InfoRequest, KillRequest, ListContainersRequest, ListNamespacesRequest, ListRequest as ListLeasesRequest,
+    MetricsRequest, PauseTaskRequest, ReadContentRequest, ReadContentResponse, ResumeTaskRequest, StartRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status, Streaming};
@@ -180,6 +181,21 @@ pub fn pick_container<'a>(containers: &[Named<'a>], namespace: &str, query: &str
 #[derive(Debug, Clone)]
 pub struct Containerd {
     channel: Channel,
+}
+
+/// The label of the leases restores take; its value names the daemon's run.
+pub const RESTORE_LEASE_LABEL: &str = "io.seamless.restore";
+
+/// This run of the daemon: its pid and when it first asked.
+fn this_run() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("{}-{started}", std::process::id())
+    })
 }
 
 fn namespaced<T>(message: T, namespace: &str) -> Result<Request<T>, ContainerdError> {
@@ -365,8 +381,12 @@ impl Containerd {
 
     /// A lease that keeps what is made under it from containerd's garbage
     /// collection until [`Containerd::delete_lease`].
+    /// Creates lease `id`, labelled [`RESTORE_LEASE_LABEL`]: the restores
+    /// of this daemon are its only users, and a daemon that starts deletes
+    /// the ones a killed run left ([`Containerd::delete_restore_leases`]).
     pub async fn create_lease(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
         let mut labels = std::collections::HashMap::new();
+        labels.insert(RESTORE_LEASE_LABEL.to_string(), this_run().to_string());
         // Expires by itself if the daemon dies before deleting it.
         labels.insert(
             "containerd.io/gc.expire".to_string(),
@@ -383,6 +403,45 @@ impl Containerd {
             .await
             .map_err(call_error("create lease"))?;
         Ok(())
+    }
+
+    /// Deletes, in every namespace, the leases [`Containerd::create_lease`]
+    /// made in an earlier run of the daemon (what an interrupted restore
+    /// holds: its snapshot, then collected); returns `namespace/lease` of
+    /// each. This run's leases stay: their restores may be under way.
+    pub async fn delete_restore_leases(&self) -> Result<Vec<String>, ContainerdError> {
+        let namespaces = NamespacesClient::new(self.channel.clone())
+            .list(ListNamespacesRequest { filter: String::new() })
+            .await
+            .map_err(call_error("list namespaces"))?
+            .into_inner()
+            .namespaces;
+        let mut deleted = Vec::new();
+        for namespace in namespaces {
+            let ns = namespace.name;
+            if validate_namespace(&ns).is_err() {
+                continue;
+            }
+            let leases = LeasesClient::new(self.channel.clone())
+                .list(namespaced(
+                    ListLeasesRequest {
+                        filters: vec![format!("labels.\"{RESTORE_LEASE_LABEL}\"")],
+                    },
+                    &ns,
+                )?)
+                .await
+                .map_err(call_error("list leases"))?
+                .into_inner()
+                .leases;
+            for lease in leases {
+                if lease.labels.get(RESTORE_LEASE_LABEL).map(String::as_str) == Some(this_run()) {
+                    continue;
+                }
+                self.delete_lease(&ns, &lease.id).await?;
+                deleted.push(format!("{ns}/{}", lease.id));
+            }
+        }
+        Ok(deleted)
     }
 
     pub async fn delete_lease(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {

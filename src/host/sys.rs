@@ -93,6 +93,8 @@ pub trait SystemOps: Send + Sync + std::fmt::Debug {
     fn fs_type(&self, path: &Path) -> Result<FsType, SysError>;
     /// Free bytes available to root on the filesystem holding `path`.
     fn free_bytes(&self, path: &Path) -> Result<u64, SysError>;
+    /// Size in bytes of the filesystem holding `path`.
+    fn total_bytes(&self, path: &Path) -> Result<u64, SysError>;
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError>;
     fn create_subvolume(&self, path: &Path) -> Result<(), SysError>;
     fn delete_subvolume(&self, path: &Path) -> Result<(), SysError>;
@@ -243,6 +245,11 @@ impl SystemOps for RealSystem {
     fn free_bytes(&self, path: &Path) -> Result<u64, SysError> {
         let st = nix::sys::statvfs::statvfs(path).map_err(errno_err("statvfs", path))?;
         Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    fn total_bytes(&self, path: &Path) -> Result<u64, SysError> {
+        let st = nix::sys::statvfs::statvfs(path).map_err(errno_err("statvfs", path))?;
+        Ok(st.blocks() as u64 * st.fragment_size() as u64)
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
@@ -857,6 +864,11 @@ impl SystemOps for RecordingSystem {
     }
 
     fn free_bytes(&self, _path: &Path) -> Result<u64, SysError> {
+        Ok(self.free)
+    }
+
+    /// As large as what is free: the fake's filesystem is empty.
+    fn total_bytes(&self, _path: &Path) -> Result<u64, SysError> {
         Ok(self.free)
     }
 

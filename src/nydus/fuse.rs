@@ -109,6 +109,22 @@ pub trait FuseServer: Send + Sync + std::fmt::Debug {
     fn stop(&self, mountpoint: &Path) -> Result<bool, FuseError>;
     /// Whether this server serves `mountpoint`.
     fn serves(&self, mountpoint: &Path) -> bool;
+    /// The process serving `mountpoint`, if this server serves it.
+    fn server_of(&self, mountpoint: &Path) -> Option<ServingProcess> {
+        self.serves(mountpoint).then(|| ServingProcess {
+            pid: std::process::id(),
+            restarts: 0,
+        })
+    }
+}
+
+/// Who serves a FUSE mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingProcess {
+    pub pid: u32,
+    /// Times a serving process was started again on the mount's connection
+    /// since the daemon started.
+    pub restarts: usize,
 }
 
 /// The nydus-rafs configuration of a served bootstrap.

@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use crate::config::FsDriver;
 use crate::error::{io_err, Classify, ErrorKind, IoError};
 use crate::host::sys::{SysError, SystemOps};
-use crate::nydus::fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth};
+use crate::nydus::fuse::{BlobBackend, FuseError, FuseServer, FuseSpec, LazyAuth, ServingProcess};
 use crate::nydus::{self, BlobId, NydusError};
 use crate::oci::registry::{RegistryAuth, RegistryClient, RegistryError, RegistryOptions, Scheme};
 
@@ -497,6 +497,8 @@ fn remove_file_if_present(path: &Path) -> Result<(), RafsMountError> {
 struct Users {
     snapshots: BTreeSet<u64>,
     pending: usize,
+    /// The blobs of the mounted image: kept from cache eviction.
+    blobs: Vec<BlobId>,
 }
 
 impl Users {
@@ -522,6 +524,41 @@ pub struct RafsMounts {
     /// sweep never deletes a blob that is about to be referenced. Taken after
     /// `users` when both are needed.
     fetching: Mutex<()>,
+    /// Bytes the blobs and caches of images no container uses may take
+    /// together with those in use; None: unbounded.
+    cache_limit: Option<u64>,
+}
+
+/// How a RAFS mount point is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountState {
+    /// Served over FUSE by a process of ours.
+    Served,
+    /// Mounted with erofs (or a FUSE mount nobody of ours serves).
+    Mounted,
+    /// Its directory is there, nothing is mounted on it.
+    NotMounted,
+}
+
+impl MountState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountState::Served => "served",
+            MountState::Mounted => "mounted",
+            MountState::NotMounted => "not-mounted",
+        }
+    }
+}
+
+/// One RAFS mount point of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RafsMountStatus {
+    pub bootstrap_id: u64,
+    pub mountpoint: PathBuf,
+    pub state: MountState,
+    pub server: Option<ServingProcess>,
+    /// Ids of the snapshots using it.
+    pub users: Vec<u64>,
 }
 
 /// A blob on disk, kept from sweeps until this is dropped.
@@ -591,6 +628,7 @@ impl RafsMounts {
             fuse,
             users: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
+            cache_limit: None,
         };
         for dir in [&base, &mounts.blobs, &mounts.cache, &mounts.fuse_cache, &mounts.mounts] {
             ensure_private_dir(dir)?;
@@ -611,6 +649,15 @@ impl RafsMounts {
             warn!(mountpoint = %path.display(), "detached a RAFS FUSE mount left by a previous run");
         }
         Ok(())
+    }
+
+    /// Bounds what `<root>/nydus` keeps of blobs (whole blobs, erofs cache
+    /// files, FUSE chunk caches) to `bytes`: past it, the blobs of images no
+    /// container uses go, least recently used first (fetched again from
+    /// their registry when an image needs them).
+    pub fn with_cache_limit(mut self, bytes: u64) -> RafsMounts {
+        self.cache_limit = Some(bytes);
+        self
     }
 
     /// Whether blobs are fetched when their layer is pulled, rather than
@@ -723,7 +770,15 @@ impl RafsMounts {
                 );
             }
         }
-        users.entry(bootstrap_id).or_default().pending += 1;
+        let entry = users.entry(bootstrap_id).or_default();
+        entry.pending += 1;
+        if entry.blobs.is_empty() {
+            let image = origins.first().map(|o| o.reference.as_str());
+            entry.blobs = bootstrap_blob_ids(&nydus::load_bootstrap(bootstrap)?, bootstrap, image)?;
+        }
+        if let Err(e) = self.evict_over_limit(&users) {
+            warn!(error = %e, "cannot bound the nydus blob cache");
+        }
         Ok(MountLease {
             mounts: self,
             bootstrap_id,
@@ -869,6 +924,59 @@ impl RafsMounts {
         self.unmount_if_unused(&mut users, bootstrap_id)
     }
 
+    /// Every RAFS mount point of this daemon, by bootstrap snapshot id: how
+    /// it is mounted, who serves it, and which snapshots use it.
+    pub fn status(&self) -> Result<Vec<RafsMountStatus>, RafsMountError> {
+        let users = self.lock_users();
+        let mut list = Vec::new();
+        for entry in fs::read_dir(&self.mounts).map_err(io_err("read directory", &self.mounts))? {
+            let entry = entry.map_err(io_err("read directory", &self.mounts))?;
+            let Some(bootstrap_id) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let mountpoint = entry.path();
+            let server = self.fuse.server_of(&mountpoint);
+            let state = match server {
+                Some(_) => MountState::Served,
+                None if self.sys.is_mountpoint(&mountpoint)? => MountState::Mounted,
+                None => MountState::NotMounted,
+            };
+            list.push(RafsMountStatus {
+                bootstrap_id,
+                mountpoint,
+                state,
+                server,
+                users: users
+                    .get(&bootstrap_id)
+                    .map(|u| u.snapshots.iter().copied().collect())
+                    .unwrap_or_default(),
+            });
+        }
+        list.sort_by_key(|m| m.bootstrap_id);
+        Ok(list)
+    }
+
+    /// Bytes on disk of what this host keeps of the blobs of `bootstrap`:
+    /// whole blobs, erofs cache files and FUSE chunk caches.
+    pub fn cache_bytes(&self, bootstrap: &Path) -> Result<u64, RafsMountError> {
+        let rs = nydus::load_bootstrap(bootstrap)?;
+        let ids = bootstrap_blob_ids(&rs, bootstrap, None)?;
+        let allocated = |path: &Path| fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
+        let mut bytes = 0;
+        for id in &ids {
+            bytes += allocated(&self.blob_path(id)) + allocated(&self.cache_path(id));
+        }
+        for entry in fs::read_dir(&self.fuse_cache).map_err(io_err("read directory", &self.fuse_cache))? {
+            let entry = entry.map_err(io_err("read directory", &self.fuse_cache))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.split('.').next().unwrap_or_default();
+            if ids.iter().any(|b| b.as_str() == id) {
+                bytes += allocated(&entry.path());
+            }
+        }
+        Ok(bytes)
+    }
+
     /// The snapshots using the mount of `bootstrap_id`.
     pub fn users_of(&self, bootstrap_id: u64) -> Vec<u64> {
         self.lock_users()
@@ -881,7 +989,15 @@ impl RafsMounts {
         if users.get(&bootstrap_id).is_some_and(|u| !u.is_empty()) {
             return Ok(());
         }
-        users.remove(&bootstrap_id);
+        if let Some(gone) = users.remove(&bootstrap_id) {
+            // Last used now: the eviction order is by last use.
+            for blob in &gone.blobs {
+                self.mark_used(blob);
+            }
+            if let Err(e) = self.evict_over_limit(users) {
+                warn!(error = %e, "cannot bound the nydus blob cache");
+            }
+        }
         let mountpoint = self.mountpoint(bootstrap_id);
         if self.fuse.stop(&mountpoint)? {
             // Unmounted by the FUSE server.
@@ -894,6 +1010,103 @@ impl RafsMounts {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("remove", &mountpoint)(e).into()),
         }
+    }
+
+    /// Sets the access time of every file of `blob` to now.
+    fn mark_used(&self, blob: &BlobId) {
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        let omit = nix::sys::time::TimeSpec::UTIME_OMIT;
+        for path in self.files_of(blob) {
+            let _ = nix::sys::stat::utimensat(
+                None,
+                &path,
+                &now,
+                &omit,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            );
+        }
+    }
+
+    /// The files this host keeps of `blob`, in every directory.
+    fn files_of(&self, blob: &BlobId) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for dir in [&self.blobs, &self.cache, &self.fuse_cache] {
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().split('.').next() == Some(blob.as_str()) {
+                    files.push(entry.path());
+                }
+            }
+        }
+        files
+    }
+
+    /// Removes the blobs of images no mount uses, least recently used
+    /// first, until what `<root>/nydus` keeps of blobs is within the limit.
+    /// Returns how many went.
+    fn evict_over_limit(&self, users: &HashMap<u64, Users>) -> Result<usize, RafsMountError> {
+        let Some(limit) = self.cache_limit else {
+            return Ok(0);
+        };
+        // Blob id -> bytes on disk and last use (latest access time).
+        let mut kept: BTreeMap<String, (u64, std::time::SystemTime)> = BTreeMap::new();
+        for dir in [&self.blobs, &self.cache, &self.fuse_cache] {
+            for entry in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
+                let entry = entry.map_err(io_err("read directory", dir))?;
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                let id = entry
+                    .file_name()
+                    .to_string_lossy()
+                    .split('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let (bytes, used) = kept.entry(id).or_insert((0, std::time::UNIX_EPOCH));
+                *bytes += meta.blocks() * 512;
+                for time in [meta.accessed(), meta.modified()].into_iter().flatten() {
+                    *used = (*used).max(time);
+                }
+            }
+        }
+        let mut total: u64 = kept.values().map(|(bytes, _)| bytes).sum();
+        if total <= limit {
+            return Ok(0);
+        }
+        let in_use: BTreeSet<&str> = users
+            .values()
+            .flat_map(|u| u.blobs.iter().map(BlobId::as_str))
+            .collect();
+        let mut idle: Vec<(std::time::SystemTime, String, u64)> = kept
+            .into_iter()
+            .filter(|(id, _)| !in_use.contains(id.as_str()))
+            .map(|(id, (bytes, used))| (used, id, bytes))
+            .collect();
+        idle.sort();
+        let _fetching = self.lock_fetching();
+        let mut evicted = 0;
+        for (_, id, bytes) in idle {
+            if total <= limit {
+                break;
+            }
+            let Ok(blob) = BlobId::parse(&id) else {
+                continue;
+            };
+            self.remove_blob_files(&blob)?;
+            total = total.saturating_sub(bytes);
+            evicted += 1;
+            info!(blob = %blob, bytes, "evicted from the nydus blob cache (least recently used, no container uses it)");
+        }
+        if total > limit {
+            warn!(
+                bytes = total,
+                limit, "the nydus blob cache is over its bound with blobs of images in use"
+            );
+        }
+        Ok(evicted)
     }
 
     /// Deletes blob `blob_id` and its cache file: no layer references it.
@@ -1224,6 +1437,117 @@ mod tests {
         assert!(matches!(err, RafsMountError::UnsupportedVersion { .. }), "{err}");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("RAFS v5"), "{err}");
+    }
+
+    #[test]
+    fn the_blob_cache_keeps_its_bound_by_evicting_idle_images_least_recently_used_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images: Vec<testing::TestImage> = [Compressor::None, Compressor::Lz4Block, Compressor::Zstd]
+            .into_iter()
+            .map(|c| testing::build(&tmp.path().join(format!("{c:?}")), c, 6))
+            .collect();
+        let all_blobs = tmp.path().join("all-blobs");
+        fs::create_dir(&all_blobs).unwrap();
+        for image in &images {
+            for entry in fs::read_dir(&image.blob_dir).unwrap() {
+                let entry = entry.unwrap();
+                fs::copy(entry.path(), all_blobs.join(entry.file_name())).unwrap();
+            }
+        }
+        let origins = |image: &testing::TestImage| -> Vec<BlobOrigin> {
+            image
+                .blob_digests
+                .iter()
+                .map(|d| BlobOrigin {
+                    reference: "127.0.0.1:5000/app:1".into(),
+                    digest: d.clone(),
+                })
+                .collect()
+        };
+        let root = tmp.path().join("root");
+        let open = |limit: u64| {
+            RafsMounts::open(
+                &root,
+                Arc::new(RecordingSystem::plain()),
+                Arc::new(DirBlobSource::new(&all_blobs)),
+                FsDriver::Erofs,
+                Arc::new(RecordingFuse::default()),
+            )
+            .unwrap()
+            .with_cache_limit(limit)
+        };
+        let kept = |image: &testing::TestImage, mounts: &RafsMounts| -> usize {
+            image
+                .blob_digests
+                .iter()
+                .map(|d| mounts.files_of(&BlobId::parse(&d[7..]).unwrap()).len())
+                .sum()
+        };
+        let use_once = |mounts: &RafsMounts, at: usize| {
+            let id = at as u64 + 1;
+            mounts
+                .acquire(id, &images[at].bootstrap, &origins(&images[at]))
+                .unwrap()
+                .bind(id * 10);
+            mounts.release(id * 10).unwrap();
+        };
+
+        // Measured without a bound: what each image takes.
+        let mounts = open(u64::MAX);
+        let bytes: Vec<u64> = (0..3)
+            .map(|at| {
+                use_once(&mounts, at);
+                mounts.cache_bytes(&images[at].bootstrap).unwrap()
+            })
+            .collect();
+        for digest in images.iter().flat_map(|i| &i.blob_digests) {
+            mounts.remove_blob_files(&BlobId::parse(&digest[7..]).unwrap()).unwrap();
+        }
+        let (none, lz4, zstd) = (bytes[0], bytes[1], bytes[2]);
+        assert!(
+            zstd <= none,
+            "the case below needs the third image no larger than the first: {bytes:?}"
+        );
+
+        // Both idle images fit; the third in use does not fit with both:
+        // the least recently used (the first) goes, the other stays.
+        let mounts = open(none + lz4);
+        use_once(&mounts, 0);
+        use_once(&mounts, 1);
+        assert!(
+            kept(&images[0], &mounts) > 0 && kept(&images[1], &mounts) > 0,
+            "within the bound"
+        );
+        mounts
+            .acquire(3, &images[2].bootstrap, &origins(&images[2]))
+            .unwrap()
+            .bind(30);
+        assert_eq!(kept(&images[0], &mounts), 0, "the least recently used idle image went");
+        assert!(kept(&images[1], &mounts) > 0, "the more recently used one stays");
+        assert!(kept(&images[2], &mounts) > 0, "the one in use stays");
+
+        // Bound below what the image in use takes: idle ones go, it stays.
+        let mounts = open(zstd / 2);
+        mounts
+            .acquire(3, &images[2].bootstrap, &origins(&images[2]))
+            .unwrap()
+            .bind(31);
+        assert_eq!(kept(&images[1], &mounts), 0);
+        assert!(kept(&images[2], &mounts) > 0, "never the image in use");
+        mounts.release(31).unwrap();
+        assert_eq!(
+            kept(&images[2], &mounts),
+            0,
+            "idle and over the bound by itself, it goes too"
+        );
+
+        // An evicted image is fetched again when a container needs it.
+        use_once(&mounts, 0);
+        mounts
+            .acquire(1, &images[0].bootstrap, &origins(&images[0]))
+            .unwrap()
+            .bind(11);
+        assert_eq!(mounts.cache_bytes(&images[0].bootstrap).unwrap(), none);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::host::sys::SystemOps;
 use crate::nydus;
 use crate::nydus::fuse::{FuseServer, InProcessFuse};
 use crate::nydus::mount::{
-    digest_hex, BlobOrigin, BlobSource, MountLease, RafsMountError, RafsMounts, RegistryBlobSource,
+    digest_hex, BlobOrigin, BlobSource, MountLease, RafsMountError, RafsMountStatus, RafsMounts, RegistryBlobSource,
 };
 use crate::snapshot::filter::{Fields, FilterError, FilterSet};
 use crate::snapshot::model::{Info, Kind, Labels, Mount, Usage};
@@ -311,6 +311,18 @@ impl Fields for InfoFields<'_> {
     }
 }
 
+/// A RAFS mount as [`Snapshotter::rafs_mounts`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RafsMountInfo {
+    pub status: RafsMountStatus,
+    pub bootstrap_key: String,
+    /// The image reference of the bootstrap layer.
+    pub image: String,
+    /// Keys of the snapshots using the mount.
+    pub users: Vec<String>,
+    pub cache_bytes: u64,
+}
+
 impl Snapshotter {
     /// Opens the snapshotter under `root` and recovers: directories that no
     /// metadata references (a crash mid-Prepare or mid-Remove) are deleted,
@@ -348,7 +360,12 @@ impl Snapshotter {
     ) -> Result<Snapshotter, SnapshotError> {
         let storage = Storage::open(root, config.storage.backend, config.pool_size()?, sys.clone())?;
         let store = Arc::new(Store::open(&root.join(METADATA_FILE))?);
-        let rafs = RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?;
+        let nydus_dir = root.join("nydus");
+        let filesystem = sys.total_bytes(root).map_err(RafsMountError::from)?;
+        let cache_limit = config.nydus_cache_bound()?.bytes(filesystem);
+        let rafs =
+            RafsMounts::open(root, sys.clone(), blobs, config.nydus.fs_driver, fuse)?.with_cache_limit(cache_limit);
+        info!(dir = %nydus_dir.display(), cache_limit, "nydus blob cache bounded");
         let snapshotter = Snapshotter {
             store,
             storage,
@@ -514,6 +531,43 @@ impl Snapshotter {
     }
 
     /// The file of a bootstrap layer's bootstrap.
+    /// Every RAFS mount of the daemon with the names containerd knows: the
+    /// bootstrap layer's key and image, the keys of the snapshots using it,
+    /// and the bytes this host keeps of its blobs.
+    pub fn rafs_mounts(&self) -> Result<Vec<RafsMountInfo>, SnapshotError> {
+        let records = self.store.list()?;
+        let key_of = |id: u64| records.iter().find(|(_, r)| r.id == id);
+        let mut mounts = Vec::new();
+        for status in self.rafs.status()? {
+            let (bootstrap_key, image) = match key_of(status.bootstrap_id) {
+                Some((key, record)) => (
+                    key.clone(),
+                    record.labels.get(LABEL_IMAGE_REF).cloned().unwrap_or_default(),
+                ),
+                None => (String::new(), String::new()),
+            };
+            let users = status
+                .users
+                .iter()
+                .filter_map(|id| key_of(*id).map(|(key, _)| key.clone()))
+                .collect();
+            // A bootstrap that cannot be read shows no cache rather than
+            // hiding the mount.
+            let cache_bytes = self
+                .rafs
+                .cache_bytes(&self.bootstrap_file(status.bootstrap_id))
+                .unwrap_or(0);
+            mounts.push(RafsMountInfo {
+                status,
+                bootstrap_key,
+                image,
+                users,
+                cache_bytes,
+            });
+        }
+        Ok(mounts)
+    }
+
     fn bootstrap_file(&self, id: u64) -> PathBuf {
         self.storage.upper_dir(id).join(nydus::BOOTSTRAP_IN_LAYER)
     }

@@ -19,12 +19,13 @@ use crate::proto::{
     ArchiveChunk, Checkpoint, CommitJob, ContainerSample, ContainerStatsRequest, ContainerStatsResponse,
     CreateCheckpointRequest, Diff, ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest,
     ImportCheckpointRequest, ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse,
-    ListCheckpointsRequest, ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest,
-    ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse, MergeRules, ProcessState,
-    PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest,
-    RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest,
-    ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest,
-    SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest, VersionResponse,
+    ListCheckpointsRequest, ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListMountsRequest,
+    ListMountsResponse, ListSchedulesRequest, ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse,
+    MergeRules, ProcessState, PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest,
+    RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheck, RestoreCheckpointRequest, RestoreCheckpointResponse,
+    ResumeContainerRequest, ResumeContainerResponse, Schedule, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse,
+    SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage, Verification, VersionRequest,
+    VersionResponse,
 };
 use crate::snapshot::snapshotter::Snapshotter;
 
@@ -265,6 +266,20 @@ impl Control for ControlService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             storage: self.snapshotter.storage_kind().as_str().to_string(),
             root: self.root.display().to_string(),
+        }))
+    }
+
+    async fn list_mounts(&self, _request: Request<ListMountsRequest>) -> Result<Response<ListMountsResponse>, Status> {
+        let snapshotter = self.snapshotter.clone();
+        let mounts = tokio::task::spawn_blocking(move || snapshotter.rafs_mounts())
+            .await
+            .map_err(|e| Status::internal(format!("listing RAFS mounts: {e}")))?
+            .map_err(|e| Status::internal(format!("listing RAFS mounts: {e}")))?;
+        Ok(Response::new(ListMountsResponse {
+            mounts: mounts
+                .into_iter()
+                .map(super::control_convert::rafs_mount_to_wire)
+                .collect(),
         }))
     }
 

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use crate::commit::{CommitError, CommitOptions};
 use crate::oci::credentials::RegistryCredentials;
-use crate::proto::SeamlessCommitRequest;
+use crate::proto::{RafsMount, SeamlessCommitRequest};
+use crate::snapshot::snapshotter::RafsMountInfo;
 
 /// The wire form of `options`; a default field goes as it is (the daemon
 /// reads a zero value as the default, so both mean the same).
@@ -93,6 +94,23 @@ pub fn commit_from_wire(r: SeamlessCommitRequest) -> Result<CommitOptions, Commi
             r.maximum_times
         },
     })
+}
+
+/// A RAFS mount as `ListMounts` answers it.
+pub fn rafs_mount_to_wire(mount: RafsMountInfo) -> RafsMount {
+    let server = mount.status.server;
+    RafsMount {
+        mountpoint: mount.status.mountpoint.display().to_string(),
+        state: mount.status.state.as_str().to_string(),
+        image: mount.image,
+        bootstrap_snapshot: mount.bootstrap_key,
+        server_pid: server.map(|s| s.pid).unwrap_or(0),
+        server_restarts: server
+            .map(|s| u32::try_from(s.restarts).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        snapshots: mount.users,
+        cache_bytes: mount.cache_bytes,
+    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,12 @@ use crate::proto::{
     Checkpoint, CommitJob, ContainerStatsRequest, ContainerStatsResponse, CreateCheckpointRequest,
     ExportCheckpointRequest, ExportCheckpointResponse, GetCommitRequest, ImportCheckpointRequest,
     ImportCheckpointResponse, InspectCheckpointRequest, InspectCheckpointResponse, ListCheckpointsRequest,
-    ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListSchedulesRequest, ListSchedulesResponse,
-    MergeCheckpointsRequest, MergeCheckpointsResponse, PruneCheckpointsRequest, PruneCheckpointsResponse,
-    ReceiveCheckpointRequest, RemoveScheduleRequest, RemoveScheduleResponse, RestoreCheckpointRequest,
-    RestoreCheckpointResponse, ResumeContainerRequest, ResumeContainerResponse, ScheduleCheckpointsRequest,
-    ScheduleCheckpointsResponse, SeamlessCommitRequest, SeamlessCommitResponse, SendCheckpointRequest, Storage,
-    VersionRequest, VersionResponse,
+    ListCheckpointsResponse, ListCommitsRequest, ListCommitsResponse, ListMountsRequest, ListMountsResponse,
+    ListSchedulesRequest, ListSchedulesResponse, MergeCheckpointsRequest, MergeCheckpointsResponse,
+    PruneCheckpointsRequest, PruneCheckpointsResponse, ReceiveCheckpointRequest, RemoveScheduleRequest,
+    RemoveScheduleResponse, RestoreCheckpointRequest, RestoreCheckpointResponse, ResumeContainerRequest,
+    ResumeContainerResponse, ScheduleCheckpointsRequest, ScheduleCheckpointsResponse, SeamlessCommitRequest,
+    SeamlessCommitResponse, SendCheckpointRequest, Storage, VersionRequest, VersionResponse,
 };
 
 /// The Control API as callers over TCP see it.
@@ -148,6 +148,10 @@ impl Control for RemoteControl {
         _request: Request<SendCheckpointRequest>,
     ) -> Result<Response<Self::SendCheckpointStream>, Status> {
         Err(not_served("SendCheckpoint"))
+    }
+
+    async fn list_mounts(&self, _request: Request<ListMountsRequest>) -> Result<Response<ListMountsResponse>, Status> {
+        Err(not_served("ListMounts"))
     }
 
     async fn seamless_commit(

@@ -13,6 +13,7 @@ mod import;
 mod info;
 mod list;
 mod merge;
+mod mounts;
 mod policy;
 mod prune;
 mod restore;
@@ -96,6 +97,9 @@ enum Command {
     /// Checkpoint containers when CPU or memory crosses a threshold or an
     /// interval is due, then merge and prune, as a policy file says.
     Automanage(automanage::Args),
+    /// List the daemon's mounts of Nydus images: how each is served, by
+    /// which process, for which snapshots, and the cache its image uses.
+    Mounts(mounts::Args),
     /// Print the daemon's version, storage and root.
     Version,
 }
@@ -256,6 +260,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Merge(args) => merge::run(&context, &settings.automerge, args).await,
             Command::Schedule(args) => schedule::run(&context, args).await,
             Command::Automanage(args) => automanage::run(&context, &settings, args).await,
+            Command::Mounts(args) => mounts::run(&cli.address, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })

@@ -915,6 +915,13 @@ mod tests {
             Err(tonic::Status::unimplemented("version"))
         }
 
+        async fn list_mounts(
+            &self,
+            _: tonic::Request<seamless_snapshotter::proto::ListMountsRequest>,
+        ) -> Result<tonic::Response<seamless_snapshotter::proto::ListMountsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("list mounts"))
+        }
+
         async fn seamless_commit(
             &self,
             _: tonic::Request<SeamlessCommitRequest>,

@@ -73,9 +73,17 @@ pub fn run(link: OwnedFd, dir: &Path) -> Result<(), ServingError> {
             return Err(e);
         }
     };
+    // Its control socket exists before the daemon hears it serves.
+    let listener = match serving.bind() {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = send(link.as_fd(), &Reply::Failed { message: e.to_string() }, None);
+            return Err(e);
+        }
+    };
     send(link.as_fd(), &Reply::Ready, None)?;
     drop(link);
-    serving.answer_control()
+    serving.answer_control(listener)
 }
 
 fn start(spec: WireSpec, connection: Option<OwnedFd>, resend: bool, dir: &Path) -> Result<Serving, ServingError> {
@@ -127,8 +135,7 @@ fn start(spec: WireSpec, connection: Option<OwnedFd>, resend: bool, dir: &Path) 
 impl Serving {
     /// Answers daemons on the control socket until the connection ends or a
     /// daemon says retire.
-    fn answer_control(mut self) -> Result<(), ServingError> {
-        let listener = self.bind()?;
+    fn answer_control(mut self, listener: OwnedFd) -> Result<(), ServingError> {
         loop {
             let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(POLL_INTERVAL_MS)) {

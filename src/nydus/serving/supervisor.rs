@@ -20,7 +20,7 @@ use super::{
 };
 use crate::error::io_err;
 use crate::host::sys::SystemOps;
-use crate::nydus::fuse::{self, FuseError, FuseServer, FuseSpec};
+use crate::nydus::fuse::{self, FuseError, FuseServer, FuseSpec, ServingProcess};
 
 /// How long a new serving process may take to load its bootstrap and say
 /// it serves.
@@ -191,6 +191,15 @@ impl FuseServer for ProcessFuse {
     fn serves(&self, mountpoint: &Path) -> bool {
         self.inner.lock().contains_key(mountpoint)
     }
+
+    fn server_of(&self, mountpoint: &Path) -> Option<ServingProcess> {
+        let served = self.inner.lock().get(mountpoint)?.clone();
+        let state = served.lock();
+        Some(ServingProcess {
+            pid: state.pid,
+            restarts: state.restarted,
+        })
+    }
 }
 
 impl Inner {
@@ -298,6 +307,15 @@ impl Inner {
                 // Replaced by a successor (an upgrade): watch that one.
                 continue;
             }
+            if !self.sys.is_mountpoint(&served.spec.mountpoint).unwrap_or(true) {
+                // Unmounted behind our back: the connection ended, and the
+                // process with it, as it should.
+                info!(mountpoint, pid, "the mount is gone: its serving process ended with it");
+                state.stopping = true;
+                drop(state);
+                self.forget(served);
+                return;
+            }
             let now = Instant::now();
             state.restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
             loop {
@@ -309,7 +327,7 @@ impl Inner {
                     );
                     state.stopping = true;
                     drop(state);
-                    self.lock().remove(&served.spec.mountpoint);
+                    self.forget(served);
                     if let Err(e) = self.sys.unmount(&served.spec.mountpoint) {
                         warn!(mountpoint, error = %e, "FUSE mount left for cleanup");
                     }
@@ -338,6 +356,17 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Drops `served` from the map, unless another took its mount point.
+    fn forget(&self, served: &Served) {
+        let mut map = self.lock();
+        if map
+            .get(&served.spec.mountpoint)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), served))
+        {
+            map.remove(&served.spec.mountpoint);
         }
     }
 
