@@ -81,6 +81,8 @@ env_down() {
         [[ -f $pidfile ]] && kill -KILL "$(cat "$pidfile")" 2>/dev/null
     done
     env_stop seamless
+    # Serving processes of Nydus mounts outlive the daemon by design.
+    pkill -KILL -f "serve-rafs --dir $ENV_DIR/" 2>/dev/null
     env_stop registry
     findmnt -rn -o TARGET | grep "^$ENV_DIR/" | sort -r | while read -r m; do umount -l "$m"; done
     rmdir "/run/containerd/runc/$NS" 2>/dev/null
