@@ -90,6 +90,18 @@ env_down() {
     exit "$rc"
 }
 
+# Builds integration/rpull offline into $ENV_DIR/rpull (containerd's Go
+# sources from Debian) and sets RPULL.
+env_build_rpull() {
+    command -v go >/dev/null || env_die "go not found: apt-get install golang-go"
+    [[ -d /usr/share/gocode/src/github.com/containerd/containerd ]] ||
+        env_die "containerd Go sources missing: apt-get install golang-github-containerd-containerd-dev"
+    RPULL=$ENV_DIR/rpull
+    (cd "$REPO/integration/rpull" && GO111MODULE=off GOFLAGS= GOPROXY=off CGO_ENABLED=0 \
+        GOPATH="$ENV_DIR/gopath:/usr/share/gocode" GOCACHE="$ENV_DIR/gocache" go build -o "$RPULL" .) ||
+        env_die "building integration/rpull failed"
+}
+
 # Builds an OCI image from static busybox (no network) and pushes it.
 env_push_image() {
     local img=$ENV_DIR/image root=$ENV_DIR/image/rootfs

@@ -48,10 +48,7 @@ SEAMLESS_CONFIG=$(mktemp /tmp/nydus-serve-config.XXXXXX)
 printf 'version = 1\n[nydus]\nfs_driver = "auto"\n' >"$SEAMLESS_CONFIG"
 export SEAMLESS_CONFIG
 env_up
-RPULL=$ENV_DIR/rpull
-(cd "$REPO/integration/rpull" && GO111MODULE=off GOFLAGS= GOPROXY=off CGO_ENABLED=0 \
-    GOPATH="$ENV_DIR/gopath:/usr/share/gocode" GOCACHE="$ENV_DIR/gocache" go build -o "$RPULL" .) ||
-    die "building integration/rpull failed"
+env_build_rpull
 
 env_log "writing ${MB} MiB in $FILES files into a container; committing it as OCI, Nydus lz4 and Nydus uncompressed"
 ctrn images pull --plain-http --snapshotter seamless "$IMAGE" >/dev/null

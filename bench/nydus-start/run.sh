@@ -44,10 +44,7 @@ SEAMLESS_CONFIG=$(mktemp /tmp/nydus-start-config.XXXXXX)
 printf 'version = 1\n[nydus]\nfs_driver = "%s"\n' "$DRIVER" >"$SEAMLESS_CONFIG"
 export SEAMLESS_CONFIG
 env_up
-RPULL=$ENV_DIR/rpull
-(cd "$REPO/integration/rpull" && GO111MODULE=off GOFLAGS= GOPROXY=off CGO_ENABLED=0 \
-    GOPATH="$ENV_DIR/gopath:/usr/share/gocode" GOCACHE="$ENV_DIR/gocache" go build -o "$RPULL" .) ||
-    die "building integration/rpull failed"
+env_build_rpull
 
 env_log "writing ${MB} MiB in $FILES files into a container and committing it as OCI and as Nydus"
 ctrn images pull --plain-http --snapshotter seamless "$IMAGE" >/dev/null

@@ -1002,58 +1002,51 @@ fn stop_child(mut child: Child, what: &str) {
     }
 }
 
-/// Shims outlive containerd. Ours carry our containerd's address on their
-/// command line; kill them and the container processes they supervise.
+/// Every process's pid and command line.
+fn processes() -> Vec<(i32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some((pid, args))
+        })
+        .collect()
+}
+
 /// Live (not zombie) `serve-rafs` processes whose control sockets are under
 /// `root`: pid and executable.
 fn serving_processes_of(root: &Path) -> Vec<(i32, PathBuf)> {
     let servers = root.join("nydus/servers").display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let ours =
-            args.iter().any(|a| a == "serve-rafs") && args.windows(2).any(|w| w[0] == "--dir" && w[1] == servers);
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-            .unwrap_or(true);
-        if ours && !zombie {
-            let exe = std::fs::read_link(entry.path().join("exe")).unwrap_or_default();
-            found.push((pid, exe));
-        }
-    }
+    let mut found: Vec<(i32, PathBuf)> = processes()
+        .into_iter()
+        .filter(|(pid, args)| {
+            let ours =
+                args.iter().any(|a| a == "serve-rafs") && args.windows(2).any(|w| w[0] == "--dir" && w[1] == servers);
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+                .unwrap_or(true);
+            ours && !zombie
+        })
+        .map(|(pid, _)| (pid, std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default()))
+        .collect();
     found.sort();
     found
 }
 
+/// Shims outlive containerd. Ours carry our containerd's address on their
+/// command line; kill them and the container processes they supervise.
 fn kill_leftover_shims(dir: &Path, containerd_socket: &Path) {
     let address = containerd_socket.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    for (pid, args) in processes() {
         let is_our_shim = args.first().is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
             && args.windows(2).any(|w| w[0] == "-address" && w[1] == address);
         if !is_our_shim {

@@ -478,20 +478,31 @@ pub(crate) fn run_rpull_with(env: &Env, rpull: &Path, ns: &str, reference: &str,
 
 /// `ctr run -d` of a container of `reference` that loops forever.
 pub(crate) fn run_container(env: &Env, ns: &str, reference: &str, id: &str) -> Result<()> {
-    env.ctr(
-        ns,
-        &[
-            "run",
-            "-d",
-            "--null-io",
-            "--snapshotter",
-            &env.snapshotter,
-            reference,
-            id,
-            "/bin/sh",
-            "-c",
-            "while true; do sleep 1; done",
-        ],
-    )?;
+    run_container_script(env, ns, reference, id, IDLE)
+}
+
+/// What a container that only has to stay up runs.
+pub(crate) const IDLE: &str = "while true; do sleep 1; done";
+
+/// The arguments of `ctr run -d` of a container of `reference` running
+/// `script`, after `ctr -n NS`.
+pub(crate) fn run_args<'a>(env: &'a Env, reference: &'a str, id: &'a str, script: &'a str) -> [&'a str; 10] {
+    [
+        "run",
+        "-d",
+        "--null-io",
+        "--snapshotter",
+        &env.snapshotter,
+        reference,
+        id,
+        "/bin/sh",
+        "-c",
+        script,
+    ]
+}
+
+/// `ctr run -d` of a container of `reference` running `script`.
+pub(crate) fn run_container_script(env: &Env, ns: &str, reference: &str, id: &str, script: &str) -> Result<()> {
+    env.ctr(ns, &run_args(env, reference, id, script))?;
     Ok(())
 }

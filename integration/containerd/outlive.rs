@@ -25,7 +25,9 @@ use seamless_snapshotter::nydus::Compressor;
 use sha2::Digest;
 
 use super::env::{with_env, Env, Options};
-use super::nydus::{build_rpull, convert_and_push_naming, rafs_mounts, run_rpull};
+use super::nydus::{
+    build_rpull, convert_and_push_naming, rafs_mounts, run_args, run_container, run_container_script, run_rpull, IDLE,
+};
 use super::{daemon_snapshots, retry, REDIAL_TIMEOUT};
 
 /// How long containerd's garbage collector may take to remove snapshots.
@@ -126,14 +128,14 @@ fn outlive(driver: &'static str) {
                 );
                 let _ = env.ctr(&ns, &["containers", "delete", &during]);
                 retry(REDIAL_TIMEOUT, &format!("a container started during {step:?}"), || {
-                    start_image_container(env, &ns, &image, &during).inspect_err(|_| {
+                    run_container(env, &ns, &image, &during).inspect_err(|_| {
                         let _ = env.ctr(&ns, &["containers", "delete", &during]);
                     })
                 })?;
             }
             let after = env.container_id(&format!("after{n}"));
             retry(REDIAL_TIMEOUT, &format!("a container started after {step:?}"), || {
-                start_image_container(env, &ns, &image, &after).inspect_err(|_| {
+                run_container(env, &ns, &image, &after).inspect_err(|_| {
                     let _ = env.ctr(&ns, &["containers", "delete", &after]);
                 })
             })?;
@@ -328,26 +330,7 @@ fn check_mounts_listed(env: &Env, image: &str, reader: &str, mountpoint: &Path, 
 }
 
 fn run_reader(env: &Env, ns: &str, image: &str, id: &str) -> Result<()> {
-    env.ctr(
-        ns,
-        &[
-            "run",
-            "-d",
-            "--null-io",
-            "--snapshotter",
-            &env.snapshotter,
-            image,
-            id,
-            "/bin/sh",
-            "-c",
-            READER,
-        ],
-    )?;
-    Ok(())
-}
-
-fn start_image_container(env: &Env, ns: &str, image: &str, id: &str) -> Result<()> {
-    super::nydus::run_container(env, ns, image, id)
+    run_container_script(env, ns, image, id, READER)
 }
 
 /// `ctr run -d` of a container of `image`, not waited for.
@@ -355,18 +338,8 @@ fn start_container_in_background(env: &Env, ns: &str, image: &str, id: &str) -> 
     Ok(Command::new("ctr")
         .arg("--address")
         .arg(env.containerd_socket())
-        .args([
-            "-n",
-            ns,
-            "run",
-            "-d",
-            "--null-io",
-            "--snapshotter",
-            &env.snapshotter,
-            image,
-            id,
-        ])
-        .args(["/bin/sh", "-c", "while true; do sleep 1; done"])
+        .args(["-n", ns])
+        .args(run_args(env, image, id, IDLE))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?)
