@@ -33,6 +33,7 @@ mod lifecycle;
 mod local_image;
 mod nydus;
 mod outlive;
+mod pull;
 mod registry_auth;
 mod restore;
 mod sharing;

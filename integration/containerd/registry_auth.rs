@@ -20,15 +20,15 @@ use seamless_snapshotter::oci::registry::{
 use super::env::{outcome, with_env_config, Options};
 
 /// A docker-registry serving TLS with `cert` and `key`, killed on drop.
-struct TlsRegistry {
+pub(super) struct TlsRegistry {
     child: Child,
     port: u16,
     log: PathBuf,
 }
 
 /// The registry's user, and its password (bcrypt, cost 4, in `htpasswd`).
-const USER: &str = "committer";
-const PASSWORD: &str = "s3cret";
+pub(super) const USER: &str = "committer";
+pub(super) const PASSWORD: &str = "s3cret";
 const PASSWORD_BCRYPT: &str = "$2b$04$EjA1GPfsgiPVVN66mk8FCu7uFkAiIBzwRfRSQJ9aL21vTSbsk/Ag6";
 
 impl TlsRegistry {
@@ -38,7 +38,7 @@ impl TlsRegistry {
 
     /// A registry named `name` under `dir`: TLS with `tls`, else plain
     /// HTTP; htpasswd basic auth for USER with `auth`.
-    fn start_as(dir: &Path, name: &str, tls: Option<(&Path, &Path)>, auth: bool) -> Result<TlsRegistry> {
+    pub(super) fn start_as(dir: &Path, name: &str, tls: Option<(&Path, &Path)>, auth: bool) -> Result<TlsRegistry> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.join(format!("{name}.yml"));
         let mut text = format!(
@@ -85,11 +85,11 @@ impl TlsRegistry {
         Ok(registry)
     }
 
-    fn host(&self) -> String {
+    pub(super) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -186,7 +186,7 @@ fn commit_pushes_to_a_tls_registry_trusted_through_hosts_toml() {
 }
 
 /// Docker's config.json: `auths` for `hosts` with USER/PASSWORD.
-fn auths_config(hosts: &[&str]) -> String {
+pub(super) fn auths_config(hosts: &[&str]) -> String {
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
     let entries: Vec<String> = hosts

@@ -9,14 +9,19 @@ use std::path::Path;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::namespaces_client::NamespacesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    CommitSnapshotRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, DeleteImageRequest, Image, Info as ContentInfo, UpdateImageRequest,
+    UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
+};
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetImageRequest, GetRequest,
@@ -26,7 +31,7 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status, Streaming};
 use containerd_client::types::v1::Status as TaskStatus;
-use containerd_client::types::Mount;
+use containerd_client::types::{Descriptor, Mount};
 
 use crate::error::{Classify, ErrorKind};
 use crate::namespace::InvalidNamespace;
@@ -196,6 +201,17 @@ fn this_run() -> &'static str {
             .as_nanos();
         format!("{}-{started}", std::process::id())
     })
+}
+
+/// `request` made under lease `lease`: what it creates is kept from
+/// containerd's garbage collection while the lease lives.
+fn leased<T>(call: &'static str, mut request: Request<T>, lease: &str) -> Result<Request<T>, ContainerdError> {
+    let value = lease.parse().map_err(|_| ContainerdError::Call {
+        call,
+        message: format!("lease id {lease:?} is not a valid header"),
+    })?;
+    request.metadata_mut().insert(LEASE_HEADER, value);
+    Ok(request)
 }
 
 fn namespaced<T>(message: T, namespace: &str) -> Result<Request<T>, ContainerdError> {
@@ -385,12 +401,25 @@ impl Containerd {
     /// of this daemon are its only users, and a daemon that starts deletes
     /// the ones a killed run left ([`Containerd::delete_restore_leases`]).
     pub async fn create_lease(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
-        let mut labels = std::collections::HashMap::new();
+        let mut labels = HashMap::new();
         labels.insert(RESTORE_LEASE_LABEL.to_string(), this_run().to_string());
         // Expires by itself if the daemon dies before deleting it.
+        self.create_expiring_lease(namespace, id, std::time::Duration::from_secs(3600), labels)
+            .await
+    }
+
+    /// Creates lease `id` with `labels`, which containerd deletes by itself
+    /// `lifetime` from now if nobody deletes it before (a killed client).
+    pub async fn create_expiring_lease(
+        &self,
+        namespace: &str,
+        id: &str,
+        lifetime: std::time::Duration,
+        mut labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
         labels.insert(
             "containerd.io/gc.expire".to_string(),
-            crate::time::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)),
+            crate::time::rfc3339(std::time::SystemTime::now() + lifetime),
         );
         LeasesClient::new(self.channel.clone())
             .create(namespaced(
@@ -467,20 +496,34 @@ impl Containerd {
         key: &str,
         parent: &str,
     ) -> Result<Vec<Mount>, ContainerdError> {
-        let mut request = namespaced(
-            PrepareSnapshotRequest {
-                snapshotter: snapshotter.to_string(),
-                key: key.to_string(),
-                parent: parent.to_string(),
-                labels: Default::default(),
-            },
-            namespace,
+        self.prepare_labelled_snapshot(namespace, lease, snapshotter, key, parent, HashMap::new())
+            .await
+    }
+
+    /// Prepares active snapshot `key` on `parent` under lease `lease`, with
+    /// `labels` (what containerd's unpacker tells a snapshotter of a layer).
+    pub async fn prepare_labelled_snapshot(
+        &self,
+        namespace: &str,
+        lease: &str,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, ContainerdError> {
+        let request = leased(
+            "prepare snapshot",
+            namespaced(
+                PrepareSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key: key.to_string(),
+                    parent: parent.to_string(),
+                    labels,
+                },
+                namespace,
+            )?,
+            lease,
         )?;
-        let value = lease.parse().map_err(|_| ContainerdError::Call {
-            call: "prepare snapshot",
-            message: format!("lease id {lease:?} is not a valid header"),
-        })?;
-        request.metadata_mut().insert(LEASE_HEADER, value);
         Ok(SnapshotsClient::new(self.channel.clone())
             .prepare(request)
             .await
@@ -759,6 +802,289 @@ impl Containerd {
             digest: digest.to_string(),
             offset: 0,
         })
+    }
+}
+
+/// A blob to write into the content store: what it must hash to, its size,
+/// and the labels it is committed with.
+#[derive(Debug, Clone)]
+pub struct ContentWrite {
+    pub digest: String,
+    pub size: i64,
+    pub labels: HashMap<String, String>,
+}
+
+/// How much of a blob one write request carries: well under the 4 MiB
+/// containerd's gRPC server accepts in one message.
+pub const WRITE_CHUNK_BYTES: usize = 1 << 20;
+
+impl Containerd {
+    /// Whether snapshot `key` of `snapshotter` exists.
+    pub async fn snapshot_exists(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<bool, ContainerdError> {
+        match self.snapshot_parent(namespace, snapshotter, key).await {
+            Ok(_) => Ok(true),
+            Err(ContainerdError::Missing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits active snapshot `key` as `name`, with `labels`, under lease
+    /// `lease`.
+    pub async fn commit_snapshot(
+        &self,
+        namespace: &str,
+        lease: &str,
+        snapshotter: &str,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        let request = leased(
+            "commit snapshot",
+            namespaced(
+                CommitSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    name: name.to_string(),
+                    key: key.to_string(),
+                    labels,
+                },
+                namespace,
+            )?,
+            lease,
+        )?;
+        SnapshotsClient::new(self.channel.clone())
+            .commit(request)
+            .await
+            .map_err(call_error("commit snapshot"))?;
+        Ok(())
+    }
+
+    /// Has containerd's diff service apply layer `layer` (a blob of the
+    /// content store) onto `mounts`; returns the digest of what it applied
+    /// (the uncompressed tar: the layer's diff id).
+    pub async fn apply_layer(
+        &self,
+        namespace: &str,
+        lease: &str,
+        layer: &ContentDescriptor,
+        mounts: Vec<Mount>,
+    ) -> Result<String, ContainerdError> {
+        let request = leased(
+            "apply layer",
+            namespaced(
+                ApplyRequest {
+                    diff: Some(Descriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts,
+                    payloads: HashMap::new(),
+                },
+                namespace,
+            )?,
+            lease,
+        )?;
+        let applied = DiffClient::new(self.channel.clone())
+            .apply(request)
+            .await
+            .map_err(call_error("apply layer"))?
+            .into_inner()
+            .applied
+            .ok_or(ContainerdError::Call {
+                call: "apply layer",
+                message: "empty answer".into(),
+            })?;
+        Ok(applied.digest)
+    }
+
+    /// Writes a blob into the content store under lease `lease`: the chunks
+    /// `chunks` yields, which containerd checks against `blob.digest` and
+    /// `blob.size` before it commits them with `blob.labels`. A blob the
+    /// store holds already keeps its bytes and gets the labels. `write_ref`
+    /// names the write, so that two writers of one blob wait on each other.
+    pub async fn write_content<S>(
+        &self,
+        namespace: &str,
+        lease: &str,
+        write_ref: &str,
+        blob: ContentWrite,
+        chunks: S,
+    ) -> Result<(), ContainerdError>
+    where
+        S: tokio_stream::Stream<Item = Vec<u8>> + Send + 'static,
+    {
+        use tokio_stream::StreamExt;
+        if self.content_size(namespace, &blob.digest).await?.is_some() {
+            return self.label_content(namespace, &blob.digest, blob.labels).await;
+        }
+        let first = WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: write_ref.to_string(),
+            total: blob.size,
+            expected: blob.digest.clone(),
+            ..Default::default()
+        };
+        let total = blob.size;
+        let mut offset = 0i64;
+        let writes = chunks.map(move |data| {
+            let request = WriteContentRequest {
+                action: WriteAction::Write as i32,
+                total,
+                offset,
+                data,
+                ..Default::default()
+            };
+            offset += request.data.len() as i64;
+            request
+        });
+        // At the end: a commit at offset 0 would truncate what was written.
+        let commit = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            total,
+            offset: total,
+            expected: blob.digest.clone(),
+            labels: blob.labels.clone(),
+            ..Default::default()
+        };
+        let requests = tokio_stream::iter([first])
+            .chain(writes)
+            .chain(tokio_stream::iter([commit]));
+        let answer = ContentClient::new(self.channel.clone())
+            .write(leased("write content", namespaced(requests, namespace)?, lease)?)
+            .await;
+        let mut responses = match answer {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                return self.label_content(namespace, &blob.digest, blob.labels).await
+            }
+            Err(s) => return Err(call_error("write content")(s)),
+        };
+        loop {
+            match responses.message().await {
+                Ok(Some(response)) if response.action == WriteAction::Commit as i32 => {
+                    if response.digest != blob.digest {
+                        return Err(ContainerdError::Call {
+                            call: "write content",
+                            message: format!("committed {} where {} was written", response.digest, blob.digest),
+                        });
+                    }
+                    return Ok(());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(ContainerdError::Call {
+                        call: "write content",
+                        message: format!("blob {}: the write ended before its commit", blob.digest),
+                    })
+                }
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    return self.label_content(namespace, &blob.digest, blob.labels).await
+                }
+                Err(s) => return Err(call_error("write content")(s)),
+            }
+        }
+    }
+
+    /// Sets `labels` on blob `digest` of the content store, keeping its others.
+    pub async fn label_content(
+        &self,
+        namespace: &str,
+        digest: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        ContentClient::new(self.channel.clone())
+            .update(namespaced(
+                ContentUpdateRequest {
+                    info: Some(ContentInfo {
+                        digest: digest.to_string(),
+                        labels,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                namespace,
+            )?)
+            .await
+            .map_err(call_error("label content"))?;
+        Ok(())
+    }
+
+    /// Points image `name` at `target`, creating the image record or
+    /// replacing the target of the one there.
+    pub async fn put_image(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: &ContentDescriptor,
+    ) -> Result<(), ContainerdError> {
+        let image = Image {
+            name: name.to_string(),
+            labels: HashMap::new(),
+            target: Some(Descriptor {
+                media_type: target.media_type.clone(),
+                digest: target.digest.clone(),
+                size: target.size,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        let created = ImagesClient::new(self.channel.clone())
+            .create(namespaced(
+                CreateImageRequest {
+                    image: Some(image.clone()),
+                },
+                namespace,
+            )?)
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                ImagesClient::new(self.channel.clone())
+                    .update(namespaced(
+                        UpdateImageRequest {
+                            image: Some(image),
+                            update_mask: Some(prost_types::FieldMask {
+                                paths: vec!["target".to_string()],
+                            }),
+                        },
+                        namespace,
+                    )?)
+                    .await
+                    .map_err(call_error("update image"))?;
+                Ok(())
+            }
+            Err(s) => Err(call_error("create image")(s)),
+        }
+    }
+
+    /// Deletes image record `name`; a missing one is no error.
+    pub async fn delete_image(&self, namespace: &str, name: &str) -> Result<(), ContainerdError> {
+        match ImagesClient::new(self.channel.clone())
+            .delete(namespaced(
+                DeleteImageRequest {
+                    name: name.to_string(),
+                    sync: false,
+                },
+                namespace,
+            )?)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(call_error("delete image")(s)),
+        }
     }
 }
 

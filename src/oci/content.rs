@@ -83,8 +83,8 @@ impl ContentStore {
         let Some(body) = self.read_small(&digest, size, MAX_MANIFEST_BYTES, &object).await? else {
             return Ok(None);
         };
-        let (manifest, digest) = match parse_manifest(&body, &object)? {
-            OciManifest::Image(manifest) => (manifest, digest),
+        let (manifest, digest, body) = match parse_manifest(&body, &object)? {
+            OciManifest::Image(manifest) => (manifest, digest, body),
             OciManifest::ImageIndex(index) => {
                 let chosen = oci_client::client::current_platform_resolver(&index.manifests).ok_or_else(|| {
                     ContentError::InvalidManifest {
@@ -105,7 +105,7 @@ impl ContentStore {
                     return Ok(None);
                 };
                 match parse_manifest(&body, &object)? {
-                    OciManifest::Image(manifest) => (manifest, digest),
+                    OciManifest::Image(manifest) => (manifest, digest, body),
                     OciManifest::ImageIndex(_) => {
                         return Err(ContentError::InvalidManifest {
                             object,
@@ -121,6 +121,7 @@ impl ContentStore {
         Ok(Some(PulledManifest {
             manifest,
             manifest_digest: digest.to_string(),
+            manifest_bytes: body,
             config,
         }))
     }

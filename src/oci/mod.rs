@@ -5,7 +5,8 @@
 //! upper directories (`layer`) through the one layer tar writer
 //! (`layer_tar`, which checkpoint archives use too), and the gzip/zstd
 //! encoders and decoders every layer and blob stream goes through
-//! (`compress`).
+//! (`compress`), and pulls of images into containerd unpacked on a
+//! snapshotter with the labels remote snapshotters need (`pull`).
 //!
 //! Knows nothing of snapshots, jobs, chains or checkpoints: callers hand in
 //! directories and blobs and get back digests.
@@ -17,4 +18,5 @@ pub mod digest;
 pub mod layer;
 pub mod layer_tar;
 pub mod overlay;
+pub mod pull;
 pub mod registry;

@@ -9,6 +9,7 @@ mod automanage;
 mod checkpoints;
 mod create;
 mod daemon;
+mod image;
 mod import;
 mod info;
 mod list;
@@ -100,6 +101,9 @@ enum Command {
     /// List the daemon's mounts of Nydus images: how each is served, by
     /// which process, for which snapshots, and the cache its image uses.
     Mounts(mounts::Args),
+    /// Pull images into containerd, unpacked on a snapshotter with the
+    /// layer labels CRI passes (Nydus images included); no daemon call.
+    Image(image::Args),
     /// Print the daemon's version, storage and root.
     Version,
 }
@@ -152,6 +156,8 @@ pub enum CliError {
     /// Something checked and found wrong, already reported (exit code 1).
     #[error("{0}")]
     Failed(String),
+    #[error("pull: {0}")]
+    Pull(#[from] seamless_snapshotter::oci::pull::PullError),
 }
 
 impl CliError {
@@ -261,6 +267,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Command::Schedule(args) => schedule::run(&context, args).await,
             Command::Automanage(args) => automanage::run(&context, &settings, args).await,
             Command::Mounts(args) => mounts::run(&cli.address, args).await,
+            Command::Image(args) => image::run(&cli.namespace, args).await,
             Command::Version => version::run(&cli.address).await,
         }
     })
@@ -298,6 +305,12 @@ fn exit_code(err: &CliError) -> u8 {
         // (5), whatever the job's code.
         CliError::JobFailed { cause, .. } if cause == "network" => 5,
         CliError::JobFailed { code, .. } => codes::exit_status(Some(code), Code::Unknown),
+        CliError::Pull(e) if e.is_permission() => 4,
+        CliError::Pull(e) if e.is_network() => 5,
+        CliError::Pull(e) => {
+            use seamless_snapshotter::error::Classify;
+            codes::exit_status(None, codes::kind_grpc(e.kind()))
+        }
         CliError::Settings(_) | CliError::Usage(_) => 2,
         CliError::WaitTimeout { .. } | CliError::Runtime(_) | CliError::Failed(_) => 1,
     }

@@ -284,6 +284,8 @@ pub struct PulledManifest {
     pub manifest: OciImageManifest,
     /// Digest of `manifest` as the registry stores it.
     pub manifest_digest: String,
+    /// `manifest` as the registry stores it (what `manifest_digest` hashes).
+    pub manifest_bytes: Vec<u8>,
     /// The config blob, verified against `manifest.config`.
     pub config: Vec<u8>,
 }
@@ -576,7 +578,7 @@ impl RegistryClient {
     ) -> Result<PulledManifest, RegistryError> {
         let parsed = parse_reference(reference)?;
         on_endpoints!(self, &parsed, auth, resolve_need(&parsed), |session| async {
-            let (manifest, manifest_digest) = self.pull_image_manifest(session).await?;
+            let (manifest, manifest_digest, manifest_bytes) = self.pull_image_manifest(session).await?;
             let config_object = format!("config blob {}", manifest.config.digest);
             let config_digest = check_digest_format(&config_object, &manifest.config.digest)?;
             let declared = descriptor_size(&config_object, manifest.config.size)?;
@@ -598,6 +600,7 @@ impl RegistryClient {
             Ok(PulledManifest {
                 manifest,
                 manifest_digest,
+                manifest_bytes,
                 config,
             })
         })
@@ -612,7 +615,7 @@ impl RegistryClient {
         let object = format!("blob {digest}");
         check_digest_format(&object, digest)?;
         on_endpoints!(self, &parsed, auth, resolve_need(&parsed), |session| async {
-            let (manifest, _) = self.pull_image_manifest(session).await?;
+            let (manifest, _, _) = self.pull_image_manifest(session).await?;
             let layer =
                 manifest
                     .layers
@@ -627,8 +630,11 @@ impl RegistryClient {
     }
 
     /// The image manifest of the session's reference, for this platform when
-    /// it names an index, and its digest.
-    async fn pull_image_manifest(&self, session: &Session) -> Result<(OciImageManifest, String), RegistryError> {
+    /// it names an index, its digest and its bytes.
+    async fn pull_image_manifest(
+        &self,
+        session: &Session,
+    ) -> Result<(OciImageManifest, String, Vec<u8>), RegistryError> {
         let object = format!("manifest {}", session.reference.whole());
         let (body, digest) = self
             .with_retries(session.retries, "manifest pull", "", &session.registry, || {
@@ -636,7 +642,7 @@ impl RegistryClient {
             })
             .await?;
         let index = match parse_manifest(&body, &object)? {
-            OciManifest::Image(manifest) => return Ok((manifest, digest)),
+            OciManifest::Image(manifest) => return Ok((manifest, digest, body)),
             OciManifest::ImageIndex(index) => index,
         };
         let chosen =
@@ -653,7 +659,7 @@ impl RegistryClient {
             })
             .await?;
         match parse_manifest(&body, &object)? {
-            OciManifest::Image(manifest) => Ok((manifest, digest)),
+            OciManifest::Image(manifest) => Ok((manifest, digest, body)),
             OciManifest::ImageIndex(_) => Err(RegistryError::InvalidManifest {
                 object,
                 message: "an index names another index for this platform".to_string(),
