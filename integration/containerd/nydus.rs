@@ -1,8 +1,9 @@
 //! Nydus images run on the snapshotter: the test image is converted here to
 //! a RAFS v6 Nydus image (each OCI layer built on its own, merged, the
 //! bootstrap packed as a layer) and pushed to the test registry; pulled with
-//! containerd's client through `integration/rpull` (the unpacker labels each
-//! layer, which `ctr images pull` of containerd 1.6 does not), so the daemon
+//! `checkpointctl image pull` (which labels each layer as CRI does, which
+//! `ctr images pull` of containerd 1.6 does not; `integration/rpull`, with
+//! containerd's own Go client, serves the tests of other topics), so the daemon
 //! fetches the data blobs itself and mounts the RAFS as the lower layer of a
 //! container. The container must see exactly what a container of the OCI
 //! image sees, write into an upper directory of our storage, and the RAFS
@@ -44,15 +45,14 @@ fn nydus_image_runs_on_a_rafs_lower_with_our_upper() {
             "Nydus images need the seamless snapshotter (it fetches their blobs), not {}",
             env.snapshotter
         );
-        let rpull = build_rpull()?;
         let nydus_ref = env.registry_ref(NYDUS_REPOSITORY);
         let blob_digests = convert_and_push(env, &nydus_ref)?;
 
         let ns = env.namespace("n");
         let started = Instant::now();
-        let out = run_rpull(env, &rpull, &ns, &nydus_ref)?;
+        let out = image_pull(env, &ns, &nydus_ref)?;
         let pull_time = started.elapsed();
-        ensure!(out.starts_with(&nydus_ref), "rpull printed {out:?}");
+        ensure!(out.starts_with(&nydus_ref), "image pull printed {out:?}");
 
         // The daemon fetched every blob; containerd downloaded none.
         let blobs_dir = env.daemon_root().join("nydus/blobs");
@@ -116,7 +116,7 @@ fn nydus_image_runs_on_a_rafs_lower_with_our_upper() {
             differences.join("\n")
         );
         eprintln!(
-            "nydus: rpull {:.0} ms, first container start {:.0} ms (RAFS mounted, cache files built); \
+            "nydus: image pull {:.0} ms, first container start {:.0} ms (RAFS mounted, cache files built); \
              OCI container start {:.0} ms; {} entries compared",
             pull_time.as_secs_f64() * 1000.0,
             run_time.as_secs_f64() * 1000.0,
@@ -340,7 +340,6 @@ fn nydus_image_naming_a_traversing_blob_id_is_refused_and_the_daemon_serves_on()
             env.snapshotter == "seamless",
             "Nydus images need the seamless snapshotter"
         );
-        let rpull = build_rpull()?;
         // From `<root>/nydus/{blobs,cache}/`, three `..` are the test's
         // directory: the id names a file there, which exists, so that only
         // the id's check keeps the daemon from extending and rewriting it
@@ -361,7 +360,7 @@ fn nydus_image_naming_a_traversing_blob_id_is_refused_and_the_daemon_serves_on()
         let evil_ref = env.registry_ref("seamless-nydus-evil:1");
         convert_and_push_naming(env, &evil_ref, Some(&evil_id), Compressor::Lz4Block)?;
         let ns = env.namespace("n");
-        run_rpull(env, &rpull, &ns, &evil_ref)?;
+        image_pull(env, &ns, &evil_ref)?;
         let id = env.container_id("evil");
         let err = run_container(env, &ns, &evil_ref, &id).expect_err("a container of the hostile image");
         let _ = env.ctr(&ns, &["containers", "delete", &id]);
@@ -470,6 +469,27 @@ pub(crate) fn run_rpull_with(env: &Env, rpull: &Path, ns: &str, reference: &str,
     ensure!(
         output.status.success(),
         "rpull of {reference} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `checkpointctl image pull --plain-http` of `reference` into `ns` on the
+/// environment's snapshotter: what [`run_rpull`] does, without Go. Returns
+/// its stdout (`<name> <manifest digest>`).
+pub(crate) fn image_pull(env: &Env, ns: &str, reference: &str) -> Result<String> {
+    let output = env
+        .checkpointctl(ns)
+        .args(["image", "pull", "--plain-http", "--containerd-address"])
+        .arg(env.containerd_socket())
+        .args(["--snapshotter", &env.snapshotter])
+        .arg(reference)
+        .output()
+        .context("running checkpointctl image pull")?;
+    ensure!(
+        output.status.success(),
+        "checkpointctl image pull of {reference} failed:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

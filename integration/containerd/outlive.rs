@@ -26,7 +26,7 @@ use sha2::Digest;
 
 use super::env::{with_env, Env, Options};
 use super::nydus::{
-    build_rpull, convert_and_push_naming, rafs_mounts, run_args, run_container, run_container_script, run_rpull, IDLE,
+    convert_and_push_naming, image_pull, rafs_mounts, run_args, run_container, run_container_script, IDLE,
 };
 use super::{daemon_snapshots, retry, REDIAL_TIMEOUT};
 
@@ -84,11 +84,10 @@ fn outlive(driver: &'static str) {
         ..Options::default()
     };
     with_env(&format!("outlive-{driver}"), options, |env| {
-        let rpull = build_rpull()?;
         let image = env.registry_ref("seamless-outlive:1");
         convert_and_push_naming(env, &image, None, Compressor::Lz4Block)?;
         let ns = env.namespace("o");
-        run_rpull(env, &rpull, &ns, &image)?;
+        image_pull(env, &ns, &image)?;
         let reader = env.container_id("reader");
         run_reader(env, &ns, &image, &reader)?;
         let mounts = rafs_mounts(env)?;
@@ -170,7 +169,6 @@ fn outlive(driver: &'static str) {
 #[test]
 fn four_readers_of_two_images_read_through_twenty_random_restarts() {
     with_env("outlive-stress", Options::default(), |env| {
-        let rpull = build_rpull()?;
         let images = [
             env.registry_ref("seamless-outlive-lz4:1"),
             env.registry_ref("seamless-outlive-zstd:1"),
@@ -180,7 +178,7 @@ fn four_readers_of_two_images_read_through_twenty_random_restarts() {
         let ns = env.namespace("s");
         let mut readers = Vec::new();
         for (i, image) in images.iter().enumerate() {
-            run_rpull(env, &rpull, &ns, image)?;
+            image_pull(env, &ns, image)?;
             for j in 0..2 {
                 let id = env.container_id(&format!("reader{i}{j}"));
                 run_reader(env, &ns, image, &id)?;

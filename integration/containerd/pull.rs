@@ -126,6 +126,16 @@ fn image_pull_adopts_nydus_blobs_and_unpacks_oci_layers() {
 
 /// Copies the environment's OCI test image to `target` with `auth`.
 fn copy_test_image(env: &Env, target: &str, auth: &RegistryAuth) -> Result<()> {
+    copy_test_image_with(env, target, auth, |_| {})
+}
+
+/// [`copy_test_image`], its config changed by `edit` first.
+fn copy_test_image_with(
+    env: &Env,
+    target: &str,
+    auth: &RegistryAuth,
+    edit: impl Fn(&mut serde_json::Value),
+) -> Result<()> {
     let registry = RegistryClient::new(RegistryOptions {
         insecure: true,
         ..RegistryOptions::default()
@@ -153,7 +163,10 @@ fn copy_test_image(env: &Env, target: &str, auth: &RegistryAuth) -> Result<()> {
             data: LayerData::File(file),
         });
     }
-    runtime.block_on(registry.push_image(target, &layers, &pulled.config, BTreeMap::new(), auth))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&pulled.config)?;
+    edit(&mut config);
+    let config = serde_json::to_vec(&config)?;
+    runtime.block_on(registry.push_image(target, &layers, &config, BTreeMap::new(), auth))?;
     Ok(())
 }
 
@@ -209,9 +222,50 @@ fn image_pull_answers_a_registry_with_credentials_from_a_docker_config() {
     });
 }
 
+/// No image record and no snapshot of an unpack in `ns`.
+fn nothing_left(env: &Env, ns: &str) -> Result<()> {
+    ensure!(
+        env.ctr(ns, &["images", "ls", "-q"])?.trim().is_empty(),
+        "a failed pull left an image record"
+    );
+    ensure!(
+        !env.ctr(ns, &["snapshots", "--snapshotter", &env.snapshotter, "ls"])?
+            .lines()
+            .any(|l| l.contains("extract-")),
+        "a failed pull left its active snapshot"
+    );
+    Ok(())
+}
+
 #[test]
 fn image_pull_refuses_a_layer_that_does_not_match_its_digest() {
     with_env("pull-bad", Options::default(), |env| {
+        // A config whose diff ids do not describe the layers: refused
+        // before anything is made, and after the layer is applied.
+        let short = env.registry_ref("pull-bad/ids:short");
+        copy_test_image_with(env, &short, &RegistryAuth::Anonymous, |config| {
+            if let Some(ids) = config["rootfs"]["diff_ids"].as_array_mut() {
+                ids.pop();
+            }
+        })?;
+        let ns = env.namespace("i");
+        let (code, out, err) = outcome(&mut image_pull(env, &ns, &short, &["--plain-http"]))?;
+        ensure!(
+            code == 2 && err.contains("diff ids"),
+            "a config with a diff id too few: {code} {out} {err}"
+        );
+        nothing_left(env, &ns)?;
+        let wrong = env.registry_ref("pull-bad/ids:wrong");
+        copy_test_image_with(env, &wrong, &RegistryAuth::Anonymous, |config| {
+            config["rootfs"]["diff_ids"][0] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+        })?;
+        let (code, out, err) = outcome(&mut image_pull(env, &ns, &wrong, &["--plain-http"]))?;
+        ensure!(
+            code == 2 && err.contains("names diff id sha256:0000"),
+            "a config naming a wrong diff id: {code} {out} {err}"
+        );
+        nothing_left(env, &ns)?;
+
         // A copy of the test image whose layer bytes are then damaged in the
         // registry's storage: the registry serves them as they are.
         let reference = env.registry_ref("pull-bad/app:1");
@@ -239,16 +293,7 @@ fn image_pull_refuses_a_layer_that_does_not_match_its_digest() {
             err.contains(&layer.digest) && err.to_lowercase().contains("digest"),
             "the error should name the layer and its digest: {err}"
         );
-        ensure!(
-            env.ctr(&ns, &["images", "ls", "-q"])?.trim().is_empty(),
-            "a failed pull left an image record"
-        );
-        ensure!(
-            !env.ctr(&ns, &["snapshots", "--snapshotter", &env.snapshotter, "ls"])?
-                .lines()
-                .any(|l| l.contains("extract-")),
-            "a failed pull left its active snapshot"
-        );
+        nothing_left(env, &ns)?;
         Ok(())
     });
 }

@@ -30,15 +30,15 @@ use crate::snapshot::store::{LabelUpdate, Record, Store, StoreError};
 
 /// containerd's cap on one label, key and value together.
 pub const MAX_LABEL_BYTES: usize = 4096;
-/// Set by containerd's unpacker: the chain id a prepared layer will be committed as.
-pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// Set by containerd's unpacker (and `oci::pull`): the chain id a prepared
+/// layer will be committed as.
+pub use crate::oci::pull::LABEL_SNAPSHOT_REF;
 /// Reported on Stat, Update and List when `upperdir_label` is configured.
 pub const LABEL_UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 /// Set on every layer by containerd's client when the image handler adds
 /// the image's details (`snapshotters.AppendInfoHandlerWrapper`, as CRI and
-/// nerdctl pull): the image reference and the layer's digest.
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// nerdctl pull, and `oci::pull`): the image reference and the layer's digest.
+pub use crate::oci::pull::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST};
 const METADATA_FILE: &str = "metadata.redb";
 /// The name containers must give as their snapshotter to be captured here:
 /// the proxy plugin's name in containerd's configuration.
