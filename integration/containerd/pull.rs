@@ -2,8 +2,10 @@
 //! with the labels CRI gives each layer, so the daemon adopts its data
 //! blobs and containerd downloads none of them; the OCI test image is
 //! unpacked layer by layer; a registry asking for credentials is answered
-//! from a Docker config file; and a layer whose bytes do not match its
-//! digest fails the pull with nothing left in containerd's images store.
+//! from a Docker config file; a mirror is found through `--hosts-dir`; and
+//! a layer whose bytes do not match its digest, or a config whose diff ids
+//! do not describe the layers, fails the pull with nothing left in
+//! containerd's images store.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -294,6 +296,33 @@ fn image_pull_refuses_a_layer_that_does_not_match_its_digest() {
             "the error should name the layer and its digest: {err}"
         );
         nothing_left(env, &ns)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn image_pull_reads_a_mirror_from_its_hosts_dir() {
+    with_env("pull-hosts", Options::default(), |env| {
+        // The image's registry is down (nothing listens on its port); the
+        // hosts.toml of --hosts-dir names the test registry as its mirror.
+        let upstream = format!("127.0.0.1:{}", super::env::free_port()?);
+        copy_test_image(env, &env.registry_ref("pull-mirror/app:1"), &RegistryAuth::Anonymous)?;
+        let mirror = env.registry_ref("");
+        let mirror = mirror.trim_end_matches('/');
+        let certs_d = env.dir().join("pull-certs.d");
+        let host_dir = certs_d.join(&upstream);
+        std::fs::create_dir_all(&host_dir)?;
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"http://{upstream}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )?;
+        let reference = format!("{upstream}/pull-mirror/app:1");
+        let ns = env.namespace("h");
+        let (out, _) = pulled(env, &ns, &reference, &["--hosts-dir", &certs_d.display().to_string()])?;
+        ensure!(out.starts_with(&format!("{reference} sha256:")), "stdout {out:?}");
+        let id = env.container_id("mirror");
+        run_container(env, &ns, &reference, &id)?;
+        check_image_content(env, &ns, &id)?;
         Ok(())
     });
 }
