@@ -448,6 +448,27 @@ mod tests {
     }
 
     #[test]
+    fn pull_failures_exit_by_what_refused() {
+        use seamless_snapshotter::oci::pull::PullError;
+        use seamless_snapshotter::oci::registry::RegistryError;
+        let denied = PullError::Registry(RegistryError::Denied {
+            object: "manifest r".into(),
+            message: "unauthorized".into(),
+        });
+        assert_eq!(exit_code(&CliError::Pull(denied)), 4);
+        let bad = PullError::InvalidImage {
+            reference: "r".into(),
+            message: "the manifest has 2 layers, its config 1 diff ids".into(),
+        };
+        assert_eq!(exit_code(&CliError::Pull(bad)), 2);
+        let containerd = PullError::Containerd(seamless_snapshotter::host::containerd::ContainerdError::Unreachable {
+            address: "/run/containerd/containerd.sock".into(),
+            message: "no such file".into(),
+        });
+        assert_eq!(exit_code(&CliError::Pull(containerd)), 5);
+    }
+
+    #[test]
     fn rpc_errors_show_the_daemon_message_not_the_status_debug() {
         let err = rpc(tonic::Status::not_found("CONTAINER_NOT_FOUND: no container c1"));
         assert_eq!(
