@@ -66,6 +66,7 @@ fn image_pull_adopts_nydus_blobs_and_unpacks_oci_layers() {
         let ns = env.namespace("p");
 
         let (out, err) = pulled(env, &ns, &nydus_ref, &["--plain-http"])?;
+        eprint!("image pull of {nydus_ref}:\n{err}{out}");
         let digest = manifest_digest(&nydus_ref, &RegistryAuth::Anonymous)?;
         ensure!(
             out == format!("{nydus_ref} {digest}\n"),
@@ -290,6 +291,7 @@ fn image_pull_refuses_a_layer_that_does_not_match_its_digest() {
 
         let ns = env.namespace("b");
         let (code, out, err) = outcome(&mut image_pull(env, &ns, &reference, &["--plain-http"]))?;
+        eprint!("image pull of a damaged layer:\n{err}");
         ensure!(code != 0, "a pull of a damaged layer succeeded: {out}");
         ensure!(
             err.contains(&layer.digest) && err.to_lowercase().contains("digest"),
